@@ -1,0 +1,1 @@
+"""Native Sparse Attention: the PyTorch reference, the vanilla (query-outer) Triton kernels, the module."""

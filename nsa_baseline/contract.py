@@ -1,0 +1,160 @@
+"""The selected-attention contract that every implementation (reference, NSA, FSA) follows.
+
+    selected_attention(q, k, v, block_indices, block_size, *, cu_seqlens=None, scale=None,
+                       return_lse=False) -> o  or  (o, lse)
+
+q [N, HQ, D], k/v [N, H, D] packed sequences; HQ = G * H for any integer G >= 1.
+block_indices int32 [N, H, T]: key-block ids counted from the start of the query's own sequence,
+-1 for an empty slot; shared by the G query heads of a KV head. Causal inside a block.
+lse is float32 [HQ, N] (natural log); a row that sees no key gives o = 0 and lse = -inf.
+
+`check_selected_args` runs the checks that cost (almost) nothing and always run; index values are
+checked by `check_block_indices` when asked (argument `check_indices=True` or env NSA_CHECK_INDICES=1).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CHECK_INDICES_ENV = "NSA_CHECK_INDICES"
+
+# cu_seqlens tensors already checked: id -> (data_ptr, version). Checking a CUDA tensor's values
+# needs one device->host copy; a training step reuses the same cu_seqlens in every layer, so the
+# copy happens once per tensor instead of once per call.
+_checked_cu_seqlens: dict[int, tuple[int, int, int]] = {}
+
+
+@dataclass(frozen=True)
+class SelectedArgs:
+    """Validated sizes of one selected-attention call (letters as in the docs: N, HQ, H, G, D, T)."""
+
+    num_tokens: int
+    num_q_heads: int
+    num_kv_heads: int
+    group_size: int
+    head_dim: int
+    topk: int
+    block_size: int
+    scale: float
+    cu_seqlens: torch.Tensor  # int32 [B + 1] on q.device (made for a single sequence when None)
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+
+def _fail(arg: str, msg: str) -> None:
+    raise ValueError(f"selected_attention: argument `{arg}` {msg}")
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> None:
+    if not isinstance(cu_seqlens, torch.Tensor):
+        _fail("cu_seqlens", f"must be an int32 tensor [batch + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        _fail("cu_seqlens", f"must be an int32 tensor [batch + 1] with batch >= 1, got "
+              f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    key = id(cu_seqlens)
+    stamp = (cu_seqlens.data_ptr(), cu_seqlens._version, cu_seqlens.numel())
+    if _checked_cu_seqlens.get(key) == stamp:
+        return
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        _fail("cu_seqlens", f"must start at 0, got {values[0]}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        _fail("cu_seqlens", f"must be non-decreasing, got {values[:8]}{'...' if len(values) > 8 else ''}")
+    if values[-1] != num_tokens:
+        _fail("cu_seqlens", f"must end at total_tokens = q.shape[0] = {num_tokens}, got {values[-1]}")
+    if len(_checked_cu_seqlens) > 256:
+        _checked_cu_seqlens.clear()
+    _checked_cu_seqlens[key] = stamp
+
+
+def check_selected_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    supported_block_sizes: tuple[int, ...] = SUPPORTED_BLOCK_SIZES,
+    supported_dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES,
+) -> SelectedArgs:
+    """Validate a selected-attention call and return its sizes; raises ValueError naming the argument."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("block_indices", block_indices)):
+        if not isinstance(t, torch.Tensor):
+            _fail(name, f"must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3:
+        _fail("q", f"must be [total_tokens, num_q_heads, head_dim], got shape {tuple(q.shape)}")
+    n, hq, d = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 3 or t.shape[0] != n or t.shape[2] != d:
+            _fail(name, f"must be [total_tokens={n}, num_kv_heads, head_dim={d}], got shape {tuple(t.shape)}")
+    h = k.shape[1]
+    if v.shape[1] != h:
+        _fail("v", f"must have num_kv_heads={h} like k, got shape {tuple(v.shape)}")
+    if h < 1 or hq % h != 0:
+        _fail("q", f"num_q_heads={hq} must be a positive multiple of num_kv_heads={h}")
+    if n < 1 or d < 1:
+        _fail("q", f"must have total_tokens >= 1 and head_dim >= 1, got shape {tuple(q.shape)}")
+    if q.dtype not in supported_dtypes:
+        _fail("q", f"dtype must be one of {[str(x) for x in supported_dtypes]}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            _fail(name, f"dtype must equal q.dtype={q.dtype}, got {t.dtype}")
+    for name, t in (("k", k), ("v", v), ("block_indices", block_indices)):
+        if t.device != q.device:
+            _fail(name, f"must be on q's device {q.device}, got {t.device}")
+    if block_indices.dtype != torch.int32:
+        _fail("block_indices", f"dtype must be torch.int32, got {block_indices.dtype}")
+    if block_indices.dim() != 3 or block_indices.shape[0] != n or block_indices.shape[1] != h:
+        _fail("block_indices", f"must be [total_tokens={n}, num_kv_heads={h}, T], got shape "
+              f"{tuple(block_indices.shape)}")
+    t_sel = block_indices.shape[2]
+    if t_sel < 1:
+        _fail("block_indices", f"must have T >= 1 selected slots, got T={t_sel}")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size not in supported_block_sizes:
+        _fail("block_size", f"must be one of {supported_block_sizes}, got {block_size!r}")
+    if scale is None:
+        scale = d ** -0.5
+    elif not isinstance(scale, (int, float)) or not scale > 0:
+        _fail("scale", f"must be a positive float or None, got {scale!r}")
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+    else:
+        _check_cu_seqlens(cu_seqlens, n)
+        if cu_seqlens.device != q.device:
+            cu_seqlens = cu_seqlens.to(q.device)
+    return SelectedArgs(n, hq, h, hq // h, d, t_sel, block_size, float(scale), cu_seqlens)
+
+
+def index_checks_requested(check_indices: Optional[bool]) -> bool:
+    """Explicit argument wins; otherwise the NSA_CHECK_INDICES environment variable decides."""
+    if check_indices is not None:
+        return bool(check_indices)
+    return os.environ.get(CHECK_INDICES_ENV, "0") not in ("", "0", "false", "False")
+
+
+def check_block_indices(block_indices: torch.Tensor, block_size: int, cu_seqlens: torch.Tensor) -> None:
+    """Value checks of block_indices (costs a device sync): every entry is -1 or a block of the
+    query's own sequence, and the valid entries of a row are distinct."""
+    from nsa_baseline.utils.varlen import token_positions
+
+    pos, seq_len = token_positions(cu_seqlens, block_indices.shape[0])
+    num_blocks = (seq_len + block_size - 1) // block_size  # [N]
+    idx = block_indices.long()
+    bad = (idx < -1) | (idx >= num_blocks[:, None, None])
+    if bool(bad.any()):
+        where = tuple(int(x) for x in bad.nonzero()[0].tolist())
+        _fail("block_indices", f"entry {where} = {int(idx[where])} is outside [-1, num_blocks of its "
+              f"sequence = {int(num_blocks[where[0]])})")
+    srt, _ = idx.sort(dim=-1)
+    dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+    if bool(dup.any()):
+        where = tuple(int(x) for x in dup.nonzero()[0].tolist()[:2])
+        _fail("block_indices", f"row (token, kv_head) = {where} repeats a block; valid entries must be distinct")

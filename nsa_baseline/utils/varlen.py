@@ -1,0 +1,26 @@
+"""Varlen helpers shared by every implementation: map packed tokens to (sequence, position).
+
+All of them run on the device of `cu_seqlens` without a host synchronisation.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def token_sequence_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """int64 [N]: the sequence each packed token belongs to."""
+    tokens = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+
+
+def token_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pos [N], seq_len [N]) int64: each token's position inside its sequence and that sequence's length."""
+    seq = token_sequence_ids(cu_seqlens, num_tokens)
+    starts = cu_seqlens.long()
+    pos = torch.arange(num_tokens, device=cu_seqlens.device) - starts[seq]
+    seq_len = starts[seq + 1] - starts[seq]
+    return pos, seq_len
+
+
+def sequence_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).long()
