@@ -1,0 +1,150 @@
+"""FSA forward: KV-block-outer selected attention, then a per-query reduction.
+
+Loop order: programs over work items (KV head h, key block b, chunk of the pair rows that chose b);
+the block's K/V are loaded once and the chunk's gathered queries stream past them in tiles of
+BLOCK_M rows (tokens x query heads of the group, never padded). Each pair row's normalised partial
+output and its log2-sum-exp go to a compact buffer at the pair's CSR position; the reduction combines
+a query's T partials by log-sum-exp in slot order (deterministic). Heads of a group may be split over
+several passes so the partial buffer fits a memory budget.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fsa.index import locate_item
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _fsa_fwd_pairs_kernel(
+    q, k, v, o_part, lse_part,
+    row_offsets, tokens, block_start, block_end, item_offsets,
+    scale_log2, NUM_ROWS, NB_BOUND,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
+    BLOCK_M: tl.constexpr, CHUNK_TILES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid >= tl.load(item_offsets + NUM_ROWS):
+        return
+    r = locate_item(item_offsets, pid, NUM_ROWS, SEARCH_STEPS)
+    item = pid - tl.load(item_offsets + r)
+    i_h = r // NB_BOUND
+    i_b = r % NB_BOUND
+    p0 = tl.load(row_offsets + r)
+    n_rows = (tl.load(row_offsets + r + 1) - p0) * GC  # pair rows of this CSR row
+
+    o_d = tl.arange(0, D_PAD)
+    m_d = o_d < D
+    k_lo = tl.load(block_start + i_b)
+    k_hi = tl.load(block_end + i_b)
+    o_k = k_lo + tl.arange(0, BS)
+    m_k = o_k < k_hi
+    kv_off = o_k[:, None].to(tl.int64) * (H * D) + i_h * D + o_d[None, :]
+    b_k = tl.load(k + kv_off, mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BS, D_PAD]
+    b_v = tl.load(v + kv_off, mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BS, D_PAD]
+
+    f0 = item * (BLOCK_M * CHUNK_TILES)
+    for i_t in range(CHUNK_TILES):
+        o_f = f0 + i_t * BLOCK_M + tl.arange(0, BLOCK_M)  # pair rows inside this CSR row
+        m_f = o_f < n_rows
+        tok = tl.load(tokens + p0 + o_f // GC, mask=m_f, other=0)
+        i_hq = i_h * G + G_OFF + o_f % GC
+        q_off = tok[:, None].to(tl.int64) * (HQ * D) + i_hq[:, None] * D + o_d[None, :]
+        b_q = tl.load(q + q_off, mask=m_f[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, D_PAD]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BS]
+        visible = (o_k[None, :] <= tok[:, None]) & m_k[None, :] & m_f[:, None]
+        b_s = tl.where(visible, b_s, float("-inf"))
+        b_m = tl.max(b_s, 1)
+        b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
+        b_p = tl.exp2(b_s - b_m[:, None])  # [BLOCK_M, BS]
+        b_l = tl.sum(b_p, 1)
+        b_o = tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)  # [BLOCK_M, D_PAD]
+        b_l_safe = tl.where(b_l > 0, b_l, 1.0)
+        b_o = b_o / b_l_safe[:, None]
+        out_row = p0.to(tl.int64) * GC + o_f
+        tl.store(o_part + out_row[:, None] * D + o_d[None, :], b_o.to(o_part.dtype.element_ty),
+                 mask=m_f[:, None] & m_d[None, :])
+        tl.store(lse_part + out_row, b_m + tl.log2(b_l_safe), mask=m_f)
+
+
+@triton.jit
+def _fsa_fwd_reduce_kernel(
+    o_part, lse_part, pair_pos, o, lse, N,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr, T: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_hc = tl.program_id(1)  # (kv head, head of this pass)
+    i_h = i_hc // GC
+    i_j = i_hc % GC
+    i_hq = i_h * G + G_OFF + i_j
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_d = tl.arange(0, D_PAD)
+    m_d = o_d < D
+
+    b_m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_N], tl.float32)
+    b_acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for i_t in range(T):
+        pp = tl.load(pair_pos + (o_n * H + i_h) * T + i_t, mask=m_n, other=-1)
+        ok = pp >= 0
+        row = pp.to(tl.int64) * GC + i_j
+        b_lt = tl.load(lse_part + row, mask=ok, other=float("-inf"))
+        b_ot = tl.load(o_part + row[:, None] * D + o_d[None, :], mask=ok[:, None] & m_d[None, :], other=0.0)
+        m_new = tl.maximum(b_m, b_lt)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(b_m - m_safe)
+        beta = tl.exp2(b_lt - m_safe)
+        b_acc = b_acc * alpha[:, None] + b_ot.to(tl.float32) * beta[:, None]
+        b_l = b_l * alpha + beta
+        b_m = m_new
+    seen = b_l > 0
+    b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
+    b_lse = tl.where(seen, (b_m + tl.log2(tl.where(seen, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(o + o_n[:, None].to(tl.int64) * (HQ * D) + i_hq * D + o_d[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_n[:, None] & m_d[None, :])
+    tl.store(lse + i_hq.to(tl.int64) * N + o_n, b_lse, mask=m_n)
+
+
+def fsa_fwd(q, k, v, index, block_size: int, topk: int, scale: float):
+    """Host wrapper: returns o [N, HQ, D] (q.dtype) and lse float32 [HQ, N] (natural log)."""
+    from fsa.index import build_schedule
+    from fsa.tuning import heads_per_pass, launch_config
+    from nsa_baseline.utils.triton_utils import new_output
+
+    n, hq, d = q.shape
+    h = k.shape[1]
+    g = hq // h
+    d_pad = max(16, triton.next_power_of_2(d))
+    cfg = launch_config(d, block_size, backward=False)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    max_pairs = n * h * topk
+    gc = heads_per_pass(g, max_pairs, d, q.element_size())
+    o = new_output((n, hq, d), q.dtype, q.device)
+    lse = new_output((hq, n), torch.float32, q.device)
+    o_part = torch.empty(max_pairs * gc, d, dtype=q.dtype, device=q.device)
+    lse_part = torch.empty(max_pairs * gc, dtype=torch.float32, device=q.device)
+    for g0 in range(0, g, gc):
+        gcur = min(gc, g - g0)
+        sched = build_schedule(index, gcur, cfg.block_m * cfg.chunk_tiles, max_pairs)
+        _fsa_fwd_pairs_kernel[(sched.grid_bound,)](
+            q, k, v, o_part, lse_part,
+            index.row_offsets, index.tokens, index.block_start, index.block_end, sched.item_offsets,
+            scale * LOG2E, index.num_rows, index.nb_bound,
+            HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, D=d, D_PAD=d_pad, BS=block_size,
+            BLOCK_M=cfg.block_m, CHUNK_TILES=cfg.chunk_tiles, SEARCH_STEPS=sched.search_steps,
+            DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        _fsa_fwd_reduce_kernel[(triton.cdiv(n, cfg.block_n), h * gcur)](
+            o_part, lse_part, index.pair_pos, o, lse, n,
+            HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, T=topk, D=d, D_PAD=d_pad, BLOCK_N=cfg.block_n,
+            num_warps=4 if d_pad >= 128 else 2,
+        )
+    return o, lse

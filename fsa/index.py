@@ -1,0 +1,48 @@
+"""FSA work schedule over the inverted index (nsa_baseline.ops.block_index).
+
+A CSR row (KV head h, key block b) owns count * GC "pair rows": one per (query token that chose the
+block, query head of the group handled in this pass). A work item is a chunk of up to
+BLOCK_M * CHUNK_TILES consecutive pair rows of one CSR row; a program finds its item by binary search
+over the items' prefix sum. The grid is sized by a bound, so nothing is read back to the host: programs
+past the real number of items exit at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa_baseline.ops.block_index import BlockIndex, build_block_index  # noqa: F401  (re-export)
+
+
+@dataclass
+class WorkSchedule:
+    item_offsets: torch.Tensor  # int32 [num_rows + 1] prefix sum of work items per CSR row
+    grid_bound: int  # programs to launch (>= real number of items)
+    search_steps: int  # binary-search iterations that locate an item's row
+    rows_per_item: int
+
+
+def build_schedule(index: BlockIndex, heads_per_pass: int, rows_per_item: int, max_pairs: int) -> WorkSchedule:
+    """Split every CSR row's count * heads_per_pass pair rows into items of `rows_per_item`."""
+    counts = index.row_counts.long() * heads_per_pass
+    items = (counts + rows_per_item - 1) // rows_per_item
+    item_offsets = torch.zeros(index.num_rows + 1, dtype=torch.int32, device=counts.device)
+    torch.cumsum(items, 0, out=item_offsets[1:])
+    grid_bound = triton.cdiv(max_pairs * heads_per_pass, rows_per_item) + index.num_rows
+    return WorkSchedule(item_offsets, grid_bound, max(1, index.num_rows.bit_length()), rows_per_item)
+
+
+@triton.jit
+def locate_item(item_offsets, pid, NUM_ROWS, SEARCH_STEPS: tl.constexpr):
+    """Row r with item_offsets[r] <= pid < item_offsets[r + 1] (empty rows are skipped)."""
+    lo = 0
+    hi = NUM_ROWS
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        go_right = tl.load(item_offsets + mid) <= pid
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo

@@ -1,0 +1,42 @@
+"""Launch parameters of the FSA kernels and the partial-buffer memory budget.
+
+Defaults are chosen by measurement on the H100 (experiments/gpu/fsa_bench.py); the numbers that
+justified them are recorded next to each entry.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import triton
+
+from nsa_baseline.utils.triton_utils import is_interpreter
+
+BUDGET_ENV = "FSA_BUFFER_BUDGET_GB"
+DEFAULT_BUDGET_GB = 2.5
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int  # pair rows per tile
+    chunk_tiles: int  # tiles per work item (a program loads its K/V block once for all of them)
+    num_warps: int
+    num_stages: int
+    block_n: int = 32  # tokens per reduction program
+
+
+def launch_config(head_dim: int, block_size: int, backward: bool) -> LaunchConfig:
+    if is_interpreter():
+        return LaunchConfig(block_m=16, chunk_tiles=2, num_warps=1, num_stages=1, block_n=16)
+    d_pad = triton.next_power_of_2(head_dim)
+    big = d_pad * block_size >= 256 * 64  # K/V block + tiles would not fit shared memory at 64 rows
+    if backward:
+        return LaunchConfig(block_m=32 if big else 64, chunk_tiles=16, num_warps=4, num_stages=2)
+    return LaunchConfig(block_m=32 if big else 64, chunk_tiles=8, num_warps=4, num_stages=2)
+
+
+def heads_per_pass(group_size: int, max_pairs: int, head_dim: int, elem_bytes: int) -> int:
+    """Query heads of a group handled per pass so the [pairs x heads, D] partial buffer fits the budget."""
+    budget = float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_GB)) * 2**30
+    per_head = max(1, max_pairs * head_dim * elem_bytes)
+    return max(1, min(group_size, int(budget // per_head)))
