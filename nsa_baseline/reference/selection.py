@@ -1,0 +1,145 @@
+"""Top-n block selection of NSA in plain PyTorch, and the whole selection path from q and k.
+
+`select_blocks_ref` turns block scores into block_indices (the contract's int32 [N, H, T]);
+`nsa_block_indices_ref` runs mean-pooled compression -> compressed softmax -> block scores -> top-n,
+a chunk of queries at a time, so it never holds the [N, H, NB] scores (64K tokens fit on one GPU).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from nsa_baseline.reference.compressed import (check_block_mapping, check_compressed_args,
+                                               chunk_selection_scores, compressed_layout)
+from nsa_baseline.reference.compression import compress_kv
+from nsa_baseline.reference.window import compute_dtype
+from nsa_baseline.utils.varlen import token_positions
+
+_CHUNK = 4096
+_BIG = 1e300
+
+
+def _check_selection(block_size, topk, init_blocks, local_blocks):
+    for name, val, low in (("block_size", block_size, 1), ("topk", topk, 1),
+                           ("init_blocks", init_blocks, 0), ("local_blocks", local_blocks, 0)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < low:
+            raise ValueError(f"argument `{name}` must be an int >= {low}, got {val!r}")
+    if init_blocks + local_blocks > topk:
+        raise ValueError(f"argument `topk` ({topk}) must be >= init_blocks + local_blocks "
+                         f"({init_blocks} + {local_blocks}): forced blocks count within T")
+
+
+def select_chunk(scores: torch.Tensor, pos: torch.Tensor, block_size: int, topk: int,
+                 init_blocks: int, local_blocks: int) -> torch.Tensor:
+    r"""Top-n selection for a chunk of queries.
+
+    Args:
+        scores: [c, H, NB]; pos: int64 [c] positions of the queries inside their sequences.
+    Returns:
+        int32 [c, H, topk] (see select_blocks_ref for the slot order).
+    """
+    c, h, nb = scores.shape
+    blocks = torch.arange(nb, device=scores.device)[None, :]
+    cur = (pos // block_size)[:, None]  # [c, 1] the query's own block
+    causal = blocks <= cur
+    forced = causal & ((blocks < init_blocks) | (blocks > cur - local_blocks))
+    # Rank key: forced (+inf) > any causal score (clamped finite) > non-causal (-inf).
+    key = torch.nan_to_num(scores.double(), nan=-_BIG, posinf=_BIG, neginf=-_BIG)
+    key = key.masked_fill(forced[:, None, :], float("inf")).masked_fill(~causal[:, None, :], float("-inf"))
+    k = min(topk, nb)
+    val, idx = key.topk(k, dim=-1)
+    idx = torch.where(val > float("-inf"), idx, torch.full_like(idx, -1)).int()
+    if k < topk:
+        idx = torch.cat([idx, idx.new_full((c, h, topk - k), -1)], dim=-1)
+    return idx
+
+
+def select_blocks_ref(
+    scores: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor],
+    block_size: int,
+    topk: int,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+) -> torch.Tensor:
+    r"""Choose the T blocks every query attends to in the selected branch.
+
+    For a query at position t the candidates are its causal blocks j <= t // BS. The first
+    `init_blocks` blocks and the `local_blocks` blocks ending at its own block are always kept (they
+    count within T); the other slots go to the highest-scoring remaining causal blocks. Slots are
+    ordered: forced blocks first (in no particular order), then the rest by decreasing score, then
+    -1 for every slot left empty when the query has fewer than T causal blocks. Entries are distinct.
+
+    Args:
+        scores: [N, H, NB] block scores (e.g. from selection_scores_ref); NaN ranks lowest.
+        cu_seqlens: int32 [B + 1] or None for one sequence.
+        block_size: BS. topk: T >= init_blocks + local_blocks.
+    Returns:
+        block_indices int32 [N, H, T], block ids counted from the start of the query's sequence.
+    """
+    _check_selection(block_size, topk, init_blocks, local_blocks)
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or scores.shape[0] < 1:
+        raise ValueError(f"argument `scores` must be [N, H, NB], got {getattr(scores, 'shape', scores)!r}")
+    n = scores.shape[0]
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=scores.device)
+    elif not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise ValueError("argument `cu_seqlens` must be an int32 tensor [B + 1] or None")
+    pos, seq_len = token_positions(cu_seqlens.to(scores.device), n)
+    need = int(((seq_len.max() + block_size - 1) // block_size))
+    if scores.shape[2] < need:
+        raise ValueError(f"argument `scores` must have NB >= ceil(max_seqlen / block_size) = {need} "
+                         f"blocks, got {scores.shape[2]}")
+    out = [select_chunk(scores[c0:c0 + _CHUNK], pos[c0:c0 + _CHUNK], block_size, topk, init_blocks, local_blocks)
+           for c0 in range(0, n, _CHUNK)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def nsa_block_indices_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    kernel_size: int = 32,
+    kernel_stride: int = 16,
+    block_size: int = 64,
+    topk: int = 16,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    r"""block_indices from the NSA compression path with mean-pooled keys (what benchmarks use).
+
+    Equals select_blocks_ref(selection_scores_ref(q, k_cmp, lse, ...), ...) with
+    k_cmp = compress_kv(k) (mean pooling) and lse from compressed attention, but fused per chunk of
+    queries so memory stays bounded. No gradient.
+
+    Args:
+        q: [N, HQ, D]; k: [N, H, D]; cu_seqlens: int32 [B + 1] or None.
+        kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks: as in NSA
+            (stride | kernel_size, stride | BS, kernel_size <= BS, T >= init + local).
+        scale: defaults to D ** -0.5.
+    Returns:
+        block_indices int32 [N, H, T] (slot order as in select_blocks_ref).
+    """
+    check_block_mapping(kernel_size, kernel_stride, block_size)
+    _check_selection(block_size, topk, init_blocks, local_blocks)
+    if not isinstance(k, torch.Tensor) or k.dim() != 3:
+        raise ValueError(f"argument `k` must be [N, H, D], got {getattr(k, 'shape', k)!r}")
+    if isinstance(q, torch.Tensor) and q.dim() == 3 and k.shape[0] != q.shape[0]:
+        raise ValueError(f"argument `k` must have q's N={q.shape[0]} rows, got {k.shape[0]}")
+    k_cmp, cu_cmp = compress_kv(k, cu_seqlens, kernel_size, kernel_stride)
+    cu_seqlens, cu_cmp, scale = check_compressed_args(q, k_cmp, cu_seqlens, cu_cmp, kernel_size,
+                                                      kernel_stride, scale)
+    n, hq, _ = q.shape
+    layout = compressed_layout(cu_seqlens, cu_cmp, n, kernel_size, kernel_stride)
+    num_blocks = (layout.max_len + block_size - 1) // block_size
+    compute = compute_dtype(q.dtype)
+    qc, kc = q.to(compute), k_cmp.to(compute)
+    out = []
+    for c0, c1, lo, hi in layout.chunks(hq):
+        scores = chunk_selection_scores(qc, kc, None, layout, c0, c1, lo, hi, scale,
+                                        kernel_size, kernel_stride, block_size, num_blocks)
+        out.append(select_chunk(scores, layout.pos[c0:c1], block_size, topk, init_blocks, local_blocks))
+    return torch.cat(out)
