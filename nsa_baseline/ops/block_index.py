@@ -1,9 +1,11 @@
 """Inverted selection index: for every (KV head, key block), the query tokens that selected it.
 
-CSR over rows r = h * nb_bound + global_block, built on the device with no host synchronisation:
-valid pairs are keyed by their row, counted (scatter_add), prefix-summed, and placed by a stable
-sort, so the tokens inside a row are ascending and the layout is identical on every run.
-Buffers are sized by N * H * T (the most pairs a call can have), never by blocks x seqlen.
+CSR over rows r = h * nb_bound + gb, built on the device with no host synchronisation. Global block
+ids need no prefix sum: block b of sequence s is gb = cu_seqlens[s] // BS + s + b, which is injective
+and < nb_bound = N // BS + B + 1 (ids in the gaps are empty rows). Three launches: a Triton kernel keys
+every valid pair by its row and counts rows (integer atomics: exact), a stable sort orders the pairs
+(tokens stay ascending inside a row, so the layout is identical on every run), and a Triton kernel
+scatters tokens/slots/pair positions. Buffers are sized by N * H * T, never by blocks x seqlen.
 Used by the NSA dK/dV kernel and by every FSA kernel.
 """
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from nsa_baseline.utils.varlen import token_positions
+import triton
+import triton.language as tl
 
 
 @dataclass
@@ -33,27 +35,65 @@ class BlockIndex:
         return self.row_offsets[1:] - self.row_offsets[:-1]
 
 
-def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int):
-    """Global block numbering over packed sequences (no host sync).
+@triton.jit
+def _find_sequence(cu_seqlens, x, BS: tl.constexpr, B, SEARCH_STEPS: tl.constexpr, BY_BLOCK: tl.constexpr):
+    """Largest s in [0, B) with key(s) <= x, key(s) = cu[s] // BS + s (BY_BLOCK) or cu[s] (tokens)."""
+    lo = tl.zeros_like(x)
+    hi = tl.zeros_like(x) + B
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        c = tl.load(cu_seqlens + mid)
+        key = c // BS + mid if BY_BLOCK else c
+        go_right = key <= x
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo
 
-    Returns (nb_bound, block_base [B] int64 first global block of each sequence,
-    block_start [nb_bound] int32, block_end [nb_bound] int32).
-    """
-    batch = cu_seqlens.numel() - 1
-    nb_bound = num_tokens // block_size + batch + 1
-    starts = cu_seqlens[:-1].long()
-    lens = cu_seqlens[1:].long() - starts
-    nblocks = (lens + block_size - 1) // block_size
-    block_base = torch.cumsum(nblocks, 0) - nblocks  # exclusive prefix sum
-    gb = torch.arange(nb_bound, device=cu_seqlens.device)
-    seq = torch.searchsorted(block_base + nblocks, gb, right=True).clamp_max(batch - 1)
-    local = gb - block_base[seq]
-    exists = local < nblocks[seq]
-    start = starts[seq] + local * block_size
-    end = torch.minimum(start + block_size, starts[seq] + lens[seq])
-    start = torch.where(exists, start, torch.zeros_like(start))
-    end = torch.where(exists, end, start)
-    return nb_bound, block_base, start.int(), end.int()
+
+@triton.jit
+def _block_layout_kernel(cu_seqlens, block_start, block_end, NB_BOUND, B,
+                         BS: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    gb = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = gb < NB_BOUND
+    s = _find_sequence(cu_seqlens, gb, BS, B, SEARCH_STEPS, True)
+    c0 = tl.load(cu_seqlens + s, mask=m, other=0)
+    c1 = tl.load(cu_seqlens + s + 1, mask=m, other=0)
+    start = c0 + (gb - (c0 // BS + s)) * BS
+    exists = start < c1
+    tl.store(block_start + gb, tl.where(exists, start, 0), mask=m)
+    tl.store(block_end + gb, tl.where(exists, tl.minimum(start + BS, c1), 0), mask=m)
+
+
+@triton.jit
+def _pair_keys_kernel(block_indices, cu_seqlens, keys, counts, N, B, NB_BOUND, NUM_ROWS,
+                      H: tl.constexpr, T: tl.constexpr, BS: tl.constexpr,
+                      SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """keys[pair] = CSR row of a valid pair, NUM_ROWS (sentinel) otherwise; counts[row + 1] += 1."""
+    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat pair id = (token * H + h) * T + slot
+    m = f < N * H * T
+    tok = f // (H * T)
+    i_h = (f // T) % H
+    s = _find_sequence(cu_seqlens, tok, BS, B, SEARCH_STEPS, False)
+    c0 = tl.load(cu_seqlens + s, mask=m, other=0)
+    c1 = tl.load(cu_seqlens + s + 1, mask=m, other=0)
+    idx = tl.load(block_indices + f, mask=m, other=-1)
+    valid = m & (idx >= 0) & (c0 + idx * BS <= tok) & (idx < (c1 - c0 + BS - 1) // BS)
+    row = i_h * NB_BOUND + c0 // BS + s + idx
+    key = tl.where(valid, row, NUM_ROWS)
+    tl.store(keys + f, key, mask=m)
+    tl.atomic_add(counts + key + 1, 1, mask=valid)
+
+
+@triton.jit
+def _scatter_pairs_kernel(sorted_keys, perm, tokens, slots, pair_pos, TOTAL, NUM_ROWS,
+                          H: tl.constexpr, T: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < TOTAL
+    p = tl.load(perm + i, mask=m, other=0)
+    valid = tl.load(sorted_keys + i, mask=m, other=NUM_ROWS) < NUM_ROWS
+    tl.store(tokens + i, (p // (H * T)).to(tl.int32), mask=m)
+    tl.store(slots + i, (p % T).to(tl.int32), mask=m)
+    tl.store(pair_pos + p, tl.where(valid, i, -1).to(tl.int32), mask=m)
 
 
 def build_block_index(
@@ -63,30 +103,34 @@ def build_block_index(
 
     A pair (token, h, slot) is valid when its entry is >= 0, names a block of the token's own
     sequence, and that block starts at or before the token (blocks wholly in the future are dropped).
+    Any index values are safe: invalid ones never reach a row.
     """
     n, h, t_sel = block_indices.shape
     dev = block_indices.device
-    pos, seq_len = token_positions(cu_seqlens, n)
-    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), torch.arange(n, device=dev, dtype=cu_seqlens.dtype),
-                             right=True)
-    nb_bound, block_base, block_start, block_end = block_layout(cu_seqlens, n, block_size)
+    batch = cu_seqlens.numel() - 1
+    nb_bound = n // block_size + batch + 1
     num_rows = h * nb_bound
+    total = n * h * t_sel
+    steps = max(1, batch.bit_length())
+    block_indices = block_indices.contiguous()
 
-    idx = block_indices.long()
-    nblocks = (seq_len + block_size - 1) // block_size
-    valid = (idx >= 0) & (idx * block_size <= pos[:, None, None]) & (idx < nblocks[:, None, None])
-    row = torch.arange(h, device=dev)[None, :, None] * nb_bound + block_base[seq][:, None, None] + idx
-    key = torch.where(valid, row, torch.full_like(row, num_rows)).flatten()  # invalid -> sentinel row
+    block_start = torch.empty(nb_bound, dtype=torch.int32, device=dev)
+    block_end = torch.empty(nb_bound, dtype=torch.int32, device=dev)
+    _block_layout_kernel[(triton.cdiv(nb_bound, 1024),)](
+        cu_seqlens, block_start, block_end, nb_bound, batch, BS=block_size, SEARCH_STEPS=steps, BLOCK=1024)
 
-    counts = torch.zeros(num_rows + 1, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    row_offsets = torch.zeros(num_rows + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(counts[:num_rows], 0, out=row_offsets[1:])
+    keys = torch.empty(total, dtype=torch.int32, device=dev)
+    row_offsets = torch.zeros(num_rows + 1, dtype=torch.int32, device=dev)
+    _pair_keys_kernel[(triton.cdiv(total, 1024),)](
+        block_indices, cu_seqlens, keys, row_offsets, n, batch, nb_bound, num_rows,
+        H=h, T=t_sel, BS=block_size, SEARCH_STEPS=steps, BLOCK=1024)
+    torch.cumsum(row_offsets, 0, out=row_offsets)  # counts at r + 1 -> CSR pointers
 
-    _, perm = torch.sort(key.int(), stable=True)  # flat order is token-major: tokens stay ascending
-    tokens = (perm // (h * t_sel)).int()
-    slots = (perm % t_sel).int()
-    pair_pos = torch.empty(n * h * t_sel, dtype=torch.int32, device=dev)
-    pair_pos[perm] = torch.arange(n * h * t_sel, dtype=torch.int32, device=dev)
-    pair_pos = torch.where(valid.flatten(), pair_pos, torch.full_like(pair_pos, -1)).view(n, h, t_sel)
-    return BlockIndex(nb_bound, num_rows, row_offsets.int(), tokens, slots, pair_pos, block_start, block_end)
+    sorted_keys, perm = torch.sort(keys, stable=True)  # flat order is token-major: tokens stay ascending
+    tokens = torch.empty(total, dtype=torch.int32, device=dev)
+    slots = torch.empty(total, dtype=torch.int32, device=dev)
+    pair_pos = torch.empty(total, dtype=torch.int32, device=dev)
+    _scatter_pairs_kernel[(triton.cdiv(total, 1024),)](
+        sorted_keys, perm, tokens, slots, pair_pos, total, num_rows, H=h, T=t_sel, BLOCK=1024)
+    return BlockIndex(nb_bound, num_rows, row_offsets, tokens, slots, pair_pos.view(n, h, t_sel),
+                      block_start, block_end)
