@@ -1,0 +1,240 @@
+"""Vanilla NSA selected-attention backward.
+dQ: grid (N, H), query-outer like the forward (one token's G heads as a [G_PAD, D_PAD] tile, T
+blocks); it also computes delta = rowsum(o * do) (- dlse). dK/dV: grid (NB_bound, H), one program
+per (key block, KV head) walks the block's query tokens from the inverted CSR index
+(nsa_baseline.ops.block_index) in tiles of BLOCK_M (token, head) rows and writes its block once:
+no atomics, deterministic.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa_baseline.ops.selected_fwd import LOG2E, _pair_valid, query_outer_config
+from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
+
+# (D_PAD, BS, G) -> (BLOCK_M, num_warps, num_stages) for the dK/dV kernel; G = 0 means any G.
+# Defaults until measured on the H100 by experiments/gpu/nsa_check.py; the lead records choices here.
+DKDV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {
+    (64, 64, 0): (64, 4, 2), (128, 64, 0): (64, 4, 2), (256, 64, 0): (32, 8, 1),
+    (64, 128, 0): (64, 8, 2), (128, 128, 0): (64, 8, 2), (256, 128, 0): (32, 8, 1),
+}
+
+
+def dkdv_config(d_pad: int, block_size: int, group: int, block_m=None, num_warps=None, num_stages=None):
+    """(BLOCK_M, num_warps, num_stages): explicit arguments win, then the table, then a guess."""
+    key = (d_pad, block_size, group) if (d_pad, block_size, group) in DKDV_CONFIGS else (d_pad, block_size, 0)
+    m, w, s = DKDV_CONFIGS.get(key, (max(16, min(64, 8192 // max(d_pad, block_size))), 4, 1))
+    return (block_m or m), (num_warps or w), (num_stages or s)
+
+
+@triton.jit
+def _dq_block(b_q, b_do, b_dq, b_lse, b_delta, k, v, bos, pos, idx, valid, i_h,
+              H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, D_PAD: tl.constexpr,
+              scale_log2, IEEE: tl.constexpr):
+    """dq (unscaled) += ds @ K over key block `idx`; p recomputed from lse (log2 units)."""
+    o_c = tl.arange(0, BS)
+    o_d = tl.arange(0, D_PAD)
+    o_key = tl.where(valid, idx, 0) * BS + o_c  # [BS]
+    m_key = (o_key <= pos) & valid
+    m_kd = m_key[:, None] & (o_d < D)[None, :]
+    p_kv = ((bos + o_key).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_kd, other=0.)  # [BS, D_PAD]
+    b_v = tl.load(v + p_kv, mask=m_kd, other=0.)  # [BS, D_PAD]
+    if IEEE:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [G_PAD, BS]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [G_PAD, BS]
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_k))
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+    b_p = tl.where(m_key[None, :], tl.exp2(b_s * scale_log2 - b_lse[:, None]), 0.)
+    b_ds = b_p * (b_dp - b_delta[:, None])  # [G_PAD, BS]
+    if IEEE:
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")
+    else:
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    return b_dq
+
+
+@triton.jit
+def nsa_selected_bwd_dq_kernel(
+    q, k, v, o, do, lse, dlse, delta, dq, block_indices, token_pos, N, scale, scale_log2,
+    H: tl.constexpr, G: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    G_PAD: tl.constexpr, D_PAD: tl.constexpr, HAS_DLSE: tl.constexpr, SKIP_UNUSED: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    i_n, i_h = tl.program_id(0), tl.program_id(1)
+    i_n64 = i_n.to(tl.int64)
+    pos = tl.load(token_pos + i_n)
+    bos = i_n - pos
+    last_block = pos // BS
+
+    o_g = tl.arange(0, G_PAD)
+    o_d = tl.arange(0, D_PAD)
+    m_g = o_g < G
+    m_gd = m_g[:, None] & (o_d < D)[None, :]
+    p_q = (i_n64 * (H * G) + i_h * G + o_g[:, None]) * D + o_d[None, :]
+    b_q = tl.load(q + p_q, mask=m_gd, other=0.)  # [G_PAD, D_PAD]
+    b_do = tl.load(do + p_q, mask=m_gd, other=0.)  # [G_PAD, D_PAD]
+    b_o = tl.load(o + p_q, mask=m_gd, other=0.)  # [G_PAD, D_PAD]
+    p_row = (i_h * G + o_g).to(tl.int64) * N + i_n  # [G_PAD] into [HQ, N]
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)  # [G_PAD]
+    if HAS_DLSE:  # d lse / d s = p, so a gradient on lse shifts delta
+        b_delta -= tl.load(dlse + p_row, mask=m_g, other=0.)
+    tl.store(delta + p_row, b_delta, mask=m_g)
+    b_lse = tl.load(lse + p_row, mask=m_g, other=0.) * 1.4426950408889634  # log2 units
+
+    b_dq = tl.zeros([G_PAD, D_PAD], tl.float32)
+    p_idx = block_indices + (i_n64 * H + i_h) * T
+    for t in range(T):
+        idx = tl.load(p_idx + t)
+        valid = _pair_valid(idx, last_block)
+        if SKIP_UNUSED:
+            if valid:
+                b_dq = _dq_block(b_q, b_do, b_dq, b_lse, b_delta, k, v, bos, pos, idx, valid, i_h,
+                                 H, D, BS, D_PAD, scale_log2, IEEE)
+        else:
+            b_dq = _dq_block(b_q, b_do, b_dq, b_lse, b_delta, k, v, bos, pos, idx, valid, i_h,
+                             H, D, BS, D_PAD, scale_log2, IEEE)
+    tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_gd)
+
+
+@triton.jit
+def _dkdv_tile(b_k, b_v, b_dk, b_dv, o_key, m_key, q, do, lse, delta, tokens, j, j1, i_h, N,
+               scale_log2, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+               BLOCK_M: tl.constexpr, IEEE: tl.constexpr):
+    """dk (unscaled), dv += one tile of BLOCK_M flattened (pair, head) rows j .. j + BLOCK_M."""
+    o_d = tl.arange(0, D_PAD)
+    o_j = j + tl.arange(0, BLOCK_M)  # [BLOCK_M] row j = pair * G + head
+    m_j = o_j < j1
+    b_tok = tl.load(tokens + o_j // G, mask=m_j, other=0)  # [BLOCK_M] packed query rows
+    o_hq = i_h * G + (o_j % G).to(tl.int32)  # [BLOCK_M] query heads
+    p_q = (b_tok.to(tl.int64)[:, None] * (H * G) + o_hq[:, None]) * D + o_d[None, :]
+    m_qd = m_j[:, None] & (o_d < D)[None, :]
+    b_q = tl.load(q + p_q, mask=m_qd, other=0.)  # [BLOCK_M, D_PAD]
+    b_do = tl.load(do + p_q, mask=m_qd, other=0.)  # [BLOCK_M, D_PAD]
+    p_row = o_hq.to(tl.int64) * N + b_tok
+    b_lse = tl.load(lse + p_row, mask=m_j, other=0.) * 1.4426950408889634  # [BLOCK_M] log2 units
+    b_delta = tl.load(delta + p_row, mask=m_j, other=0.)  # [BLOCK_M]
+    # causal in packed rows: key and query are in the same sequence for a listed pair
+    m_vis = m_j[:, None] & m_key[None, :] & (o_key[None, :] <= b_tok[:, None])  # [BLOCK_M, BS]
+    if IEEE:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BLOCK_M, BS]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [BLOCK_M, BS]
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_k))
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+    b_p = tl.where(m_vis, tl.exp2(b_s * scale_log2 - b_lse[:, None]), 0.)
+    b_ds = b_p * (b_dp - b_delta[:, None])  # [BLOCK_M, BS]
+    if IEEE:
+        b_dv += tl.dot(tl.trans(b_p), b_do, input_precision="ieee")  # [BS, D_PAD]
+        b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision="ieee")  # [BS, D_PAD]
+    else:
+        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
+        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+    return b_dk, b_dv
+
+
+@triton.jit
+def nsa_selected_bwd_dkdv_kernel(
+    q, k, v, do, lse, delta, dk, dv, row_offsets, tokens, block_start, block_end,
+    N, NB, scale, scale_log2,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+):
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    r0 = tl.load(block_start + i_b)
+    r1 = tl.load(block_end + i_b)  # r0 == r1 for a block that does not exist: all masks false
+    o_c = tl.arange(0, BS)
+    o_d = tl.arange(0, D_PAD)
+    o_key = r0 + o_c  # [BS] packed key rows of this block
+    m_key = o_key < r1
+    p_kv = (o_key.to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    m_kd = m_key[:, None] & (o_d < D)[None, :]
+    b_k = tl.load(k + p_kv, mask=m_kd, other=0.)  # [BS, D_PAD]
+    b_v = tl.load(v + p_kv, mask=m_kd, other=0.)  # [BS, D_PAD]
+    b_dk = tl.zeros([BS, D_PAD], tl.float32)
+    b_dv = tl.zeros([BS, D_PAD], tl.float32)
+
+    # The CSR row lists (ascending) the query tokens whose selection holds this block; each
+    # token brings its G query heads: flattened rows j = pair * G + head, BLOCK_M at a time.
+    i_row = i_h * NB + i_b
+    j0 = tl.load(row_offsets + i_row).to(tl.int64) * G
+    j1 = tl.load(row_offsets + i_row + 1).to(tl.int64) * G
+    if WHILE_LOOP:  # the interpreter cannot range() over loaded bounds
+        j = j0
+        while j < j1:
+            b_dk, b_dv = _dkdv_tile(b_k, b_v, b_dk, b_dv, o_key, m_key, q, do, lse, delta, tokens, j, j1,
+                                    i_h, N, scale_log2, H, G, D, D_PAD, BLOCK_M, IEEE)
+            j += BLOCK_M
+    else:
+        for j in range(j0, j1, BLOCK_M):
+            b_dk, b_dv = _dkdv_tile(b_k, b_v, b_dk, b_dv, o_key, m_key, q, do, lse, delta, tokens, j, j1,
+                                    i_h, N, scale_log2, H, G, D, D_PAD, BLOCK_M, IEEE)
+    tl.store(dk + p_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_kd)
+    tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kd)
+
+
+def build_block_index(block_indices, block_size, cu_seqlens, num_kv_heads):
+    """The inverted block -> query CSR index (written by the lead in nsa_baseline.ops.block_index)."""
+    from nsa_baseline.ops.block_index import build_block_index as build
+
+    return build(block_indices, block_size, cu_seqlens, num_kv_heads)
+
+
+def nsa_selected_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    scale: float,
+    cu_seqlens: torch.Tensor,
+    token_pos: torch.Tensor,
+    dlse: Optional[torch.Tensor] = None,
+    block_index=None,
+    dq_warps: int | None = None,
+    dq_stages: int | None = None,
+    dkdv_block_m: int | None = None,
+    dkdv_warps: int | None = None,
+    dkdv_stages: int | None = None,
+    skip_unused: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) for contiguous inputs laid out as in nsa_selected_fwd; o/lse from the forward,
+    do like o, optional dlse float32 [HQ, N]. `block_index` (a BlockIndex) is built when None."""
+    n, hq, d = q.shape
+    h, t_sel = k.shape[1], block_indices.shape[2]
+    g = hq // h
+    d_pad = max(16, next_pow2(d))
+    ieee = q.dtype == torch.float32
+    if block_index is None:
+        block_index = build_block_index(block_indices, block_size, cu_seqlens, h)
+
+    delta = new_output((hq, n), torch.float32, q.device)
+    dq = new_output((n, hq, d), q.dtype, q.device)
+    warps, stages = query_outer_config(d_pad, block_size, dq_warps, dq_stages)
+    nsa_selected_bwd_dq_kernel[(n, h)](
+        q, k, v, o, do, lse, dlse if dlse is not None else lse, delta, dq, block_indices, token_pos,
+        n, scale, scale * LOG2E,
+        H=h, G=g, T=t_sel, D=d, BS=block_size, G_PAD=max(16, next_pow2(g)), D_PAD=d_pad,
+        HAS_DLSE=dlse is not None, SKIP_UNUSED=skip_unused, IEEE=ieee,
+        num_warps=warps, num_stages=stages,
+    )
+
+    dk = new_output((n, h, d), k.dtype, k.device)
+    dv = new_output((n, h, d), v.dtype, v.device)
+    block_m, warps, stages = dkdv_config(d_pad, block_size, g, dkdv_block_m, dkdv_warps, dkdv_stages)
+    nb = block_index.nb_bound
+    nsa_selected_bwd_dkdv_kernel[(nb, h)](
+        q, k, v, do, lse, delta, dk, dv, block_index.row_offsets, block_index.tokens,
+        block_index.block_start, block_index.block_end, n, nb, scale, scale * LOG2E,
+        H=h, G=g, D=d, BS=block_size, D_PAD=d_pad, BLOCK_M=block_m, IEEE=ieee, WHILE_LOOP=is_interpreter(),
+        num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv
