@@ -1,8 +1,9 @@
 """Top-n block selection of NSA in plain PyTorch, and the whole selection path from q and k.
 
 `select_blocks_ref` turns block scores into block_indices (the contract's int32 [N, H, T]);
-`nsa_block_indices_ref` runs mean-pooled compression -> compressed softmax -> block scores -> top-n,
-a chunk of queries at a time, so it never holds the [N, H, NB] scores (64K tokens fit on one GPU).
+`select_blocks_from_compressed_ref` runs compressed softmax -> block scores -> top-n a chunk of
+queries at a time, so it never holds the [N, H, NB] scores (64K tokens fit on one GPU);
+`nsa_block_indices_ref` puts mean-pooled compression in front of it.
 """
 from __future__ import annotations
 
@@ -97,6 +98,54 @@ def select_blocks_ref(
 
 
 @torch.no_grad()
+def select_blocks_from_compressed_ref(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor],
+    cu_seqlens_cmp: Optional[torch.Tensor],
+    kernel_size: int = 32,
+    kernel_stride: int = 16,
+    block_size: int = 64,
+    topk: int = 16,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale: Optional[float] = None,
+    lse: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""select_blocks_ref(selection_scores_ref(q, k_cmp, lse, ...), ...) fused per chunk of queries,
+    so the [N, H, NB] scores never exist at once. No gradient.
+
+    Args:
+        q: [N, HQ, D]; k_cmp: [N_cmp, H, D] (any compression); cu_seqlens, cu_seqlens_cmp: int32
+            [B + 1] (None for both = one sequence).
+        kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks: as in NSA
+            (stride | kernel_size, stride | BS, kernel_size <= BS, T >= init + local).
+        scale: defaults to D ** -0.5. lse: float32 [HQ, N] of the compressed attention, or None to
+            compute it here from the same logits.
+    Returns:
+        block_indices int32 [N, H, T] (slot order as in select_blocks_ref).
+    """
+    check_block_mapping(kernel_size, kernel_stride, block_size)
+    _check_selection(block_size, topk, init_blocks, local_blocks)
+    cu_seqlens, cu_seqlens_cmp, scale = check_compressed_args(q, k_cmp, cu_seqlens, cu_seqlens_cmp,
+                                                              kernel_size, kernel_stride, scale)
+    n, hq, _ = q.shape
+    if lse is not None and (not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (hq, n)):
+        raise ValueError(f"argument `lse` must be [HQ={hq}, N={n}] or None, got {getattr(lse, 'shape', lse)!r}")
+    layout = compressed_layout(cu_seqlens, cu_seqlens_cmp, n, kernel_size, kernel_stride)
+    num_blocks = (layout.max_len + block_size - 1) // block_size
+    compute = compute_dtype(q.dtype)
+    qc, kc = q.to(compute), k_cmp.to(compute)
+    lse_t = None if lse is None else lse.t()
+    out = []
+    for c0, c1, lo, hi in layout.chunks(hq):
+        scores = chunk_selection_scores(qc, kc, None if lse is None else lse_t[c0:c1], layout, c0, c1, lo, hi,
+                                        scale, kernel_size, kernel_stride, block_size, num_blocks)
+        out.append(select_chunk(scores, layout.pos[c0:c1], block_size, topk, init_blocks, local_blocks))
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def nsa_block_indices_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -111,9 +160,8 @@ def nsa_block_indices_ref(
 ) -> torch.Tensor:
     r"""block_indices from the NSA compression path with mean-pooled keys (what benchmarks use).
 
-    Equals select_blocks_ref(selection_scores_ref(q, k_cmp, lse, ...), ...) with
-    k_cmp = compress_kv(k) (mean pooling) and lse from compressed attention, but fused per chunk of
-    queries so memory stays bounded. No gradient.
+    k_cmp = compress_kv(k) (mean pooling), then select_blocks_from_compressed_ref: compressed
+    softmax -> block scores -> top-n, a chunk of queries at a time. No gradient.
 
     Args:
         q: [N, HQ, D]; k: [N, H, D]; cu_seqlens: int32 [B + 1] or None.
@@ -130,16 +178,5 @@ def nsa_block_indices_ref(
     if isinstance(q, torch.Tensor) and q.dim() == 3 and k.shape[0] != q.shape[0]:
         raise ValueError(f"argument `k` must have q's N={q.shape[0]} rows, got {k.shape[0]}")
     k_cmp, cu_cmp = compress_kv(k, cu_seqlens, kernel_size, kernel_stride)
-    cu_seqlens, cu_cmp, scale = check_compressed_args(q, k_cmp, cu_seqlens, cu_cmp, kernel_size,
-                                                      kernel_stride, scale)
-    n, hq, _ = q.shape
-    layout = compressed_layout(cu_seqlens, cu_cmp, n, kernel_size, kernel_stride)
-    num_blocks = (layout.max_len + block_size - 1) // block_size
-    compute = compute_dtype(q.dtype)
-    qc, kc = q.to(compute), k_cmp.to(compute)
-    out = []
-    for c0, c1, lo, hi in layout.chunks(hq):
-        scores = chunk_selection_scores(qc, kc, None, layout, c0, c1, lo, hi, scale,
-                                        kernel_size, kernel_stride, block_size, num_blocks)
-        out.append(select_chunk(scores, layout.pos[c0:c1], block_size, topk, init_blocks, local_blocks))
-    return torch.cat(out)
+    return select_blocks_from_compressed_ref(q, k_cmp, cu_seqlens, cu_cmp, kernel_size, kernel_stride,
+                                             block_size, topk, init_blocks, local_blocks, scale)
