@@ -1,0 +1,386 @@
+"""Block selection of NSA: selection scores from the compressed softmax (Triton) and top-T (PyTorch).
+
+Scores kernel: grid (query tiles of BLOCK_Q tokens, H); the tile's rows are its (token, query head)
+pairs of one KV group. Per sequence met by the tile it loops over selection-block tiles (BJ blocks
+= BJ * R summaries, R = BS / stride): p = exp2(q . k_cmp * scale * log2e - lse * log2e) on the
+visible summaries, summed over the G heads and mapped to blocks by overlap (a summary gives
+min(C, R - u) to its own block and max(0, u + C - R) to the next one, u = its slot in the block,
+C = kernel_size / stride), the spill carried across tiles. With COMPUTE_LSE the kernel first runs an
+online logsumexp over the same summaries (the selection path needs no compressed-attention output).
+Top-T: forced blocks ranked +inf, non-causal -inf, torch.topk a chunk of rows at a time.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa_baseline.ops.compressed import _checked_args
+from nsa_baseline.ops.compression import compress_kv
+from nsa_baseline.ops.window import tensor_key
+from nsa_baseline.reference.compressed import check_block_mapping, selection_scores_ref
+from nsa_baseline.reference.selection import _check_selection, nsa_block_indices_ref, select_blocks_ref
+from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
+from nsa_baseline.utils.varlen import sequence_lengths, token_positions, token_sequence_ids
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# fp32 elements of one chunk's [rows, H, NB] scores inside nsa_block_indices / select_blocks (256 MiB).
+_SCORE_BUDGET = 1 << 26
+_LOG2E = 1.4426950408889634
+_MAXLEN_CACHE: dict[tuple, tuple] = {}
+
+
+@triton.jit
+def _qk(b_q, b_k, IEEE: tl.constexpr):
+    """[BM, BLOCK_D] x [BC, BLOCK_D]^T -> fp32 [BM, BC]; exact fp32 products for fp32 inputs."""
+    if IEEE:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_k))
+    return b_s
+
+
+@triton.jit
+def _lse_tile(b_q, b_mx, b_l, p_k, i0, nvis_max, nvis_m, in_m, qk_scale,
+              H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BC: tl.constexpr,
+              IEEE: tl.constexpr):
+    """Online logsumexp (base 2) of rows b_q over the visible summaries [i0, i0 + BC)."""
+    o_c = tl.arange(0, BC)
+    o_d = tl.arange(0, BLOCK_D)
+    b_k = tl.load(p_k + i0 * (H * D), mask=((i0 + o_c) < nvis_max)[:, None] & (o_d < D)[None, :],
+                  other=0.)  # [BC, BLOCK_D]
+    b_s = _qk(b_q, b_k, IEEE) * qk_scale  # [BM, BC]
+    vis = in_m[:, None] & ((i0 + o_c)[None, :] < nvis_m[:, None])
+    b_s = tl.where(vis, b_s, float("-inf"))
+    b_mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1))
+    b_ref = tl.where(b_mx_new == float("-inf"), 0., b_mx_new)  # rows that saw nothing yet stay 0
+    b_l = b_l * tl.exp2(b_mx - b_ref) + tl.sum(tl.exp2(b_s - b_ref[:, None]), axis=1)
+    return b_mx_new, b_l
+
+
+@triton.jit
+def _scores_tile(b_q, b_lse, carry, p_k, p_out, j0, nvis_max, nvis_m, in_m, in_t, nb_t, NB, qk_scale,
+                 H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+                 G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """Scores of blocks [j0, j0 + BJ) for the tile's tokens of one sequence; returns the spill of
+    the last block's summaries into block j0 + BJ."""
+    BC: tl.constexpr = BJ * R
+    o_j = tl.arange(0, BJ)
+    b_acc = tl.where(o_j[None, :] == 0, carry[:, None], 0.)  # [BLOCK_Q, BJ]
+    carry = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    i0 = j0 * R
+    if i0 < nvis_max:
+        o_c = tl.arange(0, BC)
+        o_d = tl.arange(0, BLOCK_D)
+        o_u = tl.arange(0, R)
+        b_k = tl.load(p_k + i0 * (H * D), mask=((i0 + o_c) < nvis_max)[:, None] & (o_d < D)[None, :],
+                      other=0.)  # [BC, BLOCK_D]
+        b_s = _qk(b_q, b_k, IEEE) * qk_scale  # [BM, BC]
+        vis = in_m[:, None] & ((i0 + o_c)[None, :] < nvis_m[:, None])
+        b_p = tl.where(vis, tl.exp2(b_s - b_lse[:, None]), 0.)
+        b_pg = tl.sum(tl.reshape(b_p, (BLOCK_Q, G_PAD, BJ, R)), axis=1)  # [BLOCK_Q, BJ, R]: G summed
+        w_same = tl.minimum(C, R - o_u).to(tl.float32)  # [R] sub-blocks a summary shares with its block
+        w_next = tl.maximum(o_u + C - R, 0).to(tl.float32)  # [R] ... and with the next block
+        b_same = tl.sum(b_pg * w_same[None, None, :], axis=2)  # [BLOCK_Q, BJ]
+        b_next = tl.sum(b_pg * w_next[None, None, :], axis=2)  # [BLOCK_Q, BJ], belongs to block j + 1
+        prev_j = tl.broadcast_to(tl.maximum(o_j - 1, 0)[None, :], (BLOCK_Q, BJ))
+        b_shift = tl.gather(b_next, prev_j, axis=1)  # b_next[:, j - 1]
+        b_acc += b_same + tl.where(o_j[None, :] == 0, 0., b_shift)
+        carry = tl.sum(tl.where(o_j[None, :] == BJ - 1, b_next, 0.), axis=1)
+    o_b = j0 + o_j
+    b_out = tl.where(o_b[None, :] < nb_t[:, None], b_acc, float("-inf"))
+    tl.store(p_out[:, None] + o_b[None, :], b_out, mask=in_t[:, None] & (o_b < NB)[None, :])
+    return carry
+
+
+@triton.jit
+def _selection_scores_kernel(
+    q_ptr, k_ptr, lse_ptr, out_ptr, cu_ptr, cu_cmp_ptr, tok_seq_ptr,
+    row0, n_rows, N, NB, qk_scale,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BJ: tl.constexpr,
+    R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr,
+    COMPUTE_LSE: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+):
+    tl.static_assert(C <= R)
+    i_q, i_h = tl.program_id(0), tl.program_id(1)
+    BM: tl.constexpr = BLOCK_Q * G_PAD
+    BC: tl.constexpr = BJ * R
+    t0 = row0 + i_q * BLOCK_Q
+    t_end = row0 + n_rows
+    # rows of the tile: (token, head g of group i_h), token-major
+    o_m = tl.arange(0, BM)
+    tok_m = t0 + o_m // G_PAD
+    g_m = o_m % G_PAD
+    m_m = (tok_m < t_end) & (g_m < G)
+    seq_m = tl.load(tok_seq_ptr + tok_m, mask=m_m, other=-1)
+    pos_m = tok_m - tl.load(cu_ptr + seq_m, mask=m_m, other=0)
+    nvis_m = tl.where(pos_m >= KS - 1, (pos_m - (KS - 1)) // STRIDE + 1, 0)  # visible summaries
+    o_d = tl.arange(0, BLOCK_D)
+    p_q = q_ptr + tok_m.to(tl.int64)[:, None] * (HQ * D) + (i_h * G + g_m)[:, None] * D + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_m[:, None] & (o_d < D)[None, :], other=0.)  # [BM, BLOCK_D]
+    if COMPUTE_LSE:
+        b_lse = tl.zeros([BM], dtype=tl.float32)
+    else:
+        b_lse = tl.load(lse_ptr + (i_h * G + g_m).to(tl.int64) * N + tok_m, mask=m_m, other=0.) * 1.4426950408889634
+    # tokens of the tile (output rows)
+    o_t = tl.arange(0, BLOCK_Q)
+    tok_t = t0 + o_t
+    m_t = tok_t < t_end
+    seq_t = tl.load(tok_seq_ptr + tok_t, mask=m_t, other=0)
+    len_t = tl.load(cu_ptr + seq_t + 1, mask=m_t, other=0) - tl.load(cu_ptr + seq_t, mask=m_t, other=0)
+    nb_t = (len_t + BS - 1) // BS  # blocks of the token's sequence; later ones are -inf
+    p_out = out_ptr + ((tok_t - row0).to(tl.int64) * H + i_h) * NB  # [BLOCK_Q]
+    o_c = tl.arange(0, BC)
+
+    s = tl.min(tl.where(m_t, seq_t, 2147483647), axis=0)  # sequences met by the tile: s .. s_last
+    s_last = tl.max(tl.where(m_t, seq_t, -1), axis=0)
+    while s <= s_last:
+        in_m = m_m & (seq_m == s)
+        in_t = m_t & (seq_t == s)
+        p_k = k_ptr + (tl.load(cu_cmp_ptr + s).to(tl.int64) + o_c[:, None]) * (H * D) + i_h * D + o_d[None, :]
+        nvis_max = tl.max(tl.where(in_m, nvis_m, 0), axis=0)
+        if COMPUTE_LSE:
+            b_mx = tl.full([BM], float("-inf"), dtype=tl.float32)
+            b_l = tl.zeros([BM], dtype=tl.float32)
+            if WHILE_LOOP:  # the interpreter cannot range() over loaded bounds
+                i0 = nvis_max * 0
+                while i0 < nvis_max:
+                    b_mx, b_l = _lse_tile(b_q, b_mx, b_l, p_k, i0, nvis_max, nvis_m, in_m, qk_scale,
+                                          H, D, BLOCK_D, BC, IEEE)
+                    i0 += BC
+            else:
+                for i0 in range(0, nvis_max, BC):
+                    b_mx, b_l = _lse_tile(b_q, b_mx, b_l, p_k, i0, nvis_max, nvis_m, in_m, qk_scale,
+                                          H, D, BLOCK_D, BC, IEEE)
+            b_lse = tl.where(in_m, tl.where(b_l > 0, b_mx + tl.log2(tl.where(b_l > 0, b_l, 1.)), float("-inf")), b_lse)
+        carry = tl.zeros([BLOCK_Q], dtype=tl.float32)  # mass spilled into the first block of a tile
+        if WHILE_LOOP:
+            j0 = nvis_max * 0
+            while j0 < NB:
+                carry = _scores_tile(b_q, b_lse, carry, p_k, p_out, j0, nvis_max, nvis_m, in_m, in_t, nb_t, NB,
+                                     qk_scale, H, D, BLOCK_D, BLOCK_Q, G_PAD, BJ, R, C, IEEE)
+                j0 += BJ
+        else:
+            for j0 in range(0, NB, BJ):
+                carry = _scores_tile(b_q, b_lse, carry, p_k, p_out, j0, nvis_max, nvis_m, in_m, in_t, nb_t, NB,
+                                     qk_scale, H, D, BLOCK_D, BLOCK_Q, G_PAD, BJ, R, C, IEEE)
+        s += 1
+
+
+def _max_seqlen(cu_seqlens: Optional[torch.Tensor], n: int) -> int:
+    """Longest sequence (one host read per cu_seqlens tensor, cached)."""
+    if cu_seqlens is None or cu_seqlens.numel() == 2:
+        return n
+    key = tensor_key(cu_seqlens)
+    hit = _MAXLEN_CACHE.get(key)
+    if hit is None:
+        if len(_MAXLEN_CACHE) > 64:
+            _MAXLEN_CACHE.clear()
+        hit = (cu_seqlens, int(sequence_lengths(cu_seqlens).max()))
+        _MAXLEN_CACHE[key] = hit
+    return hit[1]
+
+
+def _use_kernel(q: torch.Tensor, kernel_size: int, kernel_stride: int, block_size: int) -> bool:
+    r, c = block_size // kernel_stride, kernel_size // kernel_stride
+    pow2 = r == next_pow2(r)
+    return (q.is_cuda or is_interpreter()) and q.dtype in KERNEL_DTYPES and pow2 and c <= r
+
+
+def _tile_sizes(g: int, r: int, d: int):
+    g_pad = next_pow2(g)
+    block_q = max(1, 64 // g_pad)  # BM = BLOCK_Q * G_PAD >= 64 rows per dot
+    if block_q * g_pad < 16:
+        block_q = 16 // g_pad
+    bj = max(1, 64 // r)  # BC = BJ * R = 64 summaries per tile (r <= 64)
+    if bj * r < 16:
+        bj = 16 // r
+    return g_pad, block_q, bj, next_pow2(max(d, 16))
+
+
+def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_blocks, scale,
+                         kernel_size, kernel_stride, block_size, out=None):
+    """Launch the scores kernel for query rows [row0, row0 + n_rows); lse=None computes it in-kernel.
+    Returns float32 [n_rows, H, num_blocks]."""
+    n, hq, d = q.shape
+    h = k_cmp.shape[1]
+    g = hq // h
+    r, c = block_size // kernel_stride, kernel_size // kernel_stride
+    g_pad, block_q, bj, block_d = _tile_sizes(g, r, d)
+    if out is None:
+        out = new_output((n_rows, h, num_blocks), torch.float32, q.device)
+    if n_rows == 0 or num_blocks == 0:
+        return out
+    k_cmp = k_cmp.to(q.dtype).contiguous()
+    if k_cmp.shape[0] == 0:  # no summary anywhere: keep a valid pointer, nothing is visible
+        k_cmp = q.new_zeros(1, h, d)
+    grid = (triton.cdiv(n_rows, block_q), h)
+    _selection_scores_kernel[grid](
+        q.contiguous(), k_cmp, lse if lse is not None else out, out, cu, cu_cmp, tok_seq,
+        row0, n_rows, n, num_blocks, scale * _LOG2E,
+        HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, BLOCK_Q=block_q, BJ=bj, R=r, C=c,
+        KS=kernel_size, STRIDE=kernel_stride, BS=block_size, COMPUTE_LSE=lse is None,
+        IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(),
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+@torch.no_grad()
+def selection_scores(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor],
+    cu_seqlens_cmp: Optional[torch.Tensor],
+    kernel_size: int,
+    kernel_stride: int,
+    block_size: int,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    r"""Importance of every selection block for every query, from the compressed softmax (NSA eq. 9):
+    p_cmp = exp(q . k_cmp * scale - lse) on the visible summaries, mapped to blocks by
+    p_slc[j] = sum_{m < BS/stride} sum_{n < kernel_size/stride} p_cmp[(BS/stride) * j + m - n] and
+    summed over the G query heads of each kv head. No gradient.
+
+    CUDA (and the Triton interpreter): one Triton kernel, never materialising [N, N_cmp]
+    (BS / stride must be a power of two); otherwise (CPU without interpreter, float64, other
+    strides) `selection_scores_ref`.
+
+    Args:
+        q: [N, HQ, D]; k_cmp: [N_cmp, H, D]; lse: float32 [HQ, N] from compressed_attention.
+        cu_seqlens, cu_seqlens_cmp: int32 [B + 1] (None for both = one sequence).
+        kernel_size, kernel_stride, block_size: stride | kernel_size, stride | BS, kernel_size <= BS.
+        scale: defaults to D ** -0.5.
+    Returns:
+        scores float32 [N, H, NB], NB = ceil(max_seqlen / BS): -inf past the end of the query's
+        sequence, 0 for blocks after its own block.
+    """
+    check_block_mapping(kernel_size, kernel_stride, block_size)
+    if not _use_kernel(q, kernel_size, kernel_stride, block_size):
+        return selection_scores_ref(q, k_cmp, lse, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride,
+                                    block_size, scale)
+    cu, cu_cmp, scale = _checked_args(q, k_cmp, None, cu_seqlens, cu_seqlens_cmp, kernel_size,
+                                      kernel_stride, scale)
+    n, hq, _ = q.shape
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (hq, n):
+        raise ValueError(f"argument `lse` must be [HQ={hq}, N={n}], got {getattr(lse, 'shape', lse)!r}")
+    num_blocks = triton.cdiv(_max_seqlen(cu_seqlens, n), block_size)
+    tok_seq = token_sequence_ids(cu, n).int()
+    return selection_scores_fwd(q, k_cmp, lse.float().contiguous(), cu, cu_cmp, tok_seq, 0, n, num_blocks,
+                                scale, kernel_size, kernel_stride, block_size)
+
+
+def select_chunk(scores: torch.Tensor, pos: torch.Tensor, block_size: int, topk: int,
+                 init_blocks: int, local_blocks: int) -> torch.Tensor:
+    """int32 [c, H, T] from scores [c, H, NB] and positions [c]: forced blocks, then the best
+    causal ones by decreasing score, then -1 (float32 ranking; NaN and -inf scores rank lowest)."""
+    c, h, nb = scores.shape
+    blocks = torch.arange(nb, device=scores.device)[None, :]
+    cur = (pos // block_size)[:, None]  # [c, 1]
+    causal = blocks <= cur
+    forced = causal & ((blocks < init_blocks) | (blocks > cur - local_blocks))
+    big = torch.finfo(torch.float32).max
+    key = torch.nan_to_num(scores.float(), nan=-big, posinf=big, neginf=-big)
+    key.masked_fill_(forced[:, None, :], float("inf")).masked_fill_(~causal[:, None, :], float("-inf"))
+    k = min(topk, nb)
+    val, idx = key.topk(k, dim=-1)
+    idx = torch.where(val > float("-inf"), idx, torch.full_like(idx, -1)).int()
+    if k < topk:
+        idx = torch.cat([idx, idx.new_full((c, h, topk - k), -1)], dim=-1)
+    return idx
+
+
+@torch.no_grad()
+def select_blocks(
+    scores: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor],
+    block_size: int,
+    topk: int,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+) -> torch.Tensor:
+    r"""Choose the T blocks every query attends to (same set per row as `select_blocks_ref`).
+
+    Candidates of the query at position t are its causal blocks j <= t // BS; the first
+    `init_blocks` and the `local_blocks` ending at its own block are always kept (within T), the
+    other slots get the highest-scoring causal blocks, -1 fills what is left. Slots: forced first,
+    then by decreasing score. torch.topk on any device, a chunk of rows at a time, no host sync
+    (unlike the reference, NB is not checked against cu_seqlens).
+
+    Args:
+        scores: [N, H, NB] float block scores. cu_seqlens: int32 [B + 1] or None.
+        block_size: BS. topk: T >= init_blocks + local_blocks.
+    Returns:
+        block_indices int32 [N, H, T], block ids counted from the start of the query's sequence.
+    """
+    _check_selection(block_size, topk, init_blocks, local_blocks)
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or scores.shape[0] < 1:
+        raise ValueError(f"argument `scores` must be [N, H, NB], got {getattr(scores, 'shape', scores)!r}")
+    if not scores.is_cuda:
+        return select_blocks_ref(scores, cu_seqlens, block_size, topk, init_blocks, local_blocks)
+    n, h, nb = scores.shape
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=scores.device)
+    pos, _ = token_positions(cu_seqlens.to(scores.device), n)
+    chunk = max(1, _SCORE_BUDGET // max(1, h * nb))
+    out = torch.empty(n, h, topk, dtype=torch.int32, device=scores.device)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        out[c0:c1] = select_chunk(scores[c0:c1], pos[c0:c1], block_size, topk, init_blocks, local_blocks)
+    return out
+
+
+@torch.no_grad()
+def nsa_block_indices(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    kernel_size: int = 32,
+    kernel_stride: int = 16,
+    block_size: int = 64,
+    topk: int = 16,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    r"""block_indices from the NSA compression path with mean-pooled keys (what benchmarks use):
+    compress_kv(k) -> compressed lse -> selection scores -> top-T, fused per chunk of queries so
+    that the [N, H, NB] scores never exist at once (the lse is computed inside the scores kernel).
+    No gradient. CUDA / interpreter: Triton + torch.topk; otherwise `nsa_block_indices_ref`.
+
+    Args:
+        q: [N, HQ, D]; k: [N, H, D]; cu_seqlens: int32 [B + 1] or None.
+        kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks: as in NSA.
+        scale: defaults to D ** -0.5.
+    Returns:
+        block_indices int32 [N, H, T] (slot order as in select_blocks).
+    """
+    check_block_mapping(kernel_size, kernel_stride, block_size)
+    _check_selection(block_size, topk, init_blocks, local_blocks)
+    if not _use_kernel(q, kernel_size, kernel_stride, block_size):
+        return nsa_block_indices_ref(q, k, cu_seqlens, kernel_size, kernel_stride, block_size, topk,
+                                     init_blocks, local_blocks, scale)
+    if not isinstance(k, torch.Tensor) or k.dim() != 3 or k.shape[0] != q.shape[0]:
+        raise ValueError(f"argument `k` must be [N={q.shape[0]}, H, D], got {getattr(k, 'shape', k)!r}")
+    k_cmp, cu_cmp = compress_kv(k, cu_seqlens, kernel_size, kernel_stride)
+    cu, cu_cmp, scale = _checked_args(q, k_cmp, None, cu_seqlens, cu_cmp, kernel_size, kernel_stride, scale)
+    n, hq, _ = q.shape
+    h = k.shape[1]
+    num_blocks = triton.cdiv(_max_seqlen(cu_seqlens, n), block_size)
+    tok_seq = token_sequence_ids(cu, n).int()
+    pos, _ = token_positions(cu, n)
+    chunk = max(1, _SCORE_BUDGET // max(1, h * num_blocks))
+    buf = torch.empty(min(chunk, n), h, num_blocks, dtype=torch.float32, device=q.device)
+    out = torch.empty(n, h, topk, dtype=torch.int32, device=q.device)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        scores = selection_scores_fwd(q, k_cmp, None, cu, cu_cmp, tok_seq, c0, c1 - c0, num_blocks, scale,
+                                      kernel_size, kernel_stride, block_size, out=buf[:c1 - c0])
+        out[c0:c1] = select_chunk(scores, pos[c0:c1], block_size, topk, init_blocks, local_blocks)
+    return out
