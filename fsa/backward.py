@@ -1,7 +1,8 @@
 """FSA backward: block-owning dK/dV with dQ partials, then deterministic reductions. No atomics.
 
-Loop order as in the forward: programs over work items (KV head h, key block b, chunk of the pair
-rows that chose b). A program recomputes P from the saved lse, accumulates dK/dV for its block in
+Loop order as in the forward: programs over (work item, key tile), a work item being (KV head h,
+key block b, chunk of the pair rows that chose b) and a key tile KEY_TILE keys of the block (a block
+of 128 keys is split in two so the fp32 dK/dV accumulators stay in registers). A program recomputes P from the saved lse, accumulates dK/dV for its block in
 registers and writes each pair row's dQ contribution to a compact buffer at the pair's CSR position.
 A block whose pairs span one item writes dK/dV straight to the fp32 accumulator; a busy block (the
 initial block is chosen by every query) is split over several items whose partial dK/dV are summed
@@ -20,13 +21,15 @@ from fsa.index import locate_item
 def _fsa_bwd_pairs_kernel(
     q, k, v, do, lse, delta, dq_part, dk_acc, dv_acc, dkv_part,
     row_offsets, tokens, block_start, block_end, item_offsets,
-    scale, scale_log2, N, NUM_ROWS, NB_BOUND,
+    scale, scale_log2, N, NUM_ROWS, NB_BOUND, SUB_STRIDE,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, CHUNK_TILES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KEY_TILE: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    NUM_SUB: tl.constexpr = BS // KEY_TILE
     pid = tl.program_id(0)
+    i_sub = tl.program_id(1)
     if pid >= tl.load(item_offsets + NUM_ROWS):
         return
     r = locate_item(item_offsets, pid, NUM_ROWS, SEARCH_STEPS)
@@ -42,14 +45,15 @@ def _fsa_bwd_pairs_kernel(
     m_d = o_d < D
     k_lo = tl.load(block_start + i_b)
     k_hi = tl.load(block_end + i_b)
-    o_k = k_lo + tl.arange(0, BS)
+    o_k = k_lo + i_sub * KEY_TILE + tl.arange(0, KEY_TILE)
     m_k = o_k < k_hi
     m_kd = m_k[:, None] & m_d[None, :]
     kv_off = o_k[:, None].to(tl.int64) * (H * D) + i_h * D + o_d[None, :]
-    b_k = tl.load(k + kv_off, mask=m_kd, other=0.0)  # [BS, D_PAD]
-    b_v = tl.load(v + kv_off, mask=m_kd, other=0.0)  # [BS, D_PAD]
-    b_dk = tl.zeros([BS, D_PAD], tl.float32)
-    b_dv = tl.zeros([BS, D_PAD], tl.float32)
+    b_k = tl.load(k + kv_off, mask=m_kd, other=0.0)  # [KEY_TILE, D_PAD]
+    b_v = tl.load(v + kv_off, mask=m_kd, other=0.0)  # [KEY_TILE, D_PAD]
+    b_dk = tl.zeros([KEY_TILE, D_PAD], tl.float32)
+    b_dv = tl.zeros([KEY_TILE, D_PAD], tl.float32)
+    dq_sub = dq_part + i_sub.to(tl.int64) * SUB_STRIDE * D  # each key tile has its own dQ partials
 
     f0 = item * (BLOCK_M * CHUNK_TILES)
     for i_t in range(CHUNK_TILES):
@@ -64,16 +68,16 @@ def _fsa_bwd_pairs_kernel(
         stat_off = i_hq.to(tl.int64) * N + tok
         b_lse = tl.load(lse + stat_off, mask=m_f, other=0.0) * 1.4426950408889634
         b_delta = tl.load(delta + stat_off, mask=m_f, other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BS]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, KEY_TILE]
         visible = (o_k[None, :] <= tok[:, None]) & m_k[None, :] & m_f[:, None]
-        b_p = tl.where(visible, tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BLOCK_M, BS]
-        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)  # [BS, D_PAD]
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BLOCK_M, BS]
-        b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)  # [BLOCK_M, BS]
-        b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)  # [BS, D_PAD]
+        b_p = tl.where(visible, tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BLOCK_M, KEY_TILE]
+        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)  # [KEY_TILE, D_PAD]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BLOCK_M, KEY_TILE]
+        b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)  # [BLOCK_M, KEY_TILE]
+        b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)  # [KEY_TILE, D_PAD]
         b_dq = tl.dot(b_ds, b_k, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, D_PAD]
         out_row = p0.to(tl.int64) * GC + o_f
-        tl.store(dq_part + out_row[:, None] * D + o_d[None, :], b_dq.to(dq_part.dtype.element_ty), mask=m_fd)
+        tl.store(dq_sub + out_row[:, None] * D + o_d[None, :], b_dq.to(dq_part.dtype.element_ty), mask=m_fd)
     b_dk = b_dk * scale
 
     if n_items == 1:
@@ -83,8 +87,8 @@ def _fsa_bwd_pairs_kernel(
             b_dv += tl.load(dv_acc + acc_off, mask=m_kd, other=0.0)
         tl.store(dk_acc + acc_off, b_dk, mask=m_kd)
         tl.store(dv_acc + acc_off, b_dv, mask=m_kd)
-    else:
-        o_bd = tl.arange(0, BS)[:, None] * D_PAD + o_d[None, :]
+    else:  # partial of a busy block: layout [item, 2, BS, D_PAD], this program fills its key tile
+        o_bd = (i_sub * KEY_TILE + tl.arange(0, KEY_TILE))[:, None] * D_PAD + o_d[None, :]
         part = dkv_part + pid.to(tl.int64) * (2 * BS * D_PAD)
         tl.store(part + o_bd, b_dk)
         tl.store(part + BS * D_PAD + o_bd, b_dv)
@@ -128,7 +132,7 @@ def _fsa_bwd_dkv_reduce_kernel(
 def _fsa_bwd_dq_reduce_kernel(
     dq_part, pair_pos, dq, N,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr, T: tl.constexpr,
-    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SUB: tl.constexpr, SUB_STRIDE,
 ):
     i_n = tl.program_id(0)
     i_hc = tl.program_id(1)
@@ -144,8 +148,9 @@ def _fsa_bwd_dq_reduce_kernel(
         pp = tl.load(pair_pos + (o_n * H + i_h) * T + i_t, mask=m_n, other=-1)
         ok = pp >= 0
         row = pp.to(tl.int64) * GC + i_j
-        b_dq += tl.load(dq_part + row[:, None] * D + o_d[None, :], mask=ok[:, None] & m_d[None, :],
-                        other=0.0).to(tl.float32)
+        for i_sub in tl.static_range(NUM_SUB):
+            b_dq += tl.load(dq_part + (i_sub * SUB_STRIDE + row)[:, None] * D + o_d[None, :],
+                            mask=ok[:, None] & m_d[None, :], other=0.0).to(tl.float32)
     tl.store(dq + o_n[:, None].to(tl.int64) * (HQ * D) + i_hq * D + o_d[None, :], b_dq.to(dq.dtype.element_ty),
              mask=m_n[:, None] & m_d[None, :])
 
@@ -171,18 +176,22 @@ def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float
     dq = new_output((n, hq, d), q.dtype, q.device)
     dk_acc = new_output((n, h, d), torch.float32, q.device)
     dv_acc = new_output((n, h, d), torch.float32, q.device)
-    dq_part = torch.empty(max_pairs * gc, d, dtype=q.dtype, device=q.device)
+    key_tile = min(block_size, cfg.key_tile)
+    num_sub = block_size // key_tile
+    sub_stride = max_pairs * gc
+    dq_part = torch.empty(num_sub * sub_stride, d, dtype=q.dtype, device=q.device)
     for g0 in range(0, g, gc):
         gcur = min(gc, g - g0)
         sched = build_schedule(index, gcur, cfg.block_m * cfg.chunk_tiles, max_pairs)
         dkv_part = torch.empty(sched.grid_bound, 2, block_size, d_pad, dtype=torch.float32, device=q.device)
-        _fsa_bwd_pairs_kernel[(sched.grid_bound,)](
+        _fsa_bwd_pairs_kernel[(sched.grid_bound, num_sub)](
             q, k, v, do, lse, delta, dq_part, dk_acc, dv_acc, dkv_part,
             index.row_offsets, index.tokens, index.block_start, index.block_end, sched.item_offsets,
-            scale, scale * 1.4426950408889634, n, index.num_rows, index.nb_bound,
+            scale, scale * 1.4426950408889634, n, index.num_rows, index.nb_bound, sub_stride,
             HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, D=d, D_PAD=d_pad, BS=block_size,
             BLOCK_M=cfg.block_m, CHUNK_TILES=cfg.chunk_tiles, SEARCH_STEPS=sched.search_steps,
-            ACCUMULATE=g0 > 0, DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            KEY_TILE=key_tile, ACCUMULATE=g0 > 0, DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         _fsa_bwd_dkv_reduce_kernel[(index.num_rows,)](
             dk_acc, dv_acc, dkv_part, sched.item_offsets, index.block_start, index.block_end, index.nb_bound,
@@ -191,6 +200,6 @@ def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float
         _fsa_bwd_dq_reduce_kernel[(triton.cdiv(n, cfg.block_n), h * gcur)](
             dq_part, index.pair_pos, dq, n,
             HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, T=topk, D=d, D_PAD=d_pad, BLOCK_N=cfg.block_n,
-            num_warps=4 if d_pad >= 128 else 2,
+            NUM_SUB=num_sub, SUB_STRIDE=sub_stride, num_warps=4 if d_pad >= 128 else 2,
         )
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)

@@ -23,15 +23,17 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     block_n: int = 32  # tokens per reduction program
+    key_tile: int = 64  # backward: keys per program (dK/dV accumulators of KEY_TILE x D stay in registers)
 
 
 def launch_config(head_dim: int, block_size: int, backward: bool) -> LaunchConfig:
     if is_interpreter():
-        return LaunchConfig(block_m=16, chunk_tiles=2, num_warps=1, num_stages=1, block_n=16)
+        return LaunchConfig(block_m=16, chunk_tiles=2, num_warps=1, num_stages=1, block_n=16, key_tile=16)
     d_pad = triton.next_power_of_2(head_dim)
     big = d_pad * block_size >= 256 * 64  # K/V block + tiles would not fit shared memory at 64 rows
     if backward:
-        return LaunchConfig(block_m=32 if big else 64, chunk_tiles=16, num_warps=4, num_stages=2)
+        key_tile = 64 if d_pad <= 128 else 32
+        return LaunchConfig(block_m=64, chunk_tiles=16, num_warps=4, num_stages=2, key_tile=key_tile)
     return LaunchConfig(block_m=32 if big else 64, chunk_tiles=8, num_warps=4, num_stages=2)
 
 
