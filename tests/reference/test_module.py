@@ -1,0 +1,125 @@
+"""NativeSparseAttention with the torch backend: composition of the branches, varlen, gradients,
+argument checks, the backend table and RoPE."""
+import pytest
+import torch
+
+from nsa_baseline.backends import BACKENDS, resolve_backend
+from nsa_baseline.module import NativeSparseAttention
+from nsa_baseline.reference import (apply_rope, compress_kv, compressed_attention_ref, full_attention_ref,
+                                    selected_attention_ref, sliding_window_attention_ref)
+from tests.helpers import assert_close
+from tests.reference.sdpa import cu, seq_bounds
+
+SMALL = dict(kernel_size=4, kernel_stride=2, block_size=8, topk=3, init_blocks=1, local_blocks=1, window_size=6)
+
+
+def tiny(hq=3, h=1, compression="linear", **kw):
+    torch.manual_seed(0)
+    return NativeSparseAttention(12, hq, h, 4, compression=compression, **{**SMALL, **kw}).double()
+
+
+@pytest.mark.parametrize("compression", ["linear", "mean"])
+def test_output_is_gated_sum_of_reference_branches(compression):
+    m = tiny(hq=6, h=2, compression=compression)
+    cs = cu(5, 30, 11)
+    x = torch.randn(46, 12, dtype=torch.float64)
+    out, br = m(x, cs, return_branches=True)
+    assert out.shape == (46, 12) and br["gates"].shape == (46, 6, 3) and br["block_indices"].shape == (46, 2, 3)
+    # Recompute every branch directly from the reference functions.
+    from nsa_baseline.reference.rope import rope_positions
+    pos = rope_positions(46, cs, x.device)
+    q = apply_rope(m.q_proj(x).view(46, 6, 4), pos)
+    k = apply_rope(m.k_proj(x).view(46, 2, 4), pos)
+    v = m.v_proj(x).view(46, 2, 4)
+    w = (m.k_cmp_weight, m.k_cmp_pos) if compression == "linear" else (None, None)
+    wv = (m.v_cmp_weight, m.v_cmp_pos) if compression == "linear" else (None, None)
+    k_cmp, cu_cmp = compress_kv(k, cs, 4, 2, *w)
+    v_cmp, _ = compress_kv(v, cs, 4, 2, *wv)
+    assert_close(br["compressed"], compressed_attention_ref(q, k_cmp, v_cmp, cs, cu_cmp, 4, 2)[0], torch.float64, "cmp")
+    assert_close(br["selected"], selected_attention_ref(q, k, v, br["block_indices"], 8, cu_seqlens=cs),
+                 torch.float64, "slc")
+    assert_close(br["window"], sliding_window_attention_ref(q, k, v, 6, cs), torch.float64, "win")
+    g = br["gates"]
+    o = g[..., :1] * br["compressed"] + g[..., 1:2] * br["selected"] + g[..., 2:] * br["window"]
+    assert_close(out, m.o_proj(o.reshape(46, 24)), torch.float64, "out")
+
+
+def test_mean_init_linear_equals_mean_compression():
+    lin, mean = tiny(compression="linear"), tiny(compression="mean")
+    mean.load_state_dict(lin.state_dict(), strict=False)
+    x = torch.randn(20, 12, dtype=torch.float64)
+    assert_close(lin(x), mean(x), torch.float64, "linear at init == mean")
+
+
+def test_every_block_and_full_window_give_full_attention_branches():
+    m = tiny(hq=5, h=1, topk=8, window_size=64)
+    cs = cu(13, 40)
+    x = torch.randn(53, 12, dtype=torch.float64)
+    _, br = m(x, cs, return_branches=True)
+    assert_close(br["selected"], br["window"], torch.float64, "all blocks == window >= L")
+
+
+def test_varlen_equals_each_sequence_alone():
+    m = tiny(hq=5, h=1)
+    cs = cu(3, 29, 17)
+    x = torch.randn(49, 12, dtype=torch.float64)
+    out = m(x, cs)
+    for a, b in seq_bounds(cs):
+        assert_close(out[a:b], m(x[a:b]), torch.float64, f"sequence [{a}, {b})")
+
+
+def test_gradcheck_tiny_module():
+    m = tiny(hq=3, h=1)
+    cs = cu(6, 11)
+    x = torch.randn(17, 12, dtype=torch.float64, requires_grad=True)
+    # fast_mode checks a random projection of the Jacobian: one pass instead of one per element.
+    assert torch.autograd.gradcheck(lambda x: m(x, cs), (x,), fast_mode=True)
+    m(x, cs).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_bad_arguments_name_the_argument():
+    m = tiny()
+    with pytest.raises(ValueError, match="`x`"):
+        m(torch.randn(5, 11, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`x`"):
+        m(torch.randn(5, 12))  # float32 into a float64 module
+    with pytest.raises(ValueError, match="`x`"):
+        m(torch.randn(2, 5, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        m(torch.randn(5, 12, dtype=torch.float64), torch.tensor([0, 5]))
+    for kwargs, name in [(dict(backend="triton"), "backend"), (dict(compression="conv"), "compression"),
+                         (dict(num_q_heads=3, num_kv_heads=2), "num_q_heads"), (dict(head_dim=5), "head_dim"),
+                         (dict(block_size=5), "block_size"), (dict(topk=1), "topk")]:
+        args = dict(hidden_size=12, num_q_heads=4, num_kv_heads=2, head_dim=4, **SMALL)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=name):
+            NativeSparseAttention(**args)
+
+
+def test_backend_table():
+    with pytest.raises(ValueError, match="torch") as err:
+        resolve_backend("cuda")
+    assert all(name in str(err.value) for name in BACKENDS)
+    ref = resolve_backend("torch")
+    assert ref.fallbacks == () and ref.selected_attention is selected_attention_ref
+    assert ref.sliding_window_attention is sliding_window_attention_ref
+
+
+def test_rope_restarts_per_sequence_and_is_relative():
+    x = torch.randn(10, 2, 6, dtype=torch.float64)
+    pos = torch.arange(10)
+    r = apply_rope(x, pos)
+    assert torch.allclose(r.norm(dim=-1), x.norm(dim=-1))
+    # <R(t) a, R(s) b> depends on t - s only.
+    a, b = torch.randn(1, 1, 6, dtype=torch.float64), torch.randn(1, 1, 6, dtype=torch.float64)
+    dot = lambda t, s: (apply_rope(a, torch.tensor([t])) * apply_rope(b, torch.tensor([s]))).sum()
+    assert torch.allclose(dot(7, 3), dot(4, 0))
+    with pytest.raises(ValueError, match="`x`"):
+        apply_rope(torch.randn(3, 1, 5), torch.arange(3))
+
+
+def test_full_attention_ref_exported():
+    x = torch.randn(4, 1, 2, dtype=torch.float64)
+    assert full_attention_ref(x, x, x).shape == (4, 1, 2)
