@@ -1,0 +1,163 @@
+"""Vanilla NSA selected-attention kernels against the reference: o, lse, dq, dk, dv.
+
+CPU: the Triton interpreter in fp32 and fp16 over the adversarial cases of tests/ops/cases.py
+(outputs poisoned with NaN before launch, so an unwritten element fails). GPU: bf16 at 8K-64K and
+bitwise determinism of the backward.
+"""
+import pytest
+import torch
+
+import nsa_baseline
+from nsa_baseline.ops import selected_attention
+from nsa_baseline.ops.selected_bwd import nsa_selected_bwd
+from nsa_baseline.ops.selected_fwd import nsa_selected_fwd
+from nsa_baseline.reference import selected_attention_ref
+from nsa_baseline.utils.indices import random_causal_block_indices
+from nsa_baseline.utils.varlen import token_positions
+from tests.helpers import assert_close
+from tests.ops.cases import CASES, Case
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def reference(x, do, dlse=None, ref_dtype=torch.float64):
+    """(o, lse, dq, dk, dv) of the reference in ref_dtype on the same (rounded) inputs."""
+    q, k, v = (t.detach().to(ref_dtype).requires_grad_() for t in x[:3])
+    o, lse = selected_attention_ref(q, k, v, x.block_indices, x.block_size, cu_seqlens=x.cu_seqlens,
+                                    return_lse=True)
+    outs, grads = [o], [do.to(ref_dtype)]
+    if dlse is not None:
+        outs.append(lse)
+        grads.append(dlse.to(lse.dtype))
+    dq, dk, dv = torch.autograd.grad(outs, (q, k, v), grads)
+    return o, lse, dq, dk, dv
+
+
+def run_kernel(x, do, dlse=None, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in x[:3])
+    o, lse = selected_attention(q, k, v, x.block_indices, x.block_size, cu_seqlens=x.cu_seqlens,
+                                return_lse=True, **kw)
+    outs, grads = [o], [do]
+    if dlse is not None:
+        outs.append(lse)
+        grads.append(dlse)
+    dq, dk, dv = torch.autograd.grad(outs, (q, k, v), grads)
+    return o, lse, dq, dk, dv
+
+
+def check_all(out, ref, dtype):
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), out, ref):
+        assert_close(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_reference(case: Case, dtype, device):
+    x = case.make(dtype, device)
+    do = torch.randn_like(x.q)
+    out = run_kernel(x, do, check_indices=case.valid_indices)
+    ref = reference(x, do)
+    check_all(out, ref, dtype)
+    o, lse = out[:2]
+    assert not torch.isnan(lse).any()
+    seen_nothing = torch.isneginf(lse)  # [HQ, N]
+    assert torch.equal(seen_nothing, torch.isneginf(ref[1]))
+    assert (o.transpose(0, 1)[seen_nothing] == 0).all(), "a row that sees nothing must give o = 0"
+
+
+def test_lse_gradient(device):
+    """Gradients flow through the returned lse as well (d lse / d s = p)."""
+    x = CASES[3].make(torch.float32, device)
+    do = torch.randn_like(x.q)
+    dlse = torch.randn(x.q.shape[1], x.q.shape[0], device=device)
+    check_all(run_kernel(x, do, dlse), reference(x, do, dlse), torch.float32)
+
+
+def test_noncontiguous_inputs(device):
+    x = CASES[2].make(torch.float32, device)
+    q = x.q.transpose(0, 1).contiguous().transpose(0, 1)  # [N, HQ, D] with head-major storage
+    k = torch.cat([x.k, x.k], -1)[..., : x.k.shape[-1]]  # strided rows
+    v = torch.stack([x.v, -x.v], -1)[..., 0]  # last-dim stride 2
+    idx = torch.stack([x.block_indices, x.block_indices], -1)[..., 1]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or idx.is_contiguous())
+    xn = x._replace(q=q, k=k, v=v, block_indices=idx)
+    do = torch.randn_like(x.q).transpose(0, 1).contiguous().transpose(0, 1)
+    check_all(run_kernel(xn, do), reference(x, do), torch.float32)
+
+
+def test_kernel_knobs_agree(device):
+    """Every tuning knob computes the same thing (skip branch vs masked slots, tile and warp choices)."""
+    x = CASES[4].make(torch.float32, device)
+    n = x.q.shape[0]
+    pos = token_positions(x.cu_seqlens, n)[0].int()
+    scale = x.q.shape[-1] ** -0.5
+    do = torch.randn_like(x.q)
+    base_o, base_lse = nsa_selected_fwd(x.q, x.k, x.v, x.block_indices, x.block_size, scale, pos)
+    base = nsa_selected_bwd(x.q, x.k, x.v, base_o, base_lse, do, x.block_indices, x.block_size, scale,
+                            x.cu_seqlens, pos)
+    o, lse = nsa_selected_fwd(x.q, x.k, x.v, x.block_indices, x.block_size, scale, pos,
+                              num_warps=2, num_stages=1, skip_unused=False)
+    grads = nsa_selected_bwd(x.q, x.k, x.v, o, lse, do, x.block_indices, x.block_size, scale,
+                             x.cu_seqlens, pos, dq_warps=2, dq_stages=1, dkdv_block_m=16, dkdv_warps=2,
+                             dkdv_stages=1, skip_unused=False)
+    for a, b, name in zip((o, lse, *grads), (base_o, base_lse, *base), ("o", "lse", "dq", "dk", "dv")):
+        assert_close(a, b, torch.float32, name, tol=1e-6)
+
+
+def test_argument_errors(device):
+    x = CASES[0].make(torch.float32, device)
+    with pytest.raises(ValueError, match="`q`"):
+        selected_attention(x.q.double(), x.k.double(), x.v.double(), x.block_indices, 16)
+    with pytest.raises(ValueError, match="`block_size`"):
+        selected_attention(x.q, x.k, x.v, x.block_indices, 256)
+    bad = x.block_indices.clone()
+    bad[5, 0, 0] = 99
+    with pytest.raises(ValueError, match="`block_indices`"):
+        selected_attention(x.q, x.k, x.v, bad, 16, check_indices=True)
+
+
+def test_package_export():
+    assert nsa_baseline.selected_attention is selected_attention
+
+
+# ---------------------------------------------------------------- GPU: bf16 at realistic sizes
+def gpu_inputs(n, h, g, d, t_sel, bs, seqlens=None, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    cu = None
+    if seqlens is not None:
+        cu = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q = torch.randn(n, h * g, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    idx = random_causal_block_indices(n, h, t_sel, bs, cu, device="cuda", generator=gen)
+    if cu is None:
+        cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    return q, k, v, idx, cu
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,g,bs,t_sel", [(8192, 1, 64, 16), (32768, 4, 64, 16), (65536, 16, 128, 8)],
+                         ids=lambda p: str(p))
+def test_gpu_bf16_forward(n, g, bs, t_sel):
+    q, k, v, idx, cu = gpu_inputs(n, 4, g, 128, t_sel, bs)
+    o, lse = selected_attention(q, k, v, idx, bs, cu_seqlens=cu, return_lse=True, check_indices=False)
+    ro, rl = selected_attention_ref(q.float(), k.float(), v.float(), idx, bs, cu_seqlens=cu, return_lse=True)
+    assert_close(o, ro, torch.bfloat16, "o")
+    assert_close(lse, rl, torch.bfloat16, "lse")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g,d,bs", [(1, 128, 64), (3, 96, 32), (16, 128, 128), (4, 256, 64)],
+                         ids=lambda p: str(p))
+def test_gpu_bf16_backward_deterministic(g, d, bs):
+    q, k, v, idx, cu = gpu_inputs(8192, 2, g, d, 8, bs, seqlens=[3000, 77, 5115])
+    x = (q, k, v, idx, bs, cu)
+    do = torch.randn_like(q)
+    from tests.ops.cases import CaseInputs
+
+    xi = CaseInputs(*x)
+    out1 = run_kernel(xi, do, check_indices=True)
+    out2 = run_kernel(xi, do, check_indices=False)
+    for a, b, name in zip(out1, out2, ("o", "lse", "dq", "dk", "dv")):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+    check_all(out1, reference(xi, do, ref_dtype=torch.float32), torch.bfloat16)
