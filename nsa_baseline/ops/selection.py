@@ -22,7 +22,7 @@ from nsa_baseline.ops.compressed import _checked_args
 from nsa_baseline.ops.compression import compress_kv
 from nsa_baseline.ops.window import tensor_key
 from nsa_baseline.reference.compressed import check_block_mapping, selection_scores_ref
-from nsa_baseline.reference.selection import _check_selection, nsa_block_indices_ref, select_blocks_ref
+from nsa_baseline.reference.selection import _check_selection, nsa_block_indices_ref
 from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
 from nsa_baseline.utils.varlen import sequence_lengths, token_positions, token_sequence_ids
 
@@ -279,14 +279,15 @@ def selection_scores(
 def select_chunk(scores: torch.Tensor, pos: torch.Tensor, block_size: int, topk: int,
                  init_blocks: int, local_blocks: int) -> torch.Tensor:
     """int32 [c, H, T] from scores [c, H, NB] and positions [c]: forced blocks, then the best
-    causal ones by decreasing score, then -1 (float32 ranking; NaN and -inf scores rank lowest)."""
+    causal ones by decreasing score, then -1 (ranked in float32, float64 for float64 scores; NaN and -inf rank lowest)."""
     c, h, nb = scores.shape
     blocks = torch.arange(nb, device=scores.device)[None, :]
     cur = (pos // block_size)[:, None]  # [c, 1]
     causal = blocks <= cur
     forced = causal & ((blocks < init_blocks) | (blocks > cur - local_blocks))
-    big = torch.finfo(torch.float32).max
-    key = torch.nan_to_num(scores.float(), nan=-big, posinf=big, neginf=-big)
+    rank = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    big = torch.finfo(rank).max
+    key = torch.nan_to_num(scores.to(rank), nan=-big, posinf=big, neginf=-big)
     key.masked_fill_(forced[:, None, :], float("inf")).masked_fill_(~causal[:, None, :], float("-inf"))
     k = min(topk, nb)
     val, idx = key.topk(k, dim=-1)
@@ -310,8 +311,8 @@ def select_blocks(
     Candidates of the query at position t are its causal blocks j <= t // BS; the first
     `init_blocks` and the `local_blocks` ending at its own block are always kept (within T), the
     other slots get the highest-scoring causal blocks, -1 fills what is left. Slots: forced first,
-    then by decreasing score. torch.topk on any device, a chunk of rows at a time, no host sync
-    (unlike the reference, NB is not checked against cu_seqlens).
+    then by decreasing score. torch.topk on any device (ranked in float32 unless the scores are
+    float64), a chunk of rows at a time, no host sync (NB is not checked against cu_seqlens).
 
     Args:
         scores: [N, H, NB] float block scores. cu_seqlens: int32 [B + 1] or None.
@@ -322,8 +323,6 @@ def select_blocks(
     _check_selection(block_size, topk, init_blocks, local_blocks)
     if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or scores.shape[0] < 1:
         raise ValueError(f"argument `scores` must be [N, H, NB], got {getattr(scores, 'shape', scores)!r}")
-    if not scores.is_cuda:
-        return select_blocks_ref(scores, cu_seqlens, block_size, topk, init_blocks, local_blocks)
     n, h, nb = scores.shape
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=scores.device)

@@ -1,0 +1,274 @@
+"""The NSA branches other than selected attention against the reference: compression, compressed
+attention, selection scores / top-T, sliding-window and full attention.
+
+CPU: compress_kv forward + gradients; the FlexAttention paths forward only (eager flex on CPU has no
+backward), the public functions' CPU fallback forward + backward; the selection Triton kernel in the
+interpreter (fp32, fp16). GPU (bf16, 8K-64K): every function forward and, where it is
+differentiable, backward against the reference.
+"""
+import pytest
+import torch
+
+from nsa_baseline.ops.compressed import _compressed_attention_flex, compressed_attention
+from nsa_baseline.ops.compression import compress_kv
+from nsa_baseline.ops.selection import nsa_block_indices, select_blocks, selection_scores
+from nsa_baseline.ops.window import band_block_mask, flex_attention_packed, full_attention, sliding_window_attention
+from nsa_baseline.reference.compressed import compressed_attention_ref, selection_scores_ref
+from nsa_baseline.reference.compression import compress_kv as compress_kv_ref
+from nsa_baseline.reference.selection import nsa_block_indices_ref, select_blocks_ref
+from nsa_baseline.reference.window import full_attention_ref, sliding_window_attention_ref
+from tests.helpers import assert_close
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+# (name, cu_seqlens or None): one sequence; packed sequences incl. ones too short for any summary
+LAYOUTS = {"single": None, "varlen": [0, 150, 157, 190, 320]}
+N_CPU = 320
+
+
+def _cu(name, device):
+    cu = LAYOUTS[name]
+    return None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def _grads(outs, inputs, seed=0):
+    gen = torch.Generator(device=outs[0].device).manual_seed(seed)
+    douts = [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in outs]
+    return torch.autograd.grad(outs, inputs, douts)
+
+
+def _same_sets(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bool [N, H]: rows of two block_indices holding the same set of blocks."""
+    return (a.sort(-1).values == b.sort(-1).values).all(-1)
+
+
+# ---------------------------------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("learned", [False, True], ids=["mean", "weight"])
+@pytest.mark.parametrize("ks,stride", [(32, 16), (16, 8)])
+def test_compress_kv(layout, learned, ks, stride):
+    h, d = 2, 16
+    cu = _cu(layout, "cpu")
+    x = torch.randn(N_CPU, h, d, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(ks * d, d, dtype=torch.float64) / ks).requires_grad_() if learned else None
+    pe = torch.randn(ks, d, dtype=torch.float64, requires_grad=True) if learned else None
+    out, cu_cmp = compress_kv(x, cu, ks, stride, w, pe)
+    ref, cu_ref = compress_kv_ref(x, cu, ks, stride, w, pe)
+    assert torch.equal(cu_cmp, cu_ref)
+    assert_close(out, ref, torch.float64, "x_cmp")
+    inputs = [t for t in (x, w, pe) if t is not None]
+    for name, g, gr in zip(("dx", "dweight", "dpos_emb"), _grads([out], inputs), _grads([ref], inputs)):
+        assert_close(g, gr, torch.float64, name)
+
+
+def test_compress_kv_too_short():
+    x = torch.randn(20, 2, 8, requires_grad=True)
+    out, cu = compress_kv(x, None, 32, 16)
+    assert out.shape == (0, 2, 8) and cu.tolist() == [0, 0]
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compressed_attention_flex_cpu(layout):
+    """The FlexAttention mask (compressed causal rule + same sequence), forward, G = 3."""
+    h, g, d = 2, 3, 16
+    cu = _cu(layout, "cpu")
+    q = torch.randn(N_CPU, h * g, d)
+    k_cmp, cu_cmp = compress_kv(torch.randn(N_CPU, h, d), cu)
+    v_cmp, _ = compress_kv(torch.randn(N_CPU, h, d), cu)
+    o, lse = _compressed_attention_flex(q, k_cmp, v_cmp, cu, cu_cmp)
+    ro, rlse = compressed_attention_ref(q, k_cmp, v_cmp, cu, cu_cmp)
+    assert_close(o, ro, torch.float32, "o")
+    assert_close(lse, rlse, torch.float32, "lse")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compressed_attention_public_cpu(layout):
+    """Public entry point on CPU (reference fallback): forward and gradients w.r.t. q, k_cmp, v_cmp."""
+    h, g, d = 2, 3, 16
+    cu = _cu(layout, "cpu")
+    q = torch.randn(N_CPU, h * g, d, dtype=torch.float64, requires_grad=True)
+    k_cmp, cu_cmp = compress_kv(torch.randn(N_CPU, h, d, dtype=torch.float64), cu)
+    v_cmp, _ = compress_kv(torch.randn(N_CPU, h, d, dtype=torch.float64), cu)
+    k_cmp.requires_grad_()
+    v_cmp.requires_grad_()
+    o, lse = compressed_attention(q, k_cmp, v_cmp, cu, cu_cmp)
+    ro, rlse = compressed_attention_ref(q, k_cmp, v_cmp, cu, cu_cmp)
+    assert_close(o, ro, torch.float64, "o")
+    assert_close(lse, rlse, torch.float64, "lse")
+    for name, a, b in zip(("dq", "dk_cmp", "dv_cmp"), _grads([o], (q, k_cmp, v_cmp)), _grads([ro], (q, k_cmp, v_cmp))):
+        assert_close(a, b, torch.float64, name)
+
+
+SEL_CONFIGS = [(32, 16, 64), (32, 16, 32), (16, 16, 16), (32, 8, 64)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ks,stride,bs", SEL_CONFIGS, ids=lambda v: str(v))
+def test_selection_scores_interpreter(layout, ks, stride, bs):
+    """Triton kernel (interpreter) vs reference in fp32, G = 3: same -inf pattern, same values, and
+    select_blocks on both gives the same block sets (random inputs: no ties)."""
+    h, g, d, topk = 2, 3, 16, 4
+    cu = _cu(layout, "cpu")
+    q = torch.randn(N_CPU, h * g, d)
+    k_cmp, cu_cmp = compress_kv_ref(torch.randn(N_CPU, h, d), cu, ks, stride)
+    _, lse = compressed_attention_ref(q, k_cmp, k_cmp, cu, cu_cmp, ks, stride)
+    s = selection_scores(q, k_cmp, lse, cu, cu_cmp, ks, stride, bs)
+    r = selection_scores_ref(q, k_cmp, lse, cu, cu_cmp, ks, stride, bs)
+    assert_close(s, r, torch.float32, "scores")
+    idx, ref_idx = select_blocks(s, cu, bs, topk), select_blocks_ref(r, cu, bs, topk)
+    assert bool(_same_sets(idx, ref_idx).all())
+
+
+def test_selection_scores_interpreter_fp16():
+    h, g, d, ks, stride, bs = 1, 4, 32, 32, 16, 64
+    cu = _cu("varlen", "cpu")
+    q = torch.randn(N_CPU, h * g, d).half()
+    k_cmp, cu_cmp = compress_kv_ref(torch.randn(N_CPU, h, d).half(), cu, ks, stride)
+    _, lse = compressed_attention_ref(q, k_cmp, k_cmp, cu, cu_cmp, ks, stride)
+    s = selection_scores(q, k_cmp, lse, cu, cu_cmp, ks, stride, bs)
+    r = selection_scores_ref(q, k_cmp, lse, cu, cu_cmp, ks, stride, bs)
+    assert_close(s, r, torch.float16, "scores")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("topk,init,local", [(5, 1, 2), (3, 0, 0), (8, 2, 1)])
+def test_select_blocks(dtype, layout, topk, init, local):
+    n, h, bs = N_CPU, 3, 16
+    cu = _cu(layout, "cpu")
+    scores = torch.rand(n, h, (n + bs - 1) // bs, dtype=dtype)
+    scores[::7, :, 3] = float("nan")  # NaN ranks lowest in both
+    out, ref = select_blocks(scores, cu, bs, topk, init, local), select_blocks_ref(scores, cu, bs, topk, init, local)
+    assert out.dtype == torch.int32 and out.shape == ref.shape
+    assert bool(_same_sets(out, ref).all())
+    assert torch.equal((out >= 0).sum(-1), (ref >= 0).sum(-1))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nsa_block_indices_interpreter(layout):
+    h, g, d = 2, 3, 16
+    cu = _cu(layout, "cpu")
+    q, k = torch.randn(N_CPU, h * g, d), torch.randn(N_CPU, h, d)
+    out = nsa_block_indices(q, k, cu, 32, 16, 32, topk=4)
+    ref = nsa_block_indices_ref(q, k, cu, 32, 16, 32, topk=4)
+    assert bool(_same_sets(out, ref).all())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("window", [None, 24], ids=["full", "w24"])
+def test_band_flex_cpu(layout, window):
+    """The FlexAttention sliding-window / causal document masks, forward with lse, G = 3."""
+    h, g, d = 2, 3, 16
+    cu = _cu(layout, "cpu")
+    q, k, v = torch.randn(N_CPU, h * g, d), torch.randn(N_CPU, h, d), torch.randn(N_CPU, h, d)
+    o, lse = flex_attention_packed(q, k, v, band_block_mask(N_CPU, cu, window, "cpu"), d ** -0.5, True)
+    if window is None:
+        ro, rlse = full_attention_ref(q, k, v, cu, return_lse=True)
+    else:
+        ro, rlse = sliding_window_attention_ref(q, k, v, window, cu, return_lse=True)
+    assert_close(o, ro, torch.float32, "o")
+    assert_close(lse, rlse, torch.float32, "lse")
+
+
+@pytest.mark.parametrize("window", [None, 24], ids=["full", "w24"])
+def test_band_public_cpu(window):
+    h, g, d = 2, 3, 16
+    cu = _cu("varlen", "cpu")
+    q, k, v = (torch.randn(N_CPU, hh, d, dtype=torch.float64, requires_grad=True) for hh in (h * g, h, h))
+    if window is None:
+        o, ro = full_attention(q, k, v, cu), full_attention_ref(q, k, v, cu)
+    else:
+        o, ro = sliding_window_attention(q, k, v, window, cu), sliding_window_attention_ref(q, k, v, window, cu)
+    assert_close(o, ro, torch.float64, "o")
+    for name, a, b in zip(("dq", "dk", "dv"), _grads([o], (q, k, v)), _grads([ro], (q, k, v))):
+        assert_close(a, b, torch.float64, name)
+
+
+# ---------------------------------------------------------------------------------------- GPU
+
+GPU_SHAPES = [  # (N, H, G, cu_seqlens)
+    pytest.param(8192, 4, 1, None, id="8K-g1"),
+    pytest.param(8192, 4, 3, [0, 3000, 3010, 8192], id="8K-g3-varlen"),
+    pytest.param(16384, 4, 16, None, id="16K-g16"),
+    pytest.param(65536, 4, 4, None, id="64K-g4"),
+]
+BF16 = torch.bfloat16
+
+
+def _gpu_inputs(n, h, g, cu, d=128):
+    dev = "cuda"
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=dev)
+    q = torch.randn(n, h * g, d, device=dev, dtype=BF16)
+    k, v = torch.randn(n, h, d, device=dev, dtype=BF16), torch.randn(n, h, d, device=dev, dtype=BF16)
+    return q, k, v, cu
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,h,g,cu", GPU_SHAPES)
+def test_gpu_compression_and_compressed(n, h, g, cu):
+    q, k, v, cu = _gpu_inputs(n, h, g, cu)
+    d = q.shape[2]
+    w = (torch.randn(32 * d, d, device="cuda") / 64).to(BF16).requires_grad_()
+    pe = (torch.randn(32, d, device="cuda") / 8).to(BF16).requires_grad_()
+    kk = k.clone().requires_grad_()
+    k_cmp, cu_cmp = compress_kv(kk, cu, 32, 16, w, pe)
+    rk_cmp, _ = compress_kv_ref(kk, cu, 32, 16, w, pe)
+    assert_close(k_cmp, rk_cmp, BF16, "k_cmp")
+    for name, a, b in zip(("dk", "dw", "dpe"), _grads([k_cmp], (kk, w, pe)), _grads([rk_cmp], (kk, w, pe))):
+        assert_close(a, b, BF16, name)
+    k_cmp, cu_cmp = compress_kv(k, cu)
+    v_cmp, _ = compress_kv(v, cu)
+    q, k_cmp, v_cmp = (t.detach().requires_grad_() for t in (q, k_cmp, v_cmp))
+    o, lse = compressed_attention(q, k_cmp, v_cmp, cu, cu_cmp)
+    ro, rlse = compressed_attention_ref(q, k_cmp, v_cmp, cu, cu_cmp)
+    assert_close(o, ro, BF16, "o")
+    assert_close(lse, rlse, BF16, "lse")
+    for name, a, b in zip(("dq", "dk_cmp", "dv_cmp"), _grads([o], (q, k_cmp, v_cmp)), _grads([ro], (q, k_cmp, v_cmp))):
+        assert_close(a, b, BF16, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,h,g,cu", GPU_SHAPES)
+def test_gpu_selection(n, h, g, cu):
+    q, k, _, cu = _gpu_inputs(n, h, g, cu)
+    k_cmp, cu_cmp = compress_kv(k, cu)
+    _, lse = compressed_attention(q, k_cmp, k_cmp, cu, cu_cmp)
+    s = selection_scores(q, k_cmp, lse, cu, cu_cmp, 32, 16, 64)
+    r = selection_scores_ref(q, k_cmp, lse, cu, cu_cmp, 32, 16, 64)
+    assert_close(s, r, BF16, "scores", tol=5e-3)
+    # Same blocks up to near-ties: every block we pick scores (by the reference) at least the
+    # reference's T-th best minus a small tolerance.
+    idx, ref_idx = select_blocks(s, cu, 64, 16), select_blocks_ref(r, cu, 64, 16)
+    same = _same_sets(idx, ref_idx)
+    assert same.float().mean().item() > 0.99
+    picked = r.gather(-1, idx.long().clamp_min(0)).masked_fill(idx < 0, float("inf"))
+    kth = r.gather(-1, ref_idx.long().clamp_min(0)).masked_fill(ref_idx < 0, float("inf")).amin(-1)
+    assert bool((picked.amin(-1) >= kth - 1e-2 * kth.clamp_min(1e-3).abs() - 1e-4).all())
+    fused = nsa_block_indices(q, k, cu)
+    assert torch.equal(fused, idx) or _same_sets(fused, idx).float().mean().item() > 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,h,g,cu", GPU_SHAPES)
+@pytest.mark.parametrize("window", [512, None], ids=["w512", "full"])
+def test_gpu_window_full(n, h, g, cu, window):
+    if window is None and n > 16384:
+        pytest.skip("the full-attention reference backward needs O(N^2) memory")
+    q, k, v, cu = _gpu_inputs(n, h, g, cu)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    for return_lse in (False, True):
+        if window is None:
+            out, ref = full_attention(q, k, v, cu, return_lse=return_lse), full_attention_ref(q, k, v, cu, return_lse=True)
+        else:
+            out = sliding_window_attention(q, k, v, window, cu, return_lse=return_lse)
+            ref = sliding_window_attention_ref(q, k, v, window, cu, return_lse=True)
+        o = out[0] if return_lse else out
+        assert_close(o, ref[0], BF16, "o")
+        if return_lse:
+            assert_close(out[1], ref[1], BF16, "lse")
+    for name, a, b in zip(("dq", "dk", "dv"), _grads([o], (q, k, v)), _grads([ref[0]], (q, k, v))):
+        assert_close(a, b, BF16, name)
