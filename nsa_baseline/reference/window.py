@@ -60,7 +60,10 @@ def _check_qkv(q, k, v, cu_seqlens, scale):
         return torch.tensor([0, n], dtype=torch.int32, device=q.device), d ** -0.5 if scale is None else float(scale)
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         raise ValueError("argument `cu_seqlens` must be an int32 tensor [B + 1] or None")
-    return cu_seqlens.to(q.device), d ** -0.5 if scale is None else float(scale)
+    cu_seqlens = cu_seqlens.to(q.device)
+    if cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
+        raise ValueError(f"argument `cu_seqlens` must start at 0 and end at N={n}")
+    return cu_seqlens, d ** -0.5 if scale is None else float(scale)
 
 
 def _banded_attention(q, k, v, window: Optional[int], cu_seqlens, scale, return_lse):
