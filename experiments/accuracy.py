@@ -1,0 +1,72 @@
+"""rel_err of a kernel's forward output, computed once per point: ||o - ref|| / ||ref|| in float32
+over `ref_rows` sampled query rows (and the last row, which sees all T blocks), so that the check
+stays cheap at 256K tokens. Selected attention is checked against the selection it was given,
+dense attention against softmax over all causal keys, the module against backend="torch"."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from experiments.inputs import Inputs
+from experiments.points import Point
+
+MODULE_REFERENCE_MAX_TOKENS = 16384  # the torch module reference is run up to this many tokens
+
+
+def sample_rows(num_tokens: int, count: int, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(num_tokens, generator=gen)[: max(count - 1, 0)]
+    return torch.cat([rows, torch.tensor([num_tokens - 1])]).unique().to(device)
+
+
+def _attend(q_rows, keys, values, visible, scale):
+    """q_rows [R, H, G, D], keys/values [R, H, L, D], visible [R, H, L] -> [R, H * G, D] float32."""
+    s = torch.einsum("rhgd,rhld->rhgl", q_rows, keys) * scale
+    s = s.masked_fill(~visible[:, :, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    o = torch.einsum("rhgl,rhld->rhgd", p, values)
+    return o.flatten(1, 2)
+
+
+def selected_rows_ref(inp: Inputs, point: Point, rows: torch.Tensor) -> torch.Tensor:
+    from nsa_baseline.reference.selected import selected_key_positions
+
+    pos = rows % point.seqlen
+    key_pos, visible = selected_key_positions(inp.block_indices[rows], point.block_size, pos)
+    packed = (rows - pos)[:, None, None] + key_pos.clamp(0, point.seqlen - 1)  # [R, H, L]
+    heads = torch.arange(point.kv_heads, device=rows.device)[None, :, None]
+    kk, vv = inp.k.float()[packed, heads], inp.v.float()[packed, heads]
+    qq = inp.q.float()[rows].view(len(rows), point.kv_heads, point.gqa, point.head_dim)
+    return _attend(qq, kk, vv, visible, point.head_dim ** -0.5)
+
+
+def dense_rows_ref(inp: Inputs, point: Point, rows: torch.Tensor) -> torch.Tensor:
+    outs = []
+    for r in rows.tolist():
+        start, pos = r - r % point.seqlen, r % point.seqlen
+        kk = inp.k.float()[start:r + 1].transpose(0, 1)[None]  # [1, H, L, D]
+        vv = inp.v.float()[start:r + 1].transpose(0, 1)[None]
+        qq = inp.q.float()[r].view(1, point.kv_heads, point.gqa, point.head_dim)
+        visible = torch.ones(1, point.kv_heads, pos + 1, dtype=torch.bool, device=kk.device)
+        outs.append(_attend(qq, kk, vv, visible, point.head_dim ** -0.5))
+    return torch.cat(outs)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.float()
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / denom if denom > 0 else math.nan
+
+
+def output_rel_err(family: str, out: torch.Tensor, inp: Inputs, point: Point, ref_rows: int, seed: int,
+                   module_ref=None) -> tuple[float, str]:
+    """(rel_err, note); the note says when no reference was run."""
+    if family == "module":
+        if point.num_tokens > MODULE_REFERENCE_MAX_TOKENS or module_ref is None:
+            return math.nan, f"module reference skipped above {MODULE_REFERENCE_MAX_TOKENS} tokens"
+        with torch.no_grad():
+            return relative_error(out, module_ref().float()), ""
+    rows = sample_rows(point.num_tokens, ref_rows, seed, out.device)
+    ref = selected_rows_ref(inp, point, rows) if family == "selected" else dense_rows_ref(inp, point, rows)
+    return relative_error(out[rows], ref), ""

@@ -1,0 +1,54 @@
+"""Hydra callback of the sweep: before the first job, compose and validate every job's config (a
+bad value stops the sweep before anything runs) and start the progress bar; after the last job,
+merge the rows and write the plots and summary.md of each sweep folder."""
+from __future__ import annotations
+
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from experiments import progress, report, store
+from experiments.runner import CPU_MESSAGE, measuring
+from experiments.schema import ConfigError, SweepConfig, validate
+
+
+def job_overrides(config: DictConfig) -> list[list[str]]:
+    """The override list of every job, in launch order, as the basic sweeper builds them
+    (hydra.sweeper.params first, command-line overrides win)."""
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parser = OverridesParser.create()
+    overrides = parser.parse_overrides(params + list(config.hydra.overrides.task))
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def job_configs(config: DictConfig) -> list[SweepConfig]:
+    loader = GlobalHydra.instance().config_loader()
+    return [validate(loader.load_sweep_config(config, job)) for job in job_overrides(config)]
+
+
+class SweepCallback(Callback):
+    def __init__(self) -> None:
+        self.folders: set = set()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            jobs = job_configs(config)
+        except ConfigError as exc:  # Hydra turns callback exceptions into warnings; SystemExit stops it
+            raise SystemExit(f"Bad sweep config, nothing was run: {exc}") from None
+        self.folders = {(c.results_dir, c.name) for c in jobs}
+        if not any(measuring(c) for c in jobs):
+            print(CPU_MESSAGE, flush=True)
+        progress.start(len(jobs))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        progress.close()
+        for results_dir, name in sorted(self.folders):
+            folder = store.sweep_dir(results_dir, name)
+            df = store.merge(folder)
+            if len(df):
+                written = report.write_report(df, folder)
+                print(f"{folder}: {len(df)} rows; wrote {', '.join(p.name for p in written)}", flush=True)

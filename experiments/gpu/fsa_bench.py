@@ -1,0 +1,154 @@
+"""FSA on the GPU in one call: bf16 correctness against the reference, determinism, fwd/bwd timings,
+a per-stage breakdown, and extra memory at the issue's target points, printed beside the published
+kernels' times (results/targets or ../shared/targets).
+
+    python -m experiments.gpu.fsa_bench [--quick] [--gqa 1,4] [--seqlen 65536] [--indices nsa,random]
+Writes $OUT/fsa_bench.csv (OUT defaults to ./out).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+import triton
+
+from nsa_baseline.reference import selected_attention_ref
+from nsa_baseline.utils.indices import random_causal_block_indices
+
+KV_HEADS, HEAD_DIM = 4, 128
+
+
+def published():
+    for base in (Path("results/targets"), Path("../shared/targets")):
+        f = base / "upstream_fsa_vs_nsa_h100.csv"
+        if f.exists():
+            rows = list(csv.DictReader(open(f)))
+            return {(int(r["gqa"]), int(r["seqlen"]), int(r["block"])): r for r in rows}
+    return {}
+
+
+def make_indices(kind, q, k, n, block, topk):
+    if kind == "nsa":
+        from nsa_baseline.reference import nsa_block_indices_ref
+
+        return nsa_block_indices_ref(q, k, block_size=block, topk=topk)
+    return random_causal_block_indices(n, KV_HEADS, topk, block, device="cuda")
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def run_point(impl, g, n, block, topk, kind, check):
+    hq = g * KV_HEADS
+    q = torch.randn(n, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(n, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(n, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.no_grad():
+        idx = make_indices(kind, q, k, n, block, topk)
+    do = torch.randn(n, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    row = dict(impl=impl.__module__.split(".")[0], gqa=g, seqlen=n, block=block, topk=topk, indices=kind)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    o = impl(q, k, v, idx, block)
+    torch.cuda.synchronize()
+    row["fwd_peak_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+    torch.cuda.synchronize()
+    row["bwd_peak_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    if check:
+        qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
+        orf = selected_attention_ref(qr, kr, vr, idx, block)
+        gr = torch.autograd.grad(orf, (qr, kr, vr), do.float())
+        row.update(err_o=rel(o, orf), err_dq=rel(dq, gr[0]), err_dk=rel(dk, gr[1]), err_dv=rel(dv, gr[2]))
+        o2 = impl(q, k, v, idx, block)
+        g2 = torch.autograd.grad(o2, (q, k, v), do)
+        row["bitwise_repeat"] = bool(torch.equal(o, o2) and all(torch.equal(a, b) for a, b in zip((dq, dk, dv), g2)))
+        del qr, kr, vr, orf, gr, o2, g2
+    row["fwd_ms"] = bench(lambda: impl(q, k, v, idx, block))
+    row["bwd_ms"] = bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+    if impl.__module__.startswith("fsa"):
+        row.update(stage_times(q, k, v, idx, block, topk, do))
+    return row
+
+
+def stage_times(q, k, v, idx, block, topk, do):
+    from fsa.backward import fsa_bwd
+    from fsa.forward import fsa_fwd
+    from nsa_baseline.ops.block_index import build_block_index
+
+    cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device="cuda")
+    scale = q.shape[-1] ** -0.5
+    index = build_block_index(idx, block, cu, k.shape[1])
+    o, lse = fsa_fwd(q, k, v, index, block, topk, scale)
+    return dict(
+        index_ms=bench(lambda: build_block_index(idx, block, cu, k.shape[1])),
+        fwd_kernels_ms=bench(lambda: fsa_fwd(q, k, v, index, block, topk, scale)),
+        bwd_kernels_ms=bench(lambda: fsa_bwd(q, k, v, o, lse, do, index, block, topk, scale)),
+        pairs=int(index.row_offsets[-1]),
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gqa", default="1,2,4,8,16")
+    ap.add_argument("--seqlen", default="8192,16384,32768,65536")
+    ap.add_argument("--sparsity", default="64:16,128:8")
+    ap.add_argument("--indices", default="nsa,random")
+    ap.add_argument("--impls", default="fsa,nsa")
+    ap.add_argument("--check-max-seqlen", type=int, default=16384)
+    args = ap.parse_args()
+    impls = []
+    for name in args.impls.split(","):
+        try:
+            impls.append(__import__(name if name == "fsa" else "nsa_baseline", fromlist=["selected_attention"]).selected_attention)
+        except (ImportError, AttributeError) as e:
+            print(f"skip {name}: {e}")
+    pub = published()
+    out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, commit=commit)
+    rows = []
+    for kind in args.indices.split(","):
+        for sp in args.sparsity.split(","):
+            block, topk = map(int, sp.split(":"))
+            for g in map(int, args.gqa.split(",")):
+                for n in map(int, args.seqlen.split(",")):
+                    for impl in impls:
+                        try:
+                            row = run_point(impl, g, n, block, topk, kind, check=n <= args.check_max_seqlen)
+                        except Exception as e:  # record and go on
+                            row = dict(impl=impl.__module__.split(".")[0], gqa=g, seqlen=n, block=block, topk=topk,
+                                       indices=kind, error=repr(e)[:300])
+                        p = pub.get((g, n, block))
+                        if p:
+                            row.update(pub_fsa_fwd=float(p["fsa_fwd_ms"]), pub_fsa_bwd=float(p["fsa_bwd_ms"]),
+                                       pub_nsa_fwd=float(p["nsa_fwd_ms"]), pub_nsa_bwd=float(p["nsa_bwd_ms"]))
+                        row.update(meta)
+                        rows.append(row)
+                        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k not in meta},
+                              flush=True)
+                        torch.cuda.empty_cache()
+    keys = sorted({k for r in rows for k in r})
+    with open(out / "fsa_bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    print(meta)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Fresh random inputs of a point (never zeros) and their block indices, cached across the jobs of
+one process (kernels swept as separate jobs reuse the same inputs)."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from experiments.points import Point
+from experiments.schema import SelectionConfig
+
+_cache: dict = {}
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor  # [N, HQ, D]
+    k: torch.Tensor  # [N, H, D]
+    v: torch.Tensor  # [N, H, D]
+    cu_seqlens: torch.Tensor  # int32 [B + 1], equal-length sequences
+    block_indices: torch.Tensor  # int32 [N, H, T]
+    x: Optional[torch.Tensor] = None  # [N, HQ * D], the module's input (scope=module)
+
+
+def block_indices_for(point: Point, sel: SelectionConfig, q, k, cu_seqlens, generator) -> torch.Tensor:
+    if point.indices == "random":
+        from nsa_baseline.utils.indices import random_causal_block_indices
+
+        return random_causal_block_indices(point.num_tokens, point.kv_heads, point.topk, point.block_size,
+                                           cu_seqlens=cu_seqlens, init_blocks=sel.init_blocks,
+                                           local_blocks=sel.local_blocks, device=q.device, generator=generator)
+    reference = importlib.import_module("nsa_baseline.reference")
+    with torch.no_grad():
+        idx = reference.nsa_block_indices_ref(
+            q, k, cu_seqlens=None if point.batch == 1 else cu_seqlens, kernel_size=sel.kernel_size,
+            kernel_stride=sel.kernel_stride, block_size=point.block_size, topk=point.topk,
+            init_blocks=sel.init_blocks, local_blocks=sel.local_blocks)
+    return idx.to(torch.int32).contiguous()
+
+
+def make_inputs(point: Point, sel: SelectionConfig, device: torch.device, seed: int) -> Inputs:
+    key = (point, repr(sel), str(device), seed)
+    if key in _cache:
+        return _cache[key]
+    _cache.clear()  # one point at a time: large inputs must not pile up
+    dtype = getattr(torch, point.dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n, hq, h, d = point.num_tokens, point.q_heads, point.kv_heads, point.head_dim
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.float32, generator=gen).to(dtype)
+
+    q, k, v = randn(n, hq, d), randn(n, h, d), randn(n, h, d)
+    cu = torch.arange(0, n + 1, point.seqlen, device=device, dtype=torch.int32)
+    idx = block_indices_for(point, sel, q, k, cu, gen)
+    x = randn(n, hq * d) if point.scope == "module" else None
+    _cache[key] = Inputs(q, k, v, cu, idx, x)
+    return _cache[key]

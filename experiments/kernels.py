@@ -1,0 +1,147 @@
+"""The kernels a sweep can time, imported lazily (a missing kernel becomes an error row, never a
+fake number), each turned into a zero-argument call on a point's inputs.
+
+selected scope: nsa | fsa | auto | fla run selected attention on (q, k, v, block_indices);
+module scope: nsa | fsa | auto run NativeSparseAttention(backend=...) on x, and each of its three
+branches alone (`branch_calls`); sdpa is dense causal attention over the same heads in both scopes
+(the paper's full-attention baseline is the kernel alone).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from experiments.inputs import Inputs
+from experiments.points import Point
+from experiments.schema import SweepConfig
+
+SELECTED_ENTRY = {  # kernel -> (module, function) of the selected-attention contract
+    "nsa": ("nsa_baseline", "selected_attention"),
+    "fsa": ("fsa", "selected_attention"),
+    "auto": ("fsa.auto", "selected_attention"),
+}
+
+
+@dataclass
+class Call:
+    run: Callable[[], torch.Tensor]  # one forward; returns the output
+    leaves: list  # tensors whose .grad the backward fills (reset to None between timed calls)
+    family: str  # "selected", "dense" or "module": what the output is compared against
+
+
+def unsupported_reason(kernel: str, point: Point, check_installed: bool = True) -> Optional[str]:
+    """Why a kernel cannot run a point at all (recorded as status "unsupported"), or None."""
+    if kernel == "fla":
+        if point.scope != "selected":
+            return "fla: only selected attention is wired (scope=selected)"
+        if check_installed and importlib.util.find_spec("fla") is None:
+            return "fla: the optional fla-core package is not installed"
+        g = point.gqa
+        if g < 16 or g & (g - 1):
+            return f"fla: needs gqa a power of two >= 16 (its backward does not compile on Triton 3.6 below), got {g}"
+        if point.dtype == "float32":
+            return "fla: float32 inputs are not supported"
+    return None
+
+
+def _entry(module: str, name: str):
+    return getattr(importlib.import_module(module), name)
+
+
+def _selected_call(fn, inp: Inputs, block_size: int) -> Call:
+    q, k, v = (t.detach().requires_grad_(True) for t in (inp.q, inp.k, inp.v))
+    batch = inp.cu_seqlens.numel() - 1
+    cu = None if batch == 1 else inp.cu_seqlens
+    return Call(lambda: fn(q, k, v, inp.block_indices, block_size, cu_seqlens=cu), [q, k, v], "selected")
+
+
+def _sdpa_call(inp: Inputs, point: Point) -> Call:
+    b, n = point.batch, point.seqlen
+    q, k, v = (t.detach().view(b, n, t.shape[1], t.shape[2]).transpose(1, 2).requires_grad_(True)
+               for t in (inp.q, inp.k, inp.v))  # [B, heads, N, D] views
+
+    def run():
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return o.transpose(1, 2).reshape(b * n, point.q_heads, point.head_dim)
+
+    return Call(run, [q, k, v], "dense")
+
+
+def _fla_call(inp: Inputs, point: Point) -> Call:
+    fn = _entry("fla.ops.nsa.parallel", "parallel_nsa")
+    b, n, hq = point.batch, point.seqlen, point.q_heads
+    q, k, v = (t.detach().view(b, n, t.shape[1], t.shape[2]).requires_grad_(True) for t in (inp.q, inp.k, inp.v))
+    idx = inp.block_indices.long().view(b, n, point.kv_heads, point.topk)
+    idx = torch.where(idx < 0, torch.full_like(idx, n), idx).sort(-1).values  # fla pads past the end, sorted
+    kwargs = dict(block_indices=idx, block_counts=point.topk, block_size=point.block_size)
+    params = inspect.signature(fn).parameters
+    if "g_slc" in params:  # gate 1 on the selected branch, 0 on the window branch: selected output alone
+        kwargs["g_slc"] = torch.ones(b, n, hq, device=q.device, dtype=q.dtype)
+    if "g_swa" in params:
+        kwargs["g_swa"] = torch.zeros(b, n, hq, device=q.device, dtype=q.dtype)
+
+    def run():
+        o = fn(q, k, v, **kwargs)
+        o = o[0] if isinstance(o, tuple) else o
+        return o.reshape(b * n, hq, point.head_dim)
+
+    return Call(run, [q, k, v], "selected")
+
+
+def build_module(kernel: str, cfg: SweepConfig, point: Point, device) -> torch.nn.Module:
+    module_cls = _entry("nsa_baseline.module", "NativeSparseAttention")
+    torch.manual_seed(cfg.seed)  # the same weights for every backend
+    module = module_cls(point.q_heads * point.head_dim, point.q_heads, point.kv_heads, point.head_dim,
+                        block_size=point.block_size, topk=point.topk, backend=kernel)
+    return module.to(device=device, dtype=getattr(torch, point.dtype))
+
+
+def _module_call(kernel: str, cfg: SweepConfig, point: Point, inp: Inputs) -> Call:
+    module = build_module(kernel, cfg, point, inp.x.device)
+    x = inp.x.detach().requires_grad_(True)
+    return Call(lambda: module(x), [x, *module.parameters()], "module")
+
+
+BRANCHES = ("compressed", "selected", "window")
+
+
+def branch_calls(kernel: str, cfg: SweepConfig, point: Point, inp: Inputs) -> dict[str, Call]:
+    """The module's three branches with backend `kernel`'s functions, on the point's q, k, v, each
+    timed alone for breakdown.png. "compressed" = mean-pooled compression + compressed attention +
+    top-T selection (the selection runs without gradient, so its backward is the attention's)."""
+    fns = build_module(kernel, cfg, point, inp.q.device).branches()
+    sel, bs = cfg.selection, point.block_size
+    cu = None if point.batch == 1 else inp.cu_seqlens
+    q, k, v = (t.detach().requires_grad_(True) for t in (inp.q, inp.k, inp.v))
+
+    def compressed():
+        k_cmp, cu_cmp = fns.compress_kv(k, cu, sel.kernel_size, sel.kernel_stride)
+        v_cmp, _ = fns.compress_kv(v, cu, sel.kernel_size, sel.kernel_stride)
+        o, lse = fns.compressed_attention(q, k_cmp, v_cmp, cu, cu_cmp, sel.kernel_size, sel.kernel_stride)
+        with torch.no_grad():
+            fns.select_blocks_from_compressed(q, k_cmp, cu, cu_cmp, sel.kernel_size, sel.kernel_stride, bs,
+                                              point.topk, sel.init_blocks, sel.local_blocks, lse=lse)
+        return o
+
+    return {
+        "compressed": Call(compressed, [q, k, v], "module"),
+        "selected": Call(lambda: fns.selected_attention(q, k, v, inp.block_indices, bs, cu_seqlens=cu),
+                         [q, k, v], "selected"),
+        "window": Call(lambda: fns.sliding_window_attention(q, k, v, sel.window_size, cu), [q, k, v], "module"),
+    }
+
+
+def build_call(kernel: str, cfg: SweepConfig, point: Point, inp: Inputs) -> Call:
+    if kernel == "sdpa":
+        return _sdpa_call(inp, point)
+    if kernel == "fla":
+        return _fla_call(inp, point)
+    if point.scope == "module":
+        return _module_call(kernel, cfg, point, inp)
+    return _selected_call(_entry(*SELECTED_ENTRY[kernel]), inp, point.block_size)

@@ -1,0 +1,61 @@
+"""Everything a sweep folder shows: the plots and a short summary.md."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from experiments import plots
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub markdown table; floats to `digits` significant digits, NaN as an empty cell."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.{digits}g}"
+        return str(v)
+
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def summary_markdown(df: pd.DataFrame) -> str:
+    rows, predicted = plots.plotted_rows(df)
+    mode = "predicted by the cost model" if predicted else "measured" if len(rows) else "nothing measured"
+    lines = [f"# Sweep summary ({mode})", ""]
+    lines.append("GPU: " + ", ".join(sorted(set(df["gpu"].astype(str)))) + "  ")
+    lines.append("Status counts: " + ", ".join(f"{k} {v}" for k, v in df["status"].value_counts().items()))
+    lines.append("")
+    if rows.empty:
+        return "\n".join(lines + ["No rows to summarise."]) + "\n"
+    keys = ["scope", "block_size", "topk", "pass", "gqa", "kv_heads", "seqlen"]
+    table = rows.pivot_table(index=keys, columns="kernel", values="median_ms", aggfunc="first")
+    table.columns = [f"{k} ms" for k in table.columns]
+    if {"nsa ms", "fsa ms"} <= set(table.columns):
+        table["NSA/FSA"] = table["nsa ms"] / table["fsa ms"]
+    err = rows.pivot_table(index=keys, columns="kernel", values="rel_err", aggfunc="first")
+    if not predicted and err.notna().any().any():
+        table["max rel_err"] = err.max(axis=1)
+    lines.append(markdown_table(table.reset_index()))
+    failed = df[df["status"].isin(["error", "oom", "unsupported"])]
+    if len(failed):
+        lines += ["", "## Not measured", ""]
+        counts = failed.groupby(["kernel", "status", "message"]).size().reset_index(name="rows")
+        lines.append(markdown_table(counts))
+    return "\n".join(lines) + "\n"
+
+
+def write_report(df: pd.DataFrame, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, predicted = plots.plotted_rows(df)
+    written = [folder / "results.csv"]
+    if len(rows):
+        made = [plots.plot_ratio(rows, predicted, folder / "ratio_vs_seqlen.png"),
+                plots.plot_latency(rows, predicted, folder / "latency.png"),
+                plots.plot_breakdown(rows, df, predicted, folder / "breakdown.png"),
+                plots.plot_memory(rows, predicted, folder / "memory.png")]
+        written += [p for p in made if p is not None]
+    (folder / "summary.md").write_text(summary_markdown(df))
+    return written + [folder / "summary.md"]

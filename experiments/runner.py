@@ -1,0 +1,198 @@
+"""One sweep job: the rows of every (kernel, pass) of one point, measured on CUDA or predicted by
+the cost model, each failure recorded as a row (error / oom / unsupported) so the sweep goes on."""
+from __future__ import annotations
+
+import datetime
+import functools
+import gc
+import math
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from experiments import accuracy, costs, kernels, store, timing
+from experiments import cost_model as cm
+from experiments.inputs import make_inputs
+from experiments.points import Point, make_row, row_key
+from experiments.schema import SweepConfig
+
+CPU_MESSAGE = "timings need CUDA; writing the analytic cost model only"
+MESSAGE_CHARS = 300
+
+
+def measuring(cfg: SweepConfig) -> bool:
+    return cfg.measure == "time" or (cfg.measure == "auto" and torch.cuda.is_available())
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(cfg: SweepConfig, device: torch.device) -> dict:
+    import triton
+
+    if not measuring(cfg):
+        gpu = f"predicted {cfg.hardware.name}"
+    elif device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+    else:
+        gpu = "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "git_commit": git_commit()}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
+    return text[:MESSAGE_CHARS]
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def predicted_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], meta: dict) -> list[dict]:
+    """Roofline of the cost model on the closed-form counts of uniformly random causal indices."""
+    stats = cm.stats_uniform_random(point.seqlen, point.kv_heads, point.block_size, point.topk, point.batch,
+                                    cfg.selection.init_blocks, cfg.selection.local_blocks)
+    note = (f"roofline of the analytic cost model on {cfg.hardware.name} peaks; counts of uniformly random "
+            f"causal indices in closed form" + ("" if point.indices == "random" else " (stand-in for indices=nsa)"))
+    rows = []
+    for kernel, pass_name in todo:
+        reason = kernels.unsupported_reason(kernel, point, check_installed=False)
+        if reason:
+            rows.append(make_row(point, kernel, pass_name, "unsupported", dict(meta, timestamp=now()), reason))
+            continue
+        cost = costs.kernel_cost(kernel, point, stats, cfg.selection, cfg.hardware).for_pass(pass_name)
+        ms = cm.roofline_ms(cost, cfg.hardware.peak_tflops, cfg.hardware.peak_gbps)
+        rows.append(make_row(point, kernel, pass_name, "predicted", dict(meta, timestamp=now()), note,
+                             median_ms=ms, tflops=cost.useful_flops / ms / 1e9, gbps=cost.bytes / ms / 1e6,
+                             peak_extra_mem_gb=costs.predicted_extra_mem_gb(kernel, point, stats),
+                             model_gflop=cost.flops / 1e9, model_gbyte=cost.bytes / 1e9))
+    return rows
+
+
+def _failed_rows(point, kernel, passes, meta, exc) -> list[dict]:
+    status = "oom" if is_oom(exc) else "error"
+    return [make_row(point, kernel, p, status, dict(meta, timestamp=now()), describe(exc)) for p in passes]
+
+
+def _timed_rows(point: Point, kernel: str, passes: list[str], call, cost: cm.Cost, rel_err: float, note: str,
+                meta: dict, cfg: SweepConfig, on_step) -> list[dict]:
+    rows = []
+    for pass_name in passes:
+        if on_step:
+            on_step(f"{kernel} {pass_name}" + ("" if point.scope in ("selected", "module") else f" {point.scope}"))
+        try:
+            t = timing.time_pass(call, pass_name, cfg.timing)
+        except Exception as exc:
+            free_memory()
+            rows += _failed_rows(point, kernel, [pass_name], meta, exc)
+            continue
+        c = cost.for_pass(pass_name)
+        rows.append(make_row(point, kernel, pass_name, "ok", dict(meta, timestamp=now()), note,
+                             median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+                             tflops=c.useful_flops / t.median_ms / 1e9, gbps=c.bytes / t.median_ms / 1e6,
+                             peak_extra_mem_gb=t.peak_extra_mem_gb, rel_err=rel_err,
+                             model_gflop=c.flops / 1e9, model_gbyte=c.bytes / 1e9))
+    return rows
+
+
+def branch_rows(cfg: SweepConfig, point: Point, kernel: str, passes: list[str], inp, stats, meta,
+                on_step) -> list[dict]:
+    """Rows of scope "module/<branch>": each branch of the module timed alone (breakdown.png)."""
+    rows = []
+    branch_cost = costs.branch_costs(point, cfg.selection)
+    branch_cost["selected"] = costs.selected_cost("nsa" if kernel == "auto" else kernel, point, stats)
+    try:
+        calls = kernels.branch_calls(kernel, cfg, point, inp)
+    except Exception as exc:
+        free_memory()
+        return [r for b in kernels.BRANCHES
+                for r in _failed_rows(replace(point, scope=f"module/{b}"), kernel, passes, meta, exc)]
+    for branch, call in calls.items():
+        rows += _timed_rows(replace(point, scope=f"module/{branch}"), kernel, passes, call, branch_cost[branch],
+                            math.nan, "", meta, cfg, on_step)
+    return rows
+
+
+def measured_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], meta: dict, device,
+                  on_step: Optional[Callable[[str], None]] = None) -> list[dict]:
+    rows: list[dict] = []
+    by_kernel: dict[str, list[str]] = {}
+    for kernel, pass_name in todo:
+        by_kernel.setdefault(kernel, []).append(pass_name)
+    try:
+        inp = make_inputs(point, cfg.selection, device, cfg.seed)
+        stats = cm.stats_from_indices(inp.block_indices, point.block_size, inp.cu_seqlens)
+    except Exception as exc:  # no inputs, no measurement: every row of the point says why
+        free_memory()
+        return [r for k, ps in by_kernel.items() for r in _failed_rows(point, k, ps, meta, exc)]
+    for kernel, passes in by_kernel.items():
+        reason = kernels.unsupported_reason(kernel, point)
+        if reason:
+            rows += [make_row(point, kernel, p, "unsupported", dict(meta, timestamp=now()), reason) for p in passes]
+            continue
+        try:
+            call = kernels.build_call(kernel, cfg, point, inp)
+            with torch.no_grad():
+                out = call.run()
+            module_ref = None
+            if call.family == "module" and point.num_tokens <= accuracy.MODULE_REFERENCE_MAX_TOKENS:
+                module_ref = kernels.build_call("torch", cfg, point, inp).run
+            rel_err, note = accuracy.output_rel_err(call.family, out, inp, point, cfg.timing.ref_rows,
+                                                    cfg.seed, module_ref)
+            del out
+        except Exception as exc:
+            free_memory()
+            rows += _failed_rows(point, kernel, passes, meta, exc)
+            continue
+        cost = costs.kernel_cost(kernel, point, stats, cfg.selection, cfg.hardware)
+        rows += _timed_rows(point, kernel, passes, call, cost, rel_err, note, meta, cfg, on_step)
+        del call
+        free_memory()
+        if point.scope == "module" and kernel != "sdpa":
+            rows += branch_rows(cfg, point, kernel, passes, inp, stats, meta, on_step)
+    return rows
+
+
+def pending(cfg: SweepConfig, point: Point, meta: dict) -> list[tuple[str, str]]:
+    """(kernel, pass) pairs of this job that are not recorded yet."""
+    done = store.done_keys(store.sweep_dir(cfg.results_dir, cfg.name), cfg.retry_failed)
+    return [(k, p) for k in cfg.kernels for p in cfg.passes
+            if row_key(make_row(point, k, p, "ok", dict(meta, timestamp=""))) not in done]
+
+
+def run_job(cfg: SweepConfig, device: Optional[torch.device] = None,
+            on_step: Optional[Callable[[str], None]] = None) -> list[dict]:
+    """Measure (or predict) what is left of one job's point, append the rows, return them."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    point = Point.from_config(cfg)
+    meta = environment(cfg, device)
+    todo = pending(cfg, point, meta)
+    if not todo:
+        return []
+    if measuring(cfg):
+        rows = measured_rows(cfg, point, todo, meta, device, on_step)
+    else:
+        rows = predicted_rows(cfg, point, todo, meta)
+    store.append_rows(store.sweep_dir(cfg.results_dir, cfg.name), f"{point}|{meta['gpu']}", rows)
+    return rows

@@ -1,0 +1,140 @@
+"""Structured configs of the sweep (registered in Hydra's ConfigStore) and their value checks.
+
+The dataclasses catch typos and type errors when Hydra composes a config; `validate` catches bad
+values (unknown kernel, dtype or pass, non-positive sizes, ...) and is run on every job's config
+by `callbacks.SweepCallback.on_multirun_start` before the first job starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+KERNELS = ("nsa", "fsa", "auto", "sdpa", "fla")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = ("bfloat16", "float16", "float32")
+SCOPES = ("selected", "module")
+INDEX_SOURCES = ("nsa", "random")
+MEASURE_MODES = ("auto", "time", "predict")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be run; the message names the key and the allowed values."""
+
+
+@dataclass
+class SparsityConfig:
+    block_size: int = 64  # BS: keys per selected block
+    topk: int = 16  # T: selected blocks per query (init and local blocks included)
+
+
+@dataclass
+class SelectionConfig:
+    """The NSA selection path and module branches (paper defaults, NUMBERS.md section 1.6)."""
+
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    init_blocks: int = 1
+    local_blocks: int = 2
+    window_size: int = 512
+
+
+@dataclass
+class HardwareConfig:
+    """Nominal peaks, used only for the roofline of predicted rows."""
+
+    name: str = "H100 SXM"
+    peak_tflops: float = 989.0  # dense bf16 tensor core
+    peak_gbps: float = 3350.0
+
+
+@dataclass
+class TimingConfig:
+    warmup_ms: int = 25  # triton.testing.do_bench warm-up budget
+    rep_ms: int = 100  # triton.testing.do_bench measuring budget
+    ref_rows: int = 256  # query rows checked against the float32 reference for rel_err
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"  # results go to <results_dir>/<name>/
+    results_dir: str = "results"
+    gqa: int = 4  # G = HQ / H
+    kv_heads: int = 4  # H
+    q_heads: Optional[int] = None  # HQ; when set, kv_heads = q_heads / gqa (the paper's 64-head runs)
+    head_dim: int = 128  # D
+    seqlen: int = 65536  # N tokens per sequence
+    batch: int = 1  # sequences packed with cu_seqlens
+    dtype: str = "bfloat16"
+    scope: str = "selected"  # selected attention alone, or the whole NSA module
+    indices: str = "nsa"  # nsa: the NSA compression path; random: uniformly random causal
+    kernels: List[str] = field(default_factory=lambda: list(KERNELS))
+    passes: List[str] = field(default_factory=lambda: list(PASSES))
+    measure: str = "auto"  # auto: time on CUDA, else predict; time: always time; predict: cost model only
+    retry_failed: bool = False  # rerun points recorded as error / oom instead of skipping them
+    seed: int = 0
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="sweep_schema", node=SweepConfig)
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(key: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}={value!r} must be a positive integer")
+
+
+def validate(cfg: DictConfig | SweepConfig) -> SweepConfig:
+    """Return the config as a SweepConfig, or raise ConfigError naming the first bad value."""
+    if isinstance(cfg, DictConfig):
+        plain = OmegaConf.to_container(cfg, resolve=False)
+        plain.pop("hydra", None)
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepConfig), plain))
+    for key in ("gqa", "kv_heads", "head_dim", "seqlen", "batch"):
+        _positive(key, getattr(cfg, key))
+    if cfg.q_heads is not None:
+        _positive("q_heads", cfg.q_heads)
+        if cfg.q_heads % cfg.gqa:
+            raise ConfigError(f"q_heads={cfg.q_heads} must be a multiple of gqa={cfg.gqa}")
+        cfg.kv_heads = cfg.q_heads // cfg.gqa
+    _one_of("dtype", cfg.dtype, DTYPES)
+    _one_of("scope", cfg.scope, SCOPES)
+    _one_of("indices", cfg.indices, INDEX_SOURCES)
+    _one_of("measure", cfg.measure, MEASURE_MODES)
+    _one_of("sparsity.block_size", cfg.sparsity.block_size, BLOCK_SIZES)
+    _positive("sparsity.topk", cfg.sparsity.topk)
+    if not cfg.kernels:
+        raise ConfigError(f"kernels must name at least one of {list(KERNELS)}")
+    for kernel in cfg.kernels:
+        _one_of("kernels", kernel, KERNELS)
+    if not cfg.passes:
+        raise ConfigError(f"pass must name at least one of {list(PASSES)}")
+    for pass_name in cfg.passes:
+        _one_of("pass", pass_name, PASSES)
+    for key in ("kernel_size", "kernel_stride", "window_size", "local_blocks"):
+        _positive(f"selection.{key}", getattr(cfg.selection, key))
+    if cfg.selection.init_blocks < 0:
+        raise ConfigError(f"selection.init_blocks={cfg.selection.init_blocks} must be >= 0")
+    if cfg.selection.init_blocks + cfg.selection.local_blocks > cfg.sparsity.topk:
+        raise ConfigError("selection.init_blocks + selection.local_blocks must not exceed sparsity.topk")
+    for key in ("peak_tflops", "peak_gbps"):
+        if not getattr(cfg.hardware, key) > 0:
+            raise ConfigError(f"hardware.{key} must be positive")
+    for key in ("warmup_ms", "rep_ms", "ref_rows"):
+        _positive(f"timing.{key}", getattr(cfg.timing, key))
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name={cfg.name!r} must be a non-empty folder name without '/'")
+    return cfg

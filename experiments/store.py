@@ -1,0 +1,55 @@
+"""Where a sweep's rows live: one CSV per job under results/<name>/rows/ (parallel jobs never share
+a file), merged into results/<name>/results.csv when all jobs end."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+
+from experiments.points import COLUMNS, KEY_COLUMNS, row_key
+
+RESULTS_CSV = "results.csv"
+ROWS_DIR = "rows"
+RETRY_STATUSES = ("error", "oom")
+
+
+def sweep_dir(results_dir: str, name: str) -> Path:
+    return Path(results_dir) / name
+
+
+def read_rows(folder: Path) -> pd.DataFrame:
+    """Every row recorded for a sweep (merged CSV and per-job files), the latest per key."""
+    files = [folder / RESULTS_CSV] + sorted((folder / ROWS_DIR).glob("*.csv"))
+    frames = [pd.read_csv(f) for f in files if f.exists() and f.stat().st_size > 0]
+    if not frames:
+        return pd.DataFrame(columns=list(COLUMNS))
+    df = pd.concat(frames, ignore_index=True)
+    df["message"] = df["message"].fillna("")
+    df = df.sort_values("timestamp", kind="stable")
+    return df.drop_duplicates(subset=list(KEY_COLUMNS), keep="last").reset_index(drop=True)
+
+
+def done_keys(folder: Path, retry_failed: bool) -> set:
+    """Keys a rerun skips: everything recorded, except error / oom rows when retry_failed."""
+    df = read_rows(folder)
+    if retry_failed:
+        df = df[~df["status"].isin(RETRY_STATUSES)]
+    return {row_key(r) for r in df.to_dict("records")}
+
+
+def append_rows(folder: Path, job_id: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    path = folder / ROWS_DIR / (hashlib.sha1(job_id.encode()).hexdigest()[:16] + ".csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(path, mode="a", header=not path.exists(), index=False)
+
+
+def merge(folder: Path) -> pd.DataFrame:
+    """Write results.csv from every row recorded so far and return it."""
+    df = read_rows(folder)
+    if len(df):
+        df = df.sort_values(["scope", "block_size", "gqa", "seqlen", "kernel", "pass"], kind="stable")
+        df.to_csv(folder / RESULTS_CSV, index=False)
+    return df
