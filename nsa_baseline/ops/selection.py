@@ -11,7 +11,6 @@ Top-T: forced blocks ranked +inf, non-causal -inf, torch.topk a chunk of rows at
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
