@@ -155,8 +155,9 @@ def _fsa_bwd_dq_reduce_kernel(
              mask=m_n[:, None] & m_d[None, :])
 
 
-def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float):
-    """Host wrapper: returns dq, dk, dv (input dtype)."""
+def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float, dlse=None):
+    """Host wrapper: returns dq, dk, dv (input dtype). dlse [HQ, N] is the gradient of the returned
+    lse, if any: d lse / d s = p, so it folds into delta (ds = p * (dp - delta + dlse))."""
     import torch
 
     from fsa.index import build_schedule
@@ -173,6 +174,8 @@ def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float
     gc = heads_per_pass(g, max_pairs, d, q.element_size())
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1).t().contiguous()  # [HQ, N]
+    if dlse is not None:
+        delta = delta - dlse.float()
     dq = new_output((n, hq, d), q.dtype, q.device)
     dk_acc = new_output((n, h, d), torch.float32, q.device)
     dv_acc = new_output((n, h, d), torch.float32, q.device)

@@ -26,13 +26,12 @@ class FSASelectedAttention(torch.autograd.Function):
         o, lse = fsa_fwd(q, k, v, index, block_size, topk, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.index, ctx.block_size, ctx.topk, ctx.scale = index, block_size, topk, scale
-        ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = fsa_bwd(q, k, v, o, lse, do, ctx.index, ctx.block_size, ctx.topk, ctx.scale)
+        dq, dk, dv = fsa_bwd(q, k, v, o, lse, do, ctx.index, ctx.block_size, ctx.topk, ctx.scale, dlse)
         return dq, dk, dv, None, None, None, None
 
 

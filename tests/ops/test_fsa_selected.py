@@ -1,0 +1,141 @@
+"""FSA selected-attention kernels against the reference and against the NSA family: o, lse, dq, dk, dv.
+
+CPU: the Triton interpreter in fp32 and fp16 over the adversarial cases of tests/ops/cases.py plus
+FSA's own hard cases (a block chosen by no query, by every query; head passes under a tiny buffer
+budget; busy blocks split over several work items). GPU: bf16 at 8K-64K, bitwise determinism.
+"""
+import pytest
+import torch
+
+import fsa
+from fsa import auto
+from fsa.selected import selected_attention
+from nsa_baseline.ops import selected_attention as nsa_selected_attention
+from nsa_baseline.reference import selected_attention_ref
+from tests.helpers import assert_close
+from tests.ops.cases import CASES, Case, CaseInputs
+from tests.ops.harness import check_all, check_empty_rows, reference, run_selected
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_reference(case: Case, dtype, device):
+    x = case.make(dtype, device)
+    do = torch.randn_like(x.q)
+    out = run_selected(selected_attention, x, do, check_indices=case.valid_indices)
+    ref = reference(x, do)
+    check_all(out, ref, dtype)
+    check_empty_rows(out[0], out[1], ref[1])
+
+
+def _hot_and_cold_case(dtype, device):
+    """Block 1 chosen by no query, block 0 by every query (slot order scrambled), G = 3."""
+    n, h, g, d, bs, t_sel = 120, 1, 3, 32, 16, 3
+    q, k, v = (torch.randn(n, hh, d, dtype=dtype, device=device) for hh in (h * g, h, h))
+    own = torch.arange(n) // bs
+    prev = torch.where(own >= 3, own - 1, torch.full_like(own, -1))
+    own = torch.where(own == 1, torch.full_like(own, -1), own)  # nobody chooses block 1
+    idx = torch.stack([prev, torch.zeros_like(own), own], -1).view(n, 1, t_sel)
+    idx = torch.where(idx == torch.roll(idx, 1, -1), -1, idx)  # keep entries distinct
+    cu = torch.tensor([0, n], dtype=torch.int32, device=device)
+    return CaseInputs(q, k, v, idx.int().to(device), bs, cu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_block_chosen_by_no_query_and_by_every_query(dtype, device):
+    x = _hot_and_cold_case(dtype, device)
+    do = torch.randn_like(x.q)
+    out = run_selected(selected_attention, x, do, check_indices=True)
+    check_all(out, reference(x, do), dtype)
+    assert (out[3][16:32] == 0).all() and (out[4][16:32] == 0).all(), "an unchosen block gets zero dK/dV"
+
+
+def test_head_passes_under_small_buffer_budget(device, monkeypatch):
+    """A budget that fits one query head per pass: G passes, dK/dV accumulated across them."""
+    x = CASES[3].make(torch.float32, device)  # G = 5
+    do = torch.randn_like(x.q)
+    monkeypatch.setenv("FSA_BUFFER_BUDGET_GB", "1e-9")
+    check_all(run_selected(selected_attention, x, do), reference(x, do), torch.float32)
+
+
+def test_lse_gradient(device):
+    x = CASES[3].make(torch.float32, device)
+    do = torch.randn_like(x.q)
+    dlse = torch.randn(x.q.shape[1], x.q.shape[0], device=device)
+    check_all(run_selected(selected_attention, x, do, dlse), reference(x, do, dlse), torch.float32)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=lambda c: c.id)
+def test_same_answer_as_nsa(case, device):
+    x = case.make(torch.float32, device)
+    do = torch.randn_like(x.q)
+    check_all(run_selected(selected_attention, x, do), run_selected(nsa_selected_attention, x, do),
+              torch.float32, tol=1e-5)
+
+
+def test_auto_dispatches_to_a_family(device):
+    x = CASES[0].make(torch.float32, device)
+    do = torch.randn_like(x.q)
+    check_all(run_selected(auto.selected_attention, x, do), reference(x, do), torch.float32)
+    assert auto.rule_choice(1) == "fsa" and auto.rule_choice(16) == "nsa"
+
+
+def test_argument_errors(device):
+    x = CASES[0].make(torch.float32, device)
+    with pytest.raises(ValueError, match="`q`"):
+        selected_attention(x.q.double(), x.k.double(), x.v.double(), x.block_indices, 16)
+    with pytest.raises(ValueError, match="`block_size`"):
+        selected_attention(x.q, x.k, x.v, x.block_indices, 256)
+    with pytest.raises(ValueError, match="`block_indices`"):
+        selected_attention(x.q, x.k, x.v, x.block_indices.long(), 16)
+    bad = x.block_indices.clone()
+    bad[5, 0, 0] = 99
+    with pytest.raises(ValueError, match="`block_indices`"):
+        selected_attention(x.q, x.k, x.v, bad, 16, check_indices=True)
+
+
+def test_package_export():
+    assert fsa.selected_attention is selected_attention
+
+
+# ---------------------------------------------------------------- GPU: bf16 at realistic sizes
+def gpu_case(n, h, g, d, t_sel, bs, seqlens=None, nsa_indices=False):
+    from nsa_baseline.utils.indices import random_causal_block_indices
+
+    cu = torch.tensor([0, *torch.tensor(seqlens or [n]).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q = torch.randn(n, h * g, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16)
+    if nsa_indices:
+        from nsa_baseline.reference import nsa_block_indices_ref
+
+        idx = nsa_block_indices_ref(q, k, cu_seqlens=cu, block_size=bs, topk=t_sel)
+    else:
+        idx = random_causal_block_indices(n, h, t_sel, bs, cu, device="cuda")
+    return CaseInputs(q, k, v, idx, bs, cu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,g,d,bs,t_sel,nsa_indices",
+                         [(8192, 1, 128, 64, 16, True), (16384, 4, 128, 128, 8, True), (65536, 1, 128, 64, 16, True),
+                          (8192, 5, 96, 32, 8, False), (8192, 2, 256, 64, 16, False)], ids=str)
+def test_gpu_bf16_matches_reference_and_is_deterministic(n, g, d, bs, t_sel, nsa_indices):
+    x = gpu_case(n, 4 if n <= 16384 else 2, g, d, t_sel, bs, nsa_indices=nsa_indices)
+    do = torch.randn_like(x.q)
+    out1 = run_selected(selected_attention, x, do, check_indices=True)
+    out2 = run_selected(selected_attention, x, do, check_indices=False)
+    for a, b, name in zip(out1, out2, ("o", "lse", "dq", "dk", "dv")):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+    check_all(out1, reference(x, do, ref_dtype=torch.float32), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_varlen():
+    x = gpu_case(8192, 2, 3, 128, 16, 64, seqlens=[3000, 77, 5115])
+    do = torch.randn_like(x.q)
+    check_all(run_selected(selected_attention, x, do), reference(x, do, ref_dtype=torch.float32), torch.bfloat16)
+    o = selected_attention_ref(x.q.float(), x.k.float(), x.v.float(), x.block_indices, 64, cu_seqlens=x.cu_seqlens)
+    assert_close(selected_attention(x.q, x.k, x.v, x.block_indices, 64, cu_seqlens=x.cu_seqlens), o,
+                 torch.bfloat16, "o")
