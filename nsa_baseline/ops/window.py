@@ -35,9 +35,12 @@ def _flex():
 
         # One compiled graph per (lengths, heads, dtype): a sweep over sizes must not fall back to the
         # unfused eager path (which materialises [HQ, N, L] scores) after 8 recompiles.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        torch._dynamo.config.accumulated_cache_size_limit = max(
-            torch._dynamo.config.accumulated_cache_size_limit, 4096)
+        cfg = torch._dynamo.config
+        for name, value in (("recompile_limit", 256), ("accumulated_recompile_limit", 4096)):
+            legacy = name.replace("recompile", "cache_size")
+            name = name if hasattr(cfg, name) else legacy
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), value))
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
 
@@ -88,7 +91,14 @@ def flex_attention_packed(q, k, v, block_mask, scale: float, return_lse: bool):
     qf, kf, vf = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, len, D] views
     fn = _flex() if q.is_cuda else _eager_flex()
     if return_lse:
-        o, lse = fn(qf, kf, vf, block_mask=block_mask, scale=scale, enable_gqa=hq != h, return_lse=True)
+        try:  # torch >= 2.9: return_aux; return_lse is deprecated there
+            from torch.nn.attention.flex_attention import AuxRequest
+        except ImportError:
+            o, lse = fn(qf, kf, vf, block_mask=block_mask, scale=scale, enable_gqa=hq != h, return_lse=True)
+        else:
+            o, aux = fn(qf, kf, vf, block_mask=block_mask, scale=scale, enable_gqa=hq != h,
+                        return_aux=AuxRequest(lse=True))
+            lse = aux.lse
         return o[0].transpose(0, 1).contiguous(), lse[0].float()
     o = fn(qf, kf, vf, block_mask=block_mask, scale=scale, enable_gqa=hq != h)
     return o[0].transpose(0, 1).contiguous()
