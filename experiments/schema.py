@@ -82,9 +82,28 @@ class SweepConfig:
     timing: TimingConfig = field(default_factory=TimingConfig)
 
 
+PAPER_FIGURES = ("fig2", "fig3", "fig4", "fig7", "fig8", "table5", "tables67")
+
+
+@dataclass
+class PaperConfig:
+    figure: str = "all"  # one of PAPER_FIGURES, or all
+    results_dir: str = "results"  # sweep CSVs are read from <results_dir>/*/results.csv
+    out_dir: str = "results/paper"
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="sweep_schema", node=SweepConfig)
+    cs.store(name="paper_schema", node=PaperConfig)
+
+
+def validate_paper(cfg: DictConfig) -> PaperConfig:
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    paper = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PaperConfig), plain))
+    _one_of("figure", paper.figure, PAPER_FIGURES + ("all",))
+    return paper
 
 
 def _one_of(key: str, value, allowed) -> None:
