@@ -222,11 +222,14 @@ def test_gpu_compression_and_compressed(n, h, g, cu):
         assert_close(a, b, BF16, name)
     k_cmp, cu_cmp = compress_kv(k, cu)
     v_cmp, _ = compress_kv(v, cu)
-    q, k_cmp, v_cmp = (t.detach().requires_grad_() for t in (q, k_cmp, v_cmp))
+    backward = n <= 16384  # the reference's backward keeps O(N * HQ * N_cmp) scores alive
+    q, k_cmp, v_cmp = (t.detach().requires_grad_(backward) for t in (q, k_cmp, v_cmp))
     o, lse = compressed_attention(q, k_cmp, v_cmp, cu, cu_cmp)
     ro, rlse = compressed_attention_ref(q, k_cmp, v_cmp, cu, cu_cmp)
     assert_close(o, ro, BF16, "o")
     assert_close(lse, rlse, BF16, "lse")
+    if not backward:
+        return
     for name, a, b in zip(("dq", "dk_cmp", "dv_cmp"), _grads([o], (q, k_cmp, v_cmp)), _grads([ro], (q, k_cmp, v_cmp))):
         assert_close(a, b, BF16, name)
 
