@@ -173,8 +173,8 @@ def full_attention(
     r"""Full causal attention inside each sequence (the dense baseline). Differentiable.
 
     CUDA: one sequence without lse -> `scaled_dot_product_attention(is_causal=True, enable_gqa=True)`
-    (FlashAttention-class); packed sequences or return_lse -> compiled FlexAttention with a cached
-    causal document mask. CPU or float64: `full_attention_ref`.
+    (FlashAttention; fp32 with G > 1 excepted); packed sequences or return_lse -> compiled
+    FlexAttention with a cached causal document mask. CPU or float64: `full_attention_ref`.
 
     Args:
         q: [N, HQ, D]; k, v: [N, H, D]; HQ = G * H. cu_seqlens: int32 [B + 1] or None.
@@ -186,10 +186,14 @@ def full_attention(
         return full_attention_ref(q, k, v, cu_seqlens, scale, return_lse)
     _, scale = _check_qkv(q, k, v, cu_seqlens, scale)
     single = cu_seqlens is None or cu_seqlens.numel() == 2
-    if single and not return_lse:
+    # enable_gqa is honoured by the flash backend only (fp16/bf16, D <= 256); anything else would
+    # fall to the O(N^2)-memory math backend, so it goes through FlexAttention instead.
+    gqa = q.shape[1] != k.shape[1]
+    flash_ok = q.dtype in (torch.float16, torch.bfloat16) and q.shape[2] <= 256 and \
+        torch.backends.cuda.flash_sdp_enabled()
+    if single and not return_lse and (flash_ok or not gqa):
         qf, kf, vf = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=scale,
-                                           enable_gqa=q.shape[1] != k.shape[1])
+        o = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=scale, enable_gqa=gqa)
         return o[0].transpose(0, 1).contiguous()
     mask = band_block_mask(q.shape[0], cu_seqlens, None, q.device)
     return flex_attention_packed(q, k, v, mask, scale, return_lse)
