@@ -25,12 +25,22 @@ class WorkSchedule:
     rows_per_item: int
 
 
+@triton.jit
+def _items_per_row_kernel(row_offsets, items, NUM_ROWS, GC: tl.constexpr, ROWS_PER_ITEM: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = r < NUM_ROWS
+    count = (tl.load(row_offsets + r + 1, mask=m, other=0) - tl.load(row_offsets + r, mask=m, other=0)) * GC
+    tl.store(items + r + 1, (count + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM, mask=m)
+    tl.store(items + r, 0, mask=r == 0)
+
+
 def build_schedule(index: BlockIndex, heads_per_pass: int, rows_per_item: int, max_pairs: int) -> WorkSchedule:
     """Split every CSR row's count * heads_per_pass pair rows into items of `rows_per_item`."""
-    counts = index.row_counts.long() * heads_per_pass
-    items = (counts + rows_per_item - 1) // rows_per_item
-    item_offsets = torch.zeros(index.num_rows + 1, dtype=torch.int32, device=counts.device)
-    torch.cumsum(items, 0, out=item_offsets[1:])
+    item_offsets = torch.empty(index.num_rows + 1, dtype=torch.int32, device=index.row_offsets.device)
+    _items_per_row_kernel[(triton.cdiv(index.num_rows, 1024),)](
+        index.row_offsets, item_offsets, index.num_rows, GC=heads_per_pass, ROWS_PER_ITEM=rows_per_item, BLOCK=1024)
+    item_offsets.cumsum_(0)
     grid_bound = triton.cdiv(max_pairs * heads_per_pass, rows_per_item) + index.num_rows
     return WorkSchedule(item_offsets, grid_bound, max(1, index.num_rows.bit_length()), rows_per_item)
 

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from nsa_baseline.utils.varlen import single_sequence_cu_seqlens
+
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CHECK_INDICES_ENV = "NSA_CHECK_INDICES"
@@ -125,7 +127,7 @@ def check_selected_args(
     elif not isinstance(scale, (int, float)) or not scale > 0:
         _fail("scale", f"must be a positive float or None, got {scale!r}")
     if cu_seqlens is None:
-        cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+        cu_seqlens = single_sequence_cu_seqlens(n, q.device)
     else:
         _check_cu_seqlens(cu_seqlens, n)
         if cu_seqlens.device != q.device:

@@ -124,7 +124,7 @@ def build_block_index(
     _pair_keys_kernel[(triton.cdiv(total, 1024),)](
         block_indices, cu_seqlens, keys, row_offsets, n, batch, nb_bound, num_rows,
         H=h, T=t_sel, BS=block_size, SEARCH_STEPS=steps, BLOCK=1024)
-    torch.cumsum(row_offsets, 0, out=row_offsets)  # counts at r + 1 -> CSR pointers
+    row_offsets.cumsum_(0)  # counts at r + 1 -> CSR pointers
 
     sorted_keys, perm = torch.sort(keys, stable=True)  # flat order is token-major: tokens stay ascending
     tokens = torch.empty(total, dtype=torch.int32, device=dev)

@@ -4,7 +4,16 @@ All of them run on the device of `cu_seqlens` without a host synchronisation.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+@functools.lru_cache(maxsize=64)
+def single_sequence_cu_seqlens(num_tokens: int, device: torch.device) -> torch.Tensor:
+    """int32 [0, N] on `device`, made once per (N, device): a fresh host->device copy per call would
+    block the host until the GPU drains its queue, serialising kernel launches with execution."""
+    return torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
 
 
 def token_sequence_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
