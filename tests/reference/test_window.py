@@ -50,10 +50,10 @@ def test_varlen_equals_each_sequence_alone_and_chunking(monkeypatch):
 
 @pytest.mark.parametrize("hq,h", [(3, 1), (5, 1)], ids=["g3", "g5"])
 def test_gradcheck(hq, h):
-    cs = cu(6, 11)
-    q, k, v = qkv(17, hq, h, 3, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q, k, v: sliding_window_attention_ref(q, k, v, 4, cs), (q, k, v))
-    assert torch.autograd.gradcheck(lambda q, k, v: full_attention_ref(q, k, v, cs), (q, k, v))
+    cs = cu(4, 7)
+    q, k, v = qkv(11, hq, h, 2, requires_grad=True)
+    both = lambda q, k, v: (sliding_window_attention_ref(q, k, v, 3, cs), full_attention_ref(q, k, v, cs))
+    assert torch.autograd.gradcheck(both, (q, k, v))
 
 
 def test_bad_arguments_name_the_argument():
