@@ -139,3 +139,12 @@ def test_kernel_backends_match_torch_backend(backend):
     other.load_state_dict(ref.state_dict())
     x, cs = torch.randn(70, 32), cu(30, 40)
     assert_close(other(x, cs), ref(x, cs), torch.float32, backend)
+
+
+def test_sequences_shorter_than_a_summary_and_empty_sequences():
+    m = tiny(hq=3, h=1)
+    x = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    out, br = m(x, cu(1, 0, 2, 3), return_branches=True)  # no sequence reaches kernel_size=4
+    assert torch.equal(br["compressed"], torch.zeros_like(br["compressed"]))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
