@@ -26,7 +26,7 @@ _compiled_flex = None
 
 
 def _flex():
-    """flex_attention, compiled once per process on CUDA (eager on CPU, where it is a test path)."""
+    """flex_attention compiled once per process (the CUDA path; CPU uses `_eager_flex`)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -84,8 +84,10 @@ def band_mask_mod(lo: torch.Tensor, hi: torch.Tensor):
 def flex_attention_packed(q, k, v, block_mask, scale: float, return_lse: bool):
     """FlexAttention over packed [N, HQ, D] / [L, H, D] tensors viewed as one batch of [1, heads, N, D].
 
-    Returns o [N, HQ, D] (and lse float32 [HQ, N], natural log: torch >= 2.5 converts FlexAttention's
-    internal base-2 statistics before returning them). Rows that see nothing give o = 0, lse = -inf.
+    Returns o [N, HQ, D] (and lse float32 [HQ, N] in natural log: the kernels keep base-2 statistics
+    and flex_attention rescales them by ln 2 before returning, as read in torch 2.13's source and
+    checked against the reference on torch 2.11 by experiments/gpu/branches_check.py). Rows that see
+    nothing give o = 0, lse = -inf (and zero gradients).
     """
     hq, h = q.shape[1], k.shape[1]
     qf, kf, vf = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, len, D] views
