@@ -172,7 +172,10 @@ def time_fwd_bwd(op, n, g, fwd, ins, note="", target=(None, None)):
     TIMES.append(dict(op=op, N=n, G=g, HQ=H * g, fwd_ms=f"{fwd_ms:.3f}",
                       bwd_ms="" if bwd_ms is None else f"{bwd_ms:.3f}", fwd_peak_gb=f"{mem:.2f}",
                       target_fwd_ms="" if target[0] is None else target[0],
-                      target_bwd_ms="" if target[1] is None else target[1], note=note))
+                      target_bwd_ms="" if target[1] is None else target[1],
+                      vs_target="" if target[0] is None else
+                      f"{fwd_ms / target[0]:.2f}x / {'' if bwd_ms is None else f'{bwd_ms / target[1]:.2f}x'}",
+                      note=note))
 
 
 def time_all(n, g):
@@ -258,8 +261,10 @@ def main():
     write(os.path.join(out_dir, "branches_timings.csv"), TIMES)
     print(f"\n== correctness (bf16, H={H}, D={D}; ok = rel_err <= tol) ==")
     show(CHECKS, ["op", "N", "G", "layout", "quantity", "rel_err", "tol", "ok", "note"])
-    print(f"\n== timings (do_bench median ms; target = FlexAttention w=512 from shared/targets/README.md) ==")
-    show(TIMES, ["op", "N", "G", "HQ", "fwd_ms", "bwd_ms", "fwd_peak_gb", "target_fwd_ms", "target_bwd_ms", "note"])
+    print("\n== timings (do_bench median ms; target = FlexAttention w=512 from shared/targets/README.md, "
+          "vs_target = ours / target, fwd / bwd) ==")
+    show(TIMES, ["op", "N", "G", "HQ", "fwd_ms", "bwd_ms", "fwd_peak_gb", "target_fwd_ms", "target_bwd_ms",
+                 "vs_target", "note"])
     bad = [c for c in CHECKS if not c.get("ok")]
     print(f"\n{len(CHECKS) - len(bad)}/{len(CHECKS)} checks ok; skipped for time: {skipped or 'none'}")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
