@@ -1,7 +1,8 @@
 """Compressed-branch attention of NSA and the selection scores derived from it, in plain PyTorch.
 
 Loops over chunks of queries; a chunk reads only the packed summaries of the sequences it touches,
-so the score tensor is [chunk, HQ, max summaries per sequence + chunk] at most.
+so the score tensor is [chunk, HQ, max summaries per sequence + chunk] at most (chunks are
+checkpointed under autograd, see window.attend_chunk).
 Summary i of a sequence is visible to its query at position t iff i * stride + kernel_size - 1 <= t:
 the visible summaries of a query are the first `visible_compressed(t)` of its own sequence.
 """
@@ -13,7 +14,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from nsa_baseline.reference.window import compute_dtype, masked_attention
+from nsa_baseline.reference.window import attend_chunk, compute_dtype
 from nsa_baseline.utils.compressed_varlen import (check_kernel, compressed_cu_seqlens,
                                                   token_compressed_offsets, visible_compressed)
 from nsa_baseline.utils.varlen import sequence_lengths, token_positions
@@ -127,7 +128,7 @@ def compressed_attention_ref(
     qc, kc, vc = q.to(compute), k_cmp.to(compute), v_cmp.to(compute)
     outs, lses = [], []
     for c0, c1, lo, hi in layout.chunks(hq):
-        o, lse = masked_attention(qc[c0:c1], kc[lo:hi], vc[lo:hi], layout.visible(c0, c1, lo, hi), scale)
+        o, lse = attend_chunk(qc[c0:c1], kc[lo:hi], vc[lo:hi], layout.visible(c0, c1, lo, hi), scale)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs).to(q.dtype), torch.cat(lses).float().t().contiguous()

@@ -2,13 +2,15 @@
 with the compressed branch.
 
 Loops over chunks of queries; each chunk reads only the key range its queries can see, so the score
-tensor is [chunk, HQ, chunk + window] at most. float64 in -> float64 maths, otherwise float32.
+tensor is [chunk, HQ, chunk + window] at most. Under autograd every chunk is checkpointed (recomputed
+in backward), so training memory is bounded too. float64 in -> float64 maths, otherwise float32.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from nsa_baseline.utils.varlen import sequence_lengths, token_positions
 
@@ -43,6 +45,14 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible:
     l = p.sum(dim=-1, keepdim=True)
     o = torch.einsum("chgl,lhd->chgd", p, v) / torch.where(l > 0, l, torch.ones_like(l))
     return o.reshape(c, hq, d), (m + torch.log(l)).reshape(c, hq)
+
+
+def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
+    """masked_attention, checkpointed when a gradient is needed: backward recomputes the chunk's scores
+    instead of keeping [chunk, HQ, keys] activations alive for every chunk at once."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return checkpoint(masked_attention, q, k, v, visible, scale, use_reentrant=False)
+    return masked_attention(q, k, v, visible, scale)
 
 
 def _check_qkv(q, k, v, cu_seqlens, scale):
@@ -86,7 +96,7 @@ def _banded_attention(q, k, v, window: Optional[int], cu_seqlens, scale, return_
         visible = (keys[None, :] >= start[c0:c1, None]) & (keys[None, :] <= rows)
         if window is not None:
             visible &= keys[None, :] > rows - window
-        o, lse = masked_attention(qc[c0:c1], kc[lo:c1], vc[lo:c1], visible, scale)
+        o, lse = attend_chunk(qc[c0:c1], kc[lo:c1], vc[lo:c1], visible, scale)
         outs.append(o)
         lses.append(lse)
     o = torch.cat(outs).to(q.dtype)
