@@ -1,18 +1,21 @@
 """Vanilla NSA selected-attention backward.
 dQ: grid (N, H), query-outer like the forward (one token's G heads as a [G_PAD, D_PAD] tile, T
-blocks); it also computes delta = rowsum(o * do) (- dlse). dK/dV: grid (NB_bound, H), one program
-per (key block, KV head) walks the block's query tokens from the inverted CSR index
-(nsa_baseline.ops.block_index) in tiles of BLOCK_M (token, head) rows and writes its block once:
-no atomics, deterministic.
+blocks); it also computes delta = rowsum(o * do) (- dlse). dK/dV: grid over work items, each one
+chunk of the (KV head, key block) CSR row of nsa_baseline.ops.block_index: it walks the row's query
+tokens in tiles of BLOCK_M flattened (token, head) rows. A row of one chunk writes its block once;
+a longer row (e.g. the sink block 0) leaves fp32 partials that a reduce kernel sums in chunk order.
+No atomics anywhere: dK/dV are bitwise deterministic.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from nsa_baseline.ops.block_index import BlockIndex, build_block_index
 from nsa_baseline.ops.selected_fwd import LOG2E, _pair_valid, query_outer_config
 from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
 
@@ -140,12 +143,21 @@ def _dkdv_tile(b_k, b_v, b_dk, b_dv, o_key, m_key, q, do, lse, delta, tokens, j,
 
 @triton.jit
 def nsa_selected_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, dk, dv, row_offsets, tokens, block_start, block_end,
-    N, NB, scale, scale_log2,
+    q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, row_offsets, tokens, block_start, block_end,
+    work_row, work_chunk, row_chunks, row_slot, N, NB, NUM_ROWS, CHUNK, scale, scale_log2,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    # Work item w = chunk `c` of CSR row (i_h, i_b): at most CHUNK flattened (pair, head) rows.
+    w = tl.program_id(0)
+    row = tl.load(work_row + w)
+    live = row < NUM_ROWS  # the grid is a no-sync bound: surplus items do nothing
+    row = tl.minimum(row, NUM_ROWS - 1)
+    i_h = row // NB
+    i_b = row - i_h * NB
+    c = tl.load(work_chunk + w).to(tl.int64)
+    n_chunks = tl.load(row_chunks + row)
+
     r0 = tl.load(block_start + i_b)
     r1 = tl.load(block_end + i_b)  # r0 == r1 for a block that does not exist: all masks false
     o_c = tl.arange(0, BS)
@@ -161,9 +173,9 @@ def nsa_selected_bwd_dkdv_kernel(
 
     # The CSR row lists (ascending) the query tokens whose selection holds this block; each
     # token brings its G query heads: flattened rows j = pair * G + head, BLOCK_M at a time.
-    i_row = i_h * NB + i_b
-    j0 = tl.load(row_offsets + i_row).to(tl.int64) * G
-    j1 = tl.load(row_offsets + i_row + 1).to(tl.int64) * G
+    j0 = tl.load(row_offsets + row).to(tl.int64) * G + c * CHUNK
+    j1 = tl.minimum(tl.load(row_offsets + row + 1).to(tl.int64) * G, j0 + CHUNK)
+    j1 = tl.where(live, j1, j0)
     if WHILE_LOOP:  # the interpreter cannot range() over loaded bounds
         j = j0
         while j < j1:
@@ -174,15 +186,141 @@ def nsa_selected_bwd_dkdv_kernel(
         for j in range(j0, j1, BLOCK_M):
             b_dk, b_dv = _dkdv_tile(b_k, b_v, b_dk, b_dv, o_key, m_key, q, do, lse, delta, tokens, j, j1,
                                     i_h, N, scale_log2, H, G, D, D_PAD, BLOCK_M, IEEE)
+    # A row of one chunk writes its block directly; a split row leaves fp32 partials for the reduce.
+    m_direct = m_kd & live & (n_chunks == 1)
+    tl.store(dk + p_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_direct)
+    tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_direct)
+    slot = tl.load(row_slot + row).to(tl.int64) + c
+    p_part = slot * (BS * D_PAD) + o_c[:, None] * D_PAD + o_d[None, :]
+    m_part = live & (n_chunks > 1)
+    tl.store(part_dk + p_part, b_dk, mask=m_part)
+    tl.store(part_dv + p_part, b_dv, mask=m_part)
+
+
+@triton.jit
+def nsa_selected_bwd_dkdv_reduce_kernel(
+    dk, dv, part_dk, part_dv, block_start, block_end, row_chunks, row_slot, NB, scale,
+    H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, D_PAD: tl.constexpr, WHILE_LOOP: tl.constexpr,
+):
+    # One program per CSR row; rows split into several chunks sum their partials in chunk order.
+    row = tl.program_id(0)
+    i_h = row // NB
+    i_b = row - i_h * NB
+    n_chunks = tl.load(row_chunks + row)
+    n_sum = tl.where(n_chunks > 1, n_chunks, 0)
+    slot0 = tl.load(row_slot + row).to(tl.int64)
+    o_c = tl.arange(0, BS)
+    o_d = tl.arange(0, D_PAD)
+    p_part = slot0 * (BS * D_PAD) + o_c[:, None] * D_PAD + o_d[None, :]
+    b_dk = tl.zeros([BS, D_PAD], tl.float32)
+    b_dv = tl.zeros([BS, D_PAD], tl.float32)
+    if WHILE_LOOP:
+        c = 0
+        while c < n_sum:
+            b_dk += tl.load(part_dk + p_part + c * (BS * D_PAD))
+            b_dv += tl.load(part_dv + p_part + c * (BS * D_PAD))
+            c += 1
+    else:
+        for c in range(0, n_sum):
+            b_dk += tl.load(part_dk + p_part + c * (BS * D_PAD))
+            b_dv += tl.load(part_dv + p_part + c * (BS * D_PAD))
+    r0 = tl.load(block_start + i_b)
+    r1 = tl.load(block_end + i_b)
+    o_key = r0 + o_c
+    p_kv = (o_key.to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    m_kd = (o_key < r1)[:, None] & (o_d < D)[None, :] & (n_chunks > 1)
     tl.store(dk + p_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_kd)
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kd)
 
 
-def build_block_index(block_indices, block_size, cu_seqlens, num_kv_heads):
-    """The inverted block -> query CSR index (written by the lead in nsa_baseline.ops.block_index)."""
-    from nsa_baseline.ops.block_index import build_block_index as build
+# A CSR row longer than one chunk is split over several programs (the attention-sink block 0 is
+# listed by every query); chunk = max(DKDV_MIN_CHUNK_TILES * BLOCK_M, N * H * T * G / DKDV_SPLIT_SLOTS)
+# rows, which bounds the fp32 partial buffer by 2 * DKDV_SPLIT_SLOTS blocks without a host sync.
+DKDV_MIN_CHUNK_TILES = 64
+DKDV_SPLIT_SLOTS = 512
 
-    return build(block_indices, block_size, cu_seqlens, num_kv_heads)
+
+@dataclass
+class DkdvSchedule:
+    """Work list of the dK/dV kernel: item w is chunk work_chunk[w] of CSR row work_row[w]."""
+
+    chunk: int  # flattened (pair, head) rows per work item, a multiple of BLOCK_M
+    num_items: int  # grid size (a bound; items with work_row == num_rows do nothing)
+    num_slots: int  # partial-buffer slots (a bound)
+    work_row: torch.Tensor  # int32 [num_items]
+    work_chunk: torch.Tensor  # int32 [num_items]
+    row_chunks: torch.Tensor  # int32 [num_rows] chunks of each row (>= 1: every block is written)
+    row_slot: torch.Tensor  # int32 [num_rows] first partial slot of a split row
+
+
+def dkdv_schedule(block_index: BlockIndex, group: int, max_pairs: int, block_m: int,
+                  chunk: Optional[int] = None) -> DkdvSchedule:
+    """Split the CSR rows into chunks on the device (no host sync); max_pairs bounds the pairs (N*H*T)."""
+    total = max_pairs * group
+    if chunk is None:
+        chunk = max(DKDV_MIN_CHUNK_TILES * block_m, triton.cdiv(total, DKDV_SPLIT_SLOTS))
+    chunk = triton.cdiv(chunk, block_m) * block_m
+    offs = block_index.row_offsets.long()
+    rows = (offs[1:] - offs[:-1]) * group
+    row_chunks = ((rows + chunk - 1) // chunk).clamp_(min=1)  # <= 1 + rows / chunk
+    ends = torch.cumsum(row_chunks, 0)
+    num_items = block_index.num_rows + triton.cdiv(total, chunk)
+    w = torch.arange(num_items, device=offs.device)
+    work_row = torch.searchsorted(ends, w, right=True)
+    work_chunk = w - (ends - row_chunks)[work_row.clamp(max=block_index.num_rows - 1)]
+    split = torch.where(row_chunks > 1, row_chunks, 0)  # a split row has < 2 * rows / chunk chunks
+    row_slot = torch.cumsum(split, 0) - split
+    return DkdvSchedule(chunk, num_items, max(1, 2 * triton.cdiv(total, chunk)), work_row.int(),
+                        work_chunk.int(), row_chunks.int(), row_slot.int())
+
+
+def nsa_selected_bwd_dq(q, k, v, o, lse, do, block_indices, block_size, scale, token_pos, dlse=None,
+                        num_warps=None, num_stages=None, skip_unused=True):
+    """(dq [N, HQ, D], delta float32 [HQ, N]); launch of the query-outer dQ kernel."""
+    n, hq, d = q.shape
+    h, t_sel = k.shape[1], block_indices.shape[2]
+    d_pad = max(16, next_pow2(d))
+    delta = new_output((hq, n), torch.float32, q.device)
+    dq = new_output((n, hq, d), q.dtype, q.device)
+    warps, stages = query_outer_config(d_pad, block_size, num_warps, num_stages)
+    nsa_selected_bwd_dq_kernel[(n, h)](
+        q, k, v, o, do, lse, dlse if dlse is not None else lse, delta, dq, block_indices, token_pos,
+        n, scale, scale * LOG2E,
+        H=h, G=hq // h, T=t_sel, D=d, BS=block_size, G_PAD=max(16, next_pow2(hq // h)), D_PAD=d_pad,
+        HAS_DLSE=dlse is not None, SKIP_UNUSED=skip_unused, IEEE=q.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )
+    return dq, delta
+
+
+def nsa_selected_bwd_dkdv(q, k, v, do, lse, delta, block_index: BlockIndex, block_size, scale, topk,
+                          block_m=None, num_warps=None, num_stages=None, chunk=None):
+    """(dk, dv) [N, H, D]: the block-owning dK/dV kernel over a chunked work list, then the reduce
+    of split rows (both launches, a few small torch ops for the schedule, no host sync)."""
+    n, hq, d = q.shape
+    h = k.shape[1]
+    g = hq // h
+    d_pad = max(16, next_pow2(d))
+    interp = is_interpreter()
+    dk = new_output((n, h, d), k.dtype, k.device)
+    dv = new_output((n, h, d), v.dtype, v.device)
+    block_m, warps, stages = dkdv_config(d_pad, block_size, g, block_m, num_warps, num_stages)
+    sched = dkdv_schedule(block_index, g, n * h * topk, block_m, chunk)
+    part_dk = torch.empty(sched.num_slots, block_size, d_pad, dtype=torch.float32, device=q.device)
+    part_dv = torch.empty_like(part_dk)
+    bi = block_index
+    nsa_selected_bwd_dkdv_kernel[(sched.num_items,)](
+        q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, bi.row_offsets, bi.tokens, bi.block_start,
+        bi.block_end, sched.work_row, sched.work_chunk, sched.row_chunks, sched.row_slot,
+        n, bi.nb_bound, bi.num_rows, sched.chunk, scale, scale * LOG2E,
+        H=h, G=g, D=d, BS=block_size, D_PAD=d_pad, BLOCK_M=block_m, IEEE=q.dtype == torch.float32,
+        WHILE_LOOP=interp, num_warps=warps, num_stages=stages,
+    )
+    nsa_selected_bwd_dkdv_reduce_kernel[(bi.num_rows,)](
+        dk, dv, part_dk, part_dv, bi.block_start, bi.block_end, sched.row_chunks, sched.row_slot,
+        bi.nb_bound, scale, H=h, D=d, BS=block_size, D_PAD=d_pad, WHILE_LOOP=interp, num_warps=4,
+    )
+    return dk, dv
 
 
 def nsa_selected_bwd(
@@ -198,43 +336,22 @@ def nsa_selected_bwd(
     cu_seqlens: torch.Tensor,
     token_pos: torch.Tensor,
     dlse: Optional[torch.Tensor] = None,
-    block_index=None,
+    block_index: Optional[BlockIndex] = None,
     dq_warps: int | None = None,
     dq_stages: int | None = None,
     dkdv_block_m: int | None = None,
     dkdv_warps: int | None = None,
     dkdv_stages: int | None = None,
+    dkdv_chunk: int | None = None,
     skip_unused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for contiguous inputs laid out as in nsa_selected_fwd; o/lse from the forward,
-    do like o, optional dlse float32 [HQ, N]. `block_index` (a BlockIndex) is built when None."""
-    n, hq, d = q.shape
-    h, t_sel = k.shape[1], block_indices.shape[2]
-    g = hq // h
-    d_pad = max(16, next_pow2(d))
-    ieee = q.dtype == torch.float32
+    do like o, optional dlse float32 [HQ, N]. `block_index` is built when None. The knobs: launch
+    sizes of the dQ and dK/dV kernels, dK/dV chunk (rows per work item), skip_unused (see fwd)."""
     if block_index is None:
-        block_index = build_block_index(block_indices, block_size, cu_seqlens, h)
-
-    delta = new_output((hq, n), torch.float32, q.device)
-    dq = new_output((n, hq, d), q.dtype, q.device)
-    warps, stages = query_outer_config(d_pad, block_size, dq_warps, dq_stages)
-    nsa_selected_bwd_dq_kernel[(n, h)](
-        q, k, v, o, do, lse, dlse if dlse is not None else lse, delta, dq, block_indices, token_pos,
-        n, scale, scale * LOG2E,
-        H=h, G=g, T=t_sel, D=d, BS=block_size, G_PAD=max(16, next_pow2(g)), D_PAD=d_pad,
-        HAS_DLSE=dlse is not None, SKIP_UNUSED=skip_unused, IEEE=ieee,
-        num_warps=warps, num_stages=stages,
-    )
-
-    dk = new_output((n, h, d), k.dtype, k.device)
-    dv = new_output((n, h, d), v.dtype, v.device)
-    block_m, warps, stages = dkdv_config(d_pad, block_size, g, dkdv_block_m, dkdv_warps, dkdv_stages)
-    nb = block_index.nb_bound
-    nsa_selected_bwd_dkdv_kernel[(nb, h)](
-        q, k, v, do, lse, delta, dk, dv, block_index.row_offsets, block_index.tokens,
-        block_index.block_start, block_index.block_end, n, nb, scale, scale * LOG2E,
-        H=h, G=g, D=d, BS=block_size, D_PAD=d_pad, BLOCK_M=block_m, IEEE=ieee, WHILE_LOOP=is_interpreter(),
-        num_warps=warps, num_stages=stages,
-    )
+        block_index = build_block_index(block_indices, block_size, cu_seqlens, k.shape[1])
+    dq, delta = nsa_selected_bwd_dq(q, k, v, o, lse, do, block_indices, block_size, scale, token_pos, dlse,
+                                    dq_warps, dq_stages, skip_unused)
+    dk, dv = nsa_selected_bwd_dkdv(q, k, v, do, lse, delta, block_index, block_size, scale,
+                                   block_indices.shape[2], dkdv_block_m, dkdv_warps, dkdv_stages, dkdv_chunk)
     return dq, dk, dv

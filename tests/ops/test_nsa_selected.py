@@ -85,9 +85,11 @@ def test_noncontiguous_inputs(device):
     check_all(run_kernel(xn, do), reference(x, do), torch.float32)
 
 
-def test_kernel_knobs_agree(device):
-    """Every tuning knob computes the same thing (skip branch vs masked slots, tile and warp choices)."""
-    x = CASES[4].make(torch.float32, device)
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=lambda c: c.id)
+def test_kernel_knobs_agree(case, device):
+    """Every tuning knob computes the same thing: skip branch vs masked slots, tile and warp choices,
+    and dK/dV rows split into many chunks (partials + ordered reduce) vs one program per row."""
+    x = case.make(torch.float32, device)
     n = x.q.shape[0]
     pos = token_positions(x.cu_seqlens, n)[0].int()
     scale = x.q.shape[-1] ** -0.5
@@ -99,7 +101,7 @@ def test_kernel_knobs_agree(device):
                               num_warps=2, num_stages=1, skip_unused=False)
     grads = nsa_selected_bwd(x.q, x.k, x.v, o, lse, do, x.block_indices, x.block_size, scale,
                              x.cu_seqlens, pos, dq_warps=2, dq_stages=1, dkdv_block_m=16, dkdv_warps=2,
-                             dkdv_stages=1, skip_unused=False)
+                             dkdv_stages=1, dkdv_chunk=32, skip_unused=False)
     for a, b, name in zip((o, lse, *grads), (base_o, base_lse, *base), ("o", "lse", "dq", "dk", "dv")):
         assert_close(a, b, torch.float32, name, tol=1e-6)
 
