@@ -14,7 +14,7 @@ import torch
 
 from nsa_baseline.reference.compression import _check_inputs
 from nsa_baseline.utils.compressed_varlen import compressed_cu_seqlens
-from nsa_baseline.utils.varlen import token_sequence_ids
+from nsa_baseline.utils.varlen import single_sequence_cu_seqlens, token_sequence_ids
 
 # (id, data_ptr, version, N, kernel_size, stride, device) -> (cu_seqlens_cmp, first row of every summary)
 _LAYOUT_CACHE: dict[tuple, tuple] = {}
@@ -38,7 +38,7 @@ def compressed_layout(cu_seqlens: Optional[torch.Tensor], num_tokens: int, kerne
         return hit[1], hit[2]
     keep = cu_seqlens  # held by the cache entry so that its id is not reused while cached
     if cu_seqlens is None:
-        cu_seqlens = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
+        cu_seqlens = single_sequence_cu_seqlens(num_tokens, torch.device(device))
     cu_seqlens = cu_seqlens.to(device)
     cu_cmp = compressed_cu_seqlens(cu_seqlens, kernel_size, kernel_stride)
     n_cmp = int(cu_cmp[-1])  # the one host read: the output's size

@@ -23,7 +23,8 @@ from nsa_baseline.ops.window import tensor_key
 from nsa_baseline.reference.compressed import check_block_mapping, selection_scores_ref
 from nsa_baseline.reference.selection import _check_selection, nsa_block_indices_ref
 from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
-from nsa_baseline.utils.varlen import sequence_lengths, token_positions, token_sequence_ids
+from nsa_baseline.utils.varlen import (sequence_lengths, single_sequence_cu_seqlens, token_positions,
+                                      token_sequence_ids)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # fp32 elements of one chunk's [rows, H, NB] scores inside nsa_block_indices / select_blocks (256 MiB).
@@ -324,7 +325,7 @@ def select_blocks(
         raise ValueError(f"argument `scores` must be [N, H, NB], got {getattr(scores, 'shape', scores)!r}")
     n, h, nb = scores.shape
     if cu_seqlens is None:
-        cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=scores.device)
+        cu_seqlens = single_sequence_cu_seqlens(n, scores.device)
     pos, _ = token_positions(cu_seqlens.to(scores.device), n)
     chunk = max(1, _SCORE_BUDGET // max(1, h * nb))
     out = torch.empty(n, h, topk, dtype=torch.int32, device=scores.device)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from nsa_baseline.reference.window import _check_qkv, full_attention_ref, sliding_window_attention_ref
+from nsa_baseline.reference.window import full_attention_ref, sliding_window_attention_ref
 from nsa_baseline.utils.varlen import token_positions
 
 FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -112,6 +112,26 @@ def _eager_flex():
     return flex_attention
 
 
+def check_qkv(q, k, v, cu_seqlens, scale) -> float:
+    """Shape / dtype / scale checks of a window or full attention call (no device work); returns scale."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
+            raise ValueError(f"argument `{name}` must be a floating tensor [N, heads, D]")
+    n, hq, d = q.shape
+    if k.shape[0] != n or k.shape[2] != d or tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"arguments `k`, `v` must both be [N={n}, H, D={d}], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[1] < 1 or hq % k.shape[1] != 0:
+        raise ValueError(f"argument `q`: num_q_heads={hq} must be a multiple of num_kv_heads={k.shape[1]}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"arguments `k`, `v` must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    if cu_seqlens is not None and (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32
+                                   or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2):
+        raise ValueError("argument `cu_seqlens` must be an int32 tensor [B + 1] or None")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"argument `scale` must be a positive float or None, got {scale!r}")
+    return d ** -0.5 if scale is None else float(scale)
+
+
 def _use_flex(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in FLEX_DTYPES
 
@@ -159,7 +179,7 @@ def sliding_window_attention(
         return sliding_window_attention_ref(q, k, v, window_size, cu_seqlens, scale, return_lse)
     if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
         raise ValueError(f"argument `window_size` must be a positive int, got {window_size!r}")
-    _, scale = _check_qkv(q, k, v, cu_seqlens, scale)
+    scale = check_qkv(q, k, v, cu_seqlens, scale)
     mask = band_block_mask(q.shape[0], cu_seqlens, window_size, q.device)
     return flex_attention_packed(q, k, v, mask, scale, return_lse)
 
@@ -186,7 +206,7 @@ def full_attention(
     """
     if not _use_flex(q):
         return full_attention_ref(q, k, v, cu_seqlens, scale, return_lse)
-    _, scale = _check_qkv(q, k, v, cu_seqlens, scale)
+    scale = check_qkv(q, k, v, cu_seqlens, scale)
     single = cu_seqlens is None or cu_seqlens.numel() == 2
     # enable_gqa is honoured by the flash backend only (fp16/bf16, D <= 256); anything else would
     # fall to the O(N^2)-memory math backend, so it goes through FlexAttention instead.
