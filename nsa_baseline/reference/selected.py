@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from nsa_baseline.contract import check_selected_args
 from nsa_baseline.utils.varlen import token_positions
@@ -28,6 +29,19 @@ def selected_key_positions(block_indices: torch.Tensor, block_size: int, pos: to
     key_pos = idx[..., None] * block_size + offs  # [c, H, T, BS]
     visible = (idx[..., None] >= 0) & (key_pos <= pos[:, None, None, None])
     return key_pos.flatten(2), visible.flatten(2)
+
+
+def _attend_selected(qq, kc, vc, rows, heads, visible, scale):
+    """One chunk: qq [c, H, G, D] against the gathered keys kc[rows, heads] [c, H, L, D] -> (o, lse)."""
+    kk, vv = kc[rows, heads], vc[rows, heads]  # [c, H, L, D]
+    s = torch.einsum("chgd,chld->chgl", qq, kk) * scale
+    s = s.masked_fill(~visible[:, :, None, :], float("-inf"))
+    m = s.amax(dim=-1, keepdim=True).detach()  # softmax is shift invariant: no gradient needed
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    l = p.sum(dim=-1, keepdim=True)
+    o = torch.einsum("chgl,chld->chgd", p, vv) / torch.where(l > 0, l, torch.ones_like(l))
+    return o, (m + torch.log(l)).squeeze(-1)
 
 
 def selected_attention_ref(
@@ -58,6 +72,7 @@ def selected_attention_ref(
     seq_start = torch.arange(n, device=q.device) - pos
     heads = torch.arange(h, device=q.device)[None, :, None]
     kc, vc = k.to(compute), v.to(compute)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
     chunk = max(1, _GATHER_BUDGET // (h * t_sel * block_size * d))
     outs, lses = [], []
@@ -65,17 +80,13 @@ def selected_attention_ref(
         c1 = min(n, c0 + chunk)
         key_pos, visible = selected_key_positions(block_indices[c0:c1], block_size, pos[c0:c1])
         rows = (seq_start[c0:c1, None, None] + key_pos).clamp(0, n - 1)  # [c, H, L] packed rows
-        kk, vv = kc[rows, heads], vc[rows, heads]  # [c, H, L, D]
         qq = q[c0:c1].to(compute).view(c1 - c0, h, g, d)
-        s = torch.einsum("chgd,chld->chgl", qq, kk) * a.scale
-        s = s.masked_fill(~visible[:, :, None, :], float("-inf"))
-        m = s.amax(dim=-1, keepdim=True).detach()  # softmax is shift invariant: no gradient needed
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(s - m)
-        l = p.sum(dim=-1, keepdim=True)
-        o = torch.einsum("chgl,chld->chgd", p, vv) / torch.where(l > 0, l, torch.ones_like(l))
+        if grad:  # backward recomputes each chunk instead of keeping every chunk's gather alive
+            o, lse = checkpoint(_attend_selected, qq, kc, vc, rows, heads, visible, a.scale, use_reentrant=False)
+        else:
+            o, lse = _attend_selected(qq, kc, vc, rows, heads, visible, a.scale)
         outs.append(o.reshape(c1 - c0, h * g, d))
-        lses.append((m + torch.log(l)).reshape(c1 - c0, h * g))
+        lses.append(lse.reshape(c1 - c0, h * g))
     o = torch.cat(outs).to(q.dtype)
     if not return_lse:
         return o
