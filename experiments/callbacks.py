@@ -1,4 +1,4 @@
-"""Hydra callback of the sweep: before the first job, compose and validate every job's config (a
+"""Hydra callback of the sweep: before the first job, compose and validate every swept value (a
 bad value stops the sweep before anything runs) and start the progress bar; after the last job,
 merge the rows and write the plots and summary.md of each sweep folder."""
 from __future__ import annotations
@@ -25,9 +25,21 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
-def job_configs(config: DictConfig) -> list[SweepConfig]:
+def probe_overrides(jobs: list[list[str]]) -> list[list[str]]:
+    """The first job, and for every swept value one job that differs from it in that value only:
+    every value gets checked with len(values) compositions instead of one per combination (Hydra
+    composes each job before launching anyway, and each job validates its own combination)."""
+    first = jobs[0]
+    probes = {tuple(first)}
+    for i in range(len(first)):
+        for value in {job[i] for job in jobs}:
+            probes.add(tuple(first[:i] + [value] + first[i + 1:]))
+    return [list(p) for p in sorted(probes)]
+
+
+def check_configs(config: DictConfig, jobs: list[list[str]]) -> list[SweepConfig]:
     loader = GlobalHydra.instance().config_loader()
-    return [validate(loader.load_sweep_config(config, job)) for job in job_overrides(config)]
+    return [validate(loader.load_sweep_config(config, probe)) for probe in probe_overrides(jobs)]
 
 
 class SweepCallback(Callback):
@@ -35,12 +47,13 @@ class SweepCallback(Callback):
         self.folders: set = set()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        jobs = job_overrides(config)
         try:
-            jobs = job_configs(config)
+            checked = check_configs(config, jobs)
         except ConfigError as exc:  # Hydra turns callback exceptions into warnings; SystemExit stops it
             raise SystemExit(f"Bad sweep config, nothing was run: {exc}") from None
-        self.folders = {(c.results_dir, c.name) for c in jobs}
-        if not any(measuring(c) for c in jobs):
+        self.folders = {(c.results_dir, c.name) for c in checked}
+        if not any(measuring(c) for c in checked):
             print(CPU_MESSAGE, flush=True)
         progress.start(len(jobs))
 

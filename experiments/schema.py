@@ -7,13 +7,15 @@ by `callbacks.SweepCallback.on_multirun_start` before the first job starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 KERNELS = ("nsa", "fsa", "auto", "sdpa", "fla")
 PASSES = ("fwd", "bwd", "fwd+bwd")
+KERNEL_PRESETS = {"all": KERNELS, "sparse": ("nsa", "fsa", "auto")}
+PASS_PRESETS = {"all": PASSES}
 DTYPES = ("bfloat16", "float16", "float32")
 SCOPES = ("selected", "module")
 INDEX_SOURCES = ("nsa", "random")
@@ -71,8 +73,8 @@ class SweepConfig:
     dtype: str = "bfloat16"
     scope: str = "selected"  # selected attention alone, or the whole NSA module
     indices: str = "nsa"  # nsa: the NSA compression path; random: uniformly random causal
-    kernels: List[str] = field(default_factory=lambda: list(KERNELS))
-    passes: List[str] = field(default_factory=lambda: list(PASSES))
+    kernels: Any = "all"  # a kernel, a list of them, or a preset: all | sparse
+    passes: Any = "all"  # config key `pass` (a Python keyword is no field name): fwd | bwd | fwd+bwd | list | all
     measure: str = "auto"  # auto: time on CUDA, else predict; time: always time; predict: cost model only
     retry_failed: bool = False  # rerun points recorded as error / oom instead of skipping them
     seed: int = 0
@@ -92,10 +94,30 @@ class PaperConfig:
     out_dir: str = "results/paper"
 
 
+def sweep_schema() -> DictConfig:
+    """SweepConfig as Hydra sees it: the key `pass` instead of the field `passes`."""
+    node = OmegaConf.structured(SweepConfig)
+    with open_dict(node):
+        del node["passes"]
+        node["pass"] = "all"
+    return node
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
-    cs.store(name="sweep_schema", node=SweepConfig)
+    cs.store(name="sweep_schema", node=sweep_schema())
     cs.store(name="paper_schema", node=PaperConfig)
+
+
+def _names(key: str, value, allowed, presets) -> List[str]:
+    """A name, a list of names or a preset -> the list of names, each checked."""
+    if isinstance(value, str):
+        value = list(presets.get(value, [value]))
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{key}={value!r} must name at least one of {list(allowed)} (or a preset: {list(presets)})")
+    for name in value:
+        _one_of(key, name, allowed)
+    return list(value)
 
 
 def validate_paper(cfg: DictConfig) -> PaperConfig:
@@ -121,6 +143,7 @@ def validate(cfg: DictConfig | SweepConfig) -> SweepConfig:
     if isinstance(cfg, DictConfig):
         plain = OmegaConf.to_container(cfg, resolve=False)
         plain.pop("hydra", None)
+        plain["passes"] = plain.pop("pass", "all")
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepConfig), plain))
     for key in ("gqa", "kv_heads", "head_dim", "seqlen", "batch"):
         _positive(key, getattr(cfg, key))
@@ -135,14 +158,8 @@ def validate(cfg: DictConfig | SweepConfig) -> SweepConfig:
     _one_of("measure", cfg.measure, MEASURE_MODES)
     _one_of("sparsity.block_size", cfg.sparsity.block_size, BLOCK_SIZES)
     _positive("sparsity.topk", cfg.sparsity.topk)
-    if not cfg.kernels:
-        raise ConfigError(f"kernels must name at least one of {list(KERNELS)}")
-    for kernel in cfg.kernels:
-        _one_of("kernels", kernel, KERNELS)
-    if not cfg.passes:
-        raise ConfigError(f"pass must name at least one of {list(PASSES)}")
-    for pass_name in cfg.passes:
-        _one_of("pass", pass_name, PASSES)
+    cfg.kernels = _names("kernels", cfg.kernels, KERNELS, KERNEL_PRESETS)
+    cfg.passes = _names("pass", cfg.passes, PASSES, PASS_PRESETS)
     for key in ("kernel_size", "kernel_stride", "window_size", "local_blocks"):
         _positive(f"selection.{key}", getattr(cfg.selection, key))
     if cfg.selection.init_blocks < 0:

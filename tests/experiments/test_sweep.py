@@ -1,0 +1,109 @@
+"""The sweep end to end on CPU (subprocess, like a user runs it): multirun aggregation, resume,
+bad values rejected before anything runs; and the runner's failure recording in-process."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from experiments import kernels, runner, store
+from experiments.points import COLUMNS
+from experiments.schema import SweepConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_sweep(*overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "experiments.sweep", *overrides, "hydra/job_logging=disabled",
+           "hydra/hydra_logging=disabled"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def predicted_sweep(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    args = ("gqa=2,4", "seqlen=8192,16384", f"results_dir={results}", f"hydra.sweep.dir={results}/hydra")
+    first = run_sweep(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    return results / "sweep", args, first
+
+
+def test_multirun_aggregates_every_job_into_one_csv_and_plots(predicted_sweep):
+    folder, _, proc = predicted_sweep
+    assert "timings need CUDA; writing the analytic cost model only" in proc.stdout
+    df = pd.read_csv(folder / "results.csv")
+    assert list(df.columns) == list(COLUMNS)
+    # 2 gqa x 2 seqlen x 2 sparsity presets (default grid) x 5 kernels x 3 passes
+    assert len(df) == 2 * 2 * 2 * 5 * 3
+    assert set(df["status"]) == {"predicted", "unsupported"}  # fla needs g >= 16
+    assert (df[df["status"] == "predicted"]["median_ms"] > 0).all()
+    for name in ("ratio_vs_seqlen.png", "latency.png", "memory.png", "summary.md"):
+        assert (folder / name).stat().st_size > 0, name
+    assert "NSA/FSA" in (folder / "summary.md").read_text()
+
+
+def test_rerun_skips_recorded_points(predicted_sweep):
+    folder, args, _ = predicted_sweep
+    before = {p.name: p.read_text() for p in (folder / "rows").glob("*.csv")}
+    again = run_sweep(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p.name: p.read_text() for p in (folder / "rows").glob("*.csv")} == before
+
+
+def test_a_bad_swept_value_stops_the_sweep_before_anything_runs(tmp_path):
+    # the bad value is in the second job: the first must not run either
+    proc = run_sweep("seqlen=1024,-5", f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/hydra")
+    assert proc.returncode != 0
+    assert "seqlen=-5 must be a positive integer" in proc.stderr + proc.stdout
+    assert not (tmp_path / "sweep").exists()
+
+
+def tiny_config(tmp_path, kernels_=("nsa", "sdpa")) -> SweepConfig:
+    cfg = SweepConfig(results_dir=str(tmp_path), name="tiny", gqa=2, kv_heads=1, head_dim=16, seqlen=128,
+                      dtype="float32", indices="random", kernels=list(kernels_), passes=["fwd", "fwd+bwd"],
+                      measure="time")
+    cfg.sparsity.block_size, cfg.sparsity.topk = 16, 4
+    cfg.timing.rep_ms, cfg.timing.ref_rows = 1, 16
+    return cfg
+
+
+def test_a_raising_kernel_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    real = kernels.build_call
+
+    def build_call(kernel, *args):
+        if kernel == "nsa":
+            raise RuntimeError("kernel exploded")
+        return real(kernel, *args)
+
+    monkeypatch.setattr(kernels, "build_call", build_call)
+    cfg = tiny_config(tmp_path)
+    rows = runner.run_job(cfg, device=torch.device("cpu"))
+    by = {(r["kernel"], r["pass"]): r for r in rows}
+    assert by[("nsa", "fwd")]["status"] == "error" and "kernel exploded" in by[("nsa", "fwd")]["message"]
+    assert by[("sdpa", "fwd")]["status"] == "ok" and by[("sdpa", "fwd+bwd")]["median_ms"] > 0
+    assert by[("sdpa", "fwd")]["rel_err"] < 1e-5  # float32 SDPA vs the float32 reference rows
+    assert len(store.read_rows(tmp_path / "tiny")) == 4
+
+
+def test_oom_is_recorded_as_oom_and_retried_only_when_asked(tmp_path, monkeypatch):
+    from experiments import timing
+
+    def time_pass(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    monkeypatch.setattr(timing, "time_pass", time_pass)
+    cfg = tiny_config(tmp_path, kernels_=("sdpa",))
+    rows = runner.run_job(cfg, device=torch.device("cpu"))
+    assert {r["status"] for r in rows} == {"oom"}
+    assert runner.run_job(cfg, device=torch.device("cpu")) == []  # recorded: skipped
+    cfg.retry_failed = True
+    assert len(runner.run_job(cfg, device=torch.device("cpu"))) == 2
+
+
+def test_fla_is_unsupported_below_g16():
+    from experiments.points import Point
+
+    point = Point("selected", 4, 4, 128, 1024, 1, 64, 16, "bfloat16", "random")
+    assert "power of two >= 16" in kernels.unsupported_reason("fla", point, check_installed=False)
