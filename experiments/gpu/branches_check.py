@@ -24,7 +24,7 @@ import triton
 
 from nsa_baseline.ops.compressed import compressed_attention
 from nsa_baseline.ops.compression import compress_kv
-from nsa_baseline.ops.selection import nsa_block_indices, select_blocks, selection_scores
+from nsa_baseline.ops.selection import nsa_block_indices, select_blocks, selection_scores, selection_scores_fwd
 from nsa_baseline.ops.window import full_attention, sliding_window_attention
 from nsa_baseline.reference.compressed import compressed_attention_ref, selection_scores_ref
 from nsa_baseline.reference.compression import compress_kv as compress_kv_ref
@@ -205,6 +205,29 @@ def time_all(n, g):
                  note="dense causal SDPA, for scale")
 
 
+SCORE_CONFIGS = [dict(rows=64, summaries=64, num_warps=4, num_stages=2),  # the default
+                 dict(rows=128, summaries=64, num_warps=8, num_stages=2),
+                 dict(rows=64, summaries=32, num_warps=4, num_stages=3),
+                 dict(rows=128, summaries=32, num_warps=4, num_stages=2)]
+
+
+def tune_selection(n, g):
+    """Scores-kernel launch configurations (no spills on sm_90 per ptxas), given lse and in-kernel lse."""
+    q, k, _, _ = inputs(n, g)
+    k_cmp, cu_cmp = compress_kv(k)
+    _, lse = compressed_attention(q, k_cmp, k_cmp, None, None)
+    cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    tok_seq = torch.zeros(n, dtype=torch.int32, device="cuda")
+    nb = triton.cdiv(n, BS)
+    out = torch.empty(n, H, nb, dtype=torch.float32, device="cuda")
+    for cfg in SCORE_CONFIGS:
+        for name, l in (("selection_scores", lse), ("selection_scores(+lse)", None)):
+            ms = bench(lambda: selection_scores_fwd(q, k_cmp, l, cu, cu_cmp, tok_seq, 0, n, nb, D ** -0.5,
+                                                    KS, STRIDE, BS, out=out, config=cfg))
+            TIMES.append(dict(op=f"tune {name}", N=n, G=g, HQ=H * g, fwd_ms=f"{ms:.3f}",
+                              note=" ".join(f"{k2}={v2}" for k2, v2 in cfg.items())))
+
+
 # ------------------------------------------------------------------------------------- main
 
 
@@ -242,6 +265,7 @@ def main():
         ("check", dict(n=8192, g=16)),
         ("check", dict(n=8192, g=1)),
         ("check", dict(n=65536, g=16, backward=False)),
+        ("tune", dict(n=65536, g=4)), ("tune", dict(n=65536, g=16)), ("tune", dict(n=65536, g=1)),
     ]
     skipped = []
     for kind, cfg in plan:
@@ -250,7 +274,7 @@ def main():
             continue
         t0 = time.time()
         try:
-            (check_all if kind == "check" else time_all)(**cfg)
+            dict(check=check_all, time=time_all, tune=tune_selection)[kind](**cfg)
         except Exception as e:  # keep going: one broken item must not hide the others
             traceback.print_exc()
             CHECKS.append(dict(op=f"{kind} {cfg}", quantity="ERROR", rel_err="", ok=False,

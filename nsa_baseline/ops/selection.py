@@ -192,26 +192,29 @@ def _use_kernel(q: torch.Tensor, kernel_size: int, kernel_stride: int, block_siz
     return (q.is_cuda or is_interpreter()) and q.dtype in KERNEL_DTYPES and pow2 and c <= r
 
 
-def _tile_sizes(g: int, r: int, d: int):
+# Launch configuration of the scores kernel: rows per dot (BM = BLOCK_Q * G_PAD), summaries per
+# tile (BC = BJ * R), warps, pipeline stages. No spills on sm_90 at D = 128 (ptxas: 182 registers at
+# G = 1); experiments/gpu/branches_check.py times a few alternatives.
+DEFAULT_CONFIG = dict(rows=64, summaries=64, num_warps=4, num_stages=2)
+
+
+def _tile_sizes(g: int, r: int, d: int, rows: int = 64, summaries: int = 64):
+    """(G_PAD, BLOCK_Q, BJ, BLOCK_D): BLOCK_Q tokens x G_PAD heads = max(rows, G_PAD) rows per dot,
+    BJ blocks x R summaries = max(summaries, R) summaries per tile."""
     g_pad = next_pow2(g)
-    block_q = max(1, 64 // g_pad)  # BM = BLOCK_Q * G_PAD >= 64 rows per dot
-    if block_q * g_pad < 16:
-        block_q = 16 // g_pad
-    bj = max(1, 64 // r)  # BC = BJ * R = 64 summaries per tile (r <= 64)
-    if bj * r < 16:
-        bj = 16 // r
-    return g_pad, block_q, bj, next_pow2(max(d, 16))
+    return g_pad, max(1, rows // g_pad), max(1, summaries // r), next_pow2(max(d, 16))
 
 
 def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_blocks, scale,
-                         kernel_size, kernel_stride, block_size, out=None):
+                         kernel_size, kernel_stride, block_size, out=None, config=None):
     """Launch the scores kernel for query rows [row0, row0 + n_rows); lse=None computes it in-kernel.
-    Returns float32 [n_rows, H, num_blocks]."""
+    Returns float32 [n_rows, H, num_blocks]. `config` overrides DEFAULT_CONFIG entries."""
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
     n, hq, d = q.shape
     h = k_cmp.shape[1]
     g = hq // h
     r, c = block_size // kernel_stride, kernel_size // kernel_stride
-    g_pad, block_q, bj, block_d = _tile_sizes(g, r, d)
+    g_pad, block_q, bj, block_d = _tile_sizes(g, r, d, cfg["rows"], cfg["summaries"])
     if out is None:
         out = new_output((n_rows, h, num_blocks), torch.float32, q.device)
     if n_rows == 0 or num_blocks == 0:
@@ -226,7 +229,7 @@ def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_b
         HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, BLOCK_Q=block_q, BJ=bj, R=r, C=c,
         KS=kernel_size, STRIDE=kernel_stride, BS=block_size, COMPUTE_LSE=lse is None,
         IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(),
-        num_warps=4, num_stages=2,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
