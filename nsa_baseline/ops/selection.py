@@ -189,7 +189,9 @@ def _max_seqlen(cu_seqlens: Optional[torch.Tensor], n: int) -> int:
 def _use_kernel(q: torch.Tensor, kernel_size: int, kernel_stride: int, block_size: int) -> bool:
     r, c = block_size // kernel_stride, kernel_size // kernel_stride
     pow2 = r == next_pow2(r)
-    return (q.is_cuda or is_interpreter()) and q.dtype in KERNEL_DTYPES and pow2 and c <= r
+    # CPU: the kernel runs only under the Triton interpreter, whose bf16 tl.dot is broken.
+    on_device = q.is_cuda or (is_interpreter() and q.dtype != torch.bfloat16)
+    return on_device and q.dtype in KERNEL_DTYPES and pow2 and c <= r
 
 
 # Launch configuration of the scores kernel: rows per dot (BM = BLOCK_Q * G_PAD), summaries per
@@ -251,9 +253,9 @@ def selection_scores(
     p_slc[j] = sum_{m < BS/stride} sum_{n < kernel_size/stride} p_cmp[(BS/stride) * j + m - n] and
     summed over the G query heads of each kv head. No gradient.
 
-    CUDA (and the Triton interpreter): one Triton kernel, never materialising [N, N_cmp]
-    (BS / stride must be a power of two); otherwise (CPU without interpreter, float64, other
-    strides) `selection_scores_ref`.
+    CUDA (and the Triton interpreter for fp32/fp16): one Triton kernel, never materialising
+    [N, N_cmp] (BS / stride must be a power of two); otherwise (CPU without interpreter, bf16 on
+    CPU, float64, other strides) `selection_scores_ref`.
 
     Args:
         q: [N, HQ, D]; k_cmp: [N_cmp, H, D]; lse: float32 [HQ, N] from compressed_attention.
