@@ -12,6 +12,8 @@ from experiments.inputs import Inputs
 from experiments.points import Point
 
 MODULE_REFERENCE_MAX_TOKENS = 16384  # the torch module reference is run up to this many tokens
+DENSE_REFERENCE_ROWS = 32  # dense rows see up to N keys each: fewer of them
+GATHER_BUDGET = 1 << 25  # float32 elements of gathered keys per step (128 MiB)
 
 
 def sample_rows(num_tokens: int, count: int, seed: int, device) -> torch.Tensor:
@@ -32,24 +34,36 @@ def _attend(q_rows, keys, values, visible, scale):
 def selected_rows_ref(inp: Inputs, point: Point, rows: torch.Tensor) -> torch.Tensor:
     from nsa_baseline.reference.selected import selected_key_positions
 
-    pos = rows % point.seqlen
-    key_pos, visible = selected_key_positions(inp.block_indices[rows], point.block_size, pos)
-    packed = (rows - pos)[:, None, None] + key_pos.clamp(0, point.seqlen - 1)  # [R, H, L]
+    per_row = point.kv_heads * point.topk * point.block_size * point.head_dim
+    chunk = max(1, GATHER_BUDGET // per_row)
     heads = torch.arange(point.kv_heads, device=rows.device)[None, :, None]
-    kk, vv = inp.k.float()[packed, heads], inp.v.float()[packed, heads]
-    qq = inp.q.float()[rows].view(len(rows), point.kv_heads, point.gqa, point.head_dim)
-    return _attend(qq, kk, vv, visible, point.head_dim ** -0.5)
+    outs = []
+    for part in rows.split(chunk):
+        pos = part % point.seqlen
+        key_pos, visible = selected_key_positions(inp.block_indices[part], point.block_size, pos)
+        packed = (part - pos)[:, None, None] + key_pos.clamp(0, point.seqlen - 1)  # [R, H, L]
+        kk, vv = inp.k[packed, heads].float(), inp.v[packed, heads].float()
+        qq = inp.q[part].float().view(len(part), point.kv_heads, point.gqa, point.head_dim)
+        outs.append(_attend(qq, kk, vv, visible, point.head_dim ** -0.5))
+    return torch.cat(outs)
 
 
 def dense_rows_ref(inp: Inputs, point: Point, rows: torch.Tensor) -> torch.Tensor:
+    """Softmax over every causal key of the row's sequence, a few kv heads at a time."""
     outs = []
     for r in rows.tolist():
-        start, pos = r - r % point.seqlen, r % point.seqlen
-        kk = inp.k.float()[start:r + 1].transpose(0, 1)[None]  # [1, H, L, D]
-        vv = inp.v.float()[start:r + 1].transpose(0, 1)[None]
-        qq = inp.q.float()[r].view(1, point.kv_heads, point.gqa, point.head_dim)
-        visible = torch.ones(1, point.kv_heads, pos + 1, dtype=torch.bool, device=kk.device)
-        outs.append(_attend(qq, kk, vv, visible, point.head_dim ** -0.5))
+        start = r - r % point.seqlen
+        keys = r + 1 - start
+        step = max(1, GATHER_BUDGET // (keys * point.head_dim))
+        parts = []
+        for h0 in range(0, point.kv_heads, step):
+            h1 = min(point.kv_heads, h0 + step)
+            kk = inp.k[start:r + 1, h0:h1].float().transpose(0, 1)[None]  # [1, h, L, D]
+            vv = inp.v[start:r + 1, h0:h1].float().transpose(0, 1)[None]
+            qq = inp.q[r].float().view(point.kv_heads, point.gqa, point.head_dim)[None, h0:h1]
+            visible = torch.ones(1, h1 - h0, keys, dtype=torch.bool, device=kk.device)
+            parts.append(_attend(qq, kk, vv, visible, point.head_dim ** -0.5))
+        outs.append(torch.cat(parts, dim=1))
     return torch.cat(outs)
 
 
@@ -67,6 +81,10 @@ def output_rel_err(family: str, out: torch.Tensor, inp: Inputs, point: Point, re
             return math.nan, f"module reference skipped above {MODULE_REFERENCE_MAX_TOKENS} tokens"
         with torch.no_grad():
             return relative_error(out, module_ref().float()), ""
-    rows = sample_rows(point.num_tokens, ref_rows, seed, out.device)
-    ref = selected_rows_ref(inp, point, rows) if family == "selected" else dense_rows_ref(inp, point, rows)
+    if family == "selected":
+        rows = sample_rows(point.num_tokens, ref_rows, seed, out.device)
+        ref = selected_rows_ref(inp, point, rows)
+    else:
+        rows = sample_rows(point.num_tokens, min(ref_rows, DENSE_REFERENCE_ROWS), seed, out.device)
+        ref = dense_rows_ref(inp, point, rows)
     return relative_error(out[rows], ref), ""

@@ -196,5 +196,7 @@ def window_branch_cost(seqlen: int, batch: int, hq: int, h: int, d: int, window:
 
 
 def roofline_ms(cost: Cost, peak_tflops: float, peak_gbps: float) -> float:
-    """Lower bound on the time of a kernel that executes `cost`: the slower of compute and memory."""
+    """Time of a kernel that executes `cost` at the peaks: the slower of compute and memory, every
+    counted byte from HBM (no cache reuse: NSA, which rereads blocks its neighbours just loaded, is
+    predicted slower than L2 lets it run)."""
     return max(cost.flops / (peak_tflops * 1e12), cost.bytes / (peak_gbps * 1e9)) * 1e3

@@ -105,7 +105,8 @@ def build_module(kernel: str, cfg: SweepConfig, point: Point, device) -> torch.n
 def _module_call(kernel: str, cfg: SweepConfig, point: Point, inp: Inputs) -> Call:
     module = build_module(kernel, cfg, point, inp.x.device)
     x = inp.x.detach().requires_grad_(True)
-    return Call(lambda: module(x), [x, *module.parameters()], "module")
+    cu = None if point.batch == 1 else inp.cu_seqlens
+    return Call(lambda: module(x, cu_seqlens=cu), [x, *module.parameters()], "module")
 
 
 BRANCHES = ("compressed", "selected", "window")

@@ -4,6 +4,7 @@ ours: a PNG and a markdown table per figure under results/paper/, with the paper
 ratio ours / paper, naming the GPU. Without measurements it still writes the theory figure
 (Figure 2) and every table, and says so.
 
+Rows are read from every folder's results.csv and rows/ (a sweep cut short still counts).
 Which sweep feeds what (each is `python -m experiments.sweep paper=<preset>`): fig3 -> Figure 3,
 fig4 -> Figure 4, fig7_8 (+ fig8_selected) -> Figures 7 and 8, table5 -> Table 5, tables67 -> Tables 6-7.
 """
@@ -22,6 +23,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from experiments import cost_model as cm  # noqa: E402
 from experiments import paper_numbers as pn  # noqa: E402
+from experiments import store  # noqa: E402
 from experiments.plots import TARGETS  # noqa: E402
 from experiments.report import markdown_table  # noqa: E402
 from experiments.schema import PAPER_FIGURES, register_configs, validate_paper  # noqa: E402
@@ -33,13 +35,12 @@ register_configs()
 
 
 def load_measured(results_dir: Path) -> pd.DataFrame:
-    """Every ok row of every sweep under results_dir, with the sweep's folder name."""
+    """Every ok row of every sweep under results_dir (merged or not yet), with the sweep's folder name."""
     frames = []
-    for csv in sorted(results_dir.glob("*/results.csv")):
-        if csv.parent.name in SKIPPED_FOLDERS:
-            continue
-        df = pd.read_csv(csv)
-        frames.append(df[df["status"] == "ok"].assign(sweep=csv.parent.name))
+    for folder in sorted(p for p in results_dir.glob("*") if p.is_dir() and p.name not in SKIPPED_FOLDERS):
+        df = store.read_rows(folder)
+        frames.append(df[df["status"] == "ok"].assign(sweep=folder.name))
+    frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

@@ -19,7 +19,9 @@ from experiments.schema import HardwareConfig, SelectionConfig  # noqa: E402
 POINT_COLUMNS = ["scope", "gqa", "kv_heads", "head_dim", "seqlen", "batch", "block_size", "topk", "dtype", "indices"]
 KERNEL_COLORS = {"nsa": "tab:red", "fsa": "tab:blue", "auto": "tab:purple", "sdpa": "tab:gray", "fla": "tab:green"}
 PASS_ORDER = ["fwd", "bwd", "fwd+bwd"]
-TARGETS = Path(__file__).resolve().parent.parent / "results" / "targets" / "upstream_fsa_vs_nsa_h100.csv"
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "results" / "targets"
+TARGETS = TARGETS_DIR / "upstream_fsa_vs_nsa_h100.csv"
+PEERS = TARGETS_DIR / "peers_h100.csv"
 
 
 MAIN_SCOPES = ("selected", "module")  # rows of scope "module/<branch>" only feed breakdown.png
@@ -73,6 +75,7 @@ def nsa_fsa_ratio(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def published_ratio() -> Optional[pd.DataFrame]:
+    """NSA / FSA latency of the published kernels on our H100, one column per pass."""
     if not TARGETS.exists():
         return None
     t = pd.read_csv(TARGETS)
@@ -80,6 +83,30 @@ def published_ratio() -> Optional[pd.DataFrame]:
     t["fwd"] = t["nsa_fwd_ms"] / t["fsa_fwd_ms"]
     t["bwd"] = t["nsa_bwd_ms"] / t["fsa_bwd_ms"]
     return t
+
+
+def published_latency() -> pd.DataFrame:
+    """Published kernels on our H100 (results/targets, 4 KV heads, d=128, bf16, selected attention),
+    long form: gqa, seqlen, block_size, topk, kernel, pass, median_ms."""
+    frames = []
+    sources = ((TARGETS, {"nsa": "nsa", "fsa": "fsa"}), (PEERS, {"fla": "fla", "sdpa": "sdpa_causal"}))
+    for path, kernels in sources:
+        if not path.exists():
+            continue
+        t = pd.read_csv(path)
+        for kernel, prefix in kernels.items():
+            fwd, bwd = t.get(f"{prefix}_fwd_ms"), t.get(f"{prefix}_bwd_ms")
+            for p, ms in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", None if fwd is None or bwd is None else fwd + bwd)):
+                if ms is not None:
+                    frames.append(pd.DataFrame({"gqa": t["gqa"], "seqlen": t["seqlen"], "block_size": t["block"],
+                                                "topk": t["topk"], "kernel": kernel, "pass": p,
+                                                "median_ms": pd.to_numeric(ms, errors="coerce")}))
+    return pd.concat(frames, ignore_index=True).dropna() if frames else pd.DataFrame()
+
+
+def comparable_to_targets(rows: pd.DataFrame) -> bool:
+    return (set(rows["kv_heads"]) == {4} and set(rows["head_dim"]) == {128} and set(rows["scope"]) == {"selected"}
+            and set(rows["dtype"]) == {"bfloat16"} and set(rows["batch"]) == {1})
 
 
 def _grid(nrows: int, ncols: int, width: float = 4.2, height: float = 3.3):
@@ -99,8 +126,7 @@ def plot_ratio(rows: pd.DataFrame, predicted: bool, path: Path) -> Optional[Path
     if ratio.empty:
         return None
     presets, passes = _presets(ratio), _passes(ratio)
-    published = published_ratio() if set(ratio["kv_heads"]) == {4} and set(ratio["head_dim"]) == {128} \
-        and set(ratio["scope"]) == {"selected"} else None
+    published = published_ratio() if comparable_to_targets(ratio) else None
     fig, axes = _grid(len(presets), len(passes))
     for i, (bs, t) in enumerate(presets):
         for j, p in enumerate(passes):
@@ -128,6 +154,9 @@ def plot_latency(rows: pd.DataFrame, predicted: bool, path: Path) -> Path:
     p = _main_pass(rows)
     rows_p = rows[rows["pass"] == p]
     presets, gqas = _presets(rows_p), sorted(set(rows_p["gqa"]))
+    published = published_latency() if comparable_to_targets(rows_p) else pd.DataFrame()
+    if len(published):
+        published = published[published["pass"] == p]
     fig, axes = _grid(len(presets), len(gqas), width=3.6)
     for i, (bs, t) in enumerate(presets):
         for j, g in enumerate(gqas):
@@ -137,6 +166,12 @@ def plot_latency(rows: pd.DataFrame, predicted: bool, path: Path) -> Path:
                 line = line.sort_values("seqlen")
                 ax.plot(line["seqlen"], line["median_ms"], marker="o", label=kernel,
                         color=KERNEL_COLORS.get(kernel))
+            if len(published):
+                pub = published[(published["block_size"] == bs) & (published["topk"] == t) & (published["gqa"] == g)]
+                for kernel, line in pub.groupby("kernel"):
+                    line = line.sort_values("seqlen")
+                    ax.plot(line["seqlen"], line["median_ms"], ls="--", alpha=0.6, color=KERNEL_COLORS.get(kernel),
+                            label=f"published {kernel} (H100)")
             ax.set_yscale("log")
             _seqlen_axis(ax)
             ax.set_ylabel(f"{p} latency (ms, log)")
@@ -177,6 +212,7 @@ def breakdown_table(rows: pd.DataFrame, all_rows: pd.DataFrame, predicted: bool)
     pass and GPU; predicted, the cost model's roofline per branch (nominal H100 peaks)."""
     module = rows[(rows["scope"] == "module") & (rows["kernel"] != "sdpa")]
     module = module[module["seqlen"] == module.groupby(["block_size", "gqa"])["seqlen"].transform("max")]
+    module = module.sort_values(["pass", "gqa", "block_size", "kernel"], kind="stable")
     out = []
     for r in module.to_dict("records"):
         bar = {"bar": f"{r['kernel']} g={r['gqa']} ({r['block_size']},{r['topk']}) {r['pass']}"}

@@ -1,0 +1,58 @@
+"""Plots, summary and paper tables from synthetic measured rows (what a GPU sweep writes)."""
+import itertools
+import math
+
+import pandas as pd
+
+from experiments import paper, report
+from experiments.points import COLUMNS, Point, make_row
+
+META = {"gpu": "Fake GPU 80GB", "torch": "2.x", "triton": "3.x", "git_commit": "abc", "timestamp": "t"}
+
+
+def synthetic_rows(q_heads=None) -> pd.DataFrame:
+    rows = []
+    presets = [(64, 16), (128, 8)]
+    for g, n, (bs, t), p in itertools.product((1, 4), (32768, 65536), presets, ("fwd", "bwd", "fwd+bwd")):
+        kv = q_heads // g if q_heads else 4
+        for scope in ("selected", "module", "module/compressed", "module/selected", "module/window"):
+            for kernel, base in (("nsa", 10.0), ("fsa", 5.0 / g), ("sdpa", 8.0)):
+                if kernel == "sdpa" and scope.startswith("module/"):
+                    continue
+                point = Point(scope, g, kv, 128, n, 1, bs, t, "bfloat16", "nsa")
+                ms = base * n / 32768 * (2 if p == "fwd+bwd" else 1) * (3 if scope == "module" else 1)
+                rows.append(make_row(point, kernel, p, "ok", META, median_ms=ms, p20_ms=ms * 0.9, p80_ms=ms * 1.1,
+                                     peak_extra_mem_gb=0.1 * n / 32768, rel_err=1e-3))
+    rows.append(make_row(Point("selected", 1, 4, 128, 32768, 1, 64, 16, "bfloat16", "nsa"), "fla", "fwd",
+                         "unsupported", META, "fla: needs gqa a power of two >= 16"))
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def test_report_writes_every_plot_and_the_summary(tmp_path):
+    written = report.write_report(synthetic_rows(), tmp_path)
+    names = {p.name for p in written}
+    for name in ("ratio_vs_seqlen.png", "latency.png", "breakdown.png", "memory.png", "summary.md"):
+        assert name in names and (tmp_path / name).stat().st_size > 1000, name
+    summary = (tmp_path / "summary.md").read_text()
+    assert "NSA/FSA" in summary and "Fake GPU 80GB" in summary and "unsupported" in summary
+
+
+def test_paper_tables_use_measured_rows_and_say_not_measured_otherwise(tmp_path):
+    for name, df in (("fig7_8", synthetic_rows(q_heads=64)), ("fig3", synthetic_rows())):
+        (tmp_path / name).mkdir()
+        df.to_csv(tmp_path / name / "results.csv", index=False)
+    df = paper.load_measured(tmp_path)
+    out = tmp_path / "paper"
+    out.mkdir()
+    fig7 = paper.fig7(df, out)
+    assert "Fake GPU 80GB" in fig7 and (out / "fig7.png").stat().st_size > 0
+    # FSA fwd speedup over NSA in the synthetic rows: 10 / (5 / g) = 2g -> max 8 (g=4), mean 5
+    row = [line for line in fig7.splitlines() if "over nsa (fwd)" in line][0]
+    assert "| 8 |" in row and "| 5 |" in row
+    fig8 = paper.fig8(df, out)
+    assert (out / "fig8.png").exists() and "not measured" not in fig8
+    tables = paper.tables67(df, out)
+    assert "not measured" in tables and not (out / "tables67.png").exists()
+    fig2 = paper.fig2(df, out)
+    assert "0.213" in fig2 and (out / "fig2.png").stat().st_size > 0
+    assert not math.isnan(float(df["median_ms"].iloc[0]))
