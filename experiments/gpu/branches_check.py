@@ -4,7 +4,8 @@
 
 bf16, 4 KV heads, d = 128, G in {1, 4, 16}. Checks (relative error vs nsa_baseline.reference, fwd and
 bwd at 8K incl. packed sequences, forward at 64K) and `triton.testing.do_bench` medians of
-compress_kv, compressed_attention, selection (scores, top-T, fused nsa_block_indices),
+compress_kv, compressed_attention, selection (scores, top-T, select_blocks_from_compressed,
+nsa_block_indices),
 sliding_window_attention (w = 512, beside the FlexAttention timings of shared/targets/README.md) and
 SDPA full attention. Items run in priority order until the time budget is spent (FlexAttention
 compiles once per shape); whatever is left is listed as skipped. Writes $OUT/branches_checks.csv and
@@ -24,7 +25,8 @@ import triton
 
 from nsa_baseline.ops.compressed import compressed_attention
 from nsa_baseline.ops.compression import compress_kv
-from nsa_baseline.ops.selection import nsa_block_indices, select_blocks, selection_scores, selection_scores_fwd
+from nsa_baseline.ops.selection import (nsa_block_indices, select_blocks, select_blocks_from_compressed,
+                                        selection_scores, selection_scores_fwd)
 from nsa_baseline.ops.window import full_attention, sliding_window_attention
 from nsa_baseline.reference.compressed import compressed_attention_ref, selection_scores_ref
 from nsa_baseline.reference.compression import compress_kv as compress_kv_ref
@@ -114,6 +116,9 @@ def check_all(n, g, cu=None, backward=True):
         frac = same_sets(idx, ridx)
         record("select_blocks", n, g, layout, "rows with different block set", 1 - frac, tol=0.01,
                note="near-ties of bf16 scores may swap a block")
+        from_cmp = select_blocks_from_compressed(q, k_cmp, cu, cu_cmp, KS, STRIDE, BS, TOPK, lse=lse.detach())
+        record("select_blocks_from_compressed", n, g, layout, "rows with different block set",
+               1 - same_sets(from_cmp, ridx), tol=0.01, note="given the FlexAttention lse")
         fused = nsa_block_indices(q, k, cu, KS, STRIDE, BS, TOPK)
         frac = same_sets(fused, ridx)
         record("nsa_block_indices", n, g, layout, "rows with different block set", 1 - frac, tol=0.01,
@@ -194,6 +199,9 @@ def time_all(n, g):
     scores = selection_scores(q, k_cmp, lse, None, None, KS, STRIDE, BS)
     time_fwd_bwd("select_blocks", n, g, lambda: select_blocks(scores, None, BS, TOPK), (), note="top-16")
     del scores
+    time_fwd_bwd("select_blocks_from_compressed", n, g,
+                 lambda: select_blocks_from_compressed(q, k_cmp, None, None, KS, STRIDE, BS, TOPK, lse=lse), (),
+                 note="given lse: scores + top-16, chunked")
     time_fwd_bwd("nsa_block_indices", n, g, lambda: nsa_block_indices(q, k, None, KS, STRIDE, BS, TOPK), (),
                  note="compress + in-kernel lse + scores + top-16, chunked")
     time_fwd_bwd("compress_kv_mean", n, g, lambda: compress_kv(kg)[0], (kg,), note="k only")

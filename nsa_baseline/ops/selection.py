@@ -341,6 +341,65 @@ def select_blocks(
 
 
 @torch.no_grad()
+def select_blocks_from_compressed(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor],
+    cu_seqlens_cmp: Optional[torch.Tensor],
+    kernel_size: int = 32,
+    kernel_stride: int = 16,
+    block_size: int = 64,
+    topk: int = 16,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale: Optional[float] = None,
+    lse: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""select_blocks(selection_scores(q, k_cmp, lse, ...), ...) fused per chunk of queries, so that
+    the [N, H, NB] scores never exist at once (one chunk of <= 256 MiB at a time). No gradient.
+    CUDA / interpreter (fp32, fp16): the scores kernel (computing the lse in-kernel when lse is
+    None) + torch.topk; otherwise `select_blocks_from_compressed_ref`.
+
+    Args:
+        q: [N, HQ, D]; k_cmp: [N_cmp, H, D] (any compression); cu_seqlens, cu_seqlens_cmp: int32
+            [B + 1] (None for both = one sequence).
+        kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks: as in NSA
+            (stride | kernel_size, stride | BS, kernel_size <= BS, T >= init + local).
+        scale: defaults to D ** -0.5. lse: float32 [HQ, N] of the compressed attention, or None to
+            compute it from the same logits.
+    Returns:
+        block_indices int32 [N, H, T] (slot order as in select_blocks).
+    """
+    check_block_mapping(kernel_size, kernel_stride, block_size)
+    _check_selection(block_size, topk, init_blocks, local_blocks)
+    if not _use_kernel(q, kernel_size, kernel_stride, block_size):
+        from nsa_baseline.reference.selection import select_blocks_from_compressed_ref
+
+        return select_blocks_from_compressed_ref(q, k_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride,
+                                                 block_size, topk, init_blocks, local_blocks, scale, lse)
+    cu, cu_cmp, scale = _checked_args(q, k_cmp, None, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride,
+                                      scale)
+    n, hq, _ = q.shape
+    h = k_cmp.shape[1]
+    if lse is not None:
+        if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (hq, n):
+            raise ValueError(f"argument `lse` must be [HQ={hq}, N={n}] or None, got {getattr(lse, 'shape', lse)!r}")
+        lse = lse.detach().float().contiguous()
+    num_blocks = triton.cdiv(_max_seqlen(cu_seqlens, n), block_size)
+    tok_seq = token_sequence_ids(cu, n).int()
+    pos, _ = token_positions(cu, n)
+    chunk = max(1, _SCORE_BUDGET // max(1, h * num_blocks))
+    buf = torch.empty(min(chunk, n), h, num_blocks, dtype=torch.float32, device=q.device)
+    out = torch.empty(n, h, topk, dtype=torch.int32, device=q.device)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        scores = selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, c0, c1 - c0, num_blocks, scale,
+                                      kernel_size, kernel_stride, block_size, out=buf[:c1 - c0])
+        out[c0:c1] = select_chunk(scores, pos[c0:c1], block_size, topk, init_blocks, local_blocks)
+    return out
+
+
+@torch.no_grad()
 def nsa_block_indices(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -354,9 +413,9 @@ def nsa_block_indices(
     scale: Optional[float] = None,
 ) -> torch.Tensor:
     r"""block_indices from the NSA compression path with mean-pooled keys (what benchmarks use):
-    compress_kv(k) -> compressed lse -> selection scores -> top-T, fused per chunk of queries so
-    that the [N, H, NB] scores never exist at once (the lse is computed inside the scores kernel).
-    No gradient. CUDA / interpreter: Triton + torch.topk; otherwise `nsa_block_indices_ref`.
+    compress_kv(k) -> select_blocks_from_compressed(lse=None), i.e. compressed lse, selection
+    scores and top-T fused per chunk of queries. No gradient. CUDA / interpreter (fp32, fp16):
+    Triton + torch.topk; otherwise `nsa_block_indices_ref`.
 
     Args:
         q: [N, HQ, D]; k: [N, H, D]; cu_seqlens: int32 [B + 1] or None.
@@ -373,18 +432,5 @@ def nsa_block_indices(
     if not isinstance(k, torch.Tensor) or k.dim() != 3 or k.shape[0] != q.shape[0]:
         raise ValueError(f"argument `k` must be [N={q.shape[0]}, H, D], got {getattr(k, 'shape', k)!r}")
     k_cmp, cu_cmp = compress_kv(k, cu_seqlens, kernel_size, kernel_stride)
-    cu, cu_cmp, scale = _checked_args(q, k_cmp, None, cu_seqlens, cu_cmp, kernel_size, kernel_stride, scale)
-    n, hq, _ = q.shape
-    h = k.shape[1]
-    num_blocks = triton.cdiv(_max_seqlen(cu_seqlens, n), block_size)
-    tok_seq = token_sequence_ids(cu, n).int()
-    pos, _ = token_positions(cu, n)
-    chunk = max(1, _SCORE_BUDGET // max(1, h * num_blocks))
-    buf = torch.empty(min(chunk, n), h, num_blocks, dtype=torch.float32, device=q.device)
-    out = torch.empty(n, h, topk, dtype=torch.int32, device=q.device)
-    for c0 in range(0, n, chunk):
-        c1 = min(n, c0 + chunk)
-        scores = selection_scores_fwd(q, k_cmp, None, cu, cu_cmp, tok_seq, c0, c1 - c0, num_blocks, scale,
-                                      kernel_size, kernel_stride, block_size, out=buf[:c1 - c0])
-        out[c0:c1] = select_chunk(scores, pos[c0:c1], block_size, topk, init_blocks, local_blocks)
-    return out
+    return select_blocks_from_compressed(q, k_cmp, cu_seqlens, cu_cmp, kernel_size, kernel_stride, block_size,
+                                         topk, init_blocks, local_blocks, scale)

@@ -11,11 +11,13 @@ import torch
 
 from nsa_baseline.ops.compressed import _compressed_attention_flex, compressed_attention
 from nsa_baseline.ops.compression import compress_kv
-from nsa_baseline.ops.selection import nsa_block_indices, select_blocks, selection_scores
+from nsa_baseline.ops.selection import (nsa_block_indices, select_blocks, select_blocks_from_compressed,
+                                        selection_scores)
 from nsa_baseline.ops.window import band_block_mask, flex_attention_packed, full_attention, sliding_window_attention
 from nsa_baseline.reference.compressed import compressed_attention_ref, selection_scores_ref
 from nsa_baseline.reference.compression import compress_kv as compress_kv_ref
-from nsa_baseline.reference.selection import nsa_block_indices_ref, select_blocks_ref
+from nsa_baseline.reference.selection import (nsa_block_indices_ref, select_blocks_from_compressed_ref,
+                                              select_blocks_ref)
 from nsa_baseline.reference.window import full_attention_ref, sliding_window_attention_ref
 from tests.helpers import assert_close
 
@@ -158,6 +160,18 @@ def test_nsa_block_indices_interpreter(layout):
     assert bool(_same_sets(out, ref).all())
 
 
+@pytest.mark.parametrize("given_lse", [True, False], ids=["lse", "no_lse"])
+def test_select_blocks_from_compressed_interpreter(given_lse):
+    h, g, d, ks, stride, bs = 2, 3, 16, 32, 16, 32
+    cu = _cu("varlen", "cpu")
+    q = torch.randn(N_CPU, h * g, d)
+    k_cmp, cu_cmp = compress_kv_ref(torch.randn(N_CPU, h, d), cu, ks, stride)
+    lse = compressed_attention_ref(q, k_cmp, k_cmp, cu, cu_cmp, ks, stride)[1] if given_lse else None
+    out = select_blocks_from_compressed(q, k_cmp, cu, cu_cmp, ks, stride, bs, 5, lse=lse)
+    ref = select_blocks_from_compressed_ref(q, k_cmp, cu, cu_cmp, ks, stride, bs, 5, lse=lse)
+    assert bool(_same_sets(out, ref).all())
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("window", [None, 24], ids=["full", "w24"])
 def test_band_flex_cpu(layout, window):
@@ -253,6 +267,8 @@ def test_gpu_selection(n, h, g, cu):
     assert bool((picked.amin(-1) >= kth - 1e-2 * kth.clamp_min(1e-3).abs() - 1e-4).all())
     fused = nsa_block_indices(q, k, cu)
     assert torch.equal(fused, idx) or _same_sets(fused, idx).float().mean().item() > 0.99
+    from_cmp = select_blocks_from_compressed(q, k_cmp, cu, cu_cmp, lse=lse)
+    assert _same_sets(from_cmp, idx).float().mean().item() > 0.999  # same scores up to chunking
 
 
 @pytest.mark.gpu
