@@ -5,9 +5,8 @@
 bf16, 4 KV heads, d = 128, G in {1, 4, 16}. Checks (relative error vs nsa_baseline.reference, fwd and
 bwd at 8K incl. packed sequences, forward at 64K) and `triton.testing.do_bench` medians of
 compress_kv, compressed_attention, selection (scores, top-T, select_blocks_from_compressed,
-nsa_block_indices),
-sliding_window_attention (w = 512, beside the FlexAttention timings of shared/targets/README.md) and
-SDPA full attention. Items run in priority order until the time budget is spent (FlexAttention
+nsa_block_indices), sliding_window_attention (w = 512, beside the FlexAttention timings of
+shared/targets/README.md) and SDPA full attention. Items run in priority order until the time budget is spent (FlexAttention
 compiles once per shape); whatever is left is listed as skipped. Writes $OUT/branches_checks.csv and
 $OUT/branches_timings.csv and prints both tables.
 """
