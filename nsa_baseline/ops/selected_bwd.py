@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from nsa_baseline.ops.block_index import BlockIndex, build_block_index
-from nsa_baseline.ops.selected_fwd import LOG2E, _pair_valid, query_outer_config
+from nsa_baseline.ops.selected_fwd import DQ_CONFIGS, LOG2E, _pair_valid, query_outer_config
 from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
 
 # (D_PAD, BS, G) -> (BLOCK_M, num_warps, num_stages) for the dK/dV kernel; G = 0 means any G.
@@ -275,19 +275,19 @@ def dkdv_schedule(block_index: BlockIndex, group: int, max_pairs: int, block_m: 
 
 
 def nsa_selected_bwd_dq(q, k, v, o, lse, do, block_indices, block_size, scale, token_pos, dlse=None,
-                        num_warps=None, num_stages=None, skip_unused=True):
+                        num_warps=None, num_stages=None, skip_unused=None):
     """(dq [N, HQ, D], delta float32 [HQ, N]); launch of the query-outer dQ kernel."""
     n, hq, d = q.shape
     h, t_sel = k.shape[1], block_indices.shape[2]
     d_pad = max(16, next_pow2(d))
     delta = new_output((hq, n), torch.float32, q.device)
     dq = new_output((n, hq, d), q.dtype, q.device)
-    warps, stages = query_outer_config(d_pad, block_size, num_warps, num_stages)
+    warps, stages, skip = query_outer_config(DQ_CONFIGS, d_pad, block_size, num_warps, num_stages, skip_unused)
     nsa_selected_bwd_dq_kernel[(n, h)](
         q, k, v, o, do, lse, dlse if dlse is not None else lse, delta, dq, block_indices, token_pos,
         n, scale, scale * LOG2E,
         H=h, G=hq // h, T=t_sel, D=d, BS=block_size, G_PAD=max(16, next_pow2(hq // h)), D_PAD=d_pad,
-        HAS_DLSE=dlse is not None, SKIP_UNUSED=skip_unused, IEEE=q.dtype == torch.float32,
+        HAS_DLSE=dlse is not None, SKIP_UNUSED=skip, IEEE=q.dtype == torch.float32,
         num_warps=warps, num_stages=stages,
     )
     return dq, delta
@@ -343,7 +343,7 @@ def nsa_selected_bwd(
     dkdv_warps: int | None = None,
     dkdv_stages: int | None = None,
     dkdv_chunk: int | None = None,
-    skip_unused: bool = True,
+    skip_unused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for contiguous inputs laid out as in nsa_selected_fwd; o/lse from the forward,
     do like o, optional dlse float32 [HQ, N]. `block_index` is built when None. The knobs: launch

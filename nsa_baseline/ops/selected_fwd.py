@@ -13,18 +13,20 @@ from nsa_baseline.utils.triton_utils import new_output, next_pow2
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-# (D_PAD, BS) -> (num_warps, num_stages) for the forward and the dQ kernel (query-outer kernels).
+# (D_PAD, BS) -> (num_warps, num_stages, skip_unused) of the query-outer kernels (forward, dQ).
 # Defaults until measured on the H100 by experiments/gpu/nsa_check.py; the lead records choices here.
-QUERY_OUTER_CONFIGS: dict[tuple[int, int], tuple[int, int]] = {
-    (64, 64): (4, 2), (128, 64): (4, 2), (256, 64): (8, 2),
-    (64, 128): (4, 2), (128, 128): (8, 2), (256, 128): (8, 1),
+FWD_CONFIGS: dict[tuple[int, int], tuple[int, int, bool]] = {
+    (64, 64): (4, 2, True), (128, 64): (4, 2, True), (256, 64): (8, 2, True),
+    (64, 128): (4, 2, True), (128, 128): (8, 2, True), (256, 128): (8, 1, True),
 }
+DQ_CONFIGS: dict[tuple[int, int], tuple[int, int, bool]] = dict(FWD_CONFIGS)
 
 
-def query_outer_config(d_pad: int, block_size: int, num_warps=None, num_stages=None) -> tuple[int, int]:
-    """(num_warps, num_stages): explicit arguments win, then the table, then a size-based guess."""
-    w, s = QUERY_OUTER_CONFIGS.get((d_pad, block_size), (4 if d_pad * block_size <= 128 * 64 else 8, 2))
-    return (num_warps or w), (num_stages or s)
+def query_outer_config(table, d_pad: int, block_size: int, num_warps=None, num_stages=None,
+                       skip_unused=None) -> tuple[int, int, bool]:
+    """(num_warps, num_stages, skip_unused): explicit arguments win, then the table, then a guess."""
+    w, s, k = table.get((d_pad, block_size), (4 if d_pad * block_size <= 128 * 64 else 8, 2, True))
+    return (num_warps or w), (num_stages or s), (k if skip_unused is None else skip_unused)
 
 
 @triton.jit
@@ -116,21 +118,23 @@ def nsa_selected_fwd(
     token_pos: torch.Tensor,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    skip_unused: bool = True,
+    skip_unused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """o [N, HQ, D] (q.dtype) and lse float32 [HQ, N] for contiguous q [N, HQ, D], k/v [N, H, D],
-    block_indices int32 [N, H, T] and token_pos int32 [N] (each token's position in its sequence)."""
+    block_indices int32 [N, H, T] and token_pos int32 [N] (each token's position in its sequence).
+    Knobs (None = FWD_CONFIGS): num_warps, num_stages, skip_unused (branch around unused slots, or
+    run them with all-false masks so that the loop body stays straight for the load pipeliner)."""
     n, hq, d = q.shape
     h, t_sel = k.shape[1], block_indices.shape[2]
     g = hq // h
     d_pad = max(16, next_pow2(d))
-    warps, stages = query_outer_config(d_pad, block_size, num_warps, num_stages)
+    warps, stages, skip = query_outer_config(FWD_CONFIGS, d_pad, block_size, num_warps, num_stages, skip_unused)
     o = new_output((n, hq, d), q.dtype, q.device)
     lse = new_output((hq, n), torch.float32, q.device)
     nsa_selected_fwd_kernel[(n, h)](
         q, k, v, o, lse, block_indices, token_pos, n, scale * LOG2E,
         H=h, G=g, T=t_sel, D=d, BS=block_size, G_PAD=max(16, next_pow2(g)), D_PAD=d_pad,
-        SKIP_UNUSED=skip_unused, IEEE=q.dtype == torch.float32,
+        SKIP_UNUSED=skip, IEEE=q.dtype == torch.float32,
         num_warps=warps, num_stages=stages,
     )
     return o, lse
