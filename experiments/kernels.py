@@ -97,8 +97,11 @@ def _fla_call(inp: Inputs, point: Point) -> Call:
 def build_module(kernel: str, cfg: SweepConfig, point: Point, device) -> torch.nn.Module:
     module_cls = _entry("nsa_baseline.module", "NativeSparseAttention")
     torch.manual_seed(cfg.seed)  # the same weights for every backend
+    sel = cfg.selection
     module = module_cls(point.q_heads * point.head_dim, point.q_heads, point.kv_heads, point.head_dim,
-                        block_size=point.block_size, topk=point.topk, backend=kernel)
+                        kernel_size=sel.kernel_size, kernel_stride=sel.kernel_stride, block_size=point.block_size,
+                        topk=point.topk, init_blocks=sel.init_blocks, local_blocks=sel.local_blocks,
+                        window_size=sel.window_size, backend=kernel)
     return module.to(device=device, dtype=getattr(torch, point.dtype))
 
 
