@@ -248,6 +248,6 @@ def plot_breakdown(rows: pd.DataFrame, all_rows: pd.DataFrame, predicted: bool, 
                    label="whole module (projections, gates included)")
     ax.set_ylabel("latency (ms)")
     ax.set_xlabel("kernel, g, (BS, T), pass (largest N of the sweep)")
-    ax.legend(title="branch timed alone", fontsize=8)
+    ax.legend(title="branch (cost model)" if predicted else "branch timed alone", fontsize=8)
     fig.suptitle(title_of(rows[rows["scope"] == "module"], predicted, "NSA module breakdown"), fontsize=9)
     return _save(fig, path)
