@@ -1,5 +1,6 @@
-"""Fresh random inputs of a point (never zeros) and their block indices, cached across the jobs of
-one process (kernels swept as separate jobs reuse the same inputs)."""
+"""Fresh random inputs of a point (never zeros) and their block indices (indices=nsa: the NSA
+compression path on these q, k; indices=random: uniformly random causal blocks), cached across the
+jobs of one process (kernels swept as separate jobs reuse the same inputs)."""
 from __future__ import annotations
 
 import importlib
@@ -24,6 +25,17 @@ class Inputs:
     x: Optional[torch.Tensor] = None  # [N, HQ * D], the module's input (scope=module)
 
 
+def nsa_path_function(device: torch.device):
+    """The NSA compression path: the Triton version on CUDA when it exists (same indices, tested
+    against the reference), else the PyTorch reference `nsa_block_indices_ref`."""
+    if device.type == "cuda":
+        try:
+            return importlib.import_module("nsa_baseline.ops.selection").nsa_block_indices
+        except (ImportError, AttributeError):
+            pass
+    return importlib.import_module("nsa_baseline.reference").nsa_block_indices_ref
+
+
 def block_indices_for(point: Point, sel: SelectionConfig, q, k, cu_seqlens, generator) -> torch.Tensor:
     if point.indices == "random":
         from nsa_baseline.utils.indices import random_causal_block_indices
@@ -31,9 +43,8 @@ def block_indices_for(point: Point, sel: SelectionConfig, q, k, cu_seqlens, gene
         return random_causal_block_indices(point.num_tokens, point.kv_heads, point.topk, point.block_size,
                                            cu_seqlens=cu_seqlens, init_blocks=sel.init_blocks,
                                            local_blocks=sel.local_blocks, device=q.device, generator=generator)
-    reference = importlib.import_module("nsa_baseline.reference")
     with torch.no_grad():
-        idx = reference.nsa_block_indices_ref(
+        idx = nsa_path_function(q.device)(
             q, k, cu_seqlens=None if point.batch == 1 else cu_seqlens, kernel_size=sel.kernel_size,
             kernel_stride=sel.kernel_stride, block_size=point.block_size, topk=point.topk,
             init_blocks=sel.init_blocks, local_blocks=sel.local_blocks)

@@ -21,3 +21,16 @@ def test_sampled_selected_rows_match_the_reference_over_two_sequences():
     wrong = full.clone()
     wrong[100:] = 0
     assert accuracy.output_rel_err("selected", wrong, inp, point, ref_rows=40, seed=1)[0] > 0.1
+
+
+def test_inputs_from_the_nsa_path_are_valid_causal_indices():
+    from experiments.inputs import make_inputs
+    from experiments.schema import SelectionConfig
+    from nsa_baseline.contract import check_block_indices
+
+    point = Point("selected", 2, 2, 32, 256, 2, 32, 4, "float32", "nsa")
+    inp = make_inputs(point, SelectionConfig(), torch.device("cpu"), seed=3)
+    assert inp.block_indices.shape == (512, 2, 4) and inp.q.std() > 0.5
+    check_block_indices(inp.block_indices, 32, inp.cu_seqlens)
+    pos = torch.arange(512) % 256
+    assert (inp.block_indices.long() * 32 <= pos[:, None, None]).all()  # causal
