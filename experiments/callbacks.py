@@ -59,9 +59,4 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         progress.close()
-        for results_dir, name in sorted(self.folders):
-            folder = store.sweep_dir(results_dir, name)
-            df = store.merge(folder)
-            if len(df):
-                written = report.write_report(df, folder)
-                print(f"{folder}: {len(df)} rows; wrote {', '.join(p.name for p in written)}", flush=True)
+        report.main([str(store.sweep_dir(results_dir, name)) for results_dir, name in sorted(self.folders)])

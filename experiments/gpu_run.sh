@@ -16,7 +16,11 @@ sweep() {
     echo "== $(date -u +%T) sweep $*"
     # shellcheck disable=SC2086
     timeout "$STAGE_TIMEOUT" python -m experiments.sweep results_dir="$RESULTS_DIR" "$@" $EXTRA \
-        || echo "== stage '$*' ended with status $? (rows recorded so far are kept)"
+        || { echo "== stage '$*' ended with status $? (rows recorded so far are kept)"; rereport; }
+}
+
+rereport() {  # plots and summary.md of every sweep folder from the rows recorded so far
+    for d in "$RESULTS_DIR"/*/rows; do [ -d "$d" ] && python -m experiments.report "$(dirname "$d")"; done
 }
 
 stage() {

@@ -1,6 +1,9 @@
-"""Everything a sweep folder shows: the plots and a short summary.md."""
+"""Everything a sweep folder shows: the plots and a short summary.md. The sweep writes them when
+all jobs end; `python -m experiments.report results/<name> ...` rewrites them from the rows
+recorded so far (after a sweep cut short by a time limit, or rows copied in from another machine)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -59,3 +62,17 @@ def write_report(df: pd.DataFrame, folder: Path) -> list[Path]:
         written += [p for p in made if p is not None]
     (folder / "summary.md").write_text(summary_markdown(df))
     return written + [folder / "summary.md"]
+
+
+def main(folders: list[str]) -> None:
+    from experiments import store
+
+    for folder in map(Path, folders):
+        df = store.merge(folder)
+        if len(df):
+            written = write_report(df, folder)
+            print(f"{folder}: {len(df)} rows; wrote {', '.join(p.name for p in written)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
