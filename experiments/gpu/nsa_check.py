@@ -141,24 +141,13 @@ def correctness(clock: Clock, rows: list):
         if clock.left() < 0:
             print(f"  budget spent: skipped N={n} G={g} D={d}")
             continue
-        q, k, v, idx, cu, kind = inputs(n, h, g, d, bs, t_sel, "random", seqlens, grad=bwd)
-        o, lse = selected_attention(q, k, v, idx, bs, cu_seqlens=cu, return_lse=True, check_indices=True)
-        row = dict(n=n, h=h, g=g, d=d, bs=bs, t=t_sel, batch=len(seqlens or [n]))
-        with torch.no_grad():
-            ro, rl = selected_attention_ref(q.detach().float(), k.detach().float(), v.detach().float(), idx, bs,
-                                            cu_seqlens=cu, return_lse=True)
-        row.update(err_o=rel(o, ro), err_lse=rel(lse, rl))
-        if bwd:
-            do = torch.randn_like(o)
-            grads = torch.autograd.grad(o, (q, k, v), do)
-            qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
-            ref = torch.autograd.grad(selected_attention_ref(qr, kr, vr, idx, bs, cu_seqlens=cu), (qr, kr, vr),
-                                      do.float())
-            row.update(err_dq=rel(grads[0], ref[0]), err_dk=rel(grads[1], ref[1]), err_dv=rel(grads[2], ref[2]))
-            o2 = selected_attention(q, k, v, idx, bs, cu_seqlens=cu)
-            grads2 = torch.autograd.grad(o2, (q, k, v), do)
-            row["bitwise_repeat"] = bool(torch.equal(o, o2) and all(torch.equal(a, b) for a, b in zip(grads, grads2)))
-            del qr, kr, vr, ref, grads, grads2, o2
+        try:
+            row = check_point(n, h, g, d, bs, t_sel, seqlens, bwd)
+        except Exception as e:  # noqa: BLE001 - report the point and go on
+            print(f"  N={n:6d} H={h} G={g:2d} D={d:3d} BS={bs:3d}: FAILED {type(e).__name__}: {str(e)[:160]}")
+            ok = False
+            torch.cuda.empty_cache()
+            continue
         errs = {kk: vv for kk, vv in row.items() if kk.startswith("err_")}
         passed = all(e <= TOL for e in errs.values()) and row.get("bitwise_repeat", True)
         row["pass"] = passed
@@ -168,9 +157,30 @@ def correctness(clock: Clock, rows: list):
               + (f" bitwise_repeat={row['bitwise_repeat']}" if "bitwise_repeat" in row else "")
               + ("  PASS" if passed else "  FAIL"))
         rows.append(row)
-        del q, k, v, o, lse, ro, rl
         torch.cuda.empty_cache()
     print("  correctness:", "ALL PASS" if ok else "FAILURES")
+
+
+def check_point(n, h, g, d, bs, t_sel, seqlens, bwd) -> dict:
+    """Relative errors of o, lse (and dq, dk, dv, bitwise repeat) at one point, random indices."""
+    q, k, v, idx, cu, kind = inputs(n, h, g, d, bs, t_sel, "random", seqlens, grad=bwd)
+    o, lse = selected_attention(q, k, v, idx, bs, cu_seqlens=cu, return_lse=True, check_indices=True)
+    row = dict(n=n, h=h, g=g, d=d, bs=bs, t=t_sel, batch=len(seqlens or [n]))
+    with torch.no_grad():
+        ro, rl = selected_attention_ref(q.detach().float(), k.detach().float(), v.detach().float(), idx, bs,
+                                        cu_seqlens=cu, return_lse=True)
+    row.update(err_o=rel(o, ro), err_lse=rel(lse, rl))
+    if bwd:
+        do = torch.randn_like(o)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+        qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
+        ref = torch.autograd.grad(selected_attention_ref(qr, kr, vr, idx, bs, cu_seqlens=cu), (qr, kr, vr),
+                                  do.float())
+        row.update(err_dq=rel(grads[0], ref[0]), err_dk=rel(grads[1], ref[1]), err_dv=rel(grads[2], ref[2]))
+        o2 = selected_attention(q, k, v, idx, bs, cu_seqlens=cu)
+        grads2 = torch.autograd.grad(o2, (q, k, v), do)
+        row["bitwise_repeat"] = bool(torch.equal(o, o2) and all(torch.equal(a, b) for a, b in zip(grads, grads2)))
+    return row
 
 
 # ------------------------------------------------------------------------------- (2) timings
@@ -229,7 +239,12 @@ def timings(clock: Clock, rows: list, kind: str, quick: bool):
                 if clock.left() < 0:
                     print(f"  budget spent: skipped BS={bs} T={t_sel} G={g} N={n}")
                     continue
-                r = time_point(g, n, bs, t_sel, kind, pub)
+                try:
+                    r = time_point(g, n, bs, t_sel, kind, pub)
+                except Exception as e:  # noqa: BLE001 - report the point and go on
+                    print(f"{bs:>4} {t_sel:>3} {g:>3} {n:>6} | FAILED {type(e).__name__}: {str(e)[:160]}")
+                    torch.cuda.empty_cache()
+                    continue
                 rows.append(r)
                 print(f"{bs:>4} {t_sel:>3} {g:>3} {n:>6} | {r['fwd_ms']:7.2f} {r.get('nsa_pub_fwd_ms', 0):7.2f} "
                       f"{r.get('fwd_speedup', 0):5.2f} | {r['bwd_ms']:7.2f} {r.get('nsa_pub_bwd_ms', 0):7.2f} "
@@ -242,7 +257,8 @@ def timings(clock: Clock, rows: list, kind: str, quick: bool):
 # ------------------------------------------------------------------------------- (3) sweep
 FWD_SWEEP = [(w, s, k) for w in (4, 8) for s in (1, 2, 3) for k in (True, False)] + [(2, 2, True)]
 DQ_SWEEP = [(w, s, k) for w in (4, 8) for s in (1, 2) for k in (True, False)]
-DKDV_SWEEP = [(m, w, s) for m, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for s in (1, 2)]
+DKDV_SWEEP = [(m, w, s) for m, w in ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8)) for s in (2, 3)] + [(32, 16, 2)]
+CHUNK_TILES = (16, 64, 256, 1024, 4096)  # dK/dV work-item sizes in BLOCK_M tiles (None = the default rule)
 
 
 def sweep(clock: Clock, rows: list, kind: str, n: int, groups):
@@ -253,13 +269,19 @@ def sweep(clock: Clock, rows: list, kind: str, n: int, groups):
             if clock.left() < 20:
                 print(f"  budget spent: skipped BS={bs} G={g}")
                 continue
+            print(f"  -- BS={bs} T={t_sel} G={g}", flush=True)
             q, k, v, idx, cu, kind_used = inputs(n, H, g, D, bs, t_sel, kind, grad=False)
             do = torch.randn_like(q)
             pos = token_positions(cu, n)[0].int()
             o, lse = nsa_selected_fwd(q, k, v, idx, bs, scale, pos)
             _, delta = nsa_selected_bwd_dq(q, k, v, o, lse, do, idx, bs, scale, pos)
             bi = build_block_index(idx, bs, cu, H)
+            from nsa_baseline.ops.selected_bwd import dkdv_config
+
+            bm, w_, s_ = dkdv_config(D, bs, g)
             kernels = (
+                ("dkdv_chunk", [None, *CHUNK_TILES], lambda c: nsa_selected_bwd_dkdv(
+                    q, k, v, do, lse, delta, bi, bs, scale, t_sel, chunk=None if c is None else c * bm)),
                 ("fwd", FWD_SWEEP, lambda c: nsa_selected_fwd(q, k, v, idx, bs, scale, pos, num_warps=c[0],
                                                               num_stages=c[1], skip_unused=c[2])),
                 ("dq", DQ_SWEEP, lambda c: nsa_selected_bwd_dq(q, k, v, o, lse, do, idx, bs, scale, pos,
@@ -292,7 +314,8 @@ def sweep(clock: Clock, rows: list, kind: str, n: int, groups):
         key = (r["kernel"], r["d"], r["bs"], r["g"])
         if key not in best or r["ms"] < best[key]["ms"]:
             best[key] = r
-    print("  table lines (D_PAD, BS) -> config, best per G (fwd/dq: (warps, stages, skip); dkdv: (BLOCK_M, warps, stages)):")
+    print("  best per (kernel, D, BS, G) -- fwd/dq: (num_warps, num_stages, skip_unused) for FWD_CONFIGS/DQ_CONFIGS;\n"
+          "  dkdv: (BLOCK_M, num_warps, num_stages) for DKDV_CONFIGS; dkdv_chunk: tiles per work item (None = rule):")
     for (kern, d, bs, g), r in sorted(best.items()):
         print(f"    {kern:5s} ({d}, {bs}) G={g:2d}: {r['config']}  # {r['ms']:.3f} ms at N={r['n']}")
 
@@ -317,7 +340,7 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--sweep-n", type=int, default=32768)
-    ap.add_argument("--sweep-groups", default="1,16")
+    ap.add_argument("--sweep-groups", default="1,16,4")
     ap.add_argument("--quick", action="store_true", help="timings at 8K and 64K only")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "./out"))
