@@ -121,4 +121,5 @@ CASES: list[Case] = [  # sizes kept small: the interpreter costs ~ N * H * T
     Case("t1-d96", (70, 29), 2, 2, 96, 1, 16, "future", seed=7),
     Case("all-empty", (20, 9), 1, 2, 64, 2, 16, "all_empty", seed=8),
     Case("garbage", (40, 37), 2, 2, 64, 2, 16, "garbage", seed=9),
+    Case("d192", (23, 30), 1, 2, 192, 2, 16, "holes", seed=10),  # D padded 192 -> 256
 ]
