@@ -246,7 +246,8 @@ DKDV_SPLIT_SLOTS = 512
 
 @dataclass
 class DkdvSchedule:
-    """Work list of the dK/dV kernel: item w is chunk work_chunk[w] of CSR row work_row[w]."""
+    """Work list of the dK/dV kernel: item w is chunk work_chunk[w] of CSR row work_row[w]
+    (rows longest first)."""
 
     chunk: int  # flattened (pair, head) rows per work item, a multiple of BLOCK_M
     num_items: int  # grid size (a bound; items with work_row == num_rows do nothing)
@@ -267,11 +268,18 @@ def dkdv_schedule(block_index: BlockIndex, group: int, max_pairs: int, block_m: 
     offs = block_index.row_offsets.long()
     rows = (offs[1:] - offs[:-1]) * group
     row_chunks = ((rows + chunk - 1) // chunk).clamp_(min=1)  # <= 1 + rows / chunk
-    ends = torch.cumsum(row_chunks, 0)
-    num_items = block_index.num_rows + triton.cdiv(total, chunk)
+    # Longest rows first (LPT order): the chunks of the sink block start at once instead of
+    # trailing the grid. The order only moves work between programs; results do not depend on it.
+    num_rows = block_index.num_rows
+    order = torch.argsort(rows, descending=True, stable=True)
+    sorted_chunks = row_chunks[order]
+    ends = torch.cumsum(sorted_chunks, 0)
+    num_items = num_rows + triton.cdiv(total, chunk)
     w = torch.arange(num_items, device=offs.device)
-    work_row = torch.searchsorted(ends, w, right=True)
-    work_chunk = w - (ends - row_chunks)[work_row.clamp(max=block_index.num_rows - 1)]
+    rank = torch.searchsorted(ends, w, right=True)  # == num_rows past the last item
+    rank_c = rank.clamp(max=num_rows - 1)
+    work_row = torch.where(rank < num_rows, order[rank_c], num_rows)
+    work_chunk = w - (ends - sorted_chunks)[rank_c]
     split = torch.where(row_chunks > 1, row_chunks, 0)  # a split row has < 2 * rows / chunk chunks
     row_slot = torch.cumsum(split, 0) - split
     return DkdvSchedule(chunk, num_items, max(1, 2 * triton.cdiv(total, chunk)), work_row.int(),

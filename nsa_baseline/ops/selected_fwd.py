@@ -11,7 +11,6 @@ import triton.language as tl
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # (D_PAD, BS) -> (num_warps, num_stages, skip_unused) of the query-outer kernels (forward, dQ).
 # Defaults until measured on the H100 by experiments/gpu/nsa_check.py; the lead records choices here.

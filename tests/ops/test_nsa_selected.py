@@ -106,6 +106,32 @@ def test_kernel_knobs_agree(case, device):
         assert_close(a, b, torch.float32, name, tol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [16, 48, None])
+def test_dkdv_schedule_covers_every_row_once(chunk):
+    """Each CSR row is cut into row_chunks chunks, each chunk is one work item, split rows own
+    disjoint partial slots inside the buffer bound, and longer rows come first."""
+    from nsa_baseline.ops.block_index import build_block_index
+    from nsa_baseline.ops.selected_bwd import dkdv_schedule
+
+    case = CASES[1]
+    x = case.make(torch.float32, "cpu")
+    n, h, t_sel = x.block_indices.shape
+    bi = build_block_index(x.block_indices, x.block_size, x.cu_seqlens, h)
+    sch = dkdv_schedule(bi, case.group, n * h * t_sel, 16, chunk)
+    live = sch.work_row < bi.num_rows
+    items = sorted(zip(sch.work_row[live].tolist(), sch.work_chunk[live].tolist()))
+    expect = sorted((r, c) for r, nc in enumerate(sch.row_chunks.tolist()) for c in range(nc))
+    assert items == expect
+    rows = (bi.row_offsets[1:] - bi.row_offsets[:-1]).long() * case.group
+    assert (sch.row_chunks.long() == ((rows + sch.chunk - 1) // sch.chunk).clamp(min=1)).all()
+    lengths = rows[sch.work_row[live].long()]
+    assert (lengths[:-1] >= lengths[1:]).all(), "work items must come longest row first"
+    split = sch.row_chunks > 1
+    slots = [s for r in split.nonzero().flatten().tolist()
+             for s in range(sch.row_slot[r], sch.row_slot[r] + sch.row_chunks[r])]
+    assert len(slots) == len(set(slots)) and all(0 <= s < sch.num_slots for s in slots)
+
+
 def test_argument_errors(device):
     x = CASES[0].make(torch.float32, device)
     with pytest.raises(ValueError, match="`q`"):
