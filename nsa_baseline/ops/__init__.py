@@ -1,4 +1,24 @@
-"""Triton kernels of Native Sparse Attention (vanilla, query-outer)."""
+"""NSA on the GPU: the vanilla (query-outer) selected-attention Triton kernels and the other branches
+(compression, compressed attention + block selection, sliding window / full attention)."""
+from nsa_baseline.ops.compressed import compressed_attention
+from nsa_baseline.ops.compression import compress_kv
 from nsa_baseline.ops.selected import selected_attention
+from nsa_baseline.ops.selection import (
+    nsa_block_indices,
+    select_blocks,
+    select_blocks_from_compressed,
+    selection_scores,
+)
+from nsa_baseline.ops.window import full_attention, sliding_window_attention
 
-__all__ = ["selected_attention"]
+__all__ = [
+    "compress_kv",
+    "compressed_attention",
+    "full_attention",
+    "nsa_block_indices",
+    "select_blocks",
+    "select_blocks_from_compressed",
+    "selected_attention",
+    "selection_scores",
+    "sliding_window_attention",
+]

@@ -20,13 +20,15 @@ from nsa_baseline.ops.selected_fwd import DQ_CONFIGS, LOG2E, _pair_valid, query_
 from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
 
 # (D_PAD, BS, G) -> (BLOCK_M, num_warps, num_stages) for the dK/dV kernel; G = 0 means any G.
-# Chosen from the sm_90 register report (no spills: the dk, dv accumulators are [BS, D_PAD] fp32);
-# to be replaced by the H100 measurements of experiments/gpu/nsa_check.py.
+# Entries for D_PAD=128 measured on the H100 (experiments/gpu/nsa_check.py, N=32768, H=4, bf16,
+# NSA-path indices, 2026-11-23): (64, G=1) 0.66 ms vs 1.04 for (64, 8, 2); (64, G=16) 6.26 ms vs
+# 13.4; (128, G=1) 0.81 ms; (128, G=16) 7.43 ms vs 9.77 for (32, 8, 3). The others come from the
+# sm_90 register report (no spills: the dk, dv accumulators are [BS, D_PAD] fp32).
 DKDV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {
     (64, 16, 0): (64, 4, 2), (128, 16, 0): (64, 4, 2), (256, 16, 0): (32, 8, 2),
     (64, 32, 0): (64, 4, 2), (128, 32, 0): (64, 8, 2), (256, 32, 0): (32, 8, 2),
-    (64, 64, 0): (64, 8, 2), (128, 64, 0): (64, 8, 2), (256, 64, 0): (32, 8, 3),
-    (64, 128, 0): (32, 8, 2), (128, 128, 0): (32, 8, 3), (256, 128, 0): (32, 16, 2),
+    (64, 64, 0): (64, 8, 2), (128, 64, 0): (64, 4, 2), (128, 64, 1): (128, 8, 3), (256, 64, 0): (32, 8, 3),
+    (64, 128, 0): (32, 8, 2), (128, 128, 0): (128, 8, 3), (128, 128, 1): (128, 8, 2), (256, 128, 0): (32, 16, 2),
 }
 
 
