@@ -19,6 +19,8 @@ from nsa_baseline.contract import check_selected_args
 
 CACHE_ENV = "FSA_AUTO_CACHE"
 _choices: dict[str, str] = {}
+_gpu_names: dict[int, str] = {}
+_family_fns: dict[str, Callable] = {}
 
 
 def _families() -> dict[str, Callable]:
@@ -26,6 +28,13 @@ def _families() -> dict[str, Callable]:
     from nsa_baseline.ops.selected import selected_attention as nsa_sel
 
     return {"nsa": nsa_sel, "fsa": fsa_sel}
+
+
+def _gpu_name(device: torch.device) -> str:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _gpu_names:
+        _gpu_names[index] = torch.cuda.get_device_name(index)
+    return _gpu_names[index]
 
 
 def rule_choice(group_size: int) -> str:
@@ -36,7 +45,7 @@ def rule_choice(group_size: int) -> str:
 def config_key(q, k, block_indices, block_size, batch: int, needs_grad: bool) -> str:
     n, hq, d = q.shape
     h, t_sel = k.shape[1], block_indices.shape[2]
-    gpu = torch.cuda.get_device_name(q.device) if q.is_cuda else "cpu"
+    gpu = _gpu_name(q.device) if q.is_cuda else "cpu"
     return (f"{gpu}|{str(q.dtype).removeprefix('torch.')}|G{hq // h}|H{h}|D{d}|BS{block_size}|T{t_sel}"
             f"|N{triton.next_power_of_2(n)}|B{batch}|grad{int(needs_grad)}")
 
@@ -101,7 +110,9 @@ def selected_attention(
     """
     a = check_selected_args(q, k, v, block_indices, block_size, cu_seqlens, scale)
     name = choose(q, k, v, block_indices, block_size, a.cu_seqlens, a.scale, a.batch)
-    return _families()[name](q, k, v, block_indices, block_size, cu_seqlens=a.cu_seqlens, scale=a.scale,
+    if name not in _family_fns:
+        _family_fns.update(_families())
+    return _family_fns[name](q, k, v, block_indices, block_size, cu_seqlens=a.cu_seqlens, scale=a.scale,
                              return_lse=return_lse, check_indices=check_indices)
 
 
