@@ -27,8 +27,8 @@ def device():
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="needs CUDA: bf16 kernels at realistic sizes run only on a GPU "
-                                       "(the Triton interpreter's bf16 tl.dot is broken)")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA: GPU-only check (realistic sizes, bf16 or compiled "
+                                       "library kernels; the Triton interpreter's bf16 tl.dot is broken)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)

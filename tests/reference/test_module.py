@@ -138,7 +138,34 @@ def test_kernel_backends_match_torch_backend(backend):
     other = NativeSparseAttention(32, 4, 2, 16, backend=backend, **kw)
     other.load_state_dict(ref.state_dict())
     x, cs = torch.randn(70, 32), cu(30, 40)
-    assert_close(other(x, cs), ref(x, cs), torch.float32, backend)
+    check_module_against_torch(other, ref, x, cs, tol=None)
+
+
+def check_module_against_torch(module, ref, x, cu_seqlens, tol):
+    """Forward and backward (input and every weight) of `module` against `ref` on the same weights."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = module(xa, cu_seqlens), ref(xb, cu_seqlens)
+    assert_close(out, expected, torch.float32, "module output", tol=tol)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    expected.backward(dy)
+    assert_close(xa.grad, xb.grad, torch.float32, "dx", tol=tol)
+    for (name, p), (_, p_ref) in zip(module.named_parameters(), ref.named_parameters()):
+        assert_close(p.grad, p_ref.grad, torch.float32, f"d{name}", tol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["nsa", "fsa", "auto"])
+def test_gpu_module_matches_torch_backend(backend):
+    """The whole module on the GPU (fp32, so that block choices have no near-ties): 3 packed
+    sequences, 16 query heads over 4 KV heads (G = 4), the paper's block sizes and window."""
+    torch.manual_seed(0)
+    ref = NativeSparseAttention(512, 16, 4, 64, backend="torch").cuda()
+    module = NativeSparseAttention(512, 16, 4, 64, backend=backend).cuda()
+    module.load_state_dict(ref.state_dict())
+    x = torch.randn(4096, 512, device="cuda")
+    cs = torch.tensor([0, 1000, 1077, 4096], dtype=torch.int32, device="cuda")
+    check_module_against_torch(module, ref, x, cs, tol=5e-3)  # fp32; library kernels may use tf32
 
 
 def test_sequences_shorter_than_a_summary_and_empty_sequences():
