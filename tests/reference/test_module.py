@@ -150,8 +150,17 @@ def check_module_against_torch(module, ref, x, cu_seqlens, tol):
     out.backward(dy)
     expected.backward(dy)
     assert_close(xa.grad, xb.grad, torch.float32, "dx", tol=tol)
-    for (name, p), (_, p_ref) in zip(module.named_parameters(), ref.named_parameters()):
-        assert_close(p.grad, p_ref.grad, torch.float32, f"d{name}", tol=tol)
+    grads = {name: (p.grad, p_ref.grad) for (name, p), (_, p_ref) in
+             zip(module.named_parameters(), ref.named_parameters())}
+    # d k_cmp_pos sums dK of the summaries over all keys, which cancels exactly (each softmax row's
+    # dS sums to zero): it is rounding noise around 0 in both, so it is held to the scale of the other
+    # weight gradients instead of its own norm.
+    scale = max(g_ref.norm().item() for name, (_, g_ref) in grads.items() if name != "k_cmp_pos")
+    for name, (g, g_ref) in grads.items():
+        if name == "k_cmp_pos":
+            assert not torch.isnan(g).any() and (g - g_ref).norm().item() <= (tol or 2e-4) * scale, name
+        else:
+            assert_close(g, g_ref, torch.float32, f"d{name}", tol=tol)
 
 
 @pytest.mark.gpu
