@@ -11,10 +11,13 @@ per query in slot order.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from fsa.index import locate_item
+from fsa.index import build_schedule, locate_item
+from fsa.tuning import launch_plan
+from nsa_baseline.utils.triton_utils import new_output
 
 
 @triton.jit
@@ -158,20 +161,7 @@ def _fsa_bwd_dq_reduce_kernel(
 def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float, dlse=None):
     """Host wrapper: returns dq, dk, dv (input dtype). dlse [HQ, N] is the gradient of the returned
     lse, if any: d lse / d s = p, so it folds into delta (ds = p * (dp - delta + dlse))."""
-    import torch
-
-    from fsa.index import build_schedule
-    from fsa.tuning import heads_per_pass, launch_config
-    from nsa_baseline.utils.triton_utils import new_output
-
-    n, hq, d = q.shape
-    h = k.shape[1]
-    g = hq // h
-    d_pad = max(16, triton.next_power_of_2(d))
-    cfg = launch_config(d, block_size, backward=True)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    max_pairs = n * h * topk
-    gc = heads_per_pass(g, max_pairs, d, q.element_size())
+    n, hq, h, g, d, d_pad, max_pairs, gc, precision, cfg = launch_plan(q, k, block_size, topk, backward=True)
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1).t().contiguous()  # [HQ, N]
     if dlse is not None:

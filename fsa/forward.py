@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fsa.index import locate_item
+from fsa.index import build_schedule, locate_item
+from fsa.tuning import launch_plan
+from nsa_baseline.utils.triton_utils import new_output
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -115,18 +117,7 @@ def _fsa_fwd_reduce_kernel(
 
 def fsa_fwd(q, k, v, index, block_size: int, topk: int, scale: float):
     """Host wrapper: returns o [N, HQ, D] (q.dtype) and lse float32 [HQ, N] (natural log)."""
-    from fsa.index import build_schedule
-    from fsa.tuning import heads_per_pass, launch_config
-    from nsa_baseline.utils.triton_utils import new_output
-
-    n, hq, d = q.shape
-    h = k.shape[1]
-    g = hq // h
-    d_pad = max(16, triton.next_power_of_2(d))
-    cfg = launch_config(d, block_size, backward=False)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    max_pairs = n * h * topk
-    gc = heads_per_pass(g, max_pairs, d, q.element_size())
+    n, hq, h, g, d, d_pad, max_pairs, gc, precision, cfg = launch_plan(q, k, block_size, topk, backward=False)
     o = new_output((n, hq, d), q.dtype, q.device)
     lse = new_output((hq, n), torch.float32, q.device)
     o_part = torch.empty(max_pairs * gc, d, dtype=q.dtype, device=q.device)

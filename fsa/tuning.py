@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import triton
 
@@ -42,3 +43,29 @@ def heads_per_pass(group_size: int, max_pairs: int, head_dim: int, elem_bytes: i
     budget = float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_GB)) * 2**30
     per_head = max(1, max_pairs * head_dim * elem_bytes)
     return max(1, min(group_size, int(budget // per_head)))
+
+
+class LaunchPlan(NamedTuple):
+    """Sizes and launch choices shared by the FSA forward and backward host wrappers."""
+
+    n: int
+    hq: int
+    h: int
+    g: int
+    d: int
+    d_pad: int
+    max_pairs: int  # N * H * T: the most (query, block) pairs a call can have
+    heads_per_pass: int
+    precision: str  # tl.dot input_precision: exact fp32 products for fp32 inputs
+    cfg: LaunchConfig
+
+
+def launch_plan(q, k, block_size: int, topk: int, backward: bool) -> LaunchPlan:
+    import torch
+
+    n, hq, d = q.shape
+    h = k.shape[1]
+    max_pairs = n * h * topk
+    return LaunchPlan(n, hq, h, hq // h, d, max(16, triton.next_power_of_2(d)), max_pairs,
+                      heads_per_pass(hq // h, max_pairs, d, q.element_size()),
+                      "ieee" if q.dtype == torch.float32 else "tf32", launch_config(d, block_size, backward))
