@@ -30,7 +30,6 @@ def _fsa_bwd_pairs_kernel(
     BLOCK_M: tl.constexpr, CHUNK_TILES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     KEY_TILE: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    NUM_SUB: tl.constexpr = BS // KEY_TILE
     pid = tl.program_id(0)
     i_sub = tl.program_id(1)
     if pid >= tl.load(item_offsets + NUM_ROWS):

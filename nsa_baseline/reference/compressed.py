@@ -159,7 +159,6 @@ def summaries_to_blocks(p: torch.Tensor, kernel_size: int, kernel_stride: int, b
         shares with block j.
     """
     k_sub, r_sub = kernel_size // kernel_stride, block_size // kernel_stride
-    s = p.shape[-1]
     # sub[u] = sum_n p[u - n]: mass on stride-sized sub-block u (summary i covers sub-blocks i .. i+K-1).
     sub = sum(F.pad(p, (n, k_sub - 1 - n)) for n in range(k_sub))  # [..., S + K - 1]
     width = num_blocks * r_sub

@@ -1,8 +1,8 @@
-"""FSA selected-attention kernels against the reference and against the NSA family: o, lse, dq, dk, dv.
+"""FSA-specific kernel tests (the shared reference checks of both families are in test_selected.py).
 
-CPU: the Triton interpreter in fp32 and fp16 over the adversarial cases of tests/ops/cases.py plus
-FSA's own hard cases (a block chosen by no query, by every query; head passes under a tiny buffer
-budget; busy blocks split over several work items). GPU: bf16 at 8K-64K, bitwise determinism.
+CPU: the Triton interpreter in fp32 and fp16 on FSA's own hard cases (a block chosen by no query,
+by every query; head passes under a tiny buffer budget; busy blocks split over several work items),
+agreement with NSA, auto. GPU: bf16 at 8K-64K, bitwise determinism.
 """
 import pytest
 import torch
@@ -13,21 +13,10 @@ from fsa.selected import selected_attention
 from nsa_baseline.ops import selected_attention as nsa_selected_attention
 from nsa_baseline.reference import selected_attention_ref
 from tests.helpers import assert_close
-from tests.ops.cases import CASES, Case, CaseInputs
-from tests.ops.harness import check_all, check_empty_rows, reference, run_selected
+from tests.ops.cases import CASES, CaseInputs
+from tests.ops.harness import check_all, reference, run_selected
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_reference(case: Case, dtype, device):
-    x = case.make(dtype, device)
-    do = torch.randn_like(x.q)
-    out = run_selected(selected_attention, x, do, check_indices=case.valid_indices)
-    ref = reference(x, do)
-    check_all(out, ref, dtype)
-    check_empty_rows(out[0], out[1], ref[1])
 
 
 def _hot_and_cold_case(dtype, device):
@@ -60,13 +49,6 @@ def test_head_passes_under_small_buffer_budget(device, monkeypatch):
     check_all(run_selected(selected_attention, x, do), reference(x, do), torch.float32)
 
 
-def test_lse_gradient(device):
-    x = CASES[3].make(torch.float32, device)
-    do = torch.randn_like(x.q)
-    dlse = torch.randn(x.q.shape[1], x.q.shape[0], device=device)
-    check_all(run_selected(selected_attention, x, do, dlse), reference(x, do, dlse), torch.float32)
-
-
 @pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=lambda c: c.id)
 def test_same_answer_as_nsa(case, device):
     x = case.make(torch.float32, device)
@@ -80,20 +62,6 @@ def test_auto_dispatches_to_a_family(device):
     do = torch.randn_like(x.q)
     check_all(run_selected(auto.selected_attention, x, do), reference(x, do), torch.float32)
     assert auto.rule_choice(1) == "fsa" and auto.rule_choice(16) == "nsa"
-
-
-def test_argument_errors(device):
-    x = CASES[0].make(torch.float32, device)
-    with pytest.raises(ValueError, match="`q`"):
-        selected_attention(x.q.double(), x.k.double(), x.v.double(), x.block_indices, 16)
-    with pytest.raises(ValueError, match="`block_size`"):
-        selected_attention(x.q, x.k, x.v, x.block_indices, 256)
-    with pytest.raises(ValueError, match="`block_indices`"):
-        selected_attention(x.q, x.k, x.v, x.block_indices.long(), 16)
-    bad = x.block_indices.clone()
-    bad[5, 0, 0] = 99
-    with pytest.raises(ValueError, match="`block_indices`"):
-        selected_attention(x.q, x.k, x.v, bad, 16, check_indices=True)
 
 
 def test_package_export():

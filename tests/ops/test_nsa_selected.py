@@ -1,7 +1,5 @@
-"""Vanilla NSA selected-attention kernels against the reference: o, lse, dq, dk, dv.
-
-CPU: the Triton interpreter in fp32 and fp16 over the adversarial cases of tests/ops/cases.py
-(outputs poisoned with NaN before launch, so an unwritten element fails). GPU: bf16 at 8K-64K and
+"""NSA-specific kernel tests (the shared reference checks of both families are in test_selected.py):
+every tuning knob computes the same thing, the dK/dV work list, and on the GPU bf16 at 8K-64K with
 bitwise determinism of the backward.
 """
 import pytest
@@ -15,75 +13,8 @@ from nsa_baseline.reference import selected_attention_ref
 from nsa_baseline.utils.indices import random_causal_block_indices
 from nsa_baseline.utils.varlen import token_positions
 from tests.helpers import assert_close
-from tests.ops.cases import CASES, Case
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-def reference(x, do, dlse=None, ref_dtype=torch.float64):
-    """(o, lse, dq, dk, dv) of the reference in ref_dtype on the same (rounded) inputs."""
-    q, k, v = (t.detach().to(ref_dtype).requires_grad_() for t in x[:3])
-    o, lse = selected_attention_ref(q, k, v, x.block_indices, x.block_size, cu_seqlens=x.cu_seqlens,
-                                    return_lse=True)
-    outs, grads = [o], [do.to(ref_dtype)]
-    if dlse is not None:
-        outs.append(lse)
-        grads.append(dlse.to(lse.dtype))
-    dq, dk, dv = torch.autograd.grad(outs, (q, k, v), grads)
-    return o, lse, dq, dk, dv
-
-
-def run_kernel(x, do, dlse=None, **kw):
-    q, k, v = (t.detach().clone().requires_grad_() for t in x[:3])
-    o, lse = selected_attention(q, k, v, x.block_indices, x.block_size, cu_seqlens=x.cu_seqlens,
-                                return_lse=True, **kw)
-    outs, grads = [o], [do]
-    if dlse is not None:
-        outs.append(lse)
-        grads.append(dlse)
-    dq, dk, dv = torch.autograd.grad(outs, (q, k, v), grads)
-    return o, lse, dq, dk, dv
-
-
-def check_all(out, ref, dtype):
-    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), out, ref):
-        assert_close(a, b, dtype, name)
-
-
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_reference(case: Case, dtype, device):
-    x = case.make(dtype, device)
-    do = torch.randn_like(x.q)
-    out = run_kernel(x, do, check_indices=case.valid_indices)
-    ref = reference(x, do)
-    check_all(out, ref, dtype)
-    o, lse = out[:2]
-    assert not torch.isnan(lse).any()
-    seen_nothing = torch.isneginf(lse)  # [HQ, N]
-    assert torch.equal(seen_nothing, torch.isneginf(ref[1]))
-    assert (o.transpose(0, 1)[seen_nothing] == 0).all(), "a row that sees nothing must give o = 0"
-
-
-def test_lse_gradient(device):
-    """Gradients flow through the returned lse as well (d lse / d s = p)."""
-    x = CASES[3].make(torch.float32, device)
-    do = torch.randn_like(x.q)
-    dlse = torch.randn(x.q.shape[1], x.q.shape[0], device=device)
-    check_all(run_kernel(x, do, dlse), reference(x, do, dlse), torch.float32)
-
-
-def test_noncontiguous_inputs(device):
-    x = CASES[2].make(torch.float32, device)
-    q = x.q.transpose(0, 1).contiguous().transpose(0, 1)  # [N, HQ, D] with head-major storage
-    k = torch.cat([x.k, x.k], -1)[..., : x.k.shape[-1]]  # strided rows
-    v = torch.stack([x.v, -x.v], -1)[..., 0]  # last-dim stride 2
-    idx = torch.stack([x.block_indices, x.block_indices], -1)[..., 1]
-    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or idx.is_contiguous())
-    xn = x._replace(q=q, k=k, v=v, block_indices=idx)
-    do = torch.randn_like(x.q).transpose(0, 1).contiguous().transpose(0, 1)
-    check_all(run_kernel(xn, do), reference(x, do), torch.float32)
-
+from tests.ops.cases import CASES, CaseInputs
+from tests.ops.harness import check_all, reference, run_selected
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=lambda c: c.id)
 def test_kernel_knobs_agree(case, device):
@@ -132,18 +63,6 @@ def test_dkdv_schedule_covers_every_row_once(chunk):
     assert len(slots) == len(set(slots)) and all(0 <= s < sch.num_slots for s in slots)
 
 
-def test_argument_errors(device):
-    x = CASES[0].make(torch.float32, device)
-    with pytest.raises(ValueError, match="`q`"):
-        selected_attention(x.q.double(), x.k.double(), x.v.double(), x.block_indices, 16)
-    with pytest.raises(ValueError, match="`block_size`"):
-        selected_attention(x.q, x.k, x.v, x.block_indices, 256)
-    bad = x.block_indices.clone()
-    bad[5, 0, 0] = 99
-    with pytest.raises(ValueError, match="`block_indices`"):
-        selected_attention(x.q, x.k, x.v, bad, 16, check_indices=True)
-
-
 def test_package_export():
     assert nsa_baseline.selected_attention is selected_attention
 
@@ -179,13 +98,10 @@ def test_gpu_bf16_forward(n, g, bs, t_sel):
                          ids=lambda p: str(p))
 def test_gpu_bf16_backward_deterministic(g, d, bs):
     q, k, v, idx, cu = gpu_inputs(8192, 2, g, d, 8, bs, seqlens=[3000, 77, 5115])
-    x = (q, k, v, idx, bs, cu)
+    xi = CaseInputs(q, k, v, idx, bs, cu)
     do = torch.randn_like(q)
-    from tests.ops.cases import CaseInputs
-
-    xi = CaseInputs(*x)
-    out1 = run_kernel(xi, do, check_indices=True)
-    out2 = run_kernel(xi, do, check_indices=False)
+    out1 = run_selected(selected_attention, xi, do, check_indices=True)
+    out2 = run_selected(selected_attention, xi, do, check_indices=False)
     for a, b, name in zip(out1, out2, ("o", "lse", "dq", "dk", "dv")):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
     check_all(out1, reference(xi, do, ref_dtype=torch.float32), torch.bfloat16)

@@ -1,0 +1,62 @@
+"""Both selected-attention families against the reference on the shared adversarial cases:
+o, lse, dq, dk, dv (Triton interpreter in fp32 / fp16 on CPU; outputs poisoned before launch)."""
+import pytest
+import torch
+
+import fsa
+import nsa_baseline
+from tests.ops.cases import CASES, Case
+from tests.ops.harness import check_all, check_empty_rows, reference, run_selected
+
+FAMILIES = {"nsa": nsa_baseline.selected_attention, "fsa": fsa.selected_attention}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+family_param = pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES.keys())
+
+
+@family_param
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_reference(family, case: Case, dtype, device):
+    x = case.make(dtype, device)
+    do = torch.randn_like(x.q)
+    out = run_selected(family, x, do, check_indices=case.valid_indices)
+    ref = reference(x, do)
+    check_all(out, ref, dtype)
+    check_empty_rows(out[0], out[1], ref[1])
+
+
+@family_param
+def test_lse_gradient(family, device):
+    """Gradients flow through the returned lse as well (d lse / d s = p)."""
+    x = CASES[3].make(torch.float32, device)
+    do = torch.randn_like(x.q)
+    dlse = torch.randn(x.q.shape[1], x.q.shape[0], device=device)
+    check_all(run_selected(family, x, do, dlse), reference(x, do, dlse), torch.float32)
+
+
+@family_param
+def test_noncontiguous_inputs(family, device):
+    x = CASES[2].make(torch.float32, device)
+    q = x.q.transpose(0, 1).contiguous().transpose(0, 1)  # [N, HQ, D] with head-major storage
+    k = torch.cat([x.k, x.k], -1)[..., : x.k.shape[-1]]  # strided rows
+    v = torch.stack([x.v, -x.v], -1)[..., 0]  # last-dim stride 2
+    idx = torch.stack([x.block_indices, x.block_indices], -1)[..., 1]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or idx.is_contiguous())
+    xn = x._replace(q=q, k=k, v=v, block_indices=idx)
+    do = torch.randn_like(x.q).transpose(0, 1).contiguous().transpose(0, 1)
+    check_all(run_selected(family, xn, do), reference(x, do), torch.float32)
+
+
+@family_param
+def test_argument_errors(family, device):
+    x = CASES[0].make(torch.float32, device)
+    with pytest.raises(ValueError, match="`q`"):
+        family(x.q.double(), x.k.double(), x.v.double(), x.block_indices, 16)
+    with pytest.raises(ValueError, match="`block_size`"):
+        family(x.q, x.k, x.v, x.block_indices, 256)
+    with pytest.raises(ValueError, match="`block_indices`"):
+        family(x.q, x.k, x.v, x.block_indices.long(), 16)
+    bad = x.block_indices.clone()
+    bad[5, 0, 0] = 99
+    with pytest.raises(ValueError, match="`block_indices`"):
+        family(x.q, x.k, x.v, bad, 16, check_indices=True)
