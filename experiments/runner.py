@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import os
 import gc
 import math
 import subprocess
@@ -29,12 +30,14 @@ def measuring(cfg: SweepConfig) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
+    """HEAD of the checkout; NSA_GIT_COMMIT where the tree was copied without .git (a lent GPU box)."""
+    fallback = os.environ.get("NSA_GIT_COMMIT", "unknown")
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip() or fallback
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def environment(cfg: SweepConfig, device: torch.device) -> dict:
