@@ -52,11 +52,11 @@ class SweepCallback(Callback):
             checked = check_configs(config, jobs)
         except ConfigError as exc:  # Hydra turns callback exceptions into warnings; SystemExit stops it
             raise SystemExit(f"Bad sweep config, nothing was run: {exc}") from None
-        self.folders = {(c.results_dir, c.name) for c in checked}
+        self.folders = {(c.results_dir, c.name, not measuring(c)) for c in checked}
         if not any(measuring(c) for c in checked):
             print(CPU_MESSAGE, flush=True)
         progress.start(len(jobs))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         progress.close()
-        report.main([str(store.sweep_dir(results_dir, name)) for results_dir, name in sorted(self.folders)])
+        report.main([str(store.sweep_dir(*folder)) for folder in sorted(self.folders)])

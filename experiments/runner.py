@@ -178,7 +178,7 @@ def measured_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], m
 
 def pending(cfg: SweepConfig, point: Point, meta: dict) -> list[tuple[str, str]]:
     """(kernel, pass) pairs of this job that are not recorded yet."""
-    done = store.done_keys(store.sweep_dir(cfg.results_dir, cfg.name), cfg.retry_failed)
+    done = store.done_keys(store.sweep_dir(cfg.results_dir, cfg.name, not measuring(cfg)), cfg.retry_failed)
     return [(k, p) for k in cfg.kernels for p in cfg.passes
             if row_key(make_row(point, k, p, "ok", dict(meta, timestamp=""))) not in done]
 
@@ -197,5 +197,5 @@ def run_job(cfg: SweepConfig, device: Optional[torch.device] = None,
         rows = measured_rows(cfg, point, todo, meta, device, on_step)
     else:
         rows = predicted_rows(cfg, point, todo, meta)
-    store.append_rows(store.sweep_dir(cfg.results_dir, cfg.name), f"{point}|{meta['gpu']}", rows)
+    store.append_rows(store.sweep_dir(cfg.results_dir, cfg.name, not measuring(cfg)), f"{point}|{meta['gpu']}", rows)
     return rows

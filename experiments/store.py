@@ -14,8 +14,10 @@ ROWS_DIR = "rows"
 RETRY_STATUSES = ("error", "oom")
 
 
-def sweep_dir(results_dir: str, name: str) -> Path:
-    return Path(results_dir) / name
+def sweep_dir(results_dir: str, name: str, predicted: bool = False) -> Path:
+    """results/<name>/ for measured rows; cost-model rows (no CUDA) go to results/<name>_predicted/ so
+    that a CPU run never mixes predictions into a measured sweep."""
+    return Path(results_dir) / (f"{name}_predicted" if predicted else name)
 
 
 def read_rows(folder: Path) -> pd.DataFrame:

@@ -27,7 +27,8 @@ def predicted_sweep(tmp_path_factory):
     args = ("gqa=2,4", "seqlen=8192,16384", f"results_dir={results}", f"hydra.sweep.dir={results}/hydra")
     first = run_sweep(*args)
     assert first.returncode == 0, first.stderr[-3000:]
-    return results / "sweep", args, first
+    assert not (results / "sweep").exists(), "predicted rows must not land in the measured sweep's folder"
+    return results / "sweep_predicted", args, first
 
 
 def test_multirun_aggregates_every_job_into_one_csv_and_plots(predicted_sweep):
@@ -57,7 +58,7 @@ def test_a_bad_swept_value_stops_the_sweep_before_anything_runs(tmp_path):
     proc = run_sweep("seqlen=1024,-5", f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/hydra")
     assert proc.returncode != 0
     assert "seqlen=-5 must be a positive integer" in proc.stderr + proc.stdout
-    assert not (tmp_path / "sweep").exists()
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "sweep_predicted").exists()
 
 
 def tiny_config(tmp_path, kernels_=("nsa", "sdpa")) -> SweepConfig:
