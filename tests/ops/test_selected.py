@@ -26,6 +26,14 @@ def test_matches_reference(family, case: Case, dtype, device):
 
 
 @family_param
+def test_blocks_of_128_keys(family, device):
+    """BS=128 (the (128, 8) preset): FSA walks such a block in several key tiles in its backward."""
+    x = Case("bs128", (260, 31), 1, 2, 32, 2, 128, "holes", seed=11).make(torch.float32, device)
+    do = torch.randn_like(x.q)
+    check_all(run_selected(family, x, do, check_indices=True), reference(x, do), torch.float32)
+
+
+@family_param
 def test_lse_gradient(family, device):
     """Gradients flow through the returned lse as well (d lse / d s = p)."""
     x = CASES[3].make(torch.float32, device)
