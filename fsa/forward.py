@@ -18,7 +18,6 @@ from fsa.tuning import launch_plan
 from nsa_baseline.utils.triton_utils import new_output
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -109,7 +108,7 @@ def _fsa_fwd_reduce_kernel(
         b_m = m_new
     seen = b_l > 0
     b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
-    b_lse = tl.where(seen, (b_m + tl.log2(tl.where(seen, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
+    b_lse = tl.where(seen, (b_m + tl.log2(tl.where(seen, b_l, 1.0))) * 0.6931471805599453, float("-inf"))  # * ln 2
     tl.store(o + o_n[:, None].to(tl.int64) * (HQ * D) + i_hq * D + o_d[None, :], b_o.to(o.dtype.element_ty),
              mask=m_n[:, None] & m_d[None, :])
     tl.store(lse + i_hq.to(tl.int64) * N + o_n, b_lse, mask=m_n)
