@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.block_index import BlockIndex, build_block_index  # noqa: F401  (re-export)
+from nsa_baseline.ops.block_index import BlockIndex
 
 
 @dataclass

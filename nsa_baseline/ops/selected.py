@@ -14,20 +14,6 @@ from nsa_baseline.utils.varlen import token_positions
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
 
-# cu_seqlens = [0, N] per (N, device), kept alive so that the contract's checked-tensor cache
-# recognises it: a call without cu_seqlens makes no host<->device copy (and so no sync) after the first.
-_single_sequence: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _single_sequence_cu_seqlens(n: int, device: torch.device) -> torch.Tensor:
-    key = (n, device)
-    if key not in _single_sequence:
-        if len(_single_sequence) > 64:
-            _single_sequence.clear()
-        _single_sequence[key] = torch.tensor([0, n], dtype=torch.int32, device=device)
-    return _single_sequence[key]
-
-
 class SelectedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_indices, block_size, cu_seqlens, scale, token_pos):
@@ -76,8 +62,6 @@ def selected_attention(
         o [N, HQ, D] in q.dtype, and with return_lse the float32 lse [HQ, N] (natural log; a row
         that sees no key has o = 0 and lse = -inf). Differentiable in q, k, v (and through lse).
     """
-    if cu_seqlens is None and isinstance(q, torch.Tensor) and q.dim() == 3:
-        cu_seqlens = _single_sequence_cu_seqlens(q.shape[0], q.device)
     a = check_selected_args(q, k, v, block_indices, block_size, cu_seqlens, scale,
                             supported_block_sizes=KERNEL_BLOCK_SIZES, supported_dtypes=KERNEL_DTYPES)
     if index_checks_requested(check_indices):

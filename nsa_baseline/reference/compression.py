@@ -12,14 +12,10 @@ from typing import Optional
 import torch
 
 from nsa_baseline.utils.compressed_varlen import check_kernel, compressed_cu_seqlens
-from nsa_baseline.utils.varlen import token_sequence_ids
+from nsa_baseline.utils.varlen import single_sequence_cu_seqlens, token_sequence_ids
 
 # Elements of the gathered blocks per chunk ([chunk, kernel_size, H, D]).
 _GATHER_BUDGET = 1 << 26
-
-
-def _single_sequence(num_tokens: int, device) -> torch.Tensor:
-    return torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
 
 
 def _check_inputs(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb):
@@ -63,7 +59,7 @@ def compress_kv(
     """
     _check_inputs(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb)
     n, h, d = x.shape
-    cu_seqlens = _single_sequence(n, x.device) if cu_seqlens is None else cu_seqlens.to(x.device)
+    cu_seqlens = single_sequence_cu_seqlens(n, x.device) if cu_seqlens is None else cu_seqlens.to(x.device)
     cu_cmp = compressed_cu_seqlens(cu_seqlens, kernel_size, kernel_stride)
     n_cmp = int(cu_cmp[-1])
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
