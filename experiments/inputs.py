@@ -22,7 +22,7 @@ class Inputs:
     v: torch.Tensor  # [N, H, D]
     cu_seqlens: torch.Tensor  # int32 [B + 1], equal-length sequences
     block_indices: torch.Tensor  # int32 [N, H, T]
-    x: Optional[torch.Tensor] = None  # [N, HQ * D], the module's input (scope=module)
+    gates: Optional[torch.Tensor] = None  # [N, HQ, 3] branch gates in (0, 1) (scope=module)
 
 
 def nsa_path_function(device: torch.device):
@@ -66,6 +66,6 @@ def make_inputs(point: Point, sel: SelectionConfig, device: torch.device, seed: 
     q, k, v = randn(n, hq, d), randn(n, h, d), randn(n, h, d)
     cu = torch.arange(0, n + 1, point.seqlen, device=device, dtype=torch.int32)
     idx = block_indices_for(point, sel, q, k, cu, gen)
-    x = randn(n, hq * d) if point.scope == "module" else None
-    _cache[key] = Inputs(q, k, v, cu, idx, x)
+    gates = torch.sigmoid(randn(n, hq, 3)) if point.scope == "module" else None
+    _cache[key] = Inputs(q, k, v, cu, idx, gates)
     return _cache[key]

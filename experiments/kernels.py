@@ -2,9 +2,11 @@
 fake number), each turned into a zero-argument call on a point's inputs.
 
 selected scope: nsa | fsa | auto | fla run selected attention on (q, k, v, block_indices);
-module scope: nsa | fsa | auto run NativeSparseAttention(backend=...) on x, and each of its three
-branches alone (`branch_calls`); sdpa is dense causal attention over the same heads in both scopes
-(the paper's full-attention baseline is the kernel alone).
+module scope: nsa | fsa | auto run NativeSparseAttention(backend=...).attention on (q, k, v, gates):
+compression, compressed attention, selection, selected and window attention and the gated sum, i.e.
+everything that replaces dense attention (the q/k/v/o projections, equal for both, are left out);
+and each of its three branches alone (`branch_calls`); sdpa is dense causal attention over the
+same heads in both scopes (the paper's full-attention baseline is the kernel alone).
 """
 from __future__ import annotations
 
@@ -106,10 +108,11 @@ def build_module(kernel: str, cfg: SweepConfig, point: Point, device) -> torch.n
 
 
 def _module_call(kernel: str, cfg: SweepConfig, point: Point, inp: Inputs) -> Call:
-    module = build_module(kernel, cfg, point, inp.x.device)
-    x = inp.x.detach().requires_grad_(True)
+    module = build_module(kernel, cfg, point, inp.q.device)
+    q, k, v, gates = (t.detach().requires_grad_(True) for t in (inp.q, inp.k, inp.v, inp.gates))
     cu = None if point.batch == 1 else inp.cu_seqlens
-    return Call(lambda: module(x, cu_seqlens=cu), [x, *module.parameters()], "module")
+    params = [p for name, p in module.named_parameters() if "_cmp_" in name]  # the compression's
+    return Call(lambda: module.attention(q, k, v, gates, cu), [q, k, v, gates, *params], "module")
 
 
 BRANCHES = ("compressed", "selected", "window")

@@ -136,6 +136,22 @@ def branch_rows(cfg: SweepConfig, point: Point, kernel: str, passes: list[str], 
     return rows
 
 
+def _module_reference(cfg: SweepConfig, point: Point, inp) -> Optional[Callable[[], torch.Tensor]]:
+    """The torch-backend module output of the point, computed once on first use (every kernel of
+    the point is compared with it), or None where it is not run (selected scope, long inputs)."""
+    if point.scope != "module" or point.num_tokens > accuracy.MODULE_REFERENCE_MAX_TOKENS:
+        return None
+    memo: list[torch.Tensor] = []
+
+    def reference() -> torch.Tensor:
+        if not memo:
+            with torch.no_grad():
+                memo.append(kernels.build_call("torch", cfg, point, inp).run())
+        return memo[0]
+
+    return reference
+
+
 def measured_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], meta: dict, device,
                   on_step: Optional[Callable[[str], None]] = None) -> list[dict]:
     rows: list[dict] = []
@@ -148,6 +164,7 @@ def measured_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], m
     except Exception as exc:  # no inputs, no measurement: every row of the point says why
         free_memory()
         return [r for k, ps in by_kernel.items() for r in _failed_rows(point, k, ps, meta, exc)]
+    module_ref = _module_reference(cfg, point, inp)
     for kernel, passes in by_kernel.items():
         reason = kernels.unsupported_reason(kernel, point)
         if reason:
@@ -157,11 +174,8 @@ def measured_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], m
             call = kernels.build_call(kernel, cfg, point, inp)
             with torch.no_grad():
                 out = call.run()
-            module_ref = None
-            if call.family == "module" and point.num_tokens <= accuracy.MODULE_REFERENCE_MAX_TOKENS:
-                module_ref = kernels.build_call("torch", cfg, point, inp).run
             rel_err, note = accuracy.output_rel_err(call.family, out, inp, point, cfg.timing.ref_rows,
-                                                    cfg.seed, module_ref)
+                                                    cfg.seed, module_ref if call.family == "module" else None)
             del out
         except Exception as exc:
             free_memory()
@@ -171,7 +185,7 @@ def measured_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], m
         rows += _timed_rows(point, kernel, passes, call, cost, rel_err, note, meta, cfg, on_step)
         del call
         free_memory()
-        if point.scope == "module" and kernel != "sdpa":
+        if point.scope == "module" and kernel != "sdpa" and cfg.breakdown:
             rows += branch_rows(cfg, point, kernel, passes, inp, stats, meta, on_step)
     return rows
 

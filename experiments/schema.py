@@ -77,6 +77,7 @@ class SweepConfig:
     passes: Any = "all"  # config key `pass` (a Python keyword is no field name): fwd | bwd | fwd+bwd | list | all
     measure: str = "auto"  # auto: time on CUDA, else predict; time: always time; predict: cost model only
     retry_failed: bool = False  # rerun points recorded as error / oom instead of skipping them
+    breakdown: bool = True  # scope=module: also time each branch alone (rows module/<branch>, breakdown.png)
     seed: int = 0
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)

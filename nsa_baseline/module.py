@@ -106,16 +106,40 @@ class NativeSparseAttention(nn.Module):
             ([N, HQ, D] each, before gating), "gates" ([N, HQ, 3]) and "block_indices" (int32 [N, H, T]).
         """
         self._check_input(x, cu_seqlens)
-        fns = self.branches()
         n, hq, h, d = x.shape[0], self.num_q_heads, self.num_kv_heads, self.head_dim
-        ks, st = self.kernel_size, self.kernel_stride
         if cu_seqlens is not None:
             cu_seqlens = cu_seqlens.to(x.device)
         pos = rope_positions(n, cu_seqlens, x.device)
         q = apply_rope(self.q_proj(x).view(n, hq, d), pos, self.rope_theta)
         k = apply_rope(self.k_proj(x).view(n, h, d), pos, self.rope_theta)
         v = self.v_proj(x).view(n, h, d)
+        gates = torch.sigmoid(self.gate_proj(x)).view(n, hq, 3)
+        o, branches = self.attention(q, k, v, gates, cu_seqlens, return_branches=True)
+        out = self.o_proj(o.reshape(n, hq * d))
+        if not return_branches:
+            return out
+        return out, dict(branches, gates=gates)
 
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
+                  cu_seqlens: Optional[torch.Tensor] = None, return_branches: bool = False):
+        r"""NSA's attention between the projections: compression, compressed attention, block
+        selection, selected and sliding-window attention, gated sum. This is the part that replaces
+        dense attention (what benchmarks compare with FlashAttention; the q/k/v/o projections are
+        the same for both).
+
+        Args:
+            q: [N, HQ, D]; k, v: [N, H, D] (after RoPE); gates: [N, HQ, 3] in [0, 1] for the
+                compressed, selected and window branches; cu_seqlens: int32 [B + 1] or None.
+        Returns:
+            o [N, HQ, D]; with return_branches also a dict of "compressed", "selected", "window" and
+            "block_indices".
+        """
+        n, hq, h, d = q.shape[0], self.num_q_heads, self.num_kv_heads, self.head_dim
+        for name, t, shape in (("q", q, (n, hq, d)), ("k", k, (n, h, d)), ("v", v, (n, h, d)), ("gates", gates, (n, hq, 3))):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                raise ValueError(f"argument `{name}` must be {list(shape)}, got {tuple(getattr(t, 'shape', ()))}")
+        fns = self.branches()
+        ks, st = self.kernel_size, self.kernel_stride
         if self.compression == "linear":
             k_cmp, cu_cmp = fns.compress_kv(k, cu_seqlens, ks, st, self.k_cmp_weight, self.k_cmp_pos)
             v_cmp, _ = fns.compress_kv(v, cu_seqlens, ks, st, self.v_cmp_weight, self.v_cmp_pos)
@@ -129,14 +153,10 @@ class NativeSparseAttention(nn.Module):
                 self.init_blocks, self.local_blocks, lse=lse_cmp.detach())
         o_slc = fns.selected_attention(q, k, v, block_indices, self.block_size, cu_seqlens=cu_seqlens)
         o_win = fns.sliding_window_attention(q, k, v, self.window_size, cu_seqlens)
-
-        gates = torch.sigmoid(self.gate_proj(x)).view(n, hq, 3)
         o = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win  # [N, HQ, D]
-        out = self.o_proj(o.reshape(n, hq * d))
         if not return_branches:
-            return out
-        return out, {"compressed": o_cmp, "selected": o_slc, "window": o_win, "gates": gates,
-                     "block_indices": block_indices}
+            return o
+        return o, {"compressed": o_cmp, "selected": o_slc, "window": o_win, "block_indices": block_indices}
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, HQ={self.num_q_heads}, H={self.num_kv_heads}, D={self.head_dim}, "

@@ -1,4 +1,4 @@
-"""Block selection of NSA: selection scores from the compressed softmax (Triton) and top-T (PyTorch).
+"""Block selection of NSA: selection scores from the compressed softmax and top-T, fused in Triton.
 
 Scores kernel: grid (query tiles of BLOCK_Q tokens, H); the tile's rows are its (token, query head)
 pairs of one KV group. Per sequence met by the tile it loops over selection-block tiles (BJ blocks
@@ -7,7 +7,11 @@ visible summaries, summed over the G heads and mapped to blocks by overlap (a su
 min(C, R - u) to its own block and max(0, u + C - R) to the next one, u = its slot in the block,
 C = kernel_size / stride), the spill carried across tiles. With COMPUTE_LSE the kernel first runs an
 online logsumexp over the same summaries (the selection path needs no compressed-attention output).
-Top-T: forced blocks ranked +inf, non-causal -inf, torch.topk a chunk of rows at a time.
+Top-T (select_blocks_from_compressed): the same kernel keeps each row's running top-T set while the
+block scores are made (a candidate above the set's minimum replaces it; forced blocks rank +inf)
+and writes only the int32 indices: torch.topk over the stored [N, H, NB] scores took 190 ms of
+the module's 620 ms at 64K tokens, 64 heads on the H100. `select_blocks` (scores given) uses
+torch.topk a chunk of rows at a time.
 """
 from __future__ import annotations
 
@@ -62,12 +66,12 @@ def _lse_tile(b_q, b_mx, b_l, p_k, i0, nvis_max, nvis_m, in_m, qk_scale,
 
 
 @triton.jit
-def _scores_tile(b_q, b_lse, carry, p_k, p_out, j0, nvis_max, nvis_m, in_m, in_t, nb_t, NB, qk_scale,
+def _scores_tile(b_q, b_lse, carry, p_k, j0, nvis_max, nvis_m, in_m, qk_scale,
                  H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
                  G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
                  IEEE: tl.constexpr):
-    """Scores of blocks [j0, j0 + BJ) for the tile's tokens of one sequence; returns the spill of
-    the last block's summaries into block j0 + BJ."""
+    """Scores [BLOCK_Q, BJ] of blocks [j0, j0 + BJ) for the tile's tokens of one sequence, and the
+    spill of the last block's summaries into block j0 + BJ."""
     BC: tl.constexpr = BJ * R
     o_j = tl.arange(0, BJ)
     b_acc = tl.where(o_j[None, :] == 0, carry[:, None], 0.)  # [BLOCK_Q, BJ]
@@ -91,10 +95,85 @@ def _scores_tile(b_q, b_lse, carry, p_k, p_out, j0, nvis_max, nvis_m, in_m, in_t
         b_shift = tl.gather(b_next, prev_j, axis=1)  # b_next[:, j - 1]
         b_acc += b_same + tl.where(o_j[None, :] == 0, 0., b_shift)
         carry = tl.sum(tl.where(o_j[None, :] == BJ - 1, b_next, 0.), axis=1)
+    return b_acc, carry
+
+
+@triton.jit
+def _merge_top(vals, ids, b_sc, j0, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.constexpr,
+               BJ: tl.constexpr, T_PAD: tl.constexpr, FILL_FIRST: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """Insert the candidates of blocks [j0, j0 + BJ) (scores b_sc [BLOCK_Q, BJ]) into each row's running
+    top set (vals, ids [BLOCK_Q, T_PAD]): each step, a row's best remaining candidate replaces the
+    set's minimum if it is larger. Steps = the most candidates above a row's minimum at entry (one
+    block-wide reduction per tile, none per step). Rank as select_chunk: forced blocks +inf, other
+    causal blocks by score (NaN -> lowest finite), non-causal blocks are no candidates."""
+    FMAX: tl.constexpr = 3.4028234663852886e38
+    o_j = tl.arange(0, BJ)
+    o_s = tl.arange(0, T_PAD)
     o_b = j0 + o_j
-    b_out = tl.where(o_b[None, :] < nb_t[:, None], b_acc, float("-inf"))
-    tl.store(p_out[:, None] + o_b[None, :], b_out, mask=in_t[:, None] & (o_b < NB)[None, :])
-    return carry
+    causal = in_t[:, None] & (o_b[None, :] <= cur_t[:, None])
+    forced = causal & ((o_b[None, :] < INIT) | (o_b[None, :] > cur_t[:, None] - LOCAL))
+    cand = tl.where(b_sc != b_sc, -FMAX, tl.minimum(tl.maximum(b_sc, -FMAX), FMAX))
+    cand = tl.where(forced, float("inf"), tl.where(causal, cand, float("-inf")))
+    if FILL_FIRST and j0 == 0:  # T == T_PAD == BJ: the first tile is the set (rows of this sequence)
+        vals = tl.where(in_t[:, None], cand, vals)
+        ids = tl.where(in_t[:, None], o_b[None, :] + tl.zeros_like(ids), ids)
+    else:
+        thr = tl.min(vals, axis=1)
+        steps = tl.max(tl.sum((cand > thr[:, None]).to(tl.int32), axis=1), axis=0)
+        if WHILE_LOOP:  # the interpreter cannot range() over computed bounds
+            step = steps * 0
+            while step < steps:
+                vals, ids, cand = _insert_best(vals, ids, cand, j0, o_j, o_s)
+                step += 1
+        else:
+            for _ in range(steps):
+                vals, ids, cand = _insert_best(vals, ids, cand, j0, o_j, o_s)
+    return vals, ids
+
+
+@triton.jit
+def _insert_best(vals, ids, cand, j0, o_j, o_s):
+    best, pick = tl.max(cand, axis=1, return_indices=True)  # leftmost best: lower block first on ties
+    low, slot = tl.min(vals, axis=1, return_indices=True)
+    hit = (best > low)[:, None] & (o_s[None, :] == slot[:, None])
+    vals = tl.where(hit, best[:, None], vals)
+    ids = tl.where(hit, (j0 + pick)[:, None], ids)
+    cand = tl.where(o_j[None, :] == pick[:, None], float("-inf"), cand)
+    return vals, ids, cand
+
+
+@triton.jit
+def _store_top(vals, ids, p_idx, m_t, T: tl.constexpr, T_PAD: tl.constexpr):
+    """Write each row's set as select_chunk orders it: forced first, then by decreasing score, -1 for
+    empty slots (slots >= T hold +inf placeholders and are dropped)."""
+    o_s = tl.arange(0, T_PAD)
+    bits = vals.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integer order = float order
+    key = tl.where(o_s[None, :] < T, key, -2147483648)  # placeholders last
+    packed = (key.to(tl.int64) << 32) | (tl.where(vals > float("-inf"), ids, -1).to(tl.int64) & 0xFFFFFFFF)
+    packed = tl.sort(packed, dim=1, descending=True)
+    b_idx = (packed & 0xFFFFFFFF).to(tl.int32)
+    tl.store(p_idx[:, None] + o_s[None, :], b_idx, mask=m_t[:, None] & (o_s < T)[None, :])
+
+
+@triton.jit
+def _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur_t, nb_t, in_t, nvis_max, nvis_m,
+                in_m, NB, qk_scale, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+                G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
+                TOPK: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+                WHILE_LOOP: tl.constexpr):
+    """Scores of blocks [j0, j0 + BJ): merged into the running top sets (TOPK > 0) or stored."""
+    b_sc, carry = _scores_tile(b_q, b_lse, carry, p_k, j0, nvis_max, nvis_m, in_m, qk_scale,
+                               H, D, BLOCK_D, BLOCK_Q, G_PAD, BJ, R, C, IEEE)
+    if TOPK > 0:
+        vals, ids = _merge_top(vals, ids, b_sc, j0, cur_t, in_t, INIT, LOCAL, BJ, T_PAD,
+                               (TOPK == T_PAD) and (BJ == T_PAD), WHILE_LOOP)
+    else:
+        o_b = j0 + tl.arange(0, BJ)
+        b_out = tl.where(o_b[None, :] < nb_t[:, None], b_sc, float("-inf"))
+        p_out = out_ptr + ((tok_t - row0).to(tl.int64) * H + tl.program_id(1)) * NB
+        tl.store(p_out[:, None] + o_b[None, :], b_out, mask=in_t[:, None] & (o_b < NB)[None, :])
+    return carry, vals, ids
 
 
 @triton.jit
@@ -105,7 +184,10 @@ def _selection_scores_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BJ: tl.constexpr,
     R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr,
     COMPUTE_LSE: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    TOPK: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
 ):
+    """TOPK == 0: write the scores float32 [n_rows, H, NB]. TOPK > 0: keep each row's top TOPK blocks
+    while the scores are made and write int32 [n_rows, H, TOPK] block indices (no scores in memory)."""
     tl.static_assert(C <= R)
     i_q, i_h = tl.program_id(0), tl.program_id(1)
     BM: tl.constexpr = BLOCK_Q * G_PAD
@@ -132,17 +214,21 @@ def _selection_scores_kernel(
     tok_t = t0 + o_t
     m_t = tok_t < t_end
     seq_t = tl.load(tok_seq_ptr + tok_t, mask=m_t, other=0)
-    len_t = tl.load(cu_ptr + seq_t + 1, mask=m_t, other=0) - tl.load(cu_ptr + seq_t, mask=m_t, other=0)
+    start_t = tl.load(cu_ptr + seq_t, mask=m_t, other=0)
+    len_t = tl.load(cu_ptr + seq_t + 1, mask=m_t, other=0) - start_t
     nb_t = (len_t + BS - 1) // BS  # blocks of the token's sequence; later ones are -inf
-    p_out = out_ptr + ((tok_t - row0).to(tl.int64) * H + i_h) * NB  # [BLOCK_Q]
-    o_c = tl.arange(0, BC)
+    cur_t = (tok_t - start_t) // BS  # the token's own block
+    # running top set of every row (TOPK == 0: unused); slots >= TOPK hold +inf placeholders
+    o_s = tl.arange(0, T_PAD)
+    vals = tl.where(o_s[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_Q, T_PAD], tl.float32)
+    ids = tl.zeros([BLOCK_Q, T_PAD], dtype=tl.int32) - 1
 
     s = tl.min(tl.where(m_t, seq_t, 2147483647), axis=0)  # sequences met by the tile: s .. s_last
     s_last = tl.max(tl.where(m_t, seq_t, -1), axis=0)
     while s <= s_last:
         in_m = m_m & (seq_m == s)
         in_t = m_t & (seq_t == s)
-        p_k = k_ptr + (tl.load(cu_cmp_ptr + s).to(tl.int64) + o_c[:, None]) * (H * D) + i_h * D + o_d[None, :]
+        p_k = k_ptr + (tl.load(cu_cmp_ptr + s).to(tl.int64) + tl.arange(0, BC)[:, None]) * (H * D) + i_h * D + o_d[None, :]
         nvis_max = tl.max(tl.where(in_m, nvis_m, 0), axis=0)
         if COMPUTE_LSE:
             b_mx = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -159,17 +245,28 @@ def _selection_scores_kernel(
                                           H, D, BLOCK_D, BC, IEEE)
             b_lse = tl.where(in_m, tl.where(b_l > 0, b_mx + tl.log2(tl.where(b_l > 0, b_l, 1.)), float("-inf")), b_lse)
         carry = tl.zeros([BLOCK_Q], dtype=tl.float32)  # mass spilled into the first block of a tile
+        # top-T needs the causal blocks only; the scores output is written in full
+        if TOPK > 0:
+            j_end = tl.max(tl.where(in_t, cur_t, -1), axis=0) + 1
+        else:
+            j_end = NB
         if WHILE_LOOP:
-            j0 = nvis_max * 0
-            while j0 < NB:
-                carry = _scores_tile(b_q, b_lse, carry, p_k, p_out, j0, nvis_max, nvis_m, in_m, in_t, nb_t, NB,
-                                     qk_scale, H, D, BLOCK_D, BLOCK_Q, G_PAD, BJ, R, C, IEEE)
+            j0 = j_end * 0
+            while j0 < j_end:
+                carry, vals, ids = _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur_t,
+                                               nb_t, in_t, nvis_max, nvis_m, in_m, NB, qk_scale, H, D, BLOCK_D,
+                                               BLOCK_Q, G_PAD, BJ, R, C, IEEE, TOPK, T_PAD, INIT, LOCAL,
+                                               WHILE_LOOP)
                 j0 += BJ
         else:
-            for j0 in range(0, NB, BJ):
-                carry = _scores_tile(b_q, b_lse, carry, p_k, p_out, j0, nvis_max, nvis_m, in_m, in_t, nb_t, NB,
-                                     qk_scale, H, D, BLOCK_D, BLOCK_Q, G_PAD, BJ, R, C, IEEE)
+            for j0 in range(0, j_end, BJ):
+                carry, vals, ids = _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur_t,
+                                               nb_t, in_t, nvis_max, nvis_m, in_m, NB, qk_scale, H, D, BLOCK_D,
+                                               BLOCK_Q, G_PAD, BJ, R, C, IEEE, TOPK, T_PAD, INIT, LOCAL,
+                                               WHILE_LOOP)
         s += 1
+    if TOPK > 0:
+        _store_top(vals, ids, out_ptr + ((tok_t - row0).to(tl.int64) * H + i_h) * TOPK, m_t, TOPK, T_PAD)
 
 
 def _max_seqlen(cu_seqlens: Optional[torch.Tensor], n: int) -> int:
@@ -198,6 +295,9 @@ def _use_kernel(q: torch.Tensor, kernel_size: int, kernel_stride: int, block_siz
 # tile (BC = BJ * R), warps, pipeline stages. No spills on sm_90 at D = 128 (ptxas: 182 registers at
 # G = 1); experiments/gpu/branches_check.py times a few alternatives.
 DEFAULT_CONFIG = dict(rows=64, summaries=64, num_warps=4, num_stages=2)
+# Top-T mode at G = 1 with T >= 16: 32 rows (fewer insertion steps per tile, which the slowest of the
+# tile's rows sets): 58 vs 78 ms at 64K tokens x 64 heads, (64, 16), H100. 64 rows elsewhere.
+TOP_CONFIG_G1_T16 = dict(rows=32)
 
 
 def _tile_sizes(g: int, r: int, d: int, rows: int = 64, summaries: int = 64):
@@ -208,18 +308,23 @@ def _tile_sizes(g: int, r: int, d: int, rows: int = 64, summaries: int = 64):
 
 
 def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_blocks, scale,
-                         kernel_size, kernel_stride, block_size, out=None, config=None):
+                         kernel_size, kernel_stride, block_size, out=None, config=None,
+                         topk=0, init_blocks=0, local_blocks=0):
     """Launch the scores kernel for query rows [row0, row0 + n_rows); lse=None computes it in-kernel.
-    Returns float32 [n_rows, H, num_blocks]. `config` overrides DEFAULT_CONFIG entries."""
-    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    topk == 0: returns the scores float32 [n_rows, H, num_blocks]; topk > 0: the selected blocks
+    int32 [n_rows, H, topk] (select_chunk's rule and slot order), the scores never stored.
+    `config` overrides DEFAULT_CONFIG entries."""
     n, hq, d = q.shape
     h = k_cmp.shape[1]
     g = hq // h
+    tuned = TOP_CONFIG_G1_T16 if topk >= 16 and g == 1 else {}
+    cfg = dict(DEFAULT_CONFIG, **tuned, **(config or {}))
     r, c = block_size // kernel_stride, kernel_size // kernel_stride
     g_pad, block_q, bj, block_d = _tile_sizes(g, r, d, cfg["rows"], cfg["summaries"])
     if out is None:
-        out = new_output((n_rows, h, num_blocks), torch.float32, q.device)
-    if n_rows == 0 or num_blocks == 0:
+        shape, dtype = ((n_rows, h, topk), torch.int32) if topk else ((n_rows, h, num_blocks), torch.float32)
+        out = new_output(shape, dtype, q.device)
+    if n_rows == 0 or (num_blocks == 0 and not topk):
         return out
     k_cmp = k_cmp.to(q.dtype).contiguous()
     if k_cmp.shape[0] == 0:  # no summary anywhere: keep a valid pointer, nothing is visible
@@ -231,6 +336,7 @@ def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_b
         HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, BLOCK_Q=block_q, BJ=bj, R=r, C=c,
         KS=kernel_size, STRIDE=kernel_stride, BS=block_size, COMPUTE_LSE=lse is None,
         IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(),
+        TOPK=topk, T_PAD=next_pow2(max(topk, 1)), INIT=init_blocks, LOCAL=local_blocks,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -355,10 +461,10 @@ def select_blocks_from_compressed(
     scale: Optional[float] = None,
     lse: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    r"""select_blocks(selection_scores(q, k_cmp, lse, ...), ...) fused per chunk of queries, so that
-    the [N, H, NB] scores never exist at once (one chunk of <= 256 MiB at a time). No gradient.
-    CUDA / interpreter (fp32, fp16): the scores kernel (computing the lse in-kernel when lse is
-    None) + torch.topk; otherwise `select_blocks_from_compressed_ref`.
+    r"""select_blocks(selection_scores(q, k_cmp, lse, ...), ...) in one kernel: each row's top-T set is
+    kept while its block scores are made, so no scores reach memory. No gradient.
+    CUDA / interpreter (fp32, fp16): the Triton scores kernel in top-T mode (computing the lse
+    in-kernel when lse is None); otherwise `select_blocks_from_compressed_ref`.
 
     Args:
         q: [N, HQ, D]; k_cmp: [N_cmp, H, D] (any compression); cu_seqlens, cu_seqlens_cmp: int32
@@ -387,16 +493,9 @@ def select_blocks_from_compressed(
         lse = lse.detach().float().contiguous()
     num_blocks = triton.cdiv(_max_seqlen(cu_seqlens, n), block_size)
     tok_seq = token_sequence_ids(cu, n).int()
-    pos, _ = token_positions(cu, n)
-    chunk = max(1, _SCORE_BUDGET // max(1, h * num_blocks))
-    buf = torch.empty(min(chunk, n), h, num_blocks, dtype=torch.float32, device=q.device)
-    out = torch.empty(n, h, topk, dtype=torch.int32, device=q.device)
-    for c0 in range(0, n, chunk):
-        c1 = min(n, c0 + chunk)
-        scores = selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, c0, c1 - c0, num_blocks, scale,
-                                      kernel_size, kernel_stride, block_size, out=buf[:c1 - c0])
-        out[c0:c1] = select_chunk(scores, pos[c0:c1], block_size, topk, init_blocks, local_blocks)
-    return out
+    return selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, 0, n, num_blocks, scale, kernel_size,
+                                kernel_stride, block_size, topk=topk, init_blocks=init_blocks,
+                                local_blocks=local_blocks)
 
 
 @torch.no_grad()

@@ -172,6 +172,59 @@ def test_select_blocks_from_compressed_interpreter(given_lse):
     assert bool(_same_sets(out, ref).all())
 
 
+def _check_selection_rule(idx, scores, cu, bs, topk, init, local, tol=1e-5):
+    """Every row of idx [N, H, T] obeys the selection rule on `scores` [N, H, NB] (ties allowed):
+    distinct causal blocks, all forced blocks, as many blocks as fit, forced slots first, the rest
+    by decreasing score, and no unpicked causal block scoring above a picked one."""
+    n, h, t = idx.shape
+    nb = scores.shape[-1]
+    cu = torch.tensor([0, n], dtype=torch.int32) if cu is None else cu
+    pos = torch.cat([torch.arange(int(b) - int(a)) for a, b in zip(cu[:-1], cu[1:])])
+    cur = (pos // bs)[:, None, None]
+    blocks = torch.arange(nb)[None, None, :]
+    causal = (blocks <= cur).expand(n, h, nb)
+    forced = causal & ((blocks < init) | (blocks > cur - local))
+    valid = idx >= 0
+    want = torch.clamp(cur[..., 0] + 1, max=topk).expand(n, h)
+    assert torch.equal(valid.sum(-1), want), "number of picked blocks"
+    assert bool((valid.long().diff(dim=-1) <= 0).all()), "-1 slots are last"
+    picked = torch.zeros(n, h, nb + 1, dtype=torch.bool).scatter_(-1, torch.where(valid, idx.long(), nb), True)[..., :nb]
+    assert torch.equal(picked.sum(-1), want), "distinct blocks"
+    assert not bool((picked & ~causal).any()), "causal blocks only"
+    assert not bool((forced & ~picked).any()), "every forced block"
+    is_forced = forced.gather(-1, idx.long().clamp_min(0)) & valid
+    assert bool((is_forced.long().diff(dim=-1) <= 0).all()), "forced slots first"
+    sc = scores.double().gather(-1, idx.long().clamp_min(0))
+    free = valid & ~is_forced
+    nxt_free = free[..., 1:] & free[..., :-1]
+    assert bool(((sc[..., 1:] <= sc[..., :-1] + tol) | ~nxt_free).all()), "decreasing scores"
+    low = torch.where(free, sc, torch.inf).amin(-1)
+    high = torch.where(causal & ~picked, scores.double(), -torch.inf).amax(-1)
+    assert bool((high <= low + tol).all()), "an unpicked block outscores a picked one"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("topk,init,local,bs", [(5, 1, 2, 32), (3, 0, 0, 32), (8, 2, 1, 32), (16, 1, 2, 64)],
+                         ids=lambda v: str(v))
+def test_fused_top_rule_interpreter(layout, topk, init, local, bs):
+    """The kernel's in-register top-T (fp32, G = 3) obeys the rule on the reference scores, with ties:
+    zero queries see uniform probabilities (equal scores); (16, 1, 2, 64) has T > the causal blocks."""
+    h, g, d, ks, stride = 2, 3, 16, 32, 16
+    cu = _cu(layout, "cpu")
+    q = torch.randn(N_CPU, h * g, d)
+    q[::5] = 0
+    k_cmp, cu_cmp = compress_kv_ref(torch.randn(N_CPU, h, d), cu, ks, stride)
+    _, lse = compressed_attention_ref(q, k_cmp, k_cmp, cu, cu_cmp, ks, stride)
+    out = select_blocks_from_compressed(q, k_cmp, cu, cu_cmp, ks, stride, bs, topk, init, local, lse=lse)
+    scores = selection_scores_ref(q.double(), k_cmp.double(), lse.double(), cu, cu_cmp, ks, stride, bs)
+    assert out.dtype == torch.int32 and out.shape == (N_CPU, h, topk)
+    _check_selection_rule(out, scores, cu, bs, topk, init, local)
+    ref = select_blocks_from_compressed_ref(q, k_cmp, cu, cu_cmp, ks, stride, bs, topk, init, local, lse=lse)
+    rows = torch.ones(N_CPU, dtype=torch.bool)
+    rows[::5] = False  # tie-free rows: the very same sets
+    assert bool(_same_sets(out, ref)[rows].all())
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("window", [None, 24], ids=["full", "w24"])
 def test_band_flex_cpu(layout, window):

@@ -44,6 +44,24 @@ def test_output_is_gated_sum_of_reference_branches(compression):
     assert_close(out, m.o_proj(o.reshape(46, 24)), torch.float64, "out")
 
 
+def test_attention_core_is_forward_between_projections():
+    """module.attention (what the sweep's module scope times) is forward minus the projections."""
+    m = tiny(hq=6, h=2)
+    cs = cu(5, 30, 11)
+    x = torch.randn(46, 12, dtype=torch.float64)
+    out, br = m(x, cs, return_branches=True)
+    from nsa_baseline.reference.rope import rope_positions
+    pos = rope_positions(46, cs, x.device)
+    q = apply_rope(m.q_proj(x).view(46, 6, 4), pos)
+    k = apply_rope(m.k_proj(x).view(46, 2, 4), pos)
+    o = m.attention(q, k, m.v_proj(x).view(46, 2, 4), br["gates"], cs)
+    assert_close(m.o_proj(o.reshape(46, 24)), out, torch.float64, "out")
+    with pytest.raises(ValueError, match="`gates`"):
+        m.attention(q, k, k, br["gates"][:, :, :2], cs)
+    with pytest.raises(ValueError, match="`k`"):
+        m.attention(q, k[:, :1], k, br["gates"], cs)
+
+
 def test_mean_init_linear_equals_mean_compression():
     lin, mean = tiny(compression="linear"), tiny(compression="mean")
     mean.load_state_dict(lin.state_dict(), strict=False)
