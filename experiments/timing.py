@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch._functorch.config
 
 from experiments.kernels import Call
 from experiments.schema import TimingConfig
@@ -33,6 +34,10 @@ class Timing:
 
 
 def pass_function(call: Call, pass_name: str) -> Callable[[], None]:
+    if pass_name == "bwd":
+        # The bwd pass replays one graph (retain_graph=True); torch.compile'd backwards (FlexAttention)
+        # refuse that when they donate their saved buffers, so they are compiled without donation.
+        torch._functorch.config.donated_buffer = False
     if pass_name == "fwd":
         def fwd():
             with torch.no_grad():
