@@ -35,19 +35,20 @@ register_configs()
 
 
 def load_measured(results_dir: Path) -> pd.DataFrame:
-    """Every ok row of every sweep under results_dir (merged or not yet), with the sweep's folder name."""
+    """Every row of every sweep under results_dir (merged or not yet), with the sweep's folder name
+    (`pick` keeps the ok ones; `failure` reports the others)."""
     frames = []
     for folder in sorted(p for p in results_dir.glob("*") if p.is_dir() and p.name not in SKIPPED_FOLDERS):
-        df = store.read_rows(folder)
-        frames.append(df[df["status"] == "ok"].assign(sweep=folder.name))
+        frames.append(store.read_rows(folder).assign(sweep=folder.name))
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def pick(df: pd.DataFrame, prefer: str, **equal) -> pd.DataFrame:
-    """Rows matching `equal`, from the sweep folder `prefer` when it has any."""
+def pick(df: pd.DataFrame, prefer: str, status: str = "ok", **equal) -> pd.DataFrame:
+    """Rows of `status` matching `equal`, from the sweep folder `prefer` when it has any."""
     if df.empty:
         return df
+    df = df[df["status"] == status]
     for col, val in equal.items():
         df = df[df[col] == val]
     preferred = df[df["sweep"] == prefer]
@@ -66,8 +67,17 @@ def gpus(df: pd.DataFrame) -> str:
     return ", ".join(sorted(set(df["gpu"].astype(str)))) if len(df) else NOT_MEASURED
 
 
-def fmt(x: Optional[float]) -> object:
-    return NOT_MEASURED if x is None else x
+def fmt(x: Optional[float], failed: Optional[str] = None) -> object:
+    """x, or why there is none: the status of a failed measurement (e.g. "oom"), else "not measured"."""
+    return (failed or NOT_MEASURED) if x is None else x
+
+
+def failure(df: pd.DataFrame, prefer: str, **equal) -> Optional[str]:
+    """The status ("oom", "error", ...) of a point that was tried and has no ok row, else None."""
+    for status in ("oom", "error", "unsupported"):
+        if len(pick(df, prefer, status=status, **equal)):
+            return status
+    return None
 
 
 def over(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -286,13 +296,15 @@ def tables67(df: pd.DataFrame, out: Path) -> str:
     for key, h200 in pn.TABLE7_H200.items():
         bs, t, g, n = key
         for (kernel, p), paper_h200, paper_h20 in zip(pn.TABLE67_COLUMNS, h200, pn.TABLE6_H20[key]):
-            ms = median(ours, block_size=bs, gqa=g, seqlen=n, kernel=kernel, **{"pass": p})
+            point = dict(block_size=bs, gqa=g, seqlen=n, kernel=kernel, **{"pass": p})
+            ms = median(ours, **point)
             mine = None if ms is None else ms / 1e3
+            failed = failure(df, "tables67", scope="module", q_heads=64, head_dim=128, **point)
             rows.append({"(BS,T)": f"({bs},{t})", "g": g, "N": n, "kernel": kernel, "pass": p,
-                         "paper H20 s": paper_h20, "paper H200 s": paper_h200, "ours s": fmt(mine),
+                         "paper H20 s": paper_h20, "paper H200 s": paper_h200, "ours s": fmt(mine, failed),
                          "ours / H200": fmt(over(mine, paper_h200))})
     table = pd.DataFrame(rows)
-    mine = table[table["ours s"] != NOT_MEASURED]
+    mine = table[pd.to_numeric(table["ours s"], errors="coerce").notna()]
     if len(mine):
         fig, ax = plt.subplots(figsize=(11, 4))
         labels = [f"{r['kernel']} g={r['g']} {r['N'] // 1024}K ({r['(BS,T)']}) {r['pass']}" for r in mine.to_dict("records")]

@@ -237,7 +237,8 @@ def breakdown_table(rows: pd.DataFrame, all_rows: pd.DataFrame, predicted: bool)
 
 def plot_breakdown(rows: pd.DataFrame, all_rows: pd.DataFrame, predicted: bool, path: Path) -> Optional[Path]:
     table = breakdown_table(rows, all_rows, predicted)
-    if table.empty:
+    branches = ["compressed", "selected", "window"]
+    if table.empty or table[branches].isna().all().all():  # no branch timed (breakdown=false)
         return None
     table = table.set_index("bar")
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(table) + 3), 4.8))
@@ -245,7 +246,7 @@ def plot_breakdown(rows: pd.DataFrame, all_rows: pd.DataFrame, predicted: bool, 
                                                        color=["tab:orange", "tab:blue", "tab:green"])
     if "module total" in table:
         ax.scatter(range(len(table)), table["module total"], color="black", marker="_", s=400, zorder=3,
-                   label="whole module (projections, gates included)")
+                   label="module attention (gated sum; no q/k/v/o projections)")
     ax.set_ylabel("latency (ms)")
     ax.set_xlabel("kernel, g, (BS, T), pass (largest N of the sweep)")
     ax.legend(title="branch (cost model)" if predicted else "branch timed alone", fontsize=8)

@@ -30,14 +30,19 @@ def measuring(cfg: SweepConfig) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """HEAD of the checkout; NSA_GIT_COMMIT where the tree was copied without .git (a lent GPU box)."""
-    fallback = os.environ.get("NSA_GIT_COMMIT", "unknown")
+    """NSA_GIT_COMMIT when set (a tree copied to a lent GPU box, whose .git may be stale or absent),
+    else HEAD of the checkout, with " (dirty)" when tracked files outside results/ differ from it."""
+    if os.environ.get("NSA_GIT_COMMIT"):
+        return os.environ["NSA_GIT_COMMIT"]
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip() or fallback
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              cwd=here, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"], capture_output=True,
+                               text=True, cwd=here, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return "unknown"
+    return (head + " (dirty)" if dirty else head) or "unknown"
 
 
 def environment(cfg: SweepConfig, device: torch.device) -> dict:
