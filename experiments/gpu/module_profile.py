@@ -22,7 +22,7 @@ import triton
 from nsa_baseline.module import NativeSparseAttention
 from nsa_baseline.ops.compressed import compressed_attention
 from nsa_baseline.ops.compression import compress_kv
-from nsa_baseline.ops.selection import select_blocks_from_compressed, selection_scores_fwd
+from nsa_baseline.ops.selection import _SCORE_BUDGET, select_blocks_from_compressed, selection_scores_fwd
 from nsa_baseline.ops.window import full_attention, sliding_window_attention
 from nsa_baseline.utils.varlen import single_sequence_cu_seqlens, token_sequence_ids
 
@@ -42,7 +42,7 @@ def bench(fn, grads_of=()):
     return triton.testing.do_bench(run, warmup=25, rep=100)
 
 
-def fwd_bwd(f, ins):
+def fwd_bwd(f):
     def run():
         out = f()
         out = out[0] if isinstance(out, tuple) else out
@@ -65,24 +65,24 @@ def stages(n: int, g: int) -> None:
     cu = single_sequence_cu_seqlens(n, q.device)
     tok_seq = token_sequence_ids(cu, n).int()
     nb = triton.cdiv(n, BS)
-    chunk = max(1, (1 << 26) // (h * nb))
+    chunk = max(1, _SCORE_BUDGET // (h * nb))  # the scores buffer select_blocks allows itself
     from fsa.selected import selected_attention as fsa_sel
     from nsa_baseline.ops.selected import selected_attention as nsa_sel
 
     items = {
         "compress_kv k+v fwd": (lambda: (compress_kv(k, None, KS, ST), compress_kv(v, None, KS, ST)), ()),
         "compressed_attention fwd": (lambda: compressed_attention(q, kc, vc, None, cu_cmp, KS, ST), ()),
-        "compressed_attention fwd+bwd": (fwd_bwd(lambda: compressed_attention(q, kc, vc, None, cu_cmp, KS, ST), ()),
+        "compressed_attention fwd+bwd": (fwd_bwd(lambda: compressed_attention(q, kc, vc, None, cu_cmp, KS, ST)),
                                          (q, kc, vc)),
         "selection scores kernel (all chunks)": (
             lambda: [selection_scores_fwd(q, kc, lse, cu, cu_cmp, tok_seq, c0, min(chunk, n - c0), nb, D ** -0.5,
                                           KS, ST, BS) for c0 in range(0, n, chunk)], ()),
         "select_blocks_from_compressed (scores+topk)": (
             lambda: select_blocks_from_compressed(q, kc, None, cu_cmp, KS, ST, BS, T, lse=lse), ()),
-        "selected fsa fwd+bwd": (fwd_bwd(lambda: fsa_sel(q, k, v, idx, BS), ()), (q, k, v)),
-        "selected nsa fwd+bwd": (fwd_bwd(lambda: nsa_sel(q, k, v, idx, BS), ()), (q, k, v)),
-        "window fwd+bwd": (fwd_bwd(lambda: sliding_window_attention(q, k, v, WIN), ()), (q, k, v)),
-        "sdpa full fwd+bwd": (fwd_bwd(lambda: full_attention(q, k, v), ()), (q, k, v)),
+        "selected fsa fwd+bwd": (fwd_bwd(lambda: fsa_sel(q, k, v, idx, BS)), (q, k, v)),
+        "selected nsa fwd+bwd": (fwd_bwd(lambda: nsa_sel(q, k, v, idx, BS)), (q, k, v)),
+        "window fwd+bwd": (fwd_bwd(lambda: sliding_window_attention(q, k, v, WIN)), (q, k, v)),
+        "sdpa full fwd+bwd": (fwd_bwd(lambda: full_attention(q, k, v)), (q, k, v)),
     }
     for name, (fn, leaves) in items.items():
         try:
@@ -99,17 +99,16 @@ def stages(n: int, g: int) -> None:
         calls = {"module {} fwd+bwd (with projections)": (lambda: mod(x), (x, *mod.parameters())),
                  "module.attention {} fwd+bwd": (lambda: mod.attention(q, k, v, gates), (q, k, v, gates))}
         for label, (f, leaves) in calls.items():
-            ms = bench(fwd_bwd(f, ()), leaves)
+            ms = bench(fwd_bwd(f), leaves)
             ROWS.append(dict(N=n, g=g, stage=label.format(backend), ms=round(ms, 3)))
             print(f"N={n} g={g} {label.format(backend)}: {ms:.3f} ms", flush=True)
         if backend == "fsa":
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                fwd_bwd(lambda: mod.attention(q, k, v, gates), ())()
+                fwd_bwd(lambda: mod.attention(q, k, v, gates))()
                 torch.cuda.synchronize()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
             with open(os.path.join(os.environ.get("OUT", "."), f"module_profile_{n}_{g}.txt"), "w") as f:
                 f.write(table)
-        del mod
 
 
 def _no_grad(fn):

@@ -486,7 +486,6 @@ def select_blocks_from_compressed(
     cu, cu_cmp, scale = _checked_args(q, k_cmp, None, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride,
                                       scale)
     n, hq, _ = q.shape
-    h = k_cmp.shape[1]
     if lse is not None:
         if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (hq, n):
             raise ValueError(f"argument `lse` must be [HQ={hq}, N={n}] or None, got {getattr(lse, 'shape', lse)!r}")
@@ -513,8 +512,8 @@ def nsa_block_indices(
 ) -> torch.Tensor:
     r"""block_indices from the NSA compression path with mean-pooled keys (what benchmarks use):
     compress_kv(k) -> select_blocks_from_compressed(lse=None), i.e. compressed lse, selection
-    scores and top-T fused per chunk of queries. No gradient. CUDA / interpreter (fp32, fp16):
-    Triton + torch.topk; otherwise `nsa_block_indices_ref`.
+    scores and top-T in one Triton kernel. No gradient. CUDA / interpreter (fp32, fp16): Triton;
+    otherwise `nsa_block_indices_ref`.
 
     Args:
         q: [N, HQ, D]; k: [N, H, D]; cu_seqlens: int32 [B + 1] or None.

@@ -19,6 +19,7 @@ from nsa_baseline.reference.compression import compress_kv as compress_kv_ref
 from nsa_baseline.reference.selection import (nsa_block_indices_ref, select_blocks_from_compressed_ref,
                                               select_blocks_ref)
 from nsa_baseline.reference.window import full_attention_ref, sliding_window_attention_ref
+from nsa_baseline.utils.varlen import token_positions
 from tests.helpers import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -178,8 +179,7 @@ def _check_selection_rule(idx, scores, cu, bs, topk, init, local, tol=1e-5):
     by decreasing score, and no unpicked causal block scoring above a picked one."""
     n, h, t = idx.shape
     nb = scores.shape[-1]
-    cu = torch.tensor([0, n], dtype=torch.int32) if cu is None else cu
-    pos = torch.cat([torch.arange(int(b) - int(a)) for a, b in zip(cu[:-1], cu[1:])])
+    pos, _ = token_positions(torch.tensor([0, n], dtype=torch.int32) if cu is None else cu, n)
     cur = (pos // bs)[:, None, None]
     blocks = torch.arange(nb)[None, None, :]
     causal = (blocks <= cur).expand(n, h, nb)
