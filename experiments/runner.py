@@ -38,8 +38,8 @@ def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                               cwd=here, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"], capture_output=True,
-                               text=True, cwd=here, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+                               capture_output=True, text=True, cwd=here, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head + " (dirty)" if dirty else head) or "unknown"
@@ -146,13 +146,10 @@ def _module_reference(cfg: SweepConfig, point: Point, inp) -> Optional[Callable[
     the point is compared with it), or None where it is not run (selected scope, long inputs)."""
     if point.scope != "module" or point.num_tokens > accuracy.MODULE_REFERENCE_MAX_TOKENS:
         return None
-    memo: list[torch.Tensor] = []
-
+    @functools.cache
     def reference() -> torch.Tensor:
-        if not memo:
-            with torch.no_grad():
-                memo.append(kernels.build_call("torch", cfg, point, inp).run())
-        return memo[0]
+        with torch.no_grad():
+            return kernels.build_call("torch", cfg, point, inp).run()
 
     return reference
 
@@ -180,7 +177,7 @@ def measured_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], m
             with torch.no_grad():
                 out = call.run()
             rel_err, note = accuracy.output_rel_err(call.family, out, inp, point, cfg.timing.ref_rows,
-                                                    cfg.seed, module_ref if call.family == "module" else None)
+                                                    cfg.seed, module_ref)
             del out
         except Exception as exc:
             free_memory()
