@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 
 from experiments import cost_model as cm  # noqa: E402
 from experiments import costs  # noqa: E402
+from experiments.kernels import BRANCHES  # noqa: E402
 from experiments.points import Point  # noqa: E402
 from experiments.schema import HardwareConfig, SelectionConfig  # noqa: E402
 
@@ -227,7 +228,7 @@ def breakdown_table(rows: pd.DataFrame, all_rows: pd.DataFrame, predicted: bool)
             same = all_rows[all_rows["status"] == "ok"]
             for c in POINT_COLUMNS[1:] + ["kernel", "pass", "gpu"]:
                 same = same[same[c] == r[c]]
-            for branch in ("compressed", "selected", "window"):
+            for branch in BRANCHES:
                 hit = same[same["scope"] == f"module/{branch}"]["median_ms"]
                 bar[branch] = float(hit.iloc[0]) if len(hit) else float("nan")
             bar["module total"] = r["median_ms"]
@@ -237,12 +238,11 @@ def breakdown_table(rows: pd.DataFrame, all_rows: pd.DataFrame, predicted: bool)
 
 def plot_breakdown(rows: pd.DataFrame, all_rows: pd.DataFrame, predicted: bool, path: Path) -> Optional[Path]:
     table = breakdown_table(rows, all_rows, predicted)
-    branches = ["compressed", "selected", "window"]
-    if table.empty or table[branches].isna().all().all():  # no branch timed (breakdown=false)
+    if table.empty or table[list(BRANCHES)].isna().all().all():  # no branch timed (breakdown=false)
         return None
     table = table.set_index("bar")
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(table) + 3), 4.8))
-    table[["compressed", "selected", "window"]].plot.bar(stacked=True, ax=ax,
+    table[list(BRANCHES)].plot.bar(stacked=True, ax=ax,
                                                        color=["tab:orange", "tab:blue", "tab:green"])
     if "module total" in table:
         ax.scatter(range(len(table)), table["module total"], color="black", marker="_", s=400, zorder=3,
