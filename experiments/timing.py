@@ -20,6 +20,11 @@ import torch._functorch.config
 from experiments.kernels import Call
 from experiments.schema import TimingConfig
 
+# The bwd pass replays one graph (retain_graph=True); torch.compile'd backwards (FlexAttention) refuse
+# that when they donate their saved buffers. Donation off for every pass (set once, at import), so
+# fwd, bwd and fwd+bwd rows are compiled alike whatever order a sweep runs them in.
+torch._functorch.config.donated_buffer = False
+
 SLOW_CALL_MS = 250.0
 SLOW_CALL_RUNS = 3
 QUANTILES = (0.2, 0.5, 0.8)
@@ -34,10 +39,6 @@ class Timing:
 
 
 def pass_function(call: Call, pass_name: str) -> Callable[[], None]:
-    if pass_name == "bwd":
-        # The bwd pass replays one graph (retain_graph=True); torch.compile'd backwards (FlexAttention)
-        # refuse that when they donate their saved buffers, so they are compiled without donation.
-        torch._functorch.config.donated_buffer = False
     if pass_name == "fwd":
         def fwd():
             with torch.no_grad():

@@ -24,7 +24,7 @@ from nsa_baseline.utils.triton_utils import new_output
 def _fsa_bwd_pairs_kernel(
     q, k, v, do, lse, delta, dq_part, dk_acc, dv_acc, dkv_part,
     row_offsets, tokens, block_start, block_end, item_offsets,
-    scale, scale_log2, N, NUM_ROWS, NB_BOUND, SUB_STRIDE,
+    scale, scale_log2, N, NUM_ROWS, NB_BOUND, H_OFF, SUB_STRIDE,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, CHUNK_TILES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
@@ -38,10 +38,11 @@ def _fsa_bwd_pairs_kernel(
     first_item = tl.load(item_offsets + r)
     n_items = tl.load(item_offsets + r + 1) - first_item
     item = pid - first_item
-    i_h = r // NB_BOUND
+    i_h = H_OFF + r // NB_BOUND
     i_b = r % NB_BOUND
     p0 = tl.load(row_offsets + r)
     n_rows = (tl.load(row_offsets + r + 1) - p0) * GC
+    p_buf = (p0 - tl.load(row_offsets)).to(tl.int64) * GC  # this row's first pair row in the pass's buffer
 
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
@@ -78,7 +79,7 @@ def _fsa_bwd_pairs_kernel(
         b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)  # [BLOCK_M, KEY_TILE]
         b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)  # [KEY_TILE, D_PAD]
         b_dq = tl.dot(b_ds, b_k, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, D_PAD]
-        out_row = p0.to(tl.int64) * GC + o_f
+        out_row = p_buf + o_f
         tl.store(dq_sub + out_row[:, None] * D + o_d[None, :], b_dq.to(dq_part.dtype.element_ty), mask=m_fd)
     b_dk = b_dk * scale
 
@@ -98,13 +99,13 @@ def _fsa_bwd_pairs_kernel(
 
 @triton.jit
 def _fsa_bwd_dkv_reduce_kernel(
-    dk_acc, dv_acc, dkv_part, item_offsets, block_start, block_end, NB_BOUND,
+    dk_acc, dv_acc, dkv_part, item_offsets, block_start, block_end, NB_BOUND, H_OFF,
     H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     """One program per CSR row: zero for a block no query chose, sum of item partials (in item order)
     for a block split over several items; single-item blocks were written by the pairs kernel."""
     r = tl.program_id(0)
-    i_h = r // NB_BOUND
+    i_h = H_OFF + r // NB_BOUND
     i_b = r % NB_BOUND
     first = tl.load(item_offsets + r)
     n_items = tl.load(item_offsets + r + 1) - first
@@ -132,13 +133,13 @@ def _fsa_bwd_dkv_reduce_kernel(
 
 @triton.jit
 def _fsa_bwd_dq_reduce_kernel(
-    dq_part, pair_pos, dq, N,
+    dq_part, pair_pos, row_offsets, dq, N, H_OFF,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr, T: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SUB: tl.constexpr, SUB_STRIDE,
 ):
     i_n = tl.program_id(0)
     i_hc = tl.program_id(1)
-    i_h = i_hc // GC
+    i_h = H_OFF + i_hc // GC
     i_j = i_hc % GC
     i_hq = i_h * G + G_OFF + i_j
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,10 +147,11 @@ def _fsa_bwd_dq_reduce_kernel(
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
     b_dq = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    p_first = tl.load(row_offsets)  # the pass's first pair position
     for i_t in range(T):
         pp = tl.load(pair_pos + (o_n * H + i_h) * T + i_t, mask=m_n, other=-1)
         ok = pp >= 0
-        row = pp.to(tl.int64) * GC + i_j
+        row = (pp - p_first).to(tl.int64) * GC + i_j
         for i_sub in tl.static_range(NUM_SUB):
             b_dq += tl.load(dq_part + (i_sub * SUB_STRIDE + row)[:, None] * D + o_d[None, :],
                             mask=ok[:, None] & m_d[None, :], other=0.0).to(tl.float32)
@@ -160,7 +162,8 @@ def _fsa_bwd_dq_reduce_kernel(
 def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float, dlse=None):
     """Host wrapper: returns dq, dk, dv (input dtype). dlse [HQ, N] is the gradient of the returned
     lse, if any: d lse / d s = p, so it folds into delta (ds = p * (dp - delta + dlse))."""
-    n, hq, h, g, d, d_pad, max_pairs, gc, precision, cfg = launch_plan(q, k, block_size, topk, backward=True)
+    plan = launch_plan(q, k, block_size, topk, backward=True)
+    n, hq, h, g, d, d_pad, cfg = plan.n, plan.hq, plan.h, plan.g, plan.d, plan.d_pad, plan.cfg
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1).t().contiguous()  # [HQ, N]
     if dlse is not None:
@@ -170,27 +173,26 @@ def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float
     dv_acc = new_output((n, h, d), torch.float32, q.device)
     key_tile = min(block_size, cfg.key_tile)
     num_sub = block_size // key_tile
-    sub_stride = max_pairs * gc
+    sub_stride = plan.pass_pairs * plan.heads_per_pass
     dq_part = torch.empty(num_sub * sub_stride, d, dtype=q.dtype, device=q.device)
-    for g0 in range(0, g, gc):
-        gcur = min(gc, g - g0)
-        sched = build_schedule(index, gcur, cfg.block_m * cfg.chunk_tiles, max_pairs)
+    for h0, hcur, g0, gcur in plan.passes():
+        sched = build_schedule(index, h0, hcur, gcur, cfg.block_m * cfg.chunk_tiles, plan.pass_pairs)
         dkv_part = torch.empty(sched.grid_bound, 2, block_size, d_pad, dtype=torch.float32, device=q.device)
         _fsa_bwd_pairs_kernel[(sched.grid_bound, num_sub)](
             q, k, v, do, lse, delta, dq_part, dk_acc, dv_acc, dkv_part,
-            index.row_offsets, index.tokens, index.block_start, index.block_end, sched.item_offsets,
-            scale, scale * 1.4426950408889634, n, index.num_rows, index.nb_bound, sub_stride,
+            sched.row_offsets, index.tokens, index.block_start, index.block_end, sched.item_offsets,
+            scale, scale * 1.4426950408889634, n, sched.num_rows, index.nb_bound, h0, sub_stride,
             HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, D=d, D_PAD=d_pad, BS=block_size,
             BLOCK_M=cfg.block_m, CHUNK_TILES=cfg.chunk_tiles, SEARCH_STEPS=sched.search_steps,
-            KEY_TILE=key_tile, ACCUMULATE=g0 > 0, DOT_PRECISION=precision,
+            KEY_TILE=key_tile, ACCUMULATE=g0 > 0, DOT_PRECISION=plan.precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        _fsa_bwd_dkv_reduce_kernel[(index.num_rows,)](
-            dk_acc, dv_acc, dkv_part, sched.item_offsets, index.block_start, index.block_end, index.nb_bound,
+        _fsa_bwd_dkv_reduce_kernel[(sched.num_rows,)](
+            dk_acc, dv_acc, dkv_part, sched.item_offsets, index.block_start, index.block_end, index.nb_bound, h0,
             H=h, D=d, D_PAD=d_pad, BS=block_size, ACCUMULATE=g0 > 0, num_warps=4,
         )
-        _fsa_bwd_dq_reduce_kernel[(triton.cdiv(n, cfg.block_n), h * gcur)](
-            dq_part, index.pair_pos, dq, n,
+        _fsa_bwd_dq_reduce_kernel[(triton.cdiv(n, cfg.block_n), hcur * gcur)](
+            dq_part, index.pair_pos, sched.row_offsets, dq, n, h0,
             HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, T=topk, D=d, D_PAD=d_pad, BLOCK_N=cfg.block_n,
             NUM_SUB=num_sub, SUB_STRIDE=sub_stride, num_warps=4 if d_pad >= 128 else 2,
         )

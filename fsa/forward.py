@@ -4,8 +4,8 @@ Loop order: programs over work items (KV head h, key block b, chunk of the pair 
 the block's K/V are loaded once and the chunk's gathered queries stream past them in tiles of
 BLOCK_M rows (tokens x query heads of the group, never padded). Each pair row's normalised partial
 output and its log2-sum-exp go to a compact buffer at the pair's CSR position; the reduction combines
-a query's T partials by log-sum-exp in slot order (deterministic). Heads of a group may be split over
-several passes so the partial buffer fits a memory budget.
+a query's T partials by log-sum-exp in slot order (deterministic). KV heads, and the query heads of a
+group, may be split over several passes so the partial buffer fits a memory budget (fsa/tuning.py).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ LOG2E = 1.4426950408889634
 def _fsa_fwd_pairs_kernel(
     q, k, v, o_part, lse_part,
     row_offsets, tokens, block_start, block_end, item_offsets,
-    scale_log2, NUM_ROWS, NB_BOUND,
+    scale_log2, NUM_ROWS, NB_BOUND, H_OFF,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, CHUNK_TILES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
@@ -35,10 +35,11 @@ def _fsa_fwd_pairs_kernel(
         return
     r = locate_item(item_offsets, pid, NUM_ROWS, SEARCH_STEPS)
     item = pid - tl.load(item_offsets + r)
-    i_h = r // NB_BOUND
+    i_h = H_OFF + r // NB_BOUND
     i_b = r % NB_BOUND
     p0 = tl.load(row_offsets + r)
     n_rows = (tl.load(row_offsets + r + 1) - p0) * GC  # pair rows of this CSR row
+    p_buf = (p0 - tl.load(row_offsets)).to(tl.int64) * GC  # this row's first pair row in the pass's buffer
 
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
@@ -68,7 +69,7 @@ def _fsa_fwd_pairs_kernel(
         b_o = tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)  # [BLOCK_M, D_PAD]
         b_l_safe = tl.where(b_l > 0, b_l, 1.0)
         b_o = b_o / b_l_safe[:, None]
-        out_row = p0.to(tl.int64) * GC + o_f
+        out_row = p_buf + o_f
         tl.store(o_part + out_row[:, None] * D + o_d[None, :], b_o.to(o_part.dtype.element_ty),
                  mask=m_f[:, None] & m_d[None, :])
         tl.store(lse_part + out_row, b_m + tl.log2(b_l_safe), mask=m_f)
@@ -76,13 +77,13 @@ def _fsa_fwd_pairs_kernel(
 
 @triton.jit
 def _fsa_fwd_reduce_kernel(
-    o_part, lse_part, pair_pos, o, lse, N,
+    o_part, lse_part, pair_pos, row_offsets, o, lse, N, H_OFF,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr, T: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_n = tl.program_id(0)
-    i_hc = tl.program_id(1)  # (kv head, head of this pass)
-    i_h = i_hc // GC
+    i_hc = tl.program_id(1)  # (kv head, head of the group) of this pass
+    i_h = H_OFF + i_hc // GC
     i_j = i_hc % GC
     i_hq = i_h * G + G_OFF + i_j
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -93,10 +94,11 @@ def _fsa_fwd_reduce_kernel(
     b_m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_N], tl.float32)
     b_acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    p_first = tl.load(row_offsets)  # the pass's first pair position
     for i_t in range(T):
         pp = tl.load(pair_pos + (o_n * H + i_h) * T + i_t, mask=m_n, other=-1)
         ok = pp >= 0
-        row = pp.to(tl.int64) * GC + i_j
+        row = (pp - p_first).to(tl.int64) * GC + i_j
         b_lt = tl.load(lse_part + row, mask=ok, other=float("-inf"))
         b_ot = tl.load(o_part + row[:, None] * D + o_d[None, :], mask=ok[:, None] & m_d[None, :], other=0.0)
         m_new = tl.maximum(b_m, b_lt)
@@ -116,24 +118,24 @@ def _fsa_fwd_reduce_kernel(
 
 def fsa_fwd(q, k, v, index, block_size: int, topk: int, scale: float):
     """Host wrapper: returns o [N, HQ, D] (q.dtype) and lse float32 [HQ, N] (natural log)."""
-    n, hq, h, g, d, d_pad, max_pairs, gc, precision, cfg = launch_plan(q, k, block_size, topk, backward=False)
+    plan = launch_plan(q, k, block_size, topk, backward=False)
+    n, hq, h, g, d, d_pad, cfg = plan.n, plan.hq, plan.h, plan.g, plan.d, plan.d_pad, plan.cfg
     o = new_output((n, hq, d), q.dtype, q.device)
     lse = new_output((hq, n), torch.float32, q.device)
-    o_part = torch.empty(max_pairs * gc, d, dtype=q.dtype, device=q.device)
-    lse_part = torch.empty(max_pairs * gc, dtype=torch.float32, device=q.device)
-    for g0 in range(0, g, gc):
-        gcur = min(gc, g - g0)
-        sched = build_schedule(index, gcur, cfg.block_m * cfg.chunk_tiles, max_pairs)
+    o_part = torch.empty(plan.pass_pairs * plan.heads_per_pass, d, dtype=q.dtype, device=q.device)
+    lse_part = torch.empty(plan.pass_pairs * plan.heads_per_pass, dtype=torch.float32, device=q.device)
+    for h0, hcur, g0, gcur in plan.passes():
+        sched = build_schedule(index, h0, hcur, gcur, cfg.block_m * cfg.chunk_tiles, plan.pass_pairs)
         _fsa_fwd_pairs_kernel[(sched.grid_bound,)](
             q, k, v, o_part, lse_part,
-            index.row_offsets, index.tokens, index.block_start, index.block_end, sched.item_offsets,
-            scale * LOG2E, index.num_rows, index.nb_bound,
+            sched.row_offsets, index.tokens, index.block_start, index.block_end, sched.item_offsets,
+            scale * LOG2E, sched.num_rows, index.nb_bound, h0,
             HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, D=d, D_PAD=d_pad, BS=block_size,
             BLOCK_M=cfg.block_m, CHUNK_TILES=cfg.chunk_tiles, SEARCH_STEPS=sched.search_steps,
-            DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=plan.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        _fsa_fwd_reduce_kernel[(triton.cdiv(n, cfg.block_n), h * gcur)](
-            o_part, lse_part, index.pair_pos, o, lse, n,
+        _fsa_fwd_reduce_kernel[(triton.cdiv(n, cfg.block_n), hcur * gcur)](
+            o_part, lse_part, index.pair_pos, sched.row_offsets, o, lse, n, h0,
             HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, T=topk, D=d, D_PAD=d_pad, BLOCK_N=cfg.block_n,
             num_warps=4 if d_pad >= 128 else 2,
         )

@@ -3,7 +3,8 @@
 A CSR row (KV head h, key block b) owns count * GC "pair rows": one per (query token that chose the
 block, query head of the group handled in this pass). A work item is a chunk of up to
 BLOCK_M * CHUNK_TILES consecutive pair rows of one CSR row; a program finds its item by binary search
-over the items' prefix sum. The grid is sized by a bound, so nothing is read back to the host: programs
+over the items' prefix sum. A pass covers the (contiguous) CSR rows of a range of KV heads, so the
+partial buffers hold only that pass's pairs, at (pair position - the pass's first position). The grid is sized by a bound, so nothing is read back to the host: programs
 past the real number of items exit at once.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ from nsa_baseline.ops.block_index import BlockIndex
 
 @dataclass
 class WorkSchedule:
+    row_offsets: torch.Tensor  # int32 view: CSR pointers of this pass's rows (absolute pair positions)
+    num_rows: int
     item_offsets: torch.Tensor  # int32 [num_rows + 1] prefix sum of work items per CSR row
     grid_bound: int  # programs to launch (>= real number of items)
     search_steps: int  # binary-search iterations that locate an item's row
@@ -35,14 +38,19 @@ def _items_per_row_kernel(row_offsets, items, NUM_ROWS, GC: tl.constexpr, ROWS_P
     tl.store(items + r, 0, mask=r == 0)
 
 
-def build_schedule(index: BlockIndex, heads_per_pass: int, rows_per_item: int, max_pairs: int) -> WorkSchedule:
-    """Split every CSR row's count * heads_per_pass pair rows into items of `rows_per_item`."""
-    item_offsets = torch.empty(index.num_rows + 1, dtype=torch.int32, device=index.row_offsets.device)
-    _items_per_row_kernel[(triton.cdiv(index.num_rows, 1024),)](
-        index.row_offsets, item_offsets, index.num_rows, GC=heads_per_pass, ROWS_PER_ITEM=rows_per_item, BLOCK=1024)
+def build_schedule(index: BlockIndex, h0: int, kv_heads: int, heads_per_pass: int, rows_per_item: int,
+                   pass_pairs: int) -> WorkSchedule:
+    """Split the pair rows (count * heads_per_pass) of the CSR rows of KV heads [h0, h0 + kv_heads)
+    into items of `rows_per_item`. Those rows are contiguous; `row_offsets` is their view."""
+    num_rows = kv_heads * index.nb_bound
+    row_offsets = index.row_offsets[h0 * index.nb_bound:(h0 + kv_heads) * index.nb_bound + 1]
+    item_offsets = torch.empty(num_rows + 1, dtype=torch.int32, device=row_offsets.device)
+    _items_per_row_kernel[(triton.cdiv(num_rows, 1024),)](
+        row_offsets, item_offsets, num_rows, GC=heads_per_pass, ROWS_PER_ITEM=rows_per_item, BLOCK=1024)
     item_offsets.cumsum_(0)
-    grid_bound = triton.cdiv(max_pairs * heads_per_pass, rows_per_item) + index.num_rows
-    return WorkSchedule(item_offsets, grid_bound, max(1, index.num_rows.bit_length()), rows_per_item)
+    grid_bound = triton.cdiv(pass_pairs * heads_per_pass, rows_per_item) + num_rows
+    return WorkSchedule(row_offsets, num_rows, item_offsets, grid_bound, max(1, num_rows.bit_length()),
+                        rows_per_item)
 
 
 @triton.jit

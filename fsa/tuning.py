@@ -5,6 +5,11 @@ experiments/gpu/fsa_bench.py (results/fsa_bench/); they have not been swept like
 Measured: splitting 128-key blocks into 64-key tiles in the backward took the (128, 8) backward at
 64K from 7.8 to 3.7 ms (g=1) and from 27.1 to 13.4 ms (g=4): the [128, 128] fp32 dK/dV accumulators
 had spilled.
+
+The partial buffers (forward: o and lse per pair row; backward: dQ per pair row and key tile, dK/dV of
+busy blocks per work item) are sized for one pass, and a call runs as many passes as the budget
+(FSA_BUFFER_BUDGET_GB, default 2.5) needs: over the query heads of a group first, then over KV heads.
+At 128K with 64 KV heads a single pass needed a 34 GiB dQ buffer and did not fit an 80 GB GPU.
 """
 from __future__ import annotations
 
@@ -41,11 +46,29 @@ def launch_config(head_dim: int, block_size: int, backward: bool) -> LaunchConfi
     return LaunchConfig(block_m=32 if big else 64, chunk_tiles=8, num_warps=4, num_stages=2)
 
 
-def heads_per_pass(group_size: int, max_pairs: int, head_dim: int, elem_bytes: int) -> int:
-    """Query heads of a group handled per pass so the [pairs x heads, D] partial buffer fits the budget."""
-    budget = float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_GB)) * 2**30
-    per_head = max(1, max_pairs * head_dim * elem_bytes)
-    return max(1, min(group_size, int(budget // per_head)))
+def buffer_budget_bytes() -> float:
+    return float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_GB)) * 2**30
+
+
+def pass_bytes(n: int, topk: int, kv_heads: int, heads: int, d: int, d_pad: int, elem_bytes: int,
+               block_size: int, cfg: LaunchConfig, backward: bool) -> int:
+    """Partial-buffer bytes of one pass over `kv_heads` KV heads x `heads` query heads of each group."""
+    pairs = n * kv_heads * topk * heads  # pair rows: (query token, query head, selected block)
+    if not backward:
+        return pairs * (d * elem_bytes + 4)  # normalised o partial + its log-sum-exp
+    num_sub = block_size // min(block_size, cfg.key_tile)
+    blocks = (n // block_size + 2) * kv_heads  # CSR rows of the pass (one sequence; an estimate)
+    items = triton.cdiv(pairs, cfg.block_m * cfg.chunk_tiles) + blocks
+    return pairs * num_sub * d * elem_bytes + items * 2 * block_size * d_pad * 4  # dQ + busy-block dK/dV
+
+
+def pass_split(h: int, g: int, bytes_of) -> tuple[int, int]:
+    """(KV heads, query heads of a group) per pass: all KV heads and as many query heads as fit the
+    budget; when even one query head of every KV head does not fit, fewer KV heads, one query head."""
+    budget = buffer_budget_bytes()
+    if bytes_of(h, 1) <= budget:
+        return h, max(c for c in range(1, g + 1) if c == 1 or bytes_of(h, c) <= budget)
+    return max(c for c in range(1, h + 1) if c == 1 or bytes_of(c, 1) <= budget), 1
 
 
 class LaunchPlan(NamedTuple):
@@ -57,10 +80,17 @@ class LaunchPlan(NamedTuple):
     g: int
     d: int
     d_pad: int
-    max_pairs: int  # N * H * T: the most (query, block) pairs a call can have
+    kv_heads_per_pass: int
     heads_per_pass: int
+    pass_pairs: int  # N * kv_heads_per_pass * T: the most (query, block) pairs of one pass, per query head
     precision: str  # tl.dot input_precision: exact fp32 products for fp32 inputs
     cfg: LaunchConfig
+
+    def passes(self):
+        """(first KV head, KV heads, first query head of the group, query heads) of every pass."""
+        for h0 in range(0, self.h, self.kv_heads_per_pass):
+            for g0 in range(0, self.g, self.heads_per_pass):
+                yield h0, min(self.kv_heads_per_pass, self.h - h0), g0, min(self.heads_per_pass, self.g - g0)
 
 
 def launch_plan(q, k, block_size: int, topk: int, backward: bool) -> LaunchPlan:
@@ -68,7 +98,10 @@ def launch_plan(q, k, block_size: int, topk: int, backward: bool) -> LaunchPlan:
 
     n, hq, d = q.shape
     h = k.shape[1]
-    max_pairs = n * h * topk
-    return LaunchPlan(n, hq, h, hq // h, d, max(16, triton.next_power_of_2(d)), max_pairs,
-                      heads_per_pass(hq // h, max_pairs, d, q.element_size()),
-                      "ieee" if q.dtype == torch.float32 else "tf32", launch_config(d, block_size, backward))
+    g = hq // h
+    d_pad = max(16, triton.next_power_of_2(d))
+    cfg = launch_config(d, block_size, backward)
+    hp, gc = pass_split(h, g, lambda kv_heads, heads: pass_bytes(
+        n, topk, kv_heads, heads, d, d_pad, q.element_size(), block_size, cfg, backward))
+    return LaunchPlan(n, hq, h, g, d, d_pad, hp, gc, n * hp * topk,
+                      "ieee" if q.dtype == torch.float32 else "tf32", cfg)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fsa
-from fsa import auto
+from fsa import auto, tuning
 from fsa.selected import selected_attention
 from nsa_baseline.ops import selected_attention as nsa_selected_attention
 from nsa_baseline.reference import selected_attention_ref
@@ -42,11 +42,44 @@ def test_block_chosen_by_no_query_and_by_every_query(dtype, device):
 
 
 def test_head_passes_under_small_buffer_budget(device, monkeypatch):
-    """A budget that fits one query head per pass: G passes, dK/dV accumulated across them."""
-    x = CASES[3].make(torch.float32, device)  # G = 5
+    """A budget below one pair row: one KV head and one query head per pass (2 x 5 passes),
+    dK/dV accumulated across the query-head passes."""
+    x = CASES[3].make(torch.float32, device)  # H = 2, G = 5
     do = torch.randn_like(x.q)
     monkeypatch.setenv("FSA_BUFFER_BUDGET_GB", "1e-9")
     check_all(run_selected(selected_attention, x, do), reference(x, do), torch.float32)
+
+
+@pytest.mark.parametrize("kv_heads,heads", [(1, 2), (2, 2), (1, 5)])
+def test_uneven_passes_over_kv_heads_and_query_heads(kv_heads, heads, device, monkeypatch):
+    """Forced pass shapes: KV-head passes (partial buffers offset by the pass's first pair), query-head
+    passes with a short last one (5 = 2 + 2 + 1), and both at once."""
+    x = CASES[3].make(torch.float32, device)  # H = 2, G = 5
+    do = torch.randn_like(x.q)
+    monkeypatch.setattr(tuning, "pass_split", lambda h, g, bytes_of: (kv_heads, heads))
+    check_all(run_selected(selected_attention, x, do), reference(x, do), torch.float32)
+
+
+@pytest.mark.parametrize("budget,split", [(1000, (4, 2)), (250, (2, 1)), (50, (1, 1)), (1e9, (4, 3))])
+def test_pass_split_fills_the_budget(budget, split, monkeypatch):
+    """All KV heads and as many query heads as fit; else as many KV heads as fit with one query head."""
+    monkeypatch.setenv("FSA_BUFFER_BUDGET_GB", str(budget / 2**30))
+    assert tuning.pass_split(4, 3, lambda kv_heads, heads: 100 * kv_heads * heads) == split
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("seqlen", [131072, 262144])
+def test_long_context_g1_plan_fits_default_budget(seqlen, backward, monkeypatch):
+    """Tables 6-7's worst case (64 KV heads, g = 1, (64, 16)): the partial buffers of a pass stay
+    within the default budget (they needed 34 GiB at 128K before KV-head passes)."""
+    monkeypatch.delenv("FSA_BUFFER_BUDGET_GB", raising=False)
+    monkeypatch.setattr(tuning, "is_interpreter", lambda: False)  # the GPU launch configs
+    q = torch.empty(seqlen, 64, 128, dtype=torch.bfloat16, device="meta")
+    plan = tuning.launch_plan(q, q, 64, 16, backward)
+    assert plan.heads_per_pass == 1 and plan.kv_heads_per_pass < 64
+    used = tuning.pass_bytes(seqlen, 16, plan.kv_heads_per_pass, 1, 128, 128, 2, 64, plan.cfg, backward)
+    assert used <= tuning.DEFAULT_BUDGET_GB * 2**30
+    assert sum(hcur * gcur for _, hcur, _, gcur in plan.passes()) == 64
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=lambda c: c.id)
