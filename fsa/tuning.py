@@ -8,8 +8,10 @@ had spilled.
 
 The partial buffers (forward: o and lse per pair row; backward: dQ per pair row and key tile, dK/dV of
 busy blocks per work item) are sized for one pass, and a call runs as many passes as the budget
-(FSA_BUFFER_BUDGET_GB, default 2.5) needs: over the query heads of a group first, then over KV heads.
-At 128K with 64 KV heads a single pass needed a 34 GiB dQ buffer and did not fit an 80 GB GPU.
+(FSA_BUFFER_BUDGET_GB; default a quarter of the free device memory, at least 2.5 GiB) needs, see
+pass_split. At 128K with 64 KV heads a single pass needed a 34 GiB dQ buffer: out of memory on an
+80 GB GPU. Splitting query heads of a group costs more than splitting KV heads (each query-head pass
+re-reads K/V and re-accumulates dK/dV): measured on the H100 in results/pass_budget/.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import triton
 from nsa_baseline.utils.triton_utils import is_interpreter
 
 BUDGET_ENV = "FSA_BUFFER_BUDGET_GB"
-DEFAULT_BUDGET_GB = 2.5
+DEFAULT_BUDGET_GB = 2.5  # the least default budget
+FREE_MEMORY_SHARE = 0.25  # default budget: this share of the free device memory, if larger
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,14 @@ def launch_config(head_dim: int, block_size: int, backward: bool) -> LaunchConfi
     return LaunchConfig(block_m=32 if big else 64, chunk_tiles=8, num_warps=4, num_stages=2)
 
 
-def buffer_budget_bytes() -> float:
-    return float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_GB)) * 2**30
+def buffer_budget_bytes(device=None) -> float:
+    """FSA_BUFFER_BUDGET_GB if set, else a quarter of the device's free memory (at least 2.5 GiB)."""
+    if BUDGET_ENV in os.environ:
+        return float(os.environ[BUDGET_ENV]) * 2**30
+    import torch
+
+    free = torch.cuda.mem_get_info(device)[0] if device is not None and device.type == "cuda" else 0
+    return max(DEFAULT_BUDGET_GB * 2**30, FREE_MEMORY_SHARE * free)
 
 
 def pass_bytes(n: int, topk: int, kv_heads: int, heads: int, d: int, d_pad: int, elem_bytes: int,
@@ -62,13 +71,18 @@ def pass_bytes(n: int, topk: int, kv_heads: int, heads: int, d: int, d_pad: int,
     return pairs * num_sub * d * elem_bytes + items * 2 * block_size * d_pad * 4  # dQ + busy-block dK/dV
 
 
-def pass_split(h: int, g: int, bytes_of) -> tuple[int, int]:
-    """(KV heads, query heads of a group) per pass: all KV heads and as many query heads as fit the
-    budget; when even one query head of every KV head does not fit, fewer KV heads, one query head."""
-    budget = buffer_budget_bytes()
+def pass_split(h: int, g: int, bytes_of, budget: float) -> tuple[int, int]:
+    """(KV heads, query heads of a group) per pass. Whole groups over as many KV heads as fit (every
+    block's dK/dV then comes from one pass, and results do not depend on the split); else all KV
+    heads with as many query heads as fit; else as many KV heads as fit with one query head."""
+    def most(limit, fits):
+        return max(c for c in range(1, limit + 1) if c == 1 or fits(c))
+
+    if bytes_of(1, g) <= budget:
+        return most(h, lambda c: bytes_of(c, g) <= budget), g
     if bytes_of(h, 1) <= budget:
-        return h, max(c for c in range(1, g + 1) if c == 1 or bytes_of(h, c) <= budget)
-    return max(c for c in range(1, h + 1) if c == 1 or bytes_of(c, 1) <= budget), 1
+        return h, most(g, lambda c: bytes_of(h, c) <= budget)
+    return most(h, lambda c: bytes_of(c, 1) <= budget), 1
 
 
 class LaunchPlan(NamedTuple):
@@ -102,6 +116,7 @@ def launch_plan(q, k, block_size: int, topk: int, backward: bool) -> LaunchPlan:
     d_pad = max(16, triton.next_power_of_2(d))
     cfg = launch_config(d, block_size, backward)
     hp, gc = pass_split(h, g, lambda kv_heads, heads: pass_bytes(
-        n, topk, kv_heads, heads, d, d_pad, q.element_size(), block_size, cfg, backward))
+        n, topk, kv_heads, heads, d, d_pad, q.element_size(), block_size, cfg, backward),
+        buffer_budget_bytes(q.device))
     return LaunchPlan(n, hq, h, g, d, d_pad, hp, gc, n * hp * topk,
                       "ieee" if q.dtype == torch.float32 else "tf32", cfg)

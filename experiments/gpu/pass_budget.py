@@ -1,8 +1,10 @@
 """What the FSA partial-buffer budget costs: selected-attention fwd and fwd+bwd latency and peak extra
-memory for several FSA_BUFFER_BUDGET_GB values (fewer, bigger passes vs more, smaller ones), and a
-check that the outputs and gradients are bitwise the same whatever the pass split.
+memory for several pass splits (fewer, bigger passes vs more, smaller ones; KV heads vs query heads),
+and whether outputs and gradients are bitwise the same as the first variant's.
 
-    python -m experiments.gpu.pass_budget [--seqlen 65536,131072] [--budgets 2.5,8,1000]
+Variants: `auto` (the default budget), `b<GB>` (FSA_BUFFER_BUDGET_GB), `s<kv>x<q>` (a forced split:
+kv KV heads and q query heads of each group per pass; `sHxG` is one pass).
+    python -m experiments.gpu.pass_budget [--seqlen 65536,131072] [--variants auto,b2.5,sHxG]
 Writes $OUT/pass_budget.csv (OUT defaults to ./out).
 """
 from __future__ import annotations
@@ -33,12 +35,28 @@ def run(q, k, v, idx, block, do, backward):
     return o, q.grad, k.grad, v.grad
 
 
+SPLIT = tuning.pass_split
+
+
+def apply_variant(variant, h, g):
+    os.environ.pop(tuning.BUDGET_ENV, None)
+    tuning.pass_split = SPLIT
+    if variant.startswith("b"):
+        os.environ[tuning.BUDGET_ENV] = variant[1:]
+    elif variant.startswith("s"):
+        kv, q = (int(x.replace("H", str(h)).replace("G", str(g))) for x in variant[1:].split("x"))
+        tuning.pass_split = lambda *_: (kv, q)
+    elif variant != "auto":
+        raise ValueError(f"variant {variant!r}: expected auto, b<GB> or s<kv>x<q>")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlen", default="65536,131072")
     ap.add_argument("--gqa", default="1,8")
     ap.add_argument("--presets", default="64x16,128x8")
-    ap.add_argument("--budgets", default="2.5,8,1000")
+    ap.add_argument("--variants", default="auto,b2.5,b8,sHxG")
+    ap.add_argument("--passes", default="fwd,fwd+bwd")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "out"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -53,13 +71,14 @@ def main():
                            for hh in (Q_HEADS, h, h))
                 do = torch.randn(n, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
                 idx = random_causal_block_indices(n, h, topk, block, device="cuda")
-                for backward in (False, True):
+                for pass_name in args.passes.split(","):
+                    backward = pass_name == "fwd+bwd"
                     first = None
-                    for budget in args.budgets.split(","):
-                        os.environ[tuning.BUDGET_ENV] = budget
+                    for variant in args.variants.split(","):
+                        apply_variant(variant, h, g)
                         plan = tuning.launch_plan(q, k, block, topk, backward)
                         row = dict(seqlen=n, gqa=g, kv_heads=h, block=block, topk=topk,
-                                   pass_name="fwd+bwd" if backward else "fwd", budget_gb=budget,
+                                   pass_name=pass_name, variant=variant,
                                    kv_heads_per_pass=plan.kv_heads_per_pass, heads_per_pass=plan.heads_per_pass)
                         try:
                             torch.cuda.synchronize()

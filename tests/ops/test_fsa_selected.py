@@ -56,15 +56,27 @@ def test_uneven_passes_over_kv_heads_and_query_heads(kv_heads, heads, device, mo
     passes with a short last one (5 = 2 + 2 + 1), and both at once."""
     x = CASES[3].make(torch.float32, device)  # H = 2, G = 5
     do = torch.randn_like(x.q)
-    monkeypatch.setattr(tuning, "pass_split", lambda h, g, bytes_of: (kv_heads, heads))
+    monkeypatch.setattr(tuning, "pass_split", lambda h, g, bytes_of, budget: (kv_heads, heads))
     check_all(run_selected(selected_attention, x, do), reference(x, do), torch.float32)
 
 
-@pytest.mark.parametrize("budget,split", [(1000, (4, 2)), (250, (2, 1)), (50, (1, 1)), (1e9, (4, 3))])
-def test_pass_split_fills_the_budget(budget, split, monkeypatch):
-    """All KV heads and as many query heads as fit; else as many KV heads as fit with one query head."""
-    monkeypatch.setenv("FSA_BUFFER_BUDGET_GB", str(budget / 2**30))
-    assert tuning.pass_split(4, 3, lambda kv_heads, heads: 100 * kv_heads * heads) == split
+@pytest.mark.parametrize("h,g,budget,split", [
+    (4, 3, 1e12, (4, 3)),  # one pass
+    (4, 3, 1000, (3, 3)),  # whole groups, KV heads split
+    (4, 3, 350, (1, 3)),
+    (2, 8, 700, (2, 3)),  # one KV head's group does not fit: all KV heads, part of each group
+    (4, 3, 250, (2, 1)),  # not even one query head of every KV head: KV heads split, one query head
+    (4, 3, 50, (1, 1)),  # nothing fits: the smallest pass
+])
+def test_pass_split_prefers_whole_groups(h, g, budget, split):
+    assert tuning.pass_split(h, g, lambda kv_heads, heads: 100 * kv_heads * heads, budget) == split
+
+
+def test_buffer_budget_from_env_else_free_memory(monkeypatch):
+    monkeypatch.setenv("FSA_BUFFER_BUDGET_GB", "0.5")
+    assert tuning.buffer_budget_bytes(torch.device("cpu")) == 0.5 * 2**30
+    monkeypatch.delenv("FSA_BUFFER_BUDGET_GB")
+    assert tuning.buffer_budget_bytes(torch.device("cpu")) == tuning.DEFAULT_BUDGET_GB * 2**30  # no device memory to share
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
