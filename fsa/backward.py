@@ -100,11 +100,15 @@ def _fsa_bwd_pairs_kernel(
 @triton.jit
 def _fsa_bwd_dkv_reduce_kernel(
     dk_acc, dv_acc, dkv_part, item_offsets, block_start, block_end, NB_BOUND, H_OFF,
-    H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, KEY_ROWS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
-    """One program per CSR row: zero for a block no query chose, sum of item partials (in item order)
-    for a block split over several items; single-item blocks were written by the pairs kernel."""
+    """One program per (CSR row, KEY_ROWS keys of the block): zero for a block no query chose, sum of
+    item partials (in item order) for a block split over several items; single-item blocks were
+    written by the pairs kernel. The initial block is chosen by every query, so its row has thousands
+    of items: splitting the keys keeps that sum from being one long serial tail."""
     r = tl.program_id(0)
+    i_key = tl.program_id(1)
     i_h = H_OFF + r // NB_BOUND
     i_b = r % NB_BOUND
     first = tl.load(item_offsets + r)
@@ -112,12 +116,13 @@ def _fsa_bwd_dkv_reduce_kernel(
     if n_items == 1:
         return
     o_d = tl.arange(0, D_PAD)
-    o_k = tl.load(block_start + i_b) + tl.arange(0, BS)
+    o_r = i_key * KEY_ROWS + tl.arange(0, KEY_ROWS)  # keys inside the block
+    o_k = tl.load(block_start + i_b) + o_r
     m_kd = (o_k < tl.load(block_end + i_b))[:, None] & (o_d < D)[None, :]
     acc_off = o_k[:, None].to(tl.int64) * (H * D) + i_h * D + o_d[None, :]
-    o_bd = tl.arange(0, BS)[:, None] * D_PAD + o_d[None, :]
-    b_dk = tl.zeros([BS, D_PAD], tl.float32)
-    b_dv = tl.zeros([BS, D_PAD], tl.float32)
+    o_bd = o_r[:, None] * D_PAD + o_d[None, :]
+    b_dk = tl.zeros([KEY_ROWS, D_PAD], tl.float32)
+    b_dv = tl.zeros([KEY_ROWS, D_PAD], tl.float32)
     if ACCUMULATE:
         b_dk += tl.load(dk_acc + acc_off, mask=m_kd, other=0.0)
         b_dv += tl.load(dv_acc + acc_off, mask=m_kd, other=0.0)
@@ -187,9 +192,10 @@ def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float
             KEY_TILE=key_tile, ACCUMULATE=g0 > 0, DOT_PRECISION=plan.precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        _fsa_bwd_dkv_reduce_kernel[(sched.num_rows,)](
+        _fsa_bwd_dkv_reduce_kernel[(sched.num_rows, block_size // cfg.reduce_key_rows)](
             dk_acc, dv_acc, dkv_part, sched.item_offsets, index.block_start, index.block_end, index.nb_bound, h0,
-            H=h, D=d, D_PAD=d_pad, BS=block_size, ACCUMULATE=g0 > 0, num_warps=4,
+            H=h, D=d, D_PAD=d_pad, BS=block_size, KEY_ROWS=cfg.reduce_key_rows, ACCUMULATE=g0 > 0,
+            num_warps=4 if cfg.reduce_key_rows * d_pad >= 2048 else 2,
         )
         _fsa_bwd_dq_reduce_kernel[(triton.cdiv(n, cfg.block_n), hcur * gcur)](
             dq_part, index.pair_pos, sched.row_offsets, dq, n, h0,

@@ -36,11 +36,13 @@ class LaunchConfig:
     num_stages: int
     block_n: int = 32  # tokens per reduction program
     key_tile: int = 64  # backward: keys per program (dK/dV accumulators of KEY_TILE x D stay in registers)
+    reduce_key_rows: int = 16  # backward: keys per program of the busy-block dK/dV reduction (<= block size)
 
 
 def launch_config(head_dim: int, block_size: int, backward: bool) -> LaunchConfig:
     if is_interpreter():
-        return LaunchConfig(block_m=16, chunk_tiles=2, num_warps=1, num_stages=1, block_n=16, key_tile=16)
+        return LaunchConfig(block_m=16, chunk_tiles=2, num_warps=1, num_stages=1, block_n=16, key_tile=16,
+                            reduce_key_rows=8)
     d_pad = triton.next_power_of_2(head_dim)
     big = d_pad * block_size >= 256 * 64  # K/V block + tiles would not fit shared memory at 64 rows
     if backward:
