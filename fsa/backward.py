@@ -4,7 +4,8 @@ Loop order as in the forward: programs over (work item, key tile), a work item b
 key block b, chunk of the pair rows that chose b) and a key tile KEY_TILE keys of the block (a block
 of 128 keys is split in two so the fp32 dK/dV accumulators stay in registers). A program recomputes P from the saved lse, accumulates dK/dV for its block in
 registers and writes each pair row's dQ contribution to a compact buffer at the pair's CSR position.
-A block whose pairs span one item writes dK/dV straight to the fp32 accumulator; a busy block (the
+A block whose pairs span one item writes dK/dV straight to the output (fp32 accumulator when
+the query heads of a group are split over passes); a busy block (the
 initial block is chosen by every query) is split over several items whose partial dK/dV are summed
 in item order by a reduction kernel, so the result is bitwise reproducible. dQ partials are summed
 per query in slot order.
@@ -88,8 +89,8 @@ def _fsa_bwd_pairs_kernel(
         if ACCUMULATE:
             b_dk += tl.load(dk_acc + acc_off, mask=m_kd, other=0.0)
             b_dv += tl.load(dv_acc + acc_off, mask=m_kd, other=0.0)
-        tl.store(dk_acc + acc_off, b_dk, mask=m_kd)
-        tl.store(dv_acc + acc_off, b_dv, mask=m_kd)
+        tl.store(dk_acc + acc_off, b_dk.to(dk_acc.dtype.element_ty), mask=m_kd)
+        tl.store(dv_acc + acc_off, b_dv.to(dv_acc.dtype.element_ty), mask=m_kd)
     else:  # partial of a busy block: layout [item, 2, BS, D_PAD], this program fills its key tile
         o_bd = (i_sub * KEY_TILE + tl.arange(0, KEY_TILE))[:, None] * D_PAD + o_d[None, :]
         part = dkv_part + pid.to(tl.int64) * (2 * BS * D_PAD)
@@ -132,8 +133,8 @@ def _fsa_bwd_dkv_reduce_kernel(
         b_dk += tl.load(part + o_bd)
         b_dv += tl.load(part + BS * D_PAD + o_bd)
         i += 1
-    tl.store(dk_acc + acc_off, b_dk, mask=m_kd)
-    tl.store(dv_acc + acc_off, b_dv, mask=m_kd)
+    tl.store(dk_acc + acc_off, b_dk.to(dk_acc.dtype.element_ty), mask=m_kd)
+    tl.store(dv_acc + acc_off, b_dv.to(dv_acc.dtype.element_ty), mask=m_kd)
 
 
 @triton.jit
@@ -174,8 +175,11 @@ def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float
     if dlse is not None:
         delta = delta - dlse.float()
     dq = new_output((n, hq, d), q.dtype, q.device)
-    dk_acc = new_output((n, h, d), torch.float32, q.device)
-    dv_acc = new_output((n, h, d), torch.float32, q.device)
+    # Whole groups per pass: every block's dK/dV is final when written, so it goes out in the input
+    # dtype (at 256K x 64 KV heads, fp32 accumulators and their cast cost 13 GB more at the peak).
+    acc_dtype = k.dtype if plan.heads_per_pass == g else torch.float32
+    dk_acc = new_output((n, h, d), acc_dtype, q.device)
+    dv_acc = new_output((n, h, d), acc_dtype, q.device)
     key_tile = min(block_size, cfg.key_tile)
     num_sub = block_size // key_tile
     sub_stride = plan.pass_pairs * plan.heads_per_pass
@@ -202,4 +206,4 @@ def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float
             HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, T=topk, D=d, D_PAD=d_pad, BLOCK_N=cfg.block_n,
             NUM_SUB=num_sub, SUB_STRIDE=sub_stride, num_warps=4 if d_pad >= 128 else 2,
         )
-    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)  # no copy when already in the input dtype
