@@ -14,6 +14,9 @@ ROWS_DIR = "rows"
 RETRY_STATUSES = ("error", "oom")
 
 
+TEXT_COLUMNS = {"git_commit": str, "gpu": str, "torch": str, "triton": str, "message": str}
+
+
 def sweep_dir(results_dir: str, name: str, predicted: bool = False) -> Path:
     """results/<name>/ for measured rows; cost-model rows (no CUDA) go to results/<name>_predicted/ so
     that a CPU run never mixes predictions into a measured sweep."""
@@ -23,7 +26,8 @@ def sweep_dir(results_dir: str, name: str, predicted: bool = False) -> Path:
 def read_rows(folder: Path) -> pd.DataFrame:
     """Every row recorded for a sweep (merged CSV and per-job files), the latest per key."""
     files = [folder / RESULTS_CSV] + sorted((folder / ROWS_DIR).glob("*.csv"))
-    frames = [pd.read_csv(f) for f in files if f.exists() and f.stat().st_size > 0]
+    # Text columns read as text: a commit such as 90384e6 would otherwise parse as the float 9.0384e10.
+    frames = [pd.read_csv(f, dtype=TEXT_COLUMNS) for f in files if f.exists() and f.stat().st_size > 0]
     if not frames:
         return pd.DataFrame(columns=list(COLUMNS))
     df = pd.concat(frames, ignore_index=True)

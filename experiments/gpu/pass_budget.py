@@ -60,6 +60,10 @@ def main():
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "out"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    from experiments.runner import git_commit
+
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                git_commit=git_commit())
     rows = []
     for n in map(int, args.seqlen.split(",")):
         for g in map(int, args.gqa.split(",")):
@@ -77,7 +81,7 @@ def main():
                     for variant in args.variants.split(","):
                         apply_variant(variant, h, g)
                         plan = tuning.launch_plan(q, k, block, topk, backward)
-                        row = dict(seqlen=n, gqa=g, kv_heads=h, block=block, topk=topk,
+                        row = dict(**meta, seqlen=n, gqa=g, kv_heads=h, block=block, topk=topk,
                                    pass_name=pass_name, variant=variant,
                                    kv_heads_per_pass=plan.kv_heads_per_pass, heads_per_pass=plan.heads_per_pass)
                         try:

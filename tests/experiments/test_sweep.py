@@ -108,3 +108,11 @@ def test_fla_is_unsupported_below_g16():
 
     point = Point("selected", 4, 4, 128, 1024, 1, 64, 16, "bfloat16", "random")
     assert "power of two >= 16" in kernels.unsupported_reason("fla", point, check_installed=False)
+
+
+def test_commit_hashes_that_look_like_numbers_stay_text(tmp_path):
+    """A commit such as 90384e6 is valid scientific notation; rows must read it back as text."""
+    row = {c: "" for c in COLUMNS}
+    row.update(git_commit="90384e6", gpu="GPU", torch="2.11", triton="3.6", timestamp="t")
+    store.append_rows(tmp_path, "job", [row])
+    assert store.read_rows(tmp_path)["git_commit"].tolist() == ["90384e6"]
