@@ -10,10 +10,10 @@ Writes $OUT/pass_budget.csv (OUT defaults to ./out).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from pathlib import Path
 
+import pandas as pd
 import torch
 import triton
 
@@ -107,11 +107,7 @@ def main():
                     del first
                 del q, k, v, do, idx
                 torch.cuda.empty_cache()
-    keys = sorted({key for r in rows for key in r}, key=lambda x: list(rows[0]).index(x) if x in rows[0] else 99)
-    with open(out_dir / "pass_budget.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    pd.DataFrame(rows).to_csv(out_dir / "pass_budget.csv", index=False)  # columns in order of first appearance
 
 
 if __name__ == "__main__":
