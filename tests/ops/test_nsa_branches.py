@@ -203,6 +203,23 @@ def _check_selection_rule(idx, scores, cu, bs, topk, init, local, tol=1e-5):
     assert bool((high <= low + tol).all()), "an unpicked block outscores a picked one"
 
 
+def _near_tie_rows(scores, cu, bs, topk, init, local, tol=1e-5):
+    """bool [N, H]: rows where the lowest free pick and the best unpicked causal block score within
+    `tol` of each other (the zero queries' uniform scores among them), so fp32 rounding may swap them."""
+    n, h, nb = scores.shape
+    pos, _ = token_positions(torch.tensor([0, n], dtype=torch.int32) if cu is None else cu, n)
+    cur = (pos // bs)[:, None, None]
+    blocks = torch.arange(nb)[None, None, :]
+    causal = (blocks <= cur).expand(n, h, nb)
+    forced = causal & ((blocks < init) | (blocks > cur - local))
+    free_slots = (torch.clamp(cur[..., 0] + 1, max=topk) - forced.sum(-1)).expand(n, h)
+    ranked = torch.where(causal & ~forced, scores.double(), -torch.inf).sort(-1, descending=True).values
+    ranked = torch.cat([ranked, torch.full((n, h, 1), -torch.inf, dtype=ranked.dtype)], -1)
+    last = ranked.gather(-1, (free_slots - 1).clamp_min(0)[..., None])[..., 0]
+    first_out = ranked.gather(-1, free_slots.clamp(0, nb)[..., None])[..., 0]
+    return (free_slots > 0) & (last - first_out <= tol)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("topk,init,local,bs", [(5, 1, 2, 32), (3, 0, 0, 32), (8, 2, 1, 32), (16, 1, 2, 64)],
                          ids=lambda v: str(v))
@@ -220,9 +237,11 @@ def test_fused_top_rule_interpreter(layout, topk, init, local, bs):
     assert out.dtype == torch.int32 and out.shape == (N_CPU, h, topk)
     _check_selection_rule(out, scores, cu, bs, topk, init, local)
     ref = select_blocks_from_compressed_ref(q, k_cmp, cu, cu_cmp, ks, stride, bs, topk, init, local, lse=lse)
-    rows = torch.ones(N_CPU, dtype=torch.bool)
-    rows[::5] = False  # tie-free rows: the very same sets
-    assert bool(_same_sets(out, ref)[rows].all())
+    # Rows whose last free pick is a (near-)tie may differ (fp32 kernel vs fp64 ranking); the rule
+    # check above covers them. All other rows must hold the very same sets.
+    tie_free = ~_near_tie_rows(scores, cu, bs, topk, init, local)
+    assert float(tie_free.float().mean()) > 0.6, "too few tie-free rows for the check to mean much"
+    assert bool(_same_sets(out, ref)[tie_free].all())
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
