@@ -5,7 +5,8 @@ ids need no prefix sum: block b of sequence s is gb = cu_seqlens[s] // BS + s + 
 and < nb_bound = N // BS + B + 1 (ids in the gaps are empty rows). Three launches: a Triton kernel keys
 every valid pair by its row and counts rows (integer atomics: exact), a stable sort orders the pairs
 (tokens stay ascending inside a row, so the layout is identical on every run), and a Triton kernel
-scatters tokens/slots/pair positions. Buffers are sized by N * H * T, never by blocks x seqlen.
+scatters tokens and pair positions (no slot array: a pair's slot is where pair_pos points back at
+it, and no kernel needs it). Buffers are sized by N * H * T, never by blocks x seqlen.
 Used by the NSA dK/dV kernel and by every FSA kernel.
 """
 from __future__ import annotations
@@ -25,7 +26,6 @@ class BlockIndex:
     num_rows: int  # H * nb_bound
     row_offsets: torch.Tensor  # int32 [num_rows + 1] CSR pointers
     tokens: torch.Tensor  # int32 [N * H * T] packed query rows, ascending per CSR row
-    slots: torch.Tensor  # int32 [N * H * T] slot of the pair in block_indices[token, h]
     pair_pos: torch.Tensor  # int32 [N, H, T] position of the pair in `tokens`, -1 if not a valid pair
     block_start: torch.Tensor  # int32 [nb_bound] first packed row of each global block
     block_end: torch.Tensor  # int32 [nb_bound] one past its last row (== start for absent blocks)
@@ -85,14 +85,13 @@ def _pair_keys_kernel(block_indices, cu_seqlens, keys, counts, N, B, NB_BOUND, N
 
 
 @triton.jit
-def _scatter_pairs_kernel(sorted_keys, perm, tokens, slots, pair_pos, TOTAL, NUM_ROWS,
+def _scatter_pairs_kernel(sorted_keys, perm, tokens, pair_pos, TOTAL, NUM_ROWS,
                           H: tl.constexpr, T: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < TOTAL
     p = tl.load(perm + i, mask=m, other=0)
     valid = tl.load(sorted_keys + i, mask=m, other=NUM_ROWS) < NUM_ROWS
     tl.store(tokens + i, (p // (H * T)).to(tl.int32), mask=m)
-    tl.store(slots + i, (p % T).to(tl.int32), mask=m)
     tl.store(pair_pos + p, tl.where(valid, i, -1).to(tl.int32), mask=m)
 
 
@@ -128,9 +127,8 @@ def build_block_index(
 
     sorted_keys, perm = torch.sort(keys, stable=True)  # flat order is token-major: tokens stay ascending
     tokens = torch.empty(total, dtype=torch.int32, device=dev)
-    slots = torch.empty(total, dtype=torch.int32, device=dev)
     pair_pos = torch.empty(total, dtype=torch.int32, device=dev)
     _scatter_pairs_kernel[(triton.cdiv(total, 1024),)](
-        sorted_keys, perm, tokens, slots, pair_pos, total, num_rows, H=h, T=t_sel, BLOCK=1024)
-    return BlockIndex(nb_bound, num_rows, row_offsets, tokens, slots, pair_pos.view(n, h, t_sel),
+        sorted_keys, perm, tokens, pair_pos, total, num_rows, H=h, T=t_sel, BLOCK=1024)
+    return BlockIndex(nb_bound, num_rows, row_offsets, tokens, pair_pos.view(n, h, t_sel),
                       block_start, block_end)

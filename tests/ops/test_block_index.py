@@ -40,8 +40,9 @@ def test_index_matches_brute_force(seqlens, block_size):
         assert index.tokens[lo:hi].tolist() == toks, (i_h, s, b)
         assert index.block_start[gb].item() == bounds[s] + b * block_size
         assert index.block_end[gb].item() == min(bounds[s] + (b + 1) * block_size, bounds[s + 1])
-        for p in range(lo, hi):
-            t, slot = index.tokens[p].item(), index.slots[p].item()
-            assert bi[t, i_h, slot].item() == b and index.pair_pos[t, i_h, slot].item() == p
+        for p in range(lo, hi):  # pair_pos points back at p from exactly one slot naming block b
+            t = index.tokens[p].item()
+            slot = (index.pair_pos[t, i_h] == p).nonzero().flatten().tolist()
+            assert len(slot) == 1 and bi[t, i_h, slot[0]].item() == b, (t, i_h, p)
         seen += hi - lo
     assert index.row_offsets[-1].item() == seen == int((index.pair_pos >= 0).sum())
