@@ -56,3 +56,34 @@ def test_paper_tables_use_measured_rows_and_say_not_measured_otherwise(tmp_path)
     fig2 = paper.fig2(df, out)
     assert "0.213" in fig2 and (out / "fig2.png").stat().st_size > 0
     assert not math.isnan(float(df["median_ms"].iloc[0]))
+
+
+def test_paper_never_mixes_gpus_in_a_ratio_and_names_the_gpu_of_a_fallback_point(tmp_path):
+    """Rows of a second GPU: fig7's ratios come from the GPU with most rows only (the other GPU's
+    NSA times are 100x: mixing would show); a Tables 6-7 point only the other GPU measured is
+    taken from it and named in the "ours GPU" column."""
+    main = synthetic_rows(q_heads=64)
+    other = main[(main["kernel"] == "nsa")].head(6).assign(gpu="Other GPU 141GB", median_ms=lambda d: d["median_ms"] * 100)
+    point = Point("module", 1, 64, 128, 262144, 1, 128, 8, "bfloat16", "nsa")
+    big = pd.DataFrame([make_row(point, "fsa", "fwd+bwd", "ok", dict(META, gpu="Other GPU 141GB"), median_ms=1234.0),
+                        make_row(point, "nsa", "fwd+bwd", "oom", META, "out of memory"),
+                        make_row(point, "fsa", "fwd", "ok", META, median_ms=1000.0),
+                        make_row(point, "nsa", "fwd", "ok", META, median_ms=2000.0)], columns=list(COLUMNS))
+    (tmp_path / "fig7_8").mkdir()
+    pd.concat([main, other]).to_csv(tmp_path / "fig7_8" / "results.csv", index=False)
+    (tmp_path / "tables67").mkdir()
+    big.to_csv(tmp_path / "tables67" / "results.csv", index=False)
+    df = paper.load_measured(tmp_path)
+    out = tmp_path / "paper"
+    out.mkdir()
+    fig7 = paper.fig7(df, out)
+    row = [line for line in fig7.splitlines() if "over nsa (fwd)" in line][0]
+    assert "| 8 |" in row and "| 5 |" in row and "Other GPU" not in fig7.split("\n\n")[1]
+    table = paper.tables67(df, out)
+    rows = {tuple(c.strip() for c in ln.split("|")[4:6]): ln for ln in table.splitlines()
+            if ln.startswith("| (128,8) | 1 | 262144 |")}
+    assert "| 1.23 |" in rows["fsa", "fwd+bwd"] and "Other GPU 141GB" in rows["fsa", "fwd+bwd"], table
+    assert "| 1 |" in rows["fsa", "fwd"] and "Fake GPU 80GB" in rows["fsa", "fwd"]
+    nsa = [ln for ln in table.splitlines() if "(128,8)" in ln and "| 1 | 262144 |" in ln and "oom" in ln]
+    assert nsa, "the NSA point tried on the main GPU stays oom"
+    assert (out / "tables67.png").stat().st_size > 0
