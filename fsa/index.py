@@ -4,8 +4,9 @@ A CSR row (KV head h, key block b) owns count * GC "pair rows": one per (query t
 block, query head of the group handled in this pass). A work item is a chunk of up to
 BLOCK_M * CHUNK_TILES consecutive pair rows of one CSR row; a program finds its item by binary search
 over the items' prefix sum. A pass covers the (contiguous) CSR rows of a range of KV heads, so the
-partial buffers hold only that pass's pairs, at (pair position - the pass's first position). The grid is sized by a bound, so nothing is read back to the host: programs
-past the real number of items exit at once.
+partial buffers hold only that pass's pairs, at (pair position - the pass's first position). The grid
+is sized by a bound, so nothing is read back to the host: programs past the real number of items exit
+at once.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ class WorkSchedule:
     item_offsets: torch.Tensor  # int32 [num_rows + 1] prefix sum of work items per CSR row
     grid_bound: int  # programs to launch (>= real number of items)
     search_steps: int  # binary-search iterations that locate an item's row
-    rows_per_item: int
 
 
 @triton.jit
@@ -49,8 +49,7 @@ def build_schedule(index: BlockIndex, h0: int, kv_heads: int, heads_per_pass: in
         row_offsets, item_offsets, num_rows, GC=heads_per_pass, ROWS_PER_ITEM=rows_per_item, BLOCK=1024)
     item_offsets.cumsum_(0)
     grid_bound = triton.cdiv(pass_pairs * heads_per_pass, rows_per_item) + num_rows
-    return WorkSchedule(row_offsets, num_rows, item_offsets, grid_bound, max(1, num_rows.bit_length()),
-                        rows_per_item)
+    return WorkSchedule(row_offsets, num_rows, item_offsets, grid_bound, max(1, num_rows.bit_length()))
 
 
 @triton.jit
