@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from experiments import progress  # noqa: E402
+from experiments.gpu_lease import exclusive_gpu  # noqa: E402
 from experiments.runner import run_job  # noqa: E402
 from experiments.schema import register_configs, validate  # noqa: E402
 
@@ -27,10 +28,16 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sweep")
 def main(cfg: DictConfig) -> None:
     sweep_cfg = validate(cfg)
-    if torch.cuda.device_count() > 1:  # parallel launchers: spread jobs over the GPUs
-        torch.cuda.set_device(HydraConfig.get().job.num % torch.cuda.device_count())
-    with progress.job(HydraConfig.get().job.num, sweep_cfg) as on_step:
-        run_job(sweep_cfg, on_step=on_step)
+    num = HydraConfig.get().job.num
+    if not torch.cuda.is_available():
+        with progress.job(num, sweep_cfg) as on_step:
+            run_job(sweep_cfg, on_step=on_step)
+        return
+    # Parallel launchers: each job holds one GPU to itself while it times (experiments/gpu_lease.py).
+    with exclusive_gpu(torch.cuda.device_count(), first=num) as gpu:
+        torch.cuda.set_device(gpu)
+        with progress.job(num, sweep_cfg) as on_step:
+            run_job(sweep_cfg, on_step=on_step)
 
 
 if __name__ == "__main__":
