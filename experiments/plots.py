@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from experiments import cost_model as cm  # noqa: E402
@@ -37,13 +38,21 @@ def plotted_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     return main[main["status"] == "predicted"], True
 
 
+def prediction_kind(rows: pd.DataFrame) -> str:
+    """What predicted rows are, from their messages (experiments/calibration.py writes them)."""
+    calibrated = rows["message"].astype(str).str.contains("x roofline", regex=False)
+    if calibrated.all():
+        return "cost-model roofline calibrated on measured kernels"
+    return "cost-model roofline, partly calibrated" if calibrated.any() else "roofline of the analytic cost model"
+
+
 def title_of(rows: pd.DataFrame, predicted: bool, what: str) -> str:
     first = rows.iloc[0]
     gpus = ", ".join(sorted(set(rows["gpu"].astype(str))))
     heads = sorted(set(rows["kv_heads"]))
     cfg = (f"{first['scope']} attention, kv_heads={'/'.join(map(str, heads))}, d={first['head_dim']}, "
            f"{first['dtype']}, indices={first['indices']}, batch={first['batch']}")
-    mode = " [predicted: roofline of the analytic cost model]" if predicted else ""
+    mode = f" [predicted: {prediction_kind(rows)}]" if predicted else ""
     return f"{what} on {gpus}{mode}\n{cfg}"
 
 
@@ -143,6 +152,9 @@ def plot_ratio(rows: pd.DataFrame, predicted: bool, path: Path) -> Optional[Path
                                 label=f"g={g} published kernels (H100)")
             ax.axhline(1.0, color="black", lw=1)
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.5 1 2 5, as plain numbers
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
             _seqlen_axis(ax)
             ax.set_ylabel("NSA latency / FSA latency (log; >1: FSA faster)")
             ax.set_title(f"(BS, T) = ({bs}, {t}), {p}")
@@ -210,7 +222,8 @@ def plot_memory(rows: pd.DataFrame, predicted: bool, path: Path) -> Optional[Pat
 def breakdown_table(rows: pd.DataFrame, all_rows: pd.DataFrame, predicted: bool) -> pd.DataFrame:
     """Milliseconds of the compressed / selected / window branches per module row (the largest N
     per preset and g): measured, the branch rows (scope "module/<branch>") of the same point, kernel,
-    pass and GPU; predicted, the cost model's roofline per branch (nominal H100 peaks)."""
+    pass and GPU; predicted, the cost model's plain roofline per branch (nominal H100 peaks, not
+    calibrated: branches have no fit of their own)."""
     module = rows[(rows["scope"] == "module") & (rows["kernel"] != "sdpa")]
     module = module[module["seqlen"] == module.groupby(["block_size", "gqa"])["seqlen"].transform("max")]
     module = module.sort_values(["pass", "gqa", "block_size", "kernel"], kind="stable")

@@ -24,15 +24,51 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join([header, rule, *body])
 
 
+SPARSE_FAMILIES = ("fsa", "nsa", "fla")  # "auto" dispatches to one of the first two: not a verdict
+DENSE = "sdpa"
+
+
+def verdict_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Which sparse kernel to use: per (scope, preset, pass, gqa, heads) a row, per seqlen a cell
+    "fsa 2.7x" (the fastest family and its speedup over the next one), with "; 1.2x dense" (dense
+    SDPA time / the winner's) when dense attention was timed too, a value below 1 meaning dense wins."""
+    keys = ["scope", "block_size", "topk", "pass", "gqa", "kv_heads"]
+    ms = rows.pivot_table(index=keys + ["seqlen"], columns="kernel", values="median_ms", aggfunc="first")
+    families = [k for k in SPARSE_FAMILIES if k in ms.columns]
+    if not families:
+        return pd.DataFrame()
+    cells = {}
+    for idx, r in ms.iterrows():
+        times = r[families].dropna().sort_values()
+        if times.empty:
+            continue
+        cell = str(times.index[0]) + (f" {times.iloc[1] / times.iloc[0]:.2g}x" if len(times) > 1 else "")
+        if DENSE in r and r[DENSE] == r[DENSE]:
+            cell += f"; {r[DENSE] / times.iloc[0]:.2g}x dense"
+        cells[idx] = cell
+    table = pd.Series(cells, dtype=object)
+    table.index = pd.MultiIndex.from_tuples(table.index, names=keys + ["seqlen"])
+    table = table.unstack("seqlen")
+    table.columns = [f"N={n}" for n in table.columns]
+    return table.reset_index()
+
+
 def summary_markdown(df: pd.DataFrame) -> str:
     rows, predicted = plots.plotted_rows(df)
-    mode = "predicted by the cost model" if predicted else "measured" if len(rows) else "nothing measured"
+    mode = (f"predicted: {plots.prediction_kind(rows)}" if predicted else "measured" if len(rows)
+            else "nothing measured")
     lines = [f"# Sweep summary ({mode})", ""]
     lines.append("GPU: " + ", ".join(sorted(set(df["gpu"].astype(str)))) + "  ")
     lines.append("Status counts: " + ", ".join(f"{k} {v}" for k, v in df["status"].value_counts().items()))
     lines.append("")
     if rows.empty:
         return "\n".join(lines + ["No rows to summarise."]) + "\n"
+    verdict = verdict_table(rows)
+    if len(verdict):
+        lines += ["## Which kernel", "",
+                  "The fastest sparse family at each point, its speedup over the other family, and dense "
+                  "SDPA's time over it (below 1: dense attention is faster there).", "",
+                  markdown_table(verdict), "", "## Every point", ""]
     keys = ["scope", "block_size", "topk", "pass", "gqa", "kv_heads", "seqlen"]
     table = rows.pivot_table(index=keys, columns="kernel", values="median_ms", aggfunc="first")
     table.columns = [f"{k} ms" for k in table.columns]

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from experiments import accuracy, costs, kernels, store, timing
+from experiments import accuracy, calibration, costs, kernels, store, timing
 from experiments import cost_model as cm
 from experiments.inputs import make_inputs
 from experiments.points import Point, make_row, row_key
@@ -77,11 +77,12 @@ def free_memory() -> None:
 
 
 def predicted_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], meta: dict) -> list[dict]:
-    """Roofline of the cost model on the closed-form counts of uniformly random causal indices."""
-    stats = cm.stats_uniform_random(point.seqlen, point.kv_heads, point.block_size, point.topk, point.batch,
-                                    cfg.selection.init_blocks, cfg.selection.local_blocks)
-    note = (f"roofline of the analytic cost model on {cfg.hardware.name} peaks; counts of uniformly random "
-            f"causal indices in closed form" + ("" if point.indices == "random" else " (stand-in for indices=nsa)"))
+    """Roofline of the cost model on the closed-form counts of uniformly random causal indices,
+    calibrated to measured kernels when hardware.calibration names a fit (experiments/calibration.py)."""
+    stats = calibration.point_stats(point, cfg.selection)
+    calib = calibration.Calibration.load(cfg.hardware.calibration)
+    note = (f"cost model on {cfg.hardware.name} peaks, counts of uniformly random causal indices in closed form"
+            + ("" if point.indices == "random" else " (stand-in for indices=nsa)"))
     rows = []
     for kernel, pass_name in todo:
         reason = kernels.unsupported_reason(kernel, point, check_installed=False)
@@ -89,8 +90,8 @@ def predicted_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], 
             rows.append(make_row(point, kernel, pass_name, "unsupported", dict(meta, timestamp=now()), reason))
             continue
         cost = costs.kernel_cost(kernel, point, stats, cfg.selection, cfg.hardware).for_pass(pass_name)
-        ms = cm.roofline_ms(cost, cfg.hardware.peak_tflops, cfg.hardware.peak_gbps)
-        rows.append(make_row(point, kernel, pass_name, "predicted", dict(meta, timestamp=now()), note,
+        ms, how = calibration.predicted_ms(kernel, point, stats, pass_name, cfg.selection, cfg.hardware, calib)
+        rows.append(make_row(point, kernel, pass_name, "predicted", dict(meta, timestamp=now()), f"{how}; {note}",
                              median_ms=ms, tflops=cost.useful_flops / ms / 1e9, gbps=cost.bytes / ms / 1e6,
                              peak_extra_mem_gb=costs.predicted_extra_mem_gb(kernel, point, stats),
                              model_gflop=cost.flops / 1e9, model_gbyte=cost.bytes / 1e9))

@@ -46,11 +46,14 @@ class SelectionConfig:
 
 @dataclass
 class HardwareConfig:
-    """Nominal peaks, used only for the roofline of predicted rows."""
+    """Nominal peaks and the calibration of predicted rows (not used when timing)."""
 
     name: str = "H100 SXM"
     peak_tflops: float = 989.0  # dense bf16 tensor core
     peak_gbps: float = 3350.0
+    # CSV of experiments/calibration.py: predicted ms = a * roofline + b per kernel, fitted to this
+    # GPU's measurements (None: the plain roofline)
+    calibration: Optional[str] = None
 
 
 @dataclass

@@ -87,3 +87,13 @@ def test_paper_never_mixes_gpus_in_a_ratio_and_names_the_gpu_of_a_fallback_point
     nsa = [ln for ln in table.splitlines() if "(128,8)" in ln and "| 1 | 262144 |" in ln and "oom" in ln]
     assert nsa, "the NSA point tried on the main GPU stays oom"
     assert (out / "tables67.png").stat().st_size > 0
+
+
+def test_which_kernel_table_names_the_winner_its_margin_and_dense():
+    """Synthetic times: nsa 10, fsa 5 / g, sdpa 8 (x N / 32K): at g=1 FSA wins 2x and is 1.6x faster
+    than dense; at g=4 8x and 6.4x."""
+    rows = synthetic_rows()
+    table = report.verdict_table(rows[(rows["status"] == "ok") & (rows["scope"] == "selected")])
+    cell = table.set_index(["block_size", "pass", "gqa"])["N=32768"]
+    assert cell[(64, "fwd", 1)] == "fsa 2x; 1.6x dense"
+    assert cell[(64, "fwd", 4)] == "fsa 8x; 6.4x dense"

@@ -32,6 +32,23 @@ def test_paper_preset_sets_heads_from_q_heads():
     assert (cfg.q_heads, cfg.kv_heads, cfg.scope, cfg.passes) == (64, 8, "module", ["fwd+bwd"])
 
 
+MODELS = {"llama2_7b": (32, 1, 128), "llama3_8b": (32, 4, 128), "llama3_70b": (64, 8, 128),
+          "qwen2_5_7b": (28, 7, 128), "qwen2_5_32b": (40, 5, 128), "qwen3_14b": (40, 5, 128)}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_model_presets_fix_the_heads_and_sweep_n_and_both_presets(model):
+    """model=<name>: the model's HQ, G and D (its config.json); KV heads follow as HQ / G."""
+    hq, g, d = MODELS[model]
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        full = compose(config_name="sweep", overrides=[f"model={model}"], return_hydra_config=True)
+    params = full.hydra.sweeper.params
+    assert str(params.gqa) == str(g) and params.sparsity == "bs64_t16,bs128_t8" and "65536" in str(params.seqlen)
+    cfg = validate(load(f"model={model}", f"gqa={g}"))
+    assert (cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.name) == (hq, hq // g, d, f"model_{model}")
+    assert cfg.hardware.calibration == "results/calibration/h100.csv"  # the default hardware's fit
+
+
 @pytest.mark.parametrize("override, message", [
     ("seqlen=-1", "seqlen=-1 must be a positive integer"),
     ("gqa=0", "gqa=0 must be a positive integer"),
