@@ -120,7 +120,8 @@ def comparable_to_targets(rows: pd.DataFrame) -> bool:
 
 
 def _grid(nrows: int, ncols: int, width: float = 4.2, height: float = 3.3):
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.8), squeeze=False)
+    # at least 8.4 inches wide: the two-line config title must fit a one-column grid
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(width * ncols, 8.4), height * nrows + 0.8), squeeze=False)
     return fig, axes
 
 
@@ -152,7 +153,7 @@ def plot_ratio(rows: pd.DataFrame, predicted: bool, path: Path) -> Optional[Path
                                 label=f"g={g} published kernels (H100)")
             ax.axhline(1.0, color="black", lw=1)
             ax.set_yscale("log")
-            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.5 1 2 5, as plain numbers
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))  # 1 2 3 5, plain numbers
             ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
             ax.yaxis.set_minor_formatter(ticker.NullFormatter())
             _seqlen_axis(ax)
