@@ -23,6 +23,8 @@ def test_defaults_and_presets():
     assert (cfg.sparsity.block_size, cfg.sparsity.topk) == (64, 16)
     cfg = validate(load("sparsity=bs128_t8", "kernels=sparse", "pass=fwd+bwd", "hardware=h200"))
     assert (cfg.sparsity.block_size, cfg.sparsity.topk, cfg.hardware.peak_gbps) == (128, 8, 4800.0)
+    assert cfg.hardware.calibration == "results/calibration/h100.csv"  # H100 fit on H200 peaks
+    assert validate(load("hardware=h20")).hardware.calibration is None  # other compute: plain roofline
     assert cfg.kernels == ["nsa", "fsa", "auto"] and cfg.passes == ["fwd+bwd"]
     assert validate(load("kernels=[nsa,sdpa]")).kernels == ["nsa", "sdpa"]
 
