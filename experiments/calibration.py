@@ -88,7 +88,8 @@ def fit(measured: pd.DataFrame, hw: HardwareConfig, sel: Optional[SelectionConfi
         a, b = fit_line(x, y)
         err = (a * x + b) / y
         out.append(dict(zip(KEYS, key), a=round(a, 4), b_ms=round(b, 4), points=len(grp),
-                        min_pred_over_meas=round(err.min(), 3), max_pred_over_meas=round(err.max(), 3), gpu=", ".join(sorted(set(grp["gpu"].astype(str)))),
+                        min_pred_over_meas=round(err.min(), 3), max_pred_over_meas=round(err.max(), 3),
+                        gpu=", ".join(sorted(set(grp["gpu"].astype(str)))),
                         commits=" ".join(sorted(set(grp["git_commit"].astype(str)))),
                         seqlens=f"{int(grp['seqlen'].min())}-{int(grp['seqlen'].max())}",
                         gqa=" ".join(map(str, sorted(set(grp["gqa"].astype(int)))))))
