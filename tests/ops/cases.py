@@ -76,6 +76,24 @@ class Case:
                           self.block_size, cu.to(device))
 
 
+def realistic_case(n: int, h: int, g: int, d: int, t_sel: int, bs: int, seqlens=None, nsa_indices: bool = False,
+                   device="cuda", dtype=torch.bfloat16) -> CaseInputs:
+    """Inputs at realistic sizes for the GPU tests, built on the device from the (per-test seeded)
+    global RNG: q/k/v ~ N(0, 1) and block indices from NSA's own selection on them (nsa_indices:
+    many queries piled onto few blocks) or uniformly random causal ones."""
+    cu = torch.tensor([0, *torch.tensor(seqlens or [n]).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q = torch.randn(n, h * g, d, device=device, dtype=dtype)
+    k = torch.randn(n, h, d, device=device, dtype=dtype)
+    v = torch.randn(n, h, d, device=device, dtype=dtype)
+    if nsa_indices:
+        from nsa_baseline.reference import nsa_block_indices_ref
+
+        idx = nsa_block_indices_ref(q, k, cu_seqlens=cu, block_size=bs, topk=t_sel)
+    else:
+        idx = random_causal_block_indices(n, h, t_sel, bs, cu, device=device)
+    return CaseInputs(q, k, v, idx, bs, cu)
+
+
 def make_indices(mode: str, cu_seqlens: torch.Tensor, h: int, t_sel: int, bs: int,
                  gen: torch.Generator) -> torch.Tensor:
     """int32 [N, H, T] block indices of the given mode (see the module docstring); CPU tensors."""

@@ -13,7 +13,7 @@ from fsa.selected import selected_attention
 from nsa_baseline.ops import selected_attention as nsa_selected_attention
 from nsa_baseline.reference import selected_attention_ref
 from tests.helpers import assert_close
-from tests.ops.cases import CASES, CaseInputs
+from tests.ops.cases import CASES, CaseInputs, realistic_case
 from tests.ops.harness import check_all, reference, run_selected
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -114,28 +114,12 @@ def test_package_export():
 
 
 # ---------------------------------------------------------------- GPU: bf16 at realistic sizes
-def gpu_case(n, h, g, d, t_sel, bs, seqlens=None, nsa_indices=False):
-    from nsa_baseline.utils.indices import random_causal_block_indices
-
-    cu = torch.tensor([0, *torch.tensor(seqlens or [n]).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    q = torch.randn(n, h * g, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16)
-    if nsa_indices:
-        from nsa_baseline.reference import nsa_block_indices_ref
-
-        idx = nsa_block_indices_ref(q, k, cu_seqlens=cu, block_size=bs, topk=t_sel)
-    else:
-        idx = random_causal_block_indices(n, h, t_sel, bs, cu, device="cuda")
-    return CaseInputs(q, k, v, idx, bs, cu)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,g,d,bs,t_sel,nsa_indices",
                          [(8192, 1, 128, 64, 16, True), (16384, 4, 128, 128, 8, True), (65536, 1, 128, 64, 16, True),
                           (8192, 5, 96, 32, 8, False), (8192, 2, 256, 64, 16, False)], ids=str)
 def test_gpu_bf16_matches_reference_and_is_deterministic(n, g, d, bs, t_sel, nsa_indices):
-    x = gpu_case(n, 4 if n <= 16384 else 2, g, d, t_sel, bs, nsa_indices=nsa_indices)
+    x = realistic_case(n, 4 if n <= 16384 else 2, g, d, t_sel, bs, nsa_indices=nsa_indices)
     do = torch.randn_like(x.q)
     out1 = run_selected(selected_attention, x, do, check_indices=True)
     out2 = run_selected(selected_attention, x, do, check_indices=False)
@@ -146,7 +130,7 @@ def test_gpu_bf16_matches_reference_and_is_deterministic(n, g, d, bs, t_sel, nsa
 
 @pytest.mark.gpu
 def test_gpu_bf16_varlen():
-    x = gpu_case(8192, 2, 3, 128, 16, 64, seqlens=[3000, 77, 5115])
+    x = realistic_case(8192, 2, 3, 128, 16, 64, seqlens=[3000, 77, 5115])
     do = torch.randn_like(x.q)
     check_all(run_selected(selected_attention, x, do), reference(x, do, ref_dtype=torch.float32), torch.bfloat16)
     o = selected_attention_ref(x.q.float(), x.k.float(), x.v.float(), x.block_indices, 64, cu_seqlens=x.cu_seqlens)

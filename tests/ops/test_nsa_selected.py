@@ -10,10 +10,9 @@ from nsa_baseline.ops import selected_attention
 from nsa_baseline.ops.selected_bwd import nsa_selected_bwd
 from nsa_baseline.ops.selected_fwd import nsa_selected_fwd
 from nsa_baseline.reference import selected_attention_ref
-from nsa_baseline.utils.indices import random_causal_block_indices
 from nsa_baseline.utils.varlen import token_positions
 from tests.helpers import assert_close
-from tests.ops.cases import CASES, CaseInputs
+from tests.ops.cases import CASES, realistic_case
 from tests.ops.harness import check_all, reference, run_selected
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=lambda c: c.id)
@@ -68,25 +67,11 @@ def test_package_export():
 
 
 # ---------------------------------------------------------------- GPU: bf16 at realistic sizes
-def gpu_inputs(n, h, g, d, t_sel, bs, seqlens=None, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    cu = None
-    if seqlens is not None:
-        cu = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    q = torch.randn(n, h * g, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    idx = random_causal_block_indices(n, h, t_sel, bs, cu, device="cuda", generator=gen)
-    if cu is None:
-        cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
-    return q, k, v, idx, cu
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,g,bs,t_sel", [(8192, 1, 64, 16), (32768, 4, 64, 16), (65536, 16, 128, 8)],
                          ids=lambda p: str(p))
 def test_gpu_bf16_forward(n, g, bs, t_sel):
-    q, k, v, idx, cu = gpu_inputs(n, 4, g, 128, t_sel, bs)
+    q, k, v, idx, _, cu = realistic_case(n, 4, g, 128, t_sel, bs)
     o, lse = selected_attention(q, k, v, idx, bs, cu_seqlens=cu, return_lse=True, check_indices=False)
     ro, rl = selected_attention_ref(q.float(), k.float(), v.float(), idx, bs, cu_seqlens=cu, return_lse=True)
     assert_close(o, ro, torch.bfloat16, "o")
@@ -97,9 +82,8 @@ def test_gpu_bf16_forward(n, g, bs, t_sel):
 @pytest.mark.parametrize("g,d,bs", [(1, 128, 64), (3, 96, 32), (16, 128, 128), (4, 256, 64)],
                          ids=lambda p: str(p))
 def test_gpu_bf16_backward_deterministic(g, d, bs):
-    q, k, v, idx, cu = gpu_inputs(8192, 2, g, d, 8, bs, seqlens=[3000, 77, 5115])
-    xi = CaseInputs(q, k, v, idx, bs, cu)
-    do = torch.randn_like(q)
+    xi = realistic_case(8192, 2, g, d, 8, bs, seqlens=[3000, 77, 5115])
+    do = torch.randn_like(xi.q)
     out1 = run_selected(selected_attention, xi, do, check_indices=True)
     out2 = run_selected(selected_attention, xi, do, check_indices=False)
     for a, b, name in zip(out1, out2, ("o", "lse", "dq", "dk", "dv")):

@@ -68,3 +68,19 @@ def test_argument_errors(family, device):
     bad[5, 0, 0] = 99
     with pytest.raises(ValueError, match="`block_indices`"):
         family(x.q, x.k, x.v, bad, 16, check_indices=True)
+
+
+@pytest.mark.parametrize("nsa_indices", [False, True], ids=["random", "nsa"])
+def test_realistic_case_builder_makes_valid_inputs(nsa_indices):
+    """The GPU tests' input builder (run here on the CPU, small): shapes, dtype, device and indices
+    that satisfy the contract, for both index sources."""
+    from nsa_baseline.contract import check_block_indices
+    from tests.ops.cases import realistic_case
+
+    x = realistic_case(300, 2, 3, 32, 4, 32, seqlens=[100, 7, 193], nsa_indices=nsa_indices, device="cpu",
+                       dtype=torch.float32)
+    assert x.q.shape == (300, 6, 32) and x.k.shape == x.v.shape == (300, 2, 32) and x.q.dtype == torch.float32
+    assert x.block_indices.shape == (300, 2, 4) and x.block_indices.dtype == torch.int32
+    assert x.cu_seqlens.tolist() == [0, 100, 107, 300] and x.block_size == 32
+    check_block_indices(x.block_indices, 32, x.cu_seqlens)
+    assert (x.block_indices >= 0).any()
