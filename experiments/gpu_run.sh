@@ -32,13 +32,15 @@ stage() {
         table5)   sweep paper=table5 ;;
         fig4)     sweep paper=fig4 ;;
         tables67) sweep paper=tables67 ;;
+        calibration)  # refit the predictions' a * roofline + b to the rows just measured (H100 only)
+                  python -m experiments.calibration "$RESULTS_DIR/sweep" "$RESULTS_DIR/fig4" "$RESULTS_DIR/fig7_8" ;;
         paper)    python -m experiments.paper results_dir="$RESULTS_DIR" out_dir="$RESULTS_DIR/paper" ;;
-        *)        echo "unknown stage '$1' (main random fig3 fig7_8 table5 fig4 tables67 paper)"; return 2 ;;
+        *)        echo "unknown stage '$1' (main random fig3 fig7_8 table5 fig4 tables67 calibration paper)"; return 2 ;;
     esac
 }
 
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to time')" || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(main fig3 fig7_8 table5 random fig4 tables67 paper)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(main fig3 fig7_8 table5 random fig4 tables67 calibration paper)
 for s in "${STAGES[@]}"; do stage "$s"; done
