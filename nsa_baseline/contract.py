@@ -24,6 +24,7 @@ from nsa_baseline.utils.varlen import single_sequence_cu_seqlens
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CHECK_INDICES_ENV = "NSA_CHECK_INDICES"
+MAX_PAIRS = 2**31 - 1  # the inverted block index and pair positions are int32 (N * H * T of them)
 
 # cu_seqlens tensors already checked: id -> (data_ptr, version). Checking a CUDA tensor's values
 # needs one device->host copy; a training step reuses the same cu_seqlens in every layer, so the
@@ -120,6 +121,9 @@ def check_selected_args(
     t_sel = block_indices.shape[2]
     if t_sel < 1:
         _fail("block_indices", f"must have T >= 1 selected slots, got T={t_sel}")
+    if n * h * t_sel > MAX_PAIRS:
+        _fail("block_indices", f"has N * H * T = {n} * {h} * {t_sel} = {n * h * t_sel} entries, more than the "
+              f"int32 pair index holds ({MAX_PAIRS}); split the batch into calls of fewer tokens")
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size not in supported_block_sizes:
         _fail("block_size", f"must be one of {supported_block_sizes}, got {block_size!r}")
     if scale is None:

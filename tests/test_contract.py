@@ -94,6 +94,13 @@ def test_block_indices_dtype_shape_and_empty_topk():
         check_selected_args(**args(block_indices=torch.zeros(N, H, 0, dtype=torch.int32)))
 
 
+def test_more_pairs_than_the_int32_index_holds_is_an_error_not_an_overflow():
+    n, h, d, t = 2**21, 64, 128, 16  # N * H * T = 2^31: one past the int32 range (meta: no memory)
+    q = k = torch.empty(n, h, d, device="meta", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"argument `block_indices`.*int32 pair index"):
+        check_selected_args(q, k, k, torch.empty(n, h, t, device="meta", dtype=torch.int32), 64)
+
+
 @pytest.mark.parametrize("block_size", [48, 8, 0, -64, 64.0, True, "64"])
 def test_unsupported_block_size(block_size):
     raises("block_size", block_size=block_size)

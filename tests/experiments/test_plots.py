@@ -63,7 +63,8 @@ def test_paper_never_mixes_gpus_in_a_ratio_and_names_the_gpu_of_a_fallback_point
     NSA times are 100x: mixing would show); a Tables 6-7 point only the other GPU measured is
     taken from it and named in the "ours GPU" column."""
     main = synthetic_rows(q_heads=64)
-    other = main[(main["kernel"] == "nsa")].head(6).assign(gpu="Other GPU 141GB", median_ms=lambda d: d["median_ms"] * 100)
+    other = main[(main["kernel"] == "nsa")].head(6).assign(gpu="Other GPU 141GB",
+                                                           median_ms=lambda d: d["median_ms"] * 100)
     point = Point("module", 1, 64, 128, 262144, 1, 128, 8, "bfloat16", "nsa")
     big = pd.DataFrame([make_row(point, "fsa", "fwd+bwd", "ok", dict(META, gpu="Other GPU 141GB"), median_ms=1234.0),
                         make_row(point, "nsa", "fwd+bwd", "oom", META, "out of memory"),
