@@ -54,7 +54,10 @@ class SweepCallback(Callback):
             raise SystemExit(f"Bad sweep config, nothing was run: {exc}") from None
         self.folders = {(c.results_dir, c.name, not measuring(c)) for c in checked}
         if not any(measuring(c) for c in checked):
-            print(CPU_MESSAGE, flush=True)
+            fit = checked[0].hardware.calibration
+            how = (f"roofline calibrated on measured kernels ({fit})" if fit
+                   else "plain roofline, no calibration for this hardware")
+            print(f"{CPU_MESSAGE}: {how}, labelled 'predicted'", flush=True)
         progress.start(len(jobs))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
