@@ -71,6 +71,13 @@ def fit_line(roofline: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
     return (float(a), float(b)) if a > 0 and b >= 0 else ratio_only
 
 
+def with_roofline(rows: pd.DataFrame, hw: HardwareConfig, sel: SelectionConfig) -> pd.DataFrame:
+    """rows with a roofline_ms column: the plain roofline of each row's kernel, pass and point."""
+    points = [point_of(r) for _, r in rows.iterrows()]
+    return rows.assign(roofline_ms=[roofline_ms(k, pt, point_stats(pt, sel), p, sel, hw)
+                                    for k, p, pt in zip(rows["kernel"], rows["pass"], points)])
+
+
 def fit(measured: pd.DataFrame, hw: HardwareConfig, sel: Optional[SelectionConfig] = None) -> pd.DataFrame:
     """One row per KEYS of the measured ok rows of the selected / module scopes: a, b, points, the
     spread of measured / predicted after the fit, GPU and commits."""
@@ -79,9 +86,7 @@ def fit(measured: pd.DataFrame, hw: HardwareConfig, sel: Optional[SelectionConfi
                     & (measured["kernel"] != "auto")].copy()  # auto is predicted as the faster family
     if rows.empty:
         raise ValueError("no measured ok rows of scope selected/module to calibrate on")
-    points = [point_of(r) for _, r in rows.iterrows()]
-    rows["roofline_ms"] = [roofline_ms(k, pt, point_stats(pt, sel), p, sel, hw)
-                           for k, p, pt in zip(rows["kernel"], rows["pass"], points)]
+    rows = with_roofline(rows, hw, sel)
     out = []
     for key, grp in rows.groupby(KEYS):
         x, y = grp["roofline_ms"].to_numpy(float), grp["median_ms"].to_numpy(float)
@@ -160,7 +165,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     out = resolve(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
-    print(f"{out}: {len(table)} fits from {len(measured)} rows of {', '.join(args.folders)}")
+    from experiments.plots import plot_calibration
+
+    rows = with_roofline(measured[measured["status"] == "ok"], hw, SelectionConfig())
+    lines = table.set_index(KEYS)
+    rows = rows[rows.set_index(KEYS).index.isin(lines.index)]
+    ab = lines.loc[list(rows.set_index(KEYS).index), ["a", "b_ms"]].to_numpy()
+    rows = rows.assign(calibrated_ms=ab[:, 0] * rows["roofline_ms"].to_numpy() + ab[:, 1])
+    png = plot_calibration(rows, out.with_suffix(".png"))
+    print(f"{out}: {len(table)} fits from {len(measured)} rows of {', '.join(args.folders)}; {png.name}")
 
 
 if __name__ == "__main__":

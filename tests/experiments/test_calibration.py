@@ -116,3 +116,11 @@ def test_default_hardware_predictions_are_calibrated_and_say_so():
     cfg.hardware.calibration = None
     plain = predicted_rows(cfg, point, [("fsa", "fwd")], META)[0]
     assert plain["message"].startswith("plain roofline") and plain["median_ms"] < rows["fsa"]["median_ms"]
+
+
+def test_cli_writes_the_fit_and_its_predicted_vs_measured_plot(tmp_path):
+    out = tmp_path / "fit.csv"
+    calibration.main(["results/sweep", "--out", str(out)])
+    table = pd.read_csv(out)
+    assert set(table["scope"]) == {"selected"} and {"nsa", "fsa", "sdpa"} <= set(table["kernel"])
+    assert (table["gpu"] == H100).all() and (out.with_suffix(".png")).stat().st_size > 10_000
