@@ -195,6 +195,7 @@ def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float
     dk_acc = new_output((n, h, d), acc_dtype, q.device)
     dv_acc = new_output((n, h, d), acc_dtype, q.device)
     key_tile = min(block_size, cfg.key_tile)
+    reduce_rows = min(block_size, cfg.reduce_key_rows)  # a larger setting would launch no program
     num_sub = block_size // key_tile
     sub_stride = plan.pass_pairs * plan.heads_per_pass
     dq_part = torch.empty(num_sub * sub_stride, d, dtype=q.dtype, device=q.device)
@@ -210,10 +211,10 @@ def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float
             KEY_TILE=key_tile, ACCUMULATE=g0 > 0, DOT_PRECISION=plan.precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        _fsa_bwd_dkv_reduce_kernel[(sched.num_rows, block_size // cfg.reduce_key_rows)](
+        _fsa_bwd_dkv_reduce_kernel[(sched.num_rows, block_size // reduce_rows)](
             dk_acc, dv_acc, dkv_part, sched.item_offsets, index.block_start, index.block_end, index.nb_bound, h0,
-            H=h, D=d, D_PAD=d_pad, BS=block_size, KEY_ROWS=cfg.reduce_key_rows, ACCUMULATE=g0 > 0,
-            num_warps=4 if cfg.reduce_key_rows * d_pad >= 2048 else 2,
+            H=h, D=d, D_PAD=d_pad, BS=block_size, KEY_ROWS=reduce_rows, ACCUMULATE=g0 > 0,
+            num_warps=4 if reduce_rows * d_pad >= 2048 else 2,
         )
         _fsa_bwd_dq_reduce_kernel[(triton.cdiv(n, cfg.block_n), hcur * gcur)](
             dq_part, index.pair_pos, sched.row_offsets, dq, n, h0,

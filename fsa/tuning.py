@@ -1,7 +1,8 @@
 """Launch parameters of the FSA kernels and the partial-buffer memory budget.
 
 Defaults were set from register / shared-memory budgets and checked on the H100 with
-experiments/gpu/fsa_bench.py (results/fsa_bench/); they have not been swept like the NSA tables.
+experiments/gpu/fsa_bench.py (results/fsa_bench/); they have not been swept like the NSA tables yet:
+experiments/gpu/fsa_tune.py does that (launch_config_override runs the kernels with any config).
 Measured: splitting 128-key blocks into 64-key tiles in the backward took the (128, 8) backward at
 64K from 7.8 to 3.7 ms (g=1) and from 27.1 to 13.4 ms (g=4): the [128, 128] fp32 dK/dV accumulators
 had spilled.
@@ -15,9 +16,10 @@ re-reads K/V and re-accumulates dK/dV): measured on the H100 in results/pass_bud
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import triton
 
@@ -38,8 +40,34 @@ class LaunchConfig:
     key_tile: int = 64  # backward: keys per program (dK/dV accumulators of KEY_TILE x D stay in registers)
     reduce_key_rows: int = 16  # backward: keys per program of the busy-block dK/dV reduction (<= block size)
 
+    def __post_init__(self):
+        for name, least in (("block_m", 16), ("key_tile", 16), ("block_n", 1), ("reduce_key_rows", 1)):
+            val = getattr(self, name)  # tl.dot tiles need >= 16 rows; every tl.arange a power of two
+            if val < least or val & (val - 1):
+                raise ValueError(f"LaunchConfig.{name} must be a power of two >= {least}, got {val}")
+        for name in ("chunk_tiles", "num_warps", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LaunchConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+_overrides: dict[bool, LaunchConfig] = {}  # backward? -> config, set by launch_config_override
+
+
+@contextlib.contextmanager
+def launch_config_override(fwd: Optional[LaunchConfig] = None, bwd: Optional[LaunchConfig] = None):
+    """Run the FSA kernels with these launch configs inside the block (tuning sweeps, knob tests)."""
+    saved = dict(_overrides)
+    _overrides.update({k: v for k, v in ((False, fwd), (True, bwd)) if v is not None})
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
 
 def launch_config(head_dim: int, block_size: int, backward: bool) -> LaunchConfig:
+    if backward in _overrides:
+        return _overrides[backward]
     if is_interpreter():
         return LaunchConfig(block_m=16, chunk_tiles=2, num_warps=1, num_stages=1, block_n=16, key_tile=16,
                             reduce_key_rows=8)

@@ -60,6 +60,35 @@ def test_uneven_passes_over_kv_heads_and_query_heads(kv_heads, heads, device, mo
     check_all(run_selected(selected_attention, x, do), reference(x, do), torch.float32)
 
 
+KNOB_CONFIGS = {  # (forward, backward): tiles, chunking, reduction widths away from the defaults
+    "m32-chunk1": (tuning.LaunchConfig(32, 1, 2, 1, block_n=8), tuning.LaunchConfig(32, 1, 2, 1, key_tile=32)),
+    "m16-chunk3": (tuning.LaunchConfig(16, 3, 1, 1, block_n=64),
+                   tuning.LaunchConfig(16, 3, 1, 1, block_n=4, key_tile=64, reduce_key_rows=64)),
+    "reduce1": (tuning.LaunchConfig(16, 2, 1, 1, block_n=1), tuning.LaunchConfig(16, 1, 1, 1, reduce_key_rows=1)),
+}
+
+
+@pytest.mark.parametrize("knobs", KNOB_CONFIGS.values(), ids=KNOB_CONFIGS.keys())
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=lambda c: c.id)
+def test_every_launch_config_computes_the_same(knobs, case, device):
+    """Launch knobs change tiling, not results: work items of 1-3 tiles, reduction programs of 1-64
+    tokens, key tiles and dK/dV reduction slices larger than the block (clamped to it)."""
+    x = case.make(torch.float32, device)
+    do = torch.randn_like(x.q)
+    with tuning.launch_config_override(*knobs):
+        out = run_selected(selected_attention, x, do, check_indices=True)
+    check_all(out, reference(x, do), torch.float32)
+
+
+def test_launch_config_rejects_tiles_triton_cannot_build():
+    with pytest.raises(ValueError, match="block_m must be a power of two >= 16"):
+        tuning.LaunchConfig(24, 1, 4, 2)
+    with pytest.raises(ValueError, match="reduce_key_rows must be a power of two >= 1"):
+        tuning.LaunchConfig(32, 1, 4, 2, reduce_key_rows=12)
+    with pytest.raises(ValueError, match="chunk_tiles must be >= 1"):
+        tuning.LaunchConfig(32, 0, 4, 2)
+
+
 @pytest.mark.parametrize("h,g,budget,split", [
     (4, 3, 1e12, (4, 3)),  # one pass
     (4, 3, 1000, (3, 3)),  # whole groups, KV heads split
