@@ -80,13 +80,22 @@ def launch_config(head_dim: int, block_size: int, backward: bool) -> LaunchConfi
 
 
 def buffer_budget_bytes(device=None) -> float:
-    """FSA_BUFFER_BUDGET_GB if set, else a quarter of the device's free memory (at least 2.5 GiB)."""
+    """FSA_BUFFER_BUDGET_GB if set, else a quarter of the device's free memory (at least 2.5 GiB); while
+    a CUDA graph is being captured, the budget of the last call outside capture (capture-safe)."""
     if BUDGET_ENV in os.environ:
         return float(os.environ[BUDGET_ENV]) * 2**30
     import torch
 
-    free = torch.cuda.mem_get_info(device)[0] if device is not None and device.type == "cuda" else 0
-    return max(DEFAULT_BUDGET_GB * 2**30, FREE_MEMORY_SHARE * free)
+    if device is None or device.type != "cuda":
+        return DEFAULT_BUDGET_GB * 2**30  # no device memory to share
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if torch.cuda.is_current_stream_capturing():  # CUDA graph capture: no device queries, the last budget
+        return _last_budget.get(index, DEFAULT_BUDGET_GB * 2**30)
+    _last_budget[index] = max(DEFAULT_BUDGET_GB * 2**30, FREE_MEMORY_SHARE * torch.cuda.mem_get_info(index)[0])
+    return _last_budget[index]
+
+
+_last_budget: dict[int, float] = {}  # device index -> budget of the last call outside graph capture
 
 
 def pass_bytes(n: int, topk: int, kv_heads: int, heads: int, d: int, d_pad: int, elem_bytes: int,

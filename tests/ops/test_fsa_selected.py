@@ -108,6 +108,22 @@ def test_buffer_budget_from_env_else_free_memory(monkeypatch):
     assert tuning.buffer_budget_bytes(torch.device("cpu")) == tuning.DEFAULT_BUDGET_GB * 2**30  # no device memory to share
 
 
+def test_buffer_budget_asks_the_device_outside_graph_capture_only(monkeypatch):
+    """A CUDA graph capture may not query the device: the budget of the last call is reused."""
+    free = [40 * 2**30]
+    capturing = [False]
+    monkeypatch.delenv("FSA_BUFFER_BUDGET_GB", raising=False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free[0], 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(tuning, "_last_budget", {})
+    cuda0 = torch.device("cuda", 0)
+    assert tuning.buffer_budget_bytes(cuda0) == 10 * 2**30
+    free[0], capturing[0] = 8 * 2**30, True
+    assert tuning.buffer_budget_bytes(cuda0) == 10 * 2**30  # not asked while capturing
+    capturing[0] = False
+    assert tuning.buffer_budget_bytes(cuda0) == tuning.DEFAULT_BUDGET_GB * 2**30  # 25% of 8 GiB < 2.5 GiB
+
+
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("seqlen", [131072, 262144])
 def test_long_context_g1_plan_fits_default_budget(seqlen, backward, monkeypatch):
