@@ -273,7 +273,8 @@ def plot_calibration(rows: pd.DataFrame, path: Path) -> Path:
     prediction (experiments/calibration.py); points on the diagonal are predicted exactly."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharex=True, sharey=True)
     lo, hi = rows[["median_ms", "roofline_ms", "calibrated_ms"]].min().min(), rows["median_ms"].max() * 3
-    for ax, col, what in zip(axes, ("roofline_ms", "calibrated_ms"), ("plain roofline", "calibrated: a * roofline + b")):
+    panels = (("roofline_ms", "plain roofline"), ("calibrated_ms", "calibrated: a * roofline + b"))
+    for ax, (col, what) in zip(axes, panels):
         for i, (kernel, sub) in enumerate(sorted(rows.groupby("kernel"), key=lambda x: x[0])):
             for scope, marker in (("selected", "o"), ("module", "s")):
                 pts = sub[sub["scope"] == scope]

@@ -105,7 +105,8 @@ def test_buffer_budget_from_env_else_free_memory(monkeypatch):
     monkeypatch.setenv("FSA_BUFFER_BUDGET_GB", "0.5")
     assert tuning.buffer_budget_bytes(torch.device("cpu")) == 0.5 * 2**30
     monkeypatch.delenv("FSA_BUFFER_BUDGET_GB")
-    assert tuning.buffer_budget_bytes(torch.device("cpu")) == tuning.DEFAULT_BUDGET_GB * 2**30  # no device memory to share
+    # no device memory to share
+    assert tuning.buffer_budget_bytes(torch.device("cpu")) == tuning.DEFAULT_BUDGET_GB * 2**30
 
 
 def test_buffer_budget_asks_the_device_outside_graph_capture_only(monkeypatch):
