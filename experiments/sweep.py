@@ -6,6 +6,7 @@ writes the CSV, plots and summary.md under results/<name>/ when all jobs end.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -25,19 +26,21 @@ from experiments.schema import register_configs, validate  # noqa: E402
 register_configs()
 
 
+def run(sweep_cfg, num: int) -> None:
+    """Job `num` of the multirun; on CUDA it holds one GPU to itself while it times, so parallel
+    launchers never put two jobs on one GPU (experiments/gpu_lease.py)."""
+    lease = (exclusive_gpu(torch.cuda.device_count(), first=num) if torch.cuda.is_available()
+             else contextlib.nullcontext(None))
+    with lease as gpu:
+        if gpu is not None:
+            torch.cuda.set_device(gpu)
+        with progress.job(num, sweep_cfg) as on_step:
+            run_job(sweep_cfg, on_step=on_step)
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sweep")
 def main(cfg: DictConfig) -> None:
-    sweep_cfg = validate(cfg)
-    num = HydraConfig.get().job.num
-    if not torch.cuda.is_available():
-        with progress.job(num, sweep_cfg) as on_step:
-            run_job(sweep_cfg, on_step=on_step)
-        return
-    # Parallel launchers: each job holds one GPU to itself while it times (experiments/gpu_lease.py).
-    with exclusive_gpu(torch.cuda.device_count(), first=num) as gpu:
-        torch.cuda.set_device(gpu)
-        with progress.job(num, sweep_cfg) as on_step:
-            run_job(sweep_cfg, on_step=on_step)
+    run(validate(cfg), HydraConfig.get().job.num)
 
 
 if __name__ == "__main__":

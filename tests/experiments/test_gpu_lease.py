@@ -54,3 +54,28 @@ def _timeout_child(lock_dir):
             raise SystemExit(1)
     except TimeoutError:
         raise SystemExit(7)
+
+
+def test_sweep_job_runs_on_the_gpu_it_holds(monkeypatch, tmp_path):
+    """experiments.sweep.run on a (faked) 2-GPU machine: the job's device is the leased GPU, and the
+    lease is held while the job runs."""
+    import torch
+
+    from experiments import gpu_lease, sweep
+    from experiments.schema import SweepConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    devices, held = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(gpu_lease, "default_lock_dir", lambda: tmp_path)
+
+    def job(cfg, on_step=None):
+        with pytest.raises(TimeoutError):  # the job's GPU is taken while it runs
+            with exclusive_gpu(1, first=0, lock_dir=tmp_path, poll_s=0.01, timeout_s=0.05):
+                pass
+        held.append(True)
+
+    monkeypatch.setattr(sweep, "run_job", job)
+    sweep.run(SweepConfig(), num=2)  # job 2 of 2 GPUs tries GPU 0 first
+    assert devices == [0] and held == [True]
