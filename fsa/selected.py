@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from fsa.backward import fsa_bwd
+from fsa.compiled import selected_attention_op
 from fsa.forward import fsa_fwd
 from nsa_baseline.contract import check_block_indices, check_selected_args, index_checks_requested
 from nsa_baseline.ops.block_index import build_block_index
@@ -57,11 +58,16 @@ def selected_attention(
         scale: softmax scale, default D ** -0.5.
         return_lse: also return lse, float32 [HQ, N] (natural log, -inf for a row that sees no key).
         check_indices: validate index values (range, distinctness); default from NSA_CHECK_INDICES.
+            Value checks (these and cu_seqlens') run in eager mode only, not under torch.compile.
     Returns:
         o [N, HQ, D] in q.dtype, or (o, lse).
     """
     a = check_selected_args(q, k, v, block_indices, block_size, cu_seqlens, scale,
                             supported_block_sizes=FSA_BLOCK_SIZES, supported_dtypes=FSA_DTYPES)
+    if torch.compiler.is_compiling():  # custom ops torch.compile traces through (fsa/compiled.py)
+        o, lse = selected_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous(),
+                                       block_size, a.cu_seqlens, a.scale)
+        return (o, lse) if return_lse else o
     if index_checks_requested(check_indices):
         check_block_indices(block_indices, block_size, a.cu_seqlens)
     o, lse = FSASelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(),

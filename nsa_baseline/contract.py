@@ -130,10 +130,13 @@ def check_selected_args(
         scale = d ** -0.5
     elif not isinstance(scale, (int, float)) or not scale > 0:
         _fail("scale", f"must be a positive float or None, got {scale!r}")
-    if cu_seqlens is None:
-        cu_seqlens = single_sequence_cu_seqlens(n, q.device)
+    compiling = torch.compiler.is_compiling()
+    if cu_seqlens is None:  # (the cached tensor is for eager calls; a traced graph makes its own)
+        cu_seqlens = (torch.tensor([0, n], dtype=torch.int32, device=q.device) if compiling
+                      else single_sequence_cu_seqlens(n, q.device))
     else:
-        _check_cu_seqlens(cu_seqlens, n)
+        if not compiling:  # value checks read the tensor: eager only
+            _check_cu_seqlens(cu_seqlens, n)
         if cu_seqlens.device != q.device:
             cu_seqlens = cu_seqlens.to(q.device)
     return SelectedArgs(n, hq, h, hq // h, d, t_sel, block_size, float(scale), cu_seqlens)
