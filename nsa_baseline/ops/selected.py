@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from nsa_baseline.contract import check_block_indices, check_selected_args, index_checks_requested
+from nsa_baseline.ops.compiled import nsa_selected_fwd_op
 from nsa_baseline.ops.selected_bwd import nsa_selected_bwd
 from nsa_baseline.ops.selected_fwd import nsa_selected_fwd
 from nsa_baseline.utils.varlen import token_positions
@@ -58,15 +59,20 @@ def selected_attention(
         scale: softmax scale, default D ** -0.5.
         return_lse: also return lse.
         check_indices: validate block_indices values (a device sync); None follows NSA_CHECK_INDICES.
+            Value checks run in eager mode only, not under torch.compile.
     Returns:
         o [N, HQ, D] in q.dtype, and with return_lse the float32 lse [HQ, N] (natural log; a row
         that sees no key has o = 0 and lse = -inf). Differentiable in q, k, v (and through lse).
     """
     a = check_selected_args(q, k, v, block_indices, block_size, cu_seqlens, scale,
                             supported_block_sizes=KERNEL_BLOCK_SIZES, supported_dtypes=KERNEL_DTYPES)
+    pos, _ = token_positions(a.cu_seqlens, a.num_tokens)
+    if torch.compiler.is_compiling():  # custom ops torch.compile traces through (ops/compiled.py)
+        o, lse = nsa_selected_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous(),
+                                     a.cu_seqlens, pos.int(), block_size, a.scale)
+        return (o, lse) if return_lse else o
     if index_checks_requested(check_indices):
         check_block_indices(block_indices, block_size, a.cu_seqlens)
-    pos, _ = token_positions(a.cu_seqlens, a.num_tokens)
     o, lse = SelectedAttentionFunction.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous(), block_size,
         a.cu_seqlens, a.scale, pos.int(),

@@ -1,36 +1,47 @@
-"""FSA under torch.compile: the custom ops of fsa/compiled.py pass torch.library.opcheck, and a
-fullgraph compile (aot_eager: tracing with the fake kernels, then the real ones) gives the eager
-results, forward and backward, through o and lse, on one sequence and on packed sequences."""
+"""Both families under torch.compile: their custom ops (fsa/compiled.py, nsa_baseline/ops/compiled.py)
+pass torch.library.opcheck, and a fullgraph compile (aot_eager: tracing with the fake kernels, then
+the real ones) gives the eager results, forward and backward, through o and lse, on one sequence and
+on packed sequences."""
 import pytest
 import torch
 
 import fsa
-from fsa import compiled
+import nsa_baseline
+from fsa import compiled as fsa_compiled
+from nsa_baseline.ops import compiled as nsa_compiled
+from nsa_baseline.utils.varlen import token_positions
 from tests.ops.cases import CASES
 from tests.ops.harness import check_all, reference
 
+FAMILIES = {"nsa": nsa_baseline.selected_attention, "fsa": fsa.selected_attention}
+family_param = pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES.keys())
 
-def _args(x):
-    return (x.q, x.k, x.v, x.block_indices, x.cu_seqlens, x.block_size, x.q.shape[-1] ** -0.5)
+
+def _op_args(family, x, q, k, v):
+    scale = x.q.shape[-1] ** -0.5
+    if family is fsa.selected_attention:
+        return fsa_compiled.fsa_selected_fwd, (q, k, v, x.block_indices, x.cu_seqlens, x.block_size, scale)
+    pos = token_positions(x.cu_seqlens, x.q.shape[0])[0].int()
+    return nsa_compiled.nsa_selected_fwd_op, (q, k, v, x.block_indices, x.cu_seqlens, pos, x.block_size, scale)
 
 
+@family_param
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=lambda c: c.id)
-def test_custom_ops_pass_opcheck(case, device):
+def test_custom_ops_pass_opcheck(family, case, device):
     x = case.make(torch.float32, device)
     q, k, v = (t.clone().requires_grad_() for t in x[:3])
-    args = (q, k, v) + _args(x)[3:]
-    torch.library.opcheck(compiled.fsa_selected_fwd, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    op, args = _op_args(family, x, q, k, v)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@family_param
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=lambda c: c.id)
-def test_fullgraph_compile_matches_eager_and_reference(case, device):
+def test_fullgraph_compile_matches_eager_and_reference(family, case, device):
     x = case.make(torch.float32, device)
     do, dlse = torch.randn_like(x.q), torch.randn(x.q.shape[1], x.q.shape[0], device=device)
 
     def loss(q, k, v):
-        o, lse = fsa.selected_attention(q, k, v, x.block_indices, x.block_size, cu_seqlens=x.cu_seqlens,
-                                        return_lse=True)
+        o, lse = family(q, k, v, x.block_indices, x.block_size, cu_seqlens=x.cu_seqlens, return_lse=True)
         return o, lse, (o * do).sum() + (torch.where(torch.isfinite(lse), lse, 0) * dlse).sum()
 
     torch._dynamo.reset()
@@ -47,7 +58,8 @@ def test_fullgraph_compile_matches_eager_and_reference(case, device):
 
 
 @pytest.mark.gpu
-def test_gpu_inductor_fullgraph_bf16():
+@family_param
+def test_gpu_inductor_fullgraph_bf16(family):
     """The default backend (Inductor) on the GPU, bf16, 8K tokens, packed sequences: same results as
     eager up to bf16 rounding of the surrounding compiled ops."""
     from tests.helpers import assert_close
@@ -57,7 +69,7 @@ def test_gpu_inductor_fullgraph_bf16():
     do = torch.randn_like(x.q)
 
     def loss(q, k, v):
-        o = fsa.selected_attention(q, k, v, x.block_indices, x.block_size, cu_seqlens=x.cu_seqlens)
+        o = family(q, k, v, x.block_indices, x.block_size, cu_seqlens=x.cu_seqlens)
         return o, (o.float() * do.float()).sum()
 
     torch._dynamo.reset()
