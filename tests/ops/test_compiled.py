@@ -80,3 +80,17 @@ def test_gpu_inductor_fullgraph_bf16(family):
         outs.append((o.detach(), *torch.autograd.grad(total, (q, k, v))))
     for name, a, b in zip(("o", "dq", "dk", "dv"), *outs):
         assert_close(a, b, torch.bfloat16, name)
+
+
+def test_auto_compiles_fullgraph_without_timing(device):
+    """fsa.auto under torch.compile picks without timing (the rule here: FSA for G = 5) and traces
+    through the chosen family's custom ops."""
+    from fsa import auto
+
+    x = CASES[3].make(torch.float32, device)  # G = 5
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: auto.selected_attention(q, k, v, x.block_indices, x.block_size,
+                                                               cu_seqlens=x.cu_seqlens), backend="aot_eager",
+                       fullgraph=True)
+    assert torch.equal(fn(x.q, x.k, x.v), fsa.selected_attention(x.q, x.k, x.v, x.block_indices, x.block_size,
+                                                                 cu_seqlens=x.cu_seqlens))
