@@ -5,6 +5,8 @@ from __future__ import annotations
 from experiments import cost_model as cm
 from experiments.points import Point
 from experiments.schema import HardwareConfig, SelectionConfig
+from fsa.auto import rule_choice
+from fsa.tuning import DEFAULT_BUDGET_GB, FREE_MEMORY_SHARE
 
 ELEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -43,10 +45,46 @@ def branch_costs(point: Point, sel: SelectionConfig) -> dict[str, cm.Cost]:
     }
 
 
-def predicted_extra_mem_gb(kernel: str, point: Point, stats: cm.SelectionStats) -> float:
-    """Outputs (o, lse) of every kernel; FSA adds a float32 partial output per (pair, query head)."""
-    n, hq, d = point.num_tokens, point.q_heads, point.head_dim
-    out = ELEM_BYTES[point.dtype] * n * hq * d + cm.STAT_BYTES * n * hq
-    if kernel == "fsa":
-        out += 4.0 * stats.pairs * point.gqa * d + cm.INDEX_BYTES * 2 * stats.pairs
-    return out / 1e9
+def input_gb(point: Point) -> float:
+    """q, k, v of the point (what exists before a timed call; the module's projections aside)."""
+    return ELEM_BYTES[point.dtype] * point.num_tokens * (point.q_heads + 2 * point.kv_heads) * point.head_dim / 1e9
+
+
+def predicted_extra_mem_gb(kernel: str, point: Point, stats: cm.SelectionStats, pass_name: str,
+                           hw: HardwareConfig) -> float:
+    """Peak device memory of one call beyond its inputs, as the timed rows measure it: fwd (no grad)
+    = outputs + the kernel's temporaries; bwd = gradients + backward temporaries (what the forward
+    saved exists already); fwd+bwd = what the forward keeps + bwd. The module adds its other
+    branches' outputs and gradients. An estimate: allocator rounding and library internals aside."""
+    n, hq, h, d, t = point.num_tokens, point.q_heads, point.kv_heads, point.head_dim, point.topk
+    elem, g = ELEM_BYTES[point.dtype], point.gqa
+    out = elem * n * hq * d + cm.STAT_BYTES * n * hq  # o, lse
+    grads = elem * n * (hq + 2 * h) * d + cm.STAT_BYTES * n * hq  # dq, dk, dv, delta
+    entries = n * h * t  # block_indices entries
+    index_build = 24.0 * entries  # keys, sorted keys, int64 sort permutation, tokens, pair positions
+    index_kept = 8.0 * entries  # tokens and pair positions (FSA keeps them for its backward)
+    inputs = input_gb(point) * 1e9
+    module = point.scope.startswith("module")
+    # the module's other branches: compressed and window outputs, the gated sum, the block indices
+    branch_out = (2 * out + elem * n * hq * d + 4.0 * entries) if module else 0.0
+
+    def budget(in_use: float) -> float:  # FSA's default: a quarter of the free memory, >= 2.5 GiB
+        return max(DEFAULT_BUDGET_GB * 2**30, FREE_MEMORY_SHARE * (hw.memory_gb * 1e9 - inputs - in_use))
+
+    family = rule_choice(g) if kernel == "auto" else kernel  # auto: the family its rule picks
+    if family == "fsa":
+        d_pad = max(16, 1 << (d - 1).bit_length())
+        kept = out + index_kept + branch_out
+        partial = min(stats.pairs * g * (d * elem + cm.STAT_BYTES), budget(out + index_kept + branch_out))
+        items = stats.pairs * g / (64 * 16) + (n // point.block_size + 2) * h
+        bwd_buffers = min(max(1, point.block_size // 64) * stats.pairs * g * d * elem
+                          + items * 2 * point.block_size * d_pad * 4, budget(kept + grads))
+        fwd, bwd = out + branch_out + max(index_build, index_kept + partial), grads + bwd_buffers
+    elif family == "sdpa":  # FlashAttention: fp32 dq accumulator; with G > 1, dK / dV per query head first
+        fwd, kept = out, out
+        bwd = grads + 4 * n * hq * d + (2 * elem * n * hq * d if g > 1 else 0)
+    else:  # nsa, fla: query-outer; the backward builds the block index for its dK / dV
+        fwd, kept, bwd = out + branch_out, out + branch_out, grads + index_build
+    if module and family != "sdpa":
+        bwd += 2 * grads + 3 * elem * n * hq * d  # the other branches' gradients and their output grads
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": kept + bwd}[pass_name] / 1e9

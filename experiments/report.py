@@ -78,6 +78,13 @@ def summary_markdown(df: pd.DataFrame) -> str:
     if not predicted and err.notna().any().any():
         table["max rel_err"] = err.max(axis=1)
     lines.append(markdown_table(table.reset_index()))
+    too_big = rows[rows["message"].astype(str).str.startswith("would not fit")] if predicted else rows.iloc[:0]
+    if len(too_big):
+        lines += ["", "## Predicted not to fit the device's memory", ""]
+        need = too_big["message"].str.extract(r"needs ~(\d+) GB of the device's (\d+) GB")
+        table_big = too_big[["scope", "kernel", "pass", "gqa", "kv_heads", "seqlen", "block_size"]].assign(
+            **{"needs GB": need[0], "device GB": need[1]})
+        lines.append(markdown_table(table_big))
     failed = df[df["status"].isin(["error", "oom", "unsupported"])]
     if len(failed):
         lines += ["", "## Not measured", ""]

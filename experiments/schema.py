@@ -51,6 +51,7 @@ class HardwareConfig:
     name: str = "H100 SXM"
     peak_tflops: float = 989.0  # dense bf16 tensor core
     peak_gbps: float = 3350.0
+    memory_gb: float = 80.0  # device memory: FSA's default buffer budget in predicted memory
     # CSV of experiments/calibration.py: predicted ms = a * roofline + b per kernel, fitted to this
     # GPU's measurements (None: the plain roofline)
     calibration: Optional[str] = None

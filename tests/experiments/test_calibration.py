@@ -124,3 +124,42 @@ def test_cli_writes_the_fit_and_its_predicted_vs_measured_plot(tmp_path):
     table = pd.read_csv(out)
     assert set(table["scope"]) == {"selected"} and {"nsa", "fsa", "sdpa"} <= set(table["kernel"])
     assert (table["gpu"] == H100).all() and (out.with_suffix(".png")).stat().st_size > 10_000
+
+
+def test_predicted_memory_tracks_the_h100_and_foresees_its_out_of_memory_points():
+    """Predicted peak extra memory (experiments/costs.py): NSA and dense forward within 5% of the
+    measured rows, every selected-scope row within 0.15-2.5x; and at 256K x 64 query heads (Tables 6-7)
+    the module's fwd+bwd is predicted not to fit 80 GB exactly where the H100 ran out of memory."""
+    from experiments import costs
+
+    hw, sel = HardwareConfig(), SelectionConfig()
+    _, measured = committed_h100()
+    measured = measured[measured["kernel"] != "auto"]
+    ratio = pd.Series([r["peak_extra_mem_gb"] / costs.predicted_extra_mem_gb(
+        r["kernel"], calibration.point_of(r), calibration.point_stats(calibration.point_of(r), sel), r["pass"], hw)
+        for _, r in measured.iterrows()], index=measured.index)
+    fwd_exact = (measured["pass"] == "fwd") & measured["kernel"].isin(["nsa", "sdpa"])
+    assert ratio[fwd_exact].between(0.95, 1.05).all()
+    assert ratio.between(0.15, 2.5).all(), ratio.describe()
+    big = store.read_rows(REPO / "results" / "tables67")
+    big = big[(big["seqlen"] == 262144) & (big["pass"] == "fwd+bwd") & big["status"].isin(["ok", "oom"])]
+    assert len(big) >= 12
+    for _, r in big.iterrows():
+        point = calibration.point_of(r)
+        need = costs.predicted_extra_mem_gb(r["kernel"], point, calibration.point_stats(point, sel), "fwd+bwd", hw)
+        assert (need + costs.input_gb(point) > hw.memory_gb) == (r["status"] == "oom"), (r["kernel"], r["gqa"])
+
+
+def test_predicted_rows_and_summary_say_what_would_not_fit():
+    from experiments.report import summary_markdown
+    from experiments.runner import predicted_rows
+    from experiments.schema import SweepConfig
+
+    cfg = SweepConfig(gqa=1, q_heads=64, kv_heads=64, seqlen=262144, scope="module")
+    point = Point.from_config(cfg)
+    rows = pd.DataFrame(predicted_rows(cfg, point, [(k, p) for k in ("nsa", "fsa", "sdpa") for p in ("fwd", "fwd+bwd")],
+                                       META), columns=list(COLUMNS))
+    too_big = rows[rows["message"].str.startswith("would not fit")]
+    assert sorted(zip(too_big["kernel"], too_big["pass"])) == [("fsa", "fwd+bwd"), ("nsa", "fwd+bwd")]
+    summary = summary_markdown(rows)
+    assert "## Predicted not to fit the device's memory" in summary and "| 80 |" in summary
