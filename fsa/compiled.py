@@ -6,8 +6,7 @@ routes here: the forward op returns the inverted block index beside (o, lse) so 
 reuses it, and the fake implementations give every output's shape from the input shapes alone
 (nb_bound = N // BS + B + 1 needs no values), so compiled graphs trace through without breaks.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library infers the op schemas from real annotations.
 from typing import Optional
 
 import torch

@@ -4,8 +4,7 @@ As for FSA (fsa/compiled.py): eager calls keep the autograd.Function of ops/sele
 torch.compile `nsa_baseline.selected_attention` routes here. The backward builds its inverted block
 index itself, as the eager backward does.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library infers the op schemas from real annotations.
 from typing import Optional
 
 import torch
