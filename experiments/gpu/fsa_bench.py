@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import subprocess
 from pathlib import Path
 
 import torch
 import triton
 
+from experiments.gpu.provenance import out_dir, run_meta
 from nsa_baseline.reference import selected_attention_ref
 from nsa_baseline.utils.indices import random_causal_block_indices
 
@@ -117,11 +116,7 @@ def main():
         except (ImportError, AttributeError) as e:
             print(f"skip {name}: {e}")
     pub = published()
-    out = Path(os.environ.get("OUT", "out"))
-    out.mkdir(parents=True, exist_ok=True)
-    commit = (subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-              or os.environ.get("NSA_GIT_COMMIT", "unknown"))
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, commit=commit)
+    out, meta = out_dir(), run_meta()
     rows = []
     for kind in args.indices.split(","):
         for sp in args.sparsity.split(","):

@@ -7,17 +7,14 @@ Per point (bf16, d=128, 4 KV heads, NSA-path indices): the forward kernels (fsa_
 kernels (fsa_bwd) under every config of FWD_GRID / BWD_GRID, each result checked against the default
 config's first (a config that computes something else is reported as "mismatch", not timed), then
 timed with do_bench. Stops cleanly when the time budget is spent (compiling a config takes seconds).
-Writes $OUT/fsa_tune.csv (OUT defaults to ./out) with GPU, torch, Triton and commit per row.
+Writes $OUT/fsa_tune.csv (OUT defaults to ./out) with GPU, torch, Triton and git commit per row.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import subprocess
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 import pandas as pd
@@ -26,6 +23,7 @@ import triton
 
 from fsa import tuning
 from fsa.backward import fsa_bwd
+from experiments.gpu.provenance import out_dir, run_meta
 from fsa.forward import fsa_fwd
 from nsa_baseline.ops.block_index import build_block_index
 
@@ -90,11 +88,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=420.0)
     args = ap.parse_args()
     deadline = time.monotonic() + args.budget_s
-    commit = (os.environ.get("NSA_GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown")
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, commit=commit)
-    out = Path(os.environ.get("OUT", "out"))
-    out.mkdir(parents=True, exist_ok=True)
+    meta, out = run_meta(), out_dir()
     rows = []
     for sp in args.sparsity.split(","):
         block, topk = map(int, sp.split(":"))

@@ -6,15 +6,12 @@ Below ~16K tokens an eager FSA call costs ~0.5 ms of host launches, more than de
 whole forward. Training loops that capture the step in CUDA graphs pay the launches once; this times
 each kernel's fwd and fwd+bwd both ways (torch.cuda.make_graphed_callables; do_bench medians, the
 same inputs), checks that the replay reproduces the eager output, and writes $OUT/graph_replay.csv
-(OUT defaults to ./out) with GPU, torch, Triton and commit.
+(OUT defaults to ./out) with GPU, torch, Triton and git commit.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import subprocess
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -23,6 +20,7 @@ import triton
 
 import fsa
 import nsa_baseline
+from experiments.gpu.provenance import out_dir, run_meta
 from nsa_baseline.reference import nsa_block_indices_ref
 
 KV_HEADS, HEAD_DIM = 4, 128
@@ -71,11 +69,7 @@ def main() -> None:
     ap.add_argument("--sparsity", default="64:16")
     ap.add_argument("--kernels", default="fsa,nsa,sdpa")
     args = ap.parse_args()
-    commit = (os.environ.get("NSA_GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown")
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, commit=commit)
-    out = Path(os.environ.get("OUT", "out"))
-    out.mkdir(parents=True, exist_ok=True)
+    meta, out = run_meta(), out_dir()
     rows = []
     for sp, g, n, name in itertools.product(args.sparsity.split(","), map(int, args.gqa.split(",")),
                                             map(int, args.seqlen.split(",")), args.kernels.split(",")):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 import pandas as pd
 import torch
 import triton
 
+from experiments.gpu.provenance import out_dir, run_meta
 from fsa import tuning
 from fsa.selected import selected_attention
 from nsa_baseline.utils.indices import random_causal_block_indices
@@ -58,12 +58,7 @@ def main():
     ap.add_argument("--variants", default="auto,b2.5,b8,sHxG")
     ap.add_argument("--passes", default="fwd,fwd+bwd")
     args = ap.parse_args()
-    out_dir = Path(os.environ.get("OUT", "out"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from experiments.runner import git_commit
-
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                git_commit=git_commit())
+    out, meta = out_dir(), run_meta()
     rows = []
     for n in map(int, args.seqlen.split(",")):
         for g in map(int, args.gqa.split(",")):
@@ -107,7 +102,7 @@ def main():
                     del first
                 del q, k, v, do, idx
                 torch.cuda.empty_cache()
-    pd.DataFrame(rows).to_csv(out_dir / "pass_budget.csv", index=False)  # columns in order of first appearance
+    pd.DataFrame(rows).to_csv(out / "pass_budget.csv", index=False)  # columns in order of first appearance
 
 
 if __name__ == "__main__":
