@@ -14,13 +14,9 @@ from torch import Tensor
 
 from fsa.backward import fsa_bwd
 from fsa.forward import fsa_fwd
-from nsa_baseline.ops.block_index import BlockIndex, build_block_index
+from nsa_baseline.ops.block_index import BlockIndex, block_id_bound, build_block_index
 
 INDEX_FIELDS = ("row_offsets", "tokens", "pair_pos", "block_start", "block_end")
-
-
-def _nb_bound(n: int, block_size: int, cu_seqlens: Tensor) -> int:
-    return n // block_size + (cu_seqlens.shape[0] - 1) + 1
 
 
 def _index_of(row_offsets, tokens, pair_pos, block_start, block_end) -> BlockIndex:
@@ -41,7 +37,7 @@ def fsa_selected_fwd(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_
 def _(q, k, v, block_indices, cu_seqlens, block_size, scale):
     n, hq, d = q.shape
     h, t_sel = k.shape[1], block_indices.shape[2]
-    nb = _nb_bound(n, block_size, cu_seqlens)
+    nb = block_id_bound(n, block_size, cu_seqlens.shape[0] - 1)
     i32 = dict(dtype=torch.int32, device=q.device)
     return (q.new_empty(n, hq, d), q.new_empty(hq, n, dtype=torch.float32), q.new_empty(h * nb + 1, **i32),
             q.new_empty(n * h * t_sel, **i32), q.new_empty(n, h, t_sel, **i32), q.new_empty(nb, **i32),

@@ -95,6 +95,11 @@ def _scatter_pairs_kernel(sorted_keys, perm, tokens, pair_pos, TOTAL, NUM_ROWS,
     tl.store(pair_pos + p, tl.where(valid, i, -1).to(tl.int32), mask=m)
 
 
+def block_id_bound(num_tokens: int, block_size: int, batch: int) -> int:
+    """nb_bound: global block ids of all sequences lie below it (from shapes alone, no device read)."""
+    return num_tokens // block_size + batch + 1
+
+
 def build_block_index(
     block_indices: torch.Tensor, block_size: int, cu_seqlens: torch.Tensor, num_kv_heads: int
 ) -> BlockIndex:
@@ -107,7 +112,7 @@ def build_block_index(
     n, h, t_sel = block_indices.shape
     dev = block_indices.device
     batch = cu_seqlens.numel() - 1
-    nb_bound = n // block_size + batch + 1
+    nb_bound = block_id_bound(n, block_size, batch)
     num_rows = h * nb_bound
     total = n * h * t_sel
     steps = max(1, batch.bit_length())
