@@ -6,7 +6,7 @@ from experiments import cost_model as cm
 from experiments.points import Point
 from experiments.schema import HardwareConfig, SelectionConfig
 from fsa.auto import rule_choice
-from fsa.tuning import DEFAULT_BUDGET_GB, FREE_MEMORY_SHARE
+from fsa import tuning
 
 ELEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -50,8 +50,7 @@ def input_gb(point: Point) -> float:
     return ELEM_BYTES[point.dtype] * point.num_tokens * (point.q_heads + 2 * point.kv_heads) * point.head_dim / 1e9
 
 
-def predicted_extra_mem_gb(kernel: str, point: Point, stats: cm.SelectionStats, pass_name: str,
-                           hw: HardwareConfig) -> float:
+def predicted_extra_mem_gb(kernel: str, point: Point, pass_name: str, hw: HardwareConfig) -> float:
     """Peak device memory of one call beyond its inputs, as the timed rows measure it: fwd (no grad)
     = outputs + the kernel's temporaries; bwd = gradients + backward temporaries (what the forward
     saved exists already); fwd+bwd = what the forward keeps + bwd. The module adds its other
@@ -68,18 +67,16 @@ def predicted_extra_mem_gb(kernel: str, point: Point, stats: cm.SelectionStats, 
     # the module's other branches: compressed and window outputs, the gated sum, the block indices
     branch_out = (2 * out + elem * n * hq * d + 4.0 * entries) if module else 0.0
 
-    def budget(in_use: float) -> float:  # FSA's default: a quarter of the free memory, >= 2.5 GiB
-        return max(DEFAULT_BUDGET_GB * 2**30, FREE_MEMORY_SHARE * (hw.memory_gb * 1e9 - inputs - in_use))
+    def buffers(backward: bool, in_use: float) -> float:  # FSA's partial buffers: all heads, or the budget
+        cfg = tuning.gpu_launch_config(d, point.block_size, backward)
+        whole = tuning.pass_bytes(n, t, h, g, d, tuning.padded_head_dim(d), elem, point.block_size, cfg, backward)
+        return min(whole, tuning.budget_for_free(hw.memory_gb * 1e9 - inputs - in_use))
 
     family = rule_choice(g) if kernel == "auto" else kernel  # auto: the family its rule picks
     if family == "fsa":
-        d_pad = max(16, 1 << (d - 1).bit_length())
         kept = out + index_kept + branch_out
-        partial = min(stats.pairs * g * (d * elem + cm.STAT_BYTES), budget(out + index_kept + branch_out))
-        items = stats.pairs * g / (64 * 16) + (n // point.block_size + 2) * h
-        bwd_buffers = min(max(1, point.block_size // 64) * stats.pairs * g * d * elem
-                          + items * 2 * point.block_size * d_pad * 4, budget(kept + grads))
-        fwd, bwd = out + branch_out + max(index_build, index_kept + partial), grads + bwd_buffers
+        fwd = out + branch_out + max(index_build, index_kept + buffers(False, kept))
+        bwd = grads + buffers(True, kept + grads)
     elif family == "sdpa":  # FlashAttention: fp32 dq accumulator; with G > 1, dK / dV per query head first
         fwd, kept = out, out
         bwd = grads + 4 * n * hq * d + (2 * elem * n * hq * d if g > 1 else 0)

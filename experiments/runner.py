@@ -91,7 +91,7 @@ def predicted_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], 
             continue
         cost = costs.kernel_cost(kernel, point, stats, cfg.selection, cfg.hardware).for_pass(pass_name)
         ms, how = calibration.predicted_ms(kernel, point, stats, pass_name, cfg.selection, cfg.hardware, calib)
-        mem = costs.predicted_extra_mem_gb(kernel, point, stats, pass_name, cfg.hardware)
+        mem = costs.predicted_extra_mem_gb(kernel, point, pass_name, cfg.hardware)
         need = mem + costs.input_gb(point)
         fits = "" if need <= cfg.hardware.memory_gb else \
             f"would not fit: needs ~{need:.0f} GB of the device's {cfg.hardware.memory_gb:.0f} GB; "

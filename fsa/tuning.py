@@ -71,6 +71,11 @@ def launch_config(head_dim: int, block_size: int, backward: bool) -> LaunchConfi
     if is_interpreter():
         return LaunchConfig(block_m=16, chunk_tiles=2, num_warps=1, num_stages=1, block_n=16, key_tile=16,
                             reduce_key_rows=8)
+    return gpu_launch_config(head_dim, block_size, backward)
+
+
+def gpu_launch_config(head_dim: int, block_size: int, backward: bool) -> LaunchConfig:
+    """The defaults on a GPU (also what the cost model sizes FSA's buffers with, on any machine)."""
     d_pad = triton.next_power_of_2(head_dim)
     big = d_pad * block_size >= 256 * 64  # K/V block + tiles would not fit shared memory at 64 rows
     if backward:
@@ -87,12 +92,22 @@ def buffer_budget_bytes(device=None) -> float:
     import torch
 
     if device is None or device.type != "cuda":
-        return DEFAULT_BUDGET_GB * 2**30  # no device memory to share
+        return budget_for_free(0)  # no device memory to share
     index = device.index if device.index is not None else torch.cuda.current_device()
     if torch.cuda.is_current_stream_capturing():  # CUDA graph capture: no device queries, the last budget
-        return _last_budget.get(index, DEFAULT_BUDGET_GB * 2**30)
-    _last_budget[index] = max(DEFAULT_BUDGET_GB * 2**30, FREE_MEMORY_SHARE * torch.cuda.mem_get_info(index)[0])
+        return _last_budget.get(index, budget_for_free(0))
+    _last_budget[index] = budget_for_free(torch.cuda.mem_get_info(index)[0])
     return _last_budget[index]
+
+
+def budget_for_free(free_bytes: float) -> float:
+    """The default budget with `free_bytes` of device memory free: a quarter of it, at least 2.5 GiB."""
+    return max(DEFAULT_BUDGET_GB * 2**30, FREE_MEMORY_SHARE * free_bytes)
+
+
+def padded_head_dim(d: int) -> int:
+    """D rounded up to the power of two >= 16 that the kernels' tiles use."""
+    return max(16, triton.next_power_of_2(d))
 
 
 _last_budget: dict[int, float] = {}  # device index -> budget of the last call outside graph capture
@@ -152,7 +167,7 @@ def launch_plan(q, k, block_size: int, topk: int, backward: bool) -> LaunchPlan:
     n, hq, d = q.shape
     h = k.shape[1]
     g = hq // h
-    d_pad = max(16, triton.next_power_of_2(d))
+    d_pad = padded_head_dim(d)
     cfg = launch_config(d, block_size, backward)
     hp, gc = pass_split(h, g, lambda kv_heads, heads: pass_bytes(
         n, topk, kv_heads, heads, d, d_pad, q.element_size(), block_size, cfg, backward),

@@ -132,11 +132,11 @@ def test_predicted_memory_tracks_the_h100_and_foresees_its_out_of_memory_points(
     the module's fwd+bwd is predicted not to fit 80 GB exactly where the H100 ran out of memory."""
     from experiments import costs
 
-    hw, sel = HardwareConfig(), SelectionConfig()
+    hw = HardwareConfig()
     _, measured = committed_h100()
     measured = measured[measured["kernel"] != "auto"]
     ratio = pd.Series([r["peak_extra_mem_gb"] / costs.predicted_extra_mem_gb(
-        r["kernel"], calibration.point_of(r), calibration.point_stats(calibration.point_of(r), sel), r["pass"], hw)
+        r["kernel"], calibration.point_of(r), r["pass"], hw)
         for _, r in measured.iterrows()], index=measured.index)
     fwd_exact = (measured["pass"] == "fwd") & measured["kernel"].isin(["nsa", "sdpa"])
     assert ratio[fwd_exact].between(0.95, 1.05).all()
@@ -146,7 +146,7 @@ def test_predicted_memory_tracks_the_h100_and_foresees_its_out_of_memory_points(
     assert len(big) >= 12
     for _, r in big.iterrows():
         point = calibration.point_of(r)
-        need = costs.predicted_extra_mem_gb(r["kernel"], point, calibration.point_stats(point, sel), "fwd+bwd", hw)
+        need = costs.predicted_extra_mem_gb(r["kernel"], point, "fwd+bwd", hw)
         assert (need + costs.input_gb(point) > hw.memory_gb) == (r["status"] == "oom"), (r["kernel"], r["gqa"])
 
 
