@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 KEYS = ["scope", "kernel", "pass", "block_size"]
 SOURCES = ("results/sweep", "results/fig4", "results/fig7_8")
 STAND_IN = {"fla": "nsa"}  # fla's kernel is query-outer like ours: NSA's fit when it has none
+CALIBRATED = " x roofline"  # in the message of every calibrated prediction ("1.23 x roofline + 0.1 ms")
 MIN_POINTS_FOR_OFFSET = 4  # fewer points (or a negative offset): a alone, b = 0
 
 
@@ -144,7 +145,7 @@ def predicted_ms(kernel: str, point: Point, stats: cm.SelectionStats, pass_name:
     if calib is None:
         return raw, "plain roofline"
     a, b, how = calib.line(point.scope, kernel, pass_name, point.block_size)
-    return a * raw + b, f"{a:.3g} x roofline + {b:.3g} ms, {how}"
+    return a * raw + b, f"{a:.3g}{CALIBRATED} + {b:.3g} ms, {how}"
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -45,6 +45,17 @@ def branch_costs(point: Point, sel: SelectionConfig) -> dict[str, cm.Cost]:
     }
 
 
+NOT_FIT = "would not fit"  # how a predicted row's message starts when it exceeds the device memory
+NOT_FIT_PATTERN = r"needs ~(\d+) GB of the device's (\d+) GB"
+
+
+def fit_note(need_gb: float, memory_gb: float) -> str:
+    """The message prefix of a predicted row that needs more than the device has, else ""."""
+    if need_gb <= memory_gb:
+        return ""
+    return f"{NOT_FIT}: needs ~{need_gb:.0f} GB of the device's {memory_gb:.0f} GB; "
+
+
 def input_gb(point: Point) -> float:
     """q, k, v of the point (what exists before a timed call; the module's projections aside)."""
     return ELEM_BYTES[point.dtype] * point.num_tokens * (point.q_heads + 2 * point.kv_heads) * point.head_dim / 1e9

@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 
 from experiments import cost_model as cm  # noqa: E402
 from experiments import costs  # noqa: E402
+from experiments.calibration import CALIBRATED  # noqa: E402
 from experiments.kernels import BRANCHES  # noqa: E402
 from experiments.points import Point  # noqa: E402
 from experiments.schema import HardwareConfig, SelectionConfig  # noqa: E402
@@ -40,7 +41,7 @@ def plotted_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
 
 def prediction_kind(rows: pd.DataFrame) -> str:
     """What predicted rows are, from their messages (experiments/calibration.py writes them)."""
-    calibrated = rows["message"].astype(str).str.contains("x roofline", regex=False)
+    calibrated = rows["message"].astype(str).str.contains(CALIBRATED, regex=False)
     if calibrated.all():
         return "cost-model roofline calibrated on measured kernels"
     return "cost-model roofline, partly calibrated" if calibrated.any() else "roofline of the analytic cost model"

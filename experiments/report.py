@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments import plots
+from experiments import costs, plots
 
 
 def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
@@ -78,10 +78,10 @@ def summary_markdown(df: pd.DataFrame) -> str:
     if not predicted and err.notna().any().any():
         table["max rel_err"] = err.max(axis=1)
     lines.append(markdown_table(table.reset_index()))
-    too_big = rows[rows["message"].astype(str).str.startswith("would not fit")] if predicted else rows.iloc[:0]
+    too_big = rows[rows["message"].astype(str).str.startswith(costs.NOT_FIT)] if predicted else rows.iloc[:0]
     if len(too_big):
         lines += ["", "## Predicted not to fit the device's memory", ""]
-        need = too_big["message"].str.extract(r"needs ~(\d+) GB of the device's (\d+) GB")
+        need = too_big["message"].str.extract(costs.NOT_FIT_PATTERN)
         table_big = too_big[["scope", "kernel", "pass", "gqa", "kv_heads", "seqlen", "block_size"]].assign(
             **{"needs GB": need[0], "device GB": need[1]})
         lines.append(markdown_table(table_big))

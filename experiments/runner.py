@@ -92,9 +92,7 @@ def predicted_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], 
         cost = costs.kernel_cost(kernel, point, stats, cfg.selection, cfg.hardware).for_pass(pass_name)
         ms, how = calibration.predicted_ms(kernel, point, stats, pass_name, cfg.selection, cfg.hardware, calib)
         mem = costs.predicted_extra_mem_gb(kernel, point, pass_name, cfg.hardware)
-        need = mem + costs.input_gb(point)
-        fits = "" if need <= cfg.hardware.memory_gb else \
-            f"would not fit: needs ~{need:.0f} GB of the device's {cfg.hardware.memory_gb:.0f} GB; "
+        fits = costs.fit_note(mem + costs.input_gb(point), cfg.hardware.memory_gb)
         rows.append(make_row(point, kernel, pass_name, "predicted", dict(meta, timestamp=now()),
                              f"{fits}{how}; {note}", median_ms=ms, tflops=cost.useful_flops / ms / 1e9,
                              gbps=cost.bytes / ms / 1e6, peak_extra_mem_gb=mem,
