@@ -44,14 +44,19 @@ def load_measured(results_dir: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def matching(df: pd.DataFrame, **equal) -> pd.DataFrame:
+    """Rows whose column `col` equals `val` for every col=val given."""
+    for col, val in equal.items():
+        df = df[df[col] == val]
+    return df
+
+
 def pick(df: pd.DataFrame, prefer: str, status: str = "ok", one_gpu: bool = True, **equal) -> pd.DataFrame:
     """Rows of `status` matching `equal`, from the sweep folder `prefer` when it has any, and (one_gpu)
     from one GPU only, the one with the most such rows: a ratio never divides times of two GPUs."""
     if df.empty:
         return df
-    df = df[df["status"] == status]
-    for col, val in equal.items():
-        df = df[df[col] == val]
+    df = matching(df[df["status"] == status], **equal)
     preferred = df[df["sweep"] == prefer]
     df = preferred if len(preferred) else df
     if one_gpu and len(df):
@@ -64,8 +69,7 @@ def pick(df: pd.DataFrame, prefer: str, status: str = "ok", one_gpu: bool = True
 def median(df: pd.DataFrame, **equal) -> Optional[float]:
     if df.empty:
         return None
-    for col, val in equal.items():
-        df = df[df[col] == val]
+    df = matching(df, **equal)
     return float(df["median_ms"].iloc[-1]) if len(df) else None
 
 
@@ -350,9 +354,7 @@ def tables67(df: pd.DataFrame, out: Path) -> str:
             point = dict(block_size=bs, gqa=g, seqlen=n, kernel=kernel, **{"pass": p})
             ms, gpu = median(ours, **point), main_gpu
             if ms is None and len(everyone):
-                other = everyone[everyone["gpu"].astype(str) != main_gpu]
-                for col, val in point.items():
-                    other = other[other[col] == val]
+                other = matching(everyone[everyone["gpu"].astype(str) != main_gpu], **point)
                 if len(other):
                     ms, gpu = float(other["median_ms"].iloc[-1]), str(other["gpu"].iloc[-1])
             mine = None if ms is None else ms / 1e3
