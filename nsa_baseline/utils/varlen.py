@@ -17,9 +17,12 @@ def single_sequence_cu_seqlens(num_tokens: int, device: torch.device) -> torch.T
 
 
 def token_sequence_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """int64 [N]: the sequence each packed token belongs to."""
+    """int64 [N]: the sequence each packed token belongs to (cu_seqlens[0] = 0, so the count of
+    boundaries <= token, minus one). Searching the whole cu_seqlens, not the slice cu_seqlens[1:]:
+    Inductor's searchsorted ignores a slice's offset (pytorch/pytorch#182343) and shifted every
+    token one sequence, which sent compiled kernels reading keys outside their sequence."""
     tokens = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+    return torch.searchsorted(cu_seqlens, tokens, right=True) - 1
 
 
 def token_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
