@@ -82,15 +82,22 @@ def test_gpu_inductor_fullgraph_bf16(family):
         assert_close(a, b, torch.bfloat16, name)
 
 
-def test_auto_compiles_fullgraph_without_timing(device):
-    """fsa.auto under torch.compile picks without timing (the rule here: FSA for G = 5) and traces
-    through the chosen family's custom ops."""
+def test_auto_compiles_fullgraph_without_timing(device, monkeypatch):
+    """fsa.auto under torch.compile picks without timing and traces through the chosen family's custom
+    ops: the rule (FSA for G = 5) with no cached choice; on a GPU, where eager calls time and cache a
+    choice (other tests may have timed this very configuration), the cached one (seeded here: NSA)."""
     from fsa import auto
 
     x = CASES[3].make(torch.float32, device)  # G = 5
-    torch._dynamo.reset()
-    fn = torch.compile(lambda q, k, v: auto.selected_attention(q, k, v, x.block_indices, x.block_size,
-                                                               cu_seqlens=x.cu_seqlens), backend="aot_eager",
-                       fullgraph=True)
-    assert torch.equal(fn(x.q, x.k, x.v), fsa.selected_attention(x.q, x.k, x.v, x.block_indices, x.block_size,
-                                                                 cu_seqlens=x.cu_seqlens))
+    monkeypatch.setattr(auto, "_choices", {})
+    key = auto.config_key(x.q, x.k, x.block_indices, x.block_size, x.cu_seqlens.numel() - 1, needs_grad=False)
+    expected = [(None, fsa.selected_attention)] + [("nsa", nsa_baseline.selected_attention)] * x.q.is_cuda
+    for cached, family in expected:
+        if cached:
+            auto._choices[key] = cached
+        torch._dynamo.reset()  # the choice is fixed when the graph is traced
+        fn = torch.compile(lambda q, k, v: auto.selected_attention(q, k, v, x.block_indices, x.block_size,
+                                                                   cu_seqlens=x.cu_seqlens),
+                           backend="aot_eager", fullgraph=True)
+        assert torch.equal(fn(x.q, x.k, x.v), family(x.q, x.k, x.v, x.block_indices, x.block_size,
+                                                     cu_seqlens=x.cu_seqlens))
