@@ -65,6 +65,8 @@ KNOB_CONFIGS = {  # (forward, backward): tiles, chunking, reduction widths away 
     "m16-chunk3": (tuning.LaunchConfig(16, 3, 1, 1, block_n=64),
                    tuning.LaunchConfig(16, 3, 1, 1, block_n=4, key_tile=64, reduce_key_rows=64)),
     "reduce1": (tuning.LaunchConfig(16, 2, 1, 1, block_n=1), tuning.LaunchConfig(16, 1, 1, 1, reduce_key_rows=1)),
+    # What a GPU runs at d = 128 (64-row forward tiles, 3 stages), here on the interpreter's small cases
+    "gpu-defaults": tuple(tuning.gpu_launch_config(128, 64, backward) for backward in (False, True)),
 }
 
 
