@@ -79,15 +79,19 @@ def with_roofline(rows: pd.DataFrame, hw: HardwareConfig, sel: SelectionConfig) 
                                     for k, p, pt in zip(rows["kernel"], rows["pass"], points)])
 
 
-def fit(measured: pd.DataFrame, hw: HardwareConfig, sel: Optional[SelectionConfig] = None) -> pd.DataFrame:
-    """One row per KEYS of the measured ok rows of the selected / module scopes: a, b, points, the
-    spread of measured / predicted after the fit, GPU and commits."""
-    sel = sel or SelectionConfig()
+def calibration_rows(measured: pd.DataFrame, hw: HardwareConfig, sel: Optional[SelectionConfig] = None) -> pd.DataFrame:
+    """The measured ok rows a fit uses (selected / module scopes; auto is predicted as the faster
+    family, not fitted), with their roofline_ms."""
     rows = measured[(measured["status"] == "ok") & measured["scope"].isin(["selected", "module"])
-                    & (measured["kernel"] != "auto")].copy()  # auto is predicted as the faster family
+                    & (measured["kernel"] != "auto")].copy()
     if rows.empty:
         raise ValueError("no measured ok rows of scope selected/module to calibrate on")
-    rows = with_roofline(rows, hw, sel)
+    return with_roofline(rows, hw, sel or SelectionConfig())
+
+
+def fit_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per KEYS of calibration_rows: a, b, points, the spread of measured / predicted after
+    the fit, GPU and commits."""
     out = []
     for key, grp in rows.groupby(KEYS):
         x, y = grp["roofline_ms"].to_numpy(float), grp["median_ms"].to_numpy(float)
@@ -100,6 +104,11 @@ def fit(measured: pd.DataFrame, hw: HardwareConfig, sel: Optional[SelectionConfi
                         seqlens=f"{int(grp['seqlen'].min())}-{int(grp['seqlen'].max())}",
                         gqa=" ".join(map(str, sorted(set(grp["gqa"].astype(int)))))))
     return pd.DataFrame(out)
+
+
+def fit(measured: pd.DataFrame, hw: HardwareConfig, sel: Optional[SelectionConfig] = None) -> pd.DataFrame:
+    """The fit table of a sweep's measured rows (fit_table of calibration_rows)."""
+    return fit_table(calibration_rows(measured, hw, sel))
 
 
 @dataclass
@@ -162,16 +171,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     frames = [store.read_rows(resolve(f)) for f in args.folders]
     measured = pd.concat([f for f in frames if len(f)], ignore_index=True)
     measured = measured[measured["gpu"].astype(str).str.contains(args.gpu, regex=False)]
-    table = fit(measured, hw)
+    rows = calibration_rows(measured, hw)
+    table = fit_table(rows)
     out = resolve(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     from experiments.plots import plot_calibration
 
-    rows = with_roofline(measured[measured["status"] == "ok"], hw, SelectionConfig())
-    lines = table.set_index(KEYS)
-    rows = rows[rows.set_index(KEYS).index.isin(lines.index)]
-    ab = lines.loc[list(rows.set_index(KEYS).index), ["a", "b_ms"]].to_numpy()
+    ab = table.set_index(KEYS).loc[list(rows.set_index(KEYS).index), ["a", "b_ms"]].to_numpy()
     rows = rows.assign(calibrated_ms=ab[:, 0] * rows["roofline_ms"].to_numpy() + ab[:, 1])
     png = plot_calibration(rows, out.with_suffix(".png"))
     print(f"{out}: {len(table)} fits from {len(measured)} rows of {', '.join(args.folders)}; {png.name}")
