@@ -5,7 +5,8 @@
 # Stages are resumable sweeps: a rerun skips every recorded point (retry_failed=true to retry
 # error / oom rows), so a stage cut short by a time limit continues where it stopped.
 # Environment: RESULTS_DIR (default results), STAGE_TIMEOUT seconds per stage (default: none),
-# EXTRA (more overrides for every sweep, e.g. "timing.rep_ms=50").
+# EXTRA (more overrides for every sweep, e.g. "timing.rep_ms=50", or "redo_before=2026-11-23T17:00" to
+# measure again every point recorded before a kernel change).
 set -u
 cd "$(dirname "$0")/.."
 RESULTS_DIR=${RESULTS_DIR:-results}

@@ -197,7 +197,8 @@ def measured_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], m
 
 def pending(cfg: SweepConfig, point: Point, meta: dict) -> list[tuple[str, str]]:
     """(kernel, pass) pairs of this job that are not recorded yet."""
-    done = store.done_keys(store.sweep_dir(cfg.results_dir, cfg.name, not measuring(cfg)), cfg.retry_failed)
+    done = store.done_keys(store.sweep_dir(cfg.results_dir, cfg.name, not measuring(cfg)), cfg.retry_failed,
+                           cfg.redo_before)
     return [(k, p) for k in cfg.kernels for p in cfg.passes
             if row_key(make_row(point, k, p, "ok", dict(meta, timestamp=""))) not in done]
 

@@ -81,6 +81,9 @@ class SweepConfig:
     passes: Any = "all"  # config key `pass` (a Python keyword is no field name): fwd | bwd | fwd+bwd | list | all
     measure: str = "auto"  # auto: time on CUDA, else predict; time: always time; predict: cost model only
     retry_failed: bool = False  # rerun points recorded as error / oom instead of skipping them
+    # ISO date or time (UTC unless it says otherwise): measure again points recorded before it, e.g.
+    # after a kernel change; resumable, since rows recorded by the refresh itself are kept
+    redo_before: Optional[str] = None
     breakdown: bool = True  # scope=module: also time each branch alone (rows module/<branch>, breakdown.png)
     seed: int = 0
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
@@ -176,6 +179,14 @@ def validate(cfg: DictConfig | SweepConfig) -> SweepConfig:
             raise ConfigError(f"hardware.{key} must be positive")
     for key in ("warmup_ms", "rep_ms", "ref_rows"):
         _positive(f"timing.{key}", getattr(cfg.timing, key))
+    if cfg.redo_before is not None:
+        from experiments.store import utc_time
+
+        try:
+            utc_time(str(cfg.redo_before))
+        except ValueError:
+            raise ConfigError(f"redo_before={cfg.redo_before!r} must be an ISO date or time, "
+                              "e.g. 2026-11-23 or 2026-11-23T17:00") from None
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name={cfg.name!r} must be a non-empty folder name without '/'")
     return cfg

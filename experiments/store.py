@@ -36,11 +36,20 @@ def read_rows(folder: Path) -> pd.DataFrame:
     return df.drop_duplicates(subset=list(KEY_COLUMNS), keep="last").reset_index(drop=True)
 
 
-def done_keys(folder: Path, retry_failed: bool) -> set:
-    """Keys a rerun skips: everything recorded, except error / oom rows when retry_failed."""
+def utc_time(text: str) -> pd.Timestamp:
+    """An ISO date or time as a UTC timestamp (naive = UTC); ValueError when it is neither."""
+    ts = pd.Timestamp(text)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def done_keys(folder: Path, retry_failed: bool, redo_before: str | None = None) -> set:
+    """Keys a rerun skips: everything recorded, except error / oom rows when retry_failed, and rows
+    recorded before `redo_before` (an ISO date or time, UTC unless it says otherwise) when given."""
     df = read_rows(folder)
     if retry_failed:
         df = df[~df["status"].isin(RETRY_STATUSES)]
+    if redo_before:  # an unreadable timestamp (NaT) counts as old
+        df = df[pd.to_datetime(df["timestamp"], utc=True, errors="coerce", format="ISO8601") >= utc_time(redo_before)]
     return {row_key(r) for r in df.to_dict("records")}
 
 

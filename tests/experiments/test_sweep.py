@@ -10,7 +10,7 @@ import torch
 
 from experiments import kernels, runner, store
 from experiments.points import COLUMNS
-from experiments.schema import SweepConfig
+from experiments.schema import ConfigError, SweepConfig, validate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,6 +104,27 @@ def test_oom_is_recorded_as_oom_and_retried_only_when_asked(tmp_path, monkeypatc
     assert runner.run_job(cfg, device=torch.device("cpu")) == []  # recorded: skipped
     cfg.retry_failed = True
     assert len(runner.run_job(cfg, device=torch.device("cpu"))) == 2
+
+
+def test_redo_before_measures_old_rows_again_and_resumes(tmp_path, monkeypatch):
+    """redo_before re-measures rows older than it (a kernel changed) and, rerun, skips what the
+    refresh itself recorded: a refresh cut short continues where it stopped."""
+    cfg = tiny_config(tmp_path, kernels_=("sdpa",))
+    monkeypatch.setattr(runner, "now", lambda: "2026-01-01T00:00:00+00:00")
+    assert len(runner.run_job(cfg, device=torch.device("cpu"))) == 2
+    cfg.redo_before = "2025-12-31"  # every row is newer: nothing to do
+    assert runner.run_job(cfg, device=torch.device("cpu")) == []
+    cfg.redo_before = "2026-03-01T12:00"
+    monkeypatch.setattr(runner, "now", lambda: "2026-03-01T12:30:00+00:00")
+    assert len(runner.run_job(cfg, device=torch.device("cpu"))) == 2
+    assert runner.run_job(cfg, device=torch.device("cpu")) == []
+    assert set(store.read_rows(tmp_path / "tiny")["timestamp"]) == {"2026-03-01T12:30:00+00:00"}
+
+
+def test_redo_before_must_be_a_date():
+    cfg = SweepConfig(redo_before="last tuesday")
+    with pytest.raises(ConfigError, match="redo_before='last tuesday' must be an ISO date"):
+        validate(cfg)
 
 
 def test_fla_is_unsupported_below_g16():
