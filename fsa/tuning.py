@@ -1,8 +1,9 @@
 """Launch parameters of the FSA kernels and the partial-buffer memory budget.
 
 Defaults were set from register / shared-memory budgets and checked on the H100 with
-experiments/gpu/fsa_bench.py (results/fsa_bench/); they have not been swept like the NSA tables yet:
-experiments/gpu/fsa_tune.py does that (launch_config_override runs the kernels with any config).
+experiments/gpu/fsa_bench.py (results/fsa_bench/); experiments/gpu/fsa_tune.py sweeps them
+(launch_config_override runs the kernels with any config; results/fsa_tune/ moved the d <= 128
+forward to 64 rows and 3 stages on the H100, kept for GPUs with Hopper's shared memory per block).
 Measured: splitting 128-key blocks into 64-key tiles in the backward took the (128, 8) backward at
 64K from 7.8 to 3.7 ms (g=1) and from 27.1 to 13.4 ms (g=4): the [128, 128] fp32 dK/dV accumulators
 had spilled.
@@ -28,6 +29,7 @@ from nsa_baseline.utils.triton_utils import is_interpreter
 BUDGET_ENV = "FSA_BUFFER_BUDGET_GB"
 DEFAULT_BUDGET_GB = 2.5  # the least default budget
 FREE_MEMORY_SHARE = 0.25  # default budget: this share of the free device memory, if larger
+HOPPER_SHARED_MEM = 227 * 1024  # bytes of shared memory one program may use on H100 / H200 / H20
 
 
 @dataclass(frozen=True)
@@ -65,26 +67,47 @@ def launch_config_override(fwd: Optional[LaunchConfig] = None, bwd: Optional[Lau
         _overrides.update(saved)
 
 
-def launch_config(head_dim: int, block_size: int, backward: bool) -> LaunchConfig:
+def launch_config(head_dim: int, block_size: int, backward: bool, device=None) -> LaunchConfig:
     if backward in _overrides:
         return _overrides[backward]
     if is_interpreter():
         return LaunchConfig(block_m=16, chunk_tiles=2, num_warps=1, num_stages=1, block_n=16, key_tile=16,
                             reduce_key_rows=8)
-    return gpu_launch_config(head_dim, block_size, backward)
+    return gpu_launch_config(head_dim, block_size, backward, device_shared_mem(device))
 
 
-def gpu_launch_config(head_dim: int, block_size: int, backward: bool) -> LaunchConfig:
-    """The defaults on a GPU (also what the cost model sizes FSA's buffers with, on any machine)."""
+def device_shared_mem(device=None) -> int:
+    """Shared memory one program may use on `device` (Triton's device properties), cached per device;
+    Hopper's when it cannot be read (no CUDA device: the cost model)."""
+    import torch
+
+    if device is None or torch.device(device).type != "cuda":
+        return HOPPER_SHARED_MEM
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _shared_mem:
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        _shared_mem[index] = int(props.get("max_shared_mem", HOPPER_SHARED_MEM))
+    return _shared_mem[index]
+
+
+_shared_mem: dict[int, int] = {}  # device index -> bytes
+
+
+def gpu_launch_config(head_dim: int, block_size: int, backward: bool,
+                      shared_mem: int = HOPPER_SHARED_MEM) -> LaunchConfig:
+    """The defaults on a GPU with `shared_mem` bytes per program (also what the cost model sizes FSA's
+    buffers with, on any machine)."""
     d_pad = triton.next_power_of_2(head_dim)
     if backward:
         key_tile = 64 if d_pad <= 128 else 32
         return LaunchConfig(block_m=64, chunk_tiles=16, num_warps=4, num_stages=2, key_tile=key_tile)
-    if d_pad <= 128:
+    if d_pad <= 128 and shared_mem >= HOPPER_SHARED_MEM:
         # Swept on the H100 (results/fsa_tune): 64 query rows with 3 stages fit shared memory and are the
         # fastest: 1.5x over 32 rows at (128, 8), 2-4% over 2 stages at (64, 16).
         return LaunchConfig(block_m=64, chunk_tiles=8, num_warps=4, num_stages=3)
-    # Not swept: 64 rows only while the K/V block and the tiles surely fit shared memory.
+    # Less shared memory (A100: 163 KiB) or d > 128, not swept: the earlier estimate, 64 rows only
+    # while the K/V block and the tiles surely fit.
     big = d_pad * block_size >= 256 * 64
     return LaunchConfig(block_m=32 if big else 64, chunk_tiles=8, num_warps=4, num_stages=2)
 
@@ -173,7 +196,7 @@ def launch_plan(q, k, block_size: int, topk: int, backward: bool) -> LaunchPlan:
     h = k.shape[1]
     g = hq // h
     d_pad = padded_head_dim(d)
-    cfg = launch_config(d, block_size, backward)
+    cfg = launch_config(d, block_size, backward, q.device)
     hp, gc = pass_split(h, g, lambda kv_heads, heads: pass_bytes(
         n, topk, kv_heads, heads, d, d_pad, q.element_size(), block_size, cfg, backward),
         buffer_budget_bytes(q.device))

@@ -58,7 +58,7 @@ def tune_point(q, k, v, idx, block: int, topk: int, do, fwd_grid, bwd_grid,
     }
     rows = []
     for pass_name, (grid, call, expected) in runs.items():
-        default = tuning.launch_config(q.shape[-1], block, backward=pass_name == "bwd")
+        default = tuning.launch_config(q.shape[-1], block, pass_name == "bwd", q.device)
         for cfg in [default] + [c for c in grid if c != default]:
             row = {"pass": pass_name, "default": cfg == default, **asdict(cfg)}
             if seconds_left() <= 0:

@@ -91,6 +91,26 @@ def test_launch_config_rejects_tiles_triton_cannot_build():
         tuning.LaunchConfig(32, 0, 4, 2)
 
 
+def test_gpu_forward_defaults_follow_shared_memory():
+    """The swept 64-row, 3-stage forward only where Hopper's shared memory backs it; less shared
+    memory (A100: 163 KiB) or d > 128 keeps the earlier estimate (32 rows for 128 x 128 K/V blocks)."""
+    swept = tuning.gpu_launch_config(128, 128, backward=False)
+    assert (swept.block_m, swept.num_stages) == (64, 3)
+    a100 = tuning.gpu_launch_config(128, 128, backward=False, shared_mem=163 * 1024)
+    assert (a100.block_m, a100.num_stages) == (32, 2)
+    assert tuning.gpu_launch_config(128, 64, backward=False, shared_mem=163 * 1024).block_m == 64
+    assert tuning.gpu_launch_config(256, 64, backward=False).block_m == 32
+    assert tuning.device_shared_mem(None) == tuning.device_shared_mem("cpu") == tuning.HOPPER_SHARED_MEM
+
+
+@pytest.mark.gpu
+def test_gpu_device_shared_mem_reads_the_device():
+    shared = tuning.device_shared_mem(torch.device("cuda"))
+    assert shared >= 48 * 1024
+    if any(name in torch.cuda.get_device_name() for name in ("H100", "H200", "H20")):
+        assert shared >= tuning.HOPPER_SHARED_MEM  # else the swept forward default would not apply
+
+
 @pytest.mark.parametrize("h,g,budget,split", [
     (4, 3, 1e12, (4, 3)),  # one pass
     (4, 3, 1000, (3, 3)),  # whole groups, KV heads split
