@@ -5,7 +5,8 @@ On CUDA the first call with a new configuration times both families on the call'
 that configuration dispatches straight to it. The configuration key is (GPU, dtype, G, H, D, block
 size, T, N rounded up to a power of two, batch, grad). Set FSA_AUTO_CACHE=path.json to keep choices
 across processes. Without CUDA (interpreter) nothing can be timed; the rule below is used instead.
-Under torch.compile nothing is timed either: a choice made by an earlier eager call, else the rule.
+Under torch.compile or CUDA-graph capture nothing is timed either: a choice made by an earlier eager
+call, else the rule.
 """
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def choose(q, k, v, block_indices, block_size, cu_seqlens, scale, batch: int) ->
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if not q.is_cuda:
         return rule_choice(q.shape[1] // k.shape[1])
-    if torch.compiler.is_compiling():  # no timing inside a traced graph: an earlier eager choice, else the rule
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        # no timing inside a traced graph or a CUDA-graph capture: an earlier eager choice, else the rule
         return _choices.get(config_key(q, k, block_indices, block_size, batch, needs_grad),
                             rule_choice(q.shape[1] // k.shape[1]))
     _load_cache()

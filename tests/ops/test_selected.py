@@ -109,3 +109,28 @@ def test_gpu_cuda_graph_capture_replays_the_eager_result(family):
     assert torch.equal(o, o_eager), "forward replay differs from eager"
     for name, a, b in zip(("dq", "dk", "dv"), grads, eager):
         assert torch.equal(a, b), f"{name} replay differs from eager"
+
+
+@pytest.mark.gpu
+def test_gpu_auto_never_times_inside_a_cuda_graph_capture(monkeypatch):
+    """A capture that reaches fsa.auto before any eager call of that configuration takes the rule
+    (timing would launch and synchronise inside the capture) and replays that family's result."""
+    from fsa import auto
+    from tests.ops.cases import realistic_case
+
+    x = realistic_case(8192, 2, 2, 128, 16, 64)
+
+    def call(fn):
+        return fn(x.q, x.k, x.v, x.block_indices, x.block_size, cu_seqlens=x.cu_seqlens, check_indices=False)
+
+    with torch.no_grad():
+        expected = {name: call(fn) for name, fn in FAMILIES.items()}  # also compiles both families' kernels
+        monkeypatch.setattr(auto, "_choices", {})
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            out = call(auto.selected_attention)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert auto._choices == {}, "auto timed (and cached) inside the capture"
+    assert torch.equal(out, expected[auto.rule_choice(x.q.shape[1] // x.k.shape[1])])
