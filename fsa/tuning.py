@@ -81,10 +81,10 @@ def device_shared_mem(device=None) -> int:
     Hopper's when it cannot be read (no CUDA device: the cost model)."""
     import torch
 
-    if device is None or torch.device(device).type != "cuda":
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda":
         return HOPPER_SHARED_MEM
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
+    index = torch.cuda.current_device() if device.index is None else device.index
     if index not in _shared_mem:
         props = triton.runtime.driver.active.utils.get_device_properties(index)
         _shared_mem[index] = int(props.get("max_shared_mem", HOPPER_SHARED_MEM))
