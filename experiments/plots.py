@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 from experiments import cost_model as cm  # noqa: E402
 from experiments import costs  # noqa: E402
 from experiments.calibration import CALIBRATED  # noqa: E402
-from experiments.kernels import BRANCHES  # noqa: E402
+from experiments.timed_calls import BRANCHES  # noqa: E402
 from experiments.points import Point  # noqa: E402
 from experiments.schema import HardwareConfig, SelectionConfig  # noqa: E402
 
