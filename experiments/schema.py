@@ -36,7 +36,7 @@ class SparsityConfig:
 
 @dataclass
 class SelectionConfig:
-    """The NSA selection path and module branches (paper defaults, NUMBERS.md section 1.6)."""
+    """The NSA selection path and module branches (the NSA paper's defaults, its §4.1, which FSA keeps)."""
 
     kernel_size: int = 32
     kernel_stride: int = 16

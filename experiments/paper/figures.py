@@ -51,7 +51,8 @@ def fig2(df: pd.DataFrame, out: Path) -> str:
             "Theory only: no GPU needed. 'formula' = the paper's App. E formulas (NSA loads T/2 blocks, "
             "8-row tile); 'exact' = experiments/cost_model.py counts of random causal indices (every valid "
             "block loaded whole, G tile padded to max(16, next_pow2(g)) rows, FSA stats + reduction included).")
-    return header("Figure 2: theoretical memory traffic and FLOPs", pd.DataFrame(), note) + markdown_table(table)
+    return header("Figure 2: theoretical memory traffic and FLOPs", pd.DataFrame(), "Figure 2 and Appendix E",
+                  note) + markdown_table(table)
 
 
 def fig3(df: pd.DataFrame, out: Path) -> str:
@@ -85,12 +86,12 @@ def fig3(df: pd.DataFrame, out: Path) -> str:
         ax.legend(fontsize=8)
         save(fig, out / "fig3.png")
     note = "The paper's bar values were not recoverable; the published kernels measured on our H100 stand in."
-    return header("Figure 3: NSA / FSA latency vs g at 64K", ours, note) + markdown_table(table)
+    return header("Figure 3: NSA / FSA latency vs g at 64K", ours, "Figure 3", note) + markdown_table(table)
 
 
 def fig4(df: pd.DataFrame, out: Path) -> str:
     ours = pick(df, "fig4", scope="module", q_heads=64, **{"pass": "fwd+bwd"})
-    rows = []
+    rows, unsure = [], []
     for (gpu, bs, t, g), (nsa_r, fa_r) in pn.FIG4.items():
         if gpu != "H200":
             continue
@@ -103,12 +104,22 @@ def fig4(df: pd.DataFrame, out: Path) -> str:
                          "paper H200 NSA/FSA": nsa_r[i], "ours NSA/FSA": fmt(nsa_ours),
                          "ours / H200": fmt(over(nsa_ours, nsa_r[i])), "paper H200 FA/FSA": fa_r[i],
                          "ours FA/FSA": fmt(fa_ours), "ours / H200 (FA)": fmt(over(fa_ours, fa_r[i]))})
-    table = pd.DataFrame(rows)
+            unsure.append({"paper H20 NSA/FSA": ("H20", bs, t, g, "nsa", n) in pn.FIG4_UNCERTAIN,
+                           "paper H200 NSA/FSA": ("H200", bs, t, g, "nsa", n) in pn.FIG4_UNCERTAIN,
+                           "paper H200 FA/FSA": ("H200", bs, t, g, "fa", n) in pn.FIG4_UNCERTAIN})
+    table, unsure = pd.DataFrame(rows), pd.DataFrame(unsure)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, (bs, t) in zip(axes, pn.PRESETS):
         sub = table[table["(BS,T)"] == f"({bs},{t})"]
         for k, (g, line) in enumerate(sub.groupby("g")):
             ax.plot(line["N"], line["paper H200 NSA/FSA"], ls="--", color=f"C{k}", label=f"g={g} paper H200")
+            flagged = line[unsure.loc[line.index, "paper H200 NSA/FSA"]]
+            ax.scatter(flagged["N"], flagged["paper H200 NSA/FSA"], s=90, facecolors="none", edgecolors=f"C{k}",
+                       zorder=4)
+            for n, v in zip(flagged["N"], flagged["paper H200 NSA/FSA"]):
+                ax.annotate(pn.UNCERTAIN, (n, v), xytext=(-18, 5), textcoords="offset points", color=f"C{k}",
+                            fontsize=10, fontweight="bold", zorder=5,
+                            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=f"C{k}", lw=0.8))
             mine = line[line["ours NSA/FSA"] != NOT_MEASURED]
             if len(mine):
                 ax.plot(mine["N"], mine["ours NSA/FSA"].astype(float), marker="o", color=f"C{k}", label=f"g={g} ours")
@@ -118,10 +129,15 @@ def fig4(df: pd.DataFrame, out: Path) -> str:
         ax.set_ylabel("NSA / FSA fwd+bwd latency")
         ax.set_title(f"(BS,T)=({bs},{t}); ours on {gpus(ours)}")
         ax.legend(fontsize=7, ncol=2)
-    fig.suptitle("Figure 4: module fwd+bwd latency ratio, 64 query heads, d=128", fontsize=9)
+    fig.suptitle(f"Figure 4: module fwd+bwd latency ratio, 64 query heads, d=128; a circled point with {pn.UNCERTAIN} "
+                 "is an uncertain paper label", fontsize=9)
     save(fig, out / "fig4.png")
-    note = "Paper values are bar labels [fig-label]; some H200 labels are uncertain [?] (see NUMBERS.md 1.7)."
-    return header("Figure 4: kernel latency grid (NSA/FSA and FA/FSA)", ours, note) + markdown_table(table)
+    for col in unsure:
+        table[col] = [pn.flag(v, u) for v, u in zip(table[col], unsure[col])]
+    note = ("Paper values are its bar labels. The paper does not print Figure 4's head counts: 64 query heads "
+            "and d = 128 are inferred from its Appendix F (Tables 6-7), whose full-attention times match the "
+            f"figure's axis. {pn.UNCERTAIN_NOTE}")
+    return header("Figure 4: kernel latency grid (NSA/FSA and FA/FSA)", ours, "Figure 4", note) + markdown_table(table)
 
 
 def speedups(ours: pd.DataFrame, baseline: str, p: str) -> list[float]:
@@ -151,7 +167,7 @@ def fig7(df: pd.DataFrame, out: Path) -> str:
         ax.set_xlabel("(g, BS, pass)")
         ax.set_title(f"Figure 7: module forward vs backward, 64K, 64 query heads, on {gpus(ours)}")
         save(fig, out / "fig7.png")
-    return header("Figure 7: forward vs backward", ours, "Paper numbers are the text's maxima and means "
+    return header("Figure 7: forward vs backward", ours, "Figure 7", "Paper numbers are the text's maxima and means "
                   "over its 8 panels.") + markdown_table(pd.DataFrame(rows))
 
 
@@ -180,6 +196,6 @@ def fig8(df: pd.DataFrame, out: Path) -> str:
         ax.set_xlabel("(kernel, g, BS, pass)")
         ax.set_title(f"Figure 8: compressed / selected / window, 64K, 64 query heads, on {gpus(branches)}")
         save(fig, out / "fig8.png")
-    return header("Figure 8: per-branch breakdown", ours, "Paper numbers are from its text.") + \
+    return header("Figure 8: per-branch breakdown", ours, "Figure 8", "Paper numbers are from its text.") + \
         markdown_table(pd.DataFrame(rows))
 

@@ -50,11 +50,16 @@ def pick(df: pd.DataFrame, prefer: str, status: str = "ok", one_gpu: bool = True
     return df
 
 
-def median(df: pd.DataFrame, **equal) -> Optional[float]:
+def measure(df: pd.DataFrame, column: str = "median_ms", **equal) -> Optional[float]:
+    """`column` of the row matching `equal` (the last one if several), None without one."""
     if df.empty:
         return None
     df = matching(df, **equal)
-    return float(df["median_ms"].iloc[-1]) if len(df) else None
+    return float(df[column].iloc[-1]) if len(df) else None
+
+
+def median(df: pd.DataFrame, **equal) -> Optional[float]:
+    return measure(df, "median_ms", **equal)
 
 
 def gpus(df: pd.DataFrame) -> str:
@@ -78,8 +83,9 @@ def over(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def header(title: str, rows: pd.DataFrame, note: str) -> str:
-    return f"# {title}\n\nOurs measured on: {gpus(rows)}. Paper: {pn.SOURCE}. {note}\n\n"
+def header(title: str, rows: pd.DataFrame, cite: str, note: str) -> str:
+    """The title, our GPU and where in the paper its numbers are (`cite`: its figure or table)."""
+    return f"# {title}\n\nOurs measured on: {gpus(rows)}. Paper: {pn.SOURCE}, {cite}. {note}\n\n"
 
 
 def save(fig, path: Path) -> Path:
