@@ -150,6 +150,9 @@ def write(path, rows):
 
 
 def show(rows, cols):
+    if not rows:  # nothing timed (budget spent, or every item failed)
+        print("  (none)")
+        return
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
     print("  ".join(c.ljust(wd) for c, wd in zip(cols, widths)))
     for r in rows:
