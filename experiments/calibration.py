@@ -28,6 +28,7 @@ import pandas as pd
 
 from experiments import cost_model as cm
 from experiments import costs, store
+from experiments.calibration_plot import plot_calibration
 from experiments.points import Point
 from experiments.schema import HardwareConfig, SelectionConfig
 
@@ -176,8 +177,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     out = resolve(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
-    from experiments.plots import plot_calibration
-
     ab = table.set_index(KEYS).loc[list(rows.set_index(KEYS).index), ["a", "b_ms"]].to_numpy()
     rows = rows.assign(calibrated_ms=ab[:, 0] * rows["roofline_ms"].to_numpy() + ab[:, 1])
     png = plot_calibration(rows, out.with_suffix(".png"))

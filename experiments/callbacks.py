@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -21,7 +21,19 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
     (hydra.sweeper.params first, command-line overrides win)."""
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
     parser = OverridesParser.create()
-    overrides = parser.parse_overrides(params + list(config.hydra.overrides.task))
+    return basic_sweeper_jobs(parser.parse_overrides(params + list(config.hydra.overrides.task)))
+
+
+def basic_sweeper_jobs(overrides: list[Override]) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper launches for `overrides`, in its order.
+
+    The one use of Hydra's private API, on purpose: Hydra 1.3 has no public call that lists a
+    multirun's jobs before they launch (a callback gets the config only; Sweeper.sweep launches as
+    it expands). Expanding the overrides ourselves with the public Override API would be a second
+    copy of the sweeper's rules (which sweeps it accepts, key order, later keys winning) that could
+    drift from what actually runs; if Hydra moves this function, the sweep tests fail here."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 

@@ -3,7 +3,7 @@
 Two levels, both for one forward call of selected attention (letters as everywhere: N tokens,
 HQ query heads, H kv heads, G = HQ / H, D head dim, BS block size, T selected blocks):
 
-* `paper_*`: the FSA paper's Appendix E formulas, verbatim (NUMBERS.md section 1.5). They assume
+* `paper_*`: the FSA paper's Appendix E formulas, verbatim. They assume
   every query selects T full blocks and 2-byte elements.
 * `exact_cost`: counts from a `SelectionStats` (measured from real block_indices with
   `stats_from_indices`, or the closed-form expectation of the uniformly random causal generator with

@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 from experiments import cost_model as cm  # noqa: E402
 from experiments import costs  # noqa: E402
 from experiments.calibration import CALIBRATED  # noqa: E402
-from experiments.kernels import BRANCHES  # noqa: E402
+from experiments.timed_calls import BRANCHES  # noqa: E402
 from experiments.points import Point  # noqa: E402
 from experiments.schema import HardwareConfig, SelectionConfig  # noqa: E402
 
@@ -268,27 +268,3 @@ def plot_breakdown(rows: pd.DataFrame, all_rows: pd.DataFrame, predicted: bool, 
     fig.suptitle(title_of(rows[rows["scope"] == "module"], predicted, "NSA module breakdown"), fontsize=9)
     return _save(fig, path)
 
-
-def plot_calibration(rows: pd.DataFrame, path: Path) -> Path:
-    """Predicted vs measured latency of every fitted row: the plain roofline and the calibrated
-    prediction (experiments/calibration.py); points on the diagonal are predicted exactly."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharex=True, sharey=True)
-    lo, hi = rows[["median_ms", "roofline_ms", "calibrated_ms"]].min().min(), rows["median_ms"].max() * 3
-    panels = (("roofline_ms", "plain roofline"), ("calibrated_ms", "calibrated: a * roofline + b"))
-    for ax, (col, what) in zip(axes, panels):
-        for i, (kernel, sub) in enumerate(sorted(rows.groupby("kernel"), key=lambda x: x[0])):
-            for scope, marker in (("selected", "o"), ("module", "s")):
-                pts = sub[sub["scope"] == scope]
-                ax.scatter(pts["median_ms"], pts[col], s=14, marker=marker, color=f"C{i}", alpha=0.7,
-                           label=f"{kernel} {scope}" if len(pts) else None)
-        ax.plot([lo, hi], [lo, hi], color="black", lw=1)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("measured latency (ms, log)")
-        ax.set_title(what, fontsize=10)
-    axes[0].set_ylabel("predicted latency (ms, log)")
-    axes[1].legend(fontsize=7, ncol=2)
-    gpus = ", ".join(sorted(set(rows["gpu"].astype(str))))
-    fig.suptitle(f"Cost model vs measurement on {gpus}: {len(rows)} rows (fwd, bwd, fwd+bwd; "
-                 "selected attention and module)", fontsize=10)
-    return _save(fig, path)

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from experiments import accuracy, calibration, costs, kernels, store, timing
+from experiments import accuracy, calibration, costs, store, timed_calls, timing
 from experiments import cost_model as cm
 from experiments.inputs import make_inputs
 from experiments.points import Point, make_row, row_key
@@ -85,7 +85,7 @@ def predicted_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], 
             + ("" if point.indices == "random" else " (stand-in for indices=nsa)"))
     rows = []
     for kernel, pass_name in todo:
-        reason = kernels.unsupported_reason(kernel, point, check_installed=False)
+        reason = timed_calls.unsupported_reason(kernel, point, check_installed=False)
         if reason:
             rows.append(make_row(point, kernel, pass_name, "unsupported", dict(meta, timestamp=now()), reason))
             continue
@@ -133,10 +133,10 @@ def branch_rows(cfg: SweepConfig, point: Point, kernel: str, passes: list[str], 
     branch_cost = costs.branch_costs(point, cfg.selection)
     branch_cost["selected"] = costs.selected_cost("nsa" if kernel == "auto" else kernel, point, stats)
     try:
-        calls = kernels.branch_calls(kernel, cfg, point, inp)
+        calls = timed_calls.branch_calls(kernel, cfg, point, inp)
     except Exception as exc:
         free_memory()
-        return [r for b in kernels.BRANCHES
+        return [r for b in timed_calls.BRANCHES
                 for r in _failed_rows(replace(point, scope=f"module/{b}"), kernel, passes, meta, exc)]
     for branch, call in calls.items():
         rows += _timed_rows(replace(point, scope=f"module/{branch}"), kernel, passes, call, branch_cost[branch],
@@ -152,7 +152,7 @@ def _module_reference(cfg: SweepConfig, point: Point, inp) -> Optional[Callable[
     @functools.cache
     def reference() -> torch.Tensor:
         with torch.no_grad():
-            return kernels.build_call("torch", cfg, point, inp).run()
+            return timed_calls.build_call("torch", cfg, point, inp).run()
 
     return reference
 
@@ -171,12 +171,12 @@ def measured_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], m
         return [r for k, ps in by_kernel.items() for r in _failed_rows(point, k, ps, meta, exc)]
     module_ref = _module_reference(cfg, point, inp)
     for kernel, passes in by_kernel.items():
-        reason = kernels.unsupported_reason(kernel, point)
+        reason = timed_calls.unsupported_reason(kernel, point)
         if reason:
             rows += [make_row(point, kernel, p, "unsupported", dict(meta, timestamp=now()), reason) for p in passes]
             continue
         try:
-            call = kernels.build_call(kernel, cfg, point, inp)
+            call = timed_calls.build_call(kernel, cfg, point, inp)
             with torch.no_grad():
                 out = call.run()
             rel_err, note = accuracy.output_rel_err(call.family, out, inp, point, cfg.timing.ref_rows,

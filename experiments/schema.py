@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+import pandas as pd
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -35,7 +36,7 @@ class SparsityConfig:
 
 @dataclass
 class SelectionConfig:
-    """The NSA selection path and module branches (paper defaults, NUMBERS.md section 1.6)."""
+    """The NSA selection path and module branches (the NSA paper's defaults, its §4.1, which FSA keeps)."""
 
     kernel_size: int = 32
     kernel_stride: int = 16
@@ -136,6 +137,12 @@ def validate_paper(cfg: DictConfig) -> PaperConfig:
     return paper
 
 
+def utc_time(text: str) -> pd.Timestamp:
+    """An ISO date or time as a UTC timestamp (naive = UTC); ValueError when it is neither."""
+    ts = pd.Timestamp(text)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
 def _one_of(key: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
@@ -180,8 +187,6 @@ def validate(cfg: DictConfig | SweepConfig) -> SweepConfig:
     for key in ("warmup_ms", "rep_ms", "ref_rows"):
         _positive(f"timing.{key}", getattr(cfg.timing, key))
     if cfg.redo_before is not None:
-        from experiments.store import utc_time
-
         try:
             utc_time(str(cfg.redo_before))
         except ValueError:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.points import COLUMNS, KEY_COLUMNS, row_key
+from experiments.schema import utc_time
 
 RESULTS_CSV = "results.csv"
 ROWS_DIR = "rows"
@@ -34,12 +35,6 @@ def read_rows(folder: Path) -> pd.DataFrame:
     df["message"] = df["message"].fillna("")
     df = df.sort_values("timestamp", kind="stable")
     return df.drop_duplicates(subset=list(KEY_COLUMNS), keep="last").reset_index(drop=True)
-
-
-def utc_time(text: str) -> pd.Timestamp:
-    """An ISO date or time as a UTC timestamp (naive = UTC); ValueError when it is neither."""
-    ts = pd.Timestamp(text)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
 def done_keys(folder: Path, retry_failed: bool, redo_before: str | None = None) -> set:

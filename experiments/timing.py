@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch._functorch.config
 
-from experiments.kernels import Call
+from experiments.timed_calls import Call
 from experiments.schema import TimingConfig
 
 # The bwd pass replays one graph (retain_graph=True); torch.compile'd backwards (FlexAttention) refuse

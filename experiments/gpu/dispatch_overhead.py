@@ -11,6 +11,7 @@ import time
 import torch
 import triton
 
+from experiments.gpu.provenance import require_cuda
 import fsa
 import nsa_baseline
 from fsa import auto
@@ -28,6 +29,7 @@ def host_us(fn, calls=200):
 
 
 def main():
+    require_cuda()
     for n, g, bs, t_sel in ((8192, 1, 64, 16), (16384, 1, 64, 16), (8192, 2, 128, 8)):
         q = torch.randn(n, 4 * g, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(n, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)

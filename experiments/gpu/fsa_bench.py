@@ -1,6 +1,7 @@
-"""FSA on the GPU in one call: bf16 correctness against the reference, determinism, fwd/bwd timings,
-a per-stage breakdown, and extra memory at the issue's target points, printed beside the published
-kernels' times (results/targets or ../shared/targets).
+"""FSA on the GPU in one call: fwd/bwd timings, a per-stage breakdown, and extra memory at the
+issue's target points, printed beside the published kernels' times (results/targets or
+../shared/targets). Its bf16 correctness and determinism checks are GPU tests:
+`python -m pytest tests/ops/test_gpu_selected_checks.py -k fsa_bench`.
 
     python -m experiments.gpu.fsa_bench [--quick] [--gqa 1,4] [--seqlen 65536] [--indices nsa,random]
 Writes $OUT/fsa_bench.csv (OUT defaults to ./out).
@@ -14,8 +15,7 @@ from pathlib import Path
 import torch
 import triton
 
-from experiments.gpu.provenance import out_dir, run_meta
-from nsa_baseline.reference import selected_attention_ref
+from experiments.gpu.provenance import out_dir, require_cuda, run_meta
 from nsa_baseline.utils.indices import random_causal_block_indices
 
 KV_HEADS, HEAD_DIM = 4, 128
@@ -38,15 +38,11 @@ def make_indices(kind, q, k, n, block, topk):
     return random_causal_block_indices(n, KV_HEADS, topk, block, device="cuda")
 
 
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
-def run_point(impl, g, n, block, topk, kind, check):
+def run_point(impl, g, n, block, topk, kind):
     hq = g * KV_HEADS
     q = torch.randn(n, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(n, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -63,18 +59,9 @@ def run_point(impl, g, n, block, topk, kind, check):
     row["fwd_peak_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+    torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
     torch.cuda.synchronize()
     row["bwd_peak_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
-    if check:
-        qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
-        orf = selected_attention_ref(qr, kr, vr, idx, block)
-        gr = torch.autograd.grad(orf, (qr, kr, vr), do.float())
-        row.update(err_o=rel(o, orf), err_dq=rel(dq, gr[0]), err_dk=rel(dk, gr[1]), err_dv=rel(dv, gr[2]))
-        o2 = impl(q, k, v, idx, block)
-        g2 = torch.autograd.grad(o2, (q, k, v), do)
-        row["bitwise_repeat"] = bool(torch.equal(o, o2) and all(torch.equal(a, b) for a, b in zip((dq, dk, dv), g2)))
-        del qr, kr, vr, orf, gr, o2, g2
     row["fwd_ms"] = bench(lambda: impl(q, k, v, idx, block))
     row["bwd_ms"] = bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
     if impl.__module__.startswith("fsa"):
@@ -107,8 +94,8 @@ def main():
     ap.add_argument("--sparsity", default="64:16,128:8")
     ap.add_argument("--indices", default="nsa,random")
     ap.add_argument("--impls", default="fsa,nsa")
-    ap.add_argument("--check-max-seqlen", type=int, default=16384)
     args = ap.parse_args()
+    require_cuda()
     impls = []
     for name in args.impls.split(","):
         try:
@@ -125,7 +112,7 @@ def main():
                 for n in map(int, args.seqlen.split(",")):
                     for impl in impls:
                         try:
-                            row = run_point(impl, g, n, block, topk, kind, check=n <= args.check_max_seqlen)
+                            row = run_point(impl, g, n, block, topk, kind)
                         except Exception as e:  # record and go on
                             row = dict(impl=impl.__module__.split(".")[0], gqa=g, seqlen=n, block=block, topk=topk,
                                        indices=kind, error=repr(e)[:300])

@@ -23,7 +23,7 @@ import triton
 
 from fsa import tuning
 from fsa.backward import fsa_bwd
-from experiments.gpu.provenance import out_dir, run_meta
+from experiments.gpu.provenance import out_dir, require_cuda, run_meta
 from fsa.forward import fsa_fwd
 from nsa_baseline.ops.block_index import build_block_index
 
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--sparsity", default="64:16,128:8")
     ap.add_argument("--budget-s", type=float, default=420.0)
     args = ap.parse_args()
+    require_cuda()
     deadline = time.monotonic() + args.budget_s
     meta, out = run_meta(), out_dir()
     rows = []

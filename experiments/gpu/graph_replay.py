@@ -20,7 +20,7 @@ import triton
 
 import fsa
 import nsa_baseline
-from experiments.gpu.provenance import out_dir, run_meta
+from experiments.gpu.provenance import out_dir, require_cuda, run_meta
 from nsa_baseline.ops.window import full_attention
 from nsa_baseline.reference import nsa_block_indices_ref
 
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--sparsity", default="64:16")
     ap.add_argument("--kernels", default="fsa,nsa,sdpa")
     args = ap.parse_args()
+    require_cuda()
     meta, out = run_meta(), out_dir()
     rows = []
     for sp, g, n, name in itertools.product(args.sparsity.split(","), map(int, args.gqa.split(",")),

@@ -1,7 +1,7 @@
 """Where the NSA module's time goes at the paper's 64 query heads: every stage timed alone, and the
 top CUDA kernels of one module fwd+bwd from torch.profiler.
 
-    OUT=./out python experiments/gpu/module_profile.py [--points 16384:1,65536:1,65536:4] [--budget 500]
+    OUT=./out python -m experiments.gpu.module_profile [--points 16384:1,65536:1,65536:4] [--budget 500]
 
 bf16, d = 128, (BS, T) = (64, 16), kv heads = 64 / g. Stages (do_bench medians, ms): compress_kv of k and v,
 compressed attention, the selection (scores + top-T, and the scores kernel alone), selected attention of
@@ -19,6 +19,7 @@ import time
 import torch
 import triton
 
+from experiments.gpu.provenance import require_cuda
 from nsa_baseline.module import NativeSparseAttention
 from nsa_baseline.ops.compressed import compressed_attention
 from nsa_baseline.ops.compression import compress_kv
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--points", default="16384:1,65536:1,65536:4")
     ap.add_argument("--budget", type=float, default=500)
     args = ap.parse_args()
+    require_cuda()
     t0 = time.time()
     out = os.environ.get("OUT", ".")
     for p in args.points.split(","):

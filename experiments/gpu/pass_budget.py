@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 import triton
 
-from experiments.gpu.provenance import out_dir, run_meta
+from experiments.gpu.provenance import out_dir, require_cuda, run_meta
 from fsa import tuning
 from fsa.selected import selected_attention
 from nsa_baseline.utils.indices import random_causal_block_indices
@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--variants", default="auto,b2.5,b8,sHxG")
     ap.add_argument("--passes", default="fwd,fwd+bwd")
     args = ap.parse_args()
+    require_cuda()
     out, meta = out_dir(), run_meta()
     rows = []
     for n in map(int, args.seqlen.split(",")):

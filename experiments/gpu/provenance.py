@@ -1,17 +1,31 @@
-"""What every one-call GPU script records beside its numbers, and where it writes them."""
+"""What every one-call GPU script needs first (a CUDA device), records beside its numbers, and where
+it writes them."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
 import triton
 
-from experiments.runner import git_commit
+
+def require_cuda() -> None:
+    """Exit with status 1 and a one-line message when there is no CUDA device (these scripts time
+    kernels on the GPU; without one torch would fail deep inside with an AssertionError). Called
+    after argument parsing, so --help works anywhere."""
+    if not torch.cuda.is_available():
+        script = Path(sys.argv[0]).stem
+        sys.exit(f"experiments.gpu.{script} needs a CUDA GPU (torch.cuda.is_available() is False); "
+                 "nothing was run")
 
 
 def run_meta() -> dict:
     """GPU, torch, Triton and commit (NSA_GIT_COMMIT first: a lent box's .git may be stale)."""
+    # imported here, not at the top: the sweep's runner pulls in Hydra, which a GPU box may lack and
+    # which scripts that only call require_cuda() do not need
+    from experiments.runner import git_commit
+
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 git_commit=git_commit())
 

@@ -4,7 +4,9 @@ import math
 
 import pandas as pd
 
-from experiments import paper, report
+from experiments import report
+from experiments.paper import figures, measured
+from experiments.paper import tables as paper_tables
 from experiments.points import COLUMNS, Point, make_row
 
 META = {"gpu": "Fake GPU 80GB", "torch": "2.x", "triton": "3.x", "git_commit": "abc", "timestamp": "t"}
@@ -41,19 +43,19 @@ def test_paper_tables_use_measured_rows_and_say_not_measured_otherwise(tmp_path)
     for name, df in (("fig7_8", synthetic_rows(q_heads=64)), ("fig3", synthetic_rows())):
         (tmp_path / name).mkdir()
         df.to_csv(tmp_path / name / "results.csv", index=False)
-    df = paper.load_measured(tmp_path)
+    df = measured.load_measured(tmp_path)
     out = tmp_path / "paper"
     out.mkdir()
-    fig7 = paper.fig7(df, out)
+    fig7 = figures.fig7(df, out)
     assert "Fake GPU 80GB" in fig7 and (out / "fig7.png").stat().st_size > 0
     # FSA fwd speedup over NSA in the synthetic rows: 10 / (5 / g) = 2g -> max 8 (g=4), mean 5
     row = [line for line in fig7.splitlines() if "over nsa (fwd)" in line][0]
     assert "| 8 |" in row and "| 5 |" in row
-    fig8 = paper.fig8(df, out)
+    fig8 = figures.fig8(df, out)
     assert (out / "fig8.png").exists() and "not measured" not in fig8
-    tables = paper.tables67(df, out)
+    tables = paper_tables.tables67(df, out)
     assert "not measured" in tables and not (out / "tables67.png").exists()
-    fig2 = paper.fig2(df, out)
+    fig2 = figures.fig2(df, out)
     assert "0.213" in fig2 and (out / "fig2.png").stat().st_size > 0
     assert not math.isnan(float(df["median_ms"].iloc[0]))
 
@@ -74,13 +76,13 @@ def test_paper_never_mixes_gpus_in_a_ratio_and_names_the_gpu_of_a_fallback_point
     pd.concat([main, other]).to_csv(tmp_path / "fig7_8" / "results.csv", index=False)
     (tmp_path / "tables67").mkdir()
     big.to_csv(tmp_path / "tables67" / "results.csv", index=False)
-    df = paper.load_measured(tmp_path)
+    df = measured.load_measured(tmp_path)
     out = tmp_path / "paper"
     out.mkdir()
-    fig7 = paper.fig7(df, out)
+    fig7 = figures.fig7(df, out)
     row = [line for line in fig7.splitlines() if "over nsa (fwd)" in line][0]
     assert "| 8 |" in row and "| 5 |" in row and "Other GPU" not in fig7.split("\n\n")[1]
-    table = paper.tables67(df, out)
+    table = paper_tables.tables67(df, out)
     rows = {tuple(c.strip() for c in ln.split("|")[4:6]): ln for ln in table.splitlines()
             if ln.startswith("| (128,8) | 1 | 262144 |")}
     assert "| 1.23 |" in rows["fsa", "fwd+bwd"] and "Other GPU 141GB" in rows["fsa", "fwd+bwd"], table

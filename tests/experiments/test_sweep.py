@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments import kernels, runner, store
+from experiments import runner, store, timed_calls
 from experiments.points import COLUMNS
 from experiments.schema import ConfigError, SweepConfig, validate
 
@@ -74,14 +74,14 @@ def tiny_config(tmp_path, kernels_=("nsa", "sdpa")) -> SweepConfig:
 
 
 def test_a_raising_kernel_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
-    real = kernels.build_call
+    real = timed_calls.build_call
 
     def build_call(kernel, *args):
         if kernel == "nsa":
             raise RuntimeError("kernel exploded")
         return real(kernel, *args)
 
-    monkeypatch.setattr(kernels, "build_call", build_call)
+    monkeypatch.setattr(timed_calls, "build_call", build_call)
     cfg = tiny_config(tmp_path)
     rows = runner.run_job(cfg, device=torch.device("cpu"))
     by = {(r["kernel"], r["pass"]): r for r in rows}
@@ -131,7 +131,7 @@ def test_fla_is_unsupported_below_g16():
     from experiments.points import Point
 
     point = Point("selected", 4, 4, 128, 1024, 1, 64, 16, "bfloat16", "random")
-    assert "power of two >= 16" in kernels.unsupported_reason("fla", point, check_installed=False)
+    assert "power of two >= 16" in timed_calls.unsupported_reason("fla", point, check_installed=False)
 
 
 def test_commit_hashes_that_look_like_numbers_stay_text(tmp_path):
