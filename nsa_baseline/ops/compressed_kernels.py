@@ -23,16 +23,6 @@ INT_MAX = 2147483647
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """fp32 accumulation; exact fp32 products (no tf32) for fp32 inputs."""
-    if IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
-
-
-@triton.jit
 def _rows(r0, r_end, i_h, tok_seq, cu, cu_cmp,
           HQ: tl.constexpr, G: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
           BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
@@ -56,7 +46,7 @@ def _rows(r0, r_end, i_h, tok_seq, cu, cu_cmp,
 
 @triton.jit
 def _fwd_step(b_q, acc, b_m, b_l, k, v, c0, c_end, lo, hi, p_d, m_d, qk_scale,
-              H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+              H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
               MASK: tl.constexpr):
     """Online softmax of the rows over summaries [c0, c0 + BLOCK_N) (MASK: per-row bands)."""
     o_c = c0 + tl.arange(0, BLOCK_N)
@@ -66,7 +56,7 @@ def _fwd_step(b_q, acc, b_m, b_l, k, v, c0, c_end, lo, hi, p_d, m_d, qk_scale,
         m_c = m_c & (o_c < c_end)[:, None]
     b_k = tl.load(k + p_c, mask=m_c, other=0.)  # [BLOCK_N, BLOCK_D]
     b_v = tl.load(v + p_c, mask=m_c, other=0.)  # [BLOCK_N, BLOCK_D]
-    b_s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
     if MASK:
         vis = (o_c[None, :] >= lo[:, None]) & (o_c[None, :] < hi[:, None])
         b_s = tl.where(vis, b_s, float("-inf"))
@@ -78,7 +68,7 @@ def _fwd_step(b_q, acc, b_m, b_l, k, v, c0, c_end, lo, hi, p_d, m_d, qk_scale,
     alpha = tl.exp2(b_m - m_ref)  # [BLOCK_M]
     b_p = tl.exp2(b_s - m_ref[:, None])  # [BLOCK_M, BLOCK_N]
     b_l = b_l * alpha + tl.sum(b_p, 1)
-    acc = acc * alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, IEEE)  # [BLOCK_M, BLOCK_D]
+    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)  # [BLOCK_M, BLOCK_D]
     return acc, m_new, b_l
 
 
@@ -99,7 +89,7 @@ def compressed_fwd_kernel(
     q, k, v, o, lse, tok_seq, cu, cu_cmp, N, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     KS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows first
     i_h = tl.program_id(1)
@@ -119,19 +109,19 @@ def compressed_fwd_kernel(
         c0 = c_lo
         while c0 < c_mid:
             acc, b_m, b_l = _fwd_step(b_q, acc, b_m, b_l, k, v, c0, c_hi, lo, hi, p_d, m_d, qk_scale,
-                                      H, D, BLOCK_N, IEEE, False)
+                                      H, D, BLOCK_N, PREC, False)
             c0 += BLOCK_N
         while c0 < c_hi:
             acc, b_m, b_l = _fwd_step(b_q, acc, b_m, b_l, k, v, c0, c_hi, lo, hi, p_d, m_d, qk_scale,
-                                      H, D, BLOCK_N, IEEE, True)
+                                      H, D, BLOCK_N, PREC, True)
             c0 += BLOCK_N
     else:
         for c0 in range(c_lo, c_mid, BLOCK_N):
             acc, b_m, b_l = _fwd_step(b_q, acc, b_m, b_l, k, v, c0, c_hi, lo, hi, p_d, m_d, qk_scale,
-                                      H, D, BLOCK_N, IEEE, False)
+                                      H, D, BLOCK_N, PREC, False)
         for c0 in range(c_mid, c_hi, BLOCK_N):
             acc, b_m, b_l = _fwd_step(b_q, acc, b_m, b_l, k, v, c0, c_hi, lo, hi, p_d, m_d, qk_scale,
-                                      H, D, BLOCK_N, IEEE, True)
+                                      H, D, BLOCK_N, PREC, True)
     seen = b_l > 0
     b_l_safe = tl.where(seen, b_l, 1.)
     b_o = acc / b_l_safe[:, None]  # rows that see nothing: acc = 0 -> o = 0
@@ -168,7 +158,7 @@ def compressed_bwd_preprocess_kernel(
 def _dkdv_step(b_k, b_v, dk, dv, q, do, lse2, delta, r0, r_end, i_h, o_c, tok_seq, cu, cu_cmp, N,
                o_d, m_d, qk_scale, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                KS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
-               IEEE: tl.constexpr, MASK: tl.constexpr):
+               PREC: tl.constexpr, MASK: tl.constexpr):
     """dK/dV of the program's summaries from rows [r0, r0 + BLOCK_M), in transposed form."""
     m_r, tok, i_hq, lo, hi = _rows(r0, r_end, i_h, tok_seq, cu, cu_cmp, HQ, G, KS, STRIDE, BLOCK_M,
                                    VARLEN and MASK)
@@ -179,14 +169,14 @@ def _dkdv_step(b_k, b_v, dk, dv, q, do, lse2, delta, r0, r_end, i_h, o_c, tok_se
     p_t = i_hq.to(tl.int64) * N + tok
     b_lse = tl.load(lse2 + p_t, mask=m_r, other=float("inf"))  # invalid rows: p = 0
     b_delta = tl.load(delta + p_t, mask=m_r, other=0.)
-    b_pt = tl.exp2(_dot(b_k, tl.trans(b_q), IEEE) * qk_scale - b_lse[None, :])  # [BLOCK_N, BLOCK_M]
+    b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale - b_lse[None, :])  # [BLOCK_N, BLOCK_M]
     if MASK:
         vis = (o_c[:, None] >= lo[None, :]) & (o_c[:, None] < hi[None, :])
         b_pt = tl.where(vis, b_pt, 0.)
-    dv += _dot(b_pt.to(b_do.dtype), b_do, IEEE)  # [BLOCK_N, BLOCK_D]
-    b_dpt = _dot(b_v, tl.trans(b_do), IEEE)  # [BLOCK_N, BLOCK_M]
+    dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)  # [BLOCK_N, BLOCK_D]
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
     b_dst = b_pt * (b_dpt - b_delta[None, :])
-    dk += _dot(b_dst.to(b_q.dtype), b_q, IEEE)  # [BLOCK_N, BLOCK_D]
+    dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)  # [BLOCK_N, BLOCK_D]
     return dk, dv
 
 
@@ -195,7 +185,7 @@ def compressed_bwd_dkdv_kernel(
     q, k, v, do, lse2, delta, dk, dv, tok_seq, cmp_seq, cu, cu_cmp, N, N_CMP, qk_scale, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     KS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     c_first = i_c * BLOCK_N
@@ -229,26 +219,26 @@ def compressed_bwd_dkdv_kernel(
         r0 = r_lo
         while r0 < r_mid:
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_seq, cu, cu_cmp,
-                                N, o_d, m_d, qk_scale, HQ, G, D, KS, STRIDE, BLOCK_M, VARLEN, IEEE, True)
+                                N, o_d, m_d, qk_scale, HQ, G, D, KS, STRIDE, BLOCK_M, VARLEN, PREC, True)
             r0 += BLOCK_M
         while r0 < r_hi:
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_seq, cu, cu_cmp,
-                                N, o_d, m_d, qk_scale, HQ, G, D, KS, STRIDE, BLOCK_M, VARLEN, IEEE, False)
+                                N, o_d, m_d, qk_scale, HQ, G, D, KS, STRIDE, BLOCK_M, VARLEN, PREC, False)
             r0 += BLOCK_M
     else:
         for r0 in range(r_lo, r_mid, BLOCK_M):
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_seq, cu, cu_cmp,
-                                N, o_d, m_d, qk_scale, HQ, G, D, KS, STRIDE, BLOCK_M, VARLEN, IEEE, True)
+                                N, o_d, m_d, qk_scale, HQ, G, D, KS, STRIDE, BLOCK_M, VARLEN, PREC, True)
         for r0 in range(r_mid, r_hi, BLOCK_M):
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_seq, cu, cu_cmp,
-                                N, o_d, m_d, qk_scale, HQ, G, D, KS, STRIDE, BLOCK_M, VARLEN, IEEE, False)
+                                N, o_d, m_d, qk_scale, HQ, G, D, KS, STRIDE, BLOCK_M, VARLEN, PREC, False)
     tl.store(dk + p_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_kv)
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kv)
 
 
 @triton.jit
 def _dq_step(b_q, b_do, b_lse, b_delta, dq, k, v, c0, c_end, lo, hi, p_d, m_d, qk_scale,
-             H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+             H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
              MASK: tl.constexpr):
     """dQ of the rows from summaries [c0, c0 + BLOCK_N)."""
     o_c = c0 + tl.arange(0, BLOCK_N)
@@ -258,13 +248,13 @@ def _dq_step(b_q, b_do, b_lse, b_delta, dq, k, v, c0, c_end, lo, hi, p_d, m_d, q
         m_c = m_c & (o_c < c_end)[:, None]
     b_k = tl.load(k + p_c, mask=m_c, other=0.)  # [BLOCK_N, BLOCK_D]
     b_v = tl.load(v + p_c, mask=m_c, other=0.)
-    b_p = tl.exp2(_dot(b_q, tl.trans(b_k), IEEE) * qk_scale - b_lse[:, None])  # [BLOCK_M, BLOCK_N]
+    b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - b_lse[:, None])  # [BLOCK_M, BLOCK_N]
     if MASK:
         vis = (o_c[None, :] >= lo[:, None]) & (o_c[None, :] < hi[:, None])
         b_p = tl.where(vis, b_p, 0.)
-    b_dp = _dot(b_do, tl.trans(b_v), IEEE)  # [BLOCK_M, BLOCK_N]
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
     b_ds = b_p * (b_dp - b_delta[:, None])
-    dq += _dot(b_ds.to(b_k.dtype), b_k, IEEE)  # [BLOCK_M, BLOCK_D]
+    dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)  # [BLOCK_M, BLOCK_D]
     return dq
 
 
@@ -273,7 +263,7 @@ def compressed_bwd_dq_kernel(
     q, k, v, do, lse2, delta, dq, tok_seq, cu, cu_cmp, N, qk_scale, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     KS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
     i_h = tl.program_id(1)
@@ -295,17 +285,17 @@ def compressed_bwd_dq_kernel(
         c0 = c_lo
         while c0 < c_mid:
             b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, k, v, c0, c_hi, lo, hi, p_d, m_d, qk_scale,
-                          H, D, BLOCK_N, IEEE, False)
+                          H, D, BLOCK_N, PREC, False)
             c0 += BLOCK_N
         while c0 < c_hi:
             b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, k, v, c0, c_hi, lo, hi, p_d, m_d, qk_scale,
-                          H, D, BLOCK_N, IEEE, True)
+                          H, D, BLOCK_N, PREC, True)
             c0 += BLOCK_N
     else:
         for c0 in range(c_lo, c_mid, BLOCK_N):
             b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, k, v, c0, c_hi, lo, hi, p_d, m_d, qk_scale,
-                          H, D, BLOCK_N, IEEE, False)
+                          H, D, BLOCK_N, PREC, False)
         for c0 in range(c_mid, c_hi, BLOCK_N):
             b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, k, v, c0, c_hi, lo, hi, p_d, m_d, qk_scale,
-                          H, D, BLOCK_N, IEEE, True)
+                          H, D, BLOCK_N, PREC, True)
     tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_q)

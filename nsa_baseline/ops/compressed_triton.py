@@ -56,7 +56,7 @@ CONFIGS: dict[int, LaunchConfigs] = {
     256: LaunchConfigs(TileConfig(64, 32, 8, 2), TileConfig(32, 32, 4, 2), TileConfig(64, 32, 8, 2)),
 }
 # The interpreter runs numpy per tile: small tiles keep the CPU tests quick.
-INTERPRETER_CONFIGS = LaunchConfigs(TileConfig(16, 16, 1, 1), TileConfig(16, 16, 1, 1), TileConfig(16, 16, 1, 1))
+INTERPRETER_CONFIGS = LaunchConfigs(TileConfig(32, 16, 1, 1), TileConfig(32, 16, 1, 1), TileConfig(32, 16, 1, 1))
 
 
 def launch_configs(d: int) -> LaunchConfigs:
@@ -64,6 +64,11 @@ def launch_configs(d: int) -> LaunchConfigs:
         return INTERPRETER_CONFIGS
     d_pad = max(64, next_pow2(d))
     return CONFIGS[d_pad]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision: exact fp32 products for fp32 inputs (the reference has no tf32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 class VarlenMeta(NamedTuple):
@@ -109,7 +114,7 @@ def compressed_fwd(q, k_cmp, v_cmp, meta: VarlenMeta, kernel_size: int, kernel_s
     compressed_fwd_kernel[(triton.cdiv(n * g, cfg.block_m), h)](
         q, k_cmp, v_cmp, o, lse, meta.tok_seq, meta.cu, meta.cu_cmp, n, scale * LOG2E,
         HQ=hq, H=h, G=g, D=d, BLOCK_D=max(16, next_pow2(d)), KS=kernel_size, STRIDE=kernel_stride,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, VARLEN=meta.varlen, IEEE=q.dtype == torch.float32,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, VARLEN=meta.varlen, PREC=dot_precision(q.dtype),
         WHILE_LOOP=is_interpreter(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
@@ -130,13 +135,13 @@ def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, meta: VarlenMeta, kernel_s
     block_d = max(16, next_pow2(d))
     lse2 = torch.empty_like(lse)
     delta = torch.empty_like(lse)
-    block_t = 16 if is_interpreter() else 64
+    block_t = 64
     compressed_bwd_preprocess_kernel[(triton.cdiv(n, block_t), hq)](
         o, do, lse, dlse if dlse is not None else lse, lse2, delta, n,
         HQ=hq, D=d, BLOCK_D=block_d, BLOCK_T=block_t, HAS_DLSE=dlse is not None, num_warps=4,
     )
     common = dict(HQ=hq, H=h, G=g, D=d, BLOCK_D=block_d, KS=kernel_size, STRIDE=kernel_stride,
-                  VARLEN=meta.varlen, IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter())
+                  VARLEN=meta.varlen, PREC=dot_precision(q.dtype), WHILE_LOOP=is_interpreter())
     c = cfgs.dkdv
     compressed_bwd_dkdv_kernel[(triton.cdiv(n_cmp, c.block_n), h)](
         q, k_cmp, v_cmp, do, lse2, delta, dk, dv, meta.tok_seq, meta.cmp_seq, meta.cu, meta.cu_cmp, n, n_cmp,
