@@ -17,9 +17,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-INT_MAX = 2147483647
+LOG2E = 1.4426950408889634  # host side
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_INT_MAX = tl.constexpr(2147483647)
 
 
 @triton.jit
@@ -76,9 +77,9 @@ def _fwd_step(b_q, acc, b_m, b_l, k, v, c0, c_end, lo, hi, p_d, m_d, qk_scale,
 def _tile_bands(m_r, lo, hi, BLOCK_N: tl.constexpr):
     """(c_lo, c_mid, c_hi): summaries [c_lo, c_mid) are visible to every valid row of the tile
     (whole BLOCK_N tiles, one sequence only), [c_mid, c_hi) need the per-row mask."""
-    lo_min = tl.min(tl.where(m_r, lo, INT_MAX), 0)
+    lo_min = tl.min(tl.where(m_r, lo, _INT_MAX), 0)
     lo_max = tl.max(tl.where(m_r, lo, 0), 0)
-    hi_min = tl.min(tl.where(m_r, hi, INT_MAX), 0)
+    hi_min = tl.min(tl.where(m_r, hi, _INT_MAX), 0)
     hi_max = tl.max(tl.where(m_r, hi, 0), 0)
     n_full = tl.where(lo_min == lo_max, tl.maximum(hi_min - lo_min, 0) // BLOCK_N, 0)
     return lo_min, lo_min + n_full * BLOCK_N, hi_max
@@ -126,7 +127,7 @@ def compressed_fwd_kernel(
     b_l_safe = tl.where(seen, b_l, 1.)
     b_o = acc / b_l_safe[:, None]  # rows that see nothing: acc = 0 -> o = 0
     tl.store(o + p_q, b_o.to(o.dtype.element_ty), mask=m_q)
-    b_lse = tl.where(seen, (b_m + tl.log2(b_l_safe)) * LN2, float("-inf"))
+    b_lse = tl.where(seen, (b_m + tl.log2(b_l_safe)) * _LN2, float("-inf"))
     tl.store(lse + i_hq.to(tl.int64) * N + tok, b_lse, mask=m_r)
 
 
@@ -150,7 +151,7 @@ def compressed_bwd_preprocess_kernel(
     if HAS_DLSE:
         b_delta -= tl.load(dlse + p_t, mask=m_t, other=0.).to(tl.float32)
     b_lse = tl.load(lse + p_t, mask=m_t, other=0.)
-    tl.store(lse2 + p_t, tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E), mask=m_t)
+    tl.store(lse2 + p_t, tl.where(b_lse == float("-inf"), float("inf"), b_lse * _LOG2E), mask=m_t)
     tl.store(delta + p_t, b_delta, mask=m_t)
 
 
@@ -161,7 +162,7 @@ def _dkdv_step(b_k, b_v, dk, dv, q, do, lse2, delta, r0, r_end, i_h, o_c, tok_se
                PREC: tl.constexpr, MASK: tl.constexpr):
     """dK/dV of the program's summaries from rows [r0, r0 + BLOCK_M), in transposed form."""
     m_r, tok, i_hq, lo, hi = _rows(r0, r_end, i_h, tok_seq, cu, cu_cmp, HQ, G, KS, STRIDE, BLOCK_M,
-                                   VARLEN and MASK)
+                                   VARLEN)
     p_q = (tok.to(tl.int64) * HQ + i_hq)[:, None] * D + o_d[None, :]
     m_q = m_r[:, None] & m_d[None, :]
     b_q = tl.load(q + p_q, mask=m_q, other=0.)  # [BLOCK_M, BLOCK_D]

@@ -47,23 +47,27 @@ class LaunchConfigs(NamedTuple):
     dq: TileConfig
 
 
-# H100 (sm_90, 227 KiB shared memory per program), keyed by padded D. Forward / dQ keep a
-# [block_m, D] fp32 accumulator; dK/dV keep two [block_n, D] ones, so block_n = 64 at D = 128
-# (a [128, 128] pair would spill). experiments/gpu/compressed_bench.py times alternatives.
-CONFIGS: dict[int, LaunchConfigs] = {
-    64: LaunchConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)),
-    128: LaunchConfigs(TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3)),
-    256: LaunchConfigs(TileConfig(64, 32, 8, 2), TileConfig(32, 32, 4, 2), TileConfig(64, 32, 8, 2)),
+# H100 (sm_90, 227 KiB shared memory per program), keyed by (padded D, input element bytes).
+# Forward / dQ keep a [block_m, D] fp32 accumulator, dK/dV two [block_n, D] ones. At D = 128, 16-bit:
+# ptxas (sm_90, via Triton's AOT compile) reports no spills for these; 128 x 128 forward tiles and
+# 4-warp 64 x 64 dK/dV programs spill. experiments/gpu/compressed_bench.py times alternatives.
+CONFIGS: dict[tuple[int, int], LaunchConfigs] = {
+    (64, 2): LaunchConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)),
+    (128, 2): LaunchConfigs(TileConfig(128, 64, 8, 3), TileConfig(64, 64, 8, 2), TileConfig(64, 64, 4, 3)),
+    (256, 2): LaunchConfigs(TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2), TileConfig(64, 32, 4, 2)),
+    # fp32 (exact fp32 dots): half the bytes per tile
+    (64, 4): LaunchConfigs(TileConfig(64, 64, 4, 2), TileConfig(32, 64, 4, 2), TileConfig(64, 64, 4, 2)),
+    (128, 4): LaunchConfigs(TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2), TileConfig(64, 32, 4, 2)),
+    (256, 4): LaunchConfigs(TileConfig(32, 16, 4, 1), TileConfig(16, 16, 4, 1), TileConfig(32, 16, 4, 1)),
 }
 # The interpreter runs numpy per tile: small tiles keep the CPU tests quick.
 INTERPRETER_CONFIGS = LaunchConfigs(TileConfig(32, 16, 1, 1), TileConfig(32, 16, 1, 1), TileConfig(32, 16, 1, 1))
 
 
-def launch_configs(d: int) -> LaunchConfigs:
+def launch_configs(d: int, dtype: torch.dtype) -> LaunchConfigs:
     if is_interpreter():
         return INTERPRETER_CONFIGS
-    d_pad = max(64, next_pow2(d))
-    return CONFIGS[d_pad]
+    return CONFIGS[(max(64, next_pow2(d)), 4 if dtype == torch.float32 else 2)]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -110,49 +114,72 @@ def compressed_fwd(q, k_cmp, v_cmp, meta: VarlenMeta, kernel_size: int, kernel_s
     lse = new_output((hq, n), torch.float32, q.device)
     if n_cmp == 0:  # no sequence is long enough for a summary
         return o.zero_(), lse.fill_(float("-inf"))
-    cfg = cfg or launch_configs(d).fwd
+    cfg = cfg or launch_configs(d, q.dtype).fwd
     compressed_fwd_kernel[(triton.cdiv(n * g, cfg.block_m), h)](
         q, k_cmp, v_cmp, o, lse, meta.tok_seq, meta.cu, meta.cu_cmp, n, scale * LOG2E,
-        HQ=hq, H=h, G=g, D=d, BLOCK_D=max(16, next_pow2(d)), KS=kernel_size, STRIDE=kernel_stride,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, VARLEN=meta.varlen, PREC=dot_precision(q.dtype),
-        WHILE_LOOP=is_interpreter(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_constexprs(q, k_cmp, meta, kernel_size, kernel_stride),
     )
     return o, lse
+
+
+def bwd_preprocess(o, do, lse, dlse):
+    """(lse2, delta) float32 [HQ, N]: lse * log2e (+inf where -inf) and rowsum(o * do) - dlse."""
+    n, hq, d = o.shape
+    lse2, delta = torch.empty_like(lse), torch.empty_like(lse)
+    block_t = 32
+    compressed_bwd_preprocess_kernel[(triton.cdiv(n, block_t), hq)](
+        o, do, lse, dlse if dlse is not None else lse, lse2, delta, n,
+        HQ=hq, D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_T=block_t, HAS_DLSE=dlse is not None, num_warps=4,
+    )
+    return lse2, delta
+
+
+def _constexprs(q, k_cmp, meta: VarlenMeta, kernel_size: int, kernel_stride: int) -> dict:
+    hq, d, h = q.shape[1], q.shape[2], k_cmp.shape[1]
+    return dict(HQ=hq, H=h, G=hq // h, D=d, BLOCK_D=max(16, next_pow2(d)), KS=kernel_size, STRIDE=kernel_stride,
+                VARLEN=meta.varlen, PREC=dot_precision(q.dtype), WHILE_LOOP=is_interpreter())
+
+
+def bwd_dkdv(q, k_cmp, v_cmp, do, lse2, delta, meta: VarlenMeta, kernel_size: int, kernel_stride: int,
+             scale: float, cfg: TileConfig):
+    """(dk_cmp, dv_cmp): one program per (summary tile, KV head), looping over the rows that see it."""
+    n = q.shape[0]
+    n_cmp, h, _ = k_cmp.shape
+    dk = new_output(k_cmp.shape, k_cmp.dtype, k_cmp.device)
+    dv = new_output(v_cmp.shape, v_cmp.dtype, v_cmp.device)
+    compressed_bwd_dkdv_kernel[(triton.cdiv(n_cmp, cfg.block_n), h)](
+        q, k_cmp, v_cmp, do, lse2, delta, dk, dv, meta.tok_seq, meta.cmp_seq, meta.cu, meta.cu_cmp, n, n_cmp,
+        scale * LOG2E, scale, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **_constexprs(q, k_cmp, meta, kernel_size, kernel_stride),
+    )
+    return dk, dv
+
+
+def bwd_dq(q, k_cmp, v_cmp, do, lse2, delta, meta: VarlenMeta, kernel_size: int, kernel_stride: int,
+           scale: float, cfg: TileConfig):
+    """dq: one program per (row tile, KV head), looping over the summaries its rows see."""
+    n, hq, _ = q.shape
+    h = k_cmp.shape[1]
+    dq = new_output(q.shape, q.dtype, q.device)
+    compressed_bwd_dq_kernel[(triton.cdiv(n * (hq // h), cfg.block_m), h)](
+        q, k_cmp, v_cmp, do, lse2, delta, dq, meta.tok_seq, meta.cu, meta.cu_cmp, n, scale * LOG2E, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_constexprs(q, k_cmp, meta, kernel_size, kernel_stride),
+    )
+    return dq
 
 
 def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, meta: VarlenMeta, kernel_size: int, kernel_stride: int,
                    scale: float, cfgs: Optional[LaunchConfigs] = None):
     """(dq, dk_cmp, dv_cmp) for the upstream gradients do [N, HQ, D] and dlse [HQ, N] (or None)."""
-    n, hq, d = q.shape
-    n_cmp, h, _ = k_cmp.shape
-    g = hq // h
-    dq = new_output(q.shape, q.dtype, q.device)
-    dk = new_output(k_cmp.shape, k_cmp.dtype, k_cmp.device)
-    dv = new_output(v_cmp.shape, v_cmp.dtype, v_cmp.device)
-    if n_cmp == 0:
-        return dq.zero_(), dk, dv
-    cfgs = cfgs or launch_configs(d)
-    block_d = max(16, next_pow2(d))
-    lse2 = torch.empty_like(lse)
-    delta = torch.empty_like(lse)
-    block_t = 64
-    compressed_bwd_preprocess_kernel[(triton.cdiv(n, block_t), hq)](
-        o, do, lse, dlse if dlse is not None else lse, lse2, delta, n,
-        HQ=hq, D=d, BLOCK_D=block_d, BLOCK_T=block_t, HAS_DLSE=dlse is not None, num_warps=4,
-    )
-    common = dict(HQ=hq, H=h, G=g, D=d, BLOCK_D=block_d, KS=kernel_size, STRIDE=kernel_stride,
-                  VARLEN=meta.varlen, PREC=dot_precision(q.dtype), WHILE_LOOP=is_interpreter())
-    c = cfgs.dkdv
-    compressed_bwd_dkdv_kernel[(triton.cdiv(n_cmp, c.block_n), h)](
-        q, k_cmp, v_cmp, do, lse2, delta, dk, dv, meta.tok_seq, meta.cmp_seq, meta.cu, meta.cu_cmp, n, n_cmp,
-        scale * LOG2E, scale, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps,
-        num_stages=c.num_stages, **common,
-    )
-    c = cfgs.dq
-    compressed_bwd_dq_kernel[(triton.cdiv(n * g, c.block_m), h)](
-        q, k_cmp, v_cmp, do, lse2, delta, dq, meta.tok_seq, meta.cu, meta.cu_cmp, n, scale * LOG2E, scale,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **common,
-    )
+    if k_cmp.shape[0] == 0:
+        return (torch.zeros_like(q), new_output(k_cmp.shape, k_cmp.dtype, k_cmp.device),
+                new_output(v_cmp.shape, v_cmp.dtype, v_cmp.device))
+    cfgs = cfgs or launch_configs(q.shape[2], q.dtype)
+    lse2, delta = bwd_preprocess(o, do, lse, dlse)
+    dk, dv = bwd_dkdv(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dkdv)
+    dq = bwd_dq(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dq)
     return dq, dk, dv
 
 
