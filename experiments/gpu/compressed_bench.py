@@ -1,16 +1,20 @@
 """Compressed attention on the GPU in one call: the Triton kernels (nsa_baseline.ops.compressed_triton)
 against the reference and the FlexAttention path, then fwd and fwd+bwd timings of both.
 
-    python -m experiments.gpu.compressed_bench [--budget 240] [--no-sweep]
+    python -m experiments.gpu.compressed_bench [--budget 230]
 
-1. Checks: fp32 vs `compressed_attention_ref` (o, lse, dq, dk, dv with gradients through o and lse),
-   bf16 vs the reference (fp32 maths) and vs the Flex path (`compressed_attention`), a few shapes.
-2. Timings (`triton.testing.do_bench` medians, bf16, d = 128, 64 query heads, kernel 32 stride 16):
-   N = 64K, 8K, 16K x G = 1, 4, 16 (KV heads = 64 / G), one sequence, plus one packed case; TFLOP/s
-   against 4 * D * (visible summaries summed over queries) per query head forward, 3.5x that fwd+bwd.
-   Points run in that order until --budget seconds are spent (Flex compiles once per shape; past
-   70% of it only our kernel is timed); the rest are listed as skipped.
-3. Launch-config sweep at 64K (G = 1 and 16): each kernel alone with 3-4 tile configs; prints the best.
+Tasks, in priority order, each started only while --budget seconds are not spent (Flex compiles
+once per shape, ~10-30 s); whatever the budget cuts is listed as skipped:
+1. bf16 check at 8K (G = 4, packed): o, lse, dq, dk, dv (gradients through o and lse) vs
+   `compressed_attention_ref` (fp32 maths) and vs the Flex path (`compressed_attention`), and a
+   bitwise-deterministic backward.
+2. Timings at 64K (`triton.testing.do_bench` medians, bf16, d = 128, 64 query heads, kernel 32
+   stride 16, G = 1, 4, 16 -> KV heads = 64 / G, one sequence; plus G = 4 over 5 packed sequences),
+   ours and Flex. TFLOP/s against 4 * D * (visible summaries summed over queries) per query head
+   forward and 3.5x that for fwd+bwd.
+3. Further checks (fp32 vs the reference, bf16 G = 16 vs Flex, G = 1), our timings at 8K and 16K.
+4. Launch-config sweep at 64K (G = 1 and 16): each kernel alone, default and two alternatives.
+5. Flex timings at 8K and 16K.
 Writes compressed_bench_{checks,timings,configs}.csv with GPU, torch, Triton and commit under $OUT
 (else ./results/compressed_bench) and prints the tables.
 """
@@ -97,14 +101,13 @@ def check(rows, name, n, h, g, d, dtype, cu, flex: bool):
                      ok=all(torch.equal(a, b) for a, b in zip(g1, g2))))
 
 
-CHECKS = [  # (name, N, H, G, D, dtype, cu_seqlens, also vs Flex)
-    ("fp32-g1", 4096, 4, 1, 128, torch.float32, None, False),
-    ("fp32-g3-varlen", 4096, 2, 3, 128, torch.float32, [0, 1000, 1017, 1050, 4096], False),
-    ("fp32-g16-d64", 2048, 1, 16, 64, torch.float32, None, False),
-    ("bf16-g4-varlen", 8192, 4, 4, 128, BF16, [0, 3000, 3010, 3041, 8192], True),
-    ("bf16-g1", 8192, 16, 1, 128, BF16, None, False),
-    ("bf16-g16", 8192, 1, 16, 128, BF16, None, True),
-]
+CHECKS = {  # name: (N, H, G, D, dtype, cu_seqlens, also vs Flex)
+    "bf16-g4-varlen": (8192, 4, 4, 128, BF16, [0, 3000, 3010, 3041, 8192], True),
+    "fp32-g3-varlen": (4096, 2, 3, 128, torch.float32, [0, 1000, 1017, 1050, 4096], False),
+    "fp32-g16-d64": (2048, 1, 16, 64, torch.float32, None, False),
+    "bf16-g16": (8192, 1, 16, 128, BF16, None, True),
+    "bf16-g1": (8192, 16, 1, 128, BF16, None, False),
+}
 
 
 # ----------------------------------------------------------------------------------- timings
@@ -130,19 +133,20 @@ def time_impl(fn, q, k, v, cu, cu_cmp):
     return fwd, bench(fwd_bwd)
 
 
-POINTS = [(65536, g, None) for g in (1, 4, 16)] + [(65536, 4, [0, 30000, 30017, 30100, 50000, 65536])] + \
-    [(8192, g, None) for g in (1, 4, 16)] + [(16384, g, None) for g in (1, 4, 16)]
+VARLEN_64K = [0, 30000, 30017, 30100, 50000, 65536]
+POINTS_64K = [(65536, g, None) for g in (1, 4, 16)] + [(65536, 4, VARLEN_64K)]
+POINTS_SMALL = [(n, g, None) for n in (8192, 16384) for g in (1, 4, 16)]
 
 
-def time_point(rows, n, g, cu, flex: bool):
+def time_point(rows, n, g, cu, impl: str):
     from nsa_baseline.ops.compressed import compressed_attention
     from nsa_baseline.ops.compressed_triton import compressed_attention_triton
 
     h = HQ // g
     q, k, v, cu_t, cu_cmp = make_inputs(n, h, g, D, BF16, cu)
     flops_fwd = 4 * D * visible_pairs(n, cu) * HQ
-    impls = [("triton", compressed_attention_triton)] + ([("flex", compressed_attention)] if flex else [])
-    for impl, fn in impls:
+    fns = {"triton": compressed_attention_triton, "flex": compressed_attention}
+    for impl, fn in [(impl, fns[impl])]:
         t0 = time.time()
         fwd, fb = time_impl(fn, q, k, v, cu_t, cu_cmp)
         rows.append(dict(impl=impl, N=n, HQ=HQ, H=h, G=g, D=D, layout="single" if cu is None else f"varlen{len(cu) - 1}",
@@ -171,9 +175,9 @@ def sweep(rows, n, g):
     do = torch.randn_like(o)
     lse2, delta = bwd_preprocess(o, do, lse, None)
     alts = {
-        "fwd": [default.fwd, TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 128, 8, 2)],
-        "dkdv": [default.dkdv, TileConfig(32, 128, 8, 3), TileConfig(32, 64, 4, 2), TileConfig(64, 64, 4, 3)],
-        "dq": [default.dq, TileConfig(128, 64, 8, 3), TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 3)],
+        "fwd": [default.fwd, TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 3)],
+        "dkdv": [default.dkdv, TileConfig(32, 128, 8, 3), TileConfig(32, 64, 4, 2)],
+        "dq": [default.dq, TileConfig(128, 64, 8, 3), TileConfig(64, 64, 8, 2)],
     }
     calls = {
         "fwd": lambda c: compressed_fwd(q, k, v, meta, KS, STRIDE, scale, c),
@@ -223,10 +227,30 @@ def table(rows: list[dict]):
         print("  ".join(str(r.get(k, "")).ljust(width[k]) for k in keys))
 
 
+def tasks():
+    """(label, run(checks, times, configs)) in priority order: what the budget cuts comes last."""
+    def chk(name):
+        return f"check {name}", lambda c, t, s: check(c, name, *CHECKS[name])
+
+    def tim(n, g, cu, impl):
+        return (f"time {impl} N={n} G={g}{' varlen' if cu else ''}", lambda c, t, s: time_point(t, n, g, cu, impl))
+
+    def swp(g):
+        return f"sweep G={g}", lambda c, t, s: sweep(s, 65536, g)
+
+    out = [chk("bf16-g4-varlen")]
+    out += [tim(n, g, cu, impl) for n, g, cu in POINTS_64K for impl in ("triton", "flex")]
+    out += [chk(name) for name in CHECKS if name != "bf16-g4-varlen"]
+    out += [tim(n, g, cu, "triton") for n, g, cu in POINTS_SMALL]
+    out += [swp(1), swp(16)]
+    out += [tim(n, g, cu, "flex") for n, g, cu in POINTS_SMALL]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--budget", type=float, default=200.0, help="seconds for checks + timings before skipping")
-    ap.add_argument("--no-sweep", action="store_true", help="skip the launch-config sweep")
+    ap.add_argument("--budget", type=float, default=230.0,
+                    help="seconds: no new task starts after this (one task takes up to ~40 s)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("compressed_bench: CUDA is not available on this machine; nothing to do (run it on a GPU box).")
@@ -237,55 +261,37 @@ def main() -> int:
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("results/compressed_bench")
     out.mkdir(parents=True, exist_ok=True)
     meta = run_meta()
-    print(f"compressed_bench on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, commit {meta['git_commit']}")
+    print(f"compressed_bench on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, "
+          f"commit {meta['git_commit']}", flush=True)
     checks, times, configs, skipped = [], [], [], []
-
-    print("== checks", flush=True)
-    for name, n, h, g, d, dtype, cu, flex in CHECKS:
-        try:
-            check(checks, name, n, h, g, d, dtype, cu, flex)
-        except Exception:  # noqa: BLE001 - report and continue with the next check
-            traceback.print_exc()
-            checks.append(dict(case=name, N=n, H=h, G=g, D=d, dtype=str(dtype), vs="", quantity="exception",
-                               rel_err="", tol="", ok=False))
-        torch.cuda.empty_cache()
-    table(checks)
-    bad = [r for r in checks if not r["ok"]]
-    print(f"checks: {len(checks) - len(bad)}/{len(checks)} ok" + (" -- FAILURES above" if bad else ""), flush=True)
-
-    print("== timings (bf16, d=128, 64 query heads, kernel 32 stride 16)", flush=True)
-    for n, g, cu in POINTS:
-        elapsed = time.time() - START
-        if elapsed > args.budget:
-            skipped.append(f"N={n} G={g} {'varlen' if cu else 'single'}")
+    for label, run in tasks():
+        if time.time() - START > args.budget:
+            skipped.append(label)
             continue
+        print(f"== {label} ({time.time() - START:.0f} s)", flush=True)
         try:
-            time_point(times, n, g, cu, flex=elapsed < 0.7 * args.budget)
-        except Exception:  # noqa: BLE001
+            run(checks, times, configs)
+        except Exception:  # noqa: BLE001 - report it and go on with the next task
             traceback.print_exc()
-            skipped.append(f"N={n} G={g} (error)")
+            skipped.append(f"{label} (error)")
+            if label.startswith("check"):
+                checks.append(dict(case=label, quantity="exception", ok=False))
         torch.cuda.empty_cache()
-
-    if not args.no_sweep:
-        print("== launch-config sweep (each kernel alone, bf16, d=128, N=64K)", flush=True)
-        for g in (1, 16):
-            if time.time() - START > args.budget + 20:
-                skipped.append(f"sweep G={g}")
-                continue
-            try:
-                sweep(configs, 65536, g)
-            except Exception:  # noqa: BLE001
-                traceback.print_exc()
-                skipped.append(f"sweep G={g} (error)")
-            torch.cuda.empty_cache()
 
     write(out / "compressed_bench_checks.csv", checks, meta)
     write(out / "compressed_bench_timings.csv", times, meta)
     write(out / "compressed_bench_configs.csv", configs, meta)
-    print("== timings")
+    print("\n== checks (rel_err = ||out - other|| / ||other||)")
+    table(checks)
+    bad = [r for r in checks if not r["ok"]]
+    print(f"checks: {len(checks) - len(bad)}/{len(checks)} ok" + (" -- FAILURES above" if bad else ""))
+    print("\n== timings (bf16, d=128, 64 query heads, kernel 32 stride 16; do_bench medians)")
     table(times)
+    if configs:
+        print("\n== launch-config sweep (each kernel alone, N=64K; first of each kernel = default)")
+        table(configs)
     if skipped:
-        print("skipped (budget or error):", ", ".join(skipped))
+        print("\nskipped (budget or error):", ", ".join(skipped))
     print(f"wrote {out}/compressed_bench_*.csv in {time.time() - START:.0f} s")
     return 1 if bad else 0
 

@@ -6,9 +6,10 @@ whole group. Query row r sees the packed summaries [lo_r, hi_r): lo_r = first su
 sequence, hi_r - lo_r = visible_compressed(position). A tile loops only over the union of its rows'
 bands; the part every row sees runs without the mask.
 
-Forward / dQ: grid (row tiles of BLOCK_M rows, H), heaviest (last) row tiles launched first; each
-program loops over summary tiles of BLOCK_N (online softmax in base 2, scale * log2e folded).
-dK/dV: grid (summary tiles of BLOCK_N, H); each program loops over the row tiles that can see its
+Forward / dQ: 1-D grid of (row tile of BLOCK_M rows, KV head), head fastest and the last row tiles
+(causal: the most summaries) first; each program loops over summary tiles of BLOCK_N (online softmax
+in base 2, scale * log2e folded). dK/dV: 1-D grid of (summary tile of BLOCK_N, KV head), the first
+summary tiles (seen by the most rows) first; each program loops over the row tiles that can see its
 summaries (FlashAttention-2 order, no atomics: deterministic). Preprocess: delta = rowsum(o * do)
 - dlse (the gradient through lse) and the base-2 lse with -inf -> +inf (p = 0 for empty rows).
 """
@@ -25,7 +26,7 @@ _INT_MAX = tl.constexpr(2147483647)
 
 @triton.jit
 def _rows(r0, r_end, i_h, tok_seq, cu, cu_cmp,
-          HQ: tl.constexpr, G: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
+          HQ, G: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
           BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
     """Rows [r0, r0 + BLOCK_M) of KV head i_h (valid below r_end): (row mask, token, query head,
     band [lo, hi) of visible packed summaries; empty for invalid rows)."""
@@ -47,7 +48,7 @@ def _rows(r0, r_end, i_h, tok_seq, cu, cu_cmp,
 
 @triton.jit
 def _fwd_step(b_q, acc, b_m, b_l, k, v, c0, c_end, lo, hi, p_d, m_d, qk_scale,
-              H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+              H, D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
               MASK: tl.constexpr):
     """Online softmax of the rows over summaries [c0, c0 + BLOCK_N) (MASK: per-row bands)."""
     o_c = c0 + tl.arange(0, BLOCK_N)
@@ -88,12 +89,13 @@ def _tile_bands(m_r, lo, hi, BLOCK_N: tl.constexpr):
 @triton.jit
 def compressed_fwd_kernel(
     q, k, v, o, lse, tok_seq, cu, cu_cmp, N, qk_scale,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    HQ, H, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     KS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows first
-    i_h = tl.program_id(1)
+    # one axis, KV head fastest: the last (causal: longest) row tiles of every head first
+    i_h = tl.program_id(0) % H
+    i_m = tl.num_programs(0) // H - 1 - tl.program_id(0) // H
     m_r, tok, i_hq, lo, hi = _rows(i_m * BLOCK_M, N * G, i_h, tok_seq, cu, cu_cmp, HQ, G, KS, STRIDE,
                                    BLOCK_M, VARLEN)
     o_d = tl.arange(0, BLOCK_D)
@@ -134,7 +136,7 @@ def compressed_fwd_kernel(
 @triton.jit
 def compressed_bwd_preprocess_kernel(
     o, do, lse, dlse, lse2, delta, N,
-    HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HQ, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_DLSE: tl.constexpr,
 ):
     """delta = rowsum(o * do) - dlse and lse2 = lse * log2e (+inf where lse = -inf), [HQ, N] fp32."""
@@ -157,7 +159,7 @@ def compressed_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_step(b_k, b_v, dk, dv, q, do, lse2, delta, r0, r_end, i_h, o_c, tok_seq, cu, cu_cmp, N,
-               o_d, m_d, qk_scale, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+               o_d, m_d, qk_scale, HQ, G: tl.constexpr, D: tl.constexpr,
                KS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
                PREC: tl.constexpr, MASK: tl.constexpr):
     """dK/dV of the program's summaries from rows [r0, r0 + BLOCK_M), in transposed form."""
@@ -184,11 +186,12 @@ def _dkdv_step(b_k, b_v, dk, dv, q, do, lse2, delta, r0, r_end, i_h, o_c, tok_se
 @triton.jit
 def compressed_bwd_dkdv_kernel(
     q, k, v, do, lse2, delta, dk, dv, tok_seq, cmp_seq, cu, cu_cmp, N, N_CMP, qk_scale, scale,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    HQ, H, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     KS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_h = tl.program_id(0) % H  # KV head fastest: the first (causal: most seen) summary tiles first
+    i_c = tl.program_id(0) // H
     c_first = i_c * BLOCK_N
     c_last = tl.minimum(c_first + BLOCK_N, N_CMP) - 1
     o_c = c_first + tl.arange(0, BLOCK_N)
@@ -239,7 +242,7 @@ def compressed_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_step(b_q, b_do, b_lse, b_delta, dq, k, v, c0, c_end, lo, hi, p_d, m_d, qk_scale,
-             H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+             H, D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
              MASK: tl.constexpr):
     """dQ of the rows from summaries [c0, c0 + BLOCK_N)."""
     o_c = c0 + tl.arange(0, BLOCK_N)
@@ -262,12 +265,12 @@ def _dq_step(b_q, b_do, b_lse, b_delta, dq, k, v, c0, c_end, lo, hi, p_d, m_d, q
 @triton.jit
 def compressed_bwd_dq_kernel(
     q, k, v, do, lse2, delta, dq, tok_seq, cu, cu_cmp, N, qk_scale, scale,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    HQ, H, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     KS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    i_h = tl.program_id(1)
+    i_h = tl.program_id(0) % H  # as the forward: longest row tiles first
+    i_m = tl.num_programs(0) // H - 1 - tl.program_id(0) // H
     m_r, tok, i_hq, lo, hi = _rows(i_m * BLOCK_M, N * G, i_h, tok_seq, cu, cu_cmp, HQ, G, KS, STRIDE,
                                    BLOCK_M, VARLEN)
     o_d = tl.arange(0, BLOCK_D)

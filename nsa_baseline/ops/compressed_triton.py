@@ -1,9 +1,9 @@
 """Compressed-branch attention of NSA in Triton (forward and backward), a drop-in for
 `nsa_baseline.ops.compressed.compressed_attention`.
 
-Kernels in nsa_baseline/ops/compressed_kernels.py. Forward and dQ: grid (row tiles, H), rows =
-(token, query head of the KV group) pairs, each program loops over the summary tiles its rows see.
-dK/dV: grid (summary tiles, H), each program loops over the row tiles that see its summaries.
+Kernels in nsa_baseline/ops/compressed_kernels.py. Forward and dQ: one program per (row tile, KV
+head), rows = (token, query head of the KV group) pairs, looping over the summary tiles its rows see.
+dK/dV: one program per (summary tile, KV head), looping over the row tiles that see its summaries.
 No host synchronisation after the first call with a given cu_seqlens tensor (argument checks and the
 per-token / per-summary sequence ids are cached per tensor).
 """
@@ -54,7 +54,7 @@ class LaunchConfigs(NamedTuple):
 CONFIGS: dict[tuple[int, int], LaunchConfigs] = {
     (64, 2): LaunchConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)),
     (128, 2): LaunchConfigs(TileConfig(128, 64, 8, 3), TileConfig(64, 64, 8, 2), TileConfig(64, 64, 4, 3)),
-    (256, 2): LaunchConfigs(TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2), TileConfig(64, 32, 4, 2)),
+    (256, 2): LaunchConfigs(TileConfig(64, 32, 8, 2), TileConfig(32, 32, 8, 2), TileConfig(64, 32, 8, 2)),
     # fp32 (exact fp32 dots): half the bytes per tile
     (64, 4): LaunchConfigs(TileConfig(64, 64, 4, 2), TileConfig(32, 64, 4, 2), TileConfig(64, 64, 4, 2)),
     (128, 4): LaunchConfigs(TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2), TileConfig(64, 32, 4, 2)),
@@ -115,7 +115,7 @@ def compressed_fwd(q, k_cmp, v_cmp, meta: VarlenMeta, kernel_size: int, kernel_s
     if n_cmp == 0:  # no sequence is long enough for a summary
         return o.zero_(), lse.fill_(float("-inf"))
     cfg = cfg or launch_configs(d, q.dtype).fwd
-    compressed_fwd_kernel[(triton.cdiv(n * g, cfg.block_m), h)](
+    compressed_fwd_kernel[(triton.cdiv(n * g, cfg.block_m) * h,)](
         q, k_cmp, v_cmp, o, lse, meta.tok_seq, meta.cu, meta.cu_cmp, n, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_constexprs(q, k_cmp, meta, kernel_size, kernel_stride),
@@ -148,7 +148,7 @@ def bwd_dkdv(q, k_cmp, v_cmp, do, lse2, delta, meta: VarlenMeta, kernel_size: in
     n_cmp, h, _ = k_cmp.shape
     dk = new_output(k_cmp.shape, k_cmp.dtype, k_cmp.device)
     dv = new_output(v_cmp.shape, v_cmp.dtype, v_cmp.device)
-    compressed_bwd_dkdv_kernel[(triton.cdiv(n_cmp, cfg.block_n), h)](
+    compressed_bwd_dkdv_kernel[(triton.cdiv(n_cmp, cfg.block_n) * h,)](
         q, k_cmp, v_cmp, do, lse2, delta, dk, dv, meta.tok_seq, meta.cmp_seq, meta.cu, meta.cu_cmp, n, n_cmp,
         scale * LOG2E, scale, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **_constexprs(q, k_cmp, meta, kernel_size, kernel_stride),
@@ -162,7 +162,7 @@ def bwd_dq(q, k_cmp, v_cmp, do, lse2, delta, meta: VarlenMeta, kernel_size: int,
     n, hq, _ = q.shape
     h = k_cmp.shape[1]
     dq = new_output(q.shape, q.dtype, q.device)
-    compressed_bwd_dq_kernel[(triton.cdiv(n * (hq // h), cfg.block_m), h)](
+    compressed_bwd_dq_kernel[(triton.cdiv(n * (hq // h), cfg.block_m) * h,)](
         q, k_cmp, v_cmp, do, lse2, delta, dq, meta.tok_seq, meta.cu, meta.cu_cmp, n, scale * LOG2E, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_constexprs(q, k_cmp, meta, kernel_size, kernel_stride),
