@@ -164,13 +164,14 @@ def sweep(rows, n, g):
     """Each kernel alone with a few tile configs (the first is the default)."""
     from nsa_baseline.ops.compressed import _checked_args
     from nsa_baseline.ops.compressed_triton import (TileConfig, bwd_dkdv, bwd_dq, bwd_preprocess, compressed_fwd,
-                                                    launch_configs, varlen_meta)
+                                                    dkdv_config, launch_configs, varlen_meta)
 
     h = HQ // g
     q, k, v, cu, cu_cmp = make_inputs(n, h, g, D, BF16)
     cu, cu_cmp, scale = _checked_args(q, k, v, None, None, KS, STRIDE, None)
     meta = varlen_meta(None, cu, cu_cmp, n, k.shape[0])
     default = launch_configs(D, BF16)
+    default = default._replace(dkdv=dkdv_config(default.dkdv, k.shape[0], h, q.device))  # as the default path
     o, lse = compressed_fwd(q, k, v, meta, KS, STRIDE, scale)
     do = torch.randn_like(o)
     lse2, delta = bwd_preprocess(o, do, lse, None)

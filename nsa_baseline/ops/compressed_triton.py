@@ -9,7 +9,8 @@ per-token / per-summary sequence ids are cached per tensor).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -68,6 +69,24 @@ def launch_configs(d: int, dtype: torch.dtype) -> LaunchConfigs:
     if is_interpreter():
         return INTERPRETER_CONFIGS
     return CONFIGS[(max(64, next_pow2(d)), 4 if dtype == torch.float32 else 2)]
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def dkdv_config(cfg: TileConfig, n_cmp: int, h: int, device) -> TileConfig:
+    """Halve the summaries per dK/dV program (down to 32) until every SM gets a program: with few KV
+    heads (G = 16 of 64 query heads: H = 4) 128-summary tiles at 64K tokens make 128 programs for
+    132 SMs, and causal programs differ in work (the first tile is seen by every row, the last by
+    few), launched heaviest first, so one wave or more balances."""
+    if is_interpreter() or torch.device(device).type != "cuda":
+        return cfg
+    block_n, target = cfg.block_n, _sm_count(torch.device(device))
+    while block_n > 32 and triton.cdiv(n_cmp, block_n) * h < target:
+        block_n //= 2
+    return replace(cfg, block_n=block_n)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -176,7 +195,9 @@ def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, meta: VarlenMeta, kernel_s
     if k_cmp.shape[0] == 0:
         return (torch.zeros_like(q), new_output(k_cmp.shape, k_cmp.dtype, k_cmp.device),
                 new_output(v_cmp.shape, v_cmp.dtype, v_cmp.device))
-    cfgs = cfgs or launch_configs(q.shape[2], q.dtype)
+    if cfgs is None:
+        cfgs = launch_configs(q.shape[2], q.dtype)
+        cfgs = cfgs._replace(dkdv=dkdv_config(cfgs.dkdv, k_cmp.shape[0], k_cmp.shape[1], q.device))
     lse2, delta = bwd_preprocess(o, do, lse, dlse)
     dk, dv = bwd_dkdv(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dkdv)
     dq = bwd_dq(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dq)

@@ -129,6 +129,19 @@ def test_compressed_triton_lse_only_gradient():
         assert_close(a, b, torch.float32, name, tol=2e-4 if b.norm() > 0 else 0.0)
 
 
+def test_dkdv_config_fills_the_gpu(monkeypatch):
+    """The dK/dV tile shrinks while there are fewer programs than SMs (rule only; no GPU needed)."""
+    import nsa_baseline.ops.compressed_triton as ct
+
+    monkeypatch.setattr(ct, "is_interpreter", lambda: False)
+    monkeypatch.setattr(ct, "_sm_count", lambda device: 132)
+    cfg = TileConfig(32, 128, 8, 3)
+    assert ct.dkdv_config(cfg, 4095, 4, "cuda").block_n == 64  # G = 16 at 64K: 128 -> 256 programs
+    assert ct.dkdv_config(cfg, 4095, 64, "cuda").block_n == 128  # G = 1: 2048 programs already
+    assert ct.dkdv_config(cfg, 100, 1, "cuda").block_n == 32  # never below 32
+    assert ct.dkdv_config(cfg, 100, 1, "cpu") == cfg
+
+
 def test_compressed_triton_fallbacks_and_errors():
     ins, cu, cu_cmp = _inputs("varlen", 1, 2, 16, FP64)
     o, _ = compressed_attention_triton(*ins, cu, cu_cmp)  # float64 -> reference
