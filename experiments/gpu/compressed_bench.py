@@ -169,7 +169,7 @@ def sweep(rows, n, g):
     h = HQ // g
     q, k, v, cu, cu_cmp = make_inputs(n, h, g, D, BF16)
     cu, cu_cmp, scale = _checked_args(q, k, v, None, None, KS, STRIDE, None)
-    meta = varlen_meta(None, cu, cu_cmp, n, k.shape[0])
+    meta = varlen_meta(None, None, cu, cu_cmp, n, k.shape[0])
     default = launch_configs(D, BF16)
     default = default._replace(dkdv=dkdv_config(default.dkdv, k.shape[0], h, q.device))  # as the default path
     o, lse = compressed_fwd(q, k, v, meta, KS, STRIDE, scale)

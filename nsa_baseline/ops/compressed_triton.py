@@ -107,18 +107,19 @@ class VarlenMeta(NamedTuple):
 _META_CACHE: dict[tuple, tuple] = {}
 
 
-def varlen_meta(cu_seqlens, cu, cu_cmp, n: int, n_cmp: int) -> VarlenMeta:
-    """Sequence ids of tokens and summaries, on the device (searchsorted), cached per cu_seqlens tensor."""
+def varlen_meta(cu_seqlens, cu_seqlens_cmp, cu, cu_cmp, n: int, n_cmp: int) -> VarlenMeta:
+    """Sequence ids of tokens and summaries, on the device (searchsorted), cached per pair of
+    cu_seqlens tensors (cu, cu_cmp: the checked int32 tables of `_checked_args`)."""
     if cu.numel() == 2:
         return VarlenMeta(cu, cu_cmp, cu, cu, False)
-    key = (tensor_key(cu_seqlens), n, n_cmp)
+    key = (tensor_key(cu_seqlens), tensor_key(cu_seqlens_cmp), tensor_key(cu_cmp), n, n_cmp)
     hit = _META_CACHE.get(key)
     if hit is None:
         tok_seq = token_sequence_ids(cu, n).int()
         cmp_seq = token_sequence_ids(cu_cmp, n_cmp).int() if n_cmp else cu
         if len(_META_CACHE) > 64:
             _META_CACHE.clear()
-        hit = (cu_seqlens, VarlenMeta(cu, cu_cmp, tok_seq, cmp_seq, True))  # holds the tensor: ids stay unique
+        hit = ((cu_seqlens, cu_seqlens_cmp), VarlenMeta(cu, cu_cmp, tok_seq, cmp_seq, True))  # held: ids stay unique
         _META_CACHE[key] = hit
     return hit[1]
 
@@ -267,6 +268,6 @@ def compressed_attention_triton(
     d = q.shape[2]
     if d > MAX_HEAD_DIM:
         raise ValueError(f"argument `q`: head dim D={d} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
-    meta = varlen_meta(cu_seqlens, cu.int(), cu_cmp.int(), q.shape[0], k_cmp.shape[0])
+    meta = varlen_meta(cu_seqlens, cu_seqlens_cmp, cu, cu_cmp, q.shape[0], k_cmp.shape[0])
     q, k_cmp, v_cmp = (t.to(q.dtype).contiguous() for t in (q, k_cmp, v_cmp))
     return CompressedAttentionFunction.apply(q, k_cmp, v_cmp, meta, kernel_size, kernel_stride, scale, configs)
