@@ -149,15 +149,15 @@ def time_point(rows, n, g, cu, impl: str):
     h = HQ // g
     q, k, v, cu_t, cu_cmp = make_inputs(n, h, g, D, BF16, cu)
     flops_fwd = 4 * D * visible_pairs(n, cu) * HQ
-    fns = {"triton": compressed_attention_triton, "flex": compressed_attention}
-    for impl, fn in [(impl, fns[impl])]:
-        t0 = time.time()
-        fwd, fb = time_impl(fn, q, k, v, cu_t, cu_cmp)
-        rows.append(dict(impl=impl, N=n, HQ=HQ, H=h, G=g, D=D, layout="single" if cu is None else f"varlen{len(cu) - 1}",
-                         fwd_ms=f"{fwd:.3f}", fwd_bwd_ms=f"{fb:.3f}", fwd_tflops=f"{flops_fwd / fwd * 1e-9:.1f}",
-                         fwd_bwd_tflops=f"{3.5 * flops_fwd / fb * 1e-9:.1f}", wall_s=f"{time.time() - t0:.1f}"))
-        print(f"  {impl:6s} N={n:6d} G={g:2d} {rows[-1]['layout']:8s} fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms  "
-              f"({rows[-1]['fwd_tflops']} / {rows[-1]['fwd_bwd_tflops']} TFLOP/s)", flush=True)
+    fn = {"triton": compressed_attention_triton, "flex": compressed_attention}[impl]
+    t0 = time.time()
+    fwd, fb = time_impl(fn, q, k, v, cu_t, cu_cmp)
+    row = dict(impl=impl, N=n, HQ=HQ, H=h, G=g, D=D, layout="single" if cu is None else f"varlen{len(cu) - 1}",
+               fwd_ms=f"{fwd:.3f}", fwd_bwd_ms=f"{fb:.3f}", fwd_tflops=f"{flops_fwd / fwd * 1e-9:.1f}",
+               fwd_bwd_tflops=f"{3.5 * flops_fwd / fb * 1e-9:.1f}", wall_s=f"{time.time() - t0:.1f}")
+    rows.append(row)
+    print(f"  {impl:6s} N={n:6d} G={g:2d} {row['layout']:8s} fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms  "
+          f"({row['fwd_tflops']} / {row['fwd_bwd_tflops']} TFLOP/s)", flush=True)
     del q, k, v
     torch.cuda.empty_cache()
 
