@@ -119,7 +119,7 @@ CHECKS = {  # name: (N, H, G, D, dtype, cu_seqlens, also vs Flex)
 def bench(fn):
     import triton
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
 
 
 def time_impl(fn, q, k, v, cu, cu_cmp):
