@@ -18,9 +18,9 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from experiments import progress  # noqa: E402
+from experiments import folders, progress  # noqa: E402
 from experiments.gpu_lease import exclusive_gpu  # noqa: E402
-from experiments.runner import run_job  # noqa: E402
+from experiments.runner import measuring, run_job  # noqa: E402
 from experiments.schema import register_configs, validate  # noqa: E402
 
 register_configs()
@@ -40,7 +40,9 @@ def run(sweep_cfg, num: int) -> None:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sweep")
 def main(cfg: DictConfig) -> None:
-    run(validate(cfg), HydraConfig.get().job.num)
+    sweep_cfg = validate(cfg)
+    sweep_cfg.name = folders.configured_name(cfg, HydraConfig.get(), predicted=not measuring(sweep_cfg))
+    run(sweep_cfg, HydraConfig.get().job.num)
 
 
 if __name__ == "__main__":
