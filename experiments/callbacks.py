@@ -80,3 +80,7 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         progress.close()
         report.main([str(store.sweep_dir(*folder)) for folder in sorted(self.folders)])
+        counts = progress.take_counts()
+        if counts["done"] or counts["skipped"]:  # jobs of this process (other launchers print per job)
+            predicted = all(folder[2] for folder in self.folders)
+            print(f"sweep: {progress.counts_line(predicted, counts)}", flush=True)

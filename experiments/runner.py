@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from experiments import accuracy, calibration, costs, kernels, store, timing
+from experiments import accuracy, calibration, costs, kernels, progress, store, timing
 from experiments import cost_model as cm
 from experiments.inputs import make_inputs
 from experiments.points import Point, make_row, row_key
@@ -211,6 +211,7 @@ def run_job(cfg: SweepConfig, device: Optional[torch.device] = None,
     point = Point.from_config(cfg)
     meta = environment(cfg, device)
     todo = pending(cfg, point, meta)
+    progress.count(skipped=len(cfg.kernels) * len(cfg.passes) - len(todo), done=len(todo))
     if not todo:
         return []
     if measuring(cfg):

@@ -36,6 +36,8 @@ def run(sweep_cfg, num: int) -> None:
             torch.cuda.set_device(gpu)
         with progress.job(num, sweep_cfg) as on_step:
             run_job(sweep_cfg, on_step=on_step)
+    if not progress.in_multirun():  # a job of another process (joblib, SLURM) reports its own counts
+        print(f"job {num}: {progress.counts_line(not measuring(sweep_cfg), progress.take_counts())}", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sweep")
