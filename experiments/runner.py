@@ -97,6 +97,12 @@ def predicted_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], 
                              f"{fits}{how}; {note}", median_ms=ms, tflops=cost.useful_flops / ms / 1e9,
                              gbps=cost.bytes / ms / 1e6, peak_extra_mem_gb=mem,
                              model_gflop=cost.flops / 1e9, model_gbyte=cost.bytes / 1e9))
+        if point.scope == "module" and kernel != "sdpa" and cfg.breakdown:  # breakdown.png, as measured
+            parts = calibration.predicted_branch_ms(kernel, point, stats, pass_name, cfg.selection, cfg.hardware,
+                                                    calib)
+            rows += [make_row(replace(point, scope=f"module/{b}"), kernel, pass_name, "predicted",
+                              dict(meta, timestamp=now()), f"share of the module's prediction ({how}) by the "
+                              "branches' plain rooflines", median_ms=ms_b) for b, ms_b in parts.items()]
     return rows
 
 
