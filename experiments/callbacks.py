@@ -48,7 +48,7 @@ def sweep_folders(config: DictConfig, jobs: list[list[str]]) -> set:
     loader = GlobalHydra.instance().config_loader()
     out, seen = set(), set()
     for job in jobs:
-        rest = tuple(o for o in job if folders._key(o).split(".")[0] not in folders.GRID_KEYS)
+        rest = tuple(o for o in job if folders.override_key(o).split(".")[0] not in folders.GRID_KEYS)
         if rest in seen:
             continue
         seen.add(rest)

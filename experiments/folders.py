@@ -64,7 +64,8 @@ def folder_name(settings: dict, base: dict, predicted: bool) -> str:
     return "_".join(parts)
 
 
-def _key(override: str) -> str:
+def override_key(override: str) -> str:
+    """`key` of a Hydra override `key=value` (also `+key=`, `~key`)."""
     return override.split("=", 1)[0].lstrip("+~")
 
 
@@ -83,7 +84,7 @@ def configured_name(cfg, hydra_node, predicted: bool) -> str:
     `composed.hydra`) holds the overrides it was composed with."""
     task = list(hydra_node.overrides.task)
     settings = settings_of(cfg)
-    if any(_key(o) == "name" for o in task):
+    if any(override_key(o) == "name" for o in task):
         return str(settings["name"])
-    presets = tuple(list(hydra_node.overrides.hydra) + [o for o in task if _key(o) in PRESET_GROUPS])
+    presets = tuple(list(hydra_node.overrides.hydra) + [o for o in task if override_key(o) in PRESET_GROUPS])
     return folder_name(settings, _base_settings(hydra_node.job.config_name, presets), predicted)
