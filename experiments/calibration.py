@@ -14,12 +14,14 @@ provenance (GPU, commits, points) and is made by
     python -m experiments.calibration [results/sweep results/fig4 ...] [--out results/calibration/h100.csv]
 
 from the measured sweep folders. A key with no fitted points falls back to the same kernel and pass
-at any block size, then to the plain roofline (a=1, b=0), and the row's message says which.
+at any block size, then to the plain roofline (a=1, b=0), and the row's message says which. Only
+the fwd and bwd lines predict: a fwd+bwd prediction is their sum, and the module's branches share
+its prediction in proportion to their rooflines, so predictions add up wherever they are compared.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -144,18 +146,46 @@ class Calibration:
         return 1.0, 0.0, "no fit: plain roofline"
 
 
+def auto_family(point: Point, stats: cm.SelectionStats, pass_name: str, sel: SelectionConfig, hw: HardwareConfig,
+                calib: Optional[Calibration]) -> str:
+    """The family auto runs: the faster at what fsa.auto times, the forward alone without gradients
+    (pass fwd), forward + backward with them (bwd and fwd+bwd run the family of one choice)."""
+    timed = "fwd" if pass_name == "fwd" else "fwd+bwd"
+    return min(("nsa", "fsa"), key=lambda k: predicted_ms(k, point, stats, timed, sel, hw, calib)[0])
+
+
 def predicted_ms(kernel: str, point: Point, stats: cm.SelectionStats, pass_name: str, sel: SelectionConfig,
                  hw: HardwareConfig, calib: Optional[Calibration]) -> tuple[float, str]:
-    """(ms, how): the roofline, calibrated when `calib` is given; auto = the faster of nsa and fsa."""
+    """(ms, how): the roofline, calibrated when `calib` is given. A fwd+bwd call is a forward then a
+    backward, so its prediction is the sum of theirs (fwd + bwd == fwd+bwd for every kernel; the
+    fwd+bwd lines of a fit are not used). auto = the family of `auto_family`."""
     if kernel == "auto":
-        options = [predicted_ms(k, point, stats, pass_name, sel, hw, calib) + (k,) for k in ("nsa", "fsa")]
-        ms, how, family = min(options)
+        family = auto_family(point, stats, pass_name, sel, hw, calib)
+        ms, how = predicted_ms(family, point, stats, pass_name, sel, hw, calib)
         return ms, f"auto -> {family}: {how}"
+    if pass_name == "fwd+bwd":
+        (fwd, fwd_how), (bwd, bwd_how) = (predicted_ms(kernel, point, stats, p, sel, hw, calib) for p in ("fwd", "bwd"))
+        return fwd + bwd, f"fwd {fwd:.3g} ms ({fwd_how}) + bwd {bwd:.3g} ms ({bwd_how})"
     raw = roofline_ms(kernel, point, stats, pass_name, sel, hw)
     if calib is None:
         return raw, "plain roofline"
     a, b, how = calib.line(point.scope, kernel, pass_name, point.block_size)
     return a * raw + b, f"{a:.3g}{CALIBRATED} + {b:.3g} ms, {how}"
+
+
+def predicted_branch_ms(kernel: str, point: Point, stats: cm.SelectionStats, pass_name: str, sel: SelectionConfig,
+                        hw: HardwareConfig, calib: Optional[Calibration]) -> dict[str, float]:
+    """The module's prediction (predicted_ms at scope module) split over its branches (compressed,
+    selected, window) in proportion to their plain rooflines, pass by pass: the branches sum to the
+    module's predicted time, which is calibrated where a fit exists (branches have no fit of their own)."""
+    family = auto_family(point, stats, pass_name, sel, hw, calib) if kernel == "auto" else kernel
+    if pass_name == "fwd+bwd":
+        fwd, bwd = (predicted_branch_ms(family, point, stats, p, sel, hw, calib) for p in ("fwd", "bwd"))
+        return {b: fwd[b] + bwd[b] for b in fwd}
+    parts = {"selected": costs.selected_cost(family, point, stats), **costs.branch_costs(point, sel)}
+    roof = {b: cm.roofline_ms(c.for_pass(pass_name), hw.peak_tflops, hw.peak_gbps) for b, c in parts.items()}
+    total = predicted_ms(family, replace(point, scope="module"), stats, pass_name, sel, hw, calib)[0]
+    return {b: total * r / sum(roof.values()) for b, r in roof.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> None:

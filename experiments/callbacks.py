@@ -11,7 +11,7 @@ from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from experiments import progress, report, store
+from experiments import folders, progress, report, store
 from experiments.runner import CPU_MESSAGE, measuring
 from experiments.schema import ConfigError, SweepConfig, validate
 
@@ -54,6 +54,23 @@ def check_configs(config: DictConfig, jobs: list[list[str]]) -> list[SweepConfig
     return [validate(loader.load_sweep_config(config, probe)) for probe in probe_overrides(jobs)]
 
 
+def sweep_folders(config: DictConfig, jobs: list[list[str]]) -> set:
+    """(results_dir, folder name, predicted?) of every job (experiments/folders.py); the grid axes never
+    change a folder, so one composition per distinct set of the other overrides."""
+    loader = GlobalHydra.instance().config_loader()
+    out, seen = set(), set()
+    for job in jobs:
+        rest = tuple(o for o in job if folders.override_key(o).split(".")[0] not in folders.GRID_KEYS)
+        if rest in seen:
+            continue
+        seen.add(rest)
+        composed = loader.load_sweep_config(config, list(rest))
+        cfg = validate(loader.load_sweep_config(config, job))
+        out.add((cfg.results_dir, folders.configured_name(composed, composed.hydra, not measuring(cfg)),
+                 not measuring(cfg)))
+    return out
+
+
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self.folders: set = set()
@@ -64,7 +81,7 @@ class SweepCallback(Callback):
             checked = check_configs(config, jobs)
         except ConfigError as exc:  # Hydra turns callback exceptions into warnings; SystemExit stops it
             raise SystemExit(f"Bad sweep config, nothing was run: {exc}") from None
-        self.folders = {(c.results_dir, c.name, not measuring(c)) for c in checked}
+        self.folders = sweep_folders(config, jobs)
         if not any(measuring(c) for c in checked):
             fit = checked[0].hardware.calibration
             how = (f"roofline calibrated on measured kernels ({fit})" if fit
@@ -75,3 +92,7 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         progress.close()
         report.main([str(store.sweep_dir(*folder)) for folder in sorted(self.folders)])
+        counts = progress.take_counts()
+        if counts["done"] or counts["skipped"]:  # jobs of this process (other launchers print per job)
+            predicted = all(folder[2] for folder in self.folders)
+            print(f"sweep: {progress.counts_line(predicted, counts)}", flush=True)

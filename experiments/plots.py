@@ -2,6 +2,7 @@
 cost model's predicted rows (titles say which, and name the GPU)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -10,14 +11,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments import cost_model as cm  # noqa: E402
-from experiments import costs  # noqa: E402
 from experiments.calibration import CALIBRATED  # noqa: E402
 from experiments.timed_calls import BRANCHES  # noqa: E402
-from experiments.points import Point  # noqa: E402
-from experiments.schema import HardwareConfig, SelectionConfig  # noqa: E402
 
 POINT_COLUMNS = ["scope", "gqa", "kv_heads", "head_dim", "seqlen", "batch", "block_size", "topk", "dtype", "indices"]
 KERNEL_COLORS = {"nsa": "tab:red", "fsa": "tab:blue", "auto": "tab:purple", "sdpa": "tab:gray", "fla": "tab:green"}
@@ -40,18 +39,45 @@ def plotted_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
 
 
 def prediction_kind(rows: pd.DataFrame) -> str:
-    """What predicted rows are, from their messages (experiments/calibration.py writes them)."""
-    calibrated = rows["message"].astype(str).str.contains(CALIBRATED, regex=False)
+    """Which model made predicted rows, from their messages (experiments/calibration.py writes them):
+    "cost model calibrated on <GPU> rows" or "plain roofline of the cost model (not calibrated)"."""
+    messages = rows["message"].astype(str)
+    calibrated = messages.str.contains(CALIBRATED, regex=False)
+    gpus = sorted(set(messages.str.extractall(r"fit (?:at other block sizes )?\(([^,)]+)")[0]))
+    on = f"calibrated on {', '.join(gpus) or 'measured'} rows"
     if calibrated.all():
-        return "cost-model roofline calibrated on measured kernels"
-    return "cost-model roofline, partly calibrated" if calibrated.any() else "roofline of the analytic cost model"
+        return f"cost model {on}"
+    return f"cost model, partly {on}, else plain roofline" if calibrated.any() else \
+        "plain roofline of the cost model (not calibrated)"
+
+
+CONFIG_COLUMNS = ["scope", "head_dim", "batch", "dtype", "indices", "gpu"]  # no plot facets on these
+
+
+def configurations(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The rows split by every setting no plot facets on (scope, head dim, batch, dtype, indices,
+    GPU, and the heads unless q_heads or kv_heads is the same in all rows), as (file-name suffix,
+    rows): one ("", rows) when the folder holds one configuration, so that no plot ever mixes two."""
+    columns = [c for c in CONFIG_COLUMNS if rows[c].nunique() > 1]
+    if rows["kv_heads"].nunique() > 1 and rows["q_heads"].nunique() > 1:
+        columns.append("kv_heads")
+    if not columns:
+        return [("", rows)]
+    out = []
+    for values, sub in rows.groupby(columns, sort=True):
+        values = values if isinstance(values, tuple) else (values,)
+        suffix = "".join(f"_{c}-{re.sub(r'[^A-Za-z0-9.+-]+', '_', str(v))}" for c, v in zip(columns, values))
+        out.append((suffix, sub))
+    return out
 
 
 def title_of(rows: pd.DataFrame, predicted: bool, what: str) -> str:
     first = rows.iloc[0]
     gpus = ", ".join(sorted(set(rows["gpu"].astype(str))))
-    heads = sorted(set(rows["kv_heads"]))
-    cfg = (f"{first['scope']} attention, kv_heads={'/'.join(map(str, heads))}, d={first['head_dim']}, "
+    kv, hq = sorted(set(rows["kv_heads"])), sorted(set(rows["q_heads"]))
+    heads = (f"kv_heads={kv[0]}" if len(kv) == 1 else f"q_heads={hq[0]} (kv_heads={'/'.join(map(str, kv))})"
+             if len(hq) == 1 else f"kv_heads={'/'.join(map(str, kv))}")
+    cfg = (f"{first['scope']} attention, {heads}, d={first['head_dim']}, "
            f"{first['dtype']}, indices={first['indices']}, batch={first['batch']}")
     mode = f" [predicted: {prediction_kind(rows)}]" if predicted else ""
     return f"{what} on {gpus}{mode}\n{cfg}"
@@ -126,11 +152,53 @@ def _grid(nrows: int, ncols: int, width: float = 4.2, height: float = 3.3):
     return fig, axes
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, legend_outside: bool = False) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight" if legend_outside else None)
     plt.close(fig)
     return path
+
+
+def _figure_legend(fig, axes, extra: tuple = (), title: Optional[str] = None) -> None:
+    """One legend for the whole figure, right of the panels (it covers no data): every label of
+    every panel once, then `extra` (handle, label) pairs."""
+    entries: dict = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    for handle, label in extra:
+        entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries.keys()), loc="upper left", bbox_to_anchor=(1.0, 0.93),
+                   fontsize=8, title=title, title_fontsize=8, frameon=False)
+
+
+SUM_OF_CALLS = "fwd+bwd: the sum of their fwd and bwd timed as separate calls"
+G_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1, 1, 1)), "v"),
+            ((0, (1, 3)), "P"), ((0, (8, 2)), "X"), ((0, (3, 1, 3, 3)), "*"), ((0, (2, 2, 6, 2)), "h")]
+
+
+def _g_style(i: int) -> tuple:
+    """(linestyle, marker) of the i-th g: all distinct up to 9 values, then distinct pairs up to 36+."""
+    ls, _ = G_STYLES[i % len(G_STYLES)]
+    return ls, G_STYLES[(i + i // len(G_STYLES)) % len(G_STYLES)][1]
+
+
+def auto_label(rows: pd.DataFrame, value: str = "median_ms") -> str:
+    """"auto", saying which family it equals where its line lies exactly on another one's."""
+    keys = POINT_COLUMNS + ["pass"]
+    auto = rows[rows["kernel"] == "auto"][keys + [value]].reset_index(drop=True)
+    same = {}
+    for family in ("fsa", "nsa"):
+        both = auto.merge(rows[rows["kernel"] == family][keys + [value]], on=keys, how="left", suffixes=("", "_f"))
+        same[family] = np.isclose(both[value], both[f"{value}_f"], rtol=1e-6)
+    if not len(auto):
+        return "auto"
+    if same["fsa"].all() or same["nsa"].all():
+        return f"auto (= {'fsa' if same['fsa'].all() else 'nsa'} at every point here, drawn over it)"
+    if (same["fsa"] | same["nsa"]).all():
+        return "auto (= the family it picks at every point, drawn over it)"
+    return "auto"
 
 
 def plot_ratio(rows: pd.DataFrame, predicted: bool, path: Path) -> Optional[Path]:
@@ -140,18 +208,19 @@ def plot_ratio(rows: pd.DataFrame, predicted: bool, path: Path) -> Optional[Path
     presets, passes = _presets(ratio), _passes(ratio)
     published = published_ratio() if comparable_to_targets(ratio) else None
     fig, axes = _grid(len(presets), len(passes))
+    drawn_published = False
     for i, (bs, t) in enumerate(presets):
         for j, p in enumerate(passes):
             ax = axes[i][j]
             sub = ratio[(ratio["block_size"] == bs) & (ratio["topk"] == t) & (ratio["pass"] == p)]
             for k, (g, line) in enumerate(sorted(sub.groupby("gqa"), key=lambda x: x[0])):
                 line = line.sort_values("seqlen")
-                ax.plot(line["seqlen"], line["ratio"], marker="o", color=f"C{k}", label=f"g={g} (ours)")
+                ax.plot(line["seqlen"], line["ratio"], marker="o", color=f"C{k}", label=f"g={g}")
                 if published is not None:
                     pub = published[(published["gqa"] == g) & (published["block"] == bs) & (published["topk"] == t)]
                     if len(pub):
-                        ax.plot(pub["seqlen"], pub[p], ls="--", color=f"C{k}", alpha=0.6,
-                                label=f"g={g} published kernels (H100)")
+                        ax.plot(pub["seqlen"], pub[p], ls="--", color=f"C{k}", alpha=0.6)
+                        drawn_published = True
             ax.axhline(1.0, color="black", lw=1)
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))  # 1 2 3 5, plain numbers
@@ -160,9 +229,22 @@ def plot_ratio(rows: pd.DataFrame, predicted: bool, path: Path) -> Optional[Path
             _seqlen_axis(ax)
             ax.set_ylabel("NSA latency / FSA latency (log; >1: FSA faster)")
             ax.set_title(f"(BS, T) = ({bs}, {t}), {p}")
-            ax.legend(fontsize=7)
+    extra = []
+    if drawn_published:
+        note = f";\n{SUM_OF_CALLS}" if "fwd+bwd" in passes else ""
+        extra = [(Line2D([], [], color="black", marker="o"), "ours (solid)"),
+                 (Line2D([], [], color="black", ls="--", alpha=0.6),
+                  f"published kernels on the H100\n(dashed, same colour per g{note})")]
+    _figure_legend(fig, axes, tuple(extra))
     fig.suptitle(title_of(rows, predicted, "NSA / FSA latency ratio"), fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, legend_outside=True)
+
+
+def _draw_kernel(ax, kernel: str, x, y, label: str, **style) -> None:
+    """A kernel's line; auto thinner, hollow and on top, so that the family under it stays visible."""
+    if kernel == "auto":
+        style.update(lw=1.0, ms=8, mfc="none", mew=1.2, zorder=3)
+    ax.plot(x, y, color=KERNEL_COLORS.get(kernel), label=label, **style)
 
 
 def plot_latency(rows: pd.DataFrame, predicted: bool, path: Path) -> Path:
@@ -172,15 +254,16 @@ def plot_latency(rows: pd.DataFrame, predicted: bool, path: Path) -> Path:
     published = published_latency() if comparable_to_targets(rows_p) else pd.DataFrame()
     if len(published):
         published = published[published["pass"] == p]
+    auto = auto_label(rows_p)
     fig, axes = _grid(len(presets), len(gqas), width=3.6)
     for i, (bs, t) in enumerate(presets):
         for j, g in enumerate(gqas):
             ax = axes[i][j]
             sub = rows_p[(rows_p["block_size"] == bs) & (rows_p["topk"] == t) & (rows_p["gqa"] == g)]
-            for kernel, line in sub.groupby("kernel"):
+            for kernel, line in sorted(sub.groupby("kernel"), key=lambda x: x[0] == "auto"):  # auto last: on top
                 line = line.sort_values("seqlen")
-                ax.plot(line["seqlen"], line["median_ms"], marker="o", label=kernel,
-                        color=KERNEL_COLORS.get(kernel))
+                _draw_kernel(ax, kernel, line["seqlen"], line["median_ms"], auto if kernel == "auto" else kernel,
+                             marker="o")
             if len(published):
                 pub = published[(published["block_size"] == bs) & (published["topk"] == t) & (published["gqa"] == g)]
                 for kernel, line in pub.groupby("kernel"):
@@ -191,9 +274,11 @@ def plot_latency(rows: pd.DataFrame, predicted: bool, path: Path) -> Path:
             _seqlen_axis(ax)
             ax.set_ylabel(f"{p} latency (ms, log)")
             ax.set_title(f"g={g}, (BS, T) = ({bs}, {t})")
-            ax.legend(fontsize=7)
+    note = f"dashed: published kernels\n({SUM_OF_CALLS.replace(': the', ' =')})" if len(published) and p == "fwd+bwd" \
+        else None
+    _figure_legend(fig, axes, title=note)
     fig.suptitle(title_of(rows, predicted, f"Latency ({p})"), fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, legend_outside=True)
 
 
 def plot_memory(rows: pd.DataFrame, predicted: bool, path: Path) -> Optional[Path]:
@@ -202,51 +287,53 @@ def plot_memory(rows: pd.DataFrame, predicted: bool, path: Path) -> Optional[Pat
         return None
     p = "fwd" if "fwd" in set(mem["pass"]) else _main_pass(mem)
     mem = mem[mem["pass"] == p]
-    presets = _presets(mem)
+    presets, gqas = _presets(mem), sorted(set(mem["gqa"]))
+    auto = auto_label(mem, "peak_extra_mem_gb")
     fig, axes = _grid(1, len(presets), width=5.0, height=3.8)
-    styles = ["-", "--", ":", "-."]
     for i, (bs, t) in enumerate(presets):
         ax = axes[0][i]
         sub = mem[(mem["block_size"] == bs) & (mem["topk"] == t)]
-        for (kernel, g), line in sub.groupby(["kernel", "gqa"]):
+        for (kernel, g), line in sorted(sub.groupby(["kernel", "gqa"]), key=lambda x: (x[0][0] == "auto", x[0])):
             line = line.sort_values("seqlen")
-            gi = sorted(set(sub["gqa"])).index(g)
-            ax.plot(line["seqlen"], line["peak_extra_mem_gb"], marker=".", ls=styles[gi % 4],
-                    color=KERNEL_COLORS.get(kernel), label=f"{kernel} g={g}")
+            ls, marker = _g_style(gqas.index(g))
+            _draw_kernel(ax, kernel, line["seqlen"], line["peak_extra_mem_gb"], "auto" if kernel == "auto" else kernel,
+                         ls=ls, marker=marker, ms=5)
         _seqlen_axis(ax)
         ax.set_ylabel(f"peak extra memory of one {p} call (GB)")
         ax.set_title(f"(BS, T) = ({bs}, {t})")
-        ax.legend(fontsize=6, ncol=2)
+    kernels = [k for k in KERNEL_COLORS if k in set(mem["kernel"])]
+    extra = [(Line2D([], [], color=KERNEL_COLORS[k], lw=1.0 if k == "auto" else 1.5), auto if k == "auto" else k)
+             for k in kernels]
+    extra += [(Line2D([], [], color="black", ls=_g_style(i)[0], marker=_g_style(i)[1], ms=5), f"g={g}")
+              for i, g in enumerate(gqas)]
+    for ax in axes.flat:  # the figure legend lists colours (kernels) and styles (g) once each
+        for line in ax.get_lines():
+            line.set_label("_")
+    _figure_legend(fig, axes, tuple(extra), title="colour: kernel; line and marker: g")
     fig.suptitle(title_of(rows, predicted, "Extra device memory"), fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, legend_outside=True)
 
 
 def breakdown_table(rows: pd.DataFrame, all_rows: pd.DataFrame, predicted: bool) -> pd.DataFrame:
     """Milliseconds of the compressed / selected / window branches per module row (the largest N
-    per preset and g): measured, the branch rows (scope "module/<branch>") of the same point, kernel,
-    pass and GPU; predicted, the cost model's plain roofline per branch (nominal H100 peaks, not
-    calibrated: branches have no fit of their own)."""
+    per preset and g): the branch rows (scope "module/<branch>") of the same point, kernel, pass and
+    GPU, and the module's own time. Measured, each branch timed alone; predicted, the module's
+    prediction shared by the branches (experiments/calibration.py::predicted_branch_ms, the same
+    model, calibrated or not, as the module rows and summary.md), so they sum to it."""
     module = rows[(rows["scope"] == "module") & (rows["kernel"] != "sdpa")]
     module = module[module["seqlen"] == module.groupby(["block_size", "gqa"])["seqlen"].transform("max")]
     module = module.sort_values(["pass", "gqa", "block_size", "kernel"], kind="stable")
+    status = "predicted" if predicted else "ok"
     out = []
     for r in module.to_dict("records"):
-        bar = {"bar": f"{r['kernel']} g={r['gqa']} ({r['block_size']},{r['topk']}) {r['pass']}"}
-        if predicted:
-            point = Point("selected", *(r[c] for c in POINT_COLUMNS[1:]))
-            stats = cm.stats_uniform_random(point.seqlen, point.kv_heads, point.block_size, point.topk, point.batch)
-            hw, sel = HardwareConfig(), SelectionConfig()
-            parts = {"selected": costs.kernel_cost(r["kernel"], point, stats, sel, hw), **costs.branch_costs(point, sel)}
-            for branch, c in parts.items():
-                bar[branch] = cm.roofline_ms(c.for_pass(r["pass"]), hw.peak_tflops, hw.peak_gbps)
-        else:
-            same = all_rows[all_rows["status"] == "ok"]
-            for c in POINT_COLUMNS[1:] + ["kernel", "pass", "gpu"]:
-                same = same[same[c] == r[c]]
-            for branch in BRANCHES:
-                hit = same[same["scope"] == f"module/{branch}"]["median_ms"]
-                bar[branch] = float(hit.iloc[0]) if len(hit) else float("nan")
-            bar["module total"] = r["median_ms"]
+        bar = {"pass": r["pass"], "bar": f"{r['kernel']} g={r['gqa']} ({r['block_size']},{r['topk']})"}
+        same = all_rows[all_rows["status"] == status]
+        for c in POINT_COLUMNS[1:] + ["kernel", "pass", "gpu"]:
+            same = same[same[c] == r[c]]
+        for branch in BRANCHES:
+            hit = same[same["scope"] == f"module/{branch}"]["median_ms"]
+            bar[branch] = float(hit.iloc[0]) if len(hit) else float("nan")
+        bar["module total"] = r["median_ms"]
         out.append(bar)
     return pd.DataFrame(out)
 
@@ -255,16 +342,25 @@ def plot_breakdown(rows: pd.DataFrame, all_rows: pd.DataFrame, predicted: bool, 
     table = breakdown_table(rows, all_rows, predicted)
     if table.empty or table[list(BRANCHES)].isna().all().all():  # no branch timed (breakdown=false)
         return None
-    table = table.set_index("bar")
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(table) + 3), 4.8))
-    table[list(BRANCHES)].plot.bar(stacked=True, ax=ax,
-                                                       color=["tab:orange", "tab:blue", "tab:green"])
-    if "module total" in table:
-        ax.scatter(range(len(table)), table["module total"], color="black", marker="_", s=400, zorder=3,
+    passes = [p for p in PASS_ORDER if p in set(table["pass"])]
+    most = max((table["pass"] == p).sum() for p in passes)
+    fig, axes = plt.subplots(len(passes), 1, figsize=(max(7.0, 0.45 * most + 3), 3.2 * len(passes) + 1.0),
+                             squeeze=False)
+    for ax, p in zip(axes[:, 0], passes):
+        sub = table[table["pass"] == p].set_index("bar")
+        sub[list(BRANCHES)].plot.bar(stacked=True, ax=ax, color=["tab:orange", "tab:blue", "tab:green"], legend=False,
+                                     rot=30)
+        ax.scatter(range(len(sub)), sub["module total"], color="black", marker="_", s=400, zorder=3,
                    label="module attention (gated sum; no q/k/v/o projections)")
-    ax.set_ylabel("latency (ms)")
-    ax.set_xlabel("kernel, g, (BS, T), pass (largest N of the sweep)")
-    ax.legend(title="branch (cost model)" if predicted else "branch timed alone", fontsize=8)
+        ax.set_ylabel(f"{p} latency (ms)")
+        ax.set_xlabel("")
+        ax.set_title(p, fontsize=9)
+        for label in ax.get_xticklabels():
+            label.set_ha("right")
+    axes[-1][0].set_xlabel("kernel, g, (BS, T) (largest N of the sweep)")
+    title = ("branch: its share of the module's prediction\n(by the branches' plain rooflines)" if predicted
+             else "branch timed alone")
+    _figure_legend(fig, axes, title=title)
     fig.suptitle(title_of(rows[rows["scope"] == "module"], predicted, "NSA module breakdown"), fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, legend_outside=True)
 

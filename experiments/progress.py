@@ -11,6 +11,7 @@ from tqdm import tqdm
 from experiments.points import Point
 
 _bar: Optional[tqdm] = None
+_counts = {"skipped": 0, "done": 0}  # (kernel, pass) pairs of this process's jobs
 
 
 def start(total_jobs: int) -> None:
@@ -23,6 +24,31 @@ def close() -> None:
     if _bar is not None:
         _bar.close()
         _bar = None
+
+
+def in_multirun() -> bool:
+    """Whether the launching process runs this job (the bar exists there only)."""
+    return _bar is not None
+
+
+def count(skipped: int, done: int) -> None:
+    """A job's (kernel, pass) pairs: skipped as already recorded, and measured (or predicted) now."""
+    _counts["skipped"] += skipped
+    _counts["done"] += done
+
+
+def counts_line(predicted: bool, counts: Optional[dict] = None) -> str:
+    c = _counts if counts is None else counts
+    how = "predicted" if predicted else "measured"
+    line = f"{c['done']} (kernel, pass) points {how}, {c['skipped']} skipped (already recorded)"
+    return line + ("; retry_failed=true / redo_before=<time> measure recorded ones again" if c["skipped"] else "")
+
+
+def take_counts() -> dict:
+    """The counts so far, reset (a multirun reports its own)."""
+    out = dict(_counts)
+    _counts.update(skipped=0, done=0)
+    return out
 
 
 @contextlib.contextmanager

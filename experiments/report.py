@@ -24,6 +24,12 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join([header, rule, *body])
 
 
+def varying_settings(rows: pd.DataFrame) -> list[str]:
+    """Settings besides the table keys that differ between rows (a folder of several configurations):
+    they become table keys too, so no cell hides another configuration's time."""
+    return [c for c in ("head_dim", "batch", "dtype", "indices", "gpu") if rows[c].nunique() > 1]
+
+
 SPARSE_FAMILIES = ("fsa", "nsa", "fla")  # "auto" dispatches to one of the first two: not a verdict
 DENSE = "sdpa"
 
@@ -32,7 +38,7 @@ def verdict_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Which sparse kernel to use: per (scope, preset, pass, gqa, heads) a row, per seqlen a cell
     "fsa 2.7x" (the fastest family and its speedup over the next one), with "; 1.2x dense" (dense
     SDPA time / the winner's) when dense attention was timed too, a value below 1 meaning dense wins."""
-    keys = ["scope", "block_size", "topk", "pass", "gqa", "kv_heads"]
+    keys = ["scope", *varying_settings(rows), "block_size", "topk", "pass", "gqa", "kv_heads"]
     ms = rows.pivot_table(index=keys + ["seqlen"], columns="kernel", values="median_ms", aggfunc="first")
     families = [k for k in SPARSE_FAMILIES if k in ms.columns]
     if not families:
@@ -69,7 +75,7 @@ def summary_markdown(df: pd.DataFrame) -> str:
                   "The fastest sparse family at each point, its speedup over the other family, and dense "
                   "SDPA's time over it (below 1: dense attention is faster there).", "",
                   markdown_table(verdict), "", "## Every point", ""]
-    keys = ["scope", "block_size", "topk", "pass", "gqa", "kv_heads", "seqlen"]
+    keys = ["scope", *varying_settings(rows), "block_size", "topk", "pass", "gqa", "kv_heads", "seqlen"]
     table = rows.pivot_table(index=keys, columns="kernel", values="median_ms", aggfunc="first")
     table.columns = [f"{k} ms" for k in table.columns]
     if {"nsa ms", "fsa ms"} <= set(table.columns):
@@ -93,15 +99,24 @@ def summary_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+PLOTS = ("ratio_vs_seqlen", "latency", "breakdown", "memory")
+
+
 def write_report(df: pd.DataFrame, folder: Path) -> list[Path]:
+    """results.csv's plots (one set per configuration the folder holds: plots.configurations, file
+    names suffixed by the settings that differ) and summary.md."""
     folder.mkdir(parents=True, exist_ok=True)
     rows, predicted = plots.plotted_rows(df)
     written = [folder / "results.csv"]
-    if len(rows):
-        made = [plots.plot_ratio(rows, predicted, folder / "ratio_vs_seqlen.png"),
-                plots.plot_latency(rows, predicted, folder / "latency.png"),
-                plots.plot_breakdown(rows, df, predicted, folder / "breakdown.png"),
-                plots.plot_memory(rows, predicted, folder / "memory.png")]
+    configs = plots.configurations(rows) if len(rows) else []
+    if len(configs) > 1:  # one set of plots per configuration; a stale mixed one would mislead
+        for name in PLOTS:
+            (folder / f"{name}.png").unlink(missing_ok=True)
+    for suffix, sub in configs:
+        made = [plots.plot_ratio(sub, predicted, folder / f"ratio_vs_seqlen{suffix}.png"),
+                plots.plot_latency(sub, predicted, folder / f"latency{suffix}.png"),
+                plots.plot_breakdown(sub, df, predicted, folder / f"breakdown{suffix}.png"),
+                plots.plot_memory(sub, predicted, folder / f"memory{suffix}.png")]
         written += [p for p in made if p is not None]
     (folder / "summary.md").write_text(summary_markdown(df))
     return written + [folder / "summary.md"]

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from experiments import accuracy, calibration, costs, store, timed_calls, timing
+from experiments import accuracy, calibration, costs, progress, store, timed_calls, timing
 from experiments import cost_model as cm
 from experiments.inputs import make_inputs
 from experiments.points import Point, make_row, row_key
@@ -97,6 +97,12 @@ def predicted_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], 
                              f"{fits}{how}; {note}", median_ms=ms, tflops=cost.useful_flops / ms / 1e9,
                              gbps=cost.bytes / ms / 1e6, peak_extra_mem_gb=mem,
                              model_gflop=cost.flops / 1e9, model_gbyte=cost.bytes / 1e9))
+        if point.scope == "module" and kernel != "sdpa" and cfg.breakdown:  # breakdown.png, as measured
+            parts = calibration.predicted_branch_ms(kernel, point, stats, pass_name, cfg.selection, cfg.hardware,
+                                                    calib)
+            rows += [make_row(replace(point, scope=f"module/{b}"), kernel, pass_name, "predicted",
+                              dict(meta, timestamp=now()), f"share of the module's prediction ({how}) by the "
+                              "branches' plain rooflines", median_ms=ms_b) for b, ms_b in parts.items()]
     return rows
 
 
@@ -211,6 +217,7 @@ def run_job(cfg: SweepConfig, device: Optional[torch.device] = None,
     point = Point.from_config(cfg)
     meta = environment(cfg, device)
     todo = pending(cfg, point, meta)
+    progress.count(skipped=len(cfg.kernels) * len(cfg.passes) - len(todo), done=len(todo))
     if not todo:
         return []
     if measuring(cfg):

@@ -18,9 +18,9 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from experiments import progress  # noqa: E402
+from experiments import folders, progress  # noqa: E402
 from experiments.gpu_lease import exclusive_gpu  # noqa: E402
-from experiments.runner import run_job  # noqa: E402
+from experiments.runner import measuring, run_job  # noqa: E402
 from experiments.schema import register_configs, validate  # noqa: E402
 
 register_configs()
@@ -36,11 +36,15 @@ def run(sweep_cfg, num: int) -> None:
             torch.cuda.set_device(gpu)
         with progress.job(num, sweep_cfg) as on_step:
             run_job(sweep_cfg, on_step=on_step)
+    if not progress.in_multirun():  # a job of another process (joblib, SLURM) reports its own counts
+        print(f"job {num}: {progress.counts_line(not measuring(sweep_cfg), progress.take_counts())}", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sweep")
 def main(cfg: DictConfig) -> None:
-    run(validate(cfg), HydraConfig.get().job.num)
+    sweep_cfg = validate(cfg)
+    sweep_cfg.name = folders.configured_name(cfg, HydraConfig.get(), predicted=not measuring(sweep_cfg))
+    run(sweep_cfg, HydraConfig.get().job.num)
 
 
 if __name__ == "__main__":

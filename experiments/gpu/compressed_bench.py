@@ -16,19 +16,20 @@ once per shape, ~10-30 s); whatever the budget cuts is listed as skipped (--budg
    fp32 checks vs the reference (D = 128 packed G = 3, D = 64 G = 16), the sweep at G = 16.
 4. Our timings at 8K and 16K; bf16 checks G = 16 (also vs Flex) and G = 1; Flex at 8K and 16K.
 Writes compressed_bench_{checks,timings,configs}.csv with GPU, torch, Triton and commit under $OUT
-(else ./results/compressed_bench) and prints the tables.
+(else ./out) and prints the tables.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
+
+from experiments.gpu.provenance import out_dir, require_cuda, run_meta
 
 HQ, D, KS, STRIDE = 64, 128, 32, 16
 BF16 = torch.bfloat16
@@ -259,14 +260,8 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=230.0,
                     help="seconds: no new task starts after this (one task takes up to ~40 s)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("compressed_bench: CUDA is not available on this machine; nothing to do (run it on a GPU box).")
-        return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from experiments.gpu.provenance import run_meta
-
-    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("results/compressed_bench")
-    out.mkdir(parents=True, exist_ok=True)
+    require_cuda()
+    out = out_dir()
     meta = run_meta()
     print(f"compressed_bench on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, "
           f"commit {meta['git_commit']}", flush=True)

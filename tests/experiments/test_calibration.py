@@ -163,3 +163,50 @@ def test_predicted_rows_and_summary_say_what_would_not_fit():
     assert sorted(zip(too_big["kernel"], too_big["pass"])) == [("fsa", "fwd+bwd"), ("nsa", "fwd+bwd")]
     summary = summary_markdown(rows)
     assert "## Predicted not to fit the device's memory" in summary and "| 80 |" in summary
+
+
+def module_predictions(calibration_csv):
+    """Predicted rows of one module point, every kernel and pass (branch rows included)."""
+    from experiments.runner import predicted_rows
+    from experiments.schema import SweepConfig
+
+    out = []
+    for g, bs, n in ((1, 64, 8192), (8, 128, 8192), (4, 64, 65536)):
+        cfg = SweepConfig(scope="module", gqa=g, seqlen=n)
+        cfg.sparsity.block_size, cfg.sparsity.topk = bs, 1024 // bs
+        cfg.hardware.calibration = calibration_csv
+        todo = [(k, p) for k in ("nsa", "fsa", "auto", "sdpa") for p in ("fwd", "bwd", "fwd+bwd")]
+        out += predicted_rows(cfg, Point.from_config(cfg), todo, META)
+    return pd.DataFrame(out, columns=list(COLUMNS))
+
+
+@pytest.mark.parametrize("calibration_csv", ["results/calibration/h100.csv", None], ids=["calibrated", "plain"])
+def test_predictions_add_up_fwd_plus_bwd_and_branches_to_the_module(calibration_csv):
+    """fwd + bwd == fwd+bwd for every kernel (auto: of the family it picks with gradients), the
+    branch rows of breakdown.png sum to the module's row, and summary.md, breakdown.png and every row
+    say which model made them."""
+    from experiments import plots, report
+
+    df = module_predictions(calibration_csv)
+    keys = ["kernel", "gqa", "seqlen", "block_size"]
+    module = df[df["scope"] == "module"].pivot_table(index=keys, columns="pass", values="median_ms")
+    plain = module.drop(index="auto")
+    assert np.allclose(plain["fwd"] + plain["bwd"], plain["fwd+bwd"], rtol=1e-9)
+    for _, r in df[(df["kernel"] == "auto") & (df["pass"] != "fwd") & (df["scope"] == "module")].iterrows():
+        family = r["message"].split(":")[0].removeprefix("auto -> ")
+        same = df[(df["kernel"] == family) & (df["scope"] == "module") & (df["pass"] == r["pass"])
+                  & (df["gqa"] == r["gqa"]) & (df["seqlen"] == r["seqlen"]) & (df["block_size"] == r["block_size"])]
+        assert r["median_ms"] == pytest.approx(float(same["median_ms"].iloc[0]), rel=1e-12)
+    branches = df[df["scope"].str.startswith("module/")].groupby(keys + ["pass"])["median_ms"].sum()
+    totals = df[(df["scope"] == "module") & (df["kernel"] != "sdpa")].set_index(keys + ["pass"])["median_ms"]
+    assert len(branches) == len(totals) == 3 * 3 * 3
+    assert np.allclose(branches.loc[totals.index], totals, rtol=1e-9)
+    # breakdown.png draws exactly these rows: the module total is summary.md's number
+    rows, predicted = plots.plotted_rows(df)
+    table = plots.breakdown_table(rows, df, predicted)
+    assert np.allclose(table[["compressed", "selected", "window"]].sum(axis=1), table["module total"], rtol=1e-9)
+    kind = "cost model calibrated on NVIDIA H100 80GB HBM3 rows" if calibration_csv else \
+        "plain roofline of the cost model (not calibrated)"
+    assert plots.prediction_kind(rows) == kind
+    assert f"predicted: {kind}" in report.summary_markdown(df)
+    assert kind in plots.title_of(rows, predicted, "NSA module breakdown")

@@ -31,12 +31,25 @@ def synthetic_rows(q_heads=None) -> pd.DataFrame:
 
 
 def test_report_writes_every_plot_and_the_summary(tmp_path):
-    written = report.write_report(synthetic_rows(), tmp_path)
+    df = synthetic_rows()
+    one = df[(df["scope"] != "selected") | (df["status"] != "ok")]  # module rows (and fla's unsupported one)
+    written = report.write_report(one, tmp_path)
     names = {p.name for p in written}
     for name in ("ratio_vs_seqlen.png", "latency.png", "breakdown.png", "memory.png", "summary.md"):
         assert name in names and (tmp_path / name).stat().st_size > 1000, name
     summary = (tmp_path / "summary.md").read_text()
     assert "NSA/FSA" in summary and "Fake GPU 80GB" in summary and "unsupported" in summary
+
+
+def test_a_folder_of_two_configurations_gets_one_set_of_plots_each(tmp_path):
+    """Rows of selected and module scope (like results/fig7_8): no plot mixes them."""
+    (tmp_path / "latency.png").write_bytes(b"stale plot of both scopes")
+    names = {p.name for p in report.write_report(synthetic_rows(), tmp_path)}
+    for scope in ("selected", "module"):
+        for plot in ("ratio_vs_seqlen", "latency", "memory"):
+            assert f"{plot}_scope-{scope}.png" in names, (plot, scope)
+    assert "breakdown_scope-module.png" in names and "breakdown_scope-selected.png" not in names
+    assert not (tmp_path / "latency.png").exists()
 
 
 def test_paper_tables_use_measured_rows_and_say_not_measured_otherwise(tmp_path):
@@ -100,3 +113,81 @@ def test_which_kernel_table_names_the_winner_its_margin_and_dense():
     cell = table.set_index(["block_size", "pass", "gqa"])["N=32768"]
     assert cell[(64, "fwd", 1)] == "fsa 2x; 1.6x dense"
     assert cell[(64, "fwd", 4)] == "fsa 8x; 6.4x dense"
+
+
+def figures_of(monkeypatch) -> list:
+    """The figures the plots save (plots._save closes them; this keeps them for inspection)."""
+    from experiments import plots
+
+    saved = []
+    real = plots._save
+
+    def keep(fig, path, legend_outside=False):
+        saved.append(fig)
+        return real(fig, path, legend_outside)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return saved
+
+
+def legend_texts(fig) -> str:
+    return "\n".join(t.get_text() for legend in fig.legends for t in legend.get_texts()
+                     ) + "\n" + "\n".join(legend.get_title().get_text() for legend in fig.legends)
+
+
+def test_legends_sit_outside_the_panels_and_say_what_the_published_lines_are(tmp_path, monkeypatch):
+    from experiments import plots
+
+    saved = figures_of(monkeypatch)
+    rows = synthetic_rows()
+    rows = rows[(rows["scope"] == "selected") & (rows["status"] == "ok")]
+    plots.plot_ratio(rows, False, tmp_path / "ratio.png")
+    plots.plot_latency(rows, False, tmp_path / "latency.png")
+    plots.plot_memory(rows, False, tmp_path / "memory.png")
+    for fig in saved:
+        assert all(ax.get_legend() is None for ax in fig.axes), "a legend inside a panel covers data"
+        assert len(fig.legends) == 1
+    ratio, latency, memory = map(legend_texts, saved)
+    # the published fwd+bwd is not one call: their fwd and bwd timed apart, summed
+    assert "sum of their fwd and bwd timed as separate calls" in ratio
+    assert "sum of their fwd and bwd timed as separate calls" in latency
+    assert "g=1" in memory and "g=4" in memory
+
+
+def test_memory_styles_every_g_apart():
+    from experiments import plots
+
+    styles = [plots._g_style(i) for i in range(9)]  # fig3: g = 1..8 and 16
+    assert len({str(ls) for ls, _ in styles}) == 9 and len(set(styles)) == 9
+    assert len({str(plots._g_style(i)) for i in range(30)}) == 30
+
+
+def test_auto_says_which_family_it_is_drawn_over():
+    from experiments import plots
+
+    rows = synthetic_rows()
+    rows = rows[(rows["scope"] == "selected") & rows["kernel"].isin(["nsa", "fsa"])]
+    auto = rows[rows["kernel"] == "fsa"].assign(kernel="auto")
+    assert plots.auto_label(pd.concat([rows, auto])) == "auto (= fsa at every point here, drawn over it)"
+    auto = auto.assign(median_ms=auto["median_ms"] * 1.1)
+    assert plots.auto_label(pd.concat([rows, auto])) == "auto"
+
+
+def test_configurations_split_every_setting_no_plot_facets_on():
+    from experiments import plots
+
+    rows = synthetic_rows()
+    rows = rows[(rows["scope"] == "selected") & (rows["status"] == "ok")]
+    assert [s for s, _ in plots.configurations(rows)] == [""]
+    other = rows.assign(head_dim=64)
+    split = plots.configurations(pd.concat([rows, other]))
+    assert [s for s, _ in split] == ["_head_dim-64", "_head_dim-128"]
+    assert all(sub["head_dim"].nunique() == 1 for _, sub in split)
+    assert "| scope | head_dim | block_size |" in report.summary_markdown(pd.concat([rows, other]))
+    # fig4-like: q_heads fixed, kv_heads = q_heads / g varies with g: one configuration
+    fig4 = rows.assign(q_heads=64, kv_heads=64 // rows["gqa"])
+    assert [s for s, _ in plots.configurations(fig4)] == [""]
+    assert "q_heads=64 (kv_heads=16/64)" in plots.title_of(fig4, False, "x")
+    # several heads layouts that neither fix: split by kv_heads
+    mixed = pd.concat([rows, rows.assign(kv_heads=8, q_heads=8 * rows["gqa"])])
+    assert [s for s, _ in plots.configurations(mixed)] == ["_kv_heads-4", "_kv_heads-8"]

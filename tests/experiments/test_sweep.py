@@ -42,7 +42,7 @@ def test_multirun_aggregates_every_job_into_one_csv_and_plots(predicted_sweep):
     assert (df[df["status"] == "predicted"]["median_ms"] > 0).all()
     assert df[df["status"] == "predicted"]["message"].str.contains("x roofline").all(), "calibrated (h100)"
     summary = (folder / "summary.md").read_text()
-    assert "calibrated on measured kernels" in summary and "## Which kernel" in summary
+    assert "calibrated on NVIDIA H100 80GB HBM3 rows" in summary and "## Which kernel" in summary
     for name in ("ratio_vs_seqlen.png", "latency.png", "memory.png", "summary.md"):
         assert (folder / name).stat().st_size > 0, name
     assert "NSA/FSA" in (folder / "summary.md").read_text()
