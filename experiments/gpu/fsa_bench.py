@@ -83,9 +83,9 @@ def run_point(impl, g, n, block, topk, kind, check):
 
 
 def stage_times(q, k, v, idx, block, topk, do):
-    from fsa.backward import fsa_bwd
-    from fsa.forward import fsa_fwd
-    from nsa_baseline.ops.block_index import build_block_index
+    from fsa.backward import fsa_selected_bwd as fsa_bwd
+    from fsa.forward import fsa_selected_fwd as fsa_fwd
+    from nsa_baseline.utils.block_index import build_block_index
 
     cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device="cuda")
     scale = q.shape[-1] ** -0.5

@@ -22,10 +22,10 @@ import torch
 import triton
 
 from fsa import tuning
-from fsa.backward import fsa_bwd
+from fsa.backward import fsa_selected_bwd as fsa_bwd
 from experiments.gpu.provenance import out_dir, run_meta
-from fsa.forward import fsa_fwd
-from nsa_baseline.ops.block_index import build_block_index
+from fsa.forward import fsa_selected_fwd as fsa_fwd
+from nsa_baseline.utils.block_index import build_block_index
 
 FWD_GRID = [tuning.LaunchConfig(m, c, w, s) for m, c, w, s in
             itertools.product((32, 64, 128), (4, 8, 16), (4, 8), (2, 3))]

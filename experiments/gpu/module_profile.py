@@ -22,7 +22,8 @@ import triton
 from nsa_baseline.module import NativeSparseAttention
 from nsa_baseline.ops.compressed import compressed_attention
 from nsa_baseline.ops.compression import compress_kv
-from nsa_baseline.ops.selection import _SCORE_BUDGET, select_blocks_from_compressed, selection_scores_fwd
+from nsa_baseline.ops.selection import SCORE_BUDGET as _SCORE_BUDGET, select_blocks_from_compressed
+from nsa_baseline.ops.selection_kernel import selection_scores_fwd
 from nsa_baseline.ops.window import full_attention, sliding_window_attention
 from nsa_baseline.utils.varlen import single_sequence_cu_seqlens, token_sequence_ids
 

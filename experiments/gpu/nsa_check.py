@@ -23,7 +23,7 @@ import torch
 import triton
 
 from nsa_baseline.ops import selected_attention
-from nsa_baseline.ops.block_index import build_block_index
+from nsa_baseline.utils.block_index import build_block_index
 from nsa_baseline.ops.selected_bwd import nsa_selected_bwd_dkdv, nsa_selected_bwd_dq
 from nsa_baseline.ops.selected_fwd import nsa_selected_fwd
 from nsa_baseline.reference import selected_attention_ref
