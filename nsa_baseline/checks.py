@@ -130,7 +130,8 @@ def check_qkv(q, k, v, cu_seqlens, scale, check_values: bool = False) -> float:
             fail(name, "must be a floating tensor [N, heads, D]")
     n, hq, d = q.shape
     if k.shape[0] != n or k.shape[2] != d or tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"arguments `k`, `v` must both be [N={n}, H, D={d}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"arguments `k`, `v` must both be [N={n}, H, D={d}], got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
     if k.shape[1] < 1 or hq % k.shape[1] != 0:
         raise ValueError(f"argument `q`: num_q_heads={hq} must be a multiple of num_kv_heads={k.shape[1]}")
     if k.dtype != q.dtype or v.dtype != q.dtype:

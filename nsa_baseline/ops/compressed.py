@@ -59,7 +59,7 @@ def compressed_attention_flex(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kerne
                                kernel_stride=16, scale=None):
     """The FlexAttention path on any device (CPU: eager, forward only)."""
     cu, cu_cmp, scale = checked_compressed_args(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
-                                      kernel_stride, scale)
+                                                kernel_stride, scale)
     n, hq, d = q.shape
     n_cmp = k_cmp.shape[0]
     if n_cmp == 0:  # no sequence is long enough for a summary: nothing is visible

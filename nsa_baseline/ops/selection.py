@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import triton
 
-from nsa_baseline.checks import check_block_mapping, check_selection, fail
+from nsa_baseline.checks import check_block_mapping, check_cu_seqlens, check_selection, fail
 from nsa_baseline.contract import KERNEL_DTYPES
 from nsa_baseline.ops.compressed import checked_compressed_args
 from nsa_baseline.ops.compression import compress_kv
@@ -89,7 +89,7 @@ def selection_scores(
     check_block_mapping(kernel_size, kernel_stride, block_size)
     require_selection_kernel(q, kernel_size, kernel_stride, block_size, "nsa_baseline.branches.selection_scores")
     cu, cu_cmp, scale = checked_compressed_args(q, k_cmp, None, cu_seqlens, cu_seqlens_cmp, kernel_size,
-                                      kernel_stride, scale)
+                                                kernel_stride, scale)
     n, hq, _ = q.shape
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (hq, n):
         raise ValueError(f"argument `lse` must be [HQ={hq}, N={n}], got {getattr(lse, 'shape', lse)!r}")
@@ -126,6 +126,7 @@ def select_blocks(
     if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or scores.shape[0] < 1:
         raise ValueError(f"argument `scores` must be [N, H, NB], got {getattr(scores, 'shape', scores)!r}")
     n, h, nb = scores.shape
+    check_cu_seqlens(cu_seqlens)  # no value check here: it would cost a host sync
     if cu_seqlens is None:
         cu_seqlens = single_sequence_cu_seqlens(n, scores.device)
     pos, _ = token_positions(cu_seqlens.to(scores.device), n)
@@ -171,8 +172,8 @@ def select_blocks_from_compressed(
     check_selection(block_size, topk, init_blocks, local_blocks)
     require_selection_kernel(q, kernel_size, kernel_stride, block_size,
                              "nsa_baseline.branches.select_blocks_from_compressed")
-    cu, cu_cmp, scale = checked_compressed_args(q, k_cmp, None, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride,
-                                      scale)
+    cu, cu_cmp, scale = checked_compressed_args(q, k_cmp, None, cu_seqlens, cu_seqlens_cmp, kernel_size,
+                                                kernel_stride, scale)
     n, hq, _ = q.shape
     if lse is not None:
         if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (hq, n):

@@ -88,8 +88,8 @@ def _merge_top(vals, ids, b_sc, j0, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.c
     """Insert the candidates of blocks [j0, j0 + BJ) (scores b_sc [BLOCK_Q, BJ]) into each row's running
     top set (vals, ids [BLOCK_Q, T_PAD]): each step, a row's best remaining candidate replaces the
     set's minimum if it is larger. Steps = the most candidates above a row's minimum at entry (one
-    block-wide reduction per tile, none per step). Rank as select_chunk: forced blocks +inf, other
-    causal blocks by score (NaN -> lowest finite), non-causal blocks are no candidates."""
+    block-wide reduction per tile, none per step). Rank as nsa_baseline.utils.topk.select_chunk: forced
+    blocks +inf, other causal blocks by score (NaN -> lowest finite), non-causal blocks are no candidates."""
     FMAX: tl.constexpr = 3.4028234663852886e38
     o_j = tl.arange(0, BJ)
     o_s = tl.arange(0, T_PAD)
