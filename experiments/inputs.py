@@ -3,7 +3,6 @@ compression path on these q, k; indices=random: uniformly random causal blocks),
 jobs of one process (kernels swept as separate jobs reuse the same inputs)."""
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -11,6 +10,7 @@ import torch
 
 from experiments.points import Point
 from experiments.schema import SelectionConfig
+from nsa_baseline.branches import nsa_block_indices
 
 _cache: dict = {}
 
@@ -25,17 +25,6 @@ class Inputs:
     gates: Optional[torch.Tensor] = None  # [N, HQ, 3] branch gates in (0, 1) (scope=module)
 
 
-def nsa_path_function(device: torch.device):
-    """The NSA compression path: the Triton version on CUDA when it exists (same indices, tested
-    against the reference), else the PyTorch reference `nsa_block_indices_ref`."""
-    if device.type == "cuda":
-        try:
-            return importlib.import_module("nsa_baseline.ops.selection").nsa_block_indices
-        except (ImportError, AttributeError):
-            pass
-    return importlib.import_module("nsa_baseline.reference").nsa_block_indices_ref
-
-
 def block_indices_for(point: Point, sel: SelectionConfig, q, k, cu_seqlens, generator) -> torch.Tensor:
     if point.indices == "random":
         from nsa_baseline.utils.indices import random_causal_block_indices
@@ -44,7 +33,8 @@ def block_indices_for(point: Point, sel: SelectionConfig, q, k, cu_seqlens, gene
                                            cu_seqlens=cu_seqlens, init_blocks=sel.init_blocks,
                                            local_blocks=sel.local_blocks, device=q.device, generator=generator)
     with torch.no_grad():
-        idx = nsa_path_function(q.device)(
+        # the Triton selection where its kernel serves the call (tested against the reference), else the reference
+        idx = nsa_block_indices(
             q, k, cu_seqlens=None if point.batch == 1 else cu_seqlens, kernel_size=sel.kernel_size,
             kernel_stride=sel.kernel_stride, block_size=point.block_size, topk=point.topk,
             init_blocks=sel.init_blocks, local_blocks=sel.local_blocks)

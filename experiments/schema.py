@@ -13,6 +13,8 @@ import pandas as pd
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from nsa_baseline.contract import BLOCK_SIZES
+
 KERNELS = ("nsa", "fsa", "auto", "sdpa", "fla")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 KERNEL_PRESETS = {"all": KERNELS, "sparse": ("nsa", "fsa", "auto")}
@@ -21,7 +23,6 @@ DTYPES = ("bfloat16", "float16", "float32")
 SCOPES = ("selected", "module")
 INDEX_SOURCES = ("nsa", "random")
 MEASURE_MODES = ("auto", "time", "predict")
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 class ConfigError(ValueError):

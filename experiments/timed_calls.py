@@ -22,13 +22,7 @@ import torch.nn.functional as F
 from experiments.inputs import Inputs
 from experiments.points import Point
 from experiments.schema import SweepConfig
-
-SELECTED_ENTRY = {  # kernel -> (module, function) of the selected-attention contract
-    "nsa": ("nsa_baseline", "selected_attention"),
-    "fsa": ("fsa", "selected_attention"),
-    "auto": ("fsa.auto", "selected_attention"),
-}
-
+from nsa_baseline.families import get_family
 
 @dataclass
 class Call:
@@ -151,4 +145,4 @@ def build_call(kernel: str, cfg: SweepConfig, point: Point, inp: Inputs) -> Call
         return _fla_call(inp, point)
     if point.scope == "module":
         return _module_call(kernel, cfg, point, inp)
-    return _selected_call(_entry(*SELECTED_ENTRY[kernel]), inp, point.block_size)
+    return _selected_call(get_family(kernel).selected_attention, inp, point.block_size)

@@ -18,18 +18,14 @@ import torch
 import triton
 
 from nsa_baseline.contract import check_selected_args
+from nsa_baseline.families import candidates
 
 CACHE_ENV = "FSA_AUTO_CACHE"
 _choices: dict[str, str] = {}
 _gpu_names: dict[int, str] = {}
-_family_fns: dict[str, Callable] = {}
-
-
-def _families() -> dict[str, Callable]:
-    from fsa.selected import selected_attention as fsa_sel
-    from nsa_baseline.ops.selected import selected_attention as nsa_sel
-
-    return {"nsa": nsa_sel, "fsa": fsa_sel}
+# The families timed against each other (nsa_baseline.families), imported now: torch.compile cannot
+# trace an import inside selected_attention.
+_family_fns: dict[str, Callable] = candidates()
 
 
 def _gpu_name(device: torch.device) -> str:
@@ -40,8 +36,9 @@ def _gpu_name(device: torch.device) -> str:
 
 
 def rule_choice(group_size: int) -> str:
-    """Without a GPU to measure on: FSA avoids NSA's padded group tile. On the H100 (results/sweep) FSA
-    is faster at every measured G <= 8 (1.4x at G=8, 64K fwd) and NSA at G=16 (no padding left)."""
+    """Without a GPU to measure on: FSA avoids NSA's padded group tile, which wastes most of NSA's
+    work for small G; at G = 16 that tile has no padding left and NSA's query-outer loop wins
+    (measured on the H100: results/sweep, README "Which kernel")."""
     return "fsa" if group_size <= 8 else "nsa"
 
 
@@ -93,7 +90,7 @@ def choose(q, k, v, block_indices, block_size, cu_seqlens, scale, batch: int) ->
     key = config_key(q, k, block_indices, block_size, batch, needs_grad)
     if key not in _choices:
         times = {name: measure(fn, q, k, v, block_indices, block_size, cu_seqlens, scale, needs_grad)
-                 for name, fn in _families().items()}
+                 for name, fn in _family_fns.items()}
         _choices[key] = min(times, key=times.get)
         _save_cache()
     return _choices[key]
@@ -117,8 +114,6 @@ def selected_attention(
     """
     a = check_selected_args(q, k, v, block_indices, block_size, cu_seqlens, scale)
     name = choose(q, k, v, block_indices, block_size, a.cu_seqlens, a.scale, a.batch)
-    if name not in _family_fns:
-        _family_fns.update(_families())
     return _family_fns[name](q, k, v, block_indices, block_size, cu_seqlens=a.cu_seqlens, scale=a.scale,
                              return_lse=return_lse, check_indices=check_indices)
 

@@ -16,13 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fsa.index import build_schedule, locate_item
+from fsa.schedule import build_schedule, locate_item, reduce_rows, slot_rows
 from fsa.tuning import launch_plan
-from nsa_baseline.utils.triton_utils import new_output
+from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
 
 @triton.jit
-def _fsa_bwd_pairs_kernel(
+def fsa_selected_bwd_kernel(
     q, k, v, do, lse, delta, dq_part, dk_acc, dv_acc, dkv_part,
     row_offsets, tokens, block_start, block_end, item_offsets,
     scale, scale_log2, N, NUM_ROWS, NB_BOUND, H_OFF, SUB_STRIDE,
@@ -99,7 +99,7 @@ def _fsa_bwd_pairs_kernel(
 
 
 @triton.jit
-def _fsa_bwd_dkv_reduce_kernel(
+def fsa_selected_bwd_dkdv_reduce_kernel(
     dk_acc, dv_acc, dkv_part, item_offsets, block_start, block_end, NB_BOUND, H_OFF,
     H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, KEY_ROWS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
@@ -138,26 +138,18 @@ def _fsa_bwd_dkv_reduce_kernel(
 
 
 @triton.jit
-def _fsa_bwd_dq_reduce_kernel(
+def fsa_selected_bwd_dq_reduce_kernel(
     dq_part, pair_pos, row_offsets, dq, N, H_OFF,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr, T: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SUB: tl.constexpr, SUB_STRIDE,
 ):
-    i_n = tl.program_id(0)
-    i_hc = tl.program_id(1)
-    i_h = H_OFF + i_hc // GC
-    i_j = i_hc % GC
-    i_hq = i_h * G + G_OFF + i_j
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
+    i_h, i_j, i_hq, o_n, m_n = reduce_rows(N, H_OFF, G, G_OFF, GC, BLOCK_N)
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
     b_dq = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     p_first = tl.load(row_offsets)  # the pass's first pair position
     for i_t in range(T):
-        pp = tl.load(pair_pos + (o_n * H + i_h) * T + i_t, mask=m_n, other=-1)
-        ok = pp >= 0
-        row = (pp - p_first).to(tl.int64) * GC + i_j
+        row, ok = slot_rows(pair_pos, p_first, o_n, m_n, i_h, i_j, i_t, H, T, GC)
         for i_sub in tl.static_range(NUM_SUB):
             b_dq += tl.load(dq_part + (i_sub * SUB_STRIDE + row)[:, None] * D + o_d[None, :],
                             mask=ok[:, None] & m_d[None, :], other=0.0).to(tl.float32)
@@ -179,7 +171,7 @@ def row_dot(o, do):
     return delta
 
 
-def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float, dlse=None):
+def fsa_selected_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float, dlse=None):
     """Host wrapper: returns dq, dk, dv (input dtype). dlse [HQ, N] is the gradient of the returned
     lse, if any: d lse / d s = p, so it folds into delta (ds = p * (dp - delta + dlse))."""
     plan = launch_plan(q, k, block_size, topk, backward=True)
@@ -202,21 +194,21 @@ def fsa_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float
     for h0, hcur, g0, gcur in plan.passes():
         sched = build_schedule(index, h0, hcur, gcur, cfg.block_m * cfg.chunk_tiles, plan.pass_pairs)
         dkv_part = torch.empty(sched.grid_bound, 2, block_size, d_pad, dtype=torch.float32, device=q.device)
-        _fsa_bwd_pairs_kernel[(sched.grid_bound, num_sub)](
+        fsa_selected_bwd_kernel[(sched.grid_bound, num_sub)](
             q, k, v, do, lse, delta, dq_part, dk_acc, dv_acc, dkv_part,
             sched.row_offsets, index.tokens, index.block_start, index.block_end, sched.item_offsets,
-            scale, scale * 1.4426950408889634, n, sched.num_rows, index.nb_bound, h0, sub_stride,
+            scale, scale * LOG2E, n, sched.num_rows, index.nb_bound, h0, sub_stride,
             HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, D=d, D_PAD=d_pad, BS=block_size,
             BLOCK_M=cfg.block_m, CHUNK_TILES=cfg.chunk_tiles, SEARCH_STEPS=sched.search_steps,
             KEY_TILE=key_tile, ACCUMULATE=g0 > 0, DOT_PRECISION=plan.precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        _fsa_bwd_dkv_reduce_kernel[(sched.num_rows, block_size // reduce_rows)](
+        fsa_selected_bwd_dkdv_reduce_kernel[(sched.num_rows, block_size // reduce_rows)](
             dk_acc, dv_acc, dkv_part, sched.item_offsets, index.block_start, index.block_end, index.nb_bound, h0,
             H=h, D=d, D_PAD=d_pad, BS=block_size, KEY_ROWS=reduce_rows, ACCUMULATE=g0 > 0,
             num_warps=4 if reduce_rows * d_pad >= 2048 else 2,
         )
-        _fsa_bwd_dq_reduce_kernel[(triton.cdiv(n, cfg.block_n), hcur * gcur)](
+        fsa_selected_bwd_dq_reduce_kernel[(triton.cdiv(n, cfg.block_n), hcur * gcur)](
             dq_part, index.pair_pos, sched.row_offsets, dq, n, h0,
             HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, T=topk, D=d, D_PAD=d_pad, BLOCK_N=cfg.block_n,
             NUM_SUB=num_sub, SUB_STRIDE=sub_stride, num_warps=4 if d_pad >= 128 else 2,

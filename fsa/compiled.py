@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fsa.backward import fsa_bwd
-from fsa.forward import fsa_fwd
-from nsa_baseline.ops.block_index import BlockIndex, block_id_bound, build_block_index
+from fsa.backward import fsa_selected_bwd
+from fsa.forward import fsa_selected_fwd
+from nsa_baseline.utils.block_index import BlockIndex, block_id_bound, build_block_index
 
 INDEX_FIELDS = ("row_offsets", "tokens", "pair_pos", "block_start", "block_end")
 
@@ -25,15 +25,15 @@ def _index_of(row_offsets, tokens, pair_pos, block_start, block_end) -> BlockInd
 
 
 @torch.library.custom_op("nsa_kernels::fsa_selected_fwd", mutates_args=())
-def fsa_selected_fwd(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor,
+def fsa_selected_fwd_op(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor,
                      block_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o, lse, *the block index's tensors) of one FSA forward."""
     index = build_block_index(block_indices, block_size, cu_seqlens, k.shape[1])
-    o, lse = fsa_fwd(q, k, v, index, block_size, block_indices.shape[2], scale)
+    o, lse = fsa_selected_fwd(q, k, v, index, block_size, block_indices.shape[2], scale)
     return (o, lse, *(getattr(index, f) for f in INDEX_FIELDS))
 
 
-@fsa_selected_fwd.register_fake
+@fsa_selected_fwd_op.register_fake
 def _(q, k, v, block_indices, cu_seqlens, block_size, scale):
     n, hq, d = q.shape
     h, t_sel = k.shape[1], block_indices.shape[2]
@@ -45,14 +45,14 @@ def _(q, k, v, block_indices, cu_seqlens, block_size, scale):
 
 
 @torch.library.custom_op("nsa_kernels::fsa_selected_bwd", mutates_args=())
-def fsa_selected_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor],
+def fsa_selected_bwd_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor],
                      row_offsets: Tensor, tokens: Tensor, pair_pos: Tensor, block_start: Tensor, block_end: Tensor,
                      block_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     index = _index_of(row_offsets, tokens, pair_pos, block_start, block_end)
-    return fsa_bwd(q, k, v, o, lse, do.contiguous(), index, block_size, pair_pos.shape[2], scale, dlse)
+    return fsa_selected_bwd(q, k, v, o, lse, do.contiguous(), index, block_size, pair_pos.shape[2], scale, dlse)
 
 
-@fsa_selected_bwd.register_fake
+@fsa_selected_bwd_op.register_fake
 def _(q, k, v, o, lse, do, dlse, row_offsets, tokens, pair_pos, block_start, block_end, block_size, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -67,14 +67,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, dlse, *_index_grads):
     q, k, v, o, lse, *index = ctx.saved_tensors
-    dq, dk, dv = fsa_selected_bwd(q, k, v, o, lse, do, dlse, *index, ctx.block_size, ctx.scale)
+    dq, dk, dv = fsa_selected_bwd_op(q, k, v, o, lse, do, dlse, *index, ctx.block_size, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
 
-fsa_selected_fwd.register_autograd(_backward, setup_context=_setup_context)
+fsa_selected_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def selected_attention_op(q, k, v, block_indices, block_size: int, cu_seqlens: Tensor, scale: float):
     """(o, lse) through the custom ops (inputs already checked and contiguous)."""
-    o, lse, *_ = fsa_selected_fwd(q, k, v, block_indices, cu_seqlens, block_size, scale)
+    o, lse, *_ = fsa_selected_fwd_op(q, k, v, block_indices, cu_seqlens, block_size, scale)
     return o, lse

@@ -13,15 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fsa.index import build_schedule, locate_item
+from fsa.schedule import build_schedule, locate_item, reduce_rows, slot_rows
 from fsa.tuning import launch_plan
-from nsa_baseline.utils.triton_utils import new_output
-
-LOG2E = 1.4426950408889634
+from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
 
 @triton.jit
-def _fsa_fwd_pairs_kernel(
+def fsa_selected_fwd_kernel(
     q, k, v, o_part, lse_part,
     row_offsets, tokens, block_start, block_end, item_offsets,
     scale_log2, NUM_ROWS, NB_BOUND, H_OFF,
@@ -76,18 +74,12 @@ def _fsa_fwd_pairs_kernel(
 
 
 @triton.jit
-def _fsa_fwd_reduce_kernel(
+def fsa_selected_fwd_reduce_kernel(
     o_part, lse_part, pair_pos, row_offsets, o, lse, N, H_OFF,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr, T: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_hc = tl.program_id(1)  # (kv head, head of the group) of this pass
-    i_h = H_OFF + i_hc // GC
-    i_j = i_hc % GC
-    i_hq = i_h * G + G_OFF + i_j
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
+    i_h, i_j, i_hq, o_n, m_n = reduce_rows(N, H_OFF, G, G_OFF, GC, BLOCK_N)
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
 
@@ -96,9 +88,7 @@ def _fsa_fwd_reduce_kernel(
     b_acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     p_first = tl.load(row_offsets)  # the pass's first pair position
     for i_t in range(T):
-        pp = tl.load(pair_pos + (o_n * H + i_h) * T + i_t, mask=m_n, other=-1)
-        ok = pp >= 0
-        row = (pp - p_first).to(tl.int64) * GC + i_j
+        row, ok = slot_rows(pair_pos, p_first, o_n, m_n, i_h, i_j, i_t, H, T, GC)
         b_lt = tl.load(lse_part + row, mask=ok, other=float("-inf"))
         b_ot = tl.load(o_part + row[:, None] * D + o_d[None, :], mask=ok[:, None] & m_d[None, :], other=0.0)
         m_new = tl.maximum(b_m, b_lt)
@@ -116,7 +106,7 @@ def _fsa_fwd_reduce_kernel(
     tl.store(lse + i_hq.to(tl.int64) * N + o_n, b_lse, mask=m_n)
 
 
-def fsa_fwd(q, k, v, index, block_size: int, topk: int, scale: float):
+def fsa_selected_fwd(q, k, v, index, block_size: int, topk: int, scale: float):
     """Host wrapper: returns o [N, HQ, D] (q.dtype) and lse float32 [HQ, N] (natural log)."""
     plan = launch_plan(q, k, block_size, topk, backward=False)
     n, hq, h, g, d, d_pad, cfg = plan.n, plan.hq, plan.h, plan.g, plan.d, plan.d_pad, plan.cfg
@@ -126,7 +116,7 @@ def fsa_fwd(q, k, v, index, block_size: int, topk: int, scale: float):
     lse_part = torch.empty(plan.pass_pairs * plan.heads_per_pass, dtype=torch.float32, device=q.device)
     for h0, hcur, g0, gcur in plan.passes():
         sched = build_schedule(index, h0, hcur, gcur, cfg.block_m * cfg.chunk_tiles, plan.pass_pairs)
-        _fsa_fwd_pairs_kernel[(sched.grid_bound,)](
+        fsa_selected_fwd_kernel[(sched.grid_bound,)](
             q, k, v, o_part, lse_part,
             sched.row_offsets, index.tokens, index.block_start, index.block_end, sched.item_offsets,
             scale * LOG2E, sched.num_rows, index.nb_bound, h0,
@@ -134,7 +124,7 @@ def fsa_fwd(q, k, v, index, block_size: int, topk: int, scale: float):
             BLOCK_M=cfg.block_m, CHUNK_TILES=cfg.chunk_tiles, SEARCH_STEPS=sched.search_steps,
             DOT_PRECISION=plan.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        _fsa_fwd_reduce_kernel[(triton.cdiv(n, cfg.block_n), hcur * gcur)](
+        fsa_selected_fwd_reduce_kernel[(triton.cdiv(n, cfg.block_n), hcur * gcur)](
             o_part, lse_part, index.pair_pos, sched.row_offsets, o, lse, n, h0,
             HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, T=topk, D=d, D_PAD=d_pad, BLOCK_N=cfg.block_n,
             num_warps=4 if d_pad >= 128 else 2,

@@ -9,14 +9,13 @@ from typing import Optional
 
 import torch
 
-from fsa.backward import fsa_bwd
+from fsa.backward import fsa_selected_bwd
 from fsa.compiled import selected_attention_op
-from fsa.forward import fsa_fwd
-from nsa_baseline.contract import check_block_indices, check_selected_args, index_checks_requested
-from nsa_baseline.ops.block_index import build_block_index
-
-FSA_BLOCK_SIZES = (16, 32, 64, 128)
-FSA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from fsa.forward import fsa_selected_fwd
+from nsa_baseline.checks import require_kernel_device
+from nsa_baseline.contract import (BLOCK_SIZES, KERNEL_DTYPES, check_block_indices, check_selected_args,
+                                   index_checks_requested)
+from nsa_baseline.utils.block_index import build_block_index
 
 
 class FSASelectedAttention(torch.autograd.Function):
@@ -24,7 +23,7 @@ class FSASelectedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, block_indices, block_size, cu_seqlens, scale):
         index = build_block_index(block_indices, block_size, cu_seqlens, k.shape[1])
         topk = block_indices.shape[2]
-        o, lse = fsa_fwd(q, k, v, index, block_size, topk, scale)
+        o, lse = fsa_selected_fwd(q, k, v, index, block_size, topk, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.index, ctx.block_size, ctx.topk, ctx.scale = index, block_size, topk, scale
         return o, lse
@@ -32,7 +31,7 @@ class FSASelectedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = fsa_bwd(q, k, v, o, lse, do, ctx.index, ctx.block_size, ctx.topk, ctx.scale, dlse)
+        dq, dk, dv = fsa_selected_bwd(q, k, v, o, lse, do, ctx.index, ctx.block_size, ctx.topk, ctx.scale, dlse)
         return dq, dk, dv, None, None, None, None
 
 
@@ -63,7 +62,8 @@ def selected_attention(
         o [N, HQ, D] in q.dtype, or (o, lse).
     """
     a = check_selected_args(q, k, v, block_indices, block_size, cu_seqlens, scale,
-                            supported_block_sizes=FSA_BLOCK_SIZES, supported_dtypes=FSA_DTYPES)
+                            supported_block_sizes=BLOCK_SIZES, supported_dtypes=KERNEL_DTYPES)
+    require_kernel_device(q, "selected_attention: ")
     if torch.compiler.is_compiling():  # custom ops torch.compile traces through (fsa/compiled.py)
         o, lse = selected_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous(),
                                        block_size, a.cu_seqlens, a.scale)

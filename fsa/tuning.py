@@ -4,9 +4,8 @@ Defaults were set from register / shared-memory budgets and checked on the H100 
 experiments/gpu/fsa_bench.py (results/fsa_bench/); experiments/gpu/fsa_tune.py sweeps them
 (launch_config_override runs the kernels with any config; results/fsa_tune/ moved the d <= 128
 forward to 64 rows and 3 stages on the H100, kept for GPUs with Hopper's shared memory per block).
-Measured: splitting 128-key blocks into 64-key tiles in the backward took the (128, 8) backward at
-64K from 7.8 to 3.7 ms (g=1) and from 27.1 to 13.4 ms (g=4): the [128, 128] fp32 dK/dV accumulators
-had spilled.
+The backward splits 128-key blocks into 64-key tiles: [128, 128] fp32 dK/dV accumulators spill
+(the measurement is in results/fsa_tune/README.md).
 
 The partial buffers (forward: o and lse per pair row; backward: dQ per pair row and key tile, dK/dV of
 busy blocks per work item) are sized for one pass, and a call runs as many passes as the budget
@@ -103,8 +102,8 @@ def gpu_launch_config(head_dim: int, block_size: int, backward: bool,
         key_tile = 64 if d_pad <= 128 else 32
         return LaunchConfig(block_m=64, chunk_tiles=16, num_warps=4, num_stages=2, key_tile=key_tile)
     if d_pad <= 128 and shared_mem >= HOPPER_SHARED_MEM:
-        # Swept on the H100 (results/fsa_tune): 64 query rows with 3 stages fit shared memory and are the
-        # fastest: 1.5x over 32 rows at (128, 8), 2-4% over 2 stages at (64, 16).
+        # Swept on the H100 (results/fsa_tune/README.md): 64 query rows with 3 stages fit shared memory
+        # and were the fastest.
         return LaunchConfig(block_m=64, chunk_tiles=8, num_warps=4, num_stages=3)
     # Less shared memory (A100: 163 KiB) or d > 128, not swept: the earlier estimate, 64 rows only
     # while the K/V block and the tiles surely fit.

@@ -1,10 +1,9 @@
 """Which implementation runs each NSA branch, by backend name (looked up lazily with importlib).
 
     torch : every branch from nsa_baseline.reference
-    nsa   : selected from nsa_baseline.ops.selected_attention; the other branches from
-            nsa_baseline.ops when it has them, else the reference
-    fsa   : selected from fsa.selected_attention; the other branches as "nsa"
-    auto  : selected from fsa.auto.selected_attention; the other branches as "nsa"
+    nsa, fsa, auto : selected attention from that family of nsa_baseline.families; the other
+            branches from nsa_baseline.branches (the GPU kernels where they serve the call, the
+            reference elsewhere)
 
 The selected branch of a non-torch backend is required (an ImportError-free fallback would make a
 benchmark silently time the reference); every other branch falls back to the reference and is
@@ -16,6 +15,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+from nsa_baseline.families import FAMILIES
+
 # Branch -> "module:function" of the reference implementation.
 REFERENCE = {
     "compress_kv": "nsa_baseline.reference.compression:compress_kv",
@@ -25,24 +26,16 @@ REFERENCE = {
     "selected_attention": "nsa_baseline.reference.selected:selected_attention_ref",
     "sliding_window_attention": "nsa_baseline.reference.window:sliding_window_attention_ref",
 }
-# GPU versions of the other branches: the package export first, then the file that defines it.
-_OPS = {
-    "compress_kv": ("nsa_baseline.ops:compress_kv", "nsa_baseline.ops.compression:compress_kv"),
-    "compressed_attention": ("nsa_baseline.ops:compressed_attention",
-                             "nsa_baseline.ops.compressed:compressed_attention"),
-    "select_blocks_from_compressed": ("nsa_baseline.ops:select_blocks_from_compressed",),
-    "nsa_block_indices": ("nsa_baseline.ops:nsa_block_indices",),
-    "sliding_window_attention": ("nsa_baseline.ops:sliding_window_attention",
-                                 "nsa_baseline.ops.window:sliding_window_attention"),
-}
+# The other branches of a kernel backend: GPU kernels with the reference as fallback.
+_BRANCHES = {name: (f"nsa_baseline.branches:{name}",) for name in (
+    "compress_kv", "compressed_attention", "select_blocks_from_compressed", "nsa_block_indices",
+    "sliding_window_attention")}
 
 # Backend -> branch -> candidate "module:function" names, first found wins; branches missing here
 # use the reference.
 BACKENDS: dict[str, dict[str, tuple[str, ...]]] = {
     "torch": {},
-    "nsa": {**_OPS, "selected_attention": ("nsa_baseline.ops:selected_attention",)},
-    "fsa": {**_OPS, "selected_attention": ("fsa:selected_attention",)},
-    "auto": {**_OPS, "selected_attention": ("fsa.auto:selected_attention",)},
+    **{name: {**_BRANCHES, "selected_attention": (fam.entry,)} for name, fam in FAMILIES.items()},
 }
 REQUIRED = ("selected_attention",)
 

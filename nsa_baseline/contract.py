@@ -19,17 +19,16 @@ from typing import Optional
 
 import torch
 
+from nsa_baseline.checks import check_cu_seqlens, check_scale, fail
 from nsa_baseline.utils.varlen import single_sequence_cu_seqlens
 
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Block sizes the kernels of both families support (the reference takes any positive block size).
+BLOCK_SIZES = (16, 32, 64, 128)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the kernels' input dtypes
+SUPPORTED_DTYPES = KERNEL_DTYPES + (torch.float64,)  # the reference computes in float64 too
 CHECK_INDICES_ENV = "NSA_CHECK_INDICES"
 MAX_PAIRS = 2**31 - 1  # the inverted block index and pair positions are int32 (N * H * T of them)
-
-# cu_seqlens tensors already checked: id -> (data_ptr, version). Checking a CUDA tensor's values
-# needs one device->host copy; a training step reuses the same cu_seqlens in every layer, so the
-# copy happens once per tensor instead of once per call.
-_checked_cu_seqlens: dict[int, tuple[int, int, int]] = {}
+_WHERE = "selected_attention: "
 
 
 @dataclass(frozen=True)
@@ -52,29 +51,7 @@ class SelectedArgs:
 
 
 def _fail(arg: str, msg: str) -> None:
-    raise ValueError(f"selected_attention: argument `{arg}` {msg}")
-
-
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> None:
-    if not isinstance(cu_seqlens, torch.Tensor):
-        _fail("cu_seqlens", f"must be an int32 tensor [batch + 1], got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        _fail("cu_seqlens", f"must be an int32 tensor [batch + 1] with batch >= 1, got "
-              f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
-    key = id(cu_seqlens)
-    stamp = (cu_seqlens.data_ptr(), cu_seqlens._version, cu_seqlens.numel())
-    if _checked_cu_seqlens.get(key) == stamp:
-        return
-    values = cu_seqlens.tolist()
-    if values[0] != 0:
-        _fail("cu_seqlens", f"must start at 0, got {values[0]}")
-    if any(b < a for a, b in zip(values, values[1:])):
-        _fail("cu_seqlens", f"must be non-decreasing, got {values[:8]}{'...' if len(values) > 8 else ''}")
-    if values[-1] != num_tokens:
-        _fail("cu_seqlens", f"must end at total_tokens = q.shape[0] = {num_tokens}, got {values[-1]}")
-    if len(_checked_cu_seqlens) > 256:
-        _checked_cu_seqlens.clear()
-    _checked_cu_seqlens[key] = stamp
+    fail(arg, msg, _WHERE)
 
 
 def check_selected_args(
@@ -85,7 +62,7 @@ def check_selected_args(
     block_size: int,
     cu_seqlens: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
-    supported_block_sizes: tuple[int, ...] = SUPPORTED_BLOCK_SIZES,
+    supported_block_sizes: tuple[int, ...] = BLOCK_SIZES,
     supported_dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES,
 ) -> SelectedArgs:
     """Validate a selected-attention call and return its sizes; raises ValueError naming the argument."""
@@ -126,20 +103,16 @@ def check_selected_args(
               f"int32 pair index holds ({MAX_PAIRS}); split the batch into calls of fewer tokens")
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size not in supported_block_sizes:
         _fail("block_size", f"must be one of {supported_block_sizes}, got {block_size!r}")
-    if scale is None:
-        scale = d ** -0.5
-    elif not isinstance(scale, (int, float)) or not scale > 0:
-        _fail("scale", f"must be a positive float or None, got {scale!r}")
+    scale = check_scale(scale, d, _WHERE)
     compiling = torch.compiler.is_compiling()
     if cu_seqlens is None:  # (the cached tensor is for eager calls; a traced graph makes its own)
         cu_seqlens = (torch.tensor([0, n], dtype=torch.int32, device=q.device) if compiling
                       else single_sequence_cu_seqlens(n, q.device))
     else:
-        if not compiling:  # value checks read the tensor: eager only
-            _check_cu_seqlens(cu_seqlens, n)
+        check_cu_seqlens(cu_seqlens, n, _WHERE)  # values in eager mode only
         if cu_seqlens.device != q.device:
             cu_seqlens = cu_seqlens.to(q.device)
-    return SelectedArgs(n, hq, h, hq // h, d, t_sel, block_size, float(scale), cu_seqlens)
+    return SelectedArgs(n, hq, h, hq // h, d, t_sel, block_size, scale, cu_seqlens)
 
 
 def index_checks_requested(check_indices: Optional[bool]) -> bool:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from nsa_baseline.backends import BACKENDS, Backend, resolve_backend
-from nsa_baseline.reference.compressed import check_block_mapping
+from nsa_baseline.checks import check_block_mapping, check_cu_seqlens
+from nsa_baseline.families import FAMILIES
 from nsa_baseline.reference.rope import apply_rope, rope_positions
 
 COMPRESSIONS = ("linear", "mean")
@@ -60,6 +61,8 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"argument `compression` must be one of {list(COMPRESSIONS)}, got {compression!r}")
         if backend not in BACKENDS:
             raise ValueError(f"argument `backend` must be one of {sorted(BACKENDS)}, got {backend!r}")
+        if backend in FAMILIES:  # the kernels' constraints, here rather than at the first forward
+            FAMILIES[backend].check_block_size(block_size)
         self.hidden_size, self.num_q_heads, self.num_kv_heads = hidden_size, num_q_heads, num_kv_heads
         self.head_dim, self.kernel_size, self.kernel_stride = head_dim, kernel_size, kernel_stride
         self.block_size, self.topk, self.init_blocks, self.local_blocks = block_size, topk, init_blocks, local_blocks
@@ -92,9 +95,7 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"argument `x` dtype must match the parameters ({self.q_proj.weight.dtype}), got {x.dtype}")
         if x.device != self.q_proj.weight.device:
             raise ValueError(f"argument `x` must be on the parameters' device {self.q_proj.weight.device}, got {x.device}")
-        if cu_seqlens is not None and (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32
-                                       or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2):
-            raise ValueError("argument `cu_seqlens` must be an int32 tensor [B + 1] or None")
+        check_cu_seqlens(cu_seqlens)
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, return_branches: bool = False):
         r"""

@@ -3,7 +3,7 @@ and their toggles (argument, NSA_CHECK_INDICES)."""
 import pytest
 import torch
 
-from nsa_baseline import contract
+from nsa_baseline import checks, contract
 from nsa_baseline.contract import (CHECK_INDICES_ENV, check_block_indices, check_selected_args,
                                    index_checks_requested)
 
@@ -14,9 +14,9 @@ N, HQ, H, D, T, BS = 40, 6, 2, 8, 3, 16
 def _fresh_cu_seqlens_cache():
     # The contract caches checked cu_seqlens by id(); a freed tensor's id can be reused by the next
     # test's tensor, so start every test with an empty cache.
-    contract._checked_cu_seqlens.clear()
+    checks.forget_checked_cu_seqlens()
     yield
-    contract._checked_cu_seqlens.clear()
+    checks.forget_checked_cu_seqlens()
 
 
 def args(**over):

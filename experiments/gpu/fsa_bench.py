@@ -70,18 +70,18 @@ def run_point(impl, g, n, block, topk, kind):
 
 
 def stage_times(q, k, v, idx, block, topk, do):
-    from fsa.backward import fsa_bwd
-    from fsa.forward import fsa_fwd
-    from nsa_baseline.ops.block_index import build_block_index
+    from fsa.backward import fsa_selected_bwd
+    from fsa.forward import fsa_selected_fwd
+    from nsa_baseline.utils.block_index import build_block_index
 
     cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device="cuda")
     scale = q.shape[-1] ** -0.5
     index = build_block_index(idx, block, cu, k.shape[1])
-    o, lse = fsa_fwd(q, k, v, index, block, topk, scale)
+    o, lse = fsa_selected_fwd(q, k, v, index, block, topk, scale)
     return dict(
         index_ms=bench(lambda: build_block_index(idx, block, cu, k.shape[1])),
-        fwd_kernels_ms=bench(lambda: fsa_fwd(q, k, v, index, block, topk, scale)),
-        bwd_kernels_ms=bench(lambda: fsa_bwd(q, k, v, o, lse, do, index, block, topk, scale)),
+        fwd_kernels_ms=bench(lambda: fsa_selected_fwd(q, k, v, index, block, topk, scale)),
+        bwd_kernels_ms=bench(lambda: fsa_selected_bwd(q, k, v, o, lse, do, index, block, topk, scale)),
         pairs=int(index.row_offsets[-1]),
     )
 

@@ -3,8 +3,8 @@ and shared-memory budgets and never swept like NSA's tables; this times the alte
 
     python -m experiments.gpu.fsa_tune [--gqa 1,4] [--seqlen 65536] [--sparsity 64:16,128:8] [--budget-s 420]
 
-Per point (bf16, d=128, 4 KV heads, NSA-path indices): the forward kernels (fsa_fwd) and the backward
-kernels (fsa_bwd) under every config of FWD_GRID / BWD_GRID, each result checked against the default
+Per point (bf16, d=128, 4 KV heads, NSA-path indices): the forward kernels (fsa_selected_fwd) and the backward
+kernels (fsa_selected_bwd) under every config of FWD_GRID / BWD_GRID, each result checked against the default
 config's first (a config that computes something else is reported as "mismatch", not timed), then
 timed with do_bench. Stops cleanly when the time budget is spent (compiling a config takes seconds).
 Writes $OUT/fsa_tune.csv (OUT defaults to ./out) with GPU, torch, Triton and git commit per row.
@@ -22,10 +22,10 @@ import torch
 import triton
 
 from fsa import tuning
-from fsa.backward import fsa_bwd
+from fsa.backward import fsa_selected_bwd
 from experiments.gpu.provenance import out_dir, require_cuda, run_meta
-from fsa.forward import fsa_fwd
-from nsa_baseline.ops.block_index import build_block_index
+from fsa.forward import fsa_selected_fwd
+from nsa_baseline.utils.block_index import build_block_index
 
 FWD_GRID = [tuning.LaunchConfig(m, c, w, s) for m, c, w, s in
             itertools.product((32, 64, 128), (4, 8, 16), (4, 8), (2, 3))]
@@ -50,11 +50,11 @@ def tune_point(q, k, v, idx, block: int, topk: int, do, fwd_grid, bwd_grid,
     cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
     scale = q.shape[-1] ** -0.5
     index = build_block_index(idx, block, cu, k.shape[1])
-    o_ref, lse_ref = fsa_fwd(q, k, v, index, block, topk, scale)
-    grads_ref = fsa_bwd(q, k, v, o_ref, lse_ref, do, index, block, topk, scale)
+    o_ref, lse_ref = fsa_selected_fwd(q, k, v, index, block, topk, scale)
+    grads_ref = fsa_selected_bwd(q, k, v, o_ref, lse_ref, do, index, block, topk, scale)
     runs = {
-        "fwd": (fwd_grid, lambda: fsa_fwd(q, k, v, index, block, topk, scale), (o_ref, lse_ref)),
-        "bwd": (bwd_grid, lambda: fsa_bwd(q, k, v, o_ref, lse_ref, do, index, block, topk, scale), grads_ref),
+        "fwd": (fwd_grid, lambda: fsa_selected_fwd(q, k, v, index, block, topk, scale), (o_ref, lse_ref)),
+        "bwd": (bwd_grid, lambda: fsa_selected_bwd(q, k, v, o_ref, lse_ref, do, index, block, topk, scale), grads_ref),
     }
     rows = []
     for pass_name, (grid, call, expected) in runs.items():

@@ -23,7 +23,8 @@ from experiments.gpu.provenance import require_cuda
 from nsa_baseline.module import NativeSparseAttention
 from nsa_baseline.ops.compressed import compressed_attention
 from nsa_baseline.ops.compression import compress_kv
-from nsa_baseline.ops.selection import _SCORE_BUDGET, select_blocks_from_compressed, selection_scores_fwd
+from nsa_baseline.ops.selection import SCORE_BUDGET, select_blocks_from_compressed
+from nsa_baseline.ops.selection_kernel import selection_scores_fwd
 from nsa_baseline.ops.window import full_attention, sliding_window_attention
 from nsa_baseline.utils.varlen import single_sequence_cu_seqlens, token_sequence_ids
 
@@ -66,7 +67,7 @@ def stages(n: int, g: int) -> None:
     cu = single_sequence_cu_seqlens(n, q.device)
     tok_seq = token_sequence_ids(cu, n).int()
     nb = triton.cdiv(n, BS)
-    chunk = max(1, _SCORE_BUDGET // (h * nb))  # the scores buffer select_blocks allows itself
+    chunk = max(1, SCORE_BUDGET // (h * nb))  # the scores buffer select_blocks allows itself
     from fsa.selected import selected_attention as fsa_sel
     from nsa_baseline.ops.selected import selected_attention as nsa_sel
 

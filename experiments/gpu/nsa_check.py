@@ -25,7 +25,7 @@ import triton
 
 from experiments.gpu.provenance import require_cuda
 from nsa_baseline.ops import selected_attention
-from nsa_baseline.ops.block_index import build_block_index
+from nsa_baseline.utils.block_index import build_block_index
 from nsa_baseline.ops.selected_bwd import nsa_selected_bwd_dkdv, nsa_selected_bwd_dq
 from nsa_baseline.ops.selected_fwd import nsa_selected_fwd
 from nsa_baseline.utils.indices import random_causal_block_indices
@@ -207,7 +207,7 @@ def sweep(clock: Clock, rows: list, kind: str, n: int, groups):
             o, lse = nsa_selected_fwd(q, k, v, idx, bs, scale, pos)
             _, delta = nsa_selected_bwd_dq(q, k, v, o, lse, do, idx, bs, scale, pos)
             bi = build_block_index(idx, bs, cu, H)
-            from nsa_baseline.ops.selected_bwd import dkdv_config
+            from nsa_baseline.ops.tuning import dkdv_config
 
             bm, w_, s_ = dkdv_config(D, bs, g)
             kernels = (

@@ -1,5 +1,7 @@
 """NSA on the GPU: the vanilla (query-outer) selected-attention Triton kernels and the other branches
-(compression, compressed attention + block selection, sliding window / full attention)."""
+(compression, compressed attention + block selection, sliding window / full attention). Fast paths
+only: a call they do not serve raises a ValueError naming `q`; nsa_baseline.branches falls back to
+the reference instead."""
 from nsa_baseline.ops.compressed import compressed_attention
 from nsa_baseline.ops.compression import compress_kv
 from nsa_baseline.ops.selected import selected_attention

@@ -3,8 +3,9 @@
 CUDA: compiled FlexAttention over q [1, HQ, N, D] and the packed summaries [1, H, N_cmp, D] with a
 cached block mask; query q sees the packed summaries [lo[q], hi[q]) = the first
 `visible_compressed(pos)` summaries of its own sequence (analytic bounds for one sequence).
-CPU or float64: falls back to `compressed_attention_ref`; `_compressed_attention_flex` runs eager
-FlexAttention on CPU (forward only) so that tests check the mask there too.
+Other devices and float64: nsa_baseline.branches falls back to the reference;
+`compressed_attention_flex` runs eager FlexAttention on CPU (forward only) so that tests check the
+mask there too.
 """
 from __future__ import annotations
 
@@ -12,23 +13,21 @@ from typing import Optional
 
 import torch
 
-from nsa_baseline.ops.window import _use_flex, band_mask_mod, cached_block_mask, flex_attention_packed, tensor_key
-from nsa_baseline.reference.compressed import check_compressed_args, compressed_attention_ref
+from nsa_baseline.checks import check_compressed_args, check_scale
+from nsa_baseline.ops.flex import band_mask_mod, cached_block_mask, flex_attention_packed, require_flex, tensor_key
 from nsa_baseline.utils.compressed_varlen import token_compressed_offsets, visible_compressed
 from nsa_baseline.utils.varlen import token_positions
 
 _ARGS_CACHE: dict[tuple, tuple] = {}
 
 
-def _checked_args(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride, scale):
+def checked_compressed_args(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride, scale):
     """check_compressed_args (which reads cu_seqlens on the host), once per cu_seqlens tensor."""
     key = (tensor_key(cu_seqlens), tensor_key(cu_seqlens_cmp), tuple(q.shape), tuple(k_cmp.shape),
            tuple(v_cmp.shape) if v_cmp is not None else None, kernel_size, kernel_stride, str(q.device))
     hit = _ARGS_CACHE.get(key)
     if hit is not None:  # same shapes and the same (unmodified) cu_seqlens tensors: checked before
-        if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-            raise ValueError(f"argument `scale` must be a positive float or None, got {scale!r}")
-        return hit[1], hit[2], q.shape[2] ** -0.5 if scale is None else float(scale)
+        return hit[1], hit[2], check_scale(scale, q.shape[2])
     cu, cu_cmp, scale = check_compressed_args(q, k_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
                                               kernel_stride, scale, v_cmp)
     if len(_ARGS_CACHE) > 64:
@@ -56,11 +55,11 @@ def compressed_block_mask(n: int, n_cmp: int, cu_seqlens: Optional[torch.Tensor]
     return cached_block_mask(key, build, device, keep=cu_seqlens)
 
 
-def _compressed_attention_flex(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size=32,
+def compressed_attention_flex(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size=32,
                                kernel_stride=16, scale=None):
     """The FlexAttention path on any device (CPU: eager, forward only)."""
-    cu, cu_cmp, scale = _checked_args(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
-                                      kernel_stride, scale)
+    cu, cu_cmp, scale = checked_compressed_args(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
+                                                kernel_stride, scale)
     n, hq, d = q.shape
     n_cmp = k_cmp.shape[0]
     if n_cmp == 0:  # no sequence is long enough for a summary: nothing is visible
@@ -84,7 +83,7 @@ def compressed_attention(
     q, k_cmp and v_cmp.
 
     CUDA (fp16/bf16/fp32): compiled FlexAttention with a cached block mask (no host sync after the
-    first call with a given cu_seqlens tensor). CPU or float64: `compressed_attention_ref`.
+    first call with a given cu_seqlens tensor).
 
     Args:
         q: [N, HQ, D]; k_cmp, v_cmp: [N_cmp, H, D] from compress_kv; HQ = G * H and query head hq
@@ -97,8 +96,6 @@ def compressed_attention(
         query at position t iff i * stride + kernel_size - 1 <= t; a query that sees none gets o = 0,
         lse = -inf and a zero gradient.
     """
-    if not _use_flex(q):
-        return compressed_attention_ref(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
-                                        kernel_stride, scale)
-    return _compressed_attention_flex(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
+    require_flex(q, "nsa_baseline.branches.compressed_attention")
+    return compressed_attention_flex(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
                                       kernel_stride, scale)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # host side
-_LOG2E = tl.constexpr(1.4426950408889634)
+from nsa_baseline.utils.triton_utils import LOG2E
+
+_LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 _INT_MAX = tl.constexpr(2147483647)
 

@@ -16,15 +16,15 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from nsa_baseline.ops.compressed import _checked_args
-from nsa_baseline.ops.compressed_kernels import (LOG2E, compressed_bwd_dkdv_kernel, compressed_bwd_dq_kernel,
+from nsa_baseline.checks import fail, require_kernel_device
+from nsa_baseline.contract import KERNEL_DTYPES
+from nsa_baseline.ops.compressed import checked_compressed_args
+from nsa_baseline.ops.compressed_kernels import (compressed_bwd_dkdv_kernel, compressed_bwd_dq_kernel,
                                                  compressed_bwd_preprocess_kernel, compressed_fwd_kernel)
-from nsa_baseline.ops.window import tensor_key
-from nsa_baseline.reference.compressed import compressed_attention_ref
-from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
+from nsa_baseline.ops.flex import tensor_key
+from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, next_pow2
 from nsa_baseline.utils.varlen import token_sequence_ids
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
@@ -109,7 +109,7 @@ _META_CACHE: dict[tuple, tuple] = {}
 
 def varlen_meta(cu_seqlens, cu_seqlens_cmp, cu, cu_cmp, n: int, n_cmp: int) -> VarlenMeta:
     """Sequence ids of tokens and summaries, on the device (searchsorted), cached per pair of
-    cu_seqlens tensors (cu, cu_cmp: the checked int32 tables of `_checked_args`)."""
+    cu_seqlens tensors (cu, cu_cmp: the checked int32 tables of `checked_compressed_args`)."""
     if cu.numel() == 2:
         return VarlenMeta(cu, cu_cmp, cu, cu, False)
     key = (tensor_key(cu_seqlens), tensor_key(cu_seqlens_cmp), tensor_key(cu_cmp), n, n_cmp)
@@ -226,10 +226,15 @@ class CompressedAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def use_triton(q: torch.Tensor) -> bool:
-    """CUDA, or the interpreter on CPU (its bf16 tl.dot is broken), for fp16 / bf16 / fp32."""
-    on_device = q.is_cuda or (is_interpreter() and q.dtype != torch.bfloat16)
-    return on_device and q.dtype in KERNEL_DTYPES
+def require_triton(q: torch.Tensor) -> None:
+    """ValueError naming `q` unless the kernels serve it: CUDA, or the interpreter on CPU (whose bf16
+    tl.dot is broken), for fp16 / bf16 / fp32; nsa_baseline.reference computes everything else."""
+    where = "compressed_attention_triton: "
+    require_kernel_device(q, where)
+    if q.dtype not in KERNEL_DTYPES or (not q.is_cuda and q.dtype == torch.bfloat16):
+        fail("q", f"has dtype {q.dtype}; the Triton kernels take {[str(t) for t in KERNEL_DTYPES]} (bf16 only on "
+             "CUDA: the interpreter's bf16 tl.dot is wrong); use nsa_baseline.reference.compressed_attention_ref",
+             where)
 
 
 def compressed_attention_triton(
@@ -247,7 +252,7 @@ def compressed_attention_triton(
     Differentiable w.r.t. q, k_cmp and v_cmp, through o and lse; deterministic backward.
 
     CUDA (fp16 / bf16 / fp32) and the Triton interpreter (fp16 / fp32): the kernels of
-    compressed_kernels.py; otherwise (float64, CPU without interpreter) `compressed_attention_ref`.
+    compressed_kernels.py; anything else (float64, CPU without the interpreter) is a ValueError.
 
     Args:
         q: [N, HQ, D]; k_cmp, v_cmp: [N_cmp, H, D] from compress_kv; HQ = G * H (any integer G) and
@@ -260,10 +265,8 @@ def compressed_attention_triton(
         query at position t iff i * stride + kernel_size - 1 <= t; a query that sees none gets o = 0,
         lse = -inf and a zero gradient.
     """
-    if not use_triton(q):
-        return compressed_attention_ref(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
-                                        kernel_stride, scale)
-    cu, cu_cmp, scale = _checked_args(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
+    require_triton(q)
+    cu, cu_cmp, scale = checked_compressed_args(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
                                       kernel_stride, scale)
     d = q.shape[2]
     if d > MAX_HEAD_DIM:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from nsa_baseline.reference.compression import _check_inputs
+from nsa_baseline.checks import check_compress_inputs
 from nsa_baseline.utils.compressed_varlen import compressed_cu_seqlens
 from nsa_baseline.utils.varlen import single_sequence_cu_seqlens, token_sequence_ids
 
@@ -73,7 +73,7 @@ def compress_kv(
         x_cmp [N_cmp, H, D] in x.dtype and cu_seqlens_cmp int32 [B + 1]. Summary i of a sequence
         covers its keys [i * stride, i * stride + kernel_size).
     """
-    _check_inputs(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb)
+    check_compress_inputs(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb)
     n, h, d = x.shape
     cu_cmp, first = compressed_layout(cu_seqlens, n, kernel_size, kernel_stride, x.device)
     n_cmp = first.numel()

@@ -6,16 +6,16 @@ from typing import Optional
 
 import torch
 
-from nsa_baseline.contract import check_block_indices, check_selected_args, index_checks_requested
+from nsa_baseline.checks import require_kernel_device
+from nsa_baseline.contract import (BLOCK_SIZES, KERNEL_DTYPES, check_block_indices, check_selected_args,
+                                   index_checks_requested)
 from nsa_baseline.ops.compiled import nsa_selected_fwd_op
 from nsa_baseline.ops.selected_bwd import nsa_selected_bwd
 from nsa_baseline.ops.selected_fwd import nsa_selected_fwd
 from nsa_baseline.utils.varlen import token_positions
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
 
-class SelectedAttentionFunction(torch.autograd.Function):
+class NSASelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_indices, block_size, cu_seqlens, scale, token_pos):
         o, lse = nsa_selected_fwd(q, k, v, block_indices, block_size, scale, token_pos)
@@ -65,7 +65,8 @@ def selected_attention(
         that sees no key has o = 0 and lse = -inf). Differentiable in q, k, v (and through lse).
     """
     a = check_selected_args(q, k, v, block_indices, block_size, cu_seqlens, scale,
-                            supported_block_sizes=KERNEL_BLOCK_SIZES, supported_dtypes=KERNEL_DTYPES)
+                            supported_block_sizes=BLOCK_SIZES, supported_dtypes=KERNEL_DTYPES)
+    require_kernel_device(q, "selected_attention: ")
     pos, _ = token_positions(a.cu_seqlens, a.num_tokens)
     if torch.compiler.is_compiling():  # custom ops torch.compile traces through (ops/compiled.py)
         o, lse = nsa_selected_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous(),
@@ -73,7 +74,7 @@ def selected_attention(
         return (o, lse) if return_lse else o
     if index_checks_requested(check_indices):
         check_block_indices(block_indices, block_size, a.cu_seqlens)
-    o, lse = SelectedAttentionFunction.apply(
+    o, lse = NSASelectedAttention.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous(), block_size,
         a.cu_seqlens, a.scale, pos.int(),
     )

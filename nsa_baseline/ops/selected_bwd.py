@@ -1,7 +1,7 @@
 """Vanilla NSA selected-attention backward.
 dQ: grid (N, H), query-outer like the forward (one token's G heads as a [G_PAD, D_PAD] tile, T
 blocks); it also computes delta = rowsum(o * do) (- dlse). dK/dV: grid over work items, each one
-chunk of the (KV head, key block) CSR row of nsa_baseline.ops.block_index: it walks the row's query
+chunk of the (KV head, key block) CSR row of nsa_baseline.utils.block_index: it walks the row's query
 tokens in tiles of BLOCK_M flattened (token, head) rows. A row of one chunk writes its block once;
 a longer row (e.g. the sink block 0) leaves fp32 partials that a reduce kernel sums in chunk order.
 No atomics anywhere: dK/dV are bitwise deterministic.
@@ -15,29 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.block_index import BlockIndex, build_block_index
-from nsa_baseline.ops.selected_fwd import DQ_CONFIGS, LOG2E, _pair_valid, query_outer_config
-from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
-
-# (D_PAD, BS, G) -> (BLOCK_M, num_warps, num_stages) for the dK/dV kernel; G = 0 means any G.
-# Entries for D_PAD=128 measured on the H100 (experiments/gpu/nsa_check.py, N=32768, H=4, bf16,
-# NSA-path indices, 2026-11-23): (64, G=1) 0.66 ms vs 1.04 for (64, 8, 2); (64, G=16) 6.26 ms vs
-# 13.4; (128, G=1) 0.81 ms; (128, G=16) 7.43 ms vs 9.77 for (32, 8, 3). The others come from the
-# sm_90 register report (no spills: the dk, dv accumulators are [BS, D_PAD] fp32).
-DKDV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {
-    (64, 16, 0): (64, 4, 2), (128, 16, 0): (64, 4, 2), (256, 16, 0): (32, 8, 2),
-    (64, 32, 0): (64, 4, 2), (128, 32, 0): (64, 8, 2), (256, 32, 0): (32, 8, 2),
-    (64, 64, 0): (64, 8, 2), (128, 64, 0): (64, 4, 2), (128, 64, 1): (128, 8, 3), (256, 64, 0): (32, 8, 3),
-    (64, 128, 0): (32, 8, 2), (128, 128, 0): (128, 8, 3), (128, 128, 1): (128, 8, 2), (256, 128, 0): (32, 16, 2),
-}
-
-
-def dkdv_config(d_pad: int, block_size: int, group: int, block_m=None, num_warps=None, num_stages=None):
-    """(BLOCK_M, num_warps, num_stages): explicit arguments win, then the table, then a guess."""
-    key = (d_pad, block_size, group) if (d_pad, block_size, group) in DKDV_CONFIGS else (d_pad, block_size, 0)
-    guess = (64 if block_size * d_pad <= 64 * 128 else 32, 8 if block_size * d_pad <= 128 * 128 else 16, 2)
-    m, w, s = DKDV_CONFIGS.get(key, guess)
-    return (block_m or m), (num_warps or w), (num_stages or s)
+from nsa_baseline.ops.selected_fwd import load_kv_block, pair_valid
+from nsa_baseline.ops.tuning import (DKDV_MIN_CHUNK_TILES, DKDV_SPLIT_SLOTS, DQ_CONFIGS, dkdv_config,
+                                    query_outer_config)
+from nsa_baseline.utils.block_index import BlockIndex, build_block_index
+from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, next_pow2
 
 
 @triton.jit
@@ -45,14 +27,7 @@ def _dq_block(b_q, b_do, b_dq, b_lse, b_delta, k, v, bos, pos, idx, valid, i_h,
               H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, D_PAD: tl.constexpr,
               scale_log2, IEEE: tl.constexpr):
     """dq (unscaled) += ds @ K over key block `idx`; p recomputed from lse (log2 units)."""
-    o_c = tl.arange(0, BS)
-    o_d = tl.arange(0, D_PAD)
-    o_key = tl.where(valid, idx, 0) * BS + o_c  # [BS]
-    m_key = (o_key <= pos) & valid
-    m_kd = m_key[:, None] & (o_d < D)[None, :]
-    p_kv = ((bos + o_key).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_kd, other=0.)  # [BS, D_PAD]
-    b_v = tl.load(v + p_kv, mask=m_kd, other=0.)  # [BS, D_PAD]
+    b_k, b_v, m_key = load_kv_block(k, v, bos, pos, idx, valid, i_h, H, D, BS, D_PAD)
     if IEEE:
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [G_PAD, BS]
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [G_PAD, BS]
@@ -100,7 +75,7 @@ def nsa_selected_bwd_dq_kernel(
     p_idx = block_indices + (i_n64 * H + i_h) * T
     for t in range(T):
         idx = tl.load(p_idx + t)
-        valid = _pair_valid(idx, last_block)
+        valid = pair_valid(idx, last_block)
         if SKIP_UNUSED:
             if valid:
                 b_dq = _dq_block(b_q, b_do, b_dq, b_lse, b_delta, k, v, bos, pos, idx, valid, i_h,
@@ -237,13 +212,6 @@ def nsa_selected_bwd_dkdv_reduce_kernel(
     m_kd = (o_key < r1)[:, None] & (o_d < D)[None, :] & (n_chunks > 1)
     tl.store(dk + p_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_kd)
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kd)
-
-
-# A CSR row longer than one chunk is split over several programs (the attention-sink block 0 is
-# listed by every query); chunk = max(DKDV_MIN_CHUNK_TILES * BLOCK_M, N * H * T * G / DKDV_SPLIT_SLOTS)
-# rows, which bounds the fp32 partial buffer by 2 * DKDV_SPLIT_SLOTS blocks without a host sync.
-DKDV_MIN_CHUNK_TILES = 64
-DKDV_SPLIT_SLOTS = 512
 
 
 @dataclass

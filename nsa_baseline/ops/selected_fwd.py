@@ -8,36 +8,31 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.utils.triton_utils import new_output, next_pow2
-
-LOG2E = 1.4426950408889634
-
-# (D_PAD, BS) -> (num_warps, num_stages, skip_unused) of the query-outer kernels (forward, dQ).
-# Defaults until measured on the H100 by experiments/gpu/nsa_check.py; the lead records choices here.
-FWD_CONFIGS: dict[tuple[int, int], tuple[int, int, bool]] = {
-    # skip_unused=False keeps the loop body straight so the K/V loads are pipelined (cp.async); with
-    # the branch they are not (checked in the sm_90 PTX). Register use without spills at these sizes.
-    # H100 sweep (nsa_check.py, N=32768, bf16): (128, 64) best (4, 2, False) 8.34 ms of 13 configs
-    # (worst 16.2); (128, 128) best (4, 2, False) 8.03 ms (8 warps: within noise of it at G=16).
-    (64, 64): (4, 2, False), (128, 64): (4, 2, False), (256, 64): (8, 2, False),
-    (64, 128): (4, 2, False), (128, 128): (4, 2, False), (256, 128): (8, 2, False),
-}
-# dQ on the H100: (128, 64) best (4, 2, False) 8.64 ms; (128, 128) best (8, 2, False) 10.03 ms at G=1.
-DQ_CONFIGS: dict[tuple[int, int], tuple[int, int, bool]] = {**FWD_CONFIGS, (128, 128): (8, 2, False)}
-
-
-def query_outer_config(table, d_pad: int, block_size: int, num_warps=None, num_stages=None,
-                       skip_unused=None) -> tuple[int, int, bool]:
-    """(num_warps, num_stages, skip_unused): explicit arguments win, then the table, then a guess."""
-    w, s, k = table.get((d_pad, block_size), (4 if d_pad * block_size <= 128 * 64 else 8, 2, False))
-    return (num_warps or w), (num_stages or s), (k if skip_unused is None else skip_unused)
+from nsa_baseline.ops.tuning import FWD_CONFIGS, query_outer_config
+from nsa_baseline.utils.triton_utils import LOG2E, new_output, next_pow2
 
 
 @triton.jit
-def _pair_valid(idx, last_block):
+def pair_valid(idx, last_block):
     # A slot is used when it holds a block of the sequence that is not wholly in the future.
     # Comparing block numbers (not idx * BS) cannot overflow whatever the index holds.
     return (idx >= 0) & (idx <= last_block)
+
+
+@triton.jit
+def load_kv_block(k, v, bos, pos, idx, valid, i_h, H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                  D_PAD: tl.constexpr):
+    """K, V [BS, D_PAD] of key block `idx` of the sequence starting at packed row `bos`, and the
+    mask [BS] of the keys the query at position `pos` sees (none for an unused slot)."""
+    o_c = tl.arange(0, BS)
+    o_d = tl.arange(0, D_PAD)
+    o_key = tl.where(valid, idx, 0) * BS + o_c  # [BS] key positions inside the sequence
+    m_key = (o_key <= pos) & valid  # causal inside the block
+    m_kd = m_key[:, None] & (o_d < D)[None, :]
+    p_kv = ((bos + o_key).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_kd, other=0.)  # [BS, D_PAD]
+    b_v = tl.load(v + p_kv, mask=m_kd, other=0.)  # [BS, D_PAD]
+    return b_k, b_v, m_key
 
 
 @triton.jit
@@ -45,14 +40,7 @@ def _fwd_block(b_q, b_acc, b_m, b_l, k, v, bos, pos, idx, valid, i_h,
                H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, D_PAD: tl.constexpr,
                scale_log2, IEEE: tl.constexpr):
     """Online-softmax update of (acc, m, l) with key block `idx` of the token's sequence."""
-    o_c = tl.arange(0, BS)
-    o_d = tl.arange(0, D_PAD)
-    o_key = tl.where(valid, idx, 0) * BS + o_c  # [BS] key positions inside the sequence
-    m_key = (o_key <= pos) & valid  # causal inside the block; nothing for an unused slot
-    m_kd = m_key[:, None] & (o_d < D)[None, :]
-    p_kv = ((bos + o_key).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_kd, other=0.)  # [BS, D_PAD]
-    b_v = tl.load(v + p_kv, mask=m_kd, other=0.)  # [BS, D_PAD]
+    b_k, b_v, m_key = load_kv_block(k, v, bos, pos, idx, valid, i_h, H, D, BS, D_PAD)
     if IEEE:
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [G_PAD, BS]
     else:
@@ -96,7 +84,7 @@ def nsa_selected_fwd_kernel(
     p_idx = block_indices + (i_n64 * H + i_h) * T
     for t in range(T):
         idx = tl.load(p_idx + t)
-        valid = _pair_valid(idx, last_block)
+        valid = pair_valid(idx, last_block)
         if SKIP_UNUSED:  # branch around unused slots (saves the work, may stop load pipelining)
             if valid:
                 b_acc, b_m, b_l = _fwd_block(b_q, b_acc, b_m, b_l, k, v, bos, pos, idx, valid, i_h,

@@ -1,17 +1,6 @@
-"""Block selection of NSA: selection scores from the compressed softmax and top-T, fused in Triton.
-
-Scores kernel: grid (query tiles of BLOCK_Q tokens, H); the tile's rows are its (token, query head)
-pairs of one KV group. Per sequence met by the tile it loops over selection-block tiles (BJ blocks
-= BJ * R summaries, R = BS / stride): p = exp2(q . k_cmp * scale * log2e - lse * log2e) on the
-visible summaries, summed over the G heads and mapped to blocks by overlap (a summary gives
-min(C, R - u) to its own block and max(0, u + C - R) to the next one, u = its slot in the block,
-C = kernel_size / stride), the spill carried across tiles. With COMPUTE_LSE the kernel first runs an
-online logsumexp over the same summaries (the selection path needs no compressed-attention output).
-Top-T (select_blocks_from_compressed): the same kernel keeps each row's running top-T set while the
-block scores are made (a candidate above the set's minimum replaces it; forced blocks rank +inf)
-and writes only the int32 indices: torch.topk over the stored [N, H, NB] scores took 190 ms of
-the module's 620 ms at 64K tokens, 64 heads on the H100. `select_blocks` (scores given) uses
-torch.topk a chunk of rows at a time.
+"""Block selection of NSA on the GPU: the entry points around the fused Triton kernel
+(nsa_baseline.ops.selection_kernel) and top-T over given scores (`select_blocks`: torch.topk a chunk
+of rows at a time, nsa_baseline.utils.topk's rule).
 """
 from __future__ import annotations
 
@@ -19,257 +8,24 @@ from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
 
-from nsa_baseline.ops.compressed import _checked_args
+from nsa_baseline.checks import check_block_mapping, check_cu_seqlens, check_selection, fail
+from nsa_baseline.contract import KERNEL_DTYPES
+from nsa_baseline.ops.compressed import checked_compressed_args
 from nsa_baseline.ops.compression import compress_kv
-from nsa_baseline.ops.window import tensor_key
-from nsa_baseline.reference.compressed import check_block_mapping, selection_scores_ref
-from nsa_baseline.reference.selection import _check_selection, nsa_block_indices_ref
-from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
+from nsa_baseline.ops.flex import tensor_key
+from nsa_baseline.ops.selection_kernel import selection_scores_fwd
+from nsa_baseline.utils.topk import select_chunk
+from nsa_baseline.utils.triton_utils import is_interpreter, next_pow2
 from nsa_baseline.utils.varlen import (sequence_lengths, single_sequence_cu_seqlens, token_positions,
                                       token_sequence_ids)
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# fp32 elements of one chunk's [rows, H, NB] scores inside nsa_block_indices / select_blocks (256 MiB).
-_SCORE_BUDGET = 1 << 26
-_LOG2E = 1.4426950408889634
+# fp32 elements of one chunk's [rows, H, NB] scores inside select_blocks (256 MiB).
+SCORE_BUDGET = 1 << 26
 _MAXLEN_CACHE: dict[tuple, tuple] = {}
 
 
-@triton.jit
-def _qk(b_q, b_k, IEEE: tl.constexpr):
-    """[BM, BLOCK_D] x [BC, BLOCK_D]^T -> fp32 [BM, BC]; exact fp32 products for fp32 inputs."""
-    if IEEE:
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
-    else:
-        b_s = tl.dot(b_q, tl.trans(b_k))
-    return b_s
-
-
-@triton.jit
-def _lse_tile(b_q, b_mx, b_l, p_k, i0, nvis_max, nvis_m, in_m, qk_scale,
-              H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BC: tl.constexpr,
-              IEEE: tl.constexpr):
-    """Online logsumexp (base 2) of rows b_q over the visible summaries [i0, i0 + BC)."""
-    o_c = tl.arange(0, BC)
-    o_d = tl.arange(0, BLOCK_D)
-    b_k = tl.load(p_k + i0 * (H * D), mask=((i0 + o_c) < nvis_max)[:, None] & (o_d < D)[None, :],
-                  other=0.)  # [BC, BLOCK_D]
-    b_s = _qk(b_q, b_k, IEEE) * qk_scale  # [BM, BC]
-    vis = in_m[:, None] & ((i0 + o_c)[None, :] < nvis_m[:, None])
-    b_s = tl.where(vis, b_s, float("-inf"))
-    b_mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1))
-    b_ref = tl.where(b_mx_new == float("-inf"), 0., b_mx_new)  # rows that saw nothing yet stay 0
-    b_l = b_l * tl.exp2(b_mx - b_ref) + tl.sum(tl.exp2(b_s - b_ref[:, None]), axis=1)
-    return b_mx_new, b_l
-
-
-@triton.jit
-def _scores_tile(b_q, b_lse, carry, p_k, j0, nvis_max, nvis_m, in_m, qk_scale,
-                 H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
-                 G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-                 IEEE: tl.constexpr):
-    """Scores [BLOCK_Q, BJ] of blocks [j0, j0 + BJ) for the tile's tokens of one sequence, and the
-    spill of the last block's summaries into block j0 + BJ."""
-    BC: tl.constexpr = BJ * R
-    o_j = tl.arange(0, BJ)
-    b_acc = tl.where(o_j[None, :] == 0, carry[:, None], 0.)  # [BLOCK_Q, BJ]
-    carry = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    i0 = j0 * R
-    if i0 < nvis_max:
-        o_c = tl.arange(0, BC)
-        o_d = tl.arange(0, BLOCK_D)
-        o_u = tl.arange(0, R)
-        b_k = tl.load(p_k + i0 * (H * D), mask=((i0 + o_c) < nvis_max)[:, None] & (o_d < D)[None, :],
-                      other=0.)  # [BC, BLOCK_D]
-        b_s = _qk(b_q, b_k, IEEE) * qk_scale  # [BM, BC]
-        vis = in_m[:, None] & ((i0 + o_c)[None, :] < nvis_m[:, None])
-        b_p = tl.where(vis, tl.exp2(b_s - b_lse[:, None]), 0.)
-        b_pg = tl.sum(tl.reshape(b_p, (BLOCK_Q, G_PAD, BJ, R)), axis=1)  # [BLOCK_Q, BJ, R]: G summed
-        w_same = tl.minimum(C, R - o_u).to(tl.float32)  # [R] sub-blocks a summary shares with its block
-        w_next = tl.maximum(o_u + C - R, 0).to(tl.float32)  # [R] ... and with the next block
-        b_same = tl.sum(b_pg * w_same[None, None, :], axis=2)  # [BLOCK_Q, BJ]
-        b_next = tl.sum(b_pg * w_next[None, None, :], axis=2)  # [BLOCK_Q, BJ], belongs to block j + 1
-        prev_j = tl.broadcast_to(tl.maximum(o_j - 1, 0)[None, :], (BLOCK_Q, BJ))
-        b_shift = tl.gather(b_next, prev_j, axis=1)  # b_next[:, j - 1]
-        b_acc += b_same + tl.where(o_j[None, :] == 0, 0., b_shift)
-        carry = tl.sum(tl.where(o_j[None, :] == BJ - 1, b_next, 0.), axis=1)
-    return b_acc, carry
-
-
-@triton.jit
-def _merge_top(vals, ids, b_sc, j0, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.constexpr,
-               BJ: tl.constexpr, T_PAD: tl.constexpr, FILL_FIRST: tl.constexpr, WHILE_LOOP: tl.constexpr):
-    """Insert the candidates of blocks [j0, j0 + BJ) (scores b_sc [BLOCK_Q, BJ]) into each row's running
-    top set (vals, ids [BLOCK_Q, T_PAD]): each step, a row's best remaining candidate replaces the
-    set's minimum if it is larger. Steps = the most candidates above a row's minimum at entry (one
-    block-wide reduction per tile, none per step). Rank as select_chunk: forced blocks +inf, other
-    causal blocks by score (NaN -> lowest finite), non-causal blocks are no candidates."""
-    FMAX: tl.constexpr = 3.4028234663852886e38
-    o_j = tl.arange(0, BJ)
-    o_s = tl.arange(0, T_PAD)
-    o_b = j0 + o_j
-    causal = in_t[:, None] & (o_b[None, :] <= cur_t[:, None])
-    forced = causal & ((o_b[None, :] < INIT) | (o_b[None, :] > cur_t[:, None] - LOCAL))
-    cand = tl.where(b_sc != b_sc, -FMAX, tl.minimum(tl.maximum(b_sc, -FMAX), FMAX))
-    cand = tl.where(forced, float("inf"), tl.where(causal, cand, float("-inf")))
-    if FILL_FIRST and j0 == 0:  # T == T_PAD == BJ: the first tile is the set (rows of this sequence)
-        vals = tl.where(in_t[:, None], cand, vals)
-        ids = tl.where(in_t[:, None], o_b[None, :] + tl.zeros_like(ids), ids)
-    else:
-        thr = tl.min(vals, axis=1)
-        steps = tl.max(tl.sum((cand > thr[:, None]).to(tl.int32), axis=1), axis=0)
-        if WHILE_LOOP:  # the interpreter cannot range() over computed bounds
-            step = steps * 0
-            while step < steps:
-                vals, ids, cand = _insert_best(vals, ids, cand, j0, o_j, o_s)
-                step += 1
-        else:
-            for _ in range(steps):
-                vals, ids, cand = _insert_best(vals, ids, cand, j0, o_j, o_s)
-    return vals, ids
-
-
-@triton.jit
-def _insert_best(vals, ids, cand, j0, o_j, o_s):
-    best, pick = tl.max(cand, axis=1, return_indices=True)  # leftmost best: lower block first on ties
-    low, slot = tl.min(vals, axis=1, return_indices=True)
-    hit = (best > low)[:, None] & (o_s[None, :] == slot[:, None])
-    vals = tl.where(hit, best[:, None], vals)
-    ids = tl.where(hit, (j0 + pick)[:, None], ids)
-    cand = tl.where(o_j[None, :] == pick[:, None], float("-inf"), cand)
-    return vals, ids, cand
-
-
-@triton.jit
-def _store_top(vals, ids, p_idx, m_t, T: tl.constexpr, T_PAD: tl.constexpr):
-    """Write each row's set as select_chunk orders it: forced first, then by decreasing score, -1 for
-    empty slots (slots >= T hold +inf placeholders and are dropped)."""
-    o_s = tl.arange(0, T_PAD)
-    bits = vals.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integer order = float order
-    key = tl.where(o_s[None, :] < T, key, -2147483648)  # placeholders last
-    packed = (key.to(tl.int64) << 32) | (tl.where(vals > float("-inf"), ids, -1).to(tl.int64) & 0xFFFFFFFF)
-    packed = tl.sort(packed, dim=1, descending=True)
-    b_idx = (packed & 0xFFFFFFFF).to(tl.int32)
-    tl.store(p_idx[:, None] + o_s[None, :], b_idx, mask=m_t[:, None] & (o_s < T)[None, :])
-
-
-@triton.jit
-def _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur_t, nb_t, in_t, nvis_max, nvis_m,
-                in_m, NB, qk_scale, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
-                G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
-                TOPK: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                WHILE_LOOP: tl.constexpr):
-    """Scores of blocks [j0, j0 + BJ): merged into the running top sets (TOPK > 0) or stored."""
-    b_sc, carry = _scores_tile(b_q, b_lse, carry, p_k, j0, nvis_max, nvis_m, in_m, qk_scale,
-                               H, D, BLOCK_D, BLOCK_Q, G_PAD, BJ, R, C, IEEE)
-    if TOPK > 0:
-        vals, ids = _merge_top(vals, ids, b_sc, j0, cur_t, in_t, INIT, LOCAL, BJ, T_PAD,
-                               (TOPK == T_PAD) and (BJ == T_PAD), WHILE_LOOP)
-    else:
-        o_b = j0 + tl.arange(0, BJ)
-        b_out = tl.where(o_b[None, :] < nb_t[:, None], b_sc, float("-inf"))
-        p_out = out_ptr + ((tok_t - row0).to(tl.int64) * H + tl.program_id(1)) * NB
-        tl.store(p_out[:, None] + o_b[None, :], b_out, mask=in_t[:, None] & (o_b < NB)[None, :])
-    return carry, vals, ids
-
-
-@triton.jit
-def _selection_scores_kernel(
-    q_ptr, k_ptr, lse_ptr, out_ptr, cu_ptr, cu_cmp_ptr, tok_seq_ptr,
-    row0, n_rows, N, NB, qk_scale,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BJ: tl.constexpr,
-    R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr,
-    COMPUTE_LSE: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    TOPK: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-):
-    """TOPK == 0: write the scores float32 [n_rows, H, NB]. TOPK > 0: keep each row's top TOPK blocks
-    while the scores are made and write int32 [n_rows, H, TOPK] block indices (no scores in memory)."""
-    tl.static_assert(C <= R)
-    i_q, i_h = tl.program_id(0), tl.program_id(1)
-    BM: tl.constexpr = BLOCK_Q * G_PAD
-    BC: tl.constexpr = BJ * R
-    t0 = row0 + i_q * BLOCK_Q
-    t_end = row0 + n_rows
-    # rows of the tile: (token, head g of group i_h), token-major
-    o_m = tl.arange(0, BM)
-    tok_m = t0 + o_m // G_PAD
-    g_m = o_m % G_PAD
-    m_m = (tok_m < t_end) & (g_m < G)
-    seq_m = tl.load(tok_seq_ptr + tok_m, mask=m_m, other=-1)
-    pos_m = tok_m - tl.load(cu_ptr + seq_m, mask=m_m, other=0)
-    nvis_m = tl.where(pos_m >= KS - 1, (pos_m - (KS - 1)) // STRIDE + 1, 0)  # visible summaries
-    o_d = tl.arange(0, BLOCK_D)
-    p_q = q_ptr + tok_m.to(tl.int64)[:, None] * (HQ * D) + (i_h * G + g_m)[:, None] * D + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None] & (o_d < D)[None, :], other=0.)  # [BM, BLOCK_D]
-    if COMPUTE_LSE:
-        b_lse = tl.zeros([BM], dtype=tl.float32)
-    else:
-        b_lse = tl.load(lse_ptr + (i_h * G + g_m).to(tl.int64) * N + tok_m, mask=m_m, other=0.) * 1.4426950408889634
-    # tokens of the tile (output rows)
-    o_t = tl.arange(0, BLOCK_Q)
-    tok_t = t0 + o_t
-    m_t = tok_t < t_end
-    seq_t = tl.load(tok_seq_ptr + tok_t, mask=m_t, other=0)
-    start_t = tl.load(cu_ptr + seq_t, mask=m_t, other=0)
-    len_t = tl.load(cu_ptr + seq_t + 1, mask=m_t, other=0) - start_t
-    nb_t = (len_t + BS - 1) // BS  # blocks of the token's sequence; later ones are -inf
-    cur_t = (tok_t - start_t) // BS  # the token's own block
-    # running top set of every row (TOPK == 0: unused); slots >= TOPK hold +inf placeholders
-    o_s = tl.arange(0, T_PAD)
-    vals = tl.where(o_s[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_Q, T_PAD], tl.float32)
-    ids = tl.zeros([BLOCK_Q, T_PAD], dtype=tl.int32) - 1
-
-    s = tl.min(tl.where(m_t, seq_t, 2147483647), axis=0)  # sequences met by the tile: s .. s_last
-    s_last = tl.max(tl.where(m_t, seq_t, -1), axis=0)
-    while s <= s_last:
-        in_m = m_m & (seq_m == s)
-        in_t = m_t & (seq_t == s)
-        p_k = k_ptr + (tl.load(cu_cmp_ptr + s).to(tl.int64) + tl.arange(0, BC)[:, None]) * (H * D) + i_h * D + o_d[None, :]
-        nvis_max = tl.max(tl.where(in_m, nvis_m, 0), axis=0)
-        if COMPUTE_LSE:
-            b_mx = tl.full([BM], float("-inf"), dtype=tl.float32)
-            b_l = tl.zeros([BM], dtype=tl.float32)
-            if WHILE_LOOP:  # the interpreter cannot range() over loaded bounds
-                i0 = nvis_max * 0
-                while i0 < nvis_max:
-                    b_mx, b_l = _lse_tile(b_q, b_mx, b_l, p_k, i0, nvis_max, nvis_m, in_m, qk_scale,
-                                          H, D, BLOCK_D, BC, IEEE)
-                    i0 += BC
-            else:
-                for i0 in range(0, nvis_max, BC):
-                    b_mx, b_l = _lse_tile(b_q, b_mx, b_l, p_k, i0, nvis_max, nvis_m, in_m, qk_scale,
-                                          H, D, BLOCK_D, BC, IEEE)
-            b_lse = tl.where(in_m, tl.where(b_l > 0, b_mx + tl.log2(tl.where(b_l > 0, b_l, 1.)), float("-inf")), b_lse)
-        carry = tl.zeros([BLOCK_Q], dtype=tl.float32)  # mass spilled into the first block of a tile
-        # top-T needs the causal blocks only; the scores output is written in full
-        if TOPK > 0:
-            j_end = tl.max(tl.where(in_t, cur_t, -1), axis=0) + 1
-        else:
-            j_end = NB
-        if WHILE_LOOP:
-            j0 = j_end * 0
-            while j0 < j_end:
-                carry, vals, ids = _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur_t,
-                                               nb_t, in_t, nvis_max, nvis_m, in_m, NB, qk_scale, H, D, BLOCK_D,
-                                               BLOCK_Q, G_PAD, BJ, R, C, IEEE, TOPK, T_PAD, INIT, LOCAL,
-                                               WHILE_LOOP)
-                j0 += BJ
-        else:
-            for j0 in range(0, j_end, BJ):
-                carry, vals, ids = _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur_t,
-                                               nb_t, in_t, nvis_max, nvis_m, in_m, NB, qk_scale, H, D, BLOCK_D,
-                                               BLOCK_Q, G_PAD, BJ, R, C, IEEE, TOPK, T_PAD, INIT, LOCAL,
-                                               WHILE_LOOP)
-        s += 1
-    if TOPK > 0:
-        _store_top(vals, ids, out_ptr + ((tok_t - row0).to(tl.int64) * H + i_h) * TOPK, m_t, TOPK, T_PAD)
-
-
-def _max_seqlen(cu_seqlens: Optional[torch.Tensor], n: int) -> int:
+def max_seqlen(cu_seqlens: Optional[torch.Tensor], n: int) -> int:
     """Longest sequence (one host read per cu_seqlens tensor, cached)."""
     if cu_seqlens is None or cu_seqlens.numel() == 2:
         return n
@@ -283,63 +39,21 @@ def _max_seqlen(cu_seqlens: Optional[torch.Tensor], n: int) -> int:
     return hit[1]
 
 
-def _use_kernel(q: torch.Tensor, kernel_size: int, kernel_stride: int, block_size: int) -> bool:
+def selection_kernel_supported(q: torch.Tensor, kernel_size: int, kernel_stride: int, block_size: int) -> bool:
+    """Whether the Triton selection kernel serves this call: CUDA, or the interpreter for fp32 / fp16
+    (its bf16 tl.dot is broken); BS / stride a power of two and kernel_size <= BS."""
     r, c = block_size // kernel_stride, kernel_size // kernel_stride
     pow2 = r == next_pow2(r)
-    # CPU: the kernel runs only under the Triton interpreter, whose bf16 tl.dot is broken.
     on_device = q.is_cuda or (is_interpreter() and q.dtype != torch.bfloat16)
     return on_device and q.dtype in KERNEL_DTYPES and pow2 and c <= r
 
 
-# Launch configuration of the scores kernel: rows per dot (BM = BLOCK_Q * G_PAD), summaries per
-# tile (BC = BJ * R), warps, pipeline stages. No spills on sm_90 at D = 128 (ptxas: 182 registers at
-# G = 1); experiments/gpu/branches_check.py times a few alternatives.
-DEFAULT_CONFIG = dict(rows=64, summaries=64, num_warps=4, num_stages=2)
-# Top-T mode at G = 1 with T >= 16: 32 rows (fewer insertion steps per tile, which the slowest of the
-# tile's rows sets): 58 vs 78 ms at 64K tokens x 64 heads, (64, 16), H100. 64 rows elsewhere.
-TOP_CONFIG_G1_T16 = dict(rows=32)
-
-
-def _tile_sizes(g: int, r: int, d: int, rows: int = 64, summaries: int = 64):
-    """(G_PAD, BLOCK_Q, BJ, BLOCK_D): BLOCK_Q tokens x G_PAD heads = max(rows, G_PAD) rows per dot,
-    BJ blocks x R summaries = max(summaries, R) summaries per tile."""
-    g_pad = next_pow2(g)
-    return g_pad, max(1, rows // g_pad), max(1, summaries // r), next_pow2(max(d, 16))
-
-
-def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_blocks, scale,
-                         kernel_size, kernel_stride, block_size, out=None, config=None,
-                         topk=0, init_blocks=0, local_blocks=0):
-    """Launch the scores kernel for query rows [row0, row0 + n_rows); lse=None computes it in-kernel.
-    topk == 0: returns the scores float32 [n_rows, H, num_blocks]; topk > 0: the selected blocks
-    int32 [n_rows, H, topk] (select_chunk's rule and slot order), the scores never stored.
-    `config` overrides DEFAULT_CONFIG entries."""
-    n, hq, d = q.shape
-    h = k_cmp.shape[1]
-    g = hq // h
-    tuned = TOP_CONFIG_G1_T16 if topk >= 16 and g == 1 else {}
-    cfg = dict(DEFAULT_CONFIG, **tuned, **(config or {}))
-    r, c = block_size // kernel_stride, kernel_size // kernel_stride
-    g_pad, block_q, bj, block_d = _tile_sizes(g, r, d, cfg["rows"], cfg["summaries"])
-    if out is None:
-        shape, dtype = ((n_rows, h, topk), torch.int32) if topk else ((n_rows, h, num_blocks), torch.float32)
-        out = new_output(shape, dtype, q.device)
-    if n_rows == 0 or (num_blocks == 0 and not topk):
-        return out
-    k_cmp = k_cmp.to(q.dtype).contiguous()
-    if k_cmp.shape[0] == 0:  # no summary anywhere: keep a valid pointer, nothing is visible
-        k_cmp = q.new_zeros(1, h, d)
-    grid = (triton.cdiv(n_rows, block_q), h)
-    _selection_scores_kernel[grid](
-        q.contiguous(), k_cmp, lse if lse is not None else out, out, cu, cu_cmp, tok_seq,
-        row0, n_rows, n, num_blocks, scale * _LOG2E,
-        HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, BLOCK_Q=block_q, BJ=bj, R=r, C=c,
-        KS=kernel_size, STRIDE=kernel_stride, BS=block_size, COMPUTE_LSE=lse is None,
-        IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(),
-        TOPK=topk, T_PAD=next_pow2(max(topk, 1)), INIT=init_blocks, LOCAL=local_blocks,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return out
+def require_selection_kernel(q: torch.Tensor, kernel_size: int, kernel_stride: int, block_size: int,
+                             fallback: str) -> None:
+    if not selection_kernel_supported(q, kernel_size, kernel_stride, block_size):
+        fail("q", f"({q.dtype} on {q.device}, kernel {kernel_size}/{kernel_stride}, block_size {block_size}) is "
+             "not served by the Triton selection kernel (CUDA or the interpreter for fp32/fp16, block_size / "
+             f"kernel_stride a power of two); {fallback} falls back to the reference")
 
 
 @torch.no_grad()
@@ -360,8 +74,8 @@ def selection_scores(
     summed over the G query heads of each kv head. No gradient.
 
     CUDA (and the Triton interpreter for fp32/fp16): one Triton kernel, never materialising
-    [N, N_cmp] (BS / stride must be a power of two); otherwise (CPU without interpreter, bf16 on
-    CPU, float64, other strides) `selection_scores_ref`.
+    [N, N_cmp] (BS / stride must be a power of two); nsa_baseline.branches falls back to the
+    reference elsewhere.
 
     Args:
         q: [N, HQ, D]; k_cmp: [N_cmp, H, D]; lse: float32 [HQ, N] from compressed_attention.
@@ -373,39 +87,16 @@ def selection_scores(
         sequence, 0 for blocks after its own block.
     """
     check_block_mapping(kernel_size, kernel_stride, block_size)
-    if not _use_kernel(q, kernel_size, kernel_stride, block_size):
-        return selection_scores_ref(q, k_cmp, lse, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride,
-                                    block_size, scale)
-    cu, cu_cmp, scale = _checked_args(q, k_cmp, None, cu_seqlens, cu_seqlens_cmp, kernel_size,
-                                      kernel_stride, scale)
+    require_selection_kernel(q, kernel_size, kernel_stride, block_size, "nsa_baseline.branches.selection_scores")
+    cu, cu_cmp, scale = checked_compressed_args(q, k_cmp, None, cu_seqlens, cu_seqlens_cmp, kernel_size,
+                                                kernel_stride, scale)
     n, hq, _ = q.shape
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (hq, n):
         raise ValueError(f"argument `lse` must be [HQ={hq}, N={n}], got {getattr(lse, 'shape', lse)!r}")
-    num_blocks = triton.cdiv(_max_seqlen(cu_seqlens, n), block_size)
+    num_blocks = triton.cdiv(max_seqlen(cu_seqlens, n), block_size)
     tok_seq = token_sequence_ids(cu, n).int()
     return selection_scores_fwd(q, k_cmp, lse.float().contiguous(), cu, cu_cmp, tok_seq, 0, n, num_blocks,
                                 scale, kernel_size, kernel_stride, block_size)
-
-
-def select_chunk(scores: torch.Tensor, pos: torch.Tensor, block_size: int, topk: int,
-                 init_blocks: int, local_blocks: int) -> torch.Tensor:
-    """int32 [c, H, T] from scores [c, H, NB] and positions [c]: forced blocks, then the best
-    causal ones by decreasing score, then -1 (ranked in float32, float64 for float64 scores; NaN and -inf rank lowest)."""
-    c, h, nb = scores.shape
-    blocks = torch.arange(nb, device=scores.device)[None, :]
-    cur = (pos // block_size)[:, None]  # [c, 1]
-    causal = blocks <= cur
-    forced = causal & ((blocks < init_blocks) | (blocks > cur - local_blocks))
-    rank = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    big = torch.finfo(rank).max
-    key = torch.nan_to_num(scores.to(rank), nan=-big, posinf=big, neginf=-big)
-    key.masked_fill_(forced[:, None, :], float("inf")).masked_fill_(~causal[:, None, :], float("-inf"))
-    k = min(topk, nb)
-    val, idx = key.topk(k, dim=-1)
-    idx = torch.where(val > float("-inf"), idx, torch.full_like(idx, -1)).int()
-    if k < topk:
-        idx = torch.cat([idx, idx.new_full((c, h, topk - k), -1)], dim=-1)
-    return idx
 
 
 @torch.no_grad()
@@ -431,14 +122,15 @@ def select_blocks(
     Returns:
         block_indices int32 [N, H, T], block ids counted from the start of the query's sequence.
     """
-    _check_selection(block_size, topk, init_blocks, local_blocks)
+    check_selection(block_size, topk, init_blocks, local_blocks)
     if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or scores.shape[0] < 1:
         raise ValueError(f"argument `scores` must be [N, H, NB], got {getattr(scores, 'shape', scores)!r}")
     n, h, nb = scores.shape
+    check_cu_seqlens(cu_seqlens)  # no value check here: it would cost a host sync
     if cu_seqlens is None:
         cu_seqlens = single_sequence_cu_seqlens(n, scores.device)
     pos, _ = token_positions(cu_seqlens.to(scores.device), n)
-    chunk = max(1, _SCORE_BUDGET // max(1, h * nb))
+    chunk = max(1, SCORE_BUDGET // max(1, h * nb))
     out = torch.empty(n, h, topk, dtype=torch.int32, device=scores.device)
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
@@ -464,7 +156,7 @@ def select_blocks_from_compressed(
     r"""select_blocks(selection_scores(q, k_cmp, lse, ...), ...) in one kernel: each row's top-T set is
     kept while its block scores are made, so no scores reach memory. No gradient.
     CUDA / interpreter (fp32, fp16): the Triton scores kernel in top-T mode (computing the lse
-    in-kernel when lse is None); otherwise `select_blocks_from_compressed_ref`.
+    in-kernel when lse is None); nsa_baseline.branches falls back to the reference elsewhere.
 
     Args:
         q: [N, HQ, D]; k_cmp: [N_cmp, H, D] (any compression); cu_seqlens, cu_seqlens_cmp: int32
@@ -477,20 +169,17 @@ def select_blocks_from_compressed(
         block_indices int32 [N, H, T] (slot order as in select_blocks).
     """
     check_block_mapping(kernel_size, kernel_stride, block_size)
-    _check_selection(block_size, topk, init_blocks, local_blocks)
-    if not _use_kernel(q, kernel_size, kernel_stride, block_size):
-        from nsa_baseline.reference.selection import select_blocks_from_compressed_ref
-
-        return select_blocks_from_compressed_ref(q, k_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride,
-                                                 block_size, topk, init_blocks, local_blocks, scale, lse)
-    cu, cu_cmp, scale = _checked_args(q, k_cmp, None, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride,
-                                      scale)
+    check_selection(block_size, topk, init_blocks, local_blocks)
+    require_selection_kernel(q, kernel_size, kernel_stride, block_size,
+                             "nsa_baseline.branches.select_blocks_from_compressed")
+    cu, cu_cmp, scale = checked_compressed_args(q, k_cmp, None, cu_seqlens, cu_seqlens_cmp, kernel_size,
+                                                kernel_stride, scale)
     n, hq, _ = q.shape
     if lse is not None:
         if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (hq, n):
             raise ValueError(f"argument `lse` must be [HQ={hq}, N={n}] or None, got {getattr(lse, 'shape', lse)!r}")
         lse = lse.detach().float().contiguous()
-    num_blocks = triton.cdiv(_max_seqlen(cu_seqlens, n), block_size)
+    num_blocks = triton.cdiv(max_seqlen(cu_seqlens, n), block_size)
     tok_seq = token_sequence_ids(cu, n).int()
     return selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, 0, n, num_blocks, scale, kernel_size,
                                 kernel_stride, block_size, topk=topk, init_blocks=init_blocks,
@@ -512,8 +201,8 @@ def nsa_block_indices(
 ) -> torch.Tensor:
     r"""block_indices from the NSA compression path with mean-pooled keys (what benchmarks use):
     compress_kv(k) -> select_blocks_from_compressed(lse=None), i.e. compressed lse, selection
-    scores and top-T in one Triton kernel. No gradient. CUDA / interpreter (fp32, fp16): Triton;
-    otherwise `nsa_block_indices_ref`.
+    scores and top-T in one Triton kernel. No gradient. CUDA / interpreter (fp32, fp16);
+    nsa_baseline.branches falls back to the reference elsewhere.
 
     Args:
         q: [N, HQ, D]; k: [N, H, D]; cu_seqlens: int32 [B + 1] or None.
@@ -523,10 +212,8 @@ def nsa_block_indices(
         block_indices int32 [N, H, T] (slot order as in select_blocks).
     """
     check_block_mapping(kernel_size, kernel_stride, block_size)
-    _check_selection(block_size, topk, init_blocks, local_blocks)
-    if not _use_kernel(q, kernel_size, kernel_stride, block_size):
-        return nsa_block_indices_ref(q, k, cu_seqlens, kernel_size, kernel_stride, block_size, topk,
-                                     init_blocks, local_blocks, scale)
+    check_selection(block_size, topk, init_blocks, local_blocks)
+    require_selection_kernel(q, kernel_size, kernel_stride, block_size, "nsa_baseline.branches.nsa_block_indices")
     if not isinstance(k, torch.Tensor) or k.dim() != 3 or k.shape[0] != q.shape[0]:
         raise ValueError(f"argument `k` must be [N={q.shape[0]}, H, D], got {getattr(k, 'shape', k)!r}")
     k_cmp, cu_cmp = compress_kv(k, cu_seqlens, kernel_size, kernel_stride)

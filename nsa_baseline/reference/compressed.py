@@ -14,9 +14,9 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from nsa_baseline.checks import check_block_mapping, check_compressed_args
 from nsa_baseline.reference.window import attend_chunk, compute_dtype
-from nsa_baseline.utils.compressed_varlen import (check_kernel, compressed_cu_seqlens,
-                                                  token_compressed_offsets, visible_compressed)
+from nsa_baseline.utils.compressed_varlen import token_compressed_offsets, visible_compressed
 from nsa_baseline.utils.varlen import sequence_lengths, token_positions
 
 # Elements of one chunk's score tensor ([chunk, HQ, summaries]).
@@ -61,43 +61,6 @@ def compressed_layout(cu_seqlens: torch.Tensor, cu_seqlens_cmp: torch.Tensor, nu
                             int(lens.max()) if lens.numel() else 0, int(n_cmp.max()) if n_cmp.numel() else 0)
 
 
-def check_compressed_args(q, k_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride, scale, v_cmp=None):
-    """Validate a compressed-branch call; returns (cu_seqlens, cu_seqlens_cmp, scale) filled in."""
-    if not isinstance(q, torch.Tensor) or q.dim() != 3 or not q.is_floating_point() or q.shape[0] < 1:
-        raise ValueError(f"argument `q` must be a floating tensor [N >= 1, HQ, D], got {getattr(q, 'shape', q)!r}")
-    n, hq, d = q.shape
-    for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
-        if t is None and name == "v_cmp":
-            continue
-        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[2] != d:
-            raise ValueError(f"argument `{name}` must be [N_cmp, H, D={d}], got {getattr(t, 'shape', t)!r}")
-    if v_cmp is not None and tuple(v_cmp.shape) != tuple(k_cmp.shape):
-        raise ValueError(f"argument `v_cmp` must have k_cmp's shape {tuple(k_cmp.shape)}, got {tuple(v_cmp.shape)}")
-    if k_cmp.shape[1] < 1 or hq % k_cmp.shape[1] != 0:
-        raise ValueError(f"argument `q`: num_q_heads={hq} must be a multiple of num_kv_heads={k_cmp.shape[1]}")
-    check_kernel(kernel_size, kernel_stride)
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"argument `scale` must be a positive float or None, got {scale!r}")
-    for name, t in (("cu_seqlens", cu_seqlens), ("cu_seqlens_cmp", cu_seqlens_cmp)):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1):
-            raise ValueError(f"argument `{name}` must be an int32 tensor [B + 1] or None")
-    if cu_seqlens is None:
-        cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=q.device)
-    cu_seqlens = cu_seqlens.to(q.device)
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
-        raise ValueError(f"argument `cu_seqlens` must start at 0 and end at N={n}")
-    expected = compressed_cu_seqlens(cu_seqlens, kernel_size, kernel_stride)
-    if cu_seqlens_cmp is None:
-        cu_seqlens_cmp = expected
-    cu_seqlens_cmp = cu_seqlens_cmp.to(q.device)
-    if not torch.equal(cu_seqlens_cmp, expected):
-        raise ValueError("argument `cu_seqlens_cmp` does not match cu_seqlens, kernel_size and kernel_stride "
-                         "(use compress_kv's second output)")
-    if int(expected[-1]) != k_cmp.shape[0]:
-        raise ValueError(f"argument `k_cmp` must have N_cmp={int(expected[-1])} rows, got {k_cmp.shape[0]}")
-    return cu_seqlens, cu_seqlens_cmp, d ** -0.5 if scale is None else float(scale)
-
-
 def compressed_attention_ref(
     q: torch.Tensor,
     k_cmp: torch.Tensor,
@@ -132,19 +95,6 @@ def compressed_attention_ref(
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs).to(q.dtype), torch.cat(lses).float().t().contiguous()
-
-
-def check_block_mapping(kernel_size: int, kernel_stride: int, block_size: int) -> None:
-    """ValueError unless stride | kernel_size, stride | block_size and kernel_size <= block_size."""
-    check_kernel(kernel_size, kernel_stride)
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"argument `block_size` must be a positive int, got {block_size!r}")
-    if kernel_size % kernel_stride:
-        raise ValueError(f"argument `kernel_stride` ({kernel_stride}) must divide kernel_size ({kernel_size})")
-    if block_size % kernel_stride:
-        raise ValueError(f"argument `block_size` ({block_size}) must be a multiple of kernel_stride ({kernel_stride})")
-    if kernel_size > block_size:
-        raise ValueError(f"argument `block_size` ({block_size}) must be >= kernel_size ({kernel_size})")
 
 
 def summaries_to_blocks(p: torch.Tensor, kernel_size: int, kernel_stride: int, block_size: int,

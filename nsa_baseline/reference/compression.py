@@ -11,29 +11,12 @@ from typing import Optional
 
 import torch
 
-from nsa_baseline.utils.compressed_varlen import check_kernel, compressed_cu_seqlens
+from nsa_baseline.checks import check_compress_inputs
+from nsa_baseline.utils.compressed_varlen import compressed_cu_seqlens
 from nsa_baseline.utils.varlen import single_sequence_cu_seqlens, token_sequence_ids
 
 # Elements of the gathered blocks per chunk ([chunk, kernel_size, H, D]).
 _GATHER_BUDGET = 1 << 26
-
-
-def _check_inputs(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb):
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
-        raise ValueError(f"argument `x` must be a floating tensor [N, H, D], got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
-    check_kernel(kernel_size, kernel_stride)
-    d = x.shape[2]
-    if (weight is None) != (pos_emb is None):
-        raise ValueError("arguments `weight` and `pos_emb` must be given together (or both None for mean pooling)")
-    if weight is not None and tuple(weight.shape) != (kernel_size * d, d):
-        raise ValueError(f"argument `weight` must be [kernel_size * D, D] = [{kernel_size * d}, {d}], "
-                         f"got {tuple(weight.shape)}")
-    if pos_emb is not None and tuple(pos_emb.shape) != (kernel_size, d):
-        raise ValueError(f"argument `pos_emb` must be [kernel_size, D] = [{kernel_size}, {d}], got {tuple(pos_emb.shape)}")
-    if cu_seqlens is not None and (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32
-                                   or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2):
-        raise ValueError("argument `cu_seqlens` must be an int32 tensor [B + 1] or None")
 
 
 def compress_kv(
@@ -57,7 +40,7 @@ def compress_kv(
         x_cmp [N_cmp, H, D] in x.dtype (packed summaries of every sequence) and
         cu_seqlens_cmp int32 [B + 1].
     """
-    _check_inputs(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb)
+    check_compress_inputs(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb)
     n, h, d = x.shape
     cu_seqlens = single_sequence_cu_seqlens(n, x.device) if cu_seqlens is None else cu_seqlens.to(x.device)
     cu_cmp = compressed_cu_seqlens(cu_seqlens, kernel_size, kernel_stride)

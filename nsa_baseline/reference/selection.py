@@ -11,49 +11,14 @@ from typing import Optional
 
 import torch
 
-from nsa_baseline.reference.compressed import (check_block_mapping, check_compressed_args,
-                                               chunk_selection_scores, compressed_layout)
+from nsa_baseline.checks import check_block_mapping, check_compressed_args, check_cu_seqlens, check_selection
+from nsa_baseline.reference.compressed import chunk_selection_scores, compressed_layout
 from nsa_baseline.reference.compression import compress_kv
 from nsa_baseline.reference.window import compute_dtype
+from nsa_baseline.utils.topk import select_chunk
 from nsa_baseline.utils.varlen import token_positions
 
 _CHUNK = 4096
-_BIG = 1e300
-
-
-def _check_selection(block_size, topk, init_blocks, local_blocks):
-    for name, val, low in (("block_size", block_size, 1), ("topk", topk, 1),
-                           ("init_blocks", init_blocks, 0), ("local_blocks", local_blocks, 0)):
-        if not isinstance(val, int) or isinstance(val, bool) or val < low:
-            raise ValueError(f"argument `{name}` must be an int >= {low}, got {val!r}")
-    if init_blocks + local_blocks > topk:
-        raise ValueError(f"argument `topk` ({topk}) must be >= init_blocks + local_blocks "
-                         f"({init_blocks} + {local_blocks}): forced blocks count within T")
-
-
-def select_chunk(scores: torch.Tensor, pos: torch.Tensor, block_size: int, topk: int,
-                 init_blocks: int, local_blocks: int) -> torch.Tensor:
-    r"""Top-n selection for a chunk of queries.
-
-    Args:
-        scores: [c, H, NB]; pos: int64 [c] positions of the queries inside their sequences.
-    Returns:
-        int32 [c, H, topk] (see select_blocks_ref for the slot order).
-    """
-    c, h, nb = scores.shape
-    blocks = torch.arange(nb, device=scores.device)[None, :]
-    cur = (pos // block_size)[:, None]  # [c, 1] the query's own block
-    causal = blocks <= cur
-    forced = causal & ((blocks < init_blocks) | (blocks > cur - local_blocks))
-    # Rank key: forced (+inf) > any causal score (clamped finite) > non-causal (-inf).
-    key = torch.nan_to_num(scores.double(), nan=-_BIG, posinf=_BIG, neginf=-_BIG)
-    key = key.masked_fill(forced[:, None, :], float("inf")).masked_fill(~causal[:, None, :], float("-inf"))
-    k = min(topk, nb)
-    val, idx = key.topk(k, dim=-1)
-    idx = torch.where(val > float("-inf"), idx, torch.full_like(idx, -1)).int()
-    if k < topk:
-        idx = torch.cat([idx, idx.new_full((c, h, topk - k), -1)], dim=-1)
-    return idx
 
 
 def select_blocks_ref(
@@ -79,14 +44,13 @@ def select_blocks_ref(
     Returns:
         block_indices int32 [N, H, T], block ids counted from the start of the query's sequence.
     """
-    _check_selection(block_size, topk, init_blocks, local_blocks)
+    check_selection(block_size, topk, init_blocks, local_blocks)
     if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or scores.shape[0] < 1:
         raise ValueError(f"argument `scores` must be [N, H, NB], got {getattr(scores, 'shape', scores)!r}")
     n = scores.shape[0]
+    check_cu_seqlens(cu_seqlens, n)
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=scores.device)
-    elif not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        raise ValueError("argument `cu_seqlens` must be an int32 tensor [B + 1] or None")
     pos, seq_len = token_positions(cu_seqlens.to(scores.device), n)
     need = int(((seq_len.max() + block_size - 1) // block_size))
     if scores.shape[2] < need:
@@ -126,7 +90,7 @@ def select_blocks_from_compressed_ref(
         block_indices int32 [N, H, T] (slot order as in select_blocks_ref).
     """
     check_block_mapping(kernel_size, kernel_stride, block_size)
-    _check_selection(block_size, topk, init_blocks, local_blocks)
+    check_selection(block_size, topk, init_blocks, local_blocks)
     cu_seqlens, cu_seqlens_cmp, scale = check_compressed_args(q, k_cmp, cu_seqlens, cu_seqlens_cmp,
                                                               kernel_size, kernel_stride, scale)
     n, hq, _ = q.shape
@@ -172,7 +136,7 @@ def nsa_block_indices_ref(
         block_indices int32 [N, H, T] (slot order as in select_blocks_ref).
     """
     check_block_mapping(kernel_size, kernel_stride, block_size)
-    _check_selection(block_size, topk, init_blocks, local_blocks)
+    check_selection(block_size, topk, init_blocks, local_blocks)
     if not isinstance(k, torch.Tensor) or k.dim() != 3:
         raise ValueError(f"argument `k` must be [N, H, D], got {getattr(k, 'shape', k)!r}")
     if isinstance(q, torch.Tensor) and q.dim() == 3 and k.shape[0] != q.shape[0]:

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from nsa_baseline.checks import check_int, check_qkv
 from nsa_baseline.utils.varlen import sequence_lengths, token_positions
 
 # Elements of one chunk's score tensor ([chunk, HQ, keys]).
@@ -55,31 +56,12 @@ def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: tor
     return masked_attention(q, k, v, visible, scale)
 
 
-def _check_qkv(q, k, v, cu_seqlens, scale):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
-            raise ValueError(f"argument `{name}` must be a floating tensor [N, heads, D]")
-    n, hq, d = q.shape
-    if k.shape[0] != n or k.shape[2] != d or tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"arguments `k`, `v` must both be [N={n}, H, D={d}], got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[1] < 1 or hq % k.shape[1] != 0:
-        raise ValueError(f"argument `q`: num_q_heads={hq} must be a multiple of num_kv_heads={k.shape[1]}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"argument `scale` must be a positive float or None, got {scale!r}")
-    if cu_seqlens is None:
-        return torch.tensor([0, n], dtype=torch.int32, device=q.device), d ** -0.5 if scale is None else float(scale)
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        raise ValueError("argument `cu_seqlens` must be an int32 tensor [B + 1] or None")
-    cu_seqlens = cu_seqlens.to(q.device)
-    if cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
-        raise ValueError(f"argument `cu_seqlens` must start at 0 and end at N={n}")
-    return cu_seqlens, d ** -0.5 if scale is None else float(scale)
-
-
 def _banded_attention(q, k, v, window: Optional[int], cu_seqlens, scale, return_lse):
     """Key s visible to query t iff same sequence, s <= t and (window is None or t - window < s)."""
-    cu_seqlens, scale = _check_qkv(q, k, v, cu_seqlens, scale)
+    scale = check_qkv(q, k, v, cu_seqlens, scale, check_values=True)
     n, hq, _ = q.shape
+    cu_seqlens = (torch.tensor([0, n], dtype=torch.int32, device=q.device) if cu_seqlens is None
+                  else cu_seqlens.to(q.device))
     compute = compute_dtype(q.dtype)
     pos, _ = token_positions(cu_seqlens, n)
     start = torch.arange(n, device=q.device) - pos  # packed row of each token's sequence start
@@ -123,8 +105,7 @@ def sliding_window_attention_ref(
     Returns:
         o [N, HQ, D] in q.dtype, and with return_lse the float32 lse [HQ, N].
     """
-    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
-        raise ValueError(f"argument `window_size` must be a positive int, got {window_size!r}")
+    check_int("window_size", window_size)
     return _banded_attention(q, k, v, window_size, cu_seqlens, scale, return_lse)
 
 

@@ -11,15 +11,6 @@ import torch
 from nsa_baseline.utils.varlen import sequence_lengths, token_sequence_ids
 
 
-def check_kernel(kernel_size: int, kernel_stride: int) -> None:
-    """ValueError unless kernel_size and kernel_stride are positive ints with stride <= kernel_size."""
-    for name, val in (("kernel_size", kernel_size), ("kernel_stride", kernel_stride)):
-        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-            raise ValueError(f"argument `{name}` must be a positive int, got {val!r}")
-    if kernel_stride > kernel_size:
-        raise ValueError(f"argument `kernel_stride` ({kernel_stride}) must be <= kernel_size ({kernel_size})")
-
-
 def num_compressed(length: torch.Tensor, kernel_size: int, kernel_stride: int) -> torch.Tensor:
     """int64, same shape as `length`: summaries whose whole kernel fits in `length` keys."""
     length = length.long()

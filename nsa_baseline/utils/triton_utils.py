@@ -11,6 +11,9 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the kernels keep base-2 softmax statistics
+
+
 def next_pow2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
 

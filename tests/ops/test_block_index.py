@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nsa_baseline.ops.block_index import build_block_index
+from nsa_baseline.utils.block_index import build_block_index
 from nsa_baseline.utils.indices import random_causal_block_indices
 
 

@@ -20,7 +20,7 @@ family_param = pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES
 def _op_args(family, x, q, k, v):
     scale = x.q.shape[-1] ** -0.5
     if family is fsa.selected_attention:
-        return fsa_compiled.fsa_selected_fwd, (q, k, v, x.block_indices, x.cu_seqlens, x.block_size, scale)
+        return fsa_compiled.fsa_selected_fwd_op, (q, k, v, x.block_indices, x.cu_seqlens, x.block_size, scale)
     pos = token_positions(x.cu_seqlens, x.q.shape[0])[0].int()
     return nsa_compiled.nsa_selected_fwd_op, (q, k, v, x.block_indices, x.cu_seqlens, pos, x.block_size, scale)
 

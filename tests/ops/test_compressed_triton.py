@@ -9,7 +9,7 @@ same against the reference and the FlexAttention path, fp32 against the referenc
 import pytest
 import torch
 
-from nsa_baseline.ops.compressed import _compressed_attention_flex
+from nsa_baseline.ops.compressed import compressed_attention_flex
 from nsa_baseline.ops.compressed_triton import (INTERPRETER_CONFIGS, LaunchConfigs, TileConfig,
                                                 compressed_attention_triton)
 from nsa_baseline.reference.compressed import compressed_attention_ref
@@ -47,7 +47,7 @@ def _check(ins, cu, cu_cmp, dtype, ref_dtype=FP64, backward=True, flex=False, se
     assert_close(o, ro, dtype, "o")
     assert_close(lse, rlse, dtype, "lse")
     if flex:
-        fo, flse = _compressed_attention_flex(*[t.detach() for t in ins], cu, cu_cmp)
+        fo, flse = compressed_attention_flex(*[t.detach() for t in ins], cu, cu_cmp)
         assert_close(o, fo, dtype, "o vs flex")
         assert_close(lse, flse, dtype, "lse vs flex")
     if not backward:
@@ -165,9 +165,10 @@ def test_dkdv_config_fills_the_gpu(monkeypatch):
 
 def test_compressed_triton_fallbacks_and_errors():
     ins, cu, cu_cmp = _inputs("varlen", 1, 2, 16, FP64)
-    o, _ = compressed_attention_triton(*ins, cu, cu_cmp)  # float64 -> reference
-    ro, _ = compressed_attention_ref(*ins, cu, cu_cmp)
-    assert torch.equal(o, ro)
+    with pytest.raises(ValueError, match="argument `q` has dtype torch.float64"):  # the reference's job
+        compressed_attention_triton(*ins, cu, cu_cmp)
+    with pytest.raises(ValueError, match="interpreter's bf16"):
+        compressed_attention_triton(*(t.to(torch.bfloat16) for t in ins), cu, cu_cmp)
     q = torch.randn(40, 2, 272)
     k_cmp, cu_cmp = compress_kv(torch.randn(40, 1, 272), None)
     with pytest.raises(ValueError, match="head dim"):
@@ -208,7 +209,7 @@ def test_gpu_compressed_triton_vs_flex_backward():
     ours = [t.clone().requires_grad_() for t in ins]
     flex = [t.clone().requires_grad_() for t in ins]
     o, _ = compressed_attention_triton(*ours, cu, cu_cmp)
-    fo, _ = _compressed_attention_flex(*flex, cu, cu_cmp)
+    fo, _ = compressed_attention_flex(*flex, cu, cu_cmp)
     do = torch.randn_like(o)
     grads, flex_grads = torch.autograd.grad(o, ours, do), torch.autograd.grad(fo, flex, do)
     for name, a, b in zip(("dq", "dk_cmp", "dv_cmp"), grads, flex_grads):

@@ -2,18 +2,20 @@
 attention, selection scores / top-T, sliding-window and full attention.
 
 CPU: compress_kv forward + gradients; the FlexAttention paths forward only (eager flex on CPU has no
-backward), the public functions' CPU fallback forward + backward; the selection Triton kernel in the
+backward), the public functions' CPU fallback (nsa_baseline.branches) forward + backward; the selection Triton kernel in the
 interpreter (fp32, fp16). GPU (bf16, 8K-64K): every function forward and, where it is
 differentiable, backward against the reference.
 """
 import pytest
 import torch
 
-from nsa_baseline.ops.compressed import _compressed_attention_flex, compressed_attention
+from nsa_baseline import branches
+from nsa_baseline.ops.compressed import compressed_attention, compressed_attention_flex
 from nsa_baseline.ops.compression import compress_kv
 from nsa_baseline.ops.selection import (nsa_block_indices, select_blocks, select_blocks_from_compressed,
                                         selection_scores)
-from nsa_baseline.ops.window import band_block_mask, flex_attention_packed, full_attention, sliding_window_attention
+from nsa_baseline.ops.flex import flex_attention_packed
+from nsa_baseline.ops.window import band_block_mask, full_attention, sliding_window_attention
 from nsa_baseline.reference.compressed import compressed_attention_ref, selection_scores_ref
 from nsa_baseline.reference.compression import compress_kv as compress_kv_ref
 from nsa_baseline.reference.selection import (nsa_block_indices_ref, select_blocks_from_compressed_ref,
@@ -82,7 +84,7 @@ def test_compressed_attention_flex_cpu(layout):
     q = torch.randn(N_CPU, h * g, d)
     k_cmp, cu_cmp = compress_kv(torch.randn(N_CPU, h, d), cu)
     v_cmp, _ = compress_kv(torch.randn(N_CPU, h, d), cu)
-    o, lse = _compressed_attention_flex(q, k_cmp, v_cmp, cu, cu_cmp)
+    o, lse = compressed_attention_flex(q, k_cmp, v_cmp, cu, cu_cmp)
     ro, rlse = compressed_attention_ref(q, k_cmp, v_cmp, cu, cu_cmp)
     assert_close(o, ro, torch.float32, "o")
     assert_close(lse, rlse, torch.float32, "lse")
@@ -98,7 +100,7 @@ def test_compressed_attention_public_cpu(layout):
     v_cmp, _ = compress_kv(torch.randn(N_CPU, h, d, dtype=torch.float64), cu)
     k_cmp.requires_grad_()
     v_cmp.requires_grad_()
-    o, lse = compressed_attention(q, k_cmp, v_cmp, cu, cu_cmp)
+    o, lse = branches.compressed_attention(q, k_cmp, v_cmp, cu, cu_cmp)
     ro, rlse = compressed_attention_ref(q, k_cmp, v_cmp, cu, cu_cmp)
     assert_close(o, ro, torch.float64, "o")
     assert_close(lse, rlse, torch.float64, "lse")
@@ -269,12 +271,27 @@ def test_band_public_cpu(window):
     cu = _cu("varlen", "cpu")
     q, k, v = (torch.randn(N_CPU, hh, d, dtype=torch.float64, requires_grad=True) for hh in (h * g, h, h))
     if window is None:
-        o, ro = full_attention(q, k, v, cu), full_attention_ref(q, k, v, cu)
+        o, ro = branches.full_attention(q, k, v, cu), full_attention_ref(q, k, v, cu)
     else:
-        o, ro = sliding_window_attention(q, k, v, window, cu), sliding_window_attention_ref(q, k, v, window, cu)
+        o, ro = branches.sliding_window_attention(q, k, v, window, cu), sliding_window_attention_ref(q, k, v, window, cu)
     assert_close(o, ro, torch.float64, "o")
     for name, a, b in zip(("dq", "dk", "dv"), _grads([o], (q, k, v)), _grads([ro], (q, k, v))):
         assert_close(a, b, torch.float64, name)
+
+
+def test_fast_paths_refuse_what_they_do_not_serve():
+    """nsa_baseline.ops never falls back to the reference: float64 (and, without the interpreter, CPU)
+    raises a ValueError naming `q` and the function that does fall back."""
+    h, g, d = 2, 3, 16
+    q, k, v = torch.randn(N_CPU, h * g, d, dtype=torch.float64), *torch.randn(2, N_CPU, h, d, dtype=torch.float64)
+    k_cmp, cu_cmp = compress_kv(k, None)
+    calls = {"sliding_window_attention": lambda: sliding_window_attention(q, k, v, 24),
+             "full_attention": lambda: full_attention(q, k, v),
+             "compressed_attention": lambda: compressed_attention(q, k_cmp, k_cmp, None, cu_cmp),
+             "nsa_block_indices": lambda: nsa_block_indices(q, k, None, 32, 16, 32, topk=4)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"argument `q`.*nsa_baseline.branches.{name}"):
+            call()
 
 
 # ---------------------------------------------------------------------------------------- GPU

@@ -40,7 +40,7 @@ def test_kernel_knobs_agree(case, device):
 def test_dkdv_schedule_covers_every_row_once(chunk):
     """Each CSR row is cut into row_chunks chunks, each chunk is one work item, split rows own
     disjoint partial slots inside the buffer bound, and longer rows come first."""
-    from nsa_baseline.ops.block_index import build_block_index
+    from nsa_baseline.utils.block_index import build_block_index
     from nsa_baseline.ops.selected_bwd import dkdv_schedule
 
     case = CASES[1]

@@ -1,4 +1,4 @@
-"""FSA work schedule over the inverted index (nsa_baseline.ops.block_index).
+"""FSA work schedule over the inverted block index (nsa_baseline.utils.block_index).
 
 A CSR row (KV head h, key block b) owns count * GC "pair rows": one per (query token that chose the
 block, query head of the group handled in this pass). A work item is a chunk of up to
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.block_index import BlockIndex
+from nsa_baseline.utils.block_index import BlockIndex
 
 
 @dataclass
@@ -63,3 +63,22 @@ def locate_item(item_offsets, pid, NUM_ROWS, SEARCH_STEPS: tl.constexpr):
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid)
     return lo
+
+
+@triton.jit
+def reduce_rows(N, H_OFF, G: tl.constexpr, G_OFF, GC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a per-query reduction program owns: grid (token tiles, KV heads x query heads of the pass).
+    Returns (KV head, head of the group in the pass, query head, tokens [BLOCK_N], their mask)."""
+    i_hc = tl.program_id(1)
+    i_h = H_OFF + i_hc // GC
+    i_j = i_hc % GC
+    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return i_h, i_j, i_h * G + G_OFF + i_j, o_n, o_n < N
+
+
+@triton.jit
+def slot_rows(pair_pos, p_first, o_n, m_n, i_h, i_j, i_t, H: tl.constexpr, T: tl.constexpr, GC: tl.constexpr):
+    """Partial-buffer rows [BLOCK_N] of slot i_t of the tokens o_n (p_first: the pass's first pair
+    position), and which of them hold a valid pair."""
+    pp = tl.load(pair_pos + (o_n * H + i_h) * T + i_t, mask=m_n, other=-1)
+    return (pp - p_first).to(tl.int64) * GC + i_j, pp >= 0

@@ -7,7 +7,7 @@ every valid pair by its row and counts rows (integer atomics: exact), a stable s
 (tokens stay ascending inside a row, so the layout is identical on every run), and a Triton kernel
 scatters tokens and pair positions (no slot array: a pair's slot is where pair_pos points back at
 it, and no kernel needs it). Buffers are sized by N * H * T, never by blocks x seqlen.
-Used by the NSA dK/dV kernel and by every FSA kernel.
+Shared by both families: the NSA dK/dV kernel and every FSA kernel.
 """
 from __future__ import annotations
 
