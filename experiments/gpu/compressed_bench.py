@@ -168,23 +168,23 @@ def time_point(rows, n, g, cu, impl: str):
 
 def sweep(rows, n, g):
     """Each kernel alone with a few tile configs (the first is the default)."""
-    from nsa_baseline.ops.compressed import _checked_args
+    from nsa_baseline.ops.compressed import checked_compressed_args
     from nsa_baseline.ops.compressed_triton import (TileConfig, bwd_dkdv, bwd_dq, bwd_preprocess, compressed_fwd,
-                                                    dkdv_config, launch_configs, varlen_meta)
+                                                    config_key, dkdv_config, launch_configs, varlen_meta)
 
     h = HQ // g
     q, k, v, cu, cu_cmp = make_inputs(n, h, g, D, BF16)
-    cu, cu_cmp, scale = _checked_args(q, k, v, None, None, KS, STRIDE, None)
+    cu, cu_cmp, scale = checked_compressed_args(q, k, v, None, None, KS, STRIDE, None)
     meta = varlen_meta(None, None, cu, cu_cmp, n, k.shape[0])
     default = launch_configs(D, BF16)
-    default = default._replace(dkdv=dkdv_config(default.dkdv, k.shape[0], h, q.device))  # as the default path
+    default = default._replace(dkdv=dkdv_config(default.dkdv, k.shape[0], h, q.device, config_key(D, BF16)))  # as the default path
     o, lse = compressed_fwd(q, k, v, meta, KS, STRIDE, scale)
     do = torch.randn_like(o)
     lse2, delta = bwd_preprocess(o, do, lse, None)
     alts = {
         "fwd": [default.fwd, TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 3)],
-        "dkdv": [default.dkdv, TileConfig(32, 128, 8, 3), TileConfig(32, 64, 4, 2)],
-        "dq": [default.dq, TileConfig(128, 64, 8, 3), TileConfig(64, 64, 8, 2)],
+        "dkdv": [default.dkdv, TileConfig(32, 128, 8, 3), TileConfig(64, 64, 8, 2), TileConfig(32, 64, 4, 2)],
+        "dq": [default.dq, TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
     }
     calls = {
         "fwd": lambda c: compressed_fwd(q, k, v, meta, KS, STRIDE, scale, c),

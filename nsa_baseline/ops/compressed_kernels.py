@@ -48,17 +48,25 @@ def _rows(r0, r_end, i_h, tok_seq, cu, cu_cmp,
 
 
 @triton.jit
-def _fwd_step(b_q, acc, b_m, b_l, k, v, c0, c_end, lo, hi, p_d, m_d, qk_scale,
-              H, D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-              MASK: tl.constexpr):
-    """Online softmax of the rows over summaries [c0, c0 + BLOCK_N) (MASK: per-row bands)."""
+def _load_summaries(k, v, c0, c_end, p_d, m_d, H, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """(o_c, b_k, b_v): ids [BLOCK_N] and K, V [BLOCK_N, BLOCK_D] of summaries [c0, c0 + BLOCK_N) of
+    one KV head (MASK: zeros from c_end on)."""
     o_c = c0 + tl.arange(0, BLOCK_N)
     p_c = o_c.to(tl.int64)[:, None] * (H * D) + p_d[None, :]
     m_c = m_d[None, :]
     if MASK:
         m_c = m_c & (o_c < c_end)[:, None]
-    b_k = tl.load(k + p_c, mask=m_c, other=0.)  # [BLOCK_N, BLOCK_D]
-    b_v = tl.load(v + p_c, mask=m_c, other=0.)  # [BLOCK_N, BLOCK_D]
+    b_k = tl.load(k + p_c, mask=m_c, other=0.)
+    b_v = tl.load(v + p_c, mask=m_c, other=0.)
+    return o_c, b_k, b_v
+
+
+@triton.jit
+def _fwd_step(b_q, acc, b_m, b_l, k, v, c0, c_end, lo, hi, p_d, m_d, qk_scale,
+              H, D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+              MASK: tl.constexpr):
+    """Online softmax of the rows over summaries [c0, c0 + BLOCK_N) (MASK: per-row bands)."""
+    o_c, b_k, b_v = _load_summaries(k, v, c0, c_end, p_d, m_d, H, D, BLOCK_N, MASK)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
     if MASK:
         vis = (o_c[None, :] >= lo[:, None]) & (o_c[None, :] < hi[:, None])
@@ -246,13 +254,7 @@ def _dq_step(b_q, b_do, b_lse, b_delta, dq, k, v, c0, c_end, lo, hi, p_d, m_d, q
              H, D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
              MASK: tl.constexpr):
     """dQ of the rows from summaries [c0, c0 + BLOCK_N)."""
-    o_c = c0 + tl.arange(0, BLOCK_N)
-    p_c = o_c.to(tl.int64)[:, None] * (H * D) + p_d[None, :]
-    m_c = m_d[None, :]
-    if MASK:
-        m_c = m_c & (o_c < c_end)[:, None]
-    b_k = tl.load(k + p_c, mask=m_c, other=0.)  # [BLOCK_N, BLOCK_D]
-    b_v = tl.load(v + p_c, mask=m_c, other=0.)
+    o_c, b_k, b_v = _load_summaries(k, v, c0, c_end, p_d, m_d, H, D, BLOCK_N, MASK)
     b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - b_lse[:, None])  # [BLOCK_M, BLOCK_N]
     if MASK:
         vis = (o_c[None, :] >= lo[:, None]) & (o_c[None, :] < hi[:, None])

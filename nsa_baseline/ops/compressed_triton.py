@@ -54,21 +54,31 @@ class LaunchConfigs(NamedTuple):
 # 4-warp 64 x 64 dK/dV programs spill. experiments/gpu/compressed_bench.py times alternatives.
 CONFIGS: dict[tuple[int, int], LaunchConfigs] = {
     (64, 2): LaunchConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)),
-    (128, 2): LaunchConfigs(TileConfig(128, 64, 8, 3), TileConfig(64, 64, 8, 2), TileConfig(64, 64, 4, 3)),
+    (128, 2): LaunchConfigs(TileConfig(128, 64, 8, 3), TileConfig(32, 128, 8, 3), TileConfig(128, 64, 8, 3)),
     (256, 2): LaunchConfigs(TileConfig(64, 32, 8, 2), TileConfig(32, 32, 8, 2), TileConfig(64, 32, 8, 2)),
     # fp32 (exact fp32 dots): half the bytes per tile
     (64, 4): LaunchConfigs(TileConfig(64, 64, 4, 2), TileConfig(32, 64, 4, 2), TileConfig(64, 64, 4, 2)),
     (128, 4): LaunchConfigs(TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2), TileConfig(64, 32, 4, 2)),
     (256, 4): LaunchConfigs(TileConfig(32, 16, 4, 1), TileConfig(16, 16, 4, 1), TileConfig(32, 16, 4, 1)),
 }
+# dK/dV where CONFIGS' tiles give fewer programs than SMs (few KV heads): H100, 64K tokens, D = 128,
+# bf16 (results/compressed_bench): with 64 KV heads 32 x 128 tiles, 3 stages take 24.6 ms where
+# 64 x 64, 2 stages took 47.0; with 4 KV heads (G = 16 of 64) 64 x 64, 2 stages takes 42.1 ms where
+# 32 x 64, 3 stages took 49.3. dQ 128 x 64, 8 warps: 13.7 / 11.9 ms against 17.2 / 14.7 for 64 x 64.
+DKDV_FEW_PROGRAMS: dict[tuple[int, int], TileConfig] = {(128, 2): TileConfig(64, 64, 8, 2)}
 # The interpreter runs numpy per tile: small tiles keep the CPU tests quick.
 INTERPRETER_CONFIGS = LaunchConfigs(TileConfig(32, 16, 1, 1), TileConfig(32, 16, 1, 1), TileConfig(32, 16, 1, 1))
+
+
+def config_key(d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(padded D, input element bytes): the key of CONFIGS."""
+    return max(64, next_pow2(d)), 4 if dtype == torch.float32 else 2
 
 
 def launch_configs(d: int, dtype: torch.dtype) -> LaunchConfigs:
     if is_interpreter():
         return INTERPRETER_CONFIGS
-    return CONFIGS[(max(64, next_pow2(d)), 4 if dtype == torch.float32 else 2)]
+    return CONFIGS[config_key(d, dtype)]
 
 
 @functools.lru_cache(maxsize=8)
@@ -76,14 +86,18 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def dkdv_config(cfg: TileConfig, n_cmp: int, h: int, device) -> TileConfig:
-    """Halve the summaries per dK/dV program (down to 32) until every SM gets a program: with few KV
-    heads (G = 16 of 64 query heads: H = 4) 128-summary tiles at 64K tokens make 128 programs for
-    132 SMs, and causal programs differ in work (the first tile is seen by every row, the last by
-    few), launched heaviest first, so one wave or more balances."""
+def dkdv_config(cfg: TileConfig, n_cmp: int, h: int, device, key: tuple[int, int] = (0, 0)) -> TileConfig:
+    """Every SM gets a dK/dV program: where `cfg` makes fewer programs than SMs, the measured
+    few-programs tile of DKDV_FEW_PROGRAMS[key] (if any), then the summaries per program halved
+    (down to 32). With few KV heads (G = 16 of 64 query heads: H = 4) 128-summary tiles at 64K tokens
+    make 128 programs for 132 SMs, and causal programs differ in work (the first tile is seen by
+    every row, the last by few), launched heaviest first, so one wave or more balances."""
     if is_interpreter() or torch.device(device).type != "cuda":
         return cfg
-    block_n, target = cfg.block_n, _sm_count(torch.device(device))
+    target = _sm_count(torch.device(device))
+    if triton.cdiv(n_cmp, cfg.block_n) * h < target:
+        cfg = DKDV_FEW_PROGRAMS.get(key, cfg)
+    block_n = cfg.block_n
     while block_n > 32 and triton.cdiv(n_cmp, block_n) * h < target:
         block_n //= 2
     return replace(cfg, block_n=block_n)
@@ -198,7 +212,8 @@ def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, meta: VarlenMeta, kernel_s
                 new_output(v_cmp.shape, v_cmp.dtype, v_cmp.device))
     if cfgs is None:
         cfgs = launch_configs(q.shape[2], q.dtype)
-        cfgs = cfgs._replace(dkdv=dkdv_config(cfgs.dkdv, k_cmp.shape[0], k_cmp.shape[1], q.device))
+        cfgs = cfgs._replace(dkdv=dkdv_config(cfgs.dkdv, k_cmp.shape[0], k_cmp.shape[1], q.device,
+                                              config_key(q.shape[2], q.dtype)))
     lse2, delta = bwd_preprocess(o, do, lse, dlse)
     dk, dv = bwd_dkdv(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dkdv)
     dq = bwd_dq(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dq)

@@ -161,6 +161,10 @@ def test_dkdv_config_fills_the_gpu(monkeypatch):
     assert ct.dkdv_config(cfg, 4095, 64, "cuda").block_n == 128  # G = 1: 2048 programs already
     assert ct.dkdv_config(cfg, 100, 1, "cuda").block_n == 32  # never below 32
     assert ct.dkdv_config(cfg, 100, 1, "cpu") == cfg
+    bf16_128 = ct.config_key(128, torch.bfloat16)
+    few = ct.DKDV_FEW_PROGRAMS[bf16_128]
+    assert ct.dkdv_config(cfg, 4095, 4, "cuda", bf16_128) == few  # G = 16: the measured few-programs tile
+    assert ct.dkdv_config(cfg, 4095, 64, "cuda", bf16_128) == cfg  # G = 1: enough programs, kept
 
 
 def test_compressed_triton_fallbacks_and_errors():
