@@ -24,7 +24,7 @@ def test_tune_point_checks_then_times_every_config_default_first():
 
 
 def test_a_config_that_computes_something_else_is_not_timed(monkeypatch):
-    real = fsa_tune.fsa_fwd
+    real = fsa_tune.fsa_selected_fwd
     calls = []
 
     def wrong_after_reference(*args):  # the reference run is right, every later run is off
@@ -32,7 +32,7 @@ def test_a_config_that_computes_something_else_is_not_timed(monkeypatch):
         calls.append(1)
         return (o * 1.5, lse) if len(calls) > 1 else (o, lse)
 
-    monkeypatch.setattr(fsa_tune, "fsa_fwd", wrong_after_reference)
+    monkeypatch.setattr(fsa_tune, "fsa_selected_fwd", wrong_after_reference)
     rows = fsa_tune.tune_point(*inputs(), [tuning.LaunchConfig(32, 1, 4, 2)], [], timer=lambda fn: 1.0,
                                seconds_left=lambda: 1.0)
     fwd = [r for r in rows if r["pass"] == "fwd"]
