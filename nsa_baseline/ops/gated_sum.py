@@ -2,8 +2,9 @@
 backward, one pass each over [N, HQ, D] (eager PyTorch makes 5 passes forward and more backward).
 
 Grid: one program per tile of BLOCK_R (token, head) rows; the D columns of a row in one tile padded
-to a power of two (D a constexpr: no column mask when it is one). Backward: one program per row tile
-too, reading do and the branch outputs once and writing the four gradients.
+to a power of two (D is a constexpr: for a power-of-two D the column mask folds away). Backward: one program per row tile
+too, reading do and the branch outputs once and writing the four gradients. Row offsets are 64-bit;
+row indices 32-bit (N * HQ < 2^31).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from nsa_baseline.checks import check_gated_sum_args, fail, require_kernel_devic
 from nsa_baseline.contract import KERNEL_DTYPES
 from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
 
-MAX_HEAD_DIM = 1024  # one row's D in one tile; beyond this the tile would spill
+MAX_HEAD_DIM = 1024  # one row's D in one tile (larger D would need a loop over D chunks)
 
 
 @triton.jit
