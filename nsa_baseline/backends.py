@@ -1,9 +1,10 @@
-"""Which implementation runs each NSA branch, by backend name (looked up lazily with importlib).
+"""Which implementation runs each NSA branch and the gated sum of the branches, by backend name
+(looked up lazily with importlib).
 
     torch : every branch from nsa_baseline.reference
     nsa, fsa, auto : selected attention from that family of nsa_baseline.families; the other
-            branches from nsa_baseline.branches (the GPU kernels where they serve the call, the
-            reference elsewhere)
+            branches and the gated sum from nsa_baseline.branches (the GPU kernels where they serve
+            the call, the reference elsewhere)
 
 The selected branch of a non-torch backend is required (an ImportError-free fallback would make a
 benchmark silently time the reference); every other branch falls back to the reference and is
@@ -25,11 +26,12 @@ REFERENCE = {
     "nsa_block_indices": "nsa_baseline.reference.selection:nsa_block_indices_ref",
     "selected_attention": "nsa_baseline.reference.selected:selected_attention_ref",
     "sliding_window_attention": "nsa_baseline.reference.window:sliding_window_attention_ref",
+    "gated_sum": "nsa_baseline.reference.gating:gated_sum_ref",
 }
 # The other branches of a kernel backend: GPU kernels with the reference as fallback.
 _BRANCHES = {name: (f"nsa_baseline.branches:{name}",) for name in (
     "compress_kv", "compressed_attention", "select_blocks_from_compressed", "nsa_block_indices",
-    "sliding_window_attention")}
+    "sliding_window_attention", "gated_sum")}
 
 # Backend -> branch -> candidate "module:function" names, first found wins; branches missing here
 # use the reference.

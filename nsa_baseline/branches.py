@@ -1,6 +1,6 @@
-"""The NSA branches other than selected attention, each on the GPU where its kernel serves the call
-and through the PyTorch reference elsewhere (CPU without the interpreter, float64, strides the
-selection kernel does not tile). This is where the fast paths (nsa_baseline.ops, which never import
+"""The NSA branches other than selected attention, and their gated sum, each on the GPU where its
+kernel serves the call and through the PyTorch reference elsewhere (CPU without the interpreter,
+float64, strides the selection kernel does not tile). This is where the fast paths (nsa_baseline.ops, which never import
 the reference) meet their fallback; the module's "nsa", "fsa" and "auto" backends call these.
 """
 from __future__ import annotations
@@ -14,10 +14,11 @@ from nsa_baseline.checks import check_block_mapping
 from nsa_baseline.ops import compressed, selection, window
 from nsa_baseline.ops.compression import compress_kv
 from nsa_baseline.ops.flex import use_flex
+from nsa_baseline.ops.gated_sum import gated_sum as gated_sum_triton, gated_sum_supported
 from nsa_baseline.ops.selection import select_blocks
 
-__all__ = ["compress_kv", "compressed_attention", "full_attention", "nsa_block_indices", "select_blocks",
-           "select_blocks_from_compressed", "selection_scores", "sliding_window_attention"]
+__all__ = ["compress_kv", "compressed_attention", "full_attention", "gated_sum", "nsa_block_indices",
+           "select_blocks", "select_blocks_from_compressed", "selection_scores", "sliding_window_attention"]
 
 
 def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
@@ -77,3 +78,10 @@ def nsa_block_indices(q: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[tor
     fast = _selection_kernel(q, kernel_size, kernel_stride, block_size)
     fn = selection.nsa_block_indices if fast else reference.nsa_block_indices_ref
     return fn(q, k, cu_seqlens, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale)
+
+
+def gated_sum(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor) -> torch.Tensor:
+    """nsa_baseline.ops.gated_sum where its kernels serve the call (CUDA, or the interpreter for fp32 /
+    fp16), else the reference (the eager expression)."""
+    fn = gated_sum_triton if gated_sum_supported(gates, o_cmp, o_slc, o_win) else reference.gated_sum_ref
+    return fn(gates, o_cmp, o_slc, o_win)

@@ -66,11 +66,11 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], num_tokens: Optional[in
     _checked_cu_seqlens[key] = stamp
 
 
-def require_kernel_device(q: torch.Tensor, where: str = "") -> None:
+def require_kernel_device(q: torch.Tensor, where: str = "", arg: str = "q") -> None:
     """Triton kernels need a CUDA tensor, or the interpreter for CPU tensors (else Triton fails with
-    "0 active drivers")."""
+    "0 active drivers"). The error names `arg`."""
     if not q.is_cuda and not is_interpreter():
-        fail("q", f"is on {q.device}, but the Triton kernels need CUDA tensors. Use CUDA tensors, set "
+        fail(arg, f"is on {q.device}, but the Triton kernels need CUDA tensors. Use CUDA tensors, set "
              "TRITON_INTERPRET=1 before importing triton (runs the kernels on the CPU, slowly), or use the "
              "PyTorch reference (nsa_baseline.reference)", where)
 
@@ -173,6 +173,22 @@ def check_compressed_args(q, k_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size, ker
     if int(expected[-1]) != k_cmp.shape[0]:
         fail("k_cmp", f"must have N_cmp={int(expected[-1])} rows, got {k_cmp.shape[0]}")
     return cu_seqlens, cu_seqlens_cmp, scale
+
+
+def check_gated_sum_args(gates, o_cmp, o_slc, o_win) -> None:
+    """NSA's gated sum: floating o_cmp [N, HQ, D], o_slc and o_win of its shape, floating gates
+    [N, HQ, 3], all on o_cmp's device (the eager expression would broadcast a wrong shape silently)."""
+    if not isinstance(o_cmp, torch.Tensor) or o_cmp.dim() != 3 or not o_cmp.is_floating_point():
+        fail("o_cmp", f"must be a floating tensor [N, HQ, D], got {getattr(o_cmp, 'dtype', type(o_cmp).__name__)} "
+             f"of shape {tuple(getattr(o_cmp, 'shape', ()))}")
+    n, hq, _ = o_cmp.shape
+    for name, t, shape in (("o_slc", o_slc, tuple(o_cmp.shape)), ("o_win", o_win, tuple(o_cmp.shape)),
+                           ("gates", gates, (n, hq, 3))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+            fail(name, f"must be a floating tensor {list(shape)}, got {getattr(t, 'dtype', type(t).__name__)} of "
+                 f"shape {tuple(getattr(t, 'shape', ()))}")
+        if t.device != o_cmp.device:
+            fail(name, f"must be on o_cmp's device {o_cmp.device}, got {t.device}")
 
 
 def forget_checked_cu_seqlens() -> None:

@@ -154,7 +154,7 @@ class NativeSparseAttention(nn.Module):
                 self.init_blocks, self.local_blocks, lse=lse_cmp.detach())
         o_slc = fns.selected_attention(q, k, v, block_indices, self.block_size, cu_seqlens=cu_seqlens)
         o_win = fns.sliding_window_attention(q, k, v, self.window_size, cu_seqlens)
-        o = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win  # [N, HQ, D]
+        o = fns.gated_sum(gates, o_cmp, o_slc, o_win)  # [N, HQ, D] = sum_b gates[..., b:b+1] * o_b
         if not return_branches:
             return o
         return o, {"compressed": o_cmp, "selected": o_slc, "window": o_win, "block_indices": block_indices}

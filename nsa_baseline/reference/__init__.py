@@ -1,6 +1,7 @@
 """Pure PyTorch reference of all of NSA: the oracle every kernel and module is checked against."""
 from nsa_baseline.reference.compressed import compressed_attention_ref, selection_scores_ref
 from nsa_baseline.reference.compression import compress_kv
+from nsa_baseline.reference.gating import gated_sum_ref
 from nsa_baseline.reference.rope import apply_rope, rope_positions
 from nsa_baseline.reference.selected import selected_attention_ref
 from nsa_baseline.reference.selection import (nsa_block_indices_ref, select_blocks_from_compressed_ref,
@@ -14,6 +15,7 @@ __all__ = [
     "compressed_attention_ref",
     "compressed_cu_seqlens",
     "full_attention_ref",
+    "gated_sum_ref",
     "nsa_block_indices_ref",
     "rope_positions",
     "select_blocks_from_compressed_ref",
