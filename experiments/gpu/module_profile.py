@@ -21,7 +21,7 @@ import triton
 
 from experiments.gpu.provenance import require_cuda
 from nsa_baseline.module import NativeSparseAttention
-from nsa_baseline.ops.compressed import compressed_attention
+from nsa_baseline.branches import compressed_attention  # what the module runs
 from nsa_baseline.ops.compression import compress_kv
 from nsa_baseline.ops.selection import SCORE_BUDGET, select_blocks_from_compressed
 from nsa_baseline.ops.selection_kernel import selection_scores_fwd

@@ -241,9 +241,15 @@ class CompressedAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+def compressed_triton_supported(q: torch.Tensor) -> bool:
+    """Whether the kernels serve `q`: CUDA, or the interpreter on CPU (whose bf16 tl.dot is wrong),
+    for fp16 / bf16 / fp32 and D <= MAX_HEAD_DIM."""
+    on_device = q.is_cuda or (is_interpreter() and q.dtype != torch.bfloat16)
+    return on_device and q.dtype in KERNEL_DTYPES and q.dim() == 3 and q.shape[2] <= MAX_HEAD_DIM
+
+
 def require_triton(q: torch.Tensor) -> None:
-    """ValueError naming `q` unless the kernels serve it: CUDA, or the interpreter on CPU (whose bf16
-    tl.dot is broken), for fp16 / bf16 / fp32; nsa_baseline.reference computes everything else."""
+    """ValueError naming `q` unless the kernels serve it; nsa_baseline.reference computes the rest."""
     where = "compressed_attention_triton: "
     require_kernel_device(q, where)
     if q.dtype not in KERNEL_DTYPES or (not q.is_cuda and q.dtype == torch.bfloat16):
