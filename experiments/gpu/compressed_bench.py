@@ -21,15 +21,13 @@ Writes compressed_bench_{checks,timings,configs}.csv with GPU, torch, Triton and
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
-from experiments.gpu.provenance import out_dir, require_cuda, run_meta
+from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_meta, write_rows
 
 HQ, D, KS, STRIDE = 64, 128, 32, 16
 BF16 = torch.bfloat16
@@ -212,28 +210,6 @@ def sweep(rows, n, g):
 
 # ---------------------------------------------------------------------------------------- main
 
-def write(path: Path, rows: list[dict], meta: dict):
-    if not rows:
-        return
-    keys = list(rows[0].keys()) + [k for r in rows for k in r if k not in rows[0]]
-    keys = list(dict.fromkeys(keys)) + list(meta)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, **meta})
-
-
-def table(rows: list[dict]):
-    if not rows:
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    width = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
-    print("  ".join(k.ljust(width[k]) for k in keys))
-    for r in rows:
-        print("  ".join(str(r.get(k, "")).ljust(width[k]) for k in keys))
-
-
 def tasks():
     """(label, run(checks, times, configs)) in priority order: what the budget cuts comes last."""
     def chk(name):
@@ -280,15 +256,15 @@ def main() -> int:
                 checks.append(dict(case=label, quantity="exception", ok=False))
         torch.cuda.empty_cache()
 
-    write(out / "compressed_bench_checks.csv", checks, meta)
-    write(out / "compressed_bench_timings.csv", times, meta)
-    write(out / "compressed_bench_configs.csv", configs, meta)
+    write_rows(out / "compressed_bench_checks.csv", checks, meta)
+    write_rows(out / "compressed_bench_timings.csv", times, meta)
+    write_rows(out / "compressed_bench_configs.csv", configs, meta)
     print("\n== checks (rel_err = ||out - other|| / ||other||)")
-    table(checks)
+    print_table(checks)
     bad = [r for r in checks if not r["ok"]]
     print(f"checks: {len(checks) - len(bad)}/{len(checks)} ok" + (" -- FAILURES above" if bad else ""))
     print("\n== timings (bf16, d=128, 64 query heads, kernel 32 stride 16; do_bench medians)")
-    table(times)
+    print_table(times)
     speedups = []
     for r in times:
         key = (r["N"], r["G"], r["layout"])
@@ -299,10 +275,10 @@ def main() -> int:
                                  fwd_bwd_speedup=f"{float(flex[0]['fwd_bwd_ms']) / float(r['fwd_bwd_ms']):.2f}x"))
     if speedups:
         print("\n== Triton vs Flex (Flex time / Triton time)")
-        table(speedups)
+        print_table(speedups)
     if configs:
         print("\n== launch-config sweep (each kernel alone, N=64K; first of each kernel = default)")
-        table(configs)
+        print_table(configs)
     if skipped:
         print("\nskipped (budget or error):", ", ".join(skipped))
     print(f"wrote {out}/compressed_bench_*.csv in {time.time() - START:.0f} s")

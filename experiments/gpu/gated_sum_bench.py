@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from experiments.gpu.compressed_bench import rel_err, table, write
-from experiments.gpu.provenance import out_dir, require_cuda, run_meta
+from experiments.gpu.compressed_bench import rel_err
+from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_meta, write_rows
 
 HQ, D = 64, 128
 BF16 = torch.bfloat16
@@ -139,22 +139,22 @@ def main() -> int:
     if not args.no_configs:
         print(f"== launch configs N={max(sizes)} ({time.time() - START:.0f} s)", flush=True)
         sweep(configs, max(sizes))
-    write(out / "gated_sum_bench_checks.csv", checks, meta)
-    write(out / "gated_sum_bench_timings.csv", times, meta)
-    write(out / "gated_sum_bench_configs.csv", configs, meta)
+    write_rows(out / "gated_sum_bench_checks.csv", checks, meta)
+    write_rows(out / "gated_sum_bench_timings.csv", times, meta)
+    write_rows(out / "gated_sum_bench_configs.csv", configs, meta)
     print("\n== checks vs the fp32 reference (rel_err = ||out - ref|| / ||ref||)")
-    table(checks)
+    print_table(checks)
     bad = [r for r in checks if not r["ok"]]
     print(f"checks: {len(checks) - len(bad)}/{len(checks)} ok" + (" -- FAILURES above" if bad else ""))
     print(f"\n== timings (bf16, HQ={HQ}, D={D}; do_bench medians; GB/s = byte floor / time)")
-    table(times)
+    print_table(times)
     for n in sizes:
         e, o = (next(r for r in times if r["N"] == n and r["impl"] == impl) for impl in ("eager", "ours"))
         print(f"  N={n}: speedup fwd {float(e['fwd_ms']) / float(o['fwd_ms']):.2f}x, "
               f"fwd+bwd {float(e['fwd_bwd_ms']) / float(o['fwd_bwd_ms']):.2f}x")
     if configs:
         print("\n== launch configs (each kernel alone; first of each kernel = default)")
-        table(configs)
+        print_table(configs)
     print(f"wrote {out}/gated_sum_bench_*.csv in {time.time() - START:.0f} s")
     return 1 if bad else 0
 

@@ -2,6 +2,7 @@
 it writes them."""
 from __future__ import annotations
 
+import csv
 import os
 import sys
 from pathlib import Path
@@ -35,3 +36,26 @@ def out_dir() -> Path:
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def write_rows(path: Path, rows: list[dict], meta: dict) -> None:
+    """CSV of `rows` (columns in order of first appearance) with the provenance `meta` on every row."""
+    if not rows:
+        return
+    keys = list(dict.fromkeys([k for r in rows for k in r] + list(meta)))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, **meta})
+
+
+def print_table(rows: list[dict]) -> None:
+    """`rows` as aligned text columns on stdout."""
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    width = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(width[k]) for k in keys))
+    for r in rows:
+        print("  ".join(str(r.get(k, "")).ljust(width[k]) for k in keys))

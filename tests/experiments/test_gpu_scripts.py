@@ -32,3 +32,24 @@ def test_gpu_script_without_cuda_says_so_and_exits_1(runs, script):
     assert stderr.strip().splitlines()[-1] == (f"experiments.gpu.{script} needs a CUDA GPU "
                                                "(torch.cuda.is_available() is False); nothing was run")
     assert status == 1
+
+
+def test_rows_are_written_with_provenance_and_printed_aligned(tmp_path, capsys):
+    import csv
+
+    from experiments.gpu.provenance import print_table, write_rows
+
+    rows = [{"impl": "ours", "ms": 1.5}, {"impl": "flex", "ms": 12.25, "note": "compiled"}]
+    write_rows(tmp_path / "t.csv", rows, {"gpu": "G", "git_commit": "abc"})
+    with open(tmp_path / "t.csv") as f:
+        back = list(csv.DictReader(f))
+    assert list(back[0]) == ["impl", "ms", "note", "gpu", "git_commit"]
+    assert [(r["impl"], r["ms"], r["note"], r["gpu"]) for r in back] == [("ours", "1.5", "", "G"),
+                                                                     ("flex", "12.25", "compiled", "G")]
+    write_rows(tmp_path / "none.csv", [], {"gpu": "G"})
+    assert not (tmp_path / "none.csv").exists()
+    print_table(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].split() == ["impl", "ms", "note"]
+    assert lines[1].index("1.5") == lines[2].index("12.25") == lines[0].index("ms")  # aligned columns
+    assert lines[2].split() == ["flex", "12.25", "compiled"]
