@@ -3,7 +3,7 @@ and their toggles (argument, NSA_CHECK_INDICES)."""
 import pytest
 import torch
 
-from nsa_baseline import checks, contract
+from nsa_baseline import checks
 from nsa_baseline.contract import (CHECK_INDICES_ENV, check_block_indices, check_selected_args,
                                    index_checks_requested)
 
