@@ -10,7 +10,6 @@ import torch
 
 from experiments.points import Point
 from experiments.schema import SelectionConfig
-from nsa_baseline.branches import nsa_block_indices
 
 _cache: dict = {}
 
@@ -32,8 +31,10 @@ def block_indices_for(point: Point, sel: SelectionConfig, q, k, cu_seqlens, gene
         return random_causal_block_indices(point.num_tokens, point.kv_heads, point.topk, point.block_size,
                                            cu_seqlens=cu_seqlens, init_blocks=sel.init_blocks,
                                            local_blocks=sel.local_blocks, device=q.device, generator=generator)
+    # imported here, like the random indices above: kernels load only when a point is measured
+    from nsa_baseline.branches import nsa_block_indices  # Triton selection where it serves, else the reference
+
     with torch.no_grad():
-        # the Triton selection where its kernel serves the call (tested against the reference), else the reference
         idx = nsa_block_indices(
             q, k, cu_seqlens=None if point.batch == 1 else cu_seqlens, kernel_size=sel.kernel_size,
             kernel_stride=sel.kernel_stride, block_size=point.block_size, topk=point.topk,

@@ -20,12 +20,21 @@ from typing import Optional
 import torch
 
 from nsa_baseline.checks import check_cu_seqlens, check_scale, fail
+from nsa_baseline.utils.triton_utils import is_interpreter
 from nsa_baseline.utils.varlen import single_sequence_cu_seqlens
 
 # Block sizes the kernels of both families support (the reference takes any positive block size).
 BLOCK_SIZES = (16, 32, 64, 128)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the kernels' input dtypes
 SUPPORTED_DTYPES = KERNEL_DTYPES + (torch.float64,)  # the reference computes in float64 too
+
+
+def kernels_serve(*tensors) -> bool:
+    """Whether Triton kernels can run on these inputs: all tensors of KERNEL_DTYPES, on CUDA, or on
+    the CPU under the interpreter without bf16 (the interpreter's bf16 tl.dot is wrong)."""
+    if not all(isinstance(t, torch.Tensor) and t.dtype in KERNEL_DTYPES for t in tensors):
+        return False
+    return tensors[0].is_cuda or (is_interpreter() and all(t.dtype != torch.bfloat16 for t in tensors))
 CHECK_INDICES_ENV = "NSA_CHECK_INDICES"
 MAX_PAIRS = 2**31 - 1  # the inverted block index and pair positions are int32 (N * H * T of them)
 _WHERE = "selected_attention: "

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from nsa_baseline.checks import fail, require_kernel_device
-from nsa_baseline.contract import KERNEL_DTYPES
+from nsa_baseline.contract import KERNEL_DTYPES, kernels_serve
 from nsa_baseline.ops.compressed import checked_compressed_args
 from nsa_baseline.ops.compressed_kernels import (compressed_bwd_dkdv_kernel, compressed_bwd_dq_kernel,
                                                  compressed_bwd_preprocess_kernel, compressed_fwd_kernel)
@@ -244,8 +244,7 @@ class CompressedAttentionFunction(torch.autograd.Function):
 def compressed_triton_supported(q: torch.Tensor) -> bool:
     """Whether the kernels serve `q`: CUDA, or the interpreter on CPU (whose bf16 tl.dot is wrong),
     for fp16 / bf16 / fp32 and D <= MAX_HEAD_DIM."""
-    on_device = q.is_cuda or (is_interpreter() and q.dtype != torch.bfloat16)
-    return on_device and q.dtype in KERNEL_DTYPES and q.dim() == 3 and q.shape[2] <= MAX_HEAD_DIM
+    return kernels_serve(q) and q.dim() == 3 and q.shape[2] <= MAX_HEAD_DIM
 
 
 def require_triton(q: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from nsa_baseline.checks import check_gated_sum_args, fail, require_kernel_device
-from nsa_baseline.contract import KERNEL_DTYPES
+from nsa_baseline.contract import KERNEL_DTYPES, kernels_serve
 from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
 
 MAX_HEAD_DIM = 1024  # one row's D in one tile (larger D would need a loop over D chunks)
@@ -178,11 +178,7 @@ class GatedSumFunction(torch.autograd.Function):
 def gated_sum_supported(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor) -> bool:
     """Whether the Triton kernels serve this call (shapes aside): CUDA, or the interpreter for fp32 / fp16
     (bf16 only on CUDA), every input of KERNEL_DTYPES, D <= MAX_HEAD_DIM."""
-    ts = (gates, o_cmp, o_slc, o_win)
-    if not all(isinstance(t, torch.Tensor) and t.dtype in KERNEL_DTYPES for t in ts) or o_cmp.dim() != 3:
-        return False
-    on_device = o_cmp.is_cuda or (is_interpreter() and all(t.dtype != torch.bfloat16 for t in ts))
-    return on_device and o_cmp.shape[2] <= MAX_HEAD_DIM
+    return kernels_serve(o_cmp, gates, o_slc, o_win) and o_cmp.dim() == 3 and o_cmp.shape[2] <= MAX_HEAD_DIM
 
 
 def gated_sum(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor) -> torch.Tensor:

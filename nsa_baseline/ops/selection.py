@@ -10,13 +10,13 @@ import torch
 import triton
 
 from nsa_baseline.checks import check_block_mapping, check_cu_seqlens, check_selection, fail
-from nsa_baseline.contract import KERNEL_DTYPES
+from nsa_baseline.contract import kernels_serve
 from nsa_baseline.ops.compressed import checked_compressed_args
 from nsa_baseline.ops.compression import compress_kv
 from nsa_baseline.ops.flex import tensor_key
 from nsa_baseline.ops.selection_kernel import selection_scores_fwd
 from nsa_baseline.utils.topk import select_chunk
-from nsa_baseline.utils.triton_utils import is_interpreter, next_pow2
+from nsa_baseline.utils.triton_utils import next_pow2
 from nsa_baseline.utils.varlen import (sequence_lengths, single_sequence_cu_seqlens, token_positions,
                                       token_sequence_ids)
 
@@ -44,8 +44,7 @@ def selection_kernel_supported(q: torch.Tensor, kernel_size: int, kernel_stride:
     (its bf16 tl.dot is broken); BS / stride a power of two and kernel_size <= BS."""
     r, c = block_size // kernel_stride, kernel_size // kernel_stride
     pow2 = r == next_pow2(r)
-    on_device = q.is_cuda or (is_interpreter() and q.dtype != torch.bfloat16)
-    return on_device and q.dtype in KERNEL_DTYPES and pow2 and c <= r
+    return kernels_serve(q) and pow2 and c <= r
 
 
 def require_selection_kernel(q: torch.Tensor, kernel_size: int, kernel_stride: int, block_size: int,
