@@ -197,8 +197,11 @@ def compressed_bwd_dkdv_kernel(
     q, k, v, do, lse2, delta, dk, dv, tok_seq, cmp_seq, cu, cu_cmp, N, N_CMP, qk_scale, scale,
     HQ, H, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     KS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr, SPLITS: tl.constexpr,
 ):
+    """SPLITS == 1: dk, dv in the inputs' dtype. SPLITS > 1 (few KV heads: too few programs to fill
+    the GPU): program_id(1) takes one of SPLITS equal shares of the tile's rows and writes its fp32
+    partial dk, dv at [program_id(1)] of [SPLITS, N_CMP, H, D] buffers (summed by the caller)."""
     i_h = tl.program_id(0) % H  # KV head fastest: the first (causal: most seen) summary tiles first
     i_c = tl.program_id(0) // H
     c_first = i_c * BLOCK_N
@@ -226,25 +229,37 @@ def compressed_bwd_dkdv_kernel(
     r_hi = t_hi * G
     r_full = tl.minimum(t_full * G, r_hi)
     r_mid = r_lo + tl.cdiv(r_full - r_lo, BLOCK_M) * BLOCK_M
+    if SPLITS > 1:  # this program's share [r_a, r_b) of [r_lo, r_hi), BLOCK_M-aligned from r_lo
+        share = tl.cdiv(tl.cdiv(tl.maximum(r_hi - r_lo, 0), BLOCK_M), SPLITS) * BLOCK_M
+        r_a = r_lo + tl.program_id(1) * share
+        r_b = tl.minimum(r_a + share, r_hi)
+    else:
+        r_a = r_lo
+        r_b = r_hi
+    r_m = tl.minimum(r_mid, r_b)  # masked steps [r_a, r_m), unmasked [max(r_a, r_mid), r_b)
+    r_u = tl.maximum(r_a, r_mid)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if WHILE_LOOP:
-        r0 = r_lo
-        while r0 < r_mid:
+        r0 = r_a
+        while r0 < r_m:
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_seq, cu, cu_cmp,
                                 N, o_d, m_d, qk_scale, HQ, G, D, KS, STRIDE, BLOCK_M, VARLEN, PREC, True)
             r0 += BLOCK_M
-        while r0 < r_hi:
+        r0 = r_u
+        while r0 < r_b:
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_seq, cu, cu_cmp,
                                 N, o_d, m_d, qk_scale, HQ, G, D, KS, STRIDE, BLOCK_M, VARLEN, PREC, False)
             r0 += BLOCK_M
     else:
-        for r0 in range(r_lo, r_mid, BLOCK_M):
+        for r0 in range(r_a, r_m, BLOCK_M):
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_seq, cu, cu_cmp,
                                 N, o_d, m_d, qk_scale, HQ, G, D, KS, STRIDE, BLOCK_M, VARLEN, PREC, True)
-        for r0 in range(r_mid, r_hi, BLOCK_M):
+        for r0 in range(r_u, r_b, BLOCK_M):
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_seq, cu, cu_cmp,
                                 N, o_d, m_d, qk_scale, HQ, G, D, KS, STRIDE, BLOCK_M, VARLEN, PREC, False)
+    if SPLITS > 1:
+        p_kv += tl.program_id(1).to(tl.int64) * N_CMP * H * D
     tl.store(dk + p_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_kv)
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kv)
 

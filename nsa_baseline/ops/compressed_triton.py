@@ -26,6 +26,7 @@ from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, n
 from nsa_baseline.utils.varlen import token_sequence_ids
 
 MAX_HEAD_DIM = 256
+MAX_DKDV_SPLITS = 8
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class LaunchConfigs(NamedTuple):
     fwd: TileConfig
     dkdv: TileConfig  # block_n = summaries owned by a program, block_m = rows per step
     dq: TileConfig
+    dkdv_splits: int = 0  # programs sharing one summary tile's rows; 0 = dkdv_splits()'s choice
 
 
 # H100 (sm_90, 227 KiB shared memory per program), keyed by (padded D, input element bytes).
@@ -101,6 +103,16 @@ def dkdv_config(cfg: TileConfig, n_cmp: int, h: int, device, key: tuple[int, int
     while block_n > 32 and triton.cdiv(n_cmp, block_n) * h < target:
         block_n //= 2
     return replace(cfg, block_n=block_n)
+
+
+def dkdv_splits(cfg: TileConfig, n_cmp: int, h: int, device) -> int:
+    """Row shares per dK/dV summary tile: 1 where the tiles alone give every SM two programs, else
+    enough shares for that (at most MAX_DKDV_SPLITS). With 4 KV heads (G = 16 of 64 query heads) a
+    program would otherwise walk up to 16 x N rows alone."""
+    if is_interpreter() or torch.device(device).type != "cuda":
+        return 1
+    programs = triton.cdiv(n_cmp, cfg.block_n) * h
+    return max(1, min(MAX_DKDV_SPLITS, triton.cdiv(2 * _sm_count(torch.device(device)), max(programs, 1))))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -176,17 +188,25 @@ def _constexprs(q, k_cmp, meta: VarlenMeta, kernel_size: int, kernel_stride: int
 
 
 def bwd_dkdv(q, k_cmp, v_cmp, do, lse2, delta, meta: VarlenMeta, kernel_size: int, kernel_stride: int,
-             scale: float, cfg: TileConfig):
-    """(dk_cmp, dv_cmp): one program per (summary tile, KV head), looping over the rows that see it."""
+             scale: float, cfg: TileConfig, splits: int = 1):
+    """(dk_cmp, dv_cmp): one program per (summary tile, KV head, share of its rows), looping over
+    the rows of its share that see the tile; with splits > 1 the shares' fp32 partials are summed
+    (fixed order: deterministic)."""
     n = q.shape[0]
     n_cmp, h, _ = k_cmp.shape
-    dk = new_output(k_cmp.shape, k_cmp.dtype, k_cmp.device)
-    dv = new_output(v_cmp.shape, v_cmp.dtype, v_cmp.device)
-    compressed_bwd_dkdv_kernel[(triton.cdiv(n_cmp, cfg.block_n) * h,)](
+    if splits > 1:
+        dk = new_output((splits,) + tuple(k_cmp.shape), torch.float32, k_cmp.device)
+        dv = new_output((splits,) + tuple(v_cmp.shape), torch.float32, v_cmp.device)
+    else:
+        dk = new_output(k_cmp.shape, k_cmp.dtype, k_cmp.device)
+        dv = new_output(v_cmp.shape, v_cmp.dtype, v_cmp.device)
+    compressed_bwd_dkdv_kernel[(triton.cdiv(n_cmp, cfg.block_n) * h, splits)](
         q, k_cmp, v_cmp, do, lse2, delta, dk, dv, meta.tok_seq, meta.cmp_seq, meta.cu, meta.cu_cmp, n, n_cmp,
         scale * LOG2E, scale, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **_constexprs(q, k_cmp, meta, kernel_size, kernel_stride),
+        num_stages=cfg.num_stages, SPLITS=splits, **_constexprs(q, k_cmp, meta, kernel_size, kernel_stride),
     )
+    if splits > 1:
+        return dk.sum(0).to(k_cmp.dtype), dv.sum(0).to(v_cmp.dtype)
     return dk, dv
 
 
@@ -214,8 +234,9 @@ def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, meta: VarlenMeta, kernel_s
         cfgs = launch_configs(q.shape[2], q.dtype)
         cfgs = cfgs._replace(dkdv=dkdv_config(cfgs.dkdv, k_cmp.shape[0], k_cmp.shape[1], q.device,
                                               config_key(q.shape[2], q.dtype)))
+    splits = cfgs.dkdv_splits or dkdv_splits(cfgs.dkdv, k_cmp.shape[0], k_cmp.shape[1], q.device)
     lse2, delta = bwd_preprocess(o, do, lse, dlse)
-    dk, dv = bwd_dkdv(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dkdv)
+    dk, dv = bwd_dkdv(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dkdv, splits)
     dq = bwd_dq(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dq)
     return dq, dk, dv
 

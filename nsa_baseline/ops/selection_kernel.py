@@ -127,6 +127,52 @@ def _insert_best(vals, ids, cand, j0, o_j, o_s):
 
 
 @triton.jit
+def _pack_desc(vals, ids):
+    """int64 keys whose descending order is (score descending, block id ascending): the float's bits
+    made integer-ordered in the high word, 0x7FFFFFFF - id in the low word."""
+    bits = vals.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (key.to(tl.int64) << 32) | ((0x7FFFFFFF - ids).to(tl.int64) & 0xFFFFFFFF)
+
+
+@triton.jit
+def _merge_bitonic(keys, b_sc, j0, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.constexpr,
+                   BJ: tl.constexpr, T_PAD: tl.constexpr):
+    """Merge the candidates of blocks [j0, j0 + BJ) into each row's set `keys` ([BLOCK_Q, T_PAD]
+    packed by _pack_desc, sorted descending) with a fixed sorting network instead of per-candidate
+    insertion: the candidates' best T_PAD ascending against the set descending, the elementwise
+    maximum holds the union's top T_PAD as a bitonic sequence, one bitonic merge sorts it. Skipped
+    when no row has a candidate above its set's lowest entry. Same rank as _merge_top."""
+    FMAX: tl.constexpr = 3.4028234663852886e38
+    o_j = tl.arange(0, BJ)
+    o_b = j0 + o_j
+    causal = in_t[:, None] & (o_b[None, :] <= cur_t[:, None])
+    forced = causal & ((o_b[None, :] < INIT) | (o_b[None, :] > cur_t[:, None] - LOCAL))
+    cand = tl.where(b_sc != b_sc, -FMAX, tl.minimum(tl.maximum(b_sc, -FMAX), FMAX))
+    cand = tl.where(forced, float("inf"), tl.where(causal, cand, float("-inf")))
+    cand_p = _pack_desc(cand, o_b[None, :] + tl.zeros_like(cand).to(tl.int32))
+    beats = tl.max(cand_p, axis=1) > tl.min(keys, axis=1)
+    if tl.max(beats.to(tl.int32), axis=0) > 0:
+        if BJ == T_PAD:
+            low_first = tl.sort(cand_p, dim=1, descending=False)
+        else:
+            low_first = tl.flip(tl.topk(cand_p, T_PAD, dim=1), 1)
+        keys = tl.bitonic_merge(tl.maximum(keys, low_first), 1, True)
+    return keys
+
+
+@triton.jit
+def _store_sorted(keys, p_idx, m_t, T: tl.constexpr, T_PAD: tl.constexpr):
+    """Write the first T entries of each row's sorted set `keys` (forced blocks rank +inf, so they
+    come first, then decreasing score); -1 for entries that are still -inf (no block)."""
+    NEG_INF_KEY: tl.constexpr = -2139095041  # _pack_desc's high word of -inf (0xFF800000 ^ 0x7FFFFFFF)
+    o_s = tl.arange(0, T_PAD)
+    ids = (0x7FFFFFFF - (keys & 0xFFFFFFFF)).to(tl.int32)
+    b_idx = tl.where((keys >> 32).to(tl.int32) == NEG_INF_KEY, -1, ids)
+    tl.store(p_idx[:, None] + o_s[None, :], b_idx, mask=m_t[:, None] & (o_s < T)[None, :])
+
+
+@triton.jit
 def _store_top(vals, ids, p_idx, m_t, T: tl.constexpr, T_PAD: tl.constexpr):
     """Write each row's set as select_chunk orders it: forced first, then by decreasing score, -1 for
     empty slots (slots >= T hold +inf placeholders and are dropped)."""
@@ -145,11 +191,13 @@ def _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur
                 in_m, NB, qk_scale, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
                 G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
                 TOPK: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                WHILE_LOOP: tl.constexpr):
+                WHILE_LOOP: tl.constexpr, BITONIC: tl.constexpr):
     """Scores of blocks [j0, j0 + BJ): merged into the running top sets (TOPK > 0) or stored."""
     b_sc, carry = _scores_tile(b_q, b_lse, carry, p_k, j0, nvis_max, nvis_m, in_m, qk_scale,
                                H, D, BLOCK_D, BLOCK_Q, G_PAD, BJ, R, C, IEEE)
-    if TOPK > 0:
+    if TOPK > 0 and BITONIC:
+        vals = _merge_bitonic(vals, b_sc, j0, cur_t, in_t, INIT, LOCAL, BJ, T_PAD)
+    elif TOPK > 0:
         vals, ids = _merge_top(vals, ids, b_sc, j0, cur_t, in_t, INIT, LOCAL, BJ, T_PAD,
                                (TOPK == T_PAD) and (BJ == T_PAD), WHILE_LOOP)
     else:
@@ -169,6 +217,7 @@ def _selection_scores_kernel(
     R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr,
     COMPUTE_LSE: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
     TOPK: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    BITONIC: tl.constexpr,
 ):
     """TOPK == 0: write the scores float32 [n_rows, H, NB]. TOPK > 0: keep each row's top TOPK blocks
     while the scores are made and write int32 [n_rows, H, TOPK] block indices (no scores in memory)."""
@@ -204,8 +253,11 @@ def _selection_scores_kernel(
     cur_t = (tok_t - start_t) // BS  # the token's own block
     # running top set of every row (TOPK == 0: unused); slots >= TOPK hold +inf placeholders
     o_s = tl.arange(0, T_PAD)
-    vals = tl.where(o_s[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_Q, T_PAD], tl.float32)
     ids = tl.zeros([BLOCK_Q, T_PAD], dtype=tl.int32) - 1
+    if BITONIC:  # packed keys, all empty (-inf); the first T of the sorted set are stored
+        vals = _pack_desc(tl.full([BLOCK_Q, T_PAD], float("-inf"), tl.float32), ids)
+    else:
+        vals = tl.where(o_s[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_Q, T_PAD], tl.float32)
 
     s = tl.min(tl.where(m_t, seq_t, 2147483647), axis=0)  # sequences met by the tile: s .. s_last
     s_last = tl.max(tl.where(m_t, seq_t, -1), axis=0)
@@ -240,16 +292,18 @@ def _selection_scores_kernel(
                 carry, vals, ids = _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur_t,
                                                nb_t, in_t, nvis_max, nvis_m, in_m, NB, qk_scale, H, D, BLOCK_D,
                                                BLOCK_Q, G_PAD, BJ, R, C, IEEE, TOPK, T_PAD, INIT, LOCAL,
-                                               WHILE_LOOP)
+                                               WHILE_LOOP, BITONIC)
                 j0 += BJ
         else:
             for j0 in range(0, j_end, BJ):
                 carry, vals, ids = _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur_t,
                                                nb_t, in_t, nvis_max, nvis_m, in_m, NB, qk_scale, H, D, BLOCK_D,
                                                BLOCK_Q, G_PAD, BJ, R, C, IEEE, TOPK, T_PAD, INIT, LOCAL,
-                                               WHILE_LOOP)
+                                               WHILE_LOOP, BITONIC)
         s += 1
-    if TOPK > 0:
+    if TOPK > 0 and BITONIC:
+        _store_sorted(vals, out_ptr + ((tok_t - row0).to(tl.int64) * H + i_h) * TOPK, m_t, TOPK, T_PAD)
+    elif TOPK > 0:
         _store_top(vals, ids, out_ptr + ((tok_t - row0).to(tl.int64) * H + i_h) * TOPK, m_t, TOPK, T_PAD)
 
 
@@ -281,6 +335,8 @@ def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_b
     k_cmp = k_cmp.to(q.dtype).contiguous()
     if k_cmp.shape[0] == 0:  # no summary anywhere: keep a valid pointer, nothing is visible
         k_cmp = q.new_zeros(1, h, d)
+    t_pad = next_pow2(max(topk, 1))
+    bitonic = bool(topk) and cfg["merge"] == "bitonic" and bj >= t_pad  # the network needs a full tile
     grid = (triton.cdiv(n_rows, block_q), h)
     _selection_scores_kernel[grid](
         q.contiguous(), k_cmp, lse if lse is not None else out, out, cu, cu_cmp, tok_seq,
@@ -288,7 +344,7 @@ def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_b
         HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, BLOCK_Q=block_q, BJ=bj, R=r, C=c,
         KS=kernel_size, STRIDE=kernel_stride, BS=block_size, COMPUTE_LSE=lse is None,
         IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(),
-        TOPK=topk, T_PAD=next_pow2(max(topk, 1)), INIT=init_blocks, LOCAL=local_blocks,
+        TOPK=topk, T_PAD=t_pad, INIT=init_blocks, LOCAL=local_blocks, BITONIC=bitonic,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -32,7 +32,7 @@ DKDV_MIN_CHUNK_TILES = 64
 DKDV_SPLIT_SLOTS = 512
 
 # Selection kernel: BM = rows (BLOCK_Q tokens x G_PAD heads) per dot, BC = summaries per tile.
-SELECTION_CONFIG = dict(rows=64, summaries=64, num_warps=4, num_stages=2)
+SELECTION_CONFIG = dict(rows=64, summaries=64, num_warps=4, num_stages=2, merge="insert")
 # Top-T mode at G = 1 with T >= 16: 32 rows, since the slowest row of a tile sets its number of
 # insertion steps (faster on the H100 at 64K tokens).
 SELECTION_TOP_CONFIG_G1_T16 = dict(rows=32)
@@ -56,4 +56,4 @@ def dkdv_config(d_pad: int, block_size: int, group: int, block_m=None, num_warps
 def selection_config(group: int, topk: int, config=None) -> dict:
     """The selection kernel's launch entries: SELECTION_CONFIG, the top-T G = 1 rule, then `config`."""
     tuned = SELECTION_TOP_CONFIG_G1_T16 if topk >= 16 and group == 1 else {}
-    return dict(SELECTION_CONFIG, **tuned, **(config or {}))
+    return {**SELECTION_CONFIG, **tuned, **(config or {})}

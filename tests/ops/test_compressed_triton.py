@@ -99,6 +99,36 @@ def test_compressed_triton_wide_tiles():
     assert all(torch.isfinite(t.grad).all() for t in ours)
 
 
+@pytest.mark.parametrize("layout,g,splits", [("varlen", 3, 3), ("single_short", 16, 2), ("varlen", 1, 8)])
+def test_compressed_triton_dkdv_row_shares(layout, g, splits):
+    """dK/dV with the rows of every summary tile shared by several programs (fp32 partials summed),
+    as with few KV heads on the GPU: shares that are empty, masked, unmasked and mixed."""
+    ins, cu, cu_cmp = _inputs(layout, 1, g, 32, torch.float32)
+    cfgs = INTERPRETER_CONFIGS._replace(dkdv_splits=splits)
+    ours = [t.clone().requires_grad_() for t in ins]
+    ref_in = [t.double().requires_grad_() for t in ins]
+    o, _ = compressed_attention_triton(*ours, cu, cu_cmp, configs=cfgs)
+    ro, _ = compressed_attention_ref(*ref_in, cu, cu_cmp)
+    do = torch.randn_like(o)
+    for name, a, b in zip(("dq", "dk_cmp", "dv_cmp"), torch.autograd.grad(o, ours, do),
+                          torch.autograd.grad(ro, ref_in, do.double())):
+        assert a.dtype == torch.float32
+        assert_close(a, b, torch.float32, name)
+
+
+def test_dkdv_splits_rule(monkeypatch):
+    """Row shares only where the summary tiles give fewer than two programs per SM (rule only)."""
+    import nsa_baseline.ops.compressed_triton as ct
+
+    monkeypatch.setattr(ct, "is_interpreter", lambda: False)
+    monkeypatch.setattr(ct, "_sm_count", lambda device: 132)
+    cfg = TileConfig(64, 64, 8, 2)
+    assert ct.dkdv_splits(cfg, 4095, 4, "cuda") == 2  # G = 16 at 64K: 256 programs -> 512
+    assert ct.dkdv_splits(cfg, 4095, 64, "cuda") == 1  # G = 1: 4096 programs
+    assert ct.dkdv_splits(cfg, 100, 1, "cuda") == ct.MAX_DKDV_SPLITS
+    assert ct.dkdv_splits(cfg, 4095, 4, "cpu") == 1
+
+
 def test_compressed_triton_kernel_sizes():
     """Other (kernel_size, stride) on the same cu_seqlens tensor (the per-tensor caches must not mix)."""
     cu = torch.tensor([0, 40, 47, 170], dtype=torch.int32)
