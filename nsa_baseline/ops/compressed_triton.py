@@ -63,11 +63,13 @@ CONFIGS: dict[tuple[int, int], LaunchConfigs] = {
     (128, 4): LaunchConfigs(TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2), TileConfig(64, 32, 4, 2)),
     (256, 4): LaunchConfigs(TileConfig(32, 16, 4, 1), TileConfig(16, 16, 4, 1), TileConfig(32, 16, 4, 1)),
 }
-# dK/dV where CONFIGS' tiles give fewer programs than SMs (few KV heads): H100, 64K tokens, D = 128,
-# bf16 (results/compressed_bench): with 64 KV heads 32 x 128 tiles, 3 stages take 24.6 ms where
-# 64 x 64, 2 stages took 47.0; with 4 KV heads (G = 16 of 64) 64 x 64, 2 stages takes 42.1 ms where
-# 32 x 64, 3 stages took 49.3. dQ 128 x 64, 8 warps: 13.7 / 11.9 ms against 17.2 / 14.7 for 64 x 64.
-DKDV_FEW_PROGRAMS: dict[tuple[int, int], TileConfig] = {(128, 2): TileConfig(64, 64, 8, 2)}
+# dK/dV where CONFIGS' tiles give fewer programs than SMs (few KV heads), with its rows shared by
+# dkdv_splits() programs. NVIDIA H200, D = 128, bf16, 64 query heads (results/stage_bench): at 64K
+# tokens, 4 KV heads (G = 16), 64 x 128 tiles in 2 shares take 22.1 ms where the earlier rule
+# (64 x 64, one share) took 44.9; at 16K 2.3 ms with 8 shares where 64 x 32 tiles took 8.5.
+# (H100, results/compressed_bench: dQ 128 x 64, 8 warps: 13.7 / 11.9 ms against 17.2 / 14.7 for
+# 64 x 64.)
+DKDV_FEW_PROGRAMS: dict[tuple[int, int], TileConfig] = {(128, 2): TileConfig(64, 128, 8, 2)}
 # The interpreter runs numpy per tile: small tiles keep the CPU tests quick.
 INTERPRETER_CONFIGS = LaunchConfigs(TileConfig(32, 16, 1, 1), TileConfig(32, 16, 1, 1), TileConfig(32, 16, 1, 1))
 
@@ -89,20 +91,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def dkdv_config(cfg: TileConfig, n_cmp: int, h: int, device, key: tuple[int, int] = (0, 0)) -> TileConfig:
-    """Every SM gets a dK/dV program: where `cfg` makes fewer programs than SMs, the measured
-    few-programs tile of DKDV_FEW_PROGRAMS[key] (if any), then the summaries per program halved
-    (down to 32). With few KV heads (G = 16 of 64 query heads: H = 4) 128-summary tiles at 64K tokens
-    make 128 programs for 132 SMs, and causal programs differ in work (the first tile is seen by
-    every row, the last by few), launched heaviest first, so one wave or more balances."""
+    """The dK/dV tile: where `cfg` makes fewer programs than SMs (few KV heads), the measured
+    few-programs tile DKDV_FEW_PROGRAMS[key] if there is one; dkdv_splits then shares each tile's
+    rows among programs until the GPU is full."""
     if is_interpreter() or torch.device(device).type != "cuda":
         return cfg
-    target = _sm_count(torch.device(device))
-    if triton.cdiv(n_cmp, cfg.block_n) * h < target:
+    if triton.cdiv(n_cmp, cfg.block_n) * h < _sm_count(torch.device(device)):
         cfg = DKDV_FEW_PROGRAMS.get(key, cfg)
-    block_n = cfg.block_n
-    while block_n > 32 and triton.cdiv(n_cmp, block_n) * h < target:
-        block_n //= 2
-    return replace(cfg, block_n=block_n)
+    return cfg
 
 
 def dkdv_splits(cfg: TileConfig, n_cmp: int, h: int, device) -> int:

@@ -324,7 +324,7 @@ def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_b
     n, hq, d = q.shape
     h = k_cmp.shape[1]
     g = hq // h
-    cfg = selection_config(g, topk, config)
+    cfg = selection_config(config)
     r, c = block_size // kernel_stride, kernel_size // kernel_stride
     g_pad, block_q, bj, block_d = _tile_sizes(g, r, d, cfg["rows"], cfg["summaries"])
     if out is None:

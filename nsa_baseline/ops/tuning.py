@@ -31,11 +31,13 @@ DKDV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {
 DKDV_MIN_CHUNK_TILES = 64
 DKDV_SPLIT_SLOTS = 512
 
-# Selection kernel: BM = rows (BLOCK_Q tokens x G_PAD heads) per dot, BC = summaries per tile.
-SELECTION_CONFIG = dict(rows=64, summaries=64, num_warps=4, num_stages=2, merge="insert")
-# Top-T mode at G = 1 with T >= 16: 32 rows, since the slowest row of a tile sets its number of
-# insertion steps (faster on the H100 at 64K tokens).
-SELECTION_TOP_CONFIG_G1_T16 = dict(rows=32)
+# Selection kernel: BM = rows (BLOCK_Q tokens x G_PAD heads) per dot, BC = summaries per tile; merge =
+# how each tile's block scores enter the running top-T sets: "bitonic" (a fixed sorting network per
+# tile, used where a tile holds >= T_PAD blocks) or "insert" (one candidate per step; the slowest row
+# of a tile sets the steps). NVIDIA H200, 64 query heads, d = 128, (64, 16) (results/stage_bench):
+# bitonic with 64 rows takes 42.0 ms at 64K G = 1 (insert: 58.9 with 32 rows, 79.0 with 64), 2.9 ms
+# at 16K G = 1 (5.5), 21.4 ms at 64K G = 4 (27.1), 13.1 ms at G = 16 (13.8).
+SELECTION_CONFIG = dict(rows=64, summaries=64, num_warps=4, num_stages=2, merge="bitonic")
 
 
 def query_outer_config(table, d_pad: int, block_size: int, num_warps=None, num_stages=None,
@@ -53,7 +55,6 @@ def dkdv_config(d_pad: int, block_size: int, group: int, block_m=None, num_warps
     return (block_m or m), (num_warps or w), (num_stages or s)
 
 
-def selection_config(group: int, topk: int, config=None) -> dict:
-    """The selection kernel's launch entries: SELECTION_CONFIG, the top-T G = 1 rule, then `config`."""
-    tuned = SELECTION_TOP_CONFIG_G1_T16 if topk >= 16 and group == 1 else {}
-    return {**SELECTION_CONFIG, **tuned, **(config or {})}
+def selection_config(config=None) -> dict:
+    """The selection kernel's launch entries: SELECTION_CONFIG, overridden by `config`."""
+    return {**SELECTION_CONFIG, **(config or {})}

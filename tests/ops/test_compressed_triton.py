@@ -181,20 +181,19 @@ def test_compressed_triton_lse_only_gradient():
 
 
 def test_dkdv_config_fills_the_gpu(monkeypatch):
-    """The dK/dV tile shrinks while there are fewer programs than SMs (rule only; no GPU needed)."""
+    """Few programs (few KV heads): the measured few-programs tile, then row shares (rule only; no GPU)."""
     import nsa_baseline.ops.compressed_triton as ct
 
     monkeypatch.setattr(ct, "is_interpreter", lambda: False)
     monkeypatch.setattr(ct, "_sm_count", lambda device: 132)
     cfg = TileConfig(32, 128, 8, 3)
-    assert ct.dkdv_config(cfg, 4095, 4, "cuda").block_n == 64  # G = 16 at 64K: 128 -> 256 programs
-    assert ct.dkdv_config(cfg, 4095, 64, "cuda").block_n == 128  # G = 1: 2048 programs already
-    assert ct.dkdv_config(cfg, 100, 1, "cuda").block_n == 32  # never below 32
-    assert ct.dkdv_config(cfg, 100, 1, "cpu") == cfg
     bf16_128 = ct.config_key(128, torch.bfloat16)
     few = ct.DKDV_FEW_PROGRAMS[bf16_128]
-    assert ct.dkdv_config(cfg, 4095, 4, "cuda", bf16_128) == few  # G = 16: the measured few-programs tile
-    assert ct.dkdv_config(cfg, 4095, 64, "cuda", bf16_128) == cfg  # G = 1: enough programs, kept
+    assert ct.dkdv_config(cfg, 4095, 4, "cuda", bf16_128) == few  # G = 16 at 64K: 128 programs
+    assert ct.dkdv_config(cfg, 4095, 64, "cuda", bf16_128) == cfg  # G = 1: 2048 programs already
+    assert ct.dkdv_config(cfg, 4095, 4, "cuda") == cfg  # no measured tile for this key: kept
+    assert ct.dkdv_config(cfg, 100, 1, "cpu") == cfg
+    assert ct.dkdv_splits(few, 4095, 4, "cuda") == 3  # 128 programs -> 384 for 132 SMs
 
 
 def test_compressed_triton_fallbacks_and_errors():
