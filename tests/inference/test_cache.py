@@ -97,3 +97,15 @@ def test_gpu_prefill_chunked_decode(backend):
     schedule = [[1000, 1777]] + [[1, 1]] * 8 + [[300, 300]] + [[1, 1]] * 4
     with torch.device("cuda"):
         run_schedule(m, seqs, schedule, max_seqlen=4096, tol=5e-3)
+
+
+@pytest.mark.parametrize("kind", ["peaked", "repeated"])
+def test_adversarial_inputs(kind):
+    """Large activations (near one-hot softmaxes, logits ~1e2) and one token repeated (keys differ only
+    by RoPE, block scores close together)."""
+    m = tiny(3)
+    if kind == "peaked":
+        seqs = [30 * torch.randn(n, 12, dtype=torch.float64) for n in (26, 19)]
+    else:
+        seqs = [torch.randn(1, 12, dtype=torch.float64).expand(n, 12).contiguous() for n in (26, 19)]
+    run_schedule(m, seqs, [[9, 0]] + [[1, 1]] * 7 + [[10, 12]], max_seqlen=26)

@@ -100,6 +100,7 @@ def _bad_calls(m, cache):
         ("x float32", lambda: m(x.float(), cu, cache=cache), "x"),
         ("x of another width", lambda: m(torch.randn(2, 11, dtype=torch.float64), cu, cache=cache), "x"),
         ("x 3-D", lambda: m(x[None], cu, cache=cache), "x"),
+        ("x on another device", lambda: m(x.to("meta"), cu, cache=cache), "x"),
         ("not a cache", lambda: m(x, cu, cache=cache.tensors()), "cache"),
         ("cache of another dtype", lambda: copy.deepcopy(m).float()(x.float(), cu, cache=cache), "cache"),
         ("return_branches", lambda: m(x, cu, True, cache=cache), "return_branches"),
