@@ -17,6 +17,8 @@ from torch import nn
 from nsa_baseline.backends import BACKENDS, Backend, resolve_backend
 from nsa_baseline.checks import check_block_mapping, check_cu_seqlens
 from nsa_baseline.families import FAMILIES
+from nsa_baseline.inference import CacheConfig, NSACache
+from nsa_baseline.inference.step import forward_with_cache
 from nsa_baseline.reference.rope import apply_rope, rope_positions
 
 COMPRESSIONS = ("linear", "mean")
@@ -97,15 +99,30 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"argument `x` must be on the parameters' device {self.q_proj.weight.device}, got {x.device}")
         check_cu_seqlens(cu_seqlens)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, return_branches: bool = False):
+    def new_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None) -> NSACache:
+        """A KV cache of `batch_size` sequence slots of up to `max_seqlen` tokens (zeroed; device and
+        dtype default to the parameters'). See nsa_baseline.inference.cache."""
+        w = self.q_proj.weight
+        device = w.device if device is None else torch.device(device)
+        return NSACache(CacheConfig.of(self), batch_size, max_seqlen, device, w.dtype if dtype is None else dtype)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, return_branches: bool = False,
+                cache: Optional[NSACache] = None):
         r"""
         Args:
             x: [N, hidden_size] packed tokens. cu_seqlens: int32 [B + 1] or None for one sequence.
             return_branches: also return the per-branch outputs.
+            cache: an NSACache from new_cache: x then packs the NEW tokens of its batch_size slots
+                (cu_seqlens int32 [batch_size + 1], None only for one slot), appended to the cache;
+                inference only (no autograd), see nsa_baseline.inference.step.
         Returns:
             [N, hidden_size]; with return_branches also a dict of "compressed", "selected", "window"
             ([N, HQ, D] each, before gating), "gates" ([N, HQ, 3]) and "block_indices" (int32 [N, H, T]).
         """
+        if cache is not None:
+            if return_branches:
+                raise ValueError("argument `return_branches` is not supported with a cache")
+            return forward_with_cache(self, x, cu_seqlens, cache)
         self._check_input(x, cu_seqlens)
         n, hq, h, d = x.shape[0], self.num_q_heads, self.num_kv_heads, self.head_dim
         if cu_seqlens is not None:

@@ -1,0 +1,87 @@
+"""One call of the module with a cache: check, project the new tokens, append them, attend, project out.
+
+    plan_call (every check; nothing written before it passes) ->
+    q, k, v, gates of the new tokens, RoPE at their absolute positions ->
+    write k, v into their slots -> new summaries whose kernel_size span the call completed ->
+    attention: the module's own forward when no slot has history (prefill: the fast kernels),
+               else cached_attention (PyTorch, any offset) ->
+    lengths move last -> output projection.
+Inference only: runs under no_grad (the cache is written in place and keeps no graph).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from nsa_baseline.inference.cache import NSACache
+from nsa_baseline.inference.cached_attention import cached_attention
+from nsa_baseline.inference.plan import CallPlan, plan_call
+from nsa_baseline.reference.rope import apply_rope
+
+
+def _new_summary_slots(cache: NSACache, plan: CallPlan) -> tuple[list[int], list[int]]:
+    """(slot, summary index) of every summary the call completes: a slot growing from a to a + c tokens
+    gains summaries num_summaries(a) .. num_summaries(a + c) - 1."""
+    slots, index = [], []
+    for b, (a, c) in enumerate(zip(plan.old, plan.counts)):
+        lo, hi = cache.num_summaries(a), cache.num_summaries(a + c)
+        slots += [b] * (hi - lo)
+        index += range(lo, hi)
+    return slots, index
+
+
+def _update_summaries(module, cache: NSACache, plan: CallPlan) -> None:
+    """Compress every newly completed span with the backend's own compress_kv (the module's weights and
+    pos_emb, or mean pooling), one summary per span: the spans are packed as sequences of kernel_size
+    keys, which compress_kv turns into exactly one summary each."""
+    slots, index = _new_summary_slots(cache, plan)
+    if not slots:
+        return
+    ks, st = module.kernel_size, module.kernel_stride
+    dev = cache.device
+    b = torch.tensor(slots, dtype=torch.long, device=dev)
+    i = torch.tensor(index, dtype=torch.long, device=dev)
+    rows = i[:, None] * st + torch.arange(ks, device=dev)  # [m, ks] keys of each span
+    m, h, d = len(slots), module.num_kv_heads, module.head_dim
+    cu = torch.arange(0, (m + 1) * ks, ks, dtype=torch.int32, device=dev)
+    compress = module.branches().compress_kv
+    for src, dst, name in ((cache.k, cache.k_cmp, "k"), (cache.v, cache.v_cmp, "v")):
+        spans = src[b[:, None], rows].reshape(m * ks, h, d)
+        if module.compression == "linear":
+            w, pe = getattr(module, f"{name}_cmp_weight"), getattr(module, f"{name}_cmp_pos")
+            summary, _ = compress(spans, cu, ks, st, w, pe)
+        else:
+            summary, _ = compress(spans, cu, ks, st)
+        dst[b, i] = summary
+
+
+@torch.no_grad()
+def forward_with_cache(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], cache: NSACache) -> torch.Tensor:
+    r"""module(x, cu_seqlens, cache=cache): append each slot's new tokens and return their outputs.
+
+    Args:
+        x: [N, hidden_size] the new tokens of every slot, packed in slot order (N = 0 allowed).
+        cu_seqlens: int32 [batch_size + 1] on x's device (0 new tokens for a slot allowed), or None
+            when the cache has one slot.
+    Returns:
+        [N, hidden_size]: each token's output as the module's forward over its whole sequence gives it.
+    """
+    plan = plan_call(module, x, cu_seqlens, cache)
+    n, hq, h, d = x.shape[0], module.num_q_heads, module.num_kv_heads, module.head_dim
+    if n == 0:
+        return x.new_zeros(0, module.hidden_size)
+    theta = module.rope_theta
+    q = apply_rope(module.q_proj(x).view(n, hq, d), plan.pos, theta)
+    k = apply_rope(module.k_proj(x).view(n, h, d), plan.pos, theta)
+    v = module.v_proj(x).view(n, h, d)
+    gates = torch.sigmoid(module.gate_proj(x)).view(n, hq, 3)
+    cache.k[plan.seq, plan.pos] = k
+    cache.v[plan.seq, plan.pos] = v
+    _update_summaries(module, cache, plan)
+    if plan.has_history:
+        o = cached_attention(module, cache, q, gates, plan.seq, plan.pos, module.branches().gated_sum)
+    else:  # prefill: the new tokens are the whole sequences, the module's forward (fast kernels) serves them
+        o = module.attention(q, k, v, gates, plan.cu_seqlens)
+    cache.set_lengths(plan.new)
+    return module.o_proj(o.reshape(n, hq * d))
