@@ -18,6 +18,7 @@ import triton.language as tl
 
 from fsa.schedule import build_schedule, locate_item, reduce_rows, slot_rows
 from fsa.tuning import launch_plan
+from nsa_baseline.utils.attention_bwd import softmax_bwd_delta
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
 
@@ -157,29 +158,13 @@ def fsa_selected_bwd_dq_reduce_kernel(
              mask=m_n[:, None] & m_d[None, :])
 
 
-DELTA_CHUNK_ELEMENTS = 2**28  # fp32 temporaries of at most 1 GiB each
-
-
-def row_dot(o, do):
-    """delta[hq, n] = sum_d o * do in fp32, in token chunks: whole fp32 copies of o and do would take
-    8 GiB each at 256K x 64 heads x 128."""
-    n, hq, d = o.shape
-    delta = torch.empty(hq, n, dtype=torch.float32, device=o.device)
-    step = max(1, DELTA_CHUNK_ELEMENTS // (hq * d))
-    for s in range(0, n, step):
-        delta[:, s:s + step] = (o[s:s + step].float() * do[s:s + step].float()).sum(-1).t()
-    return delta
-
-
 def fsa_selected_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float, dlse=None):
     """Host wrapper: returns dq, dk, dv (input dtype). dlse [HQ, N] is the gradient of the returned
     lse, if any: d lse / d s = p, so it folds into delta (ds = p * (dp - delta + dlse))."""
     plan = launch_plan(q, k, block_size, topk, backward=True)
     n, hq, h, g, d, d_pad, cfg = plan.n, plan.hq, plan.h, plan.g, plan.d, plan.d_pad, plan.cfg
     do = do.contiguous()
-    delta = row_dot(o, do)  # [HQ, N]
-    if dlse is not None:
-        delta = delta - dlse.float()
+    delta = softmax_bwd_delta(o, do, dlse)  # [HQ, N] fp32, one pass
     dq = new_output((n, hq, d), q.dtype, q.device)
     # Whole groups per pass: every block's dK/dV is final when written, so it goes out in the input
     # dtype (at 256K x 64 KV heads, fp32 accumulators and their cast cost 13 GB more at the peak).

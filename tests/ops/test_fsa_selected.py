@@ -204,14 +204,3 @@ def test_gpu_bf16_varlen():
     o = selected_attention_ref(x.q.float(), x.k.float(), x.v.float(), x.block_indices, 64, cu_seqlens=x.cu_seqlens)
     assert_close(selected_attention(x.q, x.k, x.v, x.block_indices, 64, cu_seqlens=x.cu_seqlens), o,
                  torch.bfloat16, "o")
-
-
-def test_delta_row_dot_in_chunks_matches_whole(monkeypatch):
-    """delta is computed in token chunks (fp32 copies of o and do would not fit at 256K): a chunk
-    that does not divide N gives the same fp32 values as the whole-tensor product."""
-    from fsa import backward
-
-    o = torch.randn(101, 6, 40, dtype=torch.float16)
-    do = torch.randn_like(o)
-    monkeypatch.setattr(backward, "DELTA_CHUNK_ELEMENTS", 6 * 40 * 7)
-    assert torch.equal(backward.row_dot(o, do), (o.float() * do.float()).sum(-1).t())
