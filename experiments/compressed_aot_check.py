@@ -31,15 +31,17 @@ INT_PTRS = {"tok_seq", "cmp_seq", "cu", "cu_cmp"}
 F32_PTRS = {"lse", "lse2", "delta", "dlse"}
 
 
-def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int):
+def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int,
+                 scalars: dict = SCALARS, int_ptrs: set = INT_PTRS):
+    """`scalars` (name -> type) and `int_ptrs` name the non-float arguments (other kernels' names)."""
     sig = {}
     for a in fn.arg_names:
         if a in constexprs:
             sig[a] = "constexpr"
-        elif a in SCALARS:
-            sig[a] = SCALARS[a]
+        elif a in scalars:
+            sig[a] = scalars[a]
         else:
-            sig[a] = "*i32" if a in INT_PTRS else "*fp32" if a in F32_PTRS else "*" + dtype
+            sig[a] = "*i32" if a in int_ptrs else "*fp32" if a in F32_PTRS else "*" + dtype
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a].startswith("*") or sig[a] == "i32"}
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
