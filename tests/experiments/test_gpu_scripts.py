@@ -22,7 +22,7 @@ def runs() -> dict:
 
 
 def test_every_gpu_script_is_checked():
-    assert {"nsa_check", "branches_check", "fsa_bench", "fsa_tune", "graph_replay"} <= set(SCRIPTS)
+    assert {"nsa_check", "branches_check", "fsa_bench", "fsa_tune", "graph_replay", "compression_bench"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
