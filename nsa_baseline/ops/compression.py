@@ -1,10 +1,13 @@
 """Key/value compression of NSA on any device: one summary per kernel_size keys at kernel_stride.
 
-One gather of every summary's keys through a precomputed row index ([N_cmp, kernel_size] packed
-rows, cached per cu_seqlens), then a mean or one matmul with the learnable weight. Pure PyTorch and
-differentiable w.r.t. x, weight and pos_emb (the gather's backward is an index_add).
-The index and cu_seqlens_cmp are built on the device; the output size N_cmp needs one host read of
-cu_seqlens_cmp per cu_seqlens tensor (cached, so repeated calls with the same tensor sync once).
+Two paths, pure PyTorch and differentiable w.r.t. x, weight and pos_emb:
+- block path (kernel_stride divides kernel_size into C <= kernel_stride blocks, as in NSA's 32/16):
+  summaries as sums over stride-blocks read once, one GEMM (compression_blocks.py);
+- gather path (any other stride, or C > stride, where the block path's [H, NB, C, D] products would
+  outgrow x): every summary's kernel_size keys gathered, then a mean or one matmul; the gather reads
+  each key kernel_size / stride times and its backward is an index_add.
+Layouts are built on the device; the output size N_cmp needs one host read per cu_seqlens tensor
+(cached, so repeated calls with the same tensor sync once; compression_layout.py).
 """
 from __future__ import annotations
 
@@ -13,42 +16,12 @@ from typing import Optional
 import torch
 
 from nsa_baseline.checks import check_compress_inputs
-from nsa_baseline.utils.compressed_varlen import compressed_cu_seqlens
-from nsa_baseline.utils.varlen import single_sequence_cu_seqlens, token_sequence_ids
+from nsa_baseline.ops.compression_blocks import compress_blocks
+from nsa_baseline.ops.compression_layout import block_layout, gather_layout
 
-# (id, data_ptr, version, N, kernel_size, stride, device) -> (cu_seqlens_cmp, first row of every summary)
-_LAYOUT_CACHE: dict[tuple, tuple] = {}
-# Summaries gathered at once: bounds the [chunk, kernel_size, H, D] gather (~1 GiB in bf16 at H*D=512).
+# Summaries gathered at once on the gather path: bounds the [chunk, kernel_size, H, D] gather (~1 GiB
+# in bf16 at H*D=512).
 _GATHER_BUDGET = 1 << 29
-
-
-def _layout_key(cu_seqlens: Optional[torch.Tensor], *extra) -> tuple:
-    if cu_seqlens is None:
-        return (None,) + extra
-    return (id(cu_seqlens), cu_seqlens.data_ptr(), cu_seqlens._version, cu_seqlens.numel()) + extra
-
-
-def compressed_layout(cu_seqlens: Optional[torch.Tensor], num_tokens: int, kernel_size: int,
-                      kernel_stride: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cu_seqlens_cmp int32 [B + 1], first int64 [N_cmp]): the packed summaries' cu_seqlens and the
-    packed row of each summary's first key. Cached per cu_seqlens tensor (identity + version)."""
-    key = _layout_key(cu_seqlens, num_tokens, kernel_size, kernel_stride, str(device))
-    hit = _LAYOUT_CACHE.get(key)
-    if hit is not None:
-        return hit[1], hit[2]
-    keep = cu_seqlens  # held by the cache entry so that its id is not reused while cached
-    if cu_seqlens is None:
-        cu_seqlens = single_sequence_cu_seqlens(num_tokens, torch.device(device))
-    cu_seqlens = cu_seqlens.to(device)
-    cu_cmp = compressed_cu_seqlens(cu_seqlens, kernel_size, kernel_stride)
-    n_cmp = int(cu_cmp[-1])  # the one host read: the output's size
-    seq = token_sequence_ids(cu_cmp, n_cmp)
-    local = torch.arange(n_cmp, device=device) - cu_cmp.long()[seq]
-    first = cu_seqlens.long()[seq] + local * kernel_stride  # [N_cmp]
-    if len(_LAYOUT_CACHE) > 64:
-        _LAYOUT_CACHE.clear()
-    _LAYOUT_CACHE[key] = (keep, cu_cmp, first)
-    return cu_cmp, first
 
 
 def compress_kv(
@@ -75,10 +48,31 @@ def compress_kv(
     """
     check_compress_inputs(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb)
     n, h, d = x.shape
-    cu_cmp, first = compressed_layout(cu_seqlens, n, kernel_size, kernel_stride, x.device)
+    if uses_block_path(kernel_size, kernel_stride):
+        layout = block_layout(cu_seqlens, n, kernel_size, kernel_stride, x.device)
+        if layout.num_cmp == 0:
+            return _no_summaries(x), layout.cu_cmp
+        return compress_blocks(x, layout, kernel_size, kernel_stride, weight, pos_emb), layout.cu_cmp
+    return compress_gather(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb)
+
+
+def uses_block_path(kernel_size: int, kernel_stride: int) -> bool:
+    """Whether compress_kv takes the block path: stride divides kernel_size in C <= stride blocks."""
+    return kernel_size % kernel_stride == 0 and kernel_size // kernel_stride <= kernel_stride
+
+
+def _no_summaries(x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(0, *x.shape[1:]) + 0 * x.sum()  # keeps x in the graph (zero gradient)
+
+
+def compress_gather(x, cu_seqlens, kernel_size, kernel_stride, weight=None, pos_emb=None):
+    """compress_kv's gather path (any stride; inputs already checked): the summaries' keys gathered a
+    chunk at a time, then a mean or a matmul with pos_emb added to the gathered keys."""
+    n, h, d = x.shape
+    cu_cmp, first = gather_layout(cu_seqlens, n, kernel_size, kernel_stride, x.device)
     n_cmp = first.numel()
     if n_cmp == 0:
-        return x.new_zeros(0, h, d) + 0 * x.sum(), cu_cmp  # keeps x in the graph (zero gradient)
+        return _no_summaries(x), cu_cmp
     # Low precision inputs are reduced in fp32 (mean) or multiplied on tensor cores with fp32
     # accumulation (weight); fp64 stays fp64.
     chunk = max(1, _GATHER_BUDGET // (kernel_size * h * d))
