@@ -22,7 +22,8 @@ def runs() -> dict:
 
 
 def test_every_gpu_script_is_checked():
-    assert {"nsa_check", "branches_check", "fsa_bench", "fsa_tune", "graph_replay"} <= set(SCRIPTS)
+    assert {"nsa_check", "branches_check", "fsa_bench", "fsa_tune", "graph_replay", "e2e_layers",
+            "train_small"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
