@@ -36,13 +36,15 @@ class NativeSparseAttention(nn.Module):
         compression: "linear" (learnable weight [kernel_size * D, D] and pos_emb [kernel_size, D]
             for k and for v, initialised to mean pooling) or "mean" (parameter-free).
         backend: "torch" | "nsa" | "fsa" | "auto" (see nsa_baseline.backends). bias: for the projections.
+        projections: False builds the attention core alone (no q/k/v/gate/o projections; only
+            `attention` works), for models that bring their own (nsa_baseline.models).
     """
 
     def __init__(self, hidden_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  kernel_size: int = 32, kernel_stride: int = 16, block_size: int = 64, topk: int = 16,
                  init_blocks: int = 1, local_blocks: int = 2, window_size: int = 512,
                  rope_theta: float = 10000.0, compression: str = "linear", backend: str = "torch",
-                 bias: bool = False):
+                 bias: bool = False, projections: bool = True):
         super().__init__()
         for name, val in (("hidden_size", hidden_size), ("num_q_heads", num_q_heads),
                           ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("topk", topk),
@@ -70,12 +72,14 @@ class NativeSparseAttention(nn.Module):
         self.block_size, self.topk, self.init_blocks, self.local_blocks = block_size, topk, init_blocks, local_blocks
         self.window_size, self.rope_theta, self.compression, self.backend = window_size, rope_theta, compression, backend
         self._backend: Optional[Backend] = None
+        self.projections = bool(projections)
 
-        self.q_proj = nn.Linear(hidden_size, num_q_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.gate_proj = nn.Linear(hidden_size, 3 * num_q_heads, bias=bias)
-        self.o_proj = nn.Linear(num_q_heads * head_dim, hidden_size, bias=bias)
+        if self.projections:
+            self.q_proj = nn.Linear(hidden_size, num_q_heads * head_dim, bias=bias)
+            self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+            self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+            self.gate_proj = nn.Linear(hidden_size, 3 * num_q_heads, bias=bias)
+            self.o_proj = nn.Linear(num_q_heads * head_dim, hidden_size, bias=bias)
         if compression == "linear":
             mean_pool = torch.eye(head_dim).repeat(kernel_size, 1) / kernel_size  # [kernel_size * D, D]
             self.k_cmp_weight = nn.Parameter(mean_pool.clone())
@@ -90,6 +94,9 @@ class NativeSparseAttention(nn.Module):
         return self._backend
 
     def _check_input(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> None:
+        if not self.projections:
+            raise RuntimeError("NativeSparseAttention(projections=False) has no projections: call "
+                               ".attention(q, k, v, gates, cu_seqlens) instead of forward")
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.hidden_size or x.shape[0] < 1:
             raise ValueError(f"argument `x` must be [N >= 1, hidden_size={self.hidden_size}], got "
                              f"{tuple(getattr(x, 'shape', ()))}")

@@ -23,7 +23,7 @@ def runs() -> dict:
 
 def test_every_gpu_script_is_checked():
     assert {"nsa_check", "branches_check", "fsa_bench", "fsa_tune", "graph_replay", "window_bench",
-            "compression_bench"} <= set(SCRIPTS)
+            "compression_bench", "e2e_layers", "train_small"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
