@@ -44,7 +44,7 @@ def _check(ins, cu, window, dtype, ref_dtype=FP64, flex=False, seed=1, config=No
     gen = torch.Generator(device=o.device).manual_seed(seed)
     do = torch.randn(o.shape, generator=gen, device=o.device).to(o.dtype)
     dlse = torch.randn(lse.shape, generator=gen, device=o.device)
-    grads = torch.autograd.grad([o, lse], ours, [do, dlse])
+    grads = torch.autograd.grad([o, lse], ours, [do, dlse], retain_graph=flex)  # flex: a second backward below
     rgrads = torch.autograd.grad([ro, rlse], ref_in, [do.to(ref_dtype), dlse.to(ref_dtype)])
     for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
         assert a.dtype == ins[0].dtype
