@@ -4,6 +4,8 @@ slots of different lengths (0 history -> the first token; summary, block and win
 crossed one token at a time), g = 1, 3, 5, 16, both compressions. The selection kernel alone against
 the reference mapping + top-T (sets equal up to exact ties, forced blocks present, -1 past the causal
 blocks), bad calls, and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
+import copy
+
 import pytest
 import torch
 
@@ -33,21 +35,30 @@ def small_module(g, h=2, d=16, compression="linear", backend="nsa", dtype=torch.
     return m.to(device=device, dtype=dtype)
 
 
+def torch_twin(m, dtype=None):
+    """The same module (weights, sizes) on the PyTorch backend: the full-forward oracle (float64) and
+    a fast prefill (the interpreter runs the kernel backends' prefill slowly)."""
+    twin = copy.deepcopy(m)
+    twin.backend, twin._backend = "torch", None
+    return twin if dtype is None else twin.to(dtype)
+
+
 def decode_and_compare(m, prefill, steps, max_seqlen, tol=None):
     """Prefill slots to `prefill` tokens, then `steps` decode calls; each call's outputs through the
-    decode kernels must equal the PyTorch path (a second cache) and the full forward's rows, and the
-    two caches must hold the same summaries and lengths."""
+    decode kernels must equal the PyTorch path (a copy of the cache) and the full forward's rows (of
+    the PyTorch backend in float64 on CPU, else in m's dtype), and the two caches must end equal."""
     dtype, dev = m.q_proj.weight.dtype, m.q_proj.weight.device
     seqs = [torch.randn(n + steps, HIDDEN, dtype=dtype, device=dev) for n in prefill]
     lens = [s.shape[0] for s in seqs]
+    oracle = torch_twin(m, torch.float64) if dev.type == "cpu" else m
     with torch.no_grad():
-        full = m(torch.cat(seqs), packed(lens).to(dev))
+        full = oracle(torch.cat(seqs).to(oracle.q_proj.weight.dtype), packed(lens).to(dev))
     start = packed(lens).tolist()
-    fast, slow = m.new_cache(len(seqs), max_seqlen), m.new_cache(len(seqs), max_seqlen)
+    fast = m.new_cache(len(seqs), max_seqlen)
     if any(prefill):
-        x = torch.cat([s[:n] for s, n in zip(seqs, prefill)])
-        for cache in (fast, slow):
-            forward_with_cache(m, x, packed(prefill).to(dev), cache)
+        filler = torch_twin(m) if dev.type == "cpu" else m
+        forward_with_cache(filler, torch.cat([s[:n] for s, n in zip(seqs, prefill)]), packed(prefill).to(dev), fast)
+    slow = copy.deepcopy(fast)
     ones = packed([1] * len(seqs)).to(dev)
     for i in range(steps):
         x = torch.stack([s[n + i] for s, n in zip(seqs, prefill)])
@@ -208,7 +219,7 @@ def test_gpu_graph_replay_equals_eager():
     for step in range(20):
         xs = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
         y_eager, y_graph = decode_step(m, xs, eager), graph.step(xs)
-        assert torch.equal(y_eager, y_graph), f"step {step}"
+        assert_close(y_graph, y_eager, torch.bfloat16, f"step {step}", tol=1e-3)  # same kernels: bitwise in practice
     for name, t in eager.tensors().items():
-        assert torch.equal(t, graphed.tensors()[name]), name
+        assert_close(graphed.tensors()[name].double(), t.double(), torch.bfloat16, name, tol=1e-3)
     assert graphed.host_lengths == tuple(n + 20 for n in lens)
