@@ -54,28 +54,40 @@ def _update_summaries(module, cache: NSACache, new_len: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
+                     cache: NSACache) -> torch.Tensor:
+    """NSA's attention of one new token per slot between the projections (what replaces dense decode):
+    q [B, HQ, D], k, v [B, H, D] after RoPE at positions cache.lengths, gates [B, HQ, 3]. Appends k, v
+    and any completed summary, moves the device lengths by one, returns o [B, HQ, D] in q.dtype."""
+    b = q.shape[0]
+    pos32 = cache.lengths.clone()  # positions of the new tokens (lengths moves at the end)
+    pos = pos32.long()
+    slots = torch.arange(b, device=q.device)
+    cache.k[slots, pos] = k
+    cache.v[slots, pos] = v
+    _update_summaries(module, cache, pos + 1)
+    scale = module.head_dim ** -0.5
+    o_cmp, idx = decode_compressed_select(q, cache.k_cmp, cache.v_cmp, pos32, module.kernel_size,
+                                          module.kernel_stride, module.block_size, module.topk,
+                                          module.init_blocks, module.local_blocks, scale)
+    o = decode_selected_window(q, cache.k, cache.v, pos32, idx, o_cmp, gates.contiguous(), module.block_size,
+                               module.window_size, scale)
+    cache.lengths.add_(1)
+    return o
+
+
+@torch.no_grad()
 def decode_device(module, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
     """The device part of a decode step (no checks, no host state): appends x's B tokens, moves the
     device lengths by one and returns the outputs [B, hidden_size]. What DecodeGraph captures."""
     b, hq, h, d = x.shape[0], module.num_q_heads, module.num_kv_heads, module.head_dim
-    pos32 = cache.lengths.clone()  # positions of the new tokens (lengths moves at the end)
-    pos = pos32.long()
+    pos = cache.lengths.long()
     theta = module.rope_theta
     q = apply_rope(module.q_proj(x).view(b, hq, d), pos, theta)
     k = apply_rope(module.k_proj(x).view(b, h, d), pos, theta)
     v = module.v_proj(x).view(b, h, d)
-    gates = torch.sigmoid(module.gate_proj(x)).view(b, hq, 3).contiguous()
-    slots = torch.arange(b, device=x.device)
-    cache.k[slots, pos] = k
-    cache.v[slots, pos] = v
-    _update_summaries(module, cache, pos + 1)
-    scale = d ** -0.5
-    o_cmp, idx = decode_compressed_select(q, cache.k_cmp, cache.v_cmp, pos32, module.kernel_size,
-                                          module.kernel_stride, module.block_size, module.topk,
-                                          module.init_blocks, module.local_blocks, scale)
-    o = decode_selected_window(q, cache.k, cache.v, pos32, idx, o_cmp, gates, module.block_size,
-                               module.window_size, scale)
-    cache.lengths.add_(1)
+    gates = torch.sigmoid(module.gate_proj(x)).view(b, hq, 3)
+    o = decode_attention(module, q, k, v, gates, cache)
     return module.o_proj(o.view(b, hq * d))
 
 
