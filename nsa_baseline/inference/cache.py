@@ -109,6 +109,11 @@ class NSACache:
         self._host_lengths = list(lengths)
         self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32), non_blocking=False)
 
+    def advance_host(self) -> None:
+        """A decode step appended one token to every slot: the host mirror moves by one (the device
+        lengths were moved by the step itself; nothing is read back)."""
+        self._host_lengths = [n + 1 for n in self._host_lengths]
+
     def __repr__(self) -> str:
         return (f"NSACache(batch_size={self.batch_size}, max_seqlen={self.max_seqlen}, max_cmp={self.max_cmp}, "
                 f"H={self.config.num_kv_heads}, D={self.config.head_dim}, dtype={self.dtype}, device={self.device}, "

@@ -103,3 +103,16 @@ def plan_call(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], cache
         seq = token_sequence_ids(cu_seqlens, n)
         pos = torch.arange(n, device=x.device) - cu_seqlens.long()[seq] + cache.lengths.long()[seq]
     return CallPlan(old, counts, seq, pos, cu_seqlens)
+
+
+def check_decode_call(module, x: torch.Tensor, cache: NSACache) -> None:
+    """Check a decode step (one new token per slot, x [batch_size, hidden_size]) on the host mirror of
+    the lengths only; ValueError naming the argument, before any write."""
+    _check_cache(module, cache)
+    _check_x(module, x)
+    if x.shape[0] != cache.batch_size:
+        raise ValueError(f"argument `x` must hold one new token per slot: [{cache.batch_size}, "
+                         f"{module.hidden_size}], got {tuple(x.shape)}")
+    full = [b for b, n in enumerate(cache.host_lengths) if n >= cache.max_seqlen]
+    if full:
+        raise ValueError(f"argument `x`: slot {full[0]} already holds max_seqlen = {cache.max_seqlen} tokens")

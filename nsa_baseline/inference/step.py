@@ -5,6 +5,7 @@
     write k, v into their slots -> new summaries whose kernel_size span the call completed ->
     attention: the module's own forward when no slot has history (prefill: the fast kernels),
                else cached_attention (PyTorch, any offset) ->
+    (one new token in every slot with a kernel backend: the decode step of decode.py instead) ->
     lengths move last -> output projection.
 Inference only: runs under no_grad (the cache is written in place and keeps no graph).
 """
@@ -16,6 +17,7 @@ import torch
 
 from nsa_baseline.inference.cache import NSACache
 from nsa_baseline.inference.cached_attention import cached_attention
+from nsa_baseline.inference.decode import decode_device, decode_serves
 from nsa_baseline.inference.plan import CallPlan, plan_call
 from nsa_baseline.reference.rope import apply_rope
 
@@ -57,13 +59,16 @@ def _update_summaries(module, cache: NSACache, plan: CallPlan) -> None:
 
 
 @torch.no_grad()
-def forward_with_cache(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], cache: NSACache) -> torch.Tensor:
+def forward_with_cache(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], cache: NSACache,
+                       decode_kernels: bool = True) -> torch.Tensor:
     r"""module(x, cu_seqlens, cache=cache): append each slot's new tokens and return their outputs.
 
     Args:
         x: [N, hidden_size] the new tokens of every slot, packed in slot order (N = 0 allowed).
         cu_seqlens: int32 [batch_size + 1] on x's device (0 new tokens for a slot allowed), or None
             when the cache has one slot.
+        decode_kernels: a call with one new token in every slot runs the decode kernels (decode.py)
+            where they serve; False keeps the PyTorch path (tests compare the two).
     Returns:
         [N, hidden_size]: each token's output as the module's forward over its whole sequence gives it.
     """
@@ -71,6 +76,10 @@ def forward_with_cache(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tenso
     n, hq, h, d = x.shape[0], module.num_q_heads, module.num_kv_heads, module.head_dim
     if n == 0:
         return x.new_zeros(0, module.hidden_size)
+    if decode_kernels and all(c == 1 for c in plan.counts) and decode_serves(module, cache):
+        y = decode_device(module, x, cache)
+        cache.advance_host()
+        return y
     theta = module.rope_theta
     q = apply_rope(module.q_proj(x).view(n, hq, d), plan.pos, theta)
     k = apply_rope(module.k_proj(x).view(n, h, d), plan.pos, theta)

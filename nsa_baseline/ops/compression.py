@@ -79,20 +79,26 @@ def compress_gather(x, cu_seqlens, kernel_size, kernel_stride, weight=None, pos_
     n_cmp = first.numel()
     if n_cmp == 0:
         return _no_summaries(x), cu_cmp
-    # Low precision inputs are reduced in fp32 (mean) or multiplied on tensor cores with fp32
-    # accumulation (weight); fp64 stays fp64.
     chunk = max(1, _GATHER_BUDGET // (kernel_size * h * d))
     offs = torch.arange(kernel_size, device=x.device)
     outs = []
     for c0 in range(0, n_cmp, chunk):
         c1 = min(n_cmp, c0 + chunk)
         rows = (first[c0:c1, None] + offs).flatten()  # [c * kernel_size]
-        blocks = x.index_select(0, rows).view(c1 - c0, kernel_size, h, d)
-        if weight is None:
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            outs.append(blocks.sum(dim=1, dtype=acc).div_(kernel_size).to(x.dtype))
-        else:
-            blocks = (blocks + pos_emb.to(x.dtype)[None, :, None, :]).transpose(1, 2)  # [c, H, ks, D]
-            outs.append(blocks.reshape(c1 - c0, h, kernel_size * d) @ weight.to(x.dtype))
+        outs.append(compress_spans(x.index_select(0, rows).view(c1 - c0, kernel_size, h, d), weight, pos_emb))
     x_cmp = outs[0] if len(outs) == 1 else torch.cat(outs)
     return x_cmp, cu_cmp
+
+
+def compress_spans(blocks: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                   pos_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    r"""One summary per gathered span: blocks [c, kernel_size, H, D] -> [c, H, D] in blocks.dtype
+    (compress_kv's maths; the decode step compresses the spans it completes with it too)."""
+    c, ks, h, d = blocks.shape
+    # Low precision inputs are reduced in fp32 (mean) or multiplied on tensor cores with fp32
+    # accumulation (weight); fp64 stays fp64.
+    if weight is None:
+        acc = torch.float64 if blocks.dtype == torch.float64 else torch.float32
+        return blocks.sum(dim=1, dtype=acc).div_(ks).to(blocks.dtype)
+    blocks = (blocks + pos_emb.to(blocks.dtype)[None, :, None, :]).transpose(1, 2)  # [c, H, ks, D]
+    return blocks.reshape(c, h, ks * d) @ weight.to(blocks.dtype)

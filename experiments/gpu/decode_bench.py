@@ -1,0 +1,192 @@
+"""One NSA decode step (one new token in each of B slots over a cache of L tokens) on the GPU, beside
+dense decode through torch SDPA.
+
+    python -m experiments.gpu.decode_bench [--batches 1,8,32] [--lengths 8192,32768,65536,131072]
+
+Llama3-8B heads (32 query / 8 KV, d = 128), the (64, 16) preset (kernel 32 / stride 16, BS 64, T 16,
+window 512), bf16, FSA backend (the decode kernels are the same for nsa / fsa / auto). The cache is
+filled with random keys, values and summaries (timing only; tests/inference/test_decode_kernels.py
+checks the maths) and every slot holds L - 1 tokens, so the new token attends L keys.
+Timed (`triton.testing.do_bench` medians; each step gives its length back, so the cache stays put):
+- ours attention: module.attention's decode equivalent (k/v append, masked summary update, the two
+  decode kernels; no q/k/v/o projections), eager and replayed from a CUDA graph;
+- ours module: the whole module step (projections included), eager and CUDA graph (DecodeGraph);
+- dense: SDPA of q [B, 32, 1, 128] over k, v [B, 8, L, 128] with enable_gqa=True (the backend torch
+  picks, named when torch says so), and each fused backend forced, eager and CUDA graph.
+GB/s = bytes read / time: ours (T * BS + window + visible summaries) keys and values per KV head per
+slot + q + out; dense L keys and values per KV head per slot + q + out. Configurations whose cache
+(+ the dense copy) does not fit in 85% of free memory are recorded as skipped.
+Writes decode_bench.csv (GPU, torch, Triton, commit on every row) under $OUT (else ./out).
+About 1-2 minutes on an H100.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_meta, write_rows
+
+HQ, H, D, HIDDEN = 32, 8, 128, 4096
+PRESET = dict(kernel_size=32, kernel_stride=16, block_size=64, topk=16, window_size=512)
+BF16 = torch.bfloat16
+START = time.time()
+
+
+def bench(fn) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph (after two eager warm-up calls on a side stream) -> its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def fill_cache(module, b: int, length: int):
+    cache = module.new_cache(b, length)
+    for t in (cache.k, cache.v, cache.k_cmp, cache.v_cmp):
+        t.normal_()
+    cache.set_lengths([length - 1] * b)
+    return cache
+
+
+def bytes_ours(b: int, length: int) -> int:
+    from nsa_baseline.utils.compressed_varlen import num_compressed
+
+    ks, st, bs, t, w = (PRESET[k] for k in ("kernel_size", "kernel_stride", "block_size", "topk", "window_size"))
+    n_cmp = int(num_compressed(torch.tensor(length), ks, st))
+    keys = min(t * bs, length) + min(w, length) + n_cmp
+    return b * H * keys * D * 2 * 2 + 2 * b * HQ * D * 2
+
+
+def bytes_dense(b: int, length: int) -> int:
+    return b * H * length * D * 2 * 2 + 2 * b * HQ * D * 2
+
+
+def sdpa_choice(q, k, v) -> str:
+    """The fused backend torch would pick for these inputs ('' when torch does not say)."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        return SDPBackend(torch._fused_sdp_choice(q, k, v, enable_gqa=True)).name
+    except Exception:  # a private API: report nothing rather than fail the run
+        return ""
+
+
+def time_point(rows, b: int, length: int, module):
+    from nsa_baseline.inference.decode import decode_attention, decode_device
+    from nsa_baseline.inference.graph import DecodeGraph
+
+    base = dict(B=b, L=length, HQ=HQ, H=H, D=D, dtype="bfloat16")
+    need = 2 * 2 * b * length * H * D * 2  # cache k, v + the dense copy
+    free, _ = torch.cuda.mem_get_info()
+    if need > 0.85 * free:
+        rows.append(dict(base, impl="all", status=f"skipped: needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"))
+        print(f"  B={b} L={length}: skipped (memory)", flush=True)
+        return
+    cache = fill_cache(module, b, length)
+    q = torch.randn(b, HQ, D, device="cuda", dtype=BF16)
+    k, v = torch.randn(b, H, D, device="cuda", dtype=BF16), torch.randn(b, H, D, device="cuda", dtype=BF16)
+    gates = torch.rand(b, HQ, 3, device="cuda", dtype=BF16)
+    x = torch.randn(b, HIDDEN, device="cuda", dtype=BF16)
+
+    def attn():
+        decode_attention(module, q, k, v, gates, cache)
+        cache.lengths.sub_(1)
+
+    def step():
+        decode_device(module, x, cache)
+        cache.lengths.sub_(1)
+
+    out = decode_attention(module, q, k, v, gates, cache)
+    cache.lengths.sub_(1)
+    ok = bool(torch.isfinite(out).all())
+    ours = bytes_ours(b, length)
+    timings = [("ours_attention", "eager", attn), ("ours_attention", "graph", graphed(attn)),
+               ("ours_module", "eager", step)]
+    mod_graph = DecodeGraph(module, cache, rewind=True)
+    mod_graph.x.copy_(x)
+    timings.append(("ours_module", "graph", mod_graph.replay))
+    for impl, mode, fn in timings:
+        ms = bench(fn)
+        rows.append(dict(base, impl=impl, mode=mode, ms=f"{ms:.4f}", GBps=f"{ours / ms * 1e-6:.0f}",
+                         bytes=ours, status="ok" if ok else "non-finite output"))
+    assert cache.lengths.tolist() == [length - 1] * b, "a timed step did not give its length back"
+    del mod_graph
+    # dense decode over a contiguous [B, H, L, D] copy of the same keys
+    kd, vd = cache.k.transpose(1, 2).contiguous(), cache.v.transpose(1, 2).contiguous()
+    del cache
+    qd = q.view(b, HQ, 1, D)
+    dense = bytes_dense(b, length)
+    picked = sdpa_choice(qd, kd, vd)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    variants = [("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    for name, backend in variants:
+        def sdpa(backend=backend):
+            if backend is None:
+                return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)
+
+        for mode in ("eager", "graph"):
+            try:
+                ms = bench(sdpa if mode == "eager" else graphed(sdpa))
+                rows.append(dict(base, impl=f"sdpa_{name}", mode=mode, ms=f"{ms:.4f}",
+                                 GBps=f"{dense / ms * 1e-6:.0f}", bytes=dense, status="ok",
+                                 sdpa_picked=picked if name == "default" else ""))
+            except Exception as err:  # a backend that does not take these inputs
+                rows.append(dict(base, impl=f"sdpa_{name}", mode=mode, status=f"unsupported: {str(err)[:80]}"))
+                break
+    del kd, vd
+    torch.cuda.empty_cache()
+    best = {(r["impl"], r.get("mode")): float(r["ms"]) for r in rows if r["B"] == b and r["L"] == length and "ms" in r}
+    dense_ms = min(v for (i, _), v in best.items() if i.startswith("sdpa"))
+    print(f"  B={b:2d} L={length:6d}: ours attention {best[('ours_attention', 'eager')]:.4f} / "
+          f"{best[('ours_attention', 'graph')]:.4f} ms (eager / graph), module {best[('ours_module', 'graph')]:.4f}"
+          f" ms graph; best dense {dense_ms:.4f} ms (picked {picked or '?'}) "
+          f"-> {dense_ms / best[('ours_attention', 'graph')]:.1f}x  ({time.time() - START:.0f} s)", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--lengths", default="8192,32768,65536,131072")
+    args = ap.parse_args()
+    require_cuda()
+    from nsa_baseline.module import NativeSparseAttention
+
+    out, meta = out_dir(), run_meta()
+    print(f"decode_bench on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, "
+          f"commit {meta['git_commit']}", flush=True)
+    torch.manual_seed(0)
+    module = NativeSparseAttention(HIDDEN, HQ, H, D, backend="fsa", **PRESET).to("cuda", BF16)
+    rows = []
+    for length in (int(s) for s in args.lengths.split(",")):
+        for b in (int(s) for s in args.batches.split(",")):
+            time_point(rows, b, length, module)
+    write_rows(out / "decode_bench.csv", rows, meta)
+    print(f"\n== one decode step, bf16, HQ={HQ}, H={H}, D={D}, (64, 16), window 512 (do_bench medians; "
+          "GB/s = bytes read / time)")
+    print_table(rows)
+    bad = [r for r in rows if r["impl"].startswith("ours") and r["status"] != "ok"]
+    print(f"wrote {out}/decode_bench.csv in {time.time() - START:.0f} s" + (" -- ours FAILED above" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

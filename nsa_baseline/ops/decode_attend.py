@@ -1,0 +1,144 @@
+"""Decode, kernel 2: selected and sliding-window attention of the one new token of every slot, and
+NSA's gated sum of the three branches, in one kernel.
+
+Grid (B, H): one program per (slot, KV head); the tile's rows are the G query heads of the group
+(decode_tiles.py), so each selected block and window key is read once per group. Selected: the T
+blocks of block_indices (-1 skipped), keys <= the token's position; window: keys
+max(0, t - W + 1) .. t in a fixed number of tiles (no data-dependent trip count); each branch has its
+own softmax. out = g0 * o_cmp + g1 * o_slc + g2 * o_win, written in the output dtype. Reads the cache
+in place: k, v [B, max_seqlen, H, D].
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa_baseline.checks import fail
+from nsa_baseline.contract import BLOCK_SIZES
+from nsa_baseline.ops.decode_tiles import _finish, _online_update, group_pad, head_pad
+from nsa_baseline.utils.triton_utils import LOG2E, new_output
+
+WINDOW_TILE = 64  # keys per window tile
+
+
+@triton.jit
+def _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, HD: tl.constexpr,
+               IEEE: tl.constexpr):
+    """Online-softmax step over the cache rows `rows` [BN] of one (slot, head) (m_rows: visible)."""
+    off = rows.to(tl.int64)[:, None] * HD
+    b_k = tl.load(p_k + off, mask=m_rows[:, None] & m_d[None, :], other=0.)  # [BN, BLOCK_D]
+    b_v = tl.load(p_v + off, mask=m_rows[:, None] & m_d[None, :], other=0.)
+    return _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_rows, qk_scale, IEEE)
+
+
+@triton.jit
+def _decode_attend_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, idx_ptr, o_cmp_ptr, gates_ptr, out_ptr, MAX_SEQLEN, qk_scale,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, WINDOW: tl.constexpr,
+    BN: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    pos = tl.load(pos_ptr + i_b)
+    o_g = tl.arange(0, G_PAD)
+    o_d = tl.arange(0, BLOCK_D)
+    m_g = o_g < G
+    m_d = o_d < D
+    m_gd = m_g[:, None] & m_d[None, :]
+    rows_q = (i_b * HQ + i_h * G + o_g).to(tl.int64)  # [G_PAD] query rows
+    b_q = tl.load(q_ptr + rows_q[:, None] * D + o_d[None, :], mask=m_gd, other=0.)  # [G_PAD, BLOCK_D]
+    base = (i_b.to(tl.int64) * MAX_SEQLEN * H + i_h) * D
+    p_k = k_ptr + base + o_d[None, :]
+    p_v = v_ptr + base + o_d[None, :]
+
+    # selected: the T chosen blocks, keys <= pos
+    o_s = tl.arange(0, BS)
+    b_m = tl.full([G_PAD], float("-inf"), tl.float32)
+    b_l = tl.zeros([G_PAD], tl.float32)
+    b_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    p_idx = idx_ptr + (i_b * H + i_h).to(tl.int64) * TOPK
+    for t in range(TOPK):
+        blk = tl.load(p_idx + t)
+        if blk >= 0:
+            rows = blk * BS + o_s
+            b_m, b_l, b_acc = _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, rows <= pos, m_d, qk_scale,
+                                         H * D, IEEE)
+    o_slc = _finish(b_l, b_acc)
+
+    # window: keys max(0, pos - WINDOW + 1) .. pos
+    lo = tl.maximum(pos - WINDOW + 1, 0)
+    o_n = tl.arange(0, BN)
+    b_m = tl.full([G_PAD], float("-inf"), tl.float32)
+    b_l = tl.zeros([G_PAD], tl.float32)
+    b_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    NW: tl.constexpr = (WINDOW + BN - 1) // BN
+    for i in range(NW):
+        rows = lo + i * BN + o_n
+        b_m, b_l, b_acc = _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, rows <= pos, m_d, qk_scale,
+                                     H * D, IEEE)
+    o_win = _finish(b_l, b_acc)
+
+    # gated sum with the compressed branch (float32 from kernel 1)
+    p_g = gates_ptr + rows_q * 3
+    g0 = tl.load(p_g, mask=m_g, other=0.).to(tl.float32)
+    g1 = tl.load(p_g + 1, mask=m_g, other=0.).to(tl.float32)
+    g2 = tl.load(p_g + 2, mask=m_g, other=0.).to(tl.float32)
+    b_cmp = tl.load(o_cmp_ptr + rows_q[:, None] * D + o_d[None, :], mask=m_gd, other=0.)
+    b_o = g0[:, None] * b_cmp + g1[:, None] * o_slc + g2[:, None] * o_win
+    tl.store(out_ptr + rows_q[:, None] * D + o_d[None, :], b_o.to(out_ptr.dtype.element_ty), mask=m_gd)
+
+
+def _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size):
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        fail("q", f"must be [B, HQ, D], got {tuple(getattr(q, 'shape', ()))}")
+    b, hq, d = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != b or t.shape[3] != d \
+                or not t.is_contiguous():
+            fail(name, f"must be contiguous [B={b}, max_seqlen, H, D={d}], got {tuple(getattr(t, 'shape', ()))}")
+        if t.dtype != q.dtype or t.device != q.device:
+            fail(name, f"must match q ({q.dtype} on {q.device}), got {t.dtype} on {t.device}")
+    h = k.shape[2]
+    if v.shape != k.shape or hq % h:
+        fail("v", f"must be k's shape {tuple(k.shape)} with HQ={hq} a multiple of its H")
+    for name, t, shape, dtype in (("pos", pos, (b,), torch.int32), ("o_cmp", o_cmp, (b, hq, d), torch.float32),
+                                  ("gates", gates, (b, hq, 3), q.dtype)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype \
+                or t.device != q.device or not t.is_contiguous():
+            fail(name, f"must be contiguous {dtype} {list(shape)} on {q.device}, got "
+                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype != torch.int32 \
+            or block_indices.dim() != 3 or block_indices.shape[:2] != (b, h) or not block_indices.is_contiguous():
+        fail("block_indices", f"must be contiguous int32 [B={b}, H={h}, T], got "
+             f"{getattr(block_indices, 'dtype', '')} {tuple(getattr(block_indices, 'shape', ()))}")
+    if block_size not in BLOCK_SIZES:
+        fail("block_size", f"must be one of {BLOCK_SIZES}, got {block_size!r}")
+    if not isinstance(window_size, int) or window_size < 1:
+        fail("window_size", f"must be an int >= 1, got {window_size!r}")
+
+
+def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                           block_indices: torch.Tensor, o_cmp: torch.Tensor, gates: torch.Tensor,
+                           block_size: int, window_size: int, scale: float) -> torch.Tensor:
+    r"""Selected + window attention of one new token per slot, gated with the compressed branch.
+
+    Args:
+        q: [B, HQ, D] (after RoPE); k, v: [B, max_seqlen, H, D] the cache (holding the new tokens);
+        pos: int32 [B] each new token's position; block_indices: int32 [B, H, T] (-1 = empty);
+        o_cmp: float32 [B, HQ, D] the compressed branch; gates: [B, HQ, 3] in q.dtype.
+    Returns:
+        [B, HQ, D] in q.dtype: g0 * o_cmp + g1 * o_slc + g2 * o_win.
+    """
+    _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size)
+    b, hq, d = q.shape
+    max_seqlen, h = k.shape[1], k.shape[2]
+    g = hq // h
+    out = new_output((b, hq, d), q.dtype, q.device)
+    _decode_attend_kernel[(b, h)](
+        q.contiguous(), k, v, pos, block_indices, o_cmp, gates, out, max_seqlen, scale * LOG2E,
+        HQ=hq, H=h, G=g, G_PAD=group_pad(g), D=d, BLOCK_D=head_pad(d), BS=block_size, TOPK=block_indices.shape[2],
+        WINDOW=window_size, BN=min(WINDOW_TILE, triton.next_power_of_2(window_size)), IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )
+    return out

@@ -1,0 +1,225 @@
+"""The decode kernels (one new token per slot; nsa_baseline/ops/decode_*.py, inference/decode.py):
+every step of a multi-step decode equals the PyTorch cached path and the module's full forward, from
+slots of different lengths (0 history -> the first token; summary, block and window boundaries
+crossed one token at a time), g = 1, 3, 5, 16, both compressions. The selection kernel alone against
+the reference mapping + top-T (sets equal up to exact ties, forced blocks present, -1 past the causal
+blocks), bad calls, and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
+import copy
+
+import pytest
+import torch
+
+from nsa_baseline.inference.cached_attention import gathered_attention
+from nsa_baseline.inference.decode import decode_step
+from nsa_baseline.inference.step import forward_with_cache
+from nsa_baseline.module import NativeSparseAttention
+from nsa_baseline.ops.decode_attend import decode_selected_window
+from nsa_baseline.ops.decode_select import decode_compressed_select
+from nsa_baseline.reference.compressed import summaries_to_blocks
+from nsa_baseline.utils.compressed_varlen import visible_compressed
+from tests.helpers import assert_close
+from tests.inference.schedules import packed
+
+# summary every 4 tokens from token 8, block of 16, window 12: boundaries come every few steps
+SMALL = dict(kernel_size=8, kernel_stride=4, block_size=16, topk=3, init_blocks=1, local_blocks=1, window_size=12)
+HIDDEN = 32
+
+
+def small_module(g, h=2, d=16, compression="linear", backend="nsa", dtype=torch.float32, device="cpu", **kw):
+    torch.manual_seed(0)
+    m = NativeSparseAttention(HIDDEN, g * h, h, d, compression=compression, backend=backend, **{**SMALL, **kw})
+    if compression == "linear":  # away from the mean-pooling init so the weights matter
+        with torch.no_grad():
+            for p in (m.k_cmp_weight, m.v_cmp_weight, m.k_cmp_pos, m.v_cmp_pos):
+                p.add_(0.1 * torch.randn_like(p))
+    return m.to(device=device, dtype=dtype)
+
+
+def torch_twin(m, dtype=None):
+    """The same module (weights, sizes) on the PyTorch backend: the full-forward oracle (float64) and
+    a fast prefill (the interpreter runs the kernel backends' prefill slowly)."""
+    twin = copy.deepcopy(m)
+    twin.backend, twin._backend = "torch", None
+    return twin if dtype is None else twin.to(dtype)
+
+
+def decode_and_compare(m, prefill, steps, max_seqlen, tol=None):
+    """Prefill slots to `prefill` tokens, then `steps` decode calls; each call's outputs through the
+    decode kernels must equal the PyTorch path (a copy of the cache) and the full forward's rows (of
+    the PyTorch backend in float64 on CPU, else in m's dtype), and the two caches must end equal."""
+    dtype, dev = m.q_proj.weight.dtype, m.q_proj.weight.device
+    seqs = [torch.randn(n + steps, HIDDEN, dtype=dtype, device=dev) for n in prefill]
+    lens = [s.shape[0] for s in seqs]
+    oracle = torch_twin(m, torch.float64) if dev.type == "cpu" else m
+    with torch.no_grad():
+        full = oracle(torch.cat(seqs).to(oracle.q_proj.weight.dtype), packed(lens).to(dev))
+    start = packed(lens).tolist()
+    fast = m.new_cache(len(seqs), max_seqlen)
+    if any(prefill):
+        filler = torch_twin(m) if dev.type == "cpu" else m
+        forward_with_cache(filler, torch.cat([s[:n] for s, n in zip(seqs, prefill)]), packed(prefill).to(dev), fast)
+    slow = copy.deepcopy(fast)
+    ones = packed([1] * len(seqs)).to(dev)
+    for i in range(steps):
+        x = torch.stack([s[n + i] for s, n in zip(seqs, prefill)])
+        y = forward_with_cache(m, x, ones, fast)
+        y_torch = forward_with_cache(m, x, ones, slow, decode_kernels=False)
+        want = torch.stack([full[start[b] + n + i] for b, n in enumerate(prefill)])
+        where = f"step {i} after {[n + i for n in prefill]}"
+        assert_close(y, y_torch, dtype, f"{where}: decode kernels vs PyTorch path", tol=tol)
+        assert_close(y, want, dtype, f"{where}: decode kernels vs full forward", tol=tol)
+        assert fast.host_lengths == slow.host_lengths == tuple(fast.lengths.tolist())
+    for name in ("k_cmp", "v_cmp", "k", "v"):
+        assert_close(getattr(fast, name), getattr(slow, name), dtype, f"cache.{name}", tol=tol)
+    return fast
+
+
+@pytest.mark.parametrize("compression", ["linear", "mean"])
+@pytest.mark.parametrize("g", [1, 3, 5, 16])
+def test_decode_steps_equal_pytorch_path_and_full_forward(g, compression):
+    """Slots prefilled to 0, 37 and 90 tokens (0 -> first token through the kernels; 37 and 90 cross a
+    summary every 4 steps and blocks 48 / 96; 7 blocks for T = 3), 12 decode steps."""
+    decode_and_compare(small_module(g, compression=compression), [0, 37, 90], 12, max_seqlen=112)
+
+
+def test_decode_from_an_empty_cache_and_shorter_than_a_summary():
+    """Every slot starts empty: the first tokens see no summary (o_cmp = 0) until token 8."""
+    decode_and_compare(small_module(5, h=1, init_blocks=0, local_blocks=2, window_size=20), [0, 0], 11, max_seqlen=16)
+
+
+def test_decode_forced_blocks_and_long_window():
+    """init 2 + local 2 of T = 5 (forced blocks fill most of the set), window longer than the history."""
+    decode_and_compare(small_module(3, topk=5, init_blocks=2, local_blocks=2, window_size=128), [5, 70], 8,
+                       max_seqlen=80)
+
+
+def test_decode_step_api_checks_on_the_host_mirror():
+    m = small_module(3)
+    cache = m.new_cache(2, 10)
+    forward_with_cache(m, torch.randn(9, HIDDEN), packed([9, 0]), cache)
+    with pytest.raises(ValueError, match="`x`"):  # one token per slot
+        decode_step(m, torch.randn(3, HIDDEN), cache)
+    y = decode_step(m, torch.randn(2, HIDDEN), cache)
+    assert y.shape == (2, HIDDEN) and cache.host_lengths == (10, 1) and cache.lengths.tolist() == [10, 1]
+    with pytest.raises(ValueError, match="`x`: slot 0 already holds max_seqlen"):
+        decode_step(m, torch.randn(2, HIDDEN), cache)
+    assert cache.host_lengths == (10, 1) and cache.lengths.tolist() == [10, 1]
+    with pytest.raises(ValueError, match="`cache`"):  # the PyTorch backend has no decode kernels
+        decode_step(small_module(3, backend="torch"), torch.randn(2, HIDDEN), small_module(3, backend="torch")
+                    .new_cache(2, 10))
+
+
+def _reference_selection(q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, scale):
+    """o_cmp and the rank key of every block (forced +inf, other causal blocks their score, later
+    blocks -inf) from the PyTorch path's gathered attention and the reference mapping."""
+    b, hq, d = q.shape
+    h = k_cmp.shape[2]
+    p64 = pos.long()
+    width = max(1, k_cmp.shape[1])
+    cmp_pos = torch.arange(width).expand(b, h, width)
+    vis = cmp_pos < visible_compressed(p64, ks, st)[:, None, None]
+    o, _, p = gathered_attention(q.double(), k_cmp.double(), v_cmp.double(), torch.arange(b), cmp_pos, vis, scale)
+    nb = int(p64.max()) // bs + 1
+    score = summaries_to_blocks(p.sum(dim=2), ks, st, bs, nb)  # [B, H, NB]
+    blocks = torch.arange(nb)[None, None, :]
+    cur = (p64 // bs)[:, None, None]
+    forced = (blocks <= cur) & ((blocks < init) | (blocks > cur - local))
+    key = torch.where(forced, float("inf"), torch.where(blocks <= cur, score, float("-inf")))
+    return o, key
+
+
+@pytest.mark.parametrize("case", ["random", "peaked", "one_repeated_summary"])
+@pytest.mark.parametrize("g", [1, 5])
+def test_select_kernel_against_reference(g, case):
+    """Slots at positions 0 (no summary), 7 (first block only), 50, 141 and 255 (16 blocks); T = 5 with
+    2 forced; 'one_repeated_summary' makes every score tie (the ranks must still agree)."""
+    ks, st, bs, topk, init, local, h, d = 8, 4, 16, 5, 1, 1, 2, 16
+    pos = torch.tensor([0, 7, 50, 141, 255], dtype=torch.int32)
+    b, max_cmp = pos.numel(), (256 - ks) // st + 1
+    q = torch.randn(b, g * h, d) * (6.0 if case == "peaked" else 1.0)
+    k_cmp, v_cmp = torch.randn(b, max_cmp, h, d), torch.randn(b, max_cmp, h, d)
+    if case == "one_repeated_summary":
+        k_cmp[:] = k_cmp[:, :1]
+    scale = d ** -0.5
+    o_cmp, idx = decode_compressed_select(q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, scale)
+    o_ref, key = _reference_selection(q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, scale)
+    assert_close(o_cmp, o_ref, torch.float32, "o_cmp")
+    assert o_cmp[0].abs().max() == 0  # position 0 sees no summary
+    for s in range(b):
+        for hh in range(h):
+            got = idx[s, hh]
+            causal = int(pos[s]) // bs + 1
+            n_sel = min(topk, causal)
+            assert (got[n_sel:] == -1).all() and (got[:n_sel] >= 0).all(), (s, hh, got)
+            chosen = got[:n_sel].long()
+            assert chosen.unique().numel() == n_sel and (chosen < causal).all()
+            row = key[s, hh]
+            forced = torch.nonzero(row == float("inf")).flatten()
+            assert set(forced.tolist()) <= set(chosen.tolist()), "forced blocks missing"
+            want = row.topk(n_sel).values
+            torch.testing.assert_close(row[chosen].sort(descending=True).values, want, rtol=1e-5, atol=1e-7)
+
+
+def test_kernels_name_bad_arguments():
+    q, kc = torch.randn(2, 4, 16), torch.randn(2, 5, 2, 16)
+    pos = torch.tensor([3, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match="`pos`"):
+        decode_compressed_select(q, kc, kc, pos.long(), 8, 4, 16, 3, 1, 1, 0.25)
+    with pytest.raises(ValueError, match="`k_cmp`"):
+        decode_compressed_select(q, kc.double(), kc, pos, 8, 4, 16, 3, 1, 1, 0.25)
+    with pytest.raises(ValueError, match="`block_size`"):
+        decode_compressed_select(q, kc, kc, pos, 8, 4, 24, 3, 1, 1, 0.25)
+    k = torch.randn(2, 32, 2, 16)
+    o_cmp, gates, idx = torch.zeros(2, 4, 16), torch.rand(2, 4, 3), torch.zeros(2, 2, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="`block_indices`"):
+        decode_selected_window(q, k, k, pos, idx.long(), o_cmp, gates, 16, 12, 0.25)
+    with pytest.raises(ValueError, match="`o_cmp`"):
+        decode_selected_window(q, k, k, pos, idx, o_cmp.half(), gates, 16, 12, 0.25)
+    with pytest.raises(ValueError, match="`window_size`"):
+        decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 0, 0.25)
+
+
+# ---- GPU: bf16 at realistic sizes, CUDA-graph replay ----
+
+def _llama_like(backend, compression="linear"):
+    """32 query / 8 KV heads, d = 128, the (64, 16) preset, window 512, bf16 on CUDA."""
+    torch.manual_seed(0)
+    m = NativeSparseAttention(1024, 32, 8, 128, kernel_size=32, kernel_stride=16, block_size=64, topk=16,
+                              window_size=512, compression=compression, backend=backend)
+    return m.to("cuda", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["nsa", "fsa"])
+def test_gpu_decode_bf16_equals_pytorch_path_and_full_forward(backend):
+    """Slots prefilled to 0, 1000, 4133 and 8191 tokens, 40 decode steps, bf16."""
+    decode_and_compare(_llama_like(backend), [0, 1000, 4133, 8191], 40, max_seqlen=8192 + 40)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g", [1, 3, 5, 16])
+def test_gpu_decode_any_g(g):
+    decode_and_compare(small_module(g, h=4, d=64, device="cuda", dtype=torch.bfloat16, block_size=64,
+                                    kernel_size=32, kernel_stride=16, topk=8, window_size=100),
+                       [0, 300, 1500], 24, max_seqlen=1600)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_replay_equals_eager():
+    from nsa_baseline.inference.graph import DecodeGraph
+
+    m = _llama_like("fsa")
+    lens = [3000, 17, 1025, 0]
+    eager, graphed = m.new_cache(4, 4096), m.new_cache(4, 4096)
+    x = torch.randn(sum(lens), 1024, device="cuda", dtype=torch.bfloat16)
+    for cache in (eager, graphed):
+        m(x, packed(lens).cuda(), cache=cache)
+    graph = DecodeGraph(m, graphed)
+    assert graphed.host_lengths == tuple(lens) and graphed.lengths.tolist() == lens  # capture left no trace
+    for step in range(20):
+        xs = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+        y_eager, y_graph = decode_step(m, xs, eager), graph.step(xs)
+        assert_close(y_graph, y_eager, torch.bfloat16, f"step {step}", tol=1e-3)  # same kernels: bitwise in practice
+    for name, t in eager.tensors().items():
+        assert_close(graphed.tensors()[name].double(), t.double(), torch.bfloat16, name, tol=1e-3)
+    assert graphed.host_lengths == tuple(n + 20 for n in lens)
