@@ -48,7 +48,7 @@ def decode_and_compare(m, prefill, steps, max_seqlen, tol=None):
     decode kernels must equal the PyTorch path (a copy of the cache) and the full forward's rows (of
     the PyTorch backend in float64 on CPU, else in m's dtype), and the two caches must end equal."""
     dtype, dev = m.q_proj.weight.dtype, m.q_proj.weight.device
-    seqs = [torch.randn(n + steps, HIDDEN, dtype=dtype, device=dev) for n in prefill]
+    seqs = [torch.randn(n + steps, m.hidden_size, dtype=dtype, device=dev) for n in prefill]
     lens = [s.shape[0] for s in seqs]
     oracle = torch_twin(m, torch.float64) if dev.type == "cpu" else m
     with torch.no_grad():
