@@ -10,7 +10,7 @@ per-token / per-summary sequence ids are cached per tensor).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
