@@ -18,9 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa_baseline.utils.triton_utils import LOG2E
 
-_LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 _INT_MAX = tl.constexpr(2147483647)
 
@@ -140,30 +138,6 @@ def compressed_fwd_kernel(
     tl.store(o + p_q, b_o.to(o.dtype.element_ty), mask=m_q)
     b_lse = tl.where(seen, (b_m + tl.log2(b_l_safe)) * _LN2, float("-inf"))
     tl.store(lse + i_hq.to(tl.int64) * N + tok, b_lse, mask=m_r)
-
-
-@triton.jit
-def compressed_bwd_preprocess_kernel(
-    o, do, lse, dlse, lse2, delta, N,
-    HQ, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_DLSE: tl.constexpr,
-):
-    """delta = rowsum(o * do) - dlse and lse2 = lse * log2e (+inf where lse = -inf), [HQ, N] fp32."""
-    i_t, i_hq = tl.program_id(0), tl.program_id(1)
-    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < N
-    o_d = tl.arange(0, BLOCK_D)
-    p = (o_t.to(tl.int64) * HQ + i_hq)[:, None] * D + o_d[None, :]
-    m = m_t[:, None] & (o_d < D)[None, :]
-    b_o = tl.load(o + p, mask=m, other=0.).to(tl.float32)  # [BLOCK_T, BLOCK_D]
-    b_do = tl.load(do + p, mask=m, other=0.).to(tl.float32)
-    b_delta = tl.sum(b_o * b_do, 1)  # [BLOCK_T]
-    p_t = i_hq.to(tl.int64) * N + o_t
-    if HAS_DLSE:
-        b_delta -= tl.load(dlse + p_t, mask=m_t, other=0.).to(tl.float32)
-    b_lse = tl.load(lse + p_t, mask=m_t, other=0.)
-    tl.store(lse2 + p_t, tl.where(b_lse == float("-inf"), float("inf"), b_lse * _LOG2E), mask=m_t)
-    tl.store(delta + p_t, b_delta, mask=m_t)
 
 
 @triton.jit

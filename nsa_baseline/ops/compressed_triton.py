@@ -20,7 +20,8 @@ from nsa_baseline.checks import fail, require_kernel_device
 from nsa_baseline.contract import KERNEL_DTYPES, kernels_serve
 from nsa_baseline.ops.compressed import checked_compressed_args
 from nsa_baseline.ops.compressed_kernels import (compressed_bwd_dkdv_kernel, compressed_bwd_dq_kernel,
-                                                 compressed_bwd_preprocess_kernel, compressed_fwd_kernel)
+                                                 compressed_fwd_kernel)
+from nsa_baseline.utils.attention_bwd import softmax_bwd_preprocess
 from nsa_baseline.ops.flex import tensor_key
 from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, next_pow2
 from nsa_baseline.utils.varlen import token_sequence_ids
@@ -167,14 +168,7 @@ def compressed_fwd(q, k_cmp, v_cmp, meta: VarlenMeta, kernel_size: int, kernel_s
 
 def bwd_preprocess(o, do, lse, dlse):
     """(lse2, delta) float32 [HQ, N]: lse * log2e (+inf where -inf) and rowsum(o * do) - dlse."""
-    n, hq, d = o.shape
-    lse2, delta = torch.empty_like(lse), torch.empty_like(lse)
-    block_t = 32
-    compressed_bwd_preprocess_kernel[(triton.cdiv(n, block_t), hq)](
-        o, do, lse, dlse if dlse is not None else lse, lse2, delta, n,
-        HQ=hq, D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_T=block_t, HAS_DLSE=dlse is not None, num_warps=4,
-    )
-    return lse2, delta
+    return softmax_bwd_preprocess(o, do, lse, dlse)
 
 
 def _constexprs(q, k_cmp, meta: VarlenMeta, kernel_size: int, kernel_stride: int) -> dict:
