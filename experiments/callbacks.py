@@ -96,3 +96,39 @@ class SweepCallback(Callback):
         if counts["done"] or counts["skipped"]:  # jobs of this process (other launchers print per job)
             predicted = all(folder[2] for folder in self.folders)
             print(f"sweep: {progress.counts_line(predicted, counts)}", flush=True)
+
+
+class E2ECallback(Callback):
+    """The same for `python -m experiments.e2e`: check every job's config, refuse to start without CUDA
+    (unless plot_only), and write results.csv, speedups.csv and speedup.png at the end."""
+
+    def __init__(self) -> None:
+        self.folders: set = set()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import torch
+
+        from experiments.e2e import CPU_MESSAGE
+        from experiments.schema import validate_e2e
+
+        loader = GlobalHydra.instance().config_loader()
+        try:
+            checked = [validate_e2e(loader.load_sweep_config(config, p)) for p in probe_overrides(job_overrides(config))]
+        except ConfigError as exc:
+            raise SystemExit(f"Bad e2e config, nothing was run: {exc}") from None
+        if not all(c.plot_only for c in checked) and not torch.cuda.is_available():
+            raise SystemExit(CPU_MESSAGE)
+        self.folders = {store.sweep_dir(c.results_dir, c.name) for c in checked}
+        progress.start(len(job_overrides(config)))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from experiments import e2e_report
+        from experiments.e2e import UNIT
+
+        progress.close()
+        for folder in sorted(self.folders):
+            if folder.exists():
+                e2e_report.main(folder)
+        counts = progress.take_counts()
+        if counts["done"] or counts["skipped"]:
+            print(f"e2e: {progress.counts_line(False, counts, UNIT)}", flush=True)

@@ -59,7 +59,7 @@ def make_row(point: Point, kernel: str, pass_name: str, status: str, meta: dict,
     return {c: row[c] for c in COLUMNS}
 
 
-def row_key(row: dict) -> tuple:
+def row_key(row: dict, key_columns: tuple = KEY_COLUMNS) -> tuple:
     """Hashable identity of a row; numbers are normalised so CSV round trips compare equal."""
     return tuple(str(int(row[c])) if isinstance(row[c], float) and float(row[c]).is_integer() else str(row[c])
-                 for c in KEY_COLUMNS)
+                 for c in key_columns)

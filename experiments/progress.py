@@ -37,10 +37,10 @@ def count(skipped: int, done: int) -> None:
     _counts["done"] += done
 
 
-def counts_line(predicted: bool, counts: Optional[dict] = None) -> str:
+def counts_line(predicted: bool, counts: Optional[dict] = None, unit: str = "(kernel, pass)") -> str:
     c = _counts if counts is None else counts
     how = "predicted" if predicted else "measured"
-    line = f"{c['done']} (kernel, pass) points {how}, {c['skipped']} skipped (already recorded)"
+    line = f"{c['done']} {unit} points {how}, {c['skipped']} skipped (already recorded)"
     return line + ("; retry_failed=true / redo_before=<time> measure recorded ones again" if c["skipped"] else "")
 
 
@@ -52,9 +52,10 @@ def take_counts() -> dict:
 
 
 @contextlib.contextmanager
-def job(job_num: int, cfg):
-    """Label the bar with the running point; yields a callback for the (kernel, pass) step."""
-    label = Point.from_config(cfg).label()
+def job(job_num: int, cfg, label: Optional[str] = None):
+    """Label the bar with the running point (`label`, else the sweep point of `cfg`); yields a callback
+    for the (kernel, pass) step."""
+    label = label or Point.from_config(cfg).label()
     if _bar is not None:
         _bar.set_description_str(f"job {job_num}: {label}")
 

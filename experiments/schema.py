@@ -104,6 +104,71 @@ class PaperConfig:
     out_dir: str = "results/paper"
 
 
+E2E_BACKENDS = ("dense", "nsa", "fsa", "auto")
+E2E_STEPS = ("train", "prefill")
+E2E_PRESETS = {"all": ("dense", "nsa", "fsa")}
+
+
+@dataclass
+class E2EConfig:
+    """`python -m experiments.e2e` (configs/e2e/e2e.yaml): L decoder layers of a real model, one step."""
+
+    name: str = "e2e"  # rows go to <results_dir>/<name>/
+    results_dir: str = "results"
+    model: str = "llama3_8b"  # heads from configs/model/<model>.yaml, sizes from experiments/e2e_timing.SHAPES
+    seqlen: int = 65536  # N tokens of the one sequence
+    sparsity: str = "bs128_t8"  # (BS, T): a preset of configs/sparsity/
+    layers: int = 2  # decoder layers L (as many as fit; per-layer time = step / L)
+    backends: Any = "all"  # dense | nsa | fsa | auto, a list, or all (= dense, nsa, fsa)
+    steps: Any = "all"  # train (fwd + bwd + AdamW) | prefill (forward, no_grad), a list, or all
+    reps: int = 3  # timed calls per step after one warmup (median)
+    retry_failed: bool = False  # rerun points recorded as error / oom instead of skipping them
+    redo_before: Optional[str] = None  # measure again rows recorded before this ISO time (UTC)
+    plot_only: bool = False  # measure nothing: redraw results/<name>/ from its rows (works without CUDA)
+
+
+def sparsity_preset(name: str) -> SparsityConfig:
+    """configs/sparsity/<name>.yaml as a SparsityConfig; ConfigError for an unknown preset."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "sparsity"
+    known = sorted(p.stem for p in folder.glob("*.yaml"))
+    _one_of("sparsity", name, known)
+    preset = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SparsityConfig),
+                                                 OmegaConf.load(folder / f"{name}.yaml")))
+    _one_of(f"sparsity {name}: block_size", preset.block_size, BLOCK_SIZES)
+    return preset
+
+
+def validate_e2e(cfg: DictConfig | E2EConfig) -> E2EConfig:
+    """Return the config as an E2EConfig, or raise ConfigError naming the first bad value."""
+    from experiments.e2e_timing import SHAPES
+
+    if isinstance(cfg, DictConfig):
+        plain = OmegaConf.to_container(cfg, resolve=False)
+        plain.pop("hydra", None)
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(E2EConfig), plain))
+    _one_of("model", cfg.model, sorted(SHAPES))
+    for key in ("seqlen", "layers", "reps"):
+        _positive(key, getattr(cfg, key))
+    sparsity_preset(cfg.sparsity)
+    cfg.backends = _names("backends", cfg.backends, E2E_BACKENDS, E2E_PRESETS)
+    cfg.steps = _names("steps", cfg.steps, E2E_STEPS, {"all": E2E_STEPS})
+    _check_run_options(cfg)
+    return cfg
+
+
+def _check_run_options(cfg) -> None:
+    if cfg.redo_before is not None:
+        try:
+            utc_time(str(cfg.redo_before))
+        except ValueError:
+            raise ConfigError(f"redo_before={cfg.redo_before!r} must be an ISO date or time, "
+                              "e.g. 2026-11-23 or 2026-11-23T17:00") from None
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name={cfg.name!r} must be a non-empty folder name without '/'")
+
+
 def sweep_schema() -> DictConfig:
     """SweepConfig as Hydra sees it: the key `pass` instead of the field `passes`."""
     node = OmegaConf.structured(SweepConfig)
@@ -117,6 +182,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="sweep_schema", node=sweep_schema())
     cs.store(name="paper_schema", node=PaperConfig)
+    cs.store(name="e2e_schema", node=E2EConfig)
 
 
 def _names(key: str, value, allowed, presets) -> List[str]:
@@ -187,12 +253,5 @@ def validate(cfg: DictConfig | SweepConfig) -> SweepConfig:
             raise ConfigError(f"hardware.{key} must be positive")
     for key in ("warmup_ms", "rep_ms", "ref_rows"):
         _positive(f"timing.{key}", getattr(cfg.timing, key))
-    if cfg.redo_before is not None:
-        try:
-            utc_time(str(cfg.redo_before))
-        except ValueError:
-            raise ConfigError(f"redo_before={cfg.redo_before!r} must be an ISO date or time, "
-                              "e.g. 2026-11-23 or 2026-11-23T17:00") from None
-    if not cfg.name or "/" in cfg.name:
-        raise ConfigError(f"name={cfg.name!r} must be a non-empty folder name without '/'")
+    _check_run_options(cfg)
     return cfg

@@ -103,3 +103,25 @@ TABLE7_H200 = {
     (128, 8, 8, 131072): (0.17, 0.20, 0.97, 0.48, 0.58, 4.67),
     (128, 8, 8, 262144): (0.71, 0.75, 3.95, 1.52, 1.70, 18.78),
 }
+
+# End to end (H200 only: the GPU our e2e rows compare with), % speed-up of FSA = baseline / FSA - 1.
+# Figures 5 (training) and 6 (prefill) [fig-label]: (model, block_size, topk) ->
+# ((vs NSA 32K, vs NSA 64K), (vs FA 32K, vs FA 64K)); FA is Triton FlashAttention-2 (ours: SDPA).
+FIG5_H200 = {
+    ("llama3_8b", 64, 16): ((6, 10), (44, 135)), ("llama3_8b", 128, 8): ((20, 25), (48, 147)),
+    ("qwen3_14b", 64, 16): ((0, 5), (52, 132)), ("qwen3_14b", 128, 8): ((14, 16), (58, 140)),
+    ("qwen2_5_32b", 64, 16): ((0, 4), (39, 105)), ("qwen2_5_32b", 128, 8): ((10, 13), (42, 112)),
+}
+FIG6_H200 = {
+    ("llama3_8b", 64, 16): ((3, 0), (8, 42)), ("llama3_8b", 128, 8): ((20, 27), (15, 69)),
+    ("qwen3_14b", 64, 16): ((5, 2), (14, 41)), ("qwen3_14b", 128, 8): ((18, 16), (21, 51)),
+    ("qwen2_5_32b", 64, 16): ((0, 1), (9, 47)), ("qwen2_5_32b", 128, 8): ((28, 36), (13, 59)),
+}
+# Labels marked [?] in Figures 5-6: (figure, model, block_size, topk, series "nsa" | "fa", N).
+E2E_UNCERTAIN = {("fig5", "qwen3_14b", 64, 16, "nsa", 32768), ("fig5", "qwen2_5_32b", 64, 16, "nsa", 32768),
+                 ("fig6", "qwen2_5_32b", 64, 16, "nsa", 32768)}
+# Figure 10 [text]: attention time of the training step (128, 8), 32K-64K, FSA over NSA and over FA (max, mean).
+FIG10_ATTENTION = {"nsa": (1.4, 1.23), "fa": (3.87, 2.91)}
+# Tables 14-15 [text], H200, TP = 1: Llama3-8B end-to-end inference seconds (block_size, topk, N) -> (FSA, NSA).
+TABLE14_15_H200_TP1 = {(64, 16, 32768): (1.95, 1.97), (64, 16, 65536): (4.51, 4.61),
+                       (128, 8, 32768): (1.82, 2.37), (128, 8, 65536): (3.61, 4.62)}

@@ -1,0 +1,122 @@
+"""results/<name>/ of `python -m experiments.e2e`: results.csv (every row), speedups.csv (FSA over NSA
+and over dense per model, N, preset and step, beside the FSA paper's H200 numbers) and speedup.png.
+
+Paper columns (experiments/paper/numbers.py): train = Figure 5, prefill = Figure 6 (labels printed as
+% speed-up, here as ratios 1 + p / 100; its dense is Triton FlashAttention-2, ours SDPA), attention =
+Figure 10's text (max / mean of the attention time of training, (128, 8)), and Tables 14-15 (TP = 1,
+Llama3-8B inference seconds, NSA / FSA) beside prefill over NSA.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from experiments import e2e, store
+from experiments.paper import numbers
+
+SPEEDUPS_CSV = "speedups.csv"
+PLOT = "speedup.png"
+KINDS = ("train", "prefill", "attention")  # attention: layer 0's self_attn alone, training fwd+bwd
+
+
+def _paper(kind: str, model: str, bs: int, topk: int, n: int) -> dict:
+    out = {"paper_over_nsa": math.nan, "paper_over_dense": math.nan, "paper_note": ""}
+    if kind == "attention":
+        if (bs, topk) == (128, 8):
+            out.update(paper_note="Figure 10 text: over NSA max 1.4 / mean 1.23, over FA max 3.87 / mean 2.91")
+        return out
+    fig, table = ("fig5", numbers.FIG5_H200) if kind == "train" else ("fig6", numbers.FIG6_H200)
+    if (model, bs, topk) not in table or n not in (32768, 65536):
+        return out
+    i = 0 if n == 32768 else 1
+    nsa_pct, fa_pct = table[(model, bs, topk)][0][i], table[(model, bs, topk)][1][i]
+    notes = [f"{fig} H200"] + [f"{series} label uncertain" for series in ("nsa", "fa")
+                               if (fig, model, bs, topk, series, n) in numbers.E2E_UNCERTAIN]
+    tp1 = numbers.TABLE14_15_H200_TP1.get((bs, topk, n)) if kind == "prefill" and model == "llama3_8b" else None
+    if tp1:
+        notes.append(f"Tables 14-15 TP=1 NSA/FSA {tp1[1] / tp1[0]:.2f}")
+    out.update(paper_over_nsa=1 + nsa_pct / 100, paper_over_dense=1 + fa_pct / 100, paper_note="; ".join(notes))
+    return out
+
+
+def speedups(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (gpu, model, layers, seqlen, preset, kind) with an ok FSA row."""
+    ok = df[df["status"] == "ok"]
+    out = []
+    for _, r in ok[ok["backend"] == "fsa"].iterrows():
+        same = ok[(ok["gpu"] == r["gpu"]) & (ok["model"] == r["model"]) & (ok["layers"] == r["layers"])
+                  & (ok["seqlen"] == r["seqlen"])]
+        nsa = same[(same["backend"] == "nsa") & (same["block_size"] == r["block_size"]) & (same["topk"] == r["topk"])]
+        dense = same[same["backend"] == "dense"]
+        kinds = [(r["step"], "ms")] + ([("attention", "attn_ms")] if r["step"] == "train" else [])
+        for kind, col in kinds:
+            def ratio(rows):
+                rows = rows[rows["step"] == r["step"]]
+                return float(rows[col].iloc[0]) / float(r[col]) if len(rows) else math.nan
+
+            out.append(dict(gpu=r["gpu"], model=r["model"], layers=int(r["layers"]), seqlen=int(r["seqlen"]),
+                            block_size=int(r["block_size"]), topk=int(r["topk"]), kind=kind, fsa_ms=float(r[col]),
+                            fsa_over_nsa=ratio(nsa), fsa_over_dense=ratio(dense),
+                            **_paper(kind, r["model"], int(r["block_size"]), int(r["topk"]), int(r["seqlen"])),
+                            git_commit=r["git_commit"]))
+    cols = ["gpu", "model", "layers", "seqlen", "block_size", "topk", "kind", "fsa_ms", "fsa_over_nsa",
+            "fsa_over_dense", "paper_over_nsa", "paper_over_dense", "paper_note", "git_commit"]
+    return pd.DataFrame(out, columns=cols)
+
+
+def plot(sp: pd.DataFrame, path: Path) -> Path:
+    """Bars of our FSA speedups (over NSA, over dense) per model, N and preset, one row of panels per
+    kind (train step, prefill, attention alone), the paper's H200 values hatched beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in KINDS if (sp["kind"] == k).any()]
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(max(7.0, 1.1 * sp.groupby("kind").size().max() + 3),
+                                                      3.2 * len(kinds)), squeeze=False)
+    for row, kind in zip(axes, kinds):
+        part = sp[sp["kind"] == kind].sort_values(["model", "block_size", "seqlen", "gpu"])
+        names = [f"{m}\n({b},{t}) {n // 1024}K" for m, b, t, n in
+                 zip(part["model"], part["block_size"], part["topk"], part["seqlen"])]
+        x = range(len(part))
+        for ax, (ours, paper, what) in zip(row, (("fsa_over_nsa", "paper_over_nsa", "NSA"),
+                                                 ("fsa_over_dense", "paper_over_dense", "dense"))):
+            bars = ax.bar([i - 0.2 for i in x], part[ours].fillna(0), 0.4, label="ours")
+            ax.bar_label(bars, labels=[f"{v:.2f}" if v == v else "" for v in part[ours]], fontsize=7)
+            if part[paper].notna().any():
+                pb = ax.bar([i + 0.2 for i in x], part[paper].fillna(0), 0.4, hatch="//", fill=False,
+                            label="paper, H200" + (" (FA2)" if what == "dense" else ""))
+                ax.bar_label(pb, labels=[f"{v:.2f}" if v == v else "" for v in part[paper]], fontsize=7)
+            if kind == "attention":
+                series = "nsa" if what == "NSA" else "fa"
+                mx, mean = numbers.FIG10_ATTENTION[series]
+                ax.axhline(mean, ls="--", color="gray", lw=1, label=f"paper Fig. 10 mean {mean} (max {mx})")
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.set_xticks(list(x), names, fontsize=7)
+            ax.set_ylabel(f"{kind}: FSA over {what}")
+            ax.legend(fontsize=7)
+            ax.grid(axis="y", alpha=0.3)
+    gpus = ", ".join(sorted(set(sp["gpu"])))
+    commits = ", ".join(sorted(set(map(str, sp["git_commit"]))))
+    fig.suptitle(f"NSA in model layers, FSA speedup (above 1: FSA faster); ours on {gpus}, commit {commits}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(folder: Path) -> pd.DataFrame:
+    """Merge the rows of `folder`, write speedups.csv and speedup.png; returns the speedups."""
+    df = store.merge(folder, e2e.COLUMNS, e2e.KEY_COLUMNS, e2e.SORT)
+    sp = speedups(df)
+    if len(sp):
+        sp.to_csv(folder / SPEEDUPS_CSV, index=False, float_format="%.4g")
+        plot(sp, folder / PLOT)
+        print(f"e2e: wrote {folder / SPEEDUPS_CSV} and {folder / PLOT}", flush=True)
+    else:
+        print(f"e2e: no FSA rows with status ok in {folder}: nothing to plot", flush=True)
+    return sp
