@@ -145,6 +145,13 @@ def test_select_kernel_against_reference(g, case):
     o_ref, key = _reference_selection(q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, scale)
     assert_close(o_cmp, o_ref, torch.float32, "o_cmp")
     assert o_cmp[0].abs().max() == 0  # position 0 sees no summary
+    _assert_selection(idx, key, pos, bs, topk)
+
+
+def _assert_selection(idx, key, pos, bs, topk):
+    """idx [B, H, T] holds the top-T of the reference rank keys (forced first, -1 past the causal
+    blocks, scores equal up to rounding: exact ties may pick either block)."""
+    b, h = idx.shape[:2]
     for s in range(b):
         for hh in range(h):
             got = idx[s, hh]
@@ -160,6 +167,56 @@ def test_select_kernel_against_reference(g, case):
             torch.testing.assert_close(row[chosen].sort(descending=True).values, want, rtol=1e-5, atol=1e-7)
 
 
+SPLIT_POS = [0, 7, 50, 141, 255]  # no summary, one block (< S splits), 4 blocks, 9 and 16 blocks
+
+
+def _split_inputs(g, ks, st, seed=0):
+    torch.manual_seed(seed)
+    h, d = 1, 16
+    pos = torch.tensor(SPLIT_POS, dtype=torch.int32)
+    b, max_cmp = pos.numel(), (256 - ks) // st + 1
+    return pos, torch.randn(b, g * h, d), torch.randn(b, max_cmp, h, d), torch.randn(b, max_cmp, h, d)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_select_kernel_split_equals_one_program_and_reference(splits):
+    """FlashDecoding split of the summaries over S programs (forced; the interpreter's rule is S = 1):
+    the same o_cmp and the same blocks as S = 1 and the reference, from slots with no summary or fewer
+    blocks than splits (empty splits) to 16 blocks."""
+    ks, st, bs, topk, init, local = 8, 4, 16, 5, 1, 1
+    pos, q, k_cmp, v_cmp = _split_inputs(3, ks, st)
+    args = (q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, 0.25)
+    o1, idx1 = decode_compressed_select(*args, splits=1)
+    o_s, idx_s = decode_compressed_select(*args, splits=splits)
+    assert_close(o_s, o1, torch.float32, f"o_cmp, {splits} splits vs 1")
+    assert torch.equal(idx_s, idx1), (idx_s, idx1)
+    o_ref, key = _reference_selection(*args)
+    assert_close(o_s, o_ref, torch.float32, "o_cmp vs reference")
+    _assert_selection(idx_s, key, pos, bs, topk)
+
+
+@pytest.mark.parametrize("splits", [5])
+def test_select_kernel_split_boundary_block_wins_by_its_spill(splits):
+    """kernel_size 4 x stride: the last summary of a block gives 3/4 of its mass to the next block. A
+    peaked key there makes every split's FIRST block the top non-forced block, scored only by the
+    previous split's summaries: the spill must cross the split boundary."""
+    ks, st, bs, topk, init, local = 16, 4, 16, 4, 0, 1
+    pos, q, k_cmp, v_cmp = _split_inputs(2, ks, st, seed=1)
+    for b, p in enumerate(SPLIT_POS):
+        nblk = p // bs + 1
+        chunk = -(-nblk // splits)
+        for j in range(chunk, nblk, chunk):  # each split's first block j: peak at summary j * R - 1
+            k_cmp[b, j * (bs // st) - 1] = 4.0 * q[b].mean(dim=0)
+    args = (q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, 0.25)
+    o_s, idx_s = decode_compressed_select(*args, splits=splits)
+    o_ref, key = _reference_selection(*args)
+    assert_close(o_s, o_ref, torch.float32, "o_cmp vs reference")
+    _assert_selection(idx_s, key, pos, bs, topk)
+    nblk = SPLIT_POS[-1] // bs + 1
+    first = -(-nblk // splits)  # split 1's first block is among the chosen of the longest slot
+    assert first in idx_s[-1, 0].tolist(), idx_s[-1]
+
+
 def test_kernels_name_bad_arguments():
     q, kc = torch.randn(2, 4, 16), torch.randn(2, 5, 2, 16)
     pos = torch.tensor([3, 9], dtype=torch.int32)
@@ -169,6 +226,8 @@ def test_kernels_name_bad_arguments():
         decode_compressed_select(q, kc.double(), kc, pos, 8, 4, 16, 3, 1, 1, 0.25)
     with pytest.raises(ValueError, match="`block_size`"):
         decode_compressed_select(q, kc, kc, pos, 8, 4, 24, 3, 1, 1, 0.25)
+    with pytest.raises(ValueError, match="`splits`"):
+        decode_compressed_select(q, kc, kc, pos, 8, 4, 16, 3, 1, 1, 0.25, splits=0)
     k = torch.randn(2, 32, 2, 16)
     o_cmp, gates, idx = torch.zeros(2, 4, 16), torch.rand(2, 4, 3), torch.zeros(2, 2, 3, dtype=torch.int32)
     with pytest.raises(ValueError, match="`block_indices`"):
