@@ -3,7 +3,7 @@ every step of a multi-step decode equals the PyTorch cached path and the module'
 slots of different lengths (0 history -> the first token; summary, block and window boundaries
 crossed one token at a time), g = 1, 3, 5, 16, both compressions. The selection kernel alone against
 the reference mapping + top-T (sets equal up to exact ties, forced blocks present, -1 past the causal
-blocks), bad calls, and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
+blocks), its FlashDecoding split forced to S = 2, 3, 5, bad calls, and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
 import copy
 
 import pytest
@@ -13,6 +13,7 @@ from nsa_baseline.inference.cached_attention import gathered_attention
 from nsa_baseline.inference.decode import decode_step
 from nsa_baseline.inference.step import forward_with_cache
 from nsa_baseline.module import NativeSparseAttention
+from nsa_baseline.ops.decode_append import decode_append
 from nsa_baseline.ops.decode_attend import decode_selected_window
 from nsa_baseline.ops.decode_select import decode_compressed_select
 from nsa_baseline.reference.compressed import summaries_to_blocks
@@ -236,6 +237,15 @@ def test_kernels_name_bad_arguments():
         decode_selected_window(q, k, k, pos, idx, o_cmp.half(), gates, 16, 12, 0.25)
     with pytest.raises(ValueError, match="`window_size`"):
         decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 0, 0.25)
+    kn, kc = torch.randn(2, 2, 16), torch.zeros(2, 7, 2, 16)
+    before = k.clone()
+    with pytest.raises(ValueError, match="`lengths`"):
+        decode_append(kn, kn, k, k, kc, kc, pos.long(), 8, 4)
+    with pytest.raises(ValueError, match="`k_new`"):
+        decode_append(kn[:, :1], kn, k, k, kc, kc, pos, 8, 4)
+    with pytest.raises(ValueError, match="`v_weight`"):
+        decode_append(kn, kn, k, k, kc, kc, pos, 8, 4, k_weight=torch.zeros(128, 16), k_pos=torch.zeros(8, 16))
+    assert torch.equal(k, before) and pos.tolist() == [3, 9]  # nothing written
 
 
 # ---- GPU: bf16 at realistic sizes, CUDA-graph replay ----
