@@ -1,10 +1,10 @@
 """The decode step (exactly one new token in every slot) on the kernels, with no host read.
 
     q, k, v, gates of the B new tokens, RoPE at positions = cache.lengths (device) ->
-    write k, v at row lengths[b] of every slot -> the summary each slot completes, computed for all
-    slots and written masked (torch.where: no data-dependent shape) ->
-    decode_compressed_select (o_cmp, block indices) -> decode_selected_window (gated output) ->
-    lengths += 1 on the device -> output projection.
+    decode_append (one kernel: k, v at row lengths[b] of every slot, the summary a slot completes,
+    lengths += 1, the positions) -> decode_compressed_select (o_cmp, block indices; split over
+    several programs per (slot, KV head) when the GPU would idle) -> decode_selected_window (gated
+    output) -> output projection.
 Checks use the host mirror of the lengths, which the caller advances arithmetically (+1 per step),
 never by reading the device: so the step captures in a CUDA graph (graph.py). Served for the
 kernel backends where the kernels serve the tensors (`decode_serves`); step.py takes it for any call
@@ -17,7 +17,7 @@ import torch
 from nsa_baseline.contract import BLOCK_SIZES, kernels_serve
 from nsa_baseline.inference.cache import NSACache
 from nsa_baseline.inference.plan import check_decode_call
-from nsa_baseline.ops.compression import compress_spans
+from nsa_baseline.ops.decode_append import decode_append
 from nsa_baseline.ops.decode_attend import decode_selected_window
 from nsa_baseline.ops.decode_select import decode_compressed_select
 from nsa_baseline.reference.rope import apply_rope
@@ -32,47 +32,25 @@ def decode_serves(module, cache: NSACache) -> bool:
             and kernels_serve(cache.k, module.q_proj.weight))
 
 
-def _update_summaries(module, cache: NSACache, new_len: torch.Tensor) -> None:
-    """Slot b completes summary i = (n - kernel_size) / stride when its new length n satisfies
-    n >= kernel_size and (n - kernel_size) % stride == 0: compressed for every slot (a clamped span
-    for the others) and written only where due."""
-    if cache.max_cmp == 0:
-        return
-    ks, st = module.kernel_size, module.kernel_stride
-    start = new_len - ks  # int64 [B]
-    due = (start >= 0) & (start % st == 0)
-    index = (start // st).clamp(0, cache.max_cmp - 1)
-    slots = torch.arange(cache.batch_size, device=cache.device)
-    rows = (start[:, None] + torch.arange(ks, device=cache.device)).clamp(0, cache.max_seqlen - 1)  # [B, ks]
-    for src, dst, name in ((cache.k, cache.k_cmp, "k"), (cache.v, cache.v_cmp, "v")):
-        if module.compression == "linear":
-            w, pe = getattr(module, f"{name}_cmp_weight"), getattr(module, f"{name}_cmp_pos")
-            summary = compress_spans(src[slots[:, None], rows], w, pe)  # [B, H, D]
-        else:
-            summary = compress_spans(src[slots[:, None], rows])
-        dst[slots, index] = torch.where(due[:, None, None], summary, dst[slots, index])
-
-
 @torch.no_grad()
 def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
                      cache: NSACache) -> torch.Tensor:
     """NSA's attention of one new token per slot between the projections (what replaces dense decode):
     q [B, HQ, D], k, v [B, H, D] after RoPE at positions cache.lengths, gates [B, HQ, 3]. Appends k, v
     and any completed summary, moves the device lengths by one, returns o [B, HQ, D] in q.dtype."""
-    b = q.shape[0]
-    pos32 = cache.lengths.clone()  # positions of the new tokens (lengths moves at the end)
-    pos = pos32.long()
-    slots = torch.arange(b, device=q.device)
-    cache.k[slots, pos] = k
-    cache.v[slots, pos] = v
-    _update_summaries(module, cache, pos + 1)
+    w = {}
+    if module.compression == "linear":
+        w = dict(k_weight=module.k_cmp_weight, k_pos=module.k_cmp_pos, v_weight=module.v_cmp_weight,
+                 v_pos=module.v_cmp_pos)
+    # one launch: k, v at row lengths[b], the summary each slot completes, lengths += 1 (pos: before)
+    pos32 = decode_append(k, v, cache.k, cache.v, cache.k_cmp, cache.v_cmp, cache.lengths, module.kernel_size,
+                          module.kernel_stride, **w)
     scale = module.head_dim ** -0.5
     o_cmp, idx = decode_compressed_select(q, cache.k_cmp, cache.v_cmp, pos32, module.kernel_size,
                                           module.kernel_stride, module.block_size, module.topk,
                                           module.init_blocks, module.local_blocks, scale)
     o = decode_selected_window(q, cache.k, cache.v, pos32, idx, o_cmp, gates.contiguous(), module.block_size,
                                module.window_size, scale)
-    cache.lengths.add_(1)
     return o
 
 

@@ -4,22 +4,45 @@ Grid (B, H): one program per (slot, KV head); the tile's rows are the G query he
 (decode_tiles.py). Pass 1 over the slot's visible summaries: online softmax -> o_cmp [G, D] and lse.
 Pass 2 over the same summaries: p = exp(s - lse) summed over the G heads, mapped to selection blocks
 and merged into the running top-T set by the fused selection kernel's helpers (one token per tile:
-same mapping, same rank, forced blocks first, -1 for empty slots). Reads the cache in place:
+same mapping, same rank, forced blocks first, -1 for empty slots). When slots x KV heads leave SMs
+idle, the summaries of a (slot, KV head) are split over S programs instead (decode_split.py,
+FlashDecoding style; S from decode_splits). Reads the cache in place:
 k_cmp, v_cmp [B, max_cmp, H, D]; summary i of slot b is visible to the token at position t iff
 i * stride + kernel_size - 1 <= t.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from nsa_baseline.checks import fail
+from nsa_baseline.ops.decode_split import split_compressed_select
 from nsa_baseline.ops.decode_tiles import _finish, _online_update, group_pad, head_pad
 from nsa_baseline.ops.selection_kernel import _merge_bitonic, _pack_desc, _scores_tile, _store_sorted
 from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, next_pow2
 
 SUMMARIES_PER_TILE = 64  # BJ * R summaries per tile (at least T_PAD blocks: the bitonic merge needs a full tile)
+PROGRAMS_PER_SM = 2  # the split rule fills the GPU with about this many programs per SM
+MAX_SPLITS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def decode_splits(batch: int, heads: int, max_cmp: int, device: torch.device) -> int:
+    """Programs per (slot, KV head) for decode_compressed_select: enough for about PROGRAMS_PER_SM per
+    SM, at most one per SUMMARIES_PER_TILE summaries of a full cache (and MAX_SPLITS); 1 off CUDA (the
+    interpreter) and when batch x heads fills the GPU already. Static for a cache (CUDA graphs)."""
+    if device.type != "cuda" or is_interpreter():
+        return 1
+    want = -(-PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+             // max(1, batch * heads))
+    return max(1, min(want, -(-max_cmp // SUMMARIES_PER_TILE), MAX_SPLITS))
 
 
 @triton.jit
@@ -116,19 +139,22 @@ def _check(q, k_cmp, v_cmp, pos, kernel_size, kernel_stride, block_size, topk):
 
 def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, pos: torch.Tensor,
                              kernel_size: int, kernel_stride: int, block_size: int, topk: int,
-                             init_blocks: int, local_blocks: int, scale: float):
+                             init_blocks: int, local_blocks: int, scale: float, splits: int | None = None):
     r"""Compressed attention and top-T block selection of one new token per slot.
 
     Args:
         q: [B, HQ, D] the new tokens' queries (after RoPE); k_cmp, v_cmp: [B, max_cmp, H, D] the
             cache's summaries (already holding any summary the new token completes);
-        pos: int32 [B] each new token's position (the slot's length before it).
+        pos: int32 [B] each new token's position (the slot's length before it);
+        splits: programs per (slot, KV head) (None: decode_splits' rule; tests force > 1 anywhere).
     Returns:
         o_cmp float32 [B, HQ, D] (0 for a token that sees no summary) and block_indices int32 [B, H, T]:
         forced blocks (the first init_blocks, the local_blocks ending at the token's block) first,
         then by decreasing score, -1 for empty slots.
     """
     _check(q, k_cmp, v_cmp, pos, kernel_size, kernel_stride, block_size, topk)
+    if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1):
+        fail("splits", f"must be None or an int >= 1, got {splits!r}")
     b, hq, d = q.shape
     max_cmp, h = k_cmp.shape[1], k_cmp.shape[2]
     g = hq // h
@@ -140,6 +166,15 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
     if max_cmp == 0:  # a cache too short for any summary: keep valid pointers, nothing is visible
         k_cmp = v_cmp = q.new_zeros(b, 1, h, d)
         max_cmp = 1
+    if splits is None:
+        splits = decode_splits(b, h, k_cmp.shape[1], q.device)
+    if splits > 1:
+        split_compressed_select(q.contiguous(), k_cmp, v_cmp, pos, o_cmp, idx, splits=splits, max_cmp=max_cmp,
+                                qk_scale=scale * LOG2E, g=g, g_pad=group_pad(g), block_d=head_pad(d), bj=bj, r=r,
+                                c=c, kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size,
+                                topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
+                                ieee=q.dtype == torch.float32, while_loop=is_interpreter())
+        return o_cmp, idx
     _decode_select_kernel[(b, h)](
         q.contiguous(), k_cmp, v_cmp, pos, o_cmp, idx, max_cmp, scale * LOG2E,
         HQ=hq, H=h, G=g, G_PAD=group_pad(g), D=d, BLOCK_D=head_pad(d), BJ=bj, R=r, C=c, KS=kernel_size,

@@ -136,21 +136,25 @@ def _pack_desc(vals, ids):
 
 
 @triton.jit
-def _merge_bitonic(keys, b_sc, j0, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                   BJ: tl.constexpr, T_PAD: tl.constexpr):
-    """Merge the candidates of blocks [j0, j0 + BJ) into each row's set `keys` ([BLOCK_Q, T_PAD]
-    packed by _pack_desc, sorted descending) with a fixed sorting network instead of per-candidate
-    insertion: the candidates' best T_PAD ascending against the set descending, the elementwise
-    maximum holds the union's top T_PAD as a bitonic sequence, one bitonic merge sorts it. Skipped
-    when no row has a candidate above its set's lowest entry. Same rank as _merge_top."""
+def _rank_packed(b_sc, o_b, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Packed rank keys (_pack_desc) of blocks o_b [BJ] with scores b_sc [BLOCK_Q, BJ]: forced blocks
+    (the first INIT, the LOCAL ending at the row's block cur_t) +inf, other causal blocks their score
+    (NaN -> lowest finite), later blocks and rows outside in_t -inf. Same rank as _merge_top."""
     FMAX: tl.constexpr = 3.4028234663852886e38
-    o_j = tl.arange(0, BJ)
-    o_b = j0 + o_j
     causal = in_t[:, None] & (o_b[None, :] <= cur_t[:, None])
     forced = causal & ((o_b[None, :] < INIT) | (o_b[None, :] > cur_t[:, None] - LOCAL))
     cand = tl.where(b_sc != b_sc, -FMAX, tl.minimum(tl.maximum(b_sc, -FMAX), FMAX))
     cand = tl.where(forced, float("inf"), tl.where(causal, cand, float("-inf")))
-    cand_p = _pack_desc(cand, o_b[None, :] + tl.zeros_like(cand).to(tl.int32))
+    return _pack_desc(cand, o_b[None, :] + tl.zeros_like(cand).to(tl.int32))
+
+
+@triton.jit
+def _merge_packed(keys, cand_p, BJ: tl.constexpr, T_PAD: tl.constexpr):
+    """Merge candidate keys cand_p [BLOCK_Q, BJ] into each row's set `keys` ([BLOCK_Q, T_PAD], sorted
+    descending) with a fixed sorting network instead of per-candidate insertion: the candidates' best
+    T_PAD ascending against the set descending, the elementwise maximum holds the union's top T_PAD as
+    a bitonic sequence, one bitonic merge sorts it. Skipped when no row has a candidate above its
+    set's lowest entry."""
     beats = tl.max(cand_p, axis=1) > tl.min(keys, axis=1)
     if tl.max(beats.to(tl.int32), axis=0) > 0:
         if BJ == T_PAD:
@@ -159,6 +163,15 @@ def _merge_bitonic(keys, b_sc, j0, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.co
             low_first = tl.flip(tl.topk(cand_p, T_PAD, dim=1), 1)
         keys = tl.bitonic_merge(tl.maximum(keys, low_first), 1, True)
     return keys
+
+
+@triton.jit
+def _merge_bitonic(keys, b_sc, j0, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.constexpr,
+                   BJ: tl.constexpr, T_PAD: tl.constexpr):
+    """Merge the candidates of blocks [j0, j0 + BJ) (scores b_sc) into each row's sorted set `keys`
+    (_rank_packed then _merge_packed). Same rank as _merge_top."""
+    cand_p = _rank_packed(b_sc, j0 + tl.arange(0, BJ), cur_t, in_t, INIT, LOCAL)
+    return _merge_packed(keys, cand_p, BJ, T_PAD)
 
 
 @triton.jit

@@ -3,7 +3,7 @@ every step of a multi-step decode equals the PyTorch cached path and the module'
 slots of different lengths (0 history -> the first token; summary, block and window boundaries
 crossed one token at a time), g = 1, 3, 5, 16, both compressions. The selection kernel alone against
 the reference mapping + top-T (sets equal up to exact ties, forced blocks present, -1 past the causal
-blocks), bad calls, and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
+blocks), its FlashDecoding split forced to S = 2, 3, 5, bad calls, and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
 import copy
 
 import pytest
@@ -13,6 +13,7 @@ from nsa_baseline.inference.cached_attention import gathered_attention
 from nsa_baseline.inference.decode import decode_step
 from nsa_baseline.inference.step import forward_with_cache
 from nsa_baseline.module import NativeSparseAttention
+from nsa_baseline.ops.decode_append import decode_append
 from nsa_baseline.ops.decode_attend import decode_selected_window
 from nsa_baseline.ops.decode_select import decode_compressed_select
 from nsa_baseline.reference.compressed import summaries_to_blocks
@@ -145,6 +146,13 @@ def test_select_kernel_against_reference(g, case):
     o_ref, key = _reference_selection(q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, scale)
     assert_close(o_cmp, o_ref, torch.float32, "o_cmp")
     assert o_cmp[0].abs().max() == 0  # position 0 sees no summary
+    _assert_selection(idx, key, pos, bs, topk)
+
+
+def _assert_selection(idx, key, pos, bs, topk, rtol=1e-5):
+    """idx [B, H, T] holds the top-T of the reference rank keys (forced first, -1 past the causal
+    blocks, scores equal up to rounding: exact ties may pick either block)."""
+    b, h = idx.shape[:2]
     for s in range(b):
         for hh in range(h):
             got = idx[s, hh]
@@ -157,7 +165,57 @@ def test_select_kernel_against_reference(g, case):
             forced = torch.nonzero(row == float("inf")).flatten()
             assert set(forced.tolist()) <= set(chosen.tolist()), "forced blocks missing"
             want = row.topk(n_sel).values
-            torch.testing.assert_close(row[chosen].sort(descending=True).values, want, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(row[chosen].sort(descending=True).values, want, rtol=rtol, atol=1e-7)
+
+
+SPLIT_POS = [0, 7, 50, 141, 255]  # no summary, one block (< S splits), 4 blocks, 9 and 16 blocks
+
+
+def _split_inputs(g, ks, st, seed=0):
+    torch.manual_seed(seed)
+    h, d = 1, 16
+    pos = torch.tensor(SPLIT_POS, dtype=torch.int32)
+    b, max_cmp = pos.numel(), (256 - ks) // st + 1
+    return pos, torch.randn(b, g * h, d), torch.randn(b, max_cmp, h, d), torch.randn(b, max_cmp, h, d)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_select_kernel_split_equals_one_program_and_reference(splits):
+    """FlashDecoding split of the summaries over S programs (forced; the interpreter's rule is S = 1):
+    the same o_cmp and the same blocks as S = 1 and the reference, from slots with no summary or fewer
+    blocks than splits (empty splits) to 16 blocks."""
+    ks, st, bs, topk, init, local = 8, 4, 16, 5, 1, 1
+    pos, q, k_cmp, v_cmp = _split_inputs(3, ks, st)
+    args = (q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, 0.25)
+    o1, idx1 = decode_compressed_select(*args, splits=1)
+    o_s, idx_s = decode_compressed_select(*args, splits=splits)
+    assert_close(o_s, o1, torch.float32, f"o_cmp, {splits} splits vs 1")
+    assert torch.equal(idx_s, idx1), (idx_s, idx1)
+    o_ref, key = _reference_selection(*args)
+    assert_close(o_s, o_ref, torch.float32, "o_cmp vs reference")
+    _assert_selection(idx_s, key, pos, bs, topk)
+
+
+@pytest.mark.parametrize("splits", [5])
+def test_select_kernel_split_boundary_block_wins_by_its_spill(splits):
+    """kernel_size 4 x stride: the last summary of a block gives 3/4 of its mass to the next block. A
+    peaked key there makes every split's FIRST block the top non-forced block, scored only by the
+    previous split's summaries: the spill must cross the split boundary."""
+    ks, st, bs, topk, init, local = 16, 4, 16, 4, 0, 1
+    pos, q, k_cmp, v_cmp = _split_inputs(2, ks, st, seed=1)
+    for b, p in enumerate(SPLIT_POS):
+        nblk = p // bs + 1
+        chunk = -(-nblk // splits)
+        for j in range(chunk, nblk, chunk):  # each split's first block j: peak at summary j * R - 1
+            k_cmp[b, j * (bs // st) - 1] = 4.0 * q[b].mean(dim=0)
+    args = (q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, 0.25)
+    o_s, idx_s = decode_compressed_select(*args, splits=splits)
+    o_ref, key = _reference_selection(*args)
+    assert_close(o_s, o_ref, torch.float32, "o_cmp vs reference")
+    _assert_selection(idx_s, key, pos, bs, topk)
+    nblk = SPLIT_POS[-1] // bs + 1
+    first = -(-nblk // splits)  # split 1's first block is among the chosen of the longest slot
+    assert first in idx_s[-1, 0].tolist(), idx_s[-1]
 
 
 def test_kernels_name_bad_arguments():
@@ -169,6 +227,8 @@ def test_kernels_name_bad_arguments():
         decode_compressed_select(q, kc.double(), kc, pos, 8, 4, 16, 3, 1, 1, 0.25)
     with pytest.raises(ValueError, match="`block_size`"):
         decode_compressed_select(q, kc, kc, pos, 8, 4, 24, 3, 1, 1, 0.25)
+    with pytest.raises(ValueError, match="`splits`"):
+        decode_compressed_select(q, kc, kc, pos, 8, 4, 16, 3, 1, 1, 0.25, splits=0)
     k = torch.randn(2, 32, 2, 16)
     o_cmp, gates, idx = torch.zeros(2, 4, 16), torch.rand(2, 4, 3), torch.zeros(2, 2, 3, dtype=torch.int32)
     with pytest.raises(ValueError, match="`block_indices`"):
@@ -177,6 +237,15 @@ def test_kernels_name_bad_arguments():
         decode_selected_window(q, k, k, pos, idx, o_cmp.half(), gates, 16, 12, 0.25)
     with pytest.raises(ValueError, match="`window_size`"):
         decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 0, 0.25)
+    kn, kc = torch.randn(2, 2, 16), torch.zeros(2, 7, 2, 16)
+    before = k.clone()
+    with pytest.raises(ValueError, match="`lengths`"):
+        decode_append(kn, kn, k, k, kc, kc, pos.long(), 8, 4)
+    with pytest.raises(ValueError, match="`k_new`"):
+        decode_append(kn[:, :1], kn, k, k, kc, kc, pos, 8, 4)
+    with pytest.raises(ValueError, match="`v_weight`"):
+        decode_append(kn, kn, k, k, kc, kc, pos, 8, 4, k_weight=torch.zeros(128, 16), k_pos=torch.zeros(8, 16))
+    assert torch.equal(k, before) and pos.tolist() == [3, 9]  # nothing written
 
 
 # ---- GPU: bf16 at realistic sizes, CUDA-graph replay ----
@@ -223,3 +292,24 @@ def test_gpu_graph_replay_equals_eager():
     for name, t in eager.tensors().items():
         assert_close(graphed.tensors()[name].double(), t.double(), torch.bfloat16, name, tol=1e-3)
     assert graphed.host_lengths == tuple(n + 20 for n in lens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 7])
+def test_gpu_select_split_equals_one_program(splits):
+    """bf16, Llama-like heads over an 8K cache: the split path (the SM rule's S, or 7) gives the S = 1
+    o_cmp and blocks whose reference scores are the top ones (positions 0 .. 8191, uneven splits)."""
+    ks, st, bs, topk, init, local, h, g, d = 32, 16, 64, 16, 1, 2, 8, 4, 128
+    torch.manual_seed(0)
+    pos = torch.tensor([0, 700, 4133, 8191], dtype=torch.int32, device="cuda")
+    max_cmp = (8192 - ks) // st + 1
+    q = torch.randn(4, g * h, d, device="cuda", dtype=torch.bfloat16)
+    k_cmp, v_cmp = (torch.randn(4, max_cmp, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    args = (q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, d ** -0.5)
+    o1, idx1 = decode_compressed_select(*args, splits=1)
+    o_s, idx_s = decode_compressed_select(*args, splits=splits)
+    assert_close(o_s, o1, torch.bfloat16, "o_cmp split vs 1", tol=1e-3)
+    _, key = _reference_selection(*(a.cpu().float() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                    else a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    _assert_selection(idx_s.cpu(), key, pos.cpu(), bs, topk, rtol=1e-4)
+    assert (idx_s == idx1).float().mean() > 0.95  # same sets up to near-ties of bf16 rounding
