@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 PRESET_GROUPS = ("sweep", "paper", "model")  # config groups that define a sweep (and its name)
 GRID_KEYS = ("gqa", "seqlen", "sparsity")  # plot coordinates: rows of different values never collide
+DECODE_GRID_KEYS = GRID_KEYS + ("batch",)  # scope=decode / generate: the batch is a grid axis too
 NOT_CONFIG = ("name", "results_dir", "kernels", "pass", "passes", "measure", "retry_failed", "redo_before",
               "breakdown", "seed", "timing")
 
@@ -49,9 +50,10 @@ def folder_name(settings: dict, base: dict, predicted: bool) -> str:
     """<name>_<key>-<value>... for every setting of `settings` that differs from `base` (the preset's
     composition) and is part of the configuration (not a grid axis, not a run option)."""
     parts = [str(settings["name"])]
+    grid = DECODE_GRID_KEYS if settings.get("scope") in ("decode", "generate") else GRID_KEYS
     for key, value in settings.items():
         top = key.split(".")[0]
-        if top in GRID_KEYS or top in NOT_CONFIG or base.get(key) == value:
+        if top in grid or top in NOT_CONFIG or base.get(key) == value:
             continue
         if key == "kv_heads" and settings.get("q_heads") is not None:
             continue  # derived: kv_heads = q_heads / gqa

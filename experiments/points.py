@@ -9,7 +9,7 @@ from experiments.schema import SweepConfig
 AXES = ("kernel", "pass", "scope", "gqa", "q_heads", "kv_heads", "head_dim", "seqlen", "batch",
         "block_size", "topk", "dtype", "indices")
 MEASURES = ("median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "peak_extra_mem_gb", "rel_err",
-            "model_gflop", "model_gbyte")
+            "model_gflop", "model_gbyte", "ttft_ms", "per_token_ms")  # the last two: scope=generate only
 PROVENANCE = ("status", "message", "gpu", "torch", "triton", "git_commit", "timestamp")
 COLUMNS = AXES + MEASURES + PROVENANCE
 KEY_COLUMNS = AXES + ("gpu",)  # the same point on another GPU (or predicted) is another row

@@ -106,6 +106,11 @@ def write_report(df: pd.DataFrame, folder: Path) -> list[Path]:
     """results.csv's plots (one set per configuration the folder holds: plots.configurations, file
     names suffixed by the settings that differ) and summary.md."""
     folder.mkdir(parents=True, exist_ok=True)
+    from experiments import decode_report
+
+    if decode_report.is_decode_folder(df):  # scope=decode / generate: a table, no prefill plots
+        (folder / "summary.md").write_text(decode_report.summary_markdown(df, markdown_table))
+        return [folder / "results.csv", folder / "summary.md"]
     rows, predicted = plots.plotted_rows(df)
     written = [folder / "results.csv"]
     configs = plots.configurations(rows) if len(rows) else []

@@ -2,10 +2,8 @@
 the cost model, each failure recorded as a row (error / oom / unsupported) so the sweep goes on."""
 from __future__ import annotations
 
-import datetime
 import functools
 import os
-import gc
 import math
 import subprocess
 from dataclasses import replace
@@ -18,10 +16,10 @@ from experiments import accuracy, calibration, costs, progress, store, timed_cal
 from experiments import cost_model as cm
 from experiments.inputs import make_inputs
 from experiments.points import Point, make_row, row_key
-from experiments.schema import SweepConfig
+from experiments.rowtools import MESSAGE_CHARS, describe, free_memory, is_oom, now  # noqa: F401 (re-exported)
+from experiments.schema import DECODE_SCOPES, SweepConfig
 
 CPU_MESSAGE = "timings need CUDA; writing the analytic cost model only"
-MESSAGE_CHARS = 300
 
 
 def measuring(cfg: SweepConfig) -> bool:
@@ -55,25 +53,6 @@ def environment(cfg: SweepConfig, device: torch.device) -> dict:
     else:
         gpu = "cpu"
     return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "git_commit": git_commit()}
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
-    return text[:MESSAGE_CHARS]
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def predicted_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], meta: dict) -> list[dict]:
@@ -220,7 +199,12 @@ def run_job(cfg: SweepConfig, device: Optional[torch.device] = None,
     progress.count(skipped=len(cfg.kernels) * len(cfg.passes) - len(todo), done=len(todo))
     if not todo:
         return []
-    if measuring(cfg):
+    if point.scope in DECODE_SCOPES:  # decode / generate: experiments/decode_jobs.py
+        from experiments import decode_jobs
+
+        rows = (decode_jobs.measured_rows(cfg, point, todo, meta, device, on_step) if measuring(cfg)
+                else decode_jobs.predicted_rows(cfg, point, todo, meta))
+    elif measuring(cfg):
         rows = measured_rows(cfg, point, todo, meta, device, on_step)
     else:
         rows = predicted_rows(cfg, point, todo, meta)

@@ -20,7 +20,11 @@ PASSES = ("fwd", "bwd", "fwd+bwd")
 KERNEL_PRESETS = {"all": KERNELS, "sparse": ("nsa", "fsa", "auto")}
 PASS_PRESETS = {"all": PASSES}
 DTYPES = ("bfloat16", "float16", "float32")
-SCOPES = ("selected", "module")
+SCOPES = ("selected", "module", "decode", "generate")
+# scope=decode: one decode step over a cache of `seqlen` tokens for `batch` sequences; scope=generate:
+# prefill `seqlen` tokens then `decode_steps` steps. Their "passes" say how our steps (and dense's) run.
+DECODE_SCOPES = ("decode", "generate")
+DECODE_PASSES = ("eager", "graph")
 INDEX_SOURCES = ("nsa", "random")
 MEASURE_MODES = ("auto", "time", "predict")
 
@@ -86,6 +90,7 @@ class SweepConfig:
     # ISO date or time (UTC unless it says otherwise): measure again points recorded before it, e.g.
     # after a kernel change; resumable, since rows recorded by the refresh itself are kept
     redo_before: Optional[str] = None
+    decode_steps: int = 512  # scope=generate: tokens generated after the prefill
     breakdown: bool = True  # scope=module: also time each branch alone (rows module/<branch>, breakdown.png)
     seed: int = 0
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
@@ -94,7 +99,7 @@ class SweepConfig:
     timing: TimingConfig = field(default_factory=TimingConfig)
 
 
-PAPER_FIGURES = ("fig2", "fig3", "fig4", "fig7", "fig8", "table5", "tables67")
+PAPER_FIGURES = ("fig2", "fig3", "fig4", "fig7", "fig8", "table5", "tables67", "tables89", "table10", "nsa_table4")
 
 
 @dataclass
@@ -241,7 +246,11 @@ def validate(cfg: DictConfig | SweepConfig) -> SweepConfig:
     _one_of("sparsity.block_size", cfg.sparsity.block_size, BLOCK_SIZES)
     _positive("sparsity.topk", cfg.sparsity.topk)
     cfg.kernels = _names("kernels", cfg.kernels, KERNELS, KERNEL_PRESETS)
-    cfg.passes = _names("pass", cfg.passes, PASSES, PASS_PRESETS)
+    if cfg.scope in DECODE_SCOPES:
+        cfg.passes = _names("pass", cfg.passes, DECODE_PASSES, {"all": DECODE_PASSES})
+        _positive("decode_steps", cfg.decode_steps)
+    else:
+        cfg.passes = _names("pass", cfg.passes, PASSES, PASS_PRESETS)
     for key in ("kernel_size", "kernel_stride", "window_size", "local_blocks"):
         _positive(f"selection.{key}", getattr(cfg.selection, key))
     if cfg.selection.init_blocks < 0:

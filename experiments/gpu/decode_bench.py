@@ -27,6 +27,9 @@ import time
 
 import torch
 
+from experiments import decode_timing as timing
+from experiments.decode_costs import decode_bytes, nsa_tokens
+from experiments.decode_timing import fill_cache, graphed, sdpa_choice
 from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_meta, write_rows
 
 HQ, H, D, HIDDEN = 32, 8, 128, 4096
@@ -36,54 +39,16 @@ START = time.time()
 
 
 def bench(fn) -> float:
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph (after two eager warm-up calls on a side stream) -> its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
-def fill_cache(module, b: int, length: int):
-    cache = module.new_cache(b, length)
-    for t in (cache.k, cache.v, cache.k_cmp, cache.v_cmp):
-        t.normal_()
-    cache.set_lengths([length - 1] * b)
-    return cache
+    return timing.bench(fn)[1]
 
 
 def bytes_ours(b: int, length: int) -> int:
-    from nsa_baseline.utils.compressed_varlen import num_compressed
-
     ks, st, bs, t, w = (PRESET[k] for k in ("kernel_size", "kernel_stride", "block_size", "topk", "window_size"))
-    n_cmp = int(num_compressed(torch.tensor(length), ks, st))
-    keys = min(t * bs, length) + min(w, length) + n_cmp
-    return b * H * keys * D * 2 * 2 + 2 * b * HQ * D * 2
+    return decode_bytes(length, b, HQ, H, D, 2, nsa_tokens(length, ks, st, bs, t, w).total)
 
 
 def bytes_dense(b: int, length: int) -> int:
-    return b * H * length * D * 2 * 2 + 2 * b * HQ * D * 2
-
-
-def sdpa_choice(q, k, v) -> str:
-    """The fused backend torch would pick for these inputs ('' when torch does not say)."""
-    try:
-        from torch.nn.attention import SDPBackend
-
-        return SDPBackend(torch._fused_sdp_choice(q, k, v, enable_gqa=True)).name
-    except Exception:  # a private API: report nothing rather than fail the run
-        return ""
+    return decode_bytes(length, b, HQ, H, D, 2, length)
 
 
 def time_point(rows, b: int, length: int, module):
@@ -132,26 +97,12 @@ def time_point(rows, b: int, length: int, module):
     qd = q.view(b, HQ, 1, D)
     dense = bytes_dense(b, length)
     picked = sdpa_choice(qd, kd, vd)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    variants = [("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
-                ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
-    for name, backend in variants:
-        def sdpa(backend=backend):
-            if backend is None:
-                return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)
-            with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)
-
-        for mode in ("eager", "graph"):
-            try:
-                ms = bench(sdpa if mode == "eager" else graphed(sdpa))
-                rows.append(dict(base, impl=f"sdpa_{name}", mode=mode, ms=f"{ms:.4f}",
-                                 GBps=f"{dense / ms * 1e-6:.0f}", bytes=dense, status="ok",
-                                 sdpa_picked=picked if name == "default" else ""))
-            except Exception as err:  # a backend that does not take these inputs
-                rows.append(dict(base, impl=f"sdpa_{name}", mode=mode, status=f"unsupported: {str(err)[:80]}"))
-                break
+    for name, mode, t, err in timing.time_sdpa_backends(qd, kd, vd):
+        if t is None:
+            rows.append(dict(base, impl=f"sdpa_{name}", mode=mode, status=f"unsupported: {err}"))
+            continue
+        rows.append(dict(base, impl=f"sdpa_{name}", mode=mode, ms=f"{t[1]:.4f}", GBps=f"{dense / t[1] * 1e-6:.0f}",
+                         bytes=dense, status="ok", sdpa_picked=picked if name == "default" else ""))
     del kd, vd
     torch.cuda.empty_cache()
     best = {(r["impl"], r.get("mode")): float(r["ms"]) for r in rows if r["B"] == b and r["L"] == length and "ms" in r}

@@ -12,5 +12,6 @@ fig4 -> Figure 4, fig7_8 (+ fig8_selected) -> Figures 7 and 8, table5 -> Table 5
     measured.py  our rows: loading, picking one GPU's, "not measured"
     figures.py   Figures 2, 3, 4, 7, 8
     tables.py    Table 5, Tables 6-7
+    decode_tables.py  Tables 8-9 (generate), Table 10 (decode), NSA Table 4 (analytic)
     __main__.py  the Hydra entry point
 """

@@ -1,0 +1,105 @@
+"""GPU timing of one decode step, shared by `experiments.gpu.decode_bench` (the one-call script) and
+the sweep's scope=decode (experiments/decode_jobs.py): do_bench medians, CUDA-graph capture of a
+step, a cache filled with random keys (timing only; tests/inference checks the maths), our step that
+gives its length back (so the cache stays put while timed), and dense SDPA decode over every fused
+backend. Importable without CUDA; every function here needs it when called."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+SDPA_BACKENDS = ("default", "cudnn", "flash", "efficient")
+
+
+def bench(fn: Callable[[], object], warmup_ms: int = 10, rep_ms: int = 50) -> tuple[float, float, float]:
+    """triton.testing.do_bench quantiles (p20, median, p80) in ms."""
+    import triton
+
+    return tuple(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8]))
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn captured in a CUDA graph (after two eager warm-up calls on a side stream) -> its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def fill_cache(module, b: int, length: int):
+    """A cache of b slots holding length - 1 random tokens each (the new token attends `length` keys)."""
+    cache = module.new_cache(b, length)
+    for t in (cache.k, cache.v, cache.k_cmp, cache.v_cmp):
+        t.normal_()
+    cache.set_lengths([length - 1] * b)
+    return cache
+
+
+def attention_step(module, cache, seed: int = 0):
+    """(step, out): step() runs NSA's decode attention between the projections (append, compressed
+    select, selected + window + gated sum) for one new token per slot and gives the length back;
+    out is one eager step's output (to check it is finite)."""
+    from nsa_baseline.inference.decode import decode_attention
+
+    b, hq, h, d = cache.batch_size, module.num_q_heads, module.num_kv_heads, module.head_dim
+    gen = torch.Generator(device=cache.device).manual_seed(seed)
+    q, k, v = (torch.randn(b, n, d, device=cache.device, dtype=cache.dtype, generator=gen) for n in (hq, h, h))
+    gates = torch.rand(b, hq, 3, device=cache.device, dtype=cache.dtype, generator=gen)
+
+    def step():
+        decode_attention(module, q, k, v, gates, cache)
+        cache.lengths.sub_(1)
+
+    out = decode_attention(module, q, k, v, gates, cache)
+    cache.lengths.sub_(1)
+    return step, out
+
+
+def sdpa_choice(q, k, v) -> str:
+    """The fused backend torch would pick for these inputs ('' when torch does not say)."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        return SDPBackend(torch._fused_sdp_choice(q, k, v, enable_gqa=True)).name
+    except Exception:  # a private API: report nothing rather than fail the run
+        return ""
+
+
+def sdpa_decode(qd, kd, vd, backend: str) -> Callable[[], torch.Tensor]:
+    """Dense decode: q [B, HQ, 1, D] over k, v [B, H, L, D] (enable_gqa), `backend` forced unless
+    'default' (torch's pick)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    forced = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(backend)
+
+    def run():
+        if forced is None:
+            return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)
+        with sdpa_kernel(forced):
+            return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)
+
+    return run
+
+
+def time_sdpa_backends(qd, kd, vd, modes=("eager", "graph"), warmup_ms: int = 10,
+                       rep_ms: int = 50) -> list[tuple[str, str, Optional[tuple], str]]:
+    """(backend, mode, (p20, median, p80) or None, error) for every SDPA backend and mode; a backend
+    that refuses the inputs gets None and its error, once, and is not tried in the other mode."""
+    out = []
+    for name in SDPA_BACKENDS:
+        fn = sdpa_decode(qd, kd, vd, name)
+        for mode in modes:
+            try:
+                out.append((name, mode, bench(fn if mode == "eager" else graphed(fn), warmup_ms, rep_ms), ""))
+            except Exception as err:  # a backend that does not take these inputs
+                out.append((name, mode, None, f"{type(err).__name__}: {str(err)[:80]}"))
+                break
+    return out
