@@ -29,7 +29,7 @@ def decode_serves(module, cache: NSACache) -> bool:
     tensors the kernels take (CUDA, or the interpreter without bf16), BS / stride a power of two."""
     r = module.block_size // module.kernel_stride
     return (module.backend != "torch" and module.block_size in BLOCK_SIZES and r == next_pow2(r)
-            and kernels_serve(cache.k, module.q_proj.weight))
+            and kernels_serve(cache.k))  # the cache holds the module's dtype (checked by every call)
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@ when any check fails.
 `plan_call` checks the cache against the module, x, cu_seqlens and the room left in every slot, and
 returns where each new token goes: its slot and its absolute position in that slot's sequence.
 cu_seqlens is read on the host (one device->host copy per call; the fast decode step will not).
+`plan_counts` builds the same plan from host counts alone (the swapped models' generation, where
+every layer's attention shares one plan per step: nsa_baseline.models.generate).
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from typing import Optional
 import torch
 
 from nsa_baseline.inference.cache import CacheConfig, NSACache
-from nsa_baseline.utils.varlen import token_sequence_ids
 
 
 @dataclass
@@ -84,25 +85,34 @@ def _counts(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], batch_size: int
     return counts
 
 
+def plan_counts(counts: list[int], cache: NSACache, device, cu_seqlens: Optional[torch.Tensor] = None,
+                arg: str = "cu_seqlens") -> CallPlan:
+    """The plan of a call appending counts[b] new tokens to slot b, from host values only (no read of
+    the device): ValueError naming `arg` when a slot would pass max_seqlen, before any write.
+    cu_seqlens: the call's own tensor if it has one, else built from counts (None for one slot)."""
+    if len(counts) != cache.batch_size or any(not isinstance(c, int) or c < 0 for c in counts):
+        raise ValueError(f"argument `{arg}` must give {cache.batch_size} counts of new tokens >= 0, got {counts}")
+    old = list(cache.host_lengths)
+    over = [(b, a + c) for b, (a, c) in enumerate(zip(old, counts)) if a + c > cache.max_seqlen]
+    if over:
+        b, total = over[0]
+        raise ValueError(f"argument `{arg}`: slot {b} would hold {total} tokens, past the cache's max_seqlen "
+                         f"{cache.max_seqlen} ({old[b]} cached + {counts[b]} new)")
+    n_new = torch.tensor(counts, dtype=torch.long)  # host: no device read
+    seq = torch.repeat_interleave(torch.arange(len(counts)), n_new)
+    starts = n_new.cumsum(0) - n_new
+    pos = torch.arange(int(n_new.sum())) - starts[seq] + torch.tensor(old, dtype=torch.long)[seq]
+    if cu_seqlens is None and cache.batch_size > 1:
+        cu_seqlens = torch.cat([starts, n_new.sum().view(1)]).to(device=device, dtype=torch.int32)
+    return CallPlan(old, list(counts), seq.to(device), pos.to(device), cu_seqlens)
+
+
 def plan_call(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], cache: NSACache) -> CallPlan:
     """Check a call of `module(x, cu_seqlens, cache=cache)`; ValueError naming the argument, before any write."""
     _check_cache(module, cache)
     _check_x(module, x)
     counts = _counts(x, cu_seqlens, cache.batch_size)
-    old = list(cache.host_lengths)
-    over = [(b, a + c) for b, (a, c) in enumerate(zip(old, counts)) if a + c > cache.max_seqlen]
-    if over:
-        b, total = over[0]
-        raise ValueError(f"argument `{'x' if cu_seqlens is None else 'cu_seqlens'}`: slot {b} would hold {total} "
-                         f"tokens, past the cache's max_seqlen {cache.max_seqlen} ({old[b]} cached + {counts[b]} new)")
-    n = x.shape[0]
-    if cu_seqlens is None:
-        seq = torch.zeros(n, dtype=torch.long, device=x.device)
-        pos = torch.arange(n, device=x.device) + old[0]
-    else:
-        seq = token_sequence_ids(cu_seqlens, n)
-        pos = torch.arange(n, device=x.device) - cu_seqlens.long()[seq] + cache.lengths.long()[seq]
-    return CallPlan(old, counts, seq, pos, cu_seqlens)
+    return plan_counts(counts, cache, x.device, cu_seqlens, "x" if cu_seqlens is None else "cu_seqlens")
 
 
 def check_decode_call(module, x: torch.Tensor, cache: NSACache) -> None:

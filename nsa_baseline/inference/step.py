@@ -7,6 +7,8 @@
                else cached_attention (PyTorch, any offset) ->
     (one new token in every slot with a kernel backend: the decode step of decode.py instead) ->
     lengths move last -> output projection.
+`attend_with_cache` is the part between the projections (q, k, v after RoPE and gates in, o out), shared
+with the swapped HF models' generation (nsa_baseline.models.generate).
 Inference only: runs under no_grad (the cache is written in place and keeps no graph).
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from nsa_baseline.inference.cache import NSACache
 from nsa_baseline.inference.cached_attention import cached_attention
-from nsa_baseline.inference.decode import decode_device, decode_serves
+from nsa_baseline.inference.decode import decode_attention, decode_device, decode_serves
 from nsa_baseline.inference.plan import CallPlan, plan_call
 from nsa_baseline.reference.rope import apply_rope
 
@@ -59,6 +61,36 @@ def _update_summaries(module, cache: NSACache, plan: CallPlan) -> None:
 
 
 @torch.no_grad()
+def attend_with_cache(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
+                      plan: CallPlan, cache: NSACache, decode_kernels: bool = True) -> torch.Tensor:
+    r"""NSA's attention of a call's new tokens against the cache, between the projections: appends k, v
+    (and the summaries they complete), attends, moves the lengths. Needs no projections of the module
+    (only its sizes, compression weights and backend), so models that bring their own projections and
+    RoPE call it too (nsa_baseline.models: NSAAttention with a generation cache).
+
+    Args:
+        q: [N, HQ, D], k, v: [N, H, D] after RoPE at plan.pos; gates: [N, HQ, 3] in [0, 1];
+        plan: from plan_call / plan_counts for this cache (N = sum of plan.counts, packed in slot order).
+        decode_kernels: one new token in every slot runs the decode kernels where they serve.
+    Returns:
+        o [N, HQ, D] before the output projection.
+    """
+    if decode_kernels and all(c == 1 for c in plan.counts) and decode_serves(module, cache):
+        o = decode_attention(module, q, k, v, gates, cache)  # appends, moves the device lengths
+        cache.advance_host()
+        return o
+    cache.k[plan.seq, plan.pos] = k
+    cache.v[plan.seq, plan.pos] = v
+    _update_summaries(module, cache, plan)
+    if plan.has_history:
+        o = cached_attention(module, cache, q, gates, plan.seq, plan.pos, module.branches().gated_sum)
+    else:  # prefill: the new tokens are the whole sequences, the module's forward (fast kernels) serves them
+        o = module.attention(q, k, v, gates, plan.cu_seqlens)
+    cache.set_lengths(plan.new)
+    return o
+
+
+@torch.no_grad()
 def forward_with_cache(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], cache: NSACache,
                        decode_kernels: bool = True) -> torch.Tensor:
     r"""module(x, cu_seqlens, cache=cache): append each slot's new tokens and return their outputs.
@@ -77,7 +109,7 @@ def forward_with_cache(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tenso
     if n == 0:
         return x.new_zeros(0, module.hidden_size)
     if decode_kernels and all(c == 1 for c in plan.counts) and decode_serves(module, cache):
-        y = decode_device(module, x, cache)
+        y = decode_device(module, x, cache)  # RoPE at the device lengths: no host state (what DecodeGraph runs)
         cache.advance_host()
         return y
     theta = module.rope_theta
@@ -85,12 +117,5 @@ def forward_with_cache(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tenso
     k = apply_rope(module.k_proj(x).view(n, h, d), plan.pos, theta)
     v = module.v_proj(x).view(n, h, d)
     gates = torch.sigmoid(module.gate_proj(x)).view(n, hq, 3)
-    cache.k[plan.seq, plan.pos] = k
-    cache.v[plan.seq, plan.pos] = v
-    _update_summaries(module, cache, plan)
-    if plan.has_history:
-        o = cached_attention(module, cache, q, gates, plan.seq, plan.pos, module.branches().gated_sum)
-    else:  # prefill: the new tokens are the whole sequences, the module's forward (fast kernels) serves them
-        o = module.attention(q, k, v, gates, plan.cu_seqlens)
-    cache.set_lengths(plan.new)
+    o = attend_with_cache(module, q, k, v, gates, plan, cache, decode_kernels=False)
     return module.o_proj(o.reshape(n, hq * d))

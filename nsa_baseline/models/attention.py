@@ -8,7 +8,10 @@
 
 Sequences: cu_seq_lens_q from the caller (the swap's hook on the model sets it once per forward),
 else derived from position_ids (restarts per packed sequence), else one sequence per row.
-Not supported (ValueError): HF's KV cache (past_key_values; generation is the module cache's job).
+With `nsa_cache` (a GenerationCache of nsa_baseline.models.generate, handed down by the decoder's
+hook): the B * S tokens are the new tokens of the cache's slots and NSA runs against this layer's
+NSACache (inference.step.attend_with_cache: the decode kernels or the branches at an offset).
+Not supported (ValueError): HF's KV cache (past_key_values; generation runs through nsa_cache).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from torch import nn
 
 from nsa_baseline.branches import full_attention
 from nsa_baseline.checks import fail
+from nsa_baseline.inference.step import attend_with_cache
 from nsa_baseline.models.packing import check_packed_cu_seqlens, cu_seqlens_from_position_ids
 from nsa_baseline.module import NativeSparseAttention
 
@@ -83,20 +87,25 @@ class NSAAttention(nn.Module):
             hidden_states: [B, S, hidden]. position_embeddings: (cos, sin), each [B or 1, S, D].
             attention_mask: ignored (HF builds none for this model: the sequences come from
                 cu_seq_lens_q / position_ids; the swap's hook rejects padding masks).
-            kwargs: cu_seq_lens_q (int32 [num_seqs + 1] over B * S tokens) or position_ids [B, S].
+            kwargs: cu_seq_lens_q (int32 [num_seqs + 1] over B * S tokens) or position_ids [B, S];
+                nsa_cache: a GenerationCache whose current plan places the B * S = N new tokens
+                (position_embeddings then at their absolute positions).
         Returns:
             (out [B, S, hidden], None): no attention weights.
         """
         if past_key_values is not None:
             fail("past_key_values", "is not supported: NSA attention keeps no HF KV cache (pass use_cache=False); "
-                 "generation goes through the NSA module's own cache")
+                 "generation goes through nsa_baseline.models.generate (the NSA cache)")
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
             fail("hidden_states", f"must be [B, S, hidden], got {tuple(getattr(hidden_states, 'shape', ()))}")
         if position_embeddings is None:
             fail("position_embeddings", "must be the model's RoPE (cos, sin), each [B or 1, S, head_dim]; got None")
         b, s, hidden = hidden_states.shape
         n, hq, h, d = b * s, self.num_q_heads, self.num_kv_heads, self.head_dim
-        cu = self.sequences(b, s, hidden_states.device, kwargs)
+        gen = kwargs.get("nsa_cache")
+        if gen is not None and self.nsa is None:
+            fail("nsa_cache", "needs NSA attention: backend 'dense' keeps no NSA cache")
+        cu = None if gen is not None else self.sequences(b, s, hidden_states.device, kwargs)
         x = hidden_states.reshape(n, hidden)
         q, k, v = self.q_proj(x).view(n, hq, d), self.k_proj(x).view(n, h, d), self.v_proj(x).view(n, h, d)
         if self.q_norm is not None:
@@ -107,7 +116,10 @@ class NSAAttention(nn.Module):
             o = full_attention(q, k, v, cu, scale=self.scaling)
         else:
             gates = torch.sigmoid(self.gate_proj(x)).view(n, hq, 3)
-            o = self.nsa.attention(q, k, v, gates, cu)
+            if gen is not None:
+                o = attend_with_cache(self.nsa, q, k, v, gates, gen.plan, gen.for_layer(self))
+            else:
+                o = self.nsa.attention(q, k, v, gates, cu)
         return self.o_proj(o.reshape(n, hq * d)).view(b, s, -1), None
 
     def extra_repr(self) -> str:

@@ -12,7 +12,8 @@ A pre-hook on the decoder computes the sequences once per forward (from cu_seq_l
 position_ids, else one per row) and hands them to every layer as cu_seq_lens_q; given only
 cu_seq_lens_q it also sets position_ids restarting per sequence, so RoPE agrees.
 Not supported (ValueError): padding masks (attention_mask with zeros: pack instead), HF's KV cache
-and `generate` (use_cache / past_key_values; generation runs through the NSA module's cache).
+and `generate` with a cache (use_cache / past_key_values): generation with NSA's cache is
+nsa_baseline.models.generate.generate (its docstring says why HF's generate cannot carry it).
 """
 from __future__ import annotations
 
@@ -73,12 +74,24 @@ def _pack_hook(decoder: nn.Module):
                  "sequences into one row (position_ids restarting at 0, or cu_seq_lens_q)")
         if kw.get("past_key_values") is not None or kw.get("use_cache"):
             fail("use_cache", "must be False (and past_key_values None): NSA attention keeps no HF KV cache; "
-                 "generation goes through the NSA module's own cache")
+                 "generation with a cache is nsa_baseline.models.generate.generate")
         ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
             return args, kwargs  # HF raises its own error for missing inputs
         b, s = ref.shape[:2]
         cu = kw.get("cu_seq_lens_q")
+        gen = kw.get("nsa_cache")
+        if gen is not None:  # generation: the cache's plan places the new tokens (nsa_baseline.models.generate)
+            plan = gen.plan
+            if plan is None or b != 1 or s != len(plan.seq):
+                fail("nsa_cache", f"must hold the plan of this call: one packed row [1, N] of the new tokens "
+                                  f"(N = {None if plan is None else len(plan.seq)}), got input [{b}, {s}]")
+            if cu is not None:
+                fail("cu_seq_lens_q", "must be None with nsa_cache (the cache's plan gives the sequences)")
+            if kw.get("position_ids") is None:
+                kw["position_ids"] = plan.pos[None]
+            kw["use_cache"] = False
+            return (), kw
         if cu is not None:
             cu = check_packed_cu_seqlens(cu.to(ref.device), b * s)
             if kw.get("cu_seq_lens_k") is not None and not torch.equal(kw["cu_seq_lens_k"].to(cu), cu):
