@@ -35,7 +35,7 @@ def test_custom_ops_pass_opcheck(family, case, device):
 
 
 @family_param
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASES[3], CASES[4]], ids=lambda c: c.id)  # varlen, G = 5 / 8, holes, empty rows
 def test_fullgraph_compile_matches_eager_and_reference(family, case, device):
     x = case.make(torch.float32, device)
     do, dlse = torch.randn_like(x.q), torch.randn(x.q.shape[1], x.q.shape[0], device=device)

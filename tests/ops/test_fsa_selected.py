@@ -71,7 +71,7 @@ KNOB_CONFIGS = {  # (forward, backward): tiles, chunking, reduction widths away 
 
 
 @pytest.mark.parametrize("knobs", KNOB_CONFIGS.values(), ids=KNOB_CONFIGS.keys())
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=lambda c: c.id)  # sequences under a block; BS 64
 def test_every_launch_config_computes_the_same(knobs, case, device):
     """Launch knobs change tiling, not results: work items of 1-3 tiles, reduction programs of 1-64
     tokens, key tiles and dK/dV reduction slices larger than the block (clamped to it)."""
