@@ -1,5 +1,6 @@
-"""Sliding-window and full causal attention (NSA's window branch and the dense baseline), forward and
-backward, through PyTorch's fused attention kernels (CUDA).
+"""Sliding-window and full causal attention through PyTorch's fused attention kernels (CUDA), forward
+and backward: the dense baseline, and the window branch's fallback where our Triton kernels
+(nsa_baseline.ops.window_triton, what the module runs) do not serve a call.
 
 `torch.compile(flex_attention)` with a band block mask built once per (lengths, cu_seqlens tensor,
 window) and cached (nsa_baseline.ops.flex), GQA through enable_gqa; full causal attention over one
