@@ -12,14 +12,14 @@ Writes $OUT/module_stages.csv and $OUT/module_profile_<N>_<g>.txt.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
+from pathlib import Path
 
 import torch
 import triton
 
-from experiments.gpu.provenance import require_cuda
+from experiments.gpu.provenance import require_cuda, run_meta, write_rows
 from nsa_baseline.module import NativeSparseAttention
 from nsa_baseline.branches import compressed_attention  # what the module runs
 from nsa_baseline.ops.compression import compress_kv
@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=500)
     args = ap.parse_args()
     require_cuda()
+    meta = run_meta()  # GPU, torch, Triton, commit on every row
     t0 = time.time()
     out = os.environ.get("OUT", ".")
     for p in args.points.split(","):
@@ -135,10 +136,7 @@ def main() -> None:
         n, g = map(int, p.split(":"))
         stages(n, g)
         torch.cuda.empty_cache()
-        with open(os.path.join(out, "module_stages.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(ROWS[0]))
-            w.writeheader()
-            w.writerows(ROWS)
+        write_rows(Path(out) / "module_stages.csv", ROWS, meta)  # after every point: a cut run keeps its rows
 
 
 if __name__ == "__main__":
