@@ -20,7 +20,7 @@ import triton.language as tl
 
 from nsa_baseline.checks import fail
 from nsa_baseline.ops.decode_split import split_compressed_select
-from nsa_baseline.ops.decode_tiles import _finish, _online_update, group_pad, head_pad
+from nsa_baseline.ops.decode_tiles import _attend_summaries, _finish, _load_q, group_pad, head_pad
 from nsa_baseline.ops.selection_kernel import _merge_bitonic, _pack_desc, _scores_tile, _store_sorted
 from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, next_pow2
 
@@ -61,30 +61,13 @@ def _decode_select_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_g = o_g < G
     m_d = o_d < D
-    p_q = q_ptr + (i_b * HQ + i_h * G + o_g).to(tl.int64)[:, None] * D + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_g[:, None] & m_d[None, :], other=0.)  # [G_PAD, BLOCK_D]
+    b_q = _load_q(q_ptr, i_b, i_h, HQ, G, G_PAD, D, BLOCK_D)  # [G_PAD, BLOCK_D]
     base = (i_b.to(tl.int64) * MAX_CMP * H + i_h) * D
     p_k = k_ptr + base + tl.arange(0, BC).to(tl.int64)[:, None] * (H * D) + o_d[None, :]  # [BC, BLOCK_D]
     p_v = v_ptr + base + tl.arange(0, BC).to(tl.int64)[:, None] * (H * D) + o_d[None, :]
 
     # pass 1: compressed attention over summaries [0, nvis)
-    b_m = tl.full([G_PAD], float("-inf"), tl.float32)
-    b_l = tl.zeros([G_PAD], tl.float32)
-    b_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    if WHILE_LOOP:  # the interpreter cannot range() over loaded bounds
-        i0 = nvis * 0
-        while i0 < nvis:
-            m_c = (i0 + tl.arange(0, BC)) < nvis
-            b_k = tl.load(p_k + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
-            b_m, b_l, b_acc = _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_c, qk_scale, IEEE)
-            i0 += BC
-    else:
-        for i0 in range(0, nvis, BC):
-            m_c = (i0 + tl.arange(0, BC)) < nvis
-            b_k = tl.load(p_k + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
-            b_m, b_l, b_acc = _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_c, qk_scale, IEEE)
+    b_m, b_l, b_acc = _attend_summaries(b_q, p_k, p_v, 0, nvis, qk_scale, H, D, G_PAD, BLOCK_D, BC, IEEE, WHILE_LOOP)
     p_o = o_ptr + (i_b * HQ + i_h * G + o_g).to(tl.int64)[:, None] * D + o_d[None, :]
     tl.store(p_o, _finish(b_l, b_acc), mask=m_g[:, None] & m_d[None, :])
     # base-2 lse; rows with no summary get 0 (their p is masked to 0 anyway)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.decode_tiles import _finish, _online_update
+from nsa_baseline.ops.decode_tiles import _attend_summaries, _finish, _load_q
 from nsa_baseline.ops.selection_kernel import _merge_packed, _pack_desc, _rank_packed, _scores_tile, _store_sorted
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
@@ -36,15 +36,6 @@ def _split_range(pos, i_s, S: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constex
     j_lo = tl.minimum(i_s * chunk, nblk)
     j_hi = tl.minimum(j_lo + chunk, nblk)
     return nvis, j_lo, j_hi, tl.minimum(nvis, j_hi * R)
-
-
-@triton.jit
-def _load_q(q_ptr, i_b, i_h, HQ: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-            BLOCK_D: tl.constexpr):
-    o_g = tl.arange(0, G_PAD)
-    o_d = tl.arange(0, BLOCK_D)
-    p_q = q_ptr + (i_b * HQ + i_h * G + o_g).to(tl.int64)[:, None] * D + o_d[None, :]
-    return tl.load(p_q, mask=(o_g < G)[:, None] & (o_d < D)[None, :], other=0.)  # [G_PAD, BLOCK_D]
 
 
 @triton.jit
@@ -64,23 +55,8 @@ def _split_attend_kernel(
     base = (i_b.to(tl.int64) * MAX_CMP * H + i_h) * D
     p_k = k_ptr + base + tl.arange(0, BC).to(tl.int64)[:, None] * (H * D) + o_d[None, :]  # [BC, BLOCK_D]
     p_v = v_ptr + base + tl.arange(0, BC).to(tl.int64)[:, None] * (H * D) + o_d[None, :]
-    b_m = tl.full([G_PAD], float("-inf"), tl.float32)
-    b_l = tl.zeros([G_PAD], tl.float32)
-    b_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    if WHILE_LOOP:  # the interpreter cannot range() over loaded bounds
-        i0 = j_lo * R
-        while i0 < i_hi:
-            m_c = (i0 + tl.arange(0, BC)) < i_hi
-            b_k = tl.load(p_k + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
-            b_m, b_l, b_acc = _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_c, qk_scale, IEEE)
-            i0 += BC
-    else:
-        for i0 in range(j_lo * R, i_hi, BC):
-            m_c = (i0 + tl.arange(0, BC)) < i_hi
-            b_k = tl.load(p_k + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
-            b_m, b_l, b_acc = _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_c, qk_scale, IEEE)
+    b_m, b_l, b_acc = _attend_summaries(b_q, p_k, p_v, j_lo * R, i_hi, qk_scale, H, D, G_PAD, BLOCK_D, BC, IEEE,
+                                        WHILE_LOOP)
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64)
     p_o = o_part_ptr + (part * G + o_g)[:, None] * D + o_d[None, :]
     tl.store(p_o, _finish(b_l, b_acc), mask=(o_g < G)[:, None] & m_d[None, :])

@@ -35,6 +35,42 @@ def _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE: tl.co
 
 
 @triton.jit
+def _load_q(q_ptr, i_b, i_h, HQ: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+            BLOCK_D: tl.constexpr):
+    """The G query heads of KV head i_h of slot i_b: [G_PAD, BLOCK_D], padding rows / columns 0."""
+    o_g = tl.arange(0, G_PAD)
+    o_d = tl.arange(0, BLOCK_D)
+    p_q = q_ptr + (i_b * HQ + i_h * G + o_g).to(tl.int64)[:, None] * D + o_d[None, :]
+    return tl.load(p_q, mask=(o_g < G)[:, None] & (o_d < D)[None, :], other=0.)
+
+
+@triton.jit
+def _attend_summaries(b_q, p_k, p_v, lo, hi, qk_scale, H: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """Online softmax of the rows b_q over summaries [lo, hi) in tiles of BC (p_k, p_v: [BC, BLOCK_D]
+    pointers of summary 0). Returns (m, l, acc); rows that saw nothing keep m = -inf, l = 0, acc = 0."""
+    m_d = tl.arange(0, BLOCK_D) < D
+    b_m = tl.full([G_PAD], float("-inf"), tl.float32)
+    b_l = tl.zeros([G_PAD], tl.float32)
+    b_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    if WHILE_LOOP:  # the interpreter cannot range() over loaded bounds
+        i0 = lo
+        while i0 < hi:
+            m_c = (i0 + tl.arange(0, BC)) < hi
+            b_k = tl.load(p_k + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
+            b_m, b_l, b_acc = _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_c, qk_scale, IEEE)
+            i0 += BC
+    else:
+        for i0 in range(lo, hi, BC):
+            m_c = (i0 + tl.arange(0, BC)) < hi
+            b_k = tl.load(p_k + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
+            b_m, b_l, b_acc = _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_c, qk_scale, IEEE)
+    return b_m, b_l, b_acc
+
+
+@triton.jit
 def _finish(b_l, b_acc):
     """o = acc / l; 0 for rows that saw no key."""
     return b_acc / tl.where(b_l > 0, b_l, 1.)[:, None]
