@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import torch
 
@@ -31,13 +32,16 @@ def run(sweep_cfg, num: int) -> None:
     launchers never put two jobs on one GPU (experiments/gpu_lease.py)."""
     lease = (exclusive_gpu(torch.cuda.device_count(), first=num) if torch.cuda.is_available()
              else contextlib.nullcontext(None))
+    start = time.monotonic()
     with lease as gpu:
         if gpu is not None:
             torch.cuda.set_device(gpu)
         with progress.job(num, sweep_cfg) as on_step:
             run_job(sweep_cfg, on_step=on_step)
     if not progress.in_multirun():  # a job of another process (joblib, SLURM) reports its own counts
-        print(f"job {num}: {progress.counts_line(not measuring(sweep_cfg), progress.take_counts())}", flush=True)
+        where = f" on GPU {gpu} ({os.getpid()})" if gpu is not None else ""
+        print(f"job {num}{where}, {time.monotonic() - start:.1f} s: "
+              f"{progress.counts_line(not measuring(sweep_cfg), progress.take_counts())}", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sweep")
