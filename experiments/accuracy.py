@@ -76,6 +76,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def output_rel_err(family: str, out: torch.Tensor, inp: Inputs, point: Point, ref_rows: int, seed: int,
                    module_ref=None) -> tuple[float, str]:
     """(rel_err, note); the note says when no reference was run."""
+    if family == "peer":
+        return math.nan, "another variant of NSA (fla-core's parallel_nsa): no shared reference"
     if family == "module":
         if point.num_tokens > MODULE_REFERENCE_MAX_TOKENS or module_ref is None:
             return math.nan, f"module reference skipped above {MODULE_REFERENCE_MAX_TOKENS} tokens"

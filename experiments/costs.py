@@ -31,7 +31,8 @@ def kernel_cost(kernel: str, point: Point, stats: cm.SelectionStats, sel: Select
     else:
         cost = selected_cost(kernel, point, stats)
     if point.scope == "module":
-        cost = cost + branch_costs(point, sel)["compressed"] + branch_costs(point, sel)["window"]
+        branches = branch_costs(point, sel)
+        cost = cost + branches["compressed"] + (branches["window"] if kernel != "fla" else cm.Cost(0, 0, 0))  # fla: no window
     return cost
 
 

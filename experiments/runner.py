@@ -76,7 +76,7 @@ def predicted_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], 
                              f"{fits}{how}; {note}", median_ms=ms, tflops=cost.useful_flops / ms / 1e9,
                              gbps=cost.bytes / ms / 1e6, peak_extra_mem_gb=mem,
                              model_gflop=cost.flops / 1e9, model_gbyte=cost.bytes / 1e9))
-        if point.scope == "module" and kernel != "sdpa" and cfg.breakdown:  # breakdown.png, as measured
+        if point.scope == "module" and kernel not in ("sdpa", "fla") and cfg.breakdown:  # fla: not our branches  # breakdown.png, as measured
             parts = calibration.predicted_branch_ms(kernel, point, stats, pass_name, cfg.selection, cfg.hardware,
                                                     calib)
             rows += [make_row(replace(point, scope=f"module/{b}"), kernel, pass_name, "predicted",
@@ -175,7 +175,7 @@ def measured_rows(cfg: SweepConfig, point: Point, todo: list[tuple[str, str]], m
         rows += _timed_rows(point, kernel, passes, call, cost, rel_err, note, meta, cfg, on_step)
         del call
         free_memory()
-        if point.scope == "module" and kernel != "sdpa" and cfg.breakdown:
+        if point.scope == "module" and kernel not in ("sdpa", "fla") and cfg.breakdown:  # fla: not our branches
             rows += branch_rows(cfg, point, kernel, passes, inp, stats, meta, on_step)
     return rows
 

@@ -5,7 +5,10 @@ selected scope: nsa | fsa | auto | fla run selected attention on (q, k, v, block
 module scope: nsa | fsa | auto run NativeSparseAttention(backend=...).attention on (q, k, v, gates):
 compression, compressed attention, selection, selected and window attention and the gated sum, i.e.
 everything that replaces dense attention (the q/k/v/o projections, equal for both, are left out);
-and each of its three branches alone (`branch_calls`); sdpa is dense causal attention over the
+and each of its three branches alone (`branch_calls`); fla runs fla-core's own whole path
+(`parallel_nsa` without block indices: mean-pool compression in blocks of BS, compressed attention,
+its top-T, selected attention, gated sum; no window, which needs flash-attn), a peer of another
+variant of NSA, so its output has no shared reference; sdpa is dense causal attention over the
 same heads in both scopes (the paper's full-attention baseline is the kernel alone).
 """
 from __future__ import annotations
@@ -28,14 +31,14 @@ from nsa_baseline.families import get_family
 class Call:
     run: Callable[[], torch.Tensor]  # one forward; returns the output
     leaves: list  # tensors whose .grad the backward fills (reset to None between timed calls)
-    family: str  # "selected", "dense" or "module": what the output is compared against
+    family: str  # "selected", "dense", "module" or "peer" (no shared reference): what the output is compared against
 
 
 def unsupported_reason(kernel: str, point: Point, check_installed: bool = True) -> Optional[str]:
     """Why a kernel cannot run a point at all (recorded as status "unsupported"), or None."""
     if kernel == "fla":
-        if point.scope != "selected":
-            return "fla: only selected attention is wired (scope=selected)"
+        if point.scope not in ("selected", "module"):
+            return f"fla: scope={point.scope} is not wired (selected, module)"
         if check_installed and importlib.util.find_spec("fla") is None:
             return "fla: the optional fla-core package is not installed"
         g = point.gqa
@@ -90,6 +93,22 @@ def _fla_call(inp: Inputs, point: Point) -> Call:
     return Call(run, [q, k, v], "selected")
 
 
+def _fla_module_call(inp: Inputs, point: Point) -> Call:
+    fn = _entry("fla.ops.nsa.parallel", "parallel_nsa")
+    n, hq = point.num_tokens, point.q_heads
+    q, k, v = (t.detach().unsqueeze(0).requires_grad_(True) for t in (inp.q, inp.k, inp.v))  # [1, N, heads, D]
+    gates = inp.gates.detach().unsqueeze(0)  # [1, N, HQ, 3]: compressed, selected, (window: fla has none)
+    g_cmp, g_slc = (gates[..., i].contiguous().requires_grad_(True) for i in (0, 1))
+    cu = None if point.batch == 1 else inp.cu_seqlens.long()
+
+    def run():
+        o = fn(q, k, v, g_cmp=g_cmp, g_slc=g_slc, block_counts=point.topk, block_size=point.block_size,
+               window_size=0, cu_seqlens=cu)
+        return o.reshape(n, hq, point.head_dim)
+
+    return Call(run, [q, k, v, g_cmp, g_slc], "peer")
+
+
 def build_module(kernel: str, cfg: SweepConfig, point: Point, device) -> torch.nn.Module:
     module_cls = _entry("nsa_baseline.module", "NativeSparseAttention")
     torch.manual_seed(cfg.seed)  # the same weights for every backend
@@ -142,7 +161,7 @@ def build_call(kernel: str, cfg: SweepConfig, point: Point, inp: Inputs) -> Call
     if kernel == "sdpa":
         return _sdpa_call(inp, point)
     if kernel == "fla":
-        return _fla_call(inp, point)
+        return _fla_module_call(inp, point) if point.scope == "module" else _fla_call(inp, point)
     if point.scope == "module":
         return _module_call(kernel, cfg, point, inp)
     return _selected_call(get_family(kernel).selected_attention, inp, point.block_size)

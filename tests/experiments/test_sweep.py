@@ -140,3 +140,38 @@ def test_commit_hashes_that_look_like_numbers_stay_text(tmp_path):
     row.update(git_commit="90384e6", gpu="GPU", torch="2.11", triton="3.6", timestamp="t")
     store.append_rows(tmp_path, "job", [row])
     assert store.read_rows(tmp_path)["git_commit"].tolist() == ["90384e6"]
+
+
+def test_fla_module_scope_runs_its_whole_path_with_our_gates(monkeypatch):
+    """scope=module times fla-core's own parallel_nsa (no block indices given: its compression and
+    top-T; no window), fed the point's q, k, v and the compressed / selected gates; its output has
+    no shared reference (another NSA variant). A stand-in records the call (fla-core is GPU-only)."""
+    from experiments.inputs import make_inputs
+    from experiments.points import Point
+
+    seen = {}
+
+    def parallel_nsa(q, k, v, g_cmp=None, g_slc=None, g_swa=None, block_indices=None, block_counts=16,
+                     block_size=64, window_size=0, scale=None, cu_seqlens=None):
+        seen.update(q=q.shape, k=k.shape, g_cmp=g_cmp.shape, g_slc=g_slc.shape, block_indices=block_indices,
+                    block_counts=block_counts, block_size=block_size, window_size=window_size, cu=cu_seqlens)
+        return q * g_slc.unsqueeze(-1) + q * g_cmp.unsqueeze(-1)
+
+    monkeypatch.setattr(timed_calls, "_entry", lambda module, name: parallel_nsa)
+    point = Point("module", 16, 1, 32, 256, 1, 64, 4, "float32", "nsa")
+    assert timed_calls.unsupported_reason("fla", point, check_installed=False) == "fla: float32 inputs are not supported"
+    cfg = SweepConfig()
+    inp = make_inputs(point, cfg.selection, torch.device("cpu"), 0)
+    call = timed_calls.build_call("fla", cfg, point, inp)
+    out = call.run()
+    assert out.shape == (256, 16, 32) and call.family == "peer"
+    assert seen["q"] == (1, 256, 16, 32) and seen["k"] == (1, 256, 1, 32) and seen["g_cmp"] == (1, 256, 16)
+    assert seen["block_indices"] is None and seen["block_counts"] == 4 and seen["block_size"] == 64
+    assert seen["window_size"] == 0 and seen["cu"] is None
+    expect = inp.q * (inp.gates[..., 0] + inp.gates[..., 1]).unsqueeze(-1)
+    torch.testing.assert_close(out, expect)
+    out.sum().backward()  # the gates and q, k, v are the leaves the timed backward resets
+    assert all(t.grad is not None for t in call.leaves[:1] + call.leaves[3:])
+    from experiments import accuracy
+    rel, note = accuracy.output_rel_err("peer", out, inp, point, 8, 0)
+    assert rel != rel and "no shared reference" in note
