@@ -1,6 +1,7 @@
 """Entry point: `python -m experiments.e2e [model=..] [seqlen=..] [sparsity=..]` (a Hydra multirun,
 configs/e2e/e2e.yaml): NSA inside L decoder layers of a real model (experiments/e2e_timing.py), one
-training step and one prefill per backend (dense SDPA, NSA, FSA), on CUDA only.
+training step, one prefill and one prefill + 512 generated tokens (experiments/e2e_generate.py) per
+backend (dense SDPA, NSA, FSA), on CUDA only.
 
 Each job is one (model, seqlen, sparsity) point; its rows (GPU, torch, Triton, commit, timestamp;
 failures as oom / error rows) go to results/<name>/rows/ through experiments.store, and a rerun skips
@@ -19,7 +20,8 @@ import torch
 CPU_MESSAGE = ("experiments.e2e: timings need CUDA (torch.cuda.is_available() is False); nothing was run "
                "and no rows were written (plot_only=true redraws the plots from recorded rows)")
 AXES = ("model", "layers", "seqlen", "backend", "block_size", "topk", "step", "dtype")
-MEASURES = ("ms", "ms_per_layer", "peak_gb", "attn_ms", "mlp_ms", "attn_share")
+# ttft_ms, ms_per_token: generate rows only (blank in the others and in rows recorded before them)
+MEASURES = ("ms", "ms_per_layer", "peak_gb", "attn_ms", "mlp_ms", "attn_share", "ttft_ms", "ms_per_token")
 PROVENANCE = ("status", "message", "gpu", "torch", "triton", "git_commit", "timestamp")
 COLUMNS = AXES + MEASURES + PROVENANCE
 KEY_COLUMNS = AXES + ("gpu",)
@@ -56,7 +58,7 @@ def pending(cfg, meta: dict) -> list[tuple[str, str]]:
 
 def run_job(cfg, on_step=None) -> list[dict]:
     """Time what is left of one job's point, append the rows, return them (CUDA only)."""
-    from experiments import e2e_timing, progress, store
+    from experiments import e2e_generate, e2e_timing, progress, store
     from experiments.gpu.provenance import run_meta
     from experiments.runner import now
     from experiments.schema import sparsity_preset
@@ -69,7 +71,7 @@ def run_job(cfg, on_step=None) -> list[dict]:
     preset = sparsity_preset(cfg.sparsity)
     rows: list[dict] = []
     try:
-        base = e2e_timing.build(cfg.model, cfg.layers, cfg.seqlen)
+        base = e2e_timing.build(cfg.model, cfg.layers, cfg.seqlen + e2e_generate.NEW_TOKENS)
     except Exception as err:  # no model, no measurement: every row says why
         status, message = e2e_timing.failure(err)
         rows = [make_row(cfg, b, s, dict(meta, timestamp=now()), status, message) for b, s in todo]
@@ -79,7 +81,7 @@ def run_job(cfg, on_step=None) -> list[dict]:
             if on_step:
                 on_step(f"{backend} {','.join(steps)}")
             for res in e2e_timing.measure(base, cfg.seqlen, backend, (preset.block_size, preset.topk), cfg.reps,
-                                          steps):
+                                          steps, cfg.generate_reps):
                 measures = {m: res[m] for m in MEASURES if m in res}
                 rows.append(make_row(cfg, backend, res["step"], dict(meta, timestamp=now()), res["status"],
                                      res["message"], **measures))

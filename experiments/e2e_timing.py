@@ -13,6 +13,12 @@ the same for every backend):
 - per layer: step / L, and the attention / MLP split of layer 0 timed alone (do_bench medians):
   self_attn (projections + RoPE + attention + o_proj) and mlp, forward (prefill) and fwd+bwd (train),
   on that layer's real inputs (the FSA paper's Figure 10).
+- generate: the prefill of the same N tokens with a KV cache, then 512 decode steps of one token
+  each (experiments/e2e_generate.py says what runs). Median of `generate_reps` calls (default 1)
+  after one warmup, since one call is seconds; ms = the whole call, ttft_ms = its prefill (a CUDA
+  event between the prefill and the first step, same call), ms_per_token = (ms - ttft_ms) / 512;
+  no attention / MLP split. Dense runs the unswapped decoder (HF's SDPA attention and DynamicCache;
+  our dense swap, timed by train / prefill, keeps no cache); peak memory of the warmup and timed calls.
 Heads and head_dim from configs/model/<model>.yaml; hidden / intermediate sizes and RoPE base from the
 models' config.json (SHAPES). NSA: kernel 32 / stride 16, window 512, (BS, T) per call.
 """
@@ -26,7 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BF16 = torch.bfloat16
-STEPS = ("train", "prefill")
+STEPS = ("train", "prefill", "generate")
 # config.json of meta-llama/Meta-Llama-3-8B, Qwen/Qwen3-14B and Qwen/Qwen2.5-32B: what configs/model/
 # does not hold.
 SHAPES = {
@@ -65,18 +71,21 @@ def build(model: str, layers: int, max_len: int):
         return getattr(transformers, cls[1])(config).to(BF16)
 
 
-def cuda_median(fn, reps: int) -> float:
-    """Median ms of `reps` calls after one warmup call, each timed by CUDA events."""
-    fn()
+def cuda_median(fn, reps: int, split: bool = False):
+    """Median ms of `reps` calls after one warmup call, each timed by CUDA events. split: fn(mark) is
+    handed the record of a middle event; returns (ms, ms up to the mark) of the median call."""
+    args = (lambda: None,) if split else ()
+    fn(*args)
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         start.record()
-        fn()
+        fn(*((mid.record,) if split else ()))
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        times.append((start.elapsed_time(end), start.elapsed_time(mid) if split else 0.0))
+    ms, first = sorted(times)[len(times) // 2]
+    return (ms, first) if split else ms
 
 
 def bench(fn) -> float:
@@ -115,12 +124,24 @@ def failure(err: BaseException) -> tuple[str, str]:
     return "error", f"{type(err).__name__}: {text}"
 
 
+def time_generate(base, model, backend: str, x: torch.Tensor, reps: int) -> dict:
+    """The generate step's measures (median call of `reps` after one warmup)."""
+    from experiments import e2e_generate as gen
+
+    steps = gen.decode_inputs(x.shape[-1], gen.NEW_TOKENS, x.device, x.dtype)
+    ms, ttft = cuda_median(gen.generate_fn(base, model, backend, x, steps), reps, split=True)
+    return dict(ms=ms, ttft_ms=ttft, ms_per_token=(ms - ttft) / gen.NEW_TOKENS,
+                message=gen.message(backend, model))
+
+
 def measure(base, n: int, backend: str, preset: Optional[tuple[int, int]], reps: int,
-            steps=STEPS) -> list[dict]:
-    """Time `steps` of one backend on a copy of the decoder `base` with one N-token sequence.
+            steps=STEPS, generate_reps: int = 1) -> list[dict]:
+    """Time `steps` of one backend on a copy of the decoder `base` with one N-token sequence (dense's
+    generate runs `base` itself, unchanged: its HF attention takes the DynamicCache).
 
     Returns one dict per step: step, status (ok / oom / error), message, and for ok rows ms (median),
-    ms_per_layer, peak_gb, attn_ms, mlp_ms, attn_share (floats). A failure is a row, never raised."""
+    ms_per_layer, peak_gb, and attn_ms, mlp_ms, attn_share (train, prefill) or ttft_ms, ms_per_token
+    (generate) (floats). A failure is a row, never raised."""
     from nsa_baseline.models import use_nsa_attention
 
     layers = len(base.layers)
@@ -129,8 +150,9 @@ def measure(base, n: int, backend: str, preset: Optional[tuple[int, int]], reps:
         model = copy.deepcopy(base)
         use_nsa_attention(model, backend=backend, **({**NSA, "block_size": preset[0], "topk": preset[1]}
                                                      if preset else {}))
-        x = torch.randn(1, n, model.config.hidden_size, device="cuda", dtype=BF16,
-                        generator=torch.Generator("cuda").manual_seed(1))
+        device = next(base.parameters()).device  # CUDA here; CPU in the tests of the generate row
+        x = torch.randn(1, n, model.config.hidden_size, device=device, dtype=BF16,
+                        generator=torch.Generator(device).manual_seed(1))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     except Exception as err:  # recorded, the caller goes on
         status, message = failure(err)
@@ -151,6 +173,11 @@ def measure(base, n: int, backend: str, preset: Optional[tuple[int, int]], reps:
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            if name == "generate":
+                res = time_generate(base, model, backend, x, generate_reps)
+                out.append(dict(step=name, status="ok", ms_per_layer=res["ms"] / layers,
+                                peak_gb=torch.cuda.max_memory_allocated() / 2**30, **res))
+                continue
             ms = cuda_median(fns[name], reps)
             peak = torch.cuda.max_memory_allocated() / 2**30
             pieces = layer_pieces(model, x, train=name == "train")

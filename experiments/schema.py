@@ -110,7 +110,7 @@ class PaperConfig:
 
 
 E2E_BACKENDS = ("dense", "nsa", "fsa", "auto")
-E2E_STEPS = ("train", "prefill")
+E2E_STEPS = ("train", "prefill", "generate")
 E2E_PRESETS = {"all": ("dense", "nsa", "fsa")}
 
 
@@ -125,8 +125,11 @@ class E2EConfig:
     sparsity: str = "bs128_t8"  # (BS, T): a preset of configs/sparsity/
     layers: int = 2  # decoder layers L (as many as fit; per-layer time = step / L)
     backends: Any = "all"  # dense | nsa | fsa | auto, a list, or all (= dense, nsa, fsa)
-    steps: Any = "all"  # train (fwd + bwd + AdamW) | prefill (forward, no_grad), a list, or all
-    reps: int = 3  # timed calls per step after one warmup (median)
+    # train (fwd + bwd + AdamW) | prefill (forward, no_grad) | generate (prefill + 512 decode steps with
+    # a KV cache), a list, or all (= the three)
+    steps: Any = "all"
+    reps: int = 3  # timed calls per step after one warmup (median); train and prefill
+    generate_reps: int = 1  # the same for generate (one call is prefill + 512 eager steps: seconds)
     retry_failed: bool = False  # rerun points recorded as error / oom instead of skipping them
     redo_before: Optional[str] = None  # measure again rows recorded before this ISO time (UTC)
     plot_only: bool = False  # measure nothing: redraw results/<name>/ from its rows (works without CUDA)
@@ -154,7 +157,7 @@ def validate_e2e(cfg: DictConfig | E2EConfig) -> E2EConfig:
         plain.pop("hydra", None)
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(E2EConfig), plain))
     _one_of("model", cfg.model, sorted(SHAPES))
-    for key in ("seqlen", "layers", "reps"):
+    for key in ("seqlen", "layers", "reps", "generate_reps"):
         _positive(key, getattr(cfg, key))
     sparsity_preset(cfg.sparsity)
     cfg.backends = _names("backends", cfg.backends, E2E_BACKENDS, E2E_PRESETS)

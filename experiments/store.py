@@ -33,6 +33,8 @@ def read_rows(folder: Path, columns: tuple = COLUMNS, key_columns: tuple = KEY_C
     if not frames:
         return pd.DataFrame(columns=list(columns))
     df = pd.concat(frames, ignore_index=True)
+    # rows recorded before a column was added get it blank; the known columns first, in their order
+    df = df.reindex(columns=list(columns) + [c for c in df.columns if c not in columns])
     df["message"] = df["message"].fillna("")
     df = df.sort_values("timestamp", kind="stable")
     return df.drop_duplicates(subset=list(key_columns), keep="last").reset_index(drop=True)
@@ -55,7 +57,15 @@ def append_rows(folder: Path, job_id: str, rows: list[dict], columns: tuple = CO
         return
     path = folder / ROWS_DIR / (hashlib.sha1(job_id.encode()).hexdigest()[:16] + ".csv")
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=list(columns)).to_csv(path, mode="a", header=not path.exists(), index=False)
+    new = pd.DataFrame(rows, columns=list(columns))
+    started = path.exists() and path.stat().st_size > 0
+    if started and list(pd.read_csv(path, nrows=0).columns) != list(columns):
+        # written before the columns changed: appending would shift the values under the old header,
+        # so the file is rewritten under the new one (old rows keep their values, blank in new columns)
+        old = pd.read_csv(path, dtype=TEXT_COLUMNS)
+        pd.concat([old, new], ignore_index=True).reindex(columns=list(columns)).to_csv(path, index=False)
+        return
+    new.to_csv(path, mode="a", header=not started, index=False)
 
 
 SORT = ("scope", "block_size", "gqa", "seqlen", "kernel", "pass")

@@ -9,7 +9,8 @@ layers: one training step (fwd + bwd + AdamW) and one prefill, medians, peak mem
 and layer 0's attention / MLP split (experiments/e2e_timing.py says how each is timed).
 Writes $OUT/e2e_layers.csv (GPU, torch, Triton, commit on every row; oom / error rows recorded) and
 prints the table and the FSA speedups. About 4 minutes on an H100 for the defaults.
-The resumable Hydra version with plots beside the paper: `python -m experiments.e2e` (results/e2e/).
+The resumable Hydra version with plots beside the paper, which also times prefill + 512 generated
+tokens: `python -m experiments.e2e` (results/e2e/).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ START = time.time()
 def measure(rows, base, model_name: str, n: int, backend: str, preset, args):
     bs, topk = preset if preset else (None, None)
     key = dict(model=model_name, layers=args.layers, N=n, backend=backend, block_size=bs or "", topk=topk or "")
-    for res in e2e_timing.measure(base, n, backend, preset, args.reps):
+    for res in e2e_timing.measure(base, n, backend, preset, args.reps, ("train", "prefill")):
         row = dict(key, step=res["step"], status=res["status"])
         if res["status"] == "ok":
             row.update({k: f"{res[k]:.2f}" for k in ("ms", "ms_per_layer", "peak_gb", "attn_ms", "mlp_ms")},
