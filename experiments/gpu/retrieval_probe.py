@@ -24,12 +24,15 @@ copy mechanism can form) and long ones (log-uniform in [--short-max, --seqlen], 
 long range, and for NSA the selection branch, are trained too). Same model, precision, optimizer and
 schedule as train_small (fp32 masters, AdamW, lr 1e-3 warmup 50 / cosine to 1e-4, clip 1).
 Evaluation: before training, every --eval-every steps and at the end, --eval-examples fresh
-examples of exactly --seqlen bytes per depth in --depths, the same examples for every backend and
-every evaluation (their generator is seeded apart from the training stream).
+examples of exactly --seqlen bytes per depth in --depths, and as many (at least) of --check-len bytes
+(default 1024, inside the training range: tells "never learned the task" from "fails at 16K"); the
+same examples for every backend and every evaluation (generators seeded apart from the training
+stream). Train accuracy is mostly that of short examples (about 94% of them are under 1K).
 Writes $OUT/retrieval_<backend>.csv (train rows: loss and accuracies over the last --log-every
-steps, train_s the time spent in training steps so far; eval rows: one per depth; seconds: the run's
-time with evaluations; GPU, torch, Triton, commit and the sizes on every row), $OUT/retrieval.png
-(held-out accuracy vs step, and at the end vs depth, per backend), and prints a summary table.
+steps, train_s the time spent in training steps so far; eval rows: one per (context, depth);
+seconds: the run's time with evaluations; GPU, torch, Triton, commit and the sizes on every row),
+$OUT/retrieval.png (held-out accuracy vs step, and at the end vs depth, per backend) and prints a
+summary table.
 Each backend is one run: they can go in separate calls (same seed, same data). The defaults are
 sized for about 4-5 minutes for the three backends on one H100 / H200 (an estimate from
 train_small's step times at the same 32K tokens per step, plus six evaluations of 192 examples).
@@ -145,20 +148,23 @@ def score(logits: torch.Tensor, batch: Packed, value_len: int):
 
 @torch.no_grad()
 def evaluate(model, args, device) -> list[dict]:
-    """One row per depth: loss and accuracy over --eval-examples fresh --seqlen examples (rounded
-    up to whole batches, so every forward has the training shape)."""
+    """One row per (context, depth): loss and accuracy over at least --eval-examples fresh examples
+    of that length, packed --batch x --seqlen bytes per forward (the training shape)."""
     rows = []
-    batches = -(-args.eval_examples // args.batch)
-    for i, depth in enumerate(args.depths):
-        gen = torch.Generator().manual_seed(args.seed + 1_000_003 + i)  # apart from the training stream
-        loss = exact = right = 0.0
-        for _ in range(batches):
-            batch = pack([args.seqlen] * args.batch, [depth] * args.batch, gen, args.key_len, args.value_len)
-            l, e, r = score(value_logits(model, batch, device), batch, args.value_len)
-            loss, exact, right = loss + l.item(), exact + e, right + r
-        n = batches * args.batch
-        rows.append(dict(depth=depth, examples=n, loss=f"{loss / batches:.4f}", acc=f"{exact / n:.4f}",
-                         token_acc=f"{right / (n * args.value_len):.4f}"))
+    for context in args.eval_contexts:
+        per_pack = args.batch * args.seqlen // context
+        packs = -(-args.eval_examples // per_pack)
+        for i, depth in enumerate(args.depths):
+            # one generator per (context, depth), apart from the training stream: the same examples every time
+            gen = torch.Generator().manual_seed(args.seed + 1_000_003 + 1_009 * context + i)
+            loss = exact = right = 0.0
+            for _ in range(packs):
+                batch = pack([context] * per_pack, [depth] * per_pack, gen, args.key_len, args.value_len)
+                l, e, r = score(value_logits(model, batch, device), batch, args.value_len)
+                loss, exact, right = loss + l.item(), exact + e, right + r
+            n = packs * per_pack
+            rows.append(dict(context=context, depth=depth, examples=n, loss=f"{loss / packs:.4f}",
+                             acc=f"{exact / n:.4f}", token_acc=f"{right / (n * args.value_len):.4f}"))
     return rows
 
 
@@ -169,7 +175,7 @@ def train(backend: str, args, size: dict, device, dtype, meta: dict) -> list[dic
     rows, t0 = [], time.time()
 
     def log(row):
-        row = dict(backend=backend, context=args.seqlen, **row, seconds=f"{time.time() - t0:.1f}")
+        row = dict(backend=backend, **row, seconds=f"{time.time() - t0:.1f}")
         rows.append(row)
         print(f"  [{time.time() - START:6.0f} s] " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
@@ -192,14 +198,16 @@ def train(backend: str, args, size: dict, device, dtype, meta: dict) -> list[dic
         train_s += time.time() - t  # loss.item() waited for the step
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
-            log(dict(phase="train", step=done, depth="mixed", examples=examples, loss=f"{loss_sum / n_logged:.4f}",
-                     acc=f"{exact / examples:.4f}", token_acc=f"{right / (examples * args.value_len):.4f}",
+            log(dict(phase="train", step=done, context="mixed", depth="mixed", examples=examples,
+                     loss=f"{loss_sum / n_logged:.4f}", acc=f"{exact / examples:.4f}",
+                     token_acc=f"{right / (examples * args.value_len):.4f}",
                      lr=f"{lr_at(step, args.steps, args.lr):.2e}", train_s=f"{train_s:.1f}"))
             loss_sum = exact = right = examples = n_logged = 0
         if done % args.eval_every == 0 or done == args.steps:
             run_eval(done)
-    meta = dict(meta, seed=args.seed, dtype=str(dtype).split(".")[-1], steps=args.steps, batch=args.batch,
-                min_len=args.min_len, short_max=args.short_max, key_len=args.key_len, value_len=args.value_len,
+    meta = dict(meta, seed=args.seed, dtype=str(dtype).split(".")[-1], steps=args.steps, seqlen=args.seqlen,
+                batch=args.batch, min_len=args.min_len, short_max=args.short_max, key_len=args.key_len,
+                value_len=args.value_len,
                 **{k: v for k, v in size.items() if k not in ("nsa", "context", "batch")}, **size["nsa"])
     write_rows(args.out / f"retrieval_{backend}.csv", rows, meta)
     return rows
@@ -223,7 +231,8 @@ def _mean_by_step(ev: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot(out: Path) -> Path | None:
     """retrieval.png: held-out accuracy (mean over depths) vs step, and at the last step vs needle
-    depth, one colour per backend; solid exact match, dashed per value byte."""
+    depth, at --seqlen, one colour per backend (solid exact match, dashed per value byte); the left
+    panel also has the exact match at the shorter check context (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,37 +242,45 @@ def plot(out: Path) -> Path | None:
     runs = read_csvs(out)
     if not runs:
         return None
+    meta = next(iter(runs.values()))[0]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.8))
-    handles = []
+    handles, checks = [], set()
     for name, rows in runs.items():
-        ev = [r for r in rows if r["phase"] == "eval"]
+        ev = [r for r in rows if r["phase"] == "eval" and r["context"] == r["seqlen"]]
         last = max(int(r["step"]) for r in ev)
         final = sorted((float(r["depth"]), r) for r in ev if int(r["step"]) == last)
-        color = None  # the next of the cycle, then kept for the backend's second line
+        color = None  # the next of the cycle, then kept for the backend's other lines
         for key, style in (("acc", "o-"), ("token_acc", "s--")):
             line, = left.plot(*_mean_by_step(ev, key), style, ms=3, color=color)
             color = line.get_color()
             right.plot([100 * d for d, _ in final], [float(r[key]) for _, r in final], style, ms=4, color=color)
+        short = [r for r in rows if r["phase"] == "eval" and r["context"] != r["seqlen"]]
+        if short:
+            left.plot(*_mean_by_step(short, "acc"), "x:", ms=4, color=color)
+            checks.add(short[0]["context"])
         handles.append(Line2D([], [], color=color, label=name))
-    meta = next(iter(runs.values()))[0]
-    chance = 1 / len(VALUES)
     for ax in (left, right):
-        ax.axhline(chance, color="gray", lw=0.8, ls=":")
+        ax.axhline(1 / len(VALUES), color="gray", lw=0.8, ls="-.")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     left.set_xlabel("training step")
     left.set_ylabel("held-out accuracy (mean over needle depths)")
     right.set_xlabel("needle depth (% of the context)")
-    right.set_ylabel(f"held-out accuracy after {meta['steps']} steps")
-    right.set_xticks(sorted({100 * float(r["depth"]) for rows in runs.values() for r in rows if r["phase"] == "eval"}))
-    fig.suptitle(f"Needle retrieval at {meta['context']} bytes ({meta['eval_examples']} fresh examples per depth): "
+    right.set_ylabel(f"held-out accuracy at {meta['seqlen']} bytes after {meta['steps']} steps")
+    right.set_xticks(sorted({100 * d for d, _ in final}))
+    fig.suptitle(f"Needle retrieval at {meta['seqlen']} bytes ({final[0][1]['examples']} fresh examples per depth): "
                  f"{meta['layers']}-layer Llama, {meta['steps']} training steps\n"
                  f"{meta['dtype']} on {meta['gpu']}, commit {meta['git_commit']}", fontsize=9)
-    handles += [Line2D([], [], color="k", marker="o", ms=3, label=f"exact match (all {meta['value_len']} value bytes)"),
-                Line2D([], [], color="k", ls="--", marker="s", ms=3, label="per value byte"),
-                Line2D([], [], color="gray", ls=":", label=f"per-byte chance (1/{len(VALUES)})")]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))  # the legend sits below the axes, on no data
+    styles = [Line2D([], [], color="k", marker="o", ms=3, label=f"exact match (all {meta['value_len']} value bytes)"),
+              Line2D([], [], color="k", ls="--", marker="s", ms=3, label="per value byte")]
+    styles += [Line2D([], [], color="k", ls=":", marker="x", ms=4, label=f"exact match at {c} bytes")
+               for c in sorted(checks, key=int)]
+    styles.append(Line2D([], [], color="gray", ls="-.", label=f"per-byte chance (1/{len(VALUES)})"))
+    # below the axes, on no data: the backends on the left, the line styles on the right
+    fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.06, 0), ncol=len(handles), fontsize=8,
+               title="attention", title_fontsize=8)
+    fig.legend(handles=styles, loc="lower right", bbox_to_anchor=(0.98, 0), ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     path = out / "retrieval.png"
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -271,16 +288,16 @@ def plot(out: Path) -> Path | None:
 
 
 def summary(out: Path) -> list[dict]:
-    """Per backend and depth: the last evaluation, the time in training steps and the run's time."""
+    """Per backend, context and depth: the last evaluation, the time in training steps and the run's time."""
     table = []
     for name, rows in read_csvs(out).items():
         last = max(int(r["step"]) for r in rows)
         train_s = [r["train_s"] for r in rows if r["phase"] == "train"][-1:] or [""]
         for r in rows:
             if r["phase"] == "eval" and int(r["step"]) == last:
-                table.append(dict(backend=name, step=last, depth=r["depth"], examples=r["examples"],
-                                  loss=r["loss"], acc=r["acc"], token_acc=r["token_acc"], train_s=train_s[0],
-                                  run_s=rows[-1]["seconds"]))
+                table.append(dict(backend=name, step=last, context=r["context"], depth=r["depth"],
+                                  examples=r["examples"], loss=r["loss"], acc=r["acc"], token_acc=r["token_acc"],
+                                  train_s=train_s[0], run_s=rows[-1]["seconds"]))
     return table
 
 
@@ -295,6 +312,10 @@ def parse(argv=None):
     ap.add_argument("--short-max", type=int, default=None, help="short / long training example split (default 1024)")
     ap.add_argument("--depths", default="0.05,0.25,0.5,0.9", help="needle depths evaluated (fractions)")
     ap.add_argument("--eval-examples", type=int, default=None, help="per depth (default 48)")
+    ap.add_argument("--check-len", type=int, default=None,
+                    help="a second, shorter evaluation context inside the training range, to tell 'never learned "
+                         "the task' from 'fails at --seqlen' (default --short-max if it divides batch x seqlen; "
+                         "0: none); must divide batch x seqlen")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=None, help="train rows average this many steps (default 10)")
     ap.add_argument("--key-len", type=int, default=4)
@@ -309,6 +330,13 @@ def parse(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.depths = [float(d) for d in args.depths.split(",")]
+    check = args.check_len
+    if check is None:  # --short-max where it packs evenly, else no check context
+        check = 0 if (args.batch * args.seqlen) % args.short_max or args.short_max >= args.seqlen else args.short_max
+    if check and (check >= args.seqlen or (args.batch * args.seqlen) % check):
+        ap.error(f"--check-len must be shorter than --seqlen and divide batch x seqlen = {args.batch * args.seqlen}, "
+                 f"got {check}")
+    args.eval_contexts = [args.seqlen] + ([check] if check else [])
     args.backends = args.backends or ("dense,torch" if args.tiny else "dense,nsa,fsa")
     return args
 
@@ -326,7 +354,6 @@ def main(argv=None) -> int:
         require_cuda()
         size, device, dtype, meta = FULL, "cuda", torch.bfloat16, run_meta()
     size = dict(size, context=args.seqlen)  # max_position_embeddings
-    meta = dict(meta, eval_examples=-(-args.eval_examples // args.batch) * args.batch)
     print(f"retrieval_probe: {args.backends} x {args.steps} steps of {args.batch} x {args.seqlen} bytes, {dtype}, "
           f"on {meta['gpu']}, commit {meta['git_commit']}", flush=True)
     finite = True

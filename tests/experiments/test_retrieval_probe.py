@@ -64,17 +64,22 @@ def test_tiny_run_writes_csvs_and_plot(tmp_path):
     pytest.importorskip("transformers", reason="the `models` extra (transformers) is not installed")
     from experiments.gpu import retrieval_probe
 
-    assert retrieval_probe.main(["--tiny", "--steps", "2", "--depths", "0.05,0.5", "--out", str(tmp_path)]) == 0
+    # one 256-byte row per step (a short-example row, then a long one), 2 depths, the check context 64
+    argv = ["--tiny", "--steps", "2", "--batch", "1", "--depths", "0.05,0.5", "--out", str(tmp_path)]
+    assert retrieval_probe.main(argv) == 0
     for backend in ("dense", "torch"):
         with open(tmp_path / f"retrieval_{backend}.csv") as f:
             rows = list(csv.DictReader(f))
-        assert {"backend", "phase", "step", "depth", "context", "examples", "loss", "acc", "token_acc", "gpu", "torch",
-                "triton", "git_commit", "seed", "dtype"} <= rows[0].keys()
-        assert [(r["phase"], r["step"], r["depth"]) for r in rows] == [
-            ("eval", "0", "0.05"), ("eval", "0", "0.5"), ("train", "1", "mixed"), ("train", "2", "mixed"),
-            ("eval", "2", "0.05"), ("eval", "2", "0.5")]
+        assert {"backend", "phase", "step", "context", "depth", "examples", "loss", "acc", "token_acc", "train_s",
+                "seconds", "gpu", "torch", "triton", "git_commit", "seed", "dtype", "seqlen"} <= rows[0].keys()
+        evals = [(c, d) for c in ("256", "64") for d in ("0.05", "0.5")]  # --seqlen, then --check-len
+        assert [(r["phase"], r["step"], r["context"], r["depth"]) for r in rows] == [
+            *[("eval", "0", c, d) for c, d in evals],
+            ("train", "1", "mixed", "mixed"), ("train", "2", "mixed", "mixed"),
+            *[("eval", "2", c, d) for c, d in evals]]
+        assert [r["examples"] for r in rows if r["phase"] == "eval"][:4] == ["2", "2", "4", "4"]  # whole packs
         assert all(math.isfinite(float(r["loss"])) and 0 <= float(r["acc"]) <= 1 for r in rows)
-        assert all(0 <= float(r["token_acc"]) <= 1 and r["context"] == "256" for r in rows)
-        assert float(rows[3]["train_s"]) > 0 and rows[3]["examples"] != "0" and rows[0]["train_s"] == ""
+        assert all(0 <= float(r["token_acc"]) <= 1 and r["seqlen"] == "256" for r in rows)
+        assert float(rows[5]["train_s"]) > 0 and int(rows[5]["examples"]) > 0 and rows[0]["train_s"] == ""
         assert rows[0]["gpu"] == "none (CPU)" and rows[0]["git_commit"] and rows[0]["dtype"] == "float32"
     assert (tmp_path / "retrieval.png").stat().st_size > 10_000
