@@ -35,7 +35,8 @@ $OUT/retrieval.png (held-out accuracy vs step, and at the end vs depth, per back
 summary table.
 Each backend is one run: they can go in separate calls (same seed, same data). The defaults are
 sized for about 4-5 minutes for the three backends on one H100 / H200 (an estimate from
-train_small's step times at the same 32K tokens per step, plus six evaluations of 192 examples).
+train_small's step times at the same 32K tokens per step, plus six evaluations of 4 x 48
+examples at 16K and 4 x 64 at 1K).
 """
 from __future__ import annotations
 
