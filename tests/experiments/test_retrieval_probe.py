@@ -64,8 +64,9 @@ def test_tiny_run_writes_csvs_and_plot(tmp_path):
     pytest.importorskip("transformers", reason="the `models` extra (transformers) is not installed")
     from experiments.gpu import retrieval_probe
 
-    # one 256-byte row per step (a short-example row, then a long one), 2 depths, the check context 64
-    argv = ["--tiny", "--steps", "2", "--batch", "1", "--depths", "0.05,0.5", "--out", str(tmp_path)]
+    # one 256-byte row per step (a short-example row, then a long one); per depth one pack of each context
+    argv = ["--tiny", "--steps", "2", "--batch", "1", "--depths", "0.05,0.5", "--eval-examples", "1",
+            "--out", str(tmp_path)]
     assert retrieval_probe.main(argv) == 0
     for backend in ("dense", "torch"):
         with open(tmp_path / f"retrieval_{backend}.csv") as f:
@@ -77,7 +78,7 @@ def test_tiny_run_writes_csvs_and_plot(tmp_path):
             *[("eval", "0", c, d) for c, d in evals],
             ("train", "1", "mixed", "mixed"), ("train", "2", "mixed", "mixed"),
             *[("eval", "2", c, d) for c, d in evals]]
-        assert [r["examples"] for r in rows if r["phase"] == "eval"][:4] == ["2", "2", "4", "4"]  # whole packs
+        assert [r["examples"] for r in rows if r["phase"] == "eval"][:4] == ["1", "1", "4", "4"]  # whole packs
         assert all(math.isfinite(float(r["loss"])) and 0 <= float(r["acc"]) <= 1 for r in rows)
         assert all(0 <= float(r["token_acc"]) <= 1 and r["seqlen"] == "256" for r in rows)
         assert float(rows[5]["train_s"]) > 0 and int(rows[5]["examples"]) > 0 and rows[0]["train_s"] == ""
