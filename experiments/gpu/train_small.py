@@ -86,6 +86,36 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 50) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def fp32_adamw(model, lr: float) -> tuple[list[torch.Tensor], torch.optim.AdamW]:
+    """fp32 master copies of the (bf16) weights and the AdamW that steps them."""
+    master = [p.detach().float().clone().requires_grad_() for p in model.parameters()]
+    return master, torch.optim.AdamW(master, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def adamw_step(model, master: list[torch.Tensor], opt, lr: float) -> None:
+    """One optimizer step after backward: the model's grads go to the fp32 masters (norm clipped to
+    1), AdamW steps there at `lr`, the result is copied back into the model."""
+    for p, m in zip(model.parameters(), master):
+        m.grad = p.grad.float()
+        p.grad = None
+    torch.nn.utils.clip_grad_norm_(master, 1.0)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p, m in zip(model.parameters(), master):
+            p.copy_(m)
+
+
+def cpu_meta() -> dict:
+    """The provenance columns of a CPU smoke run (run_meta needs CUDA)."""
+    from experiments.runner import git_commit
+    import triton
+
+    return dict(gpu="none (CPU)", torch=torch.__version__, triton=triton.__version__, git_commit=git_commit())
+
+
 def loss_of(model, ids: torch.Tensor) -> torch.Tensor:
     logits = model(ids[:, :-1]).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
@@ -103,25 +133,14 @@ def train(backend: str, args, size: dict, device, dtype, meta: dict) -> list[dic
     split = int(data.numel() * 0.95)
     train_data, held = data[:split], data[split:]
     model = build(size, backend, args.seed, device, dtype)
-    master = [p.detach().float().clone().requires_grad_() for p in model.parameters()]  # fp32 masters
-    opt = torch.optim.AdamW(master, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    master, opt = fp32_adamw(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     rows, window, t0 = [], [], time.time()
     for step in range(args.steps):
         ids = windows(train_data, size["batch"], size["context"] + 1, gen).to(device)
         loss = loss_of(model, ids)
         loss.backward()
-        for p, m in zip(model.parameters(), master):
-            m.grad = p.grad.float()
-            p.grad = None
-        torch.nn.utils.clip_grad_norm_(master, 1.0)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for p, m in zip(model.parameters(), master):
-                p.copy_(m)
+        adamw_step(model, master, opt, lr_at(step, args.steps, args.lr))
         window.append(loss.item())
         last = step == args.steps - 1
         if (step + 1) % args.log_every == 0 or last:
@@ -196,9 +215,7 @@ def main() -> int:
         args.backends = args.backends or "dense,torch"
         args.max_bytes = args.max_bytes or 200_000
         args.eval_batches, args.log_every = 1, 1
-        from experiments.runner import git_commit
-        import triton
-        meta = dict(gpu="none (CPU)", torch=torch.__version__, triton=triton.__version__, git_commit=git_commit())
+        meta = cpu_meta()
     else:
         require_cuda()
         size, device, dtype = FULL, "cuda", torch.bfloat16
