@@ -124,8 +124,9 @@ class NSAAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gates, k_weight, k_pos, v_weight, v_pos, cu_seqlens, cfg: Config):
         ks, st = cfg.kernel_size, cfg.kernel_stride
-        k_cmp, cu_cmp, k_state = compress_kv_forward(k, cu_seqlens, ks, st, k_weight, k_pos)
-        v_cmp, _, v_state = compress_kv_forward(v, cu_seqlens, ks, st, v_weight, v_pos)
+        need = ctx.needs_input_grad
+        k_cmp, cu_cmp, k_state = compress_kv_forward(k, cu_seqlens, ks, st, k_weight, k_pos, need[4] or need[5])
+        v_cmp, _, v_state = compress_kv_forward(v, cu_seqlens, ks, st, v_weight, v_pos, need[6] or need[7])
         cu, cu_cmp_checked, scale = checked_compressed_args(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, ks, st, None)
         meta = varlen_meta(cu_seqlens, cu_cmp, cu, cu_cmp_checked, q.shape[0], k_cmp.shape[0])
         o_cmp, lse_cmp = compressed_fwd(q, k_cmp, v_cmp, meta, ks, st, scale)
@@ -148,7 +149,8 @@ class NSAAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, d_cmp, d_slc, d_win, _):
         (q, k, v, gates, k_weight, k_pos, v_weight, v_pos, k_cmp, v_cmp, o_cmp, lse_cmp, o_slc, lse_slc, o_win,
          lse_win, block_indices) = ctx.saved_tensors
-        cu_seqlens, cfg, scale, meta, k_state, v_state, (family, slc_state, slc_cu), tables, window, win_cfgs = ctx.state
+        cu_seqlens, cfg, scale, meta, k_state, v_state, slc, tables, window, win_cfgs = ctx.state
+        family, slc_state, slc_cu = slc
         outs = (o_cmp, o_slc, o_win)
         dgates, do_cmp, do_slc, do_win = _gated_sum_grads(do, gates, outs, (d_cmp, d_slc, d_win),
                                                            ctx.needs_input_grad[3])
@@ -159,10 +161,11 @@ class NSAAttentionFunction(torch.autograd.Function):
                       slc_cu, scale, (dq, dk, dv))
         _, dk_cmp, dv_cmp = compressed_bwd(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, None, meta, cfg.kernel_size,
                                            cfg.kernel_stride, scale, dq=dq, accumulate=True)
+        need = ctx.needs_input_grad
         dkw, dkp = compress_into_backward(dk_cmp, dk, k, cu_seqlens, cfg.kernel_size, cfg.kernel_stride, k_state,
-                                          k_weight, k_pos)
+                                          k_weight, k_pos, need[4] or need[5])
         dvw, dvp = compress_into_backward(dv_cmp, dv, v, cu_seqlens, cfg.kernel_size, cfg.kernel_stride, v_state,
-                                          v_weight, v_pos)
+                                          v_weight, v_pos, need[6] or need[7])
         return dq, dk, dv, dgates, dkw, dkp, dvw, dvp, None, None
 
 

@@ -123,7 +123,9 @@ def pick_summaries(y: torch.Tensor, layout: BlockLayout, dtype: torch.dtype) -> 
     """x_cmp [N_cmp, H, D] in `dtype` from the windows y [H, windows, D]: window j starts at block j;
     summaries pick theirs (a sequence's windows past its end, or across two sequences, are dropped)."""
     y = y[:, : layout.num_cmp] if layout.first_block is None else y.index_select(1, layout.first_block)
-    return y.to(dtype).transpose(0, 1).contiguous()
+    out = y.new_empty(y.shape[1], y.shape[0], y.shape[2], dtype=dtype)
+    out.transpose(0, 1).copy_(y)  # cast and transpose in one pass (autograd: one CopyBackwards)
+    return out
 
 
 def compress_blocks(x: torch.Tensor, layout: BlockLayout, kernel_size: int, kernel_stride: int,
