@@ -201,10 +201,14 @@ def test_window_and_compressed_accumulate_modes():
     _check_accumulated(plain, added, ("compressed dq",))
 
 
-@pytest.mark.parametrize("family", ["nsa", "fsa"])
-def test_selected_accumulate_modes(family):
+@pytest.mark.parametrize("family", ["nsa", "fsa", "fsa-passes"])
+def test_selected_accumulate_modes(family, monkeypatch):
     """Busy blocks (the sink block is chosen by every query) go through the reduce kernels, blocks no
-    query chose through the zero / skip path: every store of both families adds in accumulate mode."""
+    query chose through the zero / skip path: every store of both families adds in accumulate mode.
+    fsa-passes: a buffer budget so small that FSA runs one query head per pass (fp32 dK/dV sums)."""
+    if family == "fsa-passes":
+        monkeypatch.setenv("FSA_BUFFER_BUDGET_GB", "1e-9")
+        family = "fsa"
     from tests.ops.cases import Case
     from nsa_baseline.utils.block_index import build_block_index
     from nsa_baseline.utils.varlen import token_positions
