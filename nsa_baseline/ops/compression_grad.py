@@ -59,15 +59,11 @@ def compress_into_backward(dx_cmp, dx, x, cu_seqlens, kernel_size: int, kernel_s
     (contiguous, x's dtype); returns (d weight, d pos_emb), None for mean pooling or without
     need_weights (their GEMM and reductions are then skipped)."""
     weight_grads = weight is not None and need_weights
-    if state.num_cmp == 0:  # no summary: x gets nothing, the weights a zero gradient
-        return (_zero_like(weight), _zero_like(pos_emb)) if weight_grads else (None, None)
+    if state.num_cmp == 0:  # no summary: the weights are not used (None, as compress_kv's autograd)
+        return None, None
     if state.layout is not None:
         return _blocks_backward(dx_cmp, dx, state, kernel_size, kernel_stride, weight, pos_emb, weight_grads)
     return _gather_backward(dx_cmp, dx, x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb, weight_grads)
-
-
-def _zero_like(t):
-    return None if t is None else torch.zeros_like(t)
 
 
 def _window_grad(dx_cmp, layout: BlockLayout, num_windows: int, dtype) -> torch.Tensor:

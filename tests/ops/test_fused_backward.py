@@ -91,6 +91,17 @@ def test_fused_fp16_equals_per_branch(backend):
                 "fp16 fused vs per-branch")
 
 
+@pytest.mark.parametrize("backend", ["nsa", "fsa"])
+def test_no_sequence_reaches_kernel_size(backend):
+    """No summary at all: the compressed branch adds nothing, the weights get no gradient (None, as
+    the per-branch path)."""
+    m = make_module(backend, 3, 1, "linear")
+    q, k, v, gates = (t[:13] for t in inputs(3, 1)[0])
+    cu = torch.tensor([0, 5, 7, 13], dtype=torch.int32)
+    check_grads(fwd_bwd(m, [q, k, v, gates], cu), fwd_bwd(m, [q, k, v, gates], cu, fused=False),
+                FUSED_TOL[torch.float32], "no summaries")
+
+
 def test_frozen_compression_weights():
     """Compression weights that need no gradient: none computed, the inputs' gradients unchanged."""
     m = make_module("fsa", 3, 1, "linear")
