@@ -38,6 +38,10 @@ class NativeSparseAttention(nn.Module):
         backend: "torch" | "nsa" | "fsa" | "auto" (see nsa_baseline.backends). bias: for the projections.
         projections: False builds the attention core alone (no q/k/v/gate/o projections; only
             `attention` works), for models that bring their own (nsa_baseline.models).
+
+    Attribute `fused_backward` (default True): with a kernel backend, `attention` runs as one
+    autograd Function whose backward adds every branch's gradient into shared dq / dk / dv buffers
+    (nsa_baseline.fused_attention); False: one Function per branch, autograd adding their gradients.
     """
 
     def __init__(self, hidden_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
