@@ -33,7 +33,9 @@ F32_PTRS = {"lse", "lse2", "delta", "dlse"}
 
 def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int,
                  scalars: dict = SCALARS, int_ptrs: set = INT_PTRS):
-    """`scalars` (name -> type) and `int_ptrs` name the non-float arguments (other kernels' names)."""
+    """`scalars` (name -> type) and `int_ptrs` name the non-float arguments (other kernels' names);
+    `constexprs` may name some that `fn` lacks (one dict for a branch's kernels): those are dropped."""
+    constexprs = {a: val for a, val in constexprs.items() if a in fn.arg_names}
     sig = {}
     for a in fn.arg_names:
         if a in constexprs:
@@ -72,7 +74,7 @@ def main():
     for g in map(int, args.g.split(",")):
         for varlen in (False, True):
             common = dict(G=g, D=args.d, BLOCK_D=max(16, triton.next_power_of_2(args.d)), KS=32, STRIDE=16,
-                          VARLEN=varlen, PREC=prec, WHILE_LOOP=False)
+                          VARLEN=varlen, PREC=prec, WHILE_LOOP=False, SPLITS=1, ACCUMULATE=False)
             for name, fn, c in (("fwd", K.compressed_fwd_kernel, cfgs.fwd),
                                 ("dkdv", K.compressed_bwd_dkdv_kernel, cfgs.dkdv),
                                 ("dq", K.compressed_bwd_dq_kernel, cfgs.dq)):

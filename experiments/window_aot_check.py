@@ -42,7 +42,7 @@ def main():
             cfgs = CONFIGS[(d_pad, 4 if args.dtype == "fp32" else 2)] if cname == "table" else CHOICES[cname]
             for varlen in (False, True):
                 common = dict(G=g, D=args.d, BLOCK_D=max(16, triton.next_power_of_2(args.d)), VARLEN=varlen,
-                              PREC=prec, WHILE_LOOP=False)
+                              PREC=prec, WHILE_LOOP=False, ACCUMULATE=False)
                 for name, fn, c in (("fwd", K.window_fwd_kernel, cfgs.fwd),
                                     ("dkdv", K.window_bwd_dkdv_kernel, cfgs.dkdv),
                                     ("dq", K.window_bwd_dq_kernel, cfgs.dq)):

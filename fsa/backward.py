@@ -117,6 +117,9 @@ def fsa_selected_bwd_dkdv_reduce_kernel(
     n_items = tl.load(item_offsets + r + 1) - first
     if n_items == 1:
         return
+    if ACCUMULATE:
+        if n_items == 0:  # nothing to add to the block's keys
+            return
     o_d = tl.arange(0, D_PAD)
     o_r = i_key * KEY_ROWS + tl.arange(0, KEY_ROWS)  # keys inside the block
     o_k = tl.load(block_start + i_b) + o_r
@@ -143,34 +146,54 @@ def fsa_selected_bwd_dq_reduce_kernel(
     dq_part, pair_pos, row_offsets, dq, N, H_OFF,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr, T: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SUB: tl.constexpr, SUB_STRIDE,
+    ACCUMULATE: tl.constexpr,
 ):
+    """Grid (token tiles, query heads of the pass): dq [N, HQ, D] of each token = its pair rows' dQ
+    partials summed in slot order, then key tile order (deterministic). ACCUMULATE: dq's value is the
+    first term of that sum (the module's fused backward adds its branches this way)."""
     i_h, i_j, i_hq, o_n, m_n = reduce_rows(N, H_OFF, G, G_OFF, GC, BLOCK_N)
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
+    p_dq = dq + o_n[:, None].to(tl.int64) * (HQ * D) + i_hq * D + o_d[None, :]
+    m_dq = m_n[:, None] & m_d[None, :]
     b_dq = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    if ACCUMULATE:
+        b_dq += tl.load(p_dq, mask=m_dq, other=0.0).to(tl.float32)
     p_first = tl.load(row_offsets)  # the pass's first pair position
     for i_t in range(T):
         row, ok = slot_rows(pair_pos, p_first, o_n, m_n, i_h, i_j, i_t, H, T, GC)
         for i_sub in tl.static_range(NUM_SUB):
             b_dq += tl.load(dq_part + (i_sub * SUB_STRIDE + row)[:, None] * D + o_d[None, :],
                             mask=ok[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-    tl.store(dq + o_n[:, None].to(tl.int64) * (HQ * D) + i_hq * D + o_d[None, :], b_dq.to(dq.dtype.element_ty),
-             mask=m_n[:, None] & m_d[None, :])
+    tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_dq)
 
 
-def fsa_selected_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float, dlse=None):
+def _dkdv_buffers(out, k, whole_groups: bool, accumulate: bool):
+    """(dk_acc, dv_acc) the kernels write. Whole groups per pass: every block's dK/dV is final when
+    written, so it goes to the output itself (at 256K x 64 KV heads, fp32 accumulators and their cast
+    cost 13 GB more at the peak); else fp32 accumulators (holding the output's value when accumulating)."""
+    if whole_groups:
+        if out is not None:
+            return out
+        return new_output(k.shape, k.dtype, k.device), new_output(k.shape, k.dtype, k.device)
+    if accumulate:
+        return out[0].float(), out[1].float()
+    return new_output(k.shape, torch.float32, k.device), new_output(k.shape, torch.float32, k.device)
+
+
+def fsa_selected_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float, dlse=None,
+                     out=None, accumulate: bool = False):
     """Host wrapper: returns dq, dk, dv (input dtype). dlse [HQ, N] is the gradient of the returned
-    lse, if any: d lse / d s = p, so it folds into delta (ds = p * (dp - delta + dlse))."""
+    lse, if any: d lse / d s = p, so it folds into delta (ds = p * (dp - delta + dlse)). `out`: the
+    (dq, dk, dv) buffers to write (contiguous, q's / k's shape and dtype; None allocates); accumulate:
+    add this branch's gradients to what they hold (each element once, in a fixed order: deterministic)."""
     plan = launch_plan(q, k, block_size, topk, backward=True)
     n, hq, h, g, d, d_pad, cfg = plan.n, plan.hq, plan.h, plan.g, plan.d, plan.d_pad, plan.cfg
     do = do.contiguous()
     delta = softmax_bwd_delta(o, do, dlse)  # [HQ, N] fp32, one pass
-    dq = new_output((n, hq, d), q.dtype, q.device)
-    # Whole groups per pass: every block's dK/dV is final when written, so it goes out in the input
-    # dtype (at 256K x 64 KV heads, fp32 accumulators and their cast cost 13 GB more at the peak).
-    acc_dtype = k.dtype if plan.heads_per_pass == g else torch.float32
-    dk_acc = new_output((n, h, d), acc_dtype, q.device)
-    dv_acc = new_output((n, h, d), acc_dtype, q.device)
+    dq = out[0] if out is not None else new_output((n, hq, d), q.dtype, q.device)
+    whole_groups = plan.heads_per_pass == g
+    dk_acc, dv_acc = _dkdv_buffers(None if out is None else out[1:], k, whole_groups, accumulate)
     key_tile = min(block_size, cfg.key_tile)
     reduce_rows = min(block_size, cfg.reduce_key_rows)  # a larger setting would launch no program
     num_sub = block_size // key_tile
@@ -185,17 +208,24 @@ def fsa_selected_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, sca
             scale, scale * LOG2E, n, sched.num_rows, index.nb_bound, h0, sub_stride,
             HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, D=d, D_PAD=d_pad, BS=block_size,
             BLOCK_M=cfg.block_m, CHUNK_TILES=cfg.chunk_tiles, SEARCH_STEPS=sched.search_steps,
-            KEY_TILE=key_tile, ACCUMULATE=g0 > 0, DOT_PRECISION=plan.precision,
+            KEY_TILE=key_tile, ACCUMULATE=g0 > 0 or accumulate, DOT_PRECISION=plan.precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         fsa_selected_bwd_dkdv_reduce_kernel[(sched.num_rows, block_size // reduce_rows)](
             dk_acc, dv_acc, dkv_part, sched.item_offsets, index.block_start, index.block_end, index.nb_bound, h0,
-            H=h, D=d, D_PAD=d_pad, BS=block_size, KEY_ROWS=reduce_rows, ACCUMULATE=g0 > 0,
+            H=h, D=d, D_PAD=d_pad, BS=block_size, KEY_ROWS=reduce_rows, ACCUMULATE=g0 > 0 or accumulate,
             num_warps=4 if reduce_rows * d_pad >= 2048 else 2,
         )
         fsa_selected_bwd_dq_reduce_kernel[(triton.cdiv(n, cfg.block_n), hcur * gcur)](
             dq_part, index.pair_pos, sched.row_offsets, dq, n, h0,
             HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, T=topk, D=d, D_PAD=d_pad, BLOCK_N=cfg.block_n,
-            NUM_SUB=num_sub, SUB_STRIDE=sub_stride, num_warps=4 if d_pad >= 128 else 2,
+            NUM_SUB=num_sub, SUB_STRIDE=sub_stride, ACCUMULATE=accumulate,
+            num_warps=4 if d_pad >= 128 else 2,
         )
-    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)  # no copy when already in the input dtype
+    if whole_groups:
+        return dq, dk_acc, dv_acc
+    if out is None:
+        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    out[1].copy_(dk_acc)  # query heads split over passes (very long inputs): the fp32 sums' one cast
+    out[2].copy_(dv_acc)
+    return out

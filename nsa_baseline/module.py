@@ -38,6 +38,10 @@ class NativeSparseAttention(nn.Module):
         backend: "torch" | "nsa" | "fsa" | "auto" (see nsa_baseline.backends). bias: for the projections.
         projections: False builds the attention core alone (no q/k/v/gate/o projections; only
             `attention` works), for models that bring their own (nsa_baseline.models).
+
+    Attribute `fused_backward` (default True): with a kernel backend, `attention` runs as one
+    autograd Function whose backward adds every branch's gradient into shared dq / dk / dv buffers
+    (nsa_baseline.fused_attention); False: one Function per branch, autograd adding their gradients.
     """
 
     def __init__(self, hidden_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -73,6 +77,10 @@ class NativeSparseAttention(nn.Module):
         self.window_size, self.rope_theta, self.compression, self.backend = window_size, rope_theta, compression, backend
         self._backend: Optional[Backend] = None
         self.projections = bool(projections)
+        # One autograd Function for the whole attention whose backward sums the branches' gradients
+        # in shared buffers (nsa_baseline.fused_attention) where every branch runs a kernel; False:
+        # one Function per branch, autograd adds their gradients (for comparisons).
+        self.fused_backward = True
 
         if self.projections:
             self.q_proj = nn.Linear(hidden_size, num_q_heads * head_dim, bias=bias)
@@ -164,6 +172,40 @@ class NativeSparseAttention(nn.Module):
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
                 raise ValueError(f"argument `{name}` must be {list(shape)}, got {tuple(getattr(t, 'shape', ()))}")
         fns = self.branches()
+        if self._fused(q, k, v, gates):
+            from nsa_baseline.fused_attention import fused_attention
+
+            o, o_cmp, o_slc, o_win, block_indices = fused_attention(
+                q, k, v, gates, cu_seqlens, self._fused_config(fns), *self._compression_weights())
+        else:
+            o, o_cmp, o_slc, o_win, block_indices = self._branch_attention(fns, q, k, v, gates, cu_seqlens)
+        if not return_branches:
+            return o
+        return o, {"compressed": o_cmp, "selected": o_slc, "window": o_win, "block_indices": block_indices}
+
+    def _compression_weights(self) -> tuple:
+        """(k weight, k pos_emb, v weight, v pos_emb); Nones for mean pooling."""
+        if self.compression == "linear":
+            return self.k_cmp_weight, self.k_cmp_pos, self.v_cmp_weight, self.v_cmp_pos
+        return None, None, None, None
+
+    def _fused(self, q, k, v, gates) -> bool:
+        """Whether attention runs as one Function with the fused backward (kernel backends only; the
+        kernels are imported on first use, as in branches())."""
+        if not self.fused_backward or self.backend not in FAMILIES:
+            return False
+        from nsa_baseline.fused_attention import fused_supported
+
+        return fused_supported(self.backend, q, k, v, gates)
+
+    def _fused_config(self, fns: Backend):
+        from nsa_baseline.fused_attention import Config
+
+        return Config(self.kernel_size, self.kernel_stride, self.block_size, self.topk, self.init_blocks,
+                      self.local_blocks, self.window_size, self.backend, fns.select_blocks_from_compressed)
+
+    def _branch_attention(self, fns: Backend, q, k, v, gates, cu_seqlens):
+        """One autograd Function per branch (the torch backend, and where a kernel does not serve)."""
         ks, st = self.kernel_size, self.kernel_stride
         if self.compression == "linear":
             k_cmp, cu_cmp = fns.compress_kv(k, cu_seqlens, ks, st, self.k_cmp_weight, self.k_cmp_pos)
@@ -179,9 +221,7 @@ class NativeSparseAttention(nn.Module):
         o_slc = fns.selected_attention(q, k, v, block_indices, self.block_size, cu_seqlens=cu_seqlens)
         o_win = fns.sliding_window_attention(q, k, v, self.window_size, cu_seqlens)
         o = fns.gated_sum(gates, o_cmp, o_slc, o_win)  # [N, HQ, D] = sum_b gates[..., b:b+1] * o_b
-        if not return_branches:
-            return o
-        return o, {"compressed": o_cmp, "selected": o_slc, "window": o_win, "block_indices": block_indices}
+        return o, o_cmp, o_slc, o_win, block_indices
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, HQ={self.num_q_heads}, H={self.num_kv_heads}, D={self.head_dim}, "

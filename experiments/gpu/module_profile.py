@@ -6,8 +6,8 @@ top CUDA kernels of one module fwd+bwd from torch.profiler.
 bf16, d = 128, (BS, T) = (64, 16), kv heads = 64 / g. Stages (do_bench medians, ms): compress_kv of k and v,
 compressed attention, the selection (scores + top-T, and the scores kernel alone), selected attention of
 each family, sliding window, SDPA full attention, and the module with its projections and without
-(module.attention: what the sweep times).
-Writes $OUT/module_stages.csv and $OUT/module_profile_<N>_<g>.txt.
+(module.attention: what the sweep times; also with fused_backward=False, the per-branch autograd path).
+Writes $OUT/module_stages.csv and $OUT/module_profile_<N>_<g>[_per_branch].txt.
 """
 from __future__ import annotations
 
@@ -98,19 +98,35 @@ def stages(n: int, g: int) -> None:
     gates = torch.rand(n, HQ, 3, device="cuda", dtype=BF16, requires_grad=True)
     for backend in ("fsa", "nsa"):
         mod = NativeSparseAttention(HQ * D, HQ, h, D, backend=backend).cuda().to(BF16)
-        calls = {"module {} fwd+bwd (with projections)": (lambda: mod(x), (x, *mod.parameters())),
-                 "module.attention {} fwd+bwd": (lambda: mod.attention(q, k, v, gates), (q, k, v, gates))}
-        for label, (f, leaves) in calls.items():
+        attn_leaves = (q, k, v, gates, *mod.parameters())
+        calls = {"module {} fwd+bwd (with projections)": (lambda: mod(x), (x, *mod.parameters()), True),
+                 "module.attention {} fwd+bwd": (lambda: mod.attention(q, k, v, gates), attn_leaves, True),
+                 # one autograd Function per branch, autograd adding their gradients (before issue #14)
+                 "module.attention {} fwd+bwd per-branch": (lambda: mod.attention(q, k, v, gates), attn_leaves,
+                                                            False)}
+        for label, (f, leaves, fused) in calls.items():
+            mod.fused_backward = fused
             ms = bench(fwd_bwd(f), leaves)
             ROWS.append(dict(N=n, g=g, stage=label.format(backend), ms=round(ms, 3)))
             print(f"N={n} g={g} {label.format(backend)}: {ms:.3f} ms", flush=True)
         if backend == "fsa":
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                fwd_bwd(lambda: mod.attention(q, k, v, gates))()
-                torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
-            with open(os.path.join(os.environ.get("OUT", "."), f"module_profile_{n}_{g}.txt"), "w") as f:
-                f.write(table)
+            for fused, suffix in ((True, ""), (False, "_per_branch")):
+                mod.fused_backward = fused
+                profile(lambda: mod.attention(q, k, v, gates), attn_leaves, f"module_profile_{n}_{g}{suffix}.txt")
+        mod.fused_backward = True
+
+
+def profile(f, leaves, name: str) -> None:
+    """CUDA kernel table of one fwd+bwd, the leaves' grads reset first as in bench (else AccumulateGrad
+    adds to the previous step's grads, kernels that a training step with zero_grad() does not run)."""
+    for t in leaves:
+        t.grad = None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fwd_bwd(f)()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
+        f.write(table)
 
 
 def _no_grad(fn):

@@ -259,8 +259,10 @@ def compressed_bwd_dq_kernel(
     q, k, v, do, lse2, delta, dq, tok_seq, cu, cu_cmp, N, qk_scale, scale,
     HQ, H, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     KS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr, ACCUMULATE: tl.constexpr = False,
 ):
+    """1-D grid of (row tile, KV head); dq [N, HQ, D]. ACCUMULATE: add to what dq holds (fp32 sum)
+    instead of overwriting it (the module's fused backward sums its branches' dq this way)."""
     i_h = tl.program_id(0) % H  # as the forward: longest row tiles first
     i_m = tl.num_programs(0) // H - 1 - tl.program_id(0) // H
     m_r, tok, i_hq, lo, hi = _rows(i_m * BLOCK_M, N * G, i_h, tok_seq, cu, cu_cmp, HQ, G, KS, STRIDE,
@@ -294,4 +296,7 @@ def compressed_bwd_dq_kernel(
         for c0 in range(c_mid, c_hi, BLOCK_N):
             b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, k, v, c0, c_hi, lo, hi, p_d, m_d, qk_scale,
                           H, D, BLOCK_N, PREC, True)
-    tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_q)
+    b_dq = b_dq * scale
+    if ACCUMULATE:
+        b_dq += tl.load(dq + p_q, mask=m_q, other=0.).to(tl.float32)
+    tl.store(dq + p_q, b_dq.to(dq.dtype.element_ty), mask=m_q)

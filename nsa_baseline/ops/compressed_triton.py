@@ -201,25 +201,32 @@ def bwd_dkdv(q, k_cmp, v_cmp, do, lse2, delta, meta: VarlenMeta, kernel_size: in
 
 
 def bwd_dq(q, k_cmp, v_cmp, do, lse2, delta, meta: VarlenMeta, kernel_size: int, kernel_stride: int,
-           scale: float, cfg: TileConfig):
-    """dq: one program per (row tile, KV head), looping over the summaries its rows see."""
+           scale: float, cfg: TileConfig, dq=None, accumulate: bool = False):
+    """dq: one program per (row tile, KV head), looping over the summaries its rows see. `dq`: the
+    buffer to write (None allocates); accumulate: add to what it holds."""
     n, hq, _ = q.shape
     h = k_cmp.shape[1]
-    dq = new_output(q.shape, q.dtype, q.device)
+    if dq is None:
+        dq = new_output(q.shape, q.dtype, q.device)
     compressed_bwd_dq_kernel[(triton.cdiv(n * (hq // h), cfg.block_m) * h,)](
         q, k_cmp, v_cmp, do, lse2, delta, dq, meta.tok_seq, meta.cu, meta.cu_cmp, n, scale * LOG2E, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_constexprs(q, k_cmp, meta, kernel_size, kernel_stride),
+        ACCUMULATE=accumulate, **_constexprs(q, k_cmp, meta, kernel_size, kernel_stride),
     )
     return dq
 
 
 def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, meta: VarlenMeta, kernel_size: int, kernel_stride: int,
-                   scale: float, cfgs: Optional[LaunchConfigs] = None):
-    """(dq, dk_cmp, dv_cmp) for the upstream gradients do [N, HQ, D] and dlse [HQ, N] (or None)."""
-    if k_cmp.shape[0] == 0:
-        return (torch.zeros_like(q), new_output(k_cmp.shape, k_cmp.dtype, k_cmp.device),
-                new_output(v_cmp.shape, v_cmp.dtype, v_cmp.device))
+                   scale: float, cfgs: Optional[LaunchConfigs] = None, dq=None, accumulate: bool = False):
+    """(dq, dk_cmp, dv_cmp) for the upstream gradients do [N, HQ, D] and dlse [HQ, N] (or None).
+    `dq`: the buffer to write (None allocates); accumulate: add the branch's dq to what it holds."""
+    if k_cmp.shape[0] == 0:  # no summary: the branch adds nothing to dq
+        empty = (new_output(k_cmp.shape, k_cmp.dtype, k_cmp.device), new_output(v_cmp.shape, v_cmp.dtype, v_cmp.device))
+        if dq is None:
+            dq = torch.zeros_like(q)
+        elif not accumulate:
+            dq.zero_()
+        return (dq,) + empty
     if cfgs is None:
         cfgs = launch_configs(q.shape[2], q.dtype)
         cfgs = cfgs._replace(dkdv=dkdv_config(cfgs.dkdv, k_cmp.shape[0], k_cmp.shape[1], q.device,
@@ -227,7 +234,7 @@ def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, meta: VarlenMeta, kernel_s
     splits = cfgs.dkdv_splits or dkdv_splits(cfgs.dkdv, k_cmp.shape[0], k_cmp.shape[1], q.device)
     lse2, delta = bwd_preprocess(o, do, lse, dlse)
     dk, dv = bwd_dkdv(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dkdv, splits)
-    dq = bwd_dq(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dq)
+    dq = bwd_dq(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dq, dq, accumulate)
     return dq, dk, dv
 
 

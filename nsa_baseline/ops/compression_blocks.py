@@ -77,29 +77,64 @@ class _WindowSum(torch.autograd.Function):
         return dz, None, None
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the path's sums: fp32, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def key_blocks(x: torch.Tensor, layout: BlockLayout, kernel_stride: int) -> torch.Tensor:
+    """X_blk [H, NB, stride * D]: every head's stride-blocks flattened (differentiable)."""
+    h, d = x.shape[1], x.shape[2]
+    return _KeyBlocks.apply(x, layout, kernel_stride).view(h, layout.num_blocks, kernel_stride * d)
+
+
+def stacked_weight(weight: torch.Tensor, kernel_stride: int, dtype: torch.dtype) -> torch.Tensor:
+    """[stride * D, C * D]: column block c is W_c, the rows of W for the keys of the window's block c."""
+    d = weight.shape[1]
+    c_blocks = weight.shape[0] // (kernel_stride * d)
+    return weight.to(dtype).reshape(c_blocks, kernel_stride * d, d).permute(1, 0, 2).reshape(
+        kernel_stride * d, c_blocks * d)
+
+
+def linear_windows(blocks: torch.Tensor, weight, pos_emb, kernel_size: int, kernel_stride: int,
+                   acc: torch.dtype) -> torch.Tensor:
+    """y [H, windows, D] in `acc` of the linear map, from X_blk [H, NB, stride * D]."""
+    h, nb = blocks.shape[0], blocks.shape[1]
+    c_blocks, d = kernel_size // kernel_stride, weight.shape[1]
+    z = (blocks @ stacked_weight(weight, kernel_stride, blocks.dtype)).view(h, nb, c_blocks, d)
+    bias = pos_emb.to(acc).flatten() @ weight.to(acc)  # [D]: pos_emb's share of every summary
+    return _WindowSum.apply(z, c_blocks, acc) + bias
+
+
+def mean_windows(x: torch.Tensor, layout: BlockLayout, kernel_size: int, kernel_stride: int,
+                 acc: torch.dtype) -> torch.Tensor:
+    """y [H, windows, D] in `acc` of mean pooling."""
+    n, h, d = x.shape
+    nb, c_blocks = layout.num_blocks, kernel_size // kernel_stride
+    if layout.rows is None:  # block sums straight from x, no copy
+        head = x if nb * kernel_stride == n else x[: nb * kernel_stride]
+        sums = head.view(nb, kernel_stride, h, d).sum(1, dtype=acc).permute(1, 0, 2)  # [H, NB, D]
+    else:
+        sums = _KeyBlocks.apply(x, layout, kernel_stride).sum(2, dtype=acc)
+    return _WindowSum.apply(sums.unsqueeze(2), c_blocks, acc) / kernel_size
+
+
+def pick_summaries(y: torch.Tensor, layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
+    """x_cmp [N_cmp, H, D] in `dtype` from the windows y [H, windows, D]: window j starts at block j;
+    summaries pick theirs (a sequence's windows past its end, or across two sequences, are dropped)."""
+    y = y[:, : layout.num_cmp] if layout.first_block is None else y.index_select(1, layout.first_block)
+    out = y.new_empty(y.shape[1], y.shape[0], y.shape[2], dtype=dtype)
+    out.transpose(0, 1).copy_(y)  # cast and transpose in one pass (autograd: one CopyBackwards)
+    return out
+
+
 def compress_blocks(x: torch.Tensor, layout: BlockLayout, kernel_size: int, kernel_stride: int,
                     weight=None, pos_emb=None) -> torch.Tensor:
     """x_cmp [N_cmp, H, D] in x.dtype (layout.num_cmp > 0): the block path of compress_kv. Sums run in
     fp32 (fp64 for fp64 inputs); the GEMM takes x's dtype with the GEMM's own fp32 accumulation."""
-    n, h, d = x.shape
-    nb, c_blocks = layout.num_blocks, kernel_size // kernel_stride
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     if weight is None:
-        if layout.rows is None:  # block sums straight from x, no copy
-            head = x if nb * kernel_stride == n else x[: nb * kernel_stride]
-            sums = head.view(nb, kernel_stride, h, d).sum(1, dtype=acc).permute(1, 0, 2)  # [H, NB, D]
-        else:
-            sums = _KeyBlocks.apply(x, layout, kernel_stride).sum(2, dtype=acc)
-        y = _WindowSum.apply(sums.unsqueeze(2), c_blocks, acc) / kernel_size  # [H, windows, D]
+        y = mean_windows(x, layout, kernel_size, kernel_stride, acc)
     else:
-        blocks = _KeyBlocks.apply(x, layout, kernel_stride).view(h, nb, kernel_stride * d)
-        # [stride * D, C * D]: column block c is W_c, the rows of W for the keys of the window's block c
-        w_cat = weight.to(x.dtype).reshape(c_blocks, kernel_stride * d, d).permute(1, 0, 2).reshape(
-            kernel_stride * d, c_blocks * d)
-        z = (blocks @ w_cat).view(h, nb, c_blocks, d)
-        bias = pos_emb.to(acc).flatten() @ weight.to(acc)  # [D]: pos_emb's share of every summary
-        y = _WindowSum.apply(z, c_blocks, acc) + bias
-    # window j starts at block j; summaries pick theirs (a sequence's windows past its end, or across
-    # two sequences, are dropped)
-    y = y[:, : layout.num_cmp] if layout.first_block is None else y.index_select(1, layout.first_block)
-    return y.to(x.dtype).transpose(0, 1).contiguous()  # [N_cmp, H, D]
+        y = linear_windows(key_blocks(x, layout, kernel_stride), weight, pos_emb, kernel_size, kernel_stride, acc)
+    return pick_summaries(y, layout, x.dtype)

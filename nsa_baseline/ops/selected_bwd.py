@@ -48,8 +48,10 @@ def nsa_selected_bwd_dq_kernel(
     q, k, v, o, do, lse, dlse, delta, dq, block_indices, token_pos, N, scale, scale_log2,
     H: tl.constexpr, G: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, HAS_DLSE: tl.constexpr, SKIP_UNUSED: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
+    """Grid (N, H): dq [N, HQ, D] of one token's G heads. ACCUMULATE: add to what dq holds (fp32 sum)
+    instead of overwriting it (the module's fused backward sums its branches this way)."""
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     i_n64 = i_n.to(tl.int64)
     pos = tl.load(token_pos + i_n)
@@ -83,7 +85,10 @@ def nsa_selected_bwd_dq_kernel(
         else:
             b_dq = _dq_block(b_q, b_do, b_dq, b_lse, b_delta, k, v, bos, pos, idx, valid, i_h,
                              H, D, BS, D_PAD, scale_log2, IEEE)
-    tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_gd)
+    b_dq = b_dq * scale
+    if ACCUMULATE:
+        b_dq += tl.load(dq + p_q, mask=m_gd, other=0.).to(tl.float32)
+    tl.store(dq + p_q, b_dq.to(dq.dtype.element_ty), mask=m_gd)
 
 
 @triton.jit
@@ -127,9 +132,10 @@ def nsa_selected_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, row_offsets, tokens, block_start, block_end,
     work_row, work_chunk, row_chunks, row_slot, N, NB, NUM_ROWS, CHUNK, scale, scale_log2,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    BLOCK_M: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     # Work item w = chunk `c` of CSR row (i_h, i_b): at most CHUNK flattened (pair, head) rows.
+    # ACCUMULATE: a block written here adds to what dk / dv hold (fp32 sum).
     w = tl.program_id(0)
     row = tl.load(work_row + w)
     live = row < NUM_ROWS  # the grid is a no-sync bound: surplus items do nothing
@@ -169,8 +175,13 @@ def nsa_selected_bwd_dkdv_kernel(
                                     i_h, N, scale_log2, H, G, D, D_PAD, BLOCK_M, IEEE)
     # A row of one chunk writes its block directly; a split row leaves fp32 partials for the reduce.
     m_direct = m_kd & live & (n_chunks == 1)
-    tl.store(dk + p_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_direct)
-    tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_direct)
+    b_dk_out = b_dk * scale
+    b_dv_out = b_dv
+    if ACCUMULATE:
+        b_dk_out += tl.load(dk + p_kv, mask=m_direct, other=0.).to(tl.float32)
+        b_dv_out += tl.load(dv + p_kv, mask=m_direct, other=0.).to(tl.float32)
+    tl.store(dk + p_kv, b_dk_out.to(dk.dtype.element_ty), mask=m_direct)
+    tl.store(dv + p_kv, b_dv_out.to(dv.dtype.element_ty), mask=m_direct)
     slot = tl.load(row_slot + row).to(tl.int64) + c
     p_part = slot * (BS * D_PAD) + o_c[:, None] * D_PAD + o_d[None, :]
     m_part = live & (n_chunks > 1)
@@ -182,8 +193,10 @@ def nsa_selected_bwd_dkdv_kernel(
 def nsa_selected_bwd_dkdv_reduce_kernel(
     dk, dv, part_dk, part_dv, block_start, block_end, row_chunks, row_slot, NB, scale,
     H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, D_PAD: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
-    # One program per CSR row; rows split into several chunks sum their partials in chunk order.
+    # One program per CSR row; rows split into several chunks sum their partials in chunk order
+    # (ACCUMULATE: after what dk / dv hold).
     row = tl.program_id(0)
     i_h = row // NB
     i_b = row - i_h * NB
@@ -210,7 +223,11 @@ def nsa_selected_bwd_dkdv_reduce_kernel(
     o_key = r0 + o_c
     p_kv = (o_key.to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
     m_kd = (o_key < r1)[:, None] & (o_d < D)[None, :] & (n_chunks > 1)
-    tl.store(dk + p_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_kd)
+    b_dk = b_dk * scale
+    if ACCUMULATE:
+        b_dk += tl.load(dk + p_kv, mask=m_kd, other=0.).to(tl.float32)
+        b_dv += tl.load(dv + p_kv, mask=m_kd, other=0.).to(tl.float32)
+    tl.store(dk + p_kv, b_dk.to(dk.dtype.element_ty), mask=m_kd)
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kd)
 
 
@@ -257,35 +274,39 @@ def dkdv_schedule(block_index: BlockIndex, group: int, max_pairs: int, block_m: 
 
 
 def nsa_selected_bwd_dq(q, k, v, o, lse, do, block_indices, block_size, scale, token_pos, dlse=None,
-                        num_warps=None, num_stages=None, skip_unused=None):
-    """(dq [N, HQ, D], delta float32 [HQ, N]); launch of the query-outer dQ kernel."""
+                        num_warps=None, num_stages=None, skip_unused=None, dq=None, accumulate=False):
+    """(dq [N, HQ, D], delta float32 [HQ, N]); launch of the query-outer dQ kernel (into `dq` when
+    given; accumulate: adding to it)."""
     n, hq, d = q.shape
     h, t_sel = k.shape[1], block_indices.shape[2]
     d_pad = max(16, next_pow2(d))
     delta = new_output((hq, n), torch.float32, q.device)
-    dq = new_output((n, hq, d), q.dtype, q.device)
+    if dq is None:
+        dq = new_output((n, hq, d), q.dtype, q.device)
     warps, stages, skip = query_outer_config(DQ_CONFIGS, d_pad, block_size, num_warps, num_stages, skip_unused)
     nsa_selected_bwd_dq_kernel[(n, h)](
         q, k, v, o, do, lse, dlse if dlse is not None else lse, delta, dq, block_indices, token_pos,
         n, scale, scale * LOG2E,
         H=h, G=hq // h, T=t_sel, D=d, BS=block_size, G_PAD=max(16, next_pow2(hq // h)), D_PAD=d_pad,
-        HAS_DLSE=dlse is not None, SKIP_UNUSED=skip, IEEE=q.dtype == torch.float32,
+        HAS_DLSE=dlse is not None, SKIP_UNUSED=skip, IEEE=q.dtype == torch.float32, ACCUMULATE=accumulate,
         num_warps=warps, num_stages=stages,
     )
     return dq, delta
 
 
 def nsa_selected_bwd_dkdv(q, k, v, do, lse, delta, block_index: BlockIndex, block_size, scale, topk,
-                          block_m=None, num_warps=None, num_stages=None, chunk=None):
+                          block_m=None, num_warps=None, num_stages=None, chunk=None, out=None, accumulate=False):
     """(dk, dv) [N, H, D]: the block-owning dK/dV kernel over a chunked work list, then the reduce
-    of split rows (both launches, a few small torch ops for the schedule, no host sync)."""
+    of split rows (both launches, a few small torch ops for the schedule, no host sync). `out`: the
+    (dk, dv) buffers to write (None allocates); accumulate: add to what they hold."""
     n, hq, d = q.shape
     h = k.shape[1]
     g = hq // h
     d_pad = max(16, next_pow2(d))
     interp = is_interpreter()
-    dk = new_output((n, h, d), k.dtype, k.device)
-    dv = new_output((n, h, d), v.dtype, v.device)
+    if out is None:
+        out = new_output((n, h, d), k.dtype, k.device), new_output((n, h, d), v.dtype, v.device)
+    dk, dv = out
     block_m, warps, stages = dkdv_config(d_pad, block_size, g, block_m, num_warps, num_stages)
     sched = dkdv_schedule(block_index, g, n * h * topk, block_m, chunk)
     part_dk = torch.empty(sched.num_slots, block_size, d_pad, dtype=torch.float32, device=q.device)
@@ -296,11 +317,12 @@ def nsa_selected_bwd_dkdv(q, k, v, do, lse, delta, block_index: BlockIndex, bloc
         bi.block_end, sched.work_row, sched.work_chunk, sched.row_chunks, sched.row_slot,
         n, bi.nb_bound, bi.num_rows, sched.chunk, scale, scale * LOG2E,
         H=h, G=g, D=d, BS=block_size, D_PAD=d_pad, BLOCK_M=block_m, IEEE=q.dtype == torch.float32,
-        WHILE_LOOP=interp, num_warps=warps, num_stages=stages,
+        WHILE_LOOP=interp, ACCUMULATE=accumulate, num_warps=warps, num_stages=stages,
     )
     nsa_selected_bwd_dkdv_reduce_kernel[(bi.num_rows,)](
         dk, dv, part_dk, part_dv, bi.block_start, bi.block_end, sched.row_chunks, sched.row_slot,
-        bi.nb_bound, scale, H=h, D=d, BS=block_size, D_PAD=d_pad, WHILE_LOOP=interp, num_warps=8,
+        bi.nb_bound, scale, H=h, D=d, BS=block_size, D_PAD=d_pad, WHILE_LOOP=interp, ACCUMULATE=accumulate,
+        num_warps=8,
     )
     return dk, dv
 
@@ -326,14 +348,18 @@ def nsa_selected_bwd(
     dkdv_stages: int | None = None,
     dkdv_chunk: int | None = None,
     skip_unused: bool | None = None,
+    out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    accumulate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for contiguous inputs laid out as in nsa_selected_fwd; o/lse from the forward,
     do like o, optional dlse float32 [HQ, N]. `block_index` is built when None. The knobs: launch
-    sizes of the dQ and dK/dV kernels, dK/dV chunk (rows per work item), skip_unused (see fwd)."""
+    sizes of the dQ and dK/dV kernels, dK/dV chunk (rows per work item), skip_unused (see fwd).
+    `out`: the (dq, dk, dv) buffers to write (None allocates); accumulate: add to what they hold."""
     if block_index is None:
         block_index = build_block_index(block_indices, block_size, cu_seqlens, k.shape[1])
     dq, delta = nsa_selected_bwd_dq(q, k, v, o, lse, do, block_indices, block_size, scale, token_pos, dlse,
-                                    dq_warps, dq_stages, skip_unused)
+                                    dq_warps, dq_stages, skip_unused, None if out is None else out[0], accumulate)
     dk, dv = nsa_selected_bwd_dkdv(q, k, v, do, lse, delta, block_index, block_size, scale,
-                                   block_indices.shape[2], dkdv_block_m, dkdv_warps, dkdv_stages, dkdv_chunk)
+                                   block_indices.shape[2], dkdv_block_m, dkdv_warps, dkdv_stages, dkdv_chunk,
+                                   None if out is None else out[1:], accumulate)
     return dq, dk, dv

@@ -160,8 +160,10 @@ def window_bwd_dkdv_kernel(
     q, k, v, do, lse2, delta, dk, dv, tok_start, tok_end, N, W, qk_scale, scale,
     HQ, H, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr, ACCUMULATE: tl.constexpr = False,
 ):
+    """Grid (key tile, KV head); dk, dv [N, H, D]. ACCUMULATE: add to what dk / dv hold (fp32 sum)
+    instead of overwriting them (the module's fused backward sums its branches this way)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     c_first = i_c * BLOCK_N
     c_last = tl.minimum(c_first + BLOCK_N, N) - 1
@@ -214,7 +216,11 @@ def window_bwd_dkdv_kernel(
         for r0 in range(r_mid, r_hi, BLOCK_M):
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_start, N, W,
                                     o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, True)
-    tl.store(dk + p_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_kv)
+    b_dk = b_dk * scale
+    if ACCUMULATE:
+        b_dk += tl.load(dk + p_kv, mask=m_kv, other=0.).to(tl.float32)
+        b_dv += tl.load(dv + p_kv, mask=m_kv, other=0.).to(tl.float32)
+    tl.store(dk + p_kv, b_dk.to(dk.dtype.element_ty), mask=m_kv)
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kv)
 
 
@@ -238,8 +244,9 @@ def window_bwd_dq_kernel(
     q, k, v, do, lse2, delta, dq, tok_start, N, W, qk_scale, scale,
     HQ, H, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr, ACCUMULATE: tl.constexpr = False,
 ):
+    """Grid (row tile, KV head); dq [N, HQ, D]. ACCUMULATE: add to what dq holds (fp32 sum)."""
     i_m, i_h = tl.program_id(0), tl.program_id(1)
     m_r, tok, i_hq, lo = _rows(i_m * BLOCK_M, N * G, i_h, tok_start, W, G, BLOCK_M, VARLEN)
     o_d = tl.arange(0, BLOCK_D)
@@ -278,4 +285,7 @@ def window_bwd_dq_kernel(
         for c0 in range(c_mid, c_hi, BLOCK_N):
             b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, k, v, c0, c_hi, tok, lo, p_d, m_d, qk_scale,
                             H, D, BLOCK_N, PREC, True)
-    tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_q)
+    b_dq = b_dq * scale
+    if ACCUMULATE:
+        b_dq += tl.load(dq + p_q, mask=m_q, other=0.).to(tl.float32)
+    tl.store(dq + p_q, b_dq.to(dq.dtype.element_ty), mask=m_q)

@@ -109,25 +109,30 @@ def window_fwd(q, k, v, tables: TokenTables, window: int, scale: float, cfg: Til
     return o, lse
 
 
-def window_bwd(q, k, v, o, lse, do, dlse, tables: TokenTables, window: int, scale: float, cfgs: LaunchConfigs):
-    """(dq, dk, dv) for the upstream gradients do [N, HQ, D] and dlse [HQ, N] (or None)."""
+def window_bwd(q, k, v, o, lse, do, dlse, tables: TokenTables, window: int, scale: float, cfgs: LaunchConfigs,
+               out=None, accumulate: bool = False):
+    """(dq, dk, dv) for the upstream gradients do [N, HQ, D] and dlse [HQ, N] (or None). `out`: the
+    (dq, dk, dv) buffers to write (contiguous, q's / k's / v's shape and dtype; None allocates);
+    accumulate: add to what they hold instead of overwriting it."""
     n, hq, _ = q.shape
     h = k.shape[1]
-    dq = new_output(q.shape, q.dtype, q.device)
-    dk, dv = new_output(k.shape, k.dtype, k.device), new_output(v.shape, v.dtype, v.device)
+    if out is None:
+        out = (new_output(q.shape, q.dtype, q.device), new_output(k.shape, k.dtype, k.device),
+               new_output(v.shape, v.dtype, v.device))
+    dq, dk, dv = out
     if n == 0:
         return dq, dk, dv
     lse2, delta = bwd_preprocess(o, do, lse, dlse)
     c = cfgs.dkdv
     window_bwd_dkdv_kernel[(triton.cdiv(n, c.block_n), h)](
         q, k, v, do, lse2, delta, dk, dv, tables.start, tables.end, n, window, scale * LOG2E, scale,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, VARLEN=tables.varlen, num_warps=c.num_warps,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, VARLEN=tables.varlen, ACCUMULATE=accumulate, num_warps=c.num_warps,
         num_stages=c.num_stages, **_constexprs(q, k),
     )
     c = cfgs.dq
     window_bwd_dq_kernel[(triton.cdiv(n * (hq // h), c.block_m), h)](
         q, k, v, do, lse2, delta, dq, tables.start, n, window, scale * LOG2E, scale,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, VARLEN=tables.varlen, num_warps=c.num_warps,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, VARLEN=tables.varlen, ACCUMULATE=accumulate, num_warps=c.num_warps,
         num_stages=c.num_stages, **_constexprs(q, k),
     )
     return dq, dk, dv

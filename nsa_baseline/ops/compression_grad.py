@@ -1,0 +1,156 @@
+"""compress_kv's forward and an explicit backward that ADDS dx into a given buffer, for the module's
+fused backward (nsa_baseline.fused_attention): there the keys' gradient already holds the window and
+selected branches' share, and the compressed branch's share is added by the op that scatters the
+summaries' gradient back to the keys (an in-place add or index_add) instead of being written to a
+new tensor that autograd then adds (two more passes over [N, H, D]).
+
+Same paths and maths as nsa_baseline.ops.compression (block path: one GEMM of the stride-blocks;
+gather path: gathered spans), so the forward is the same as compress_kv's; the backward is written
+out by hand (no autograd) from what the forward keeps (`CompressState`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from nsa_baseline.checks import check_compress_inputs
+from nsa_baseline.ops.compression import BLOCK_PATH_MIN_CUDA_ROWS, compress_gather, uses_block_path
+from nsa_baseline.ops.compression_blocks import (accumulation_dtype, key_blocks, linear_windows, mean_windows,
+                                                 pick_summaries, stacked_weight)
+from nsa_baseline.ops.compression_layout import BlockLayout, block_layout, gather_layout
+from nsa_baseline.ops.compression import _GATHER_BUDGET
+
+
+class CompressState(NamedTuple):
+    """What compress_into_backward needs of one compress_kv_forward call."""
+
+    layout: Optional[BlockLayout]  # block path; None = gather path
+    blocks: Optional[torch.Tensor]  # block path, linear: X_blk [H, NB, stride * D] (the GEMM's input)
+    num_cmp: int
+
+
+def compress_kv_forward(x, cu_seqlens, kernel_size: int, kernel_stride: int, weight=None, pos_emb=None,
+                        keep_blocks: bool = True):
+    """(x_cmp [N_cmp, H, D], cu_seqlens_cmp, CompressState): compress_kv's result, run without autograd.
+    keep_blocks: keep the block path's GEMM input for d weight (False: the weights need no gradient)."""
+    check_compress_inputs(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb)
+    n, h, d = x.shape
+    with torch.no_grad():
+        if uses_block_path(kernel_size, kernel_stride) and (not x.is_cuda or n * h >= BLOCK_PATH_MIN_CUDA_ROWS):
+            layout = block_layout(cu_seqlens, n, kernel_size, kernel_stride, x.device)
+            if layout.num_cmp == 0:
+                return x.new_zeros(0, h, d), layout.cu_cmp, CompressState(layout, None, 0)
+            acc = accumulation_dtype(x.dtype)
+            if weight is None:
+                return (pick_summaries(mean_windows(x, layout, kernel_size, kernel_stride, acc), layout, x.dtype),
+                        layout.cu_cmp, CompressState(layout, None, layout.num_cmp))
+            blocks = key_blocks(x, layout, kernel_stride)
+            y = linear_windows(blocks, weight, pos_emb, kernel_size, kernel_stride, acc)
+            state = CompressState(layout, blocks if keep_blocks else None, layout.num_cmp)
+            return pick_summaries(y, layout, x.dtype), layout.cu_cmp, state
+        x_cmp, cu_cmp = compress_gather(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb)
+        return x_cmp, cu_cmp, CompressState(None, None, x_cmp.shape[0])
+
+
+def compress_into_backward(dx_cmp, dx, x, cu_seqlens, kernel_size: int, kernel_stride: int, state: CompressState,
+                           weight=None, pos_emb=None, need_weights: bool = True):
+    """Adds compress_kv's gradient w.r.t. x for the upstream dx_cmp [N_cmp, H, D] into dx [N, H, D]
+    (contiguous, x's dtype); returns (d weight, d pos_emb), None for mean pooling or without
+    need_weights (their GEMM and reductions are then skipped)."""
+    weight_grads = weight is not None and need_weights
+    if state.num_cmp == 0:  # no summary: the weights are not used (None, as compress_kv's autograd)
+        return None, None
+    if state.layout is not None:
+        return _blocks_backward(dx_cmp, dx, state, kernel_size, kernel_stride, weight, pos_emb, weight_grads)
+    return _gather_backward(dx_cmp, dx, x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb, weight_grads)
+
+
+def _window_grad(dx_cmp, layout: BlockLayout, num_windows: int, dtype) -> torch.Tensor:
+    """d y [H, windows, D]: the summaries' gradient at their windows, zero elsewhere; a view of dx_cmp
+    where every window is a summary (one sequence), else a new buffer in `dtype`."""
+    dy = dx_cmp.transpose(0, 1)  # [H, N_cmp, D]
+    if layout.first_block is None and layout.num_cmp == num_windows:
+        return dy
+    dwin = dx_cmp.new_zeros(dy.shape[0], num_windows, dy.shape[2], dtype=dtype)
+    if layout.first_block is None:
+        dwin[:, : layout.num_cmp] = dy
+    else:
+        dwin.index_copy_(1, layout.first_block, dy.to(dtype))  # distinct windows: no atomics
+    return dwin
+
+
+def _add_block_grad(dx, dblocks, layout: BlockLayout, stride: int) -> None:
+    """dx[row of block b, key s] += dblocks [H, NB, stride, D] (broadcast over s when its size is 1)."""
+    h, nb = dblocks.shape[0], dblocks.shape[1]
+    d = dx.shape[2]
+    if layout.rows is None:  # blocks on x's own grid: one strided add
+        dx[: nb * stride].view(nb, stride, h, d).add_(dblocks.permute(1, 2, 0, 3))
+    else:  # gathered blocks: each row once, so index_add_ adds without collisions
+        src = dblocks.to(dx.dtype).expand(h, nb, stride, d).reshape(h, nb * stride, d).transpose(0, 1)
+        dx.index_add_(0, layout.rows, src)
+
+
+def _blocks_backward(dx_cmp, dx, state: CompressState, kernel_size, stride, weight, pos_emb, weight_grads):
+    layout = state.layout
+    h, d = dx.shape[1], dx.shape[2]
+    nb, c_blocks = layout.num_blocks, kernel_size // stride
+    m = nb - c_blocks + 1
+    acc = accumulation_dtype(dx.dtype)
+    if weight is None:  # d sums[:, b] = sum_c d y[:, b - c] / kernel_size
+        dwin = _window_grad(dx_cmp, layout, m, acc)  # [H, m, D]
+        dsums = torch.empty(h, nb, d, dtype=acc, device=dx.device)
+        dsums[:, :m] = dwin
+        dsums[:, m:] = 0
+        for c in range(1, c_blocks):
+            dsums[:, c: c + m] += dwin
+        dsums /= kernel_size
+        _add_block_grad(dx, dsums.unsqueeze(2), layout, stride)
+        return None, None
+    dwin = _window_grad(dx_cmp, layout, m, dx.dtype)  # the GEMM's dtype, as autograd's
+    dz = dx.new_empty(h, nb, c_blocks, d)  # slot c: d y shifted down by c blocks, zeros around
+    for c in range(c_blocks):
+        dz[:, c: c + m, c] = dwin
+        dz[:, :c, c] = 0
+        dz[:, c + m:, c] = 0
+    dz = dz.view(h, nb, c_blocks * d)
+    w_cat = stacked_weight(weight, stride, dx.dtype)  # [stride * D, C * D]
+    _add_block_grad(dx, (dz @ w_cat.t()).view(h, nb, stride, d), layout, stride)
+    if not weight_grads:
+        return None, None
+    dw_cat = state.blocks.reshape(h * nb, stride * d).t() @ dz.reshape(h * nb, c_blocks * d)
+    dbias = dx_cmp.sum((0, 1), dtype=acc)  # [D]: every summary's gradient reaches the bias
+    dweight = dw_cat.view(stride * d, c_blocks, d).permute(1, 0, 2).reshape(kernel_size * d, d).to(acc)
+    dweight += pos_emb.to(acc).flatten()[:, None] * dbias[None, :]
+    dpos = (weight.to(acc) @ dbias).view(kernel_size, d)
+    return dweight.to(weight.dtype), dpos.to(pos_emb.dtype)
+
+
+def _gather_backward(dx_cmp, dx, x, cu_seqlens, kernel_size, stride, weight, pos_emb, weight_grads):
+    """The gather path's gradient, a chunk of summaries at a time as in the forward: index_add_ of the
+    spans' gradient (spans overlap, so this one uses atomics, as autograd's index_select backward)."""
+    n, h, d = x.shape
+    _, first = gather_layout(cu_seqlens, n, kernel_size, stride, x.device)
+    n_cmp = first.numel()
+    acc = accumulation_dtype(x.dtype)
+    chunk = max(1, _GATHER_BUDGET // (kernel_size * h * d))
+    offs = torch.arange(kernel_size, device=x.device)
+    dweight = torch.zeros(weight.shape, dtype=acc, device=x.device) if weight_grads else None
+    dpos = torch.zeros(kernel_size, d, dtype=acc, device=x.device) if weight_grads else None
+    for c0 in range(0, n_cmp, chunk):
+        c1 = min(n_cmp, c0 + chunk)
+        rows = (first[c0:c1, None] + offs).flatten()  # [c * kernel_size]
+        dy = dx_cmp[c0:c1]  # [c, H, D]
+        if weight is None:
+            dspan = (dy.to(acc) / kernel_size).to(x.dtype)[:, None].expand(c1 - c0, kernel_size, h, d)
+        else:
+            dspan = (dy.reshape(-1, d) @ weight.to(x.dtype).t()).view(c1 - c0, h, kernel_size, d).transpose(1, 2)
+            if weight_grads:  # the spans' map input is recomputed (autograd would have kept it)
+                spans = x.index_select(0, rows).view(c1 - c0, kernel_size, h, d) + pos_emb.to(x.dtype)[None, :, None, :]
+                a = spans.transpose(1, 2).reshape((c1 - c0) * h, kernel_size * d)
+                dweight += (a.t() @ dy.reshape(-1, d)).to(acc)
+                dpos += dspan.sum((0, 2), dtype=acc)
+        dx.index_add_(0, rows, dspan.reshape(-1, h, d))
+    if not weight_grads:
+        return None, None
+    return dweight.to(weight.dtype), dpos.to(pos_emb.dtype)
