@@ -128,12 +128,14 @@ def _blocks_backward(dx_cmp, dx, state: CompressState, kernel_size, stride, weig
 
 def _gather_backward(dx_cmp, dx, x, cu_seqlens, kernel_size, stride, weight, pos_emb, weight_grads):
     """The gather path's gradient, a chunk of summaries at a time as in the forward: index_add_ of the
-    spans' gradient (spans overlap, so this one uses atomics, as autograd's index_select backward)."""
+    spans' gradient, in passes of non-overlapping spans so that it is deterministic (autograd's
+    index_select backward, the per-branch path's, adds overlapping spans with colliding atomics)."""
     n, h, d = x.shape
     _, first = gather_layout(cu_seqlens, n, kernel_size, stride, x.device)
     n_cmp = first.numel()
     acc = accumulation_dtype(x.dtype)
     chunk = max(1, _GATHER_BUDGET // (kernel_size * h * d))
+    spacing = -(-kernel_size // stride)
     offs = torch.arange(kernel_size, device=x.device)
     dweight = torch.zeros(weight.shape, dtype=acc, device=x.device) if weight_grads else None
     dpos = torch.zeros(kernel_size, d, dtype=acc, device=x.device) if weight_grads else None
@@ -150,7 +152,11 @@ def _gather_backward(dx_cmp, dx, x, cu_seqlens, kernel_size, stride, weight, pos
                 a = spans.transpose(1, 2).reshape((c1 - c0) * h, kernel_size * d)
                 dweight += (a.t() @ dy.reshape(-1, d)).to(acc)
                 dpos += dspan.sum((0, 2), dtype=acc)
-        dx.index_add_(0, rows, dspan.reshape(-1, h, d))
+        # Summaries r = ceil(kernel_size / stride) apart never share a key, so each of these r adds
+        # writes every row at most once: no colliding atomics, the same bits on every run.
+        rows_c, dspan_c = rows.view(c1 - c0, kernel_size), dspan.reshape(c1 - c0, kernel_size, h, d)
+        for phase in range(min(spacing, c1 - c0)):
+            dx.index_add_(0, rows_c[phase::spacing].flatten(), dspan_c[phase::spacing].reshape(-1, h, d))
     if not weight_grads:
         return None, None
     return dweight.to(weight.dtype), dpos.to(pos_emb.dtype)
