@@ -3,7 +3,9 @@ every step of a multi-step decode equals the PyTorch cached path and the module'
 slots of different lengths (0 history -> the first token; summary, block and window boundaries
 crossed one token at a time), g = 1, 3, 5, 16, both compressions. The selection kernel alone against
 the reference mapping + top-T (sets equal up to exact ties, forced blocks present, -1 past the causal
-blocks), its FlashDecoding split forced to S = 2, 3, 5, bad calls, and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
+blocks), its FlashDecoding split forced to S = 2, 3, 5; the append kernel's column tiles and kernel
+chunks against compress_spans (lengths moved once per step, by the attend kernel in a step); bad calls,
+and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
 import copy
 
 import pytest
@@ -13,6 +15,7 @@ from nsa_baseline.inference.cached_attention import gathered_attention
 from nsa_baseline.inference.decode import decode_step
 from nsa_baseline.inference.step import forward_with_cache
 from nsa_baseline.module import NativeSparseAttention
+from nsa_baseline.ops.compression import compress_spans
 from nsa_baseline.ops.decode_append import decode_append
 from nsa_baseline.ops.decode_attend import decode_selected_window
 from nsa_baseline.ops.decode_select import decode_compressed_select
@@ -75,7 +78,7 @@ def decode_and_compare(m, prefill, steps, max_seqlen, tol=None):
     return fast
 
 
-# Both compressions at g = 1 and 5, one each at 3 and 16 (the interpreter costs ~13 s per case; the
+# Both compressions at g = 1 and 5, one each at 3 and 16 (the interpreter costs ~8 s per case; the
 # compression path does not depend on g).
 @pytest.mark.parametrize("g,compression", [(1, "linear"), (1, "mean"), (3, "mean"), (5, "linear"), (5, "mean"),
                                            (16, "linear")])
@@ -247,7 +250,69 @@ def test_kernels_name_bad_arguments():
         decode_append(kn[:, :1], kn, k, k, kc, kc, pos, 8, 4)
     with pytest.raises(ValueError, match="`v_weight`"):
         decode_append(kn, kn, k, k, kc, kc, pos, 8, 4, k_weight=torch.zeros(128, 16), k_pos=torch.zeros(8, 16))
+    with pytest.raises(ValueError, match="`column_tile`"):
+        decode_append(kn, kn, k, k, kc, kc, pos, 8, 4, column_tile=8)
+    with pytest.raises(ValueError, match="`advance`"):
+        decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 12, 0.25, advance=pos.long())
     assert torch.equal(k, before) and pos.tolist() == [3, 9]  # nothing written
+
+
+def _append_reference(k_new, v_new, cache, lengths, ks, st, weights):
+    """decode_append's effect on copies of cache = (k, v, k_cmp, v_cmp): row lengths[b] of every slot
+    that has room, the summary it completes through compress_spans (the module's maths)."""
+    k, v, k_cmp, v_cmp = (t.clone() for t in cache)
+    for b, n in enumerate(lengths.tolist()):
+        if n >= k.shape[1]:
+            continue
+        k[b, n], v[b, n] = k_new[b], v_new[b]
+        start = n + 1 - ks
+        if start >= 0 and start % st == 0 and start // st < k_cmp.shape[1]:
+            for x, dst, w in ((k, k_cmp, weights[:2]), (v, v_cmp, weights[2:])):
+                dst[b, start // st] = compress_spans(x[b, start:n + 1][None], *w)[0]
+    return k, v, k_cmp, v_cmp
+
+
+@pytest.mark.parametrize("tiles", [(None, None), (16, 4)])
+@pytest.mark.parametrize("compression", ["linear", "mean"])
+def test_append_columns_and_kernel_chunks_equal_reference(compression, tiles):
+    """decode_append over (slot, column tile, k / v) programs: slots of lengths 0, 5, 8 and 16 (room for
+    3 of the 4 steps: the last step of that slot writes nothing), kernel 6 / stride 2, so summaries
+    are completed at different steps per slot. (16, 4): two column tiles of D = 32, kernel positions in
+    chunks of 4 (the second one half masked); (None, None): the interpreter's one tile. Positions,
+    rows, summaries and lengths (+1 per step) equal the reference after every step."""
+    ks, st, h, d, max_seqlen = 6, 2, 3, 32, 18
+    lengths = torch.tensor([0, 5, 8, 16], dtype=torch.int32)
+    b = lengths.numel()
+    max_cmp = (max_seqlen - ks) // st + 1
+    cache = (torch.randn(b, max_seqlen, h, d), torch.randn(b, max_seqlen, h, d), torch.randn(b, max_cmp, h, d),
+             torch.randn(b, max_cmp, h, d))
+    weights = (None,) * 4
+    if compression == "linear":
+        weights = (torch.randn(ks * d, d) / d, torch.randn(ks, d), torch.randn(ks * d, d) / d, torch.randn(ks, d))
+    w = dict(zip(("k_weight", "k_pos", "v_weight", "v_pos"), weights)) if compression == "linear" else {}
+    for step in range(4):
+        k_new, v_new = torch.randn(b, h, d), torch.randn(b, h, d)
+        want = _append_reference(k_new, v_new, cache, lengths, ks, st, weights)
+        before = lengths.clone()
+        pos = decode_append(k_new, v_new, *cache, lengths, ks, st, column_tile=tiles[0], kernel_chunk=tiles[1], **w)
+        assert torch.equal(pos, before) and torch.equal(lengths, before + 1), (step, pos, lengths)
+        for name, got, ref in zip(("k", "v", "k_cmp", "v_cmp"), cache, want):
+            assert_close(got, ref, torch.float32, f"step {step}: {name}")
+
+
+def test_append_without_advance_leaves_lengths_to_the_attend_kernel():
+    """advance=False: decode_append writes the rows and positions but not the lengths; the attend
+    kernel with advance=lengths sets them to pos + 1 (what the decode step does)."""
+    h, d = 2, 16
+    k, kc = torch.zeros(2, 32, h, d), torch.zeros(2, 7, h, d)
+    lengths = torch.tensor([3, 9], dtype=torch.int32)
+    kn = torch.randn(2, h, d)
+    pos = decode_append(kn, kn, k, k.clone(), kc, kc.clone(), lengths, 8, 4, advance=False)
+    assert pos.tolist() == [3, 9] and lengths.tolist() == [3, 9] and torch.equal(k[1, 9], kn[1])
+    q, o_cmp, gates = torch.randn(2, 4, d), torch.zeros(2, 4, d), torch.rand(2, 4, 3)
+    idx = torch.tensor([[[0, -1, -1]] * h] * 2, dtype=torch.int32)
+    decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 12, 0.25, advance=lengths)
+    assert lengths.tolist() == [4, 10]
 
 
 # ---- GPU: bf16 at realistic sizes, CUDA-graph replay ----
