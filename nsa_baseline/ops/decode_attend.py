@@ -8,6 +8,8 @@ max(0, t - W + 1) .. t in a fixed number of tiles (no data-dependent trip count)
 own softmax. out = g0 * o_cmp + g1 * o_slc + g2 * o_win, written in the output dtype. Reads the cache
 in place: k, v [B, max_seqlen, H, D]. With advance (the cache's lengths) program (b, 0) also sets
 lengths[b] = pos + 1: the decode step's last kernel moves the lengths (decode_append cannot).
+When slots x KV heads leave SMs idle, the keys of a (slot, KV head) are split over S programs and
+merged by a combine kernel instead (decode_attend_split.py, FlashDecoding style; S from attend_splits).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import triton.language as tl
 
 from nsa_baseline.checks import fail
 from nsa_baseline.contract import BLOCK_SIZES
-from nsa_baseline.ops.decode_tiles import _advance, _finish, _keys_tile, group_pad, head_pad
+from nsa_baseline.ops.decode_attend_split import split_items, split_selected_window
+from nsa_baseline.ops.decode_tiles import _advance, _finish, _keys_tile, gpu_programs, group_pad, head_pad
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
 WINDOW_TILE = 64  # keys per window tile
@@ -25,6 +28,17 @@ WINDOW_TILE = 64  # keys per window tile
 
 def window_tile(window_size: int) -> int:
     return min(WINDOW_TILE, triton.next_power_of_2(window_size))
+
+
+def attend_splits(batch: int, heads: int, topk: int, window_size: int, device: torch.device) -> int:
+    """Programs per (slot, KV head) for decode_selected_window: enough for about PROGRAMS_PER_SM per
+    SM, at most one per item (a selected block or a window tile; decode_attend_split.py); 1 off CUDA
+    (the interpreter) and when batch x heads fills the GPU already. Static for a cache (CUDA graphs)."""
+    programs = gpu_programs(device)
+    if not programs:
+        return 1
+    want = -(-programs // max(1, batch * heads))
+    return split_items(topk, -(-window_size // window_tile(window_size)), want)[0]
 
 
 @triton.jit
@@ -121,7 +135,7 @@ def _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, a
 def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                            block_indices: torch.Tensor, o_cmp: torch.Tensor, gates: torch.Tensor,
                            block_size: int, window_size: int, scale: float,
-                           advance: torch.Tensor | None = None) -> torch.Tensor:
+                           advance: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
     r"""Selected + window attention of one new token per slot, gated with the compressed branch.
 
     Args:
@@ -129,15 +143,26 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         pos: int32 [B] each new token's position; block_indices: int32 [B, H, T] (-1 = empty);
         o_cmp: float32 [B, HQ, D] the compressed branch; gates: [B, HQ, 3] in q.dtype;
         advance: the cache's lengths, int32 [B]: set to pos + 1 by the kernel (the decode step's
-            last write; decode_append(advance=False) leaves them), or None.
+            last write; decode_append(advance=False) leaves them), or None;
+        splits: programs per (slot, KV head) (None: attend_splits' rule; tests force > 1 anywhere).
     Returns:
         [B, HQ, D] in q.dtype: g0 * o_cmp + g1 * o_slc + g2 * o_win.
     """
     _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, advance)
+    if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1):
+        fail("splits", f"must be None or an int >= 1, got {splits!r}")
     b, hq, d = q.shape
     max_seqlen, h = k.shape[1], k.shape[2]
     g = hq // h
     out = new_output((b, hq, d), q.dtype, q.device)
+    if splits is None:
+        splits = attend_splits(b, h, block_indices.shape[2], window_size, q.device)
+    if splits > 1:
+        split_selected_window(q.contiguous(), k, v, pos, block_indices, o_cmp, gates, out, advance, splits=splits,
+                              g=g, g_pad=group_pad(g), block_d=head_pad(d), block_size=block_size,
+                              window_size=window_size, window_tile=window_tile(window_size),
+                              qk_scale=scale * LOG2E, ieee=q.dtype == torch.float32)
+        return out
     _decode_attend_kernel[(b, h)](
         q.contiguous(), k, v, pos, block_indices, o_cmp, gates, out, pos if advance is None else advance, max_seqlen,
         scale * LOG2E,

@@ -3,9 +3,10 @@ every step of a multi-step decode equals the PyTorch cached path and the module'
 slots of different lengths (0 history -> the first token; summary, block and window boundaries
 crossed one token at a time), g = 1, 3, 5, 16, both compressions. The selection kernel alone against
 the reference mapping + top-T (sets equal up to exact ties, forced blocks present, -1 past the causal
-blocks), its FlashDecoding split forced to S = 2, 3, 5; the append kernel's column tiles and kernel
-chunks against compress_spans (lengths moved once per step, by the attend kernel in a step); bad calls,
-and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
+blocks), its FlashDecoding split forced to S = 2, 3, 5; the attend kernel's split (forced) against
+S = 1 and a float64 reference, and one step test with both splits forced; the append kernel's column
+tiles and kernel chunks against compress_spans (lengths moved once per step, by the attend kernel in
+a step); bad calls, and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
 import copy
 
 import pytest
@@ -88,13 +89,23 @@ def test_decode_steps_equal_pytorch_path_and_full_forward(g, compression):
     decode_and_compare(small_module(g, compression=compression), [0, 37, 90], 12, max_seqlen=112)
 
 
+def force_attend_splits(monkeypatch, splits):
+    """The step's attend kernel splits over `splits` programs per (slot, KV head) (the rule gives 1 in
+    the interpreter): the split and combine kernels, the combine kernel moving the lengths."""
+    import nsa_baseline.ops.decode_attend as attend
+
+    monkeypatch.setattr(attend, "attend_splits", lambda *a: splits)
+
+
 def test_decode_from_an_empty_cache_and_shorter_than_a_summary():
     """Every slot starts empty: the first tokens see no summary (o_cmp = 0) until token 8."""
     decode_and_compare(small_module(5, h=1, init_blocks=0, local_blocks=2, window_size=20), [0, 0], 11, max_seqlen=16)
 
 
-def test_decode_forced_blocks_and_long_window():
-    """init 2 + local 2 of T = 5 (forced blocks fill most of the set), window longer than the history."""
+def test_decode_forced_blocks_and_long_window_split(monkeypatch):
+    """init 2 + local 2 of T = 5 (forced blocks fill most of the set), window longer than the history;
+    the attend kernel split forced to S = 3 (5 blocks + 2 window tiles: items 0-2 / 3-5 / 6)."""
+    force_attend_splits(monkeypatch, 3)
     decode_and_compare(small_module(3, topk=5, init_blocks=2, local_blocks=2, window_size=128), [5, 70], 8,
                        max_seqlen=80)
 
@@ -223,6 +234,54 @@ def test_select_kernel_split_boundary_block_wins_by_its_spill(splits):
     assert first in idx_s[-1, 0].tolist(), idx_s[-1]
 
 
+def _reference_selected_window(q, k, v, pos, idx, o_cmp, gates, bs, window, scale):
+    """g0 * o_cmp + g1 * softmax over the chosen blocks' keys <= t + g2 * softmax over the window, in
+    float64 per (slot, KV head)."""
+    b, hq, d = q.shape
+    h = k.shape[2]
+    g = hq // h
+    out = torch.empty(b, hq, d, dtype=torch.float64)
+    for s in range(b):
+        t = int(pos[s])
+        for hh in range(h):
+            qq = q[s, hh * g:(hh + 1) * g].double()
+            slc = [r for blk in idx[s, hh].tolist() if blk >= 0 for r in range(blk * bs, blk * bs + bs) if r <= t]
+            branches = []
+            for rows in (torch.tensor(slc, dtype=torch.long), torch.arange(max(0, t - window + 1), t + 1)):
+                kk, vv = k[s, rows, hh].double(), v[s, rows, hh].double()
+                att = torch.softmax(qq @ kk.T * scale, dim=-1) @ vv if rows.numel() else torch.zeros_like(qq)
+                branches.append(att)
+            gg = gates[s, hh * g:(hh + 1) * g].double()
+            out[s, hh * g:(hh + 1) * g] = (gg[:, :1] * o_cmp[s, hh * g:(hh + 1) * g].double()
+                                           + gg[:, 1:2] * branches[0] + gg[:, 2:] * branches[1])
+    return out
+
+
+@pytest.mark.parametrize("splits", [3, 7])
+def test_attend_kernel_split_equals_one_program_and_reference(splits):
+    """FlashDecoding split of selected blocks + window tiles (T = 5 blocks, window 100 = 2 tiles: 7
+    items) over S programs (forced): 3 -> 3 items each (split 1 holds both branches), 7 -> 1 (splits
+    holding one branch only, or only -1 blocks). Slots at positions 0 (one key), 7, 50, 141, 255, -1 entries, g = 3. The
+    combine kernel sets the lengths to pos + 1."""
+    bs, window, topk, h, g, d = 16, 100, 5, 2, 3, 16
+    pos = torch.tensor(SPLIT_POS, dtype=torch.int32)
+    b = pos.numel()
+    q, k, v = torch.randn(b, g * h, d), torch.randn(b, 256, h, d), torch.randn(b, 256, h, d)
+    o_cmp, gates = torch.randn(b, g * h, d), torch.rand(b, g * h, 3)
+    idx = torch.full((b, h, topk), -1, dtype=torch.int32)
+    for s, t in enumerate(SPLIT_POS):
+        for hh in range(h):
+            n = min(topk - hh, t // bs + 1)  # head 1 keeps its last entry -1
+            idx[s, hh, :n] = torch.randperm(t // bs + 1)[:n].int()
+    args = (q, k, v, pos, idx, o_cmp, gates, bs, window, 0.25)
+    lengths = pos.clone()
+    o1 = decode_selected_window(*args, splits=1)
+    o_s = decode_selected_window(*args, splits=splits, advance=lengths)
+    assert lengths.tolist() == [t + 1 for t in SPLIT_POS]
+    assert_close(o_s, o1, torch.float32, f"{splits} splits vs 1")
+    assert_close(o_s, _reference_selected_window(*args), torch.float32, f"{splits} splits vs reference")
+
+
 def test_kernels_name_bad_arguments():
     q, kc = torch.randn(2, 4, 16), torch.randn(2, 5, 2, 16)
     pos = torch.tensor([3, 9], dtype=torch.int32)
@@ -252,6 +311,8 @@ def test_kernels_name_bad_arguments():
         decode_append(kn, kn, k, k, kc, kc, pos, 8, 4, k_weight=torch.zeros(128, 16), k_pos=torch.zeros(8, 16))
     with pytest.raises(ValueError, match="`column_tile`"):
         decode_append(kn, kn, k, k, kc, kc, pos, 8, 4, column_tile=8)
+    with pytest.raises(ValueError, match="`splits`"):
+        decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 12, 0.25, splits=0)
     with pytest.raises(ValueError, match="`advance`"):
         decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 12, 0.25, advance=pos.long())
     assert torch.equal(k, before) and pos.tolist() == [3, 9]  # nothing written
@@ -381,3 +442,29 @@ def test_gpu_select_split_equals_one_program(splits):
                                     else a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
     _assert_selection(idx_s.cpu(), key, pos.cpu(), bs, topk, rtol=1e-4)
     assert (idx_s == idx1).float().mean() > 0.95  # same sets up to near-ties of bf16 rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 5])
+def test_gpu_attend_split_equals_one_program(splits):
+    """bf16, Llama-like heads over an 8K cache, T = 16 blocks + window 512 (24 items): the split attend
+    (the SM rule's S, or 5) gives the S = 1 output and the float64 reference's."""
+    bs, window, topk, h, g, d = 64, 512, 16, 8, 4, 128
+    torch.manual_seed(0)
+    pos = torch.tensor([0, 700, 4133, 8191], dtype=torch.int32, device="cuda")
+    b = pos.numel()
+    q = torch.randn(b, g * h, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, 8192, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    o_cmp = torch.randn(b, g * h, d, device="cuda")
+    gates = torch.rand(b, g * h, 3, device="cuda", dtype=torch.bfloat16)
+    idx = torch.full((b, h, topk), -1, dtype=torch.int32)
+    for s, t in enumerate(pos.tolist()):
+        for hh in range(h):
+            n = min(topk, t // bs + 1)
+            idx[s, hh, :n] = torch.randperm(t // bs + 1)[:n].int()
+    args = (q, k, v, pos, idx.cuda(), o_cmp, gates, bs, window, d ** -0.5)
+    o1 = decode_selected_window(*args, splits=1)
+    o_s = decode_selected_window(*args, splits=splits)
+    assert_close(o_s, o1, torch.bfloat16, "split vs 1", tol=4e-3)
+    ref = _reference_selected_window(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    assert_close(o_s, ref.to(o_s.device), torch.bfloat16, "split vs reference")
