@@ -26,9 +26,11 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE: tl.constexpr):
+def _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE: tl.constexpr):
     """One online-softmax step of the rows b_q [G_PAD, BLOCK_D] over keys b_k, b_v [BN, BLOCK_D]
-    (m_cols [BN]: which keys the rows see). Rows that saw nothing keep m = -inf, l = 0, acc = 0."""
+    (m_cols [BN]: which keys the rows see). Returns (m, l, acc, p, m_ref): p = exp2(s - m_ref)
+    [G_PAD, BN], the keys' mass relative to m_ref (the new max, 0 where still -inf). Rows that saw
+    nothing keep m = -inf, l = 0, acc = 0."""
     b_s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale  # [G_PAD, BN]
     b_s = tl.where(m_cols[None, :], b_s, float("-inf"))
     m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
@@ -37,6 +39,13 @@ def _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE: tl.co
     b_p = tl.exp2(b_s - m_ref[:, None])  # [G_PAD, BN]
     b_l = b_l * alpha + tl.sum(b_p, axis=1)
     b_acc = b_acc * alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, IEEE)  # [G_PAD, BLOCK_D]
+    return m_new, b_l, b_acc, b_p, m_ref
+
+
+@triton.jit
+def _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE: tl.constexpr):
+    """_online_step without p: (m, l, acc)."""
+    m_new, b_l, b_acc, _, _ = _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE)
     return m_new, b_l, b_acc
 
 

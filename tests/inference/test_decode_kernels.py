@@ -195,12 +195,12 @@ def _split_inputs(g, ks, st, seed=0):
     return pos, torch.randn(b, g * h, d), torch.randn(b, max_cmp, h, d), torch.randn(b, max_cmp, h, d)
 
 
-@pytest.mark.parametrize("splits", [2, 3, 5])
-def test_select_kernel_split_equals_one_program_and_reference(splits):
+@pytest.mark.parametrize("splits,topk", [(2, 2), (3, 5), (5, 5)])
+def test_select_kernel_split_equals_one_program_and_reference(splits, topk):
     """FlashDecoding split of the summaries over S programs (forced; the interpreter's rule is S = 1):
     the same o_cmp and the same blocks as S = 1 and the reference, from slots with no summary or fewer
-    blocks than splits (empty splits) to 16 blocks."""
-    ks, st, bs, topk, init, local = 8, 4, 16, 5, 1, 1
+    blocks than splits (empty splits) to 16 blocks; T = 2 (the two forced blocks only) and 5."""
+    ks, st, bs, init, local = 8, 4, 16, 1, 1
     pos, q, k_cmp, v_cmp = _split_inputs(3, ks, st)
     args = (q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, 0.25)
     o1, idx1 = decode_compressed_select(*args, splits=1)
