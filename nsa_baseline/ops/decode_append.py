@@ -27,7 +27,9 @@ from nsa_baseline.ops.decode_tiles import _dot, gpu_programs, group_pad, head_pa
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
 MIN_COLUMN_TILE = 16  # tl.dot's smallest N
-DOT_K = 512  # K of one summary tl.dot: J = DOT_K / D kernel positions (W slab [DOT_K, BN] per step)
+# K of one summary tl.dot: J = DOT_K / D kernel positions whose loads are in flight together (D = 128,
+# BN = 16: 64 KB of shared memory, no register spills on sm_90)
+DOT_K = 1024
 MEAN_TILE = 4096  # elements of one mean-pooling load [J, H_PAD, BN]
 
 
