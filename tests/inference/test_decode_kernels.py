@@ -468,3 +468,31 @@ def test_gpu_attend_split_equals_one_program(splits):
     assert_close(o_s, o1, torch.bfloat16, "split vs 1", tol=4e-3)
     ref = _reference_selected_window(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
     assert_close(o_s, ref.to(o_s.device), torch.bfloat16, "split vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compression", ["linear", "mean"])
+@pytest.mark.parametrize("column_tile", [None, 64])
+def test_gpu_append_equals_reference(compression, column_tile):
+    """bf16, 8 KV heads, d = 128, kernel 32 / stride 16: 20 steps from lengths 0, 15, 31, 4095 (each
+    slot completes summaries at different steps), the SM rule's column tiles or 64; rows, summaries,
+    positions and lengths equal the reference."""
+    ks, st, h, d, max_seqlen = 32, 16, 8, 128, 4200
+    lengths = torch.tensor([0, 15, 31, 4095], dtype=torch.int32, device="cuda")
+    b = lengths.numel()
+    max_cmp = (max_seqlen - ks) // st + 1
+    cache = tuple(torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
+                  for n in (max_seqlen, max_seqlen, max_cmp, max_cmp))
+    weights = (None,) * 4
+    if compression == "linear":
+        weights = tuple((torch.randn(*shape, device="cuda") * s).to(torch.bfloat16)
+                        for shape, s in (((ks * d, d), d ** -0.5 / ks ** 0.5), ((ks, d), 1.0)) * 2)
+    w = dict(zip(("k_weight", "k_pos", "v_weight", "v_pos"), weights)) if compression == "linear" else {}
+    for step in range(20):
+        k_new, v_new = (torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        want = _append_reference(k_new, v_new, cache, lengths, ks, st, weights)
+        before = lengths.clone()
+        pos = decode_append(k_new, v_new, *cache, lengths, ks, st, column_tile=column_tile, **w)
+        assert torch.equal(pos, before) and torch.equal(lengths, before + 1), (step, pos, lengths)
+        for name, got, ref in zip(("k", "v", "k_cmp", "v_cmp"), cache, want):
+            assert_close(got, ref, torch.bfloat16, f"step {step}: {name}")
