@@ -27,6 +27,7 @@ WINDOW_TILE = 64  # keys per window tile
 
 
 def window_tile(window_size: int) -> int:
+    """Keys per window tile: WINDOW_TILE, or the window rounded up to a power of two if shorter."""
     return min(WINDOW_TILE, triton.next_power_of_2(window_size))
 
 
