@@ -8,8 +8,9 @@ window 512), bf16, FSA backend (the decode kernels are the same for nsa / fsa / 
 filled with random keys, values and summaries (timing only; tests/inference/test_decode_kernels.py
 checks the maths) and every slot holds L - 1 tokens, so the new token attends L keys.
 Timed (`triton.testing.do_bench` medians; each step gives its length back, so the cache stays put):
-- ours attention: module.attention's decode equivalent (decode_append: k/v, summary, length; the
-  compressed-select kernel(s) and the attend kernel; no q/k/v/o projections), eager and replayed from a CUDA graph;
+- ours attention: module.attention's decode equivalent (decode_append: k/v, summary; the
+  compressed-select kernel(s) and the attend kernel(s), the last of which moves the length; no q/k/v/o
+  projections), eager and replayed from a CUDA graph;
 - ours module: the whole module step (projections included), eager and CUDA graph (DecodeGraph);
 - dense: SDPA of q [B, 32, 1, 128] over k, v [B, 8, L, 128] with enable_gqa=True (the backend torch
   picks, named when torch says so), and each fused backend forced, eager and CUDA graph.

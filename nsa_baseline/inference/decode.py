@@ -2,9 +2,12 @@
 
     q, k, v, gates of the B new tokens, RoPE at positions = cache.lengths (device) ->
     decode_append (one kernel: k, v at row lengths[b] of every slot, the summary a slot completes,
-    lengths += 1, the positions) -> decode_compressed_select (o_cmp, block indices; split over
-    several programs per (slot, KV head) when the GPU would idle) -> decode_selected_window (gated
-    output) -> output projection.
+    the positions) -> decode_compressed_select (o_cmp, block indices; one kernel, or three when
+    split over several programs per (slot, KV head) because the GPU would idle) ->
+    decode_selected_window (gated output; one kernel, or split + combine; its last kernel sets
+    lengths = positions + 1) -> output projection. 3 launches, up to 6 with both splits (small B).
+The lengths move in the step's last kernel, not in decode_append: all of decode_append's programs of a
+slot read its length, in any order, so none of them may change it.
 Checks use the host mirror of the lengths, which the caller advances arithmetically (+1 per step),
 never by reading the device: so the step captures in a CUDA graph (graph.py). Served for the
 kernel backends where the kernels serve the tensors (`decode_serves`); step.py takes it for any call
@@ -42,15 +45,16 @@ def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if module.compression == "linear":
         w = dict(k_weight=module.k_cmp_weight, k_pos=module.k_cmp_pos, v_weight=module.v_cmp_weight,
                  v_pos=module.v_cmp_pos)
-    # one launch: k, v at row lengths[b], the summary each slot completes, lengths += 1 (pos: before)
+    # one launch: k, v at row lengths[b], the summary each slot completes (pos: the lengths); the
+    # lengths move in the step's last kernel (decode_append's programs all read them)
     pos32 = decode_append(k, v, cache.k, cache.v, cache.k_cmp, cache.v_cmp, cache.lengths, module.kernel_size,
-                          module.kernel_stride, **w)
+                          module.kernel_stride, advance=False, **w)
     scale = module.head_dim ** -0.5
     o_cmp, idx = decode_compressed_select(q, cache.k_cmp, cache.v_cmp, pos32, module.kernel_size,
                                           module.kernel_stride, module.block_size, module.topk,
                                           module.init_blocks, module.local_blocks, scale)
     o = decode_selected_window(q, cache.k, cache.v, pos32, idx, o_cmp, gates.contiguous(), module.block_size,
-                               module.window_size, scale)
+                               module.window_size, scale, advance=cache.lengths)
     return o
 
 

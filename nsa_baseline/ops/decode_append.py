@@ -1,13 +1,20 @@
 """Decode, kernel 0: append the new token of every slot to the cache, in one launch.
 
-Grid (B,): program b reads the slot's length n (the new token's position), writes it to `pos` (what
-the attention kernels of the step read), moves the length to n + 1, stores the new k, v [H, D] at row
-n, and when the token completes a summary ((n + 1 - kernel_size) a non-negative multiple of the
-stride) compresses keys and values [n + 1 - kernel_size, n] of all H heads into summary
-(n + 1 - kernel_size) / stride: mean, or linear (sum_j (x_j + pos_emb_j) @ W[j * D:(j + 1) * D], the
-H heads as the rows of one tl.dot per j, so W is read once per slot). Replaces the step's gathers,
-masked torch.where summary update, index_put and lengths += 1 (about 30 launches) and reads nothing
-back on the host. The new token's row comes from registers, not from the store just made.
+Grid (B, NC, 2): program (b, c, kv) owns column tile c (BN of the D columns) of slot b's keys (kv = 0)
+or values (kv = 1). Every program reads the slot's length n (the new token's position; program
+(b, 0, 0) also writes it to `pos`, what the attention kernels of the step read) and stores its
+columns of the new row n; when the token completes a summary ((n + 1 - kernel_size) a non-negative
+multiple of the stride) it computes its columns of summary (n + 1 - kernel_size) / stride over rows
+[n + 1 - kernel_size, n]: mean, or linear (sum_j (x_j + pos_emb_j) @ W[j * D:(j + 1) * D, cols], J
+kernel positions per tl.dot (K = J * D), the H heads as its rows). So the 2 x kernel_size x D x D
+weights of a summary are read by 2 * NC programs, not by one per slot (NC from append_tiles: enough
+programs for the GPU at small B). The new token's row comes from k_new / v_new, never from the store
+just made (another program's, in any order).
+
+The lengths are NOT moved by the kernel: every program of a slot reads lengths[b], and programs run
+in any order, so an increment made by one could be read by another. The step's last kernel moves
+them instead (decode_selected_window(advance=lengths) writes pos + 1; decode.py); a standalone call
+(advance=True) adds 1 after the launch. Reads nothing back on the host (CUDA-graph capturable).
 """
 from __future__ import annotations
 
@@ -16,65 +23,123 @@ import triton
 import triton.language as tl
 
 from nsa_baseline.checks import fail
-from nsa_baseline.ops.decode_tiles import _dot, group_pad, head_pad
-from nsa_baseline.utils.triton_utils import new_output
+from nsa_baseline.ops.decode_tiles import _dot, gpu_programs, group_pad, head_pad
+from nsa_baseline.utils.triton_utils import new_output, next_pow2
+
+MIN_COLUMN_TILE = 16  # tl.dot's smallest N
+# K of one summary tl.dot: J = DOT_K / D kernel positions whose loads are in flight together (D = 128,
+# BN = 16: 64 KB of shared memory, no register spills on sm_90)
+DOT_K = 1024
+MEAN_TILE = 4096  # elements of one mean-pooling load [J, H_PAD, BN]
 
 
 @triton.jit
-def _summary(src_ptr, dst_ptr, w_ptr, pe_ptr, b_new, i_b, pos, start, idx, MAX_SEQLEN, MAX_CMP,
-             H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, KS: tl.constexpr,
-             LINEAR: tl.constexpr, IEEE: tl.constexpr):
+def _linear_part(src_ptr, new_ptr, w_ptr, pe_ptr, i_b, pos, start, o_n, MAX_SEQLEN, H: tl.constexpr,
+                 H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BN: tl.constexpr,
+                 KS: tl.constexpr, J: tl.constexpr, IEEE: tl.constexpr):
+    """Columns o_n [BN] of sum_j (x_j + pe_j) @ W[j * D:(j + 1) * D] over rows start + j, j < KS (row
+    pos from new_ptr): fp32 [H_PAD, BN]. Row h of x holds J positions side by side (K = J * BLOCK_D)."""
     o_h = tl.arange(0, H_PAD)
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    m_hd = (o_h < H)[:, None] & m_d[None, :]
-    acc = tl.zeros([H_PAD, BLOCK_D], tl.float32)
-    for j in range(KS):
-        row = start + j
-        off = ((i_b.to(tl.int64) * MAX_SEQLEN + row) * H + o_h)[:, None] * D + o_d[None, :]
-        x = tl.load(src_ptr + off, mask=m_hd & (row < pos), other=0.)
-        x = tl.where(row == pos, b_new, x)  # the new token: not read back from the store
+    o_k = tl.arange(0, J * BLOCK_D)
+    dd = o_k % BLOCK_D
+    m_h = o_h < H
+    m_n = o_n < D
+    p_new = new_ptr + (i_b * H + o_h).to(tl.int64)[:, None] * D + dd[None, :]
+    acc = tl.zeros([H_PAD, BN], tl.float32)
+    for j0 in range(0, KS, J):
+        jj = j0 + o_k // BLOCK_D  # [J * BLOCK_D]: the kernel position of each K column
+        m_k = (jj < KS) & (dd < D)
+        row = start + jj
+        m_x = m_h[:, None] & m_k[None, :]
+        off = ((i_b.to(tl.int64) * MAX_SEQLEN + row)[None, :] * H + o_h[:, None]) * D + dd[None, :]
+        x = tl.load(src_ptr + off, mask=m_x & (row < pos)[None, :], other=0.)
+        x_new = tl.load(p_new, mask=m_x & (row == pos)[None, :], other=0.)
+        x = tl.where((row == pos)[None, :], x_new, x)  # the new token: not read back from the store
+        pe = tl.load(pe_ptr + jj * D + dd, mask=m_k, other=0.).to(tl.float32)
+        x = (x.to(tl.float32) + pe[None, :]).to(new_ptr.dtype.element_ty)  # rounded like compress_spans' add
+        w = tl.load(w_ptr + (jj * D + dd).to(tl.int64)[:, None] * D + o_n[None, :],
+                    mask=m_k[:, None] & m_n[None, :], other=0.)  # [J * BLOCK_D, BN]
+        acc += _dot(x, w, IEEE)
+    return acc
+
+
+@triton.jit
+def _mean_part(src_ptr, b_new, i_b, pos, start, o_n, MAX_SEQLEN, H: tl.constexpr, H_PAD: tl.constexpr,
+               D: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr, J: tl.constexpr):
+    """Columns o_n [BN] of the mean of rows start + j, j < KS (row pos is b_new [H_PAD, BN]), J rows
+    per load: fp32 [H_PAD, BN]."""
+    o_h = tl.arange(0, H_PAD)
+    o_j = tl.arange(0, J)
+    m_hn = (o_h < H)[:, None] & (o_n < D)[None, :]
+    acc = tl.zeros([H_PAD, BN], tl.float32)
+    for j0 in range(0, KS, J):
+        row = start + j0 + o_j  # [J]
+        m_r = ((j0 + o_j) < KS) & (row < pos)
+        off = ((i_b.to(tl.int64) * MAX_SEQLEN + row)[:, None, None] * H + o_h[None, :, None]) * D \
+            + o_n[None, None, :]
+        x = tl.load(src_ptr + off, mask=m_r[:, None, None] & m_hn[None, :, :], other=0.)  # [J, H_PAD, BN]
+        x = tl.where((row == pos)[:, None, None], b_new[None, :, :], x)
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    return acc / KS
+
+
+@triton.jit
+def _append_columns(new_ptr, src_ptr, dst_ptr, w_ptr, pe_ptr, i_b, i_c, pos, MAX_SEQLEN, MAX_CMP,
+                    H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BN: tl.constexpr, KS: tl.constexpr, J: tl.constexpr, STRIDE: tl.constexpr,
+                    LINEAR: tl.constexpr, IEEE: tl.constexpr):
+    """Column tile i_c of one of k / v: the new row at pos, and of the summary it completes (if any)."""
+    o_h = tl.arange(0, H_PAD)
+    o_n = i_c * BN + tl.arange(0, BN)
+    m_hn = (o_h < H)[:, None] & (o_n < D)[None, :]
+    b_new = tl.load(new_ptr + (i_b * H + o_h).to(tl.int64)[:, None] * D + o_n[None, :], mask=m_hn, other=0.)
+    ok = (pos >= 0) & (pos < MAX_SEQLEN)  # a full slot writes nothing (the host checks refuse it first)
+    off = ((i_b.to(tl.int64) * MAX_SEQLEN + pos) * H + o_h)[:, None] * D + o_n[None, :]
+    tl.store(src_ptr + off, b_new, mask=m_hn & ok)
+    start = pos + 1 - KS
+    idx = start // STRIDE
+    if ok & (start >= 0) & (start % STRIDE == 0) & (idx < MAX_CMP):
         if LINEAR:
-            pe = tl.load(pe_ptr + j * D + o_d, mask=m_d, other=0.).to(tl.float32)
-            x = (x.to(tl.float32) + pe[None, :]).to(b_new.dtype)  # rounded like compress_spans' add
-            w = tl.load(w_ptr + (j * D + o_d)[:, None] * D + o_d[None, :], mask=m_d[:, None] & m_d[None, :],
-                        other=0.)  # [BLOCK_D, BLOCK_D]
-            acc += _dot(x, w, IEEE)
+            acc = _linear_part(src_ptr, new_ptr, w_ptr, pe_ptr, i_b, pos, start, o_n, MAX_SEQLEN, H, H_PAD, D,
+                               BLOCK_D, BN, KS, J, IEEE)
         else:
-            acc += x.to(tl.float32)
-    if not LINEAR:
-        acc = acc / KS
-    off = ((i_b.to(tl.int64) * MAX_CMP + idx) * H + o_h)[:, None] * D + o_d[None, :]
-    tl.store(dst_ptr + off, acc.to(dst_ptr.dtype.element_ty), mask=m_hd)
+            acc = _mean_part(src_ptr, b_new, i_b, pos, start, o_n, MAX_SEQLEN, H, H_PAD, D, BN, KS, J)
+        off = ((i_b.to(tl.int64) * MAX_CMP + idx) * H + o_h)[:, None] * D + o_n[None, :]
+        tl.store(dst_ptr + off, acc.to(dst_ptr.dtype.element_ty), mask=m_hn)
 
 
 @triton.jit
 def _append_kernel(
     k_new_ptr, v_new_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, pos_ptr, wk_ptr, wv_ptr, pek_ptr, pev_ptr,
     MAX_SEQLEN, MAX_CMP, H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    KS: tl.constexpr, STRIDE: tl.constexpr, LINEAR: tl.constexpr, IEEE: tl.constexpr,
+    BN: tl.constexpr, KS: tl.constexpr, J: tl.constexpr, STRIDE: tl.constexpr, LINEAR: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    i_b = tl.program_id(0)
-    pos = tl.load(len_ptr + i_b)
-    tl.store(pos_ptr + i_b, pos)
-    tl.store(len_ptr + i_b, pos + 1)
-    o_h = tl.arange(0, H_PAD)
-    o_d = tl.arange(0, BLOCK_D)
-    m_hd = (o_h < H)[:, None] & (o_d < D)[None, :]
-    off_new = (i_b * H + o_h).to(tl.int64)[:, None] * D + o_d[None, :]
-    b_k = tl.load(k_new_ptr + off_new, mask=m_hd, other=0.)
-    b_v = tl.load(v_new_ptr + off_new, mask=m_hd, other=0.)
-    ok = (pos >= 0) & (pos < MAX_SEQLEN)  # a full slot writes nothing (the host checks refuse it first)
-    off = ((i_b.to(tl.int64) * MAX_SEQLEN + pos) * H + o_h)[:, None] * D + o_d[None, :]
-    tl.store(k_ptr + off, b_k, mask=m_hd & ok)
-    tl.store(v_ptr + off, b_v, mask=m_hd & ok)
-    start = pos + 1 - KS
-    idx = start // STRIDE
-    if ok & (start >= 0) & (start % STRIDE == 0) & (idx < MAX_CMP):
-        _summary(k_ptr, kc_ptr, wk_ptr, pek_ptr, b_k, i_b, pos, start, idx, MAX_SEQLEN, MAX_CMP,
-                 H, H_PAD, D, BLOCK_D, KS, LINEAR, IEEE)
-        _summary(v_ptr, vc_ptr, wv_ptr, pev_ptr, b_v, i_b, pos, start, idx, MAX_SEQLEN, MAX_CMP,
-                 H, H_PAD, D, BLOCK_D, KS, LINEAR, IEEE)
+    i_b, i_c, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pos = tl.load(len_ptr + i_b)  # read by every program: nothing in this grid writes lengths
+    if (i_c == 0) & (i_kv == 0):
+        tl.store(pos_ptr + i_b, pos)
+    if i_kv == 0:
+        _append_columns(k_new_ptr, k_ptr, kc_ptr, wk_ptr, pek_ptr, i_b, i_c, pos, MAX_SEQLEN, MAX_CMP,
+                        H, H_PAD, D, BLOCK_D, BN, KS, J, STRIDE, LINEAR, IEEE)
+    else:
+        _append_columns(v_new_ptr, v_ptr, vc_ptr, wv_ptr, pev_ptr, i_b, i_c, pos, MAX_SEQLEN, MAX_CMP,
+                        H, H_PAD, D, BLOCK_D, BN, KS, J, STRIDE, LINEAR, IEEE)
+
+
+def append_tiles(batch: int, heads: int, head_dim: int, kernel_size: int, linear: bool, device: torch.device,
+                 column_tile: int | None = None, kernel_chunk: int | None = None) -> tuple[int, int]:
+    """(BN, J): columns per program and kernel positions per load / tl.dot. On CUDA the narrowest
+    tiles (BN >= 16) up to about PROGRAMS_PER_SM programs per SM over the 2 * B * D / BN programs;
+    off CUDA (the interpreter) one tile of all D columns. J: DOT_K / D positions per dot (linear), a
+    load of MEAN_TILE elements (mean). Either can be forced (tests)."""
+    block_d, h_pad = head_pad(head_dim), next_pow2(heads)
+    if column_tile is None:
+        tiles = next_pow2(-(-gpu_programs(device) // (2 * batch)))  # 1 off CUDA
+        column_tile = max(MIN_COLUMN_TILE, block_d // tiles)
+    if kernel_chunk is None:
+        kernel_chunk = DOT_K // block_d if linear else MEAN_TILE // (h_pad * column_tile)
+    return column_tile, max(1, min(kernel_chunk, next_pow2(kernel_size)))
 
 
 def _check_weights(name, w, pe, ks, d, dtype, device):
@@ -87,13 +152,26 @@ def _check_weights(name, w, pe, ks, d, dtype, device):
         fail(f"{name}_pos", f"must be [kernel_size, D] = [{ks}, {d}] on {device}, got {tuple(getattr(pe, 'shape', ()))}")
 
 
+def _check_tiles(column_tile, kernel_chunk, d):
+    block_d = head_pad(d)
+    if column_tile is not None and (not isinstance(column_tile, int) or column_tile != next_pow2(column_tile)
+                                    or not MIN_COLUMN_TILE <= column_tile <= block_d):
+        fail("column_tile", f"must be None or a power of two in [{MIN_COLUMN_TILE}, {block_d}], got {column_tile!r}")
+    if kernel_chunk is not None and (not isinstance(kernel_chunk, int) or kernel_chunk < 1
+                                     or kernel_chunk != next_pow2(kernel_chunk)):
+        fail("kernel_chunk", f"must be None or a power of two >= 1, got {kernel_chunk!r}")
+
+
 def decode_append(k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor,
                   v_cmp: torch.Tensor, lengths: torch.Tensor, kernel_size: int, kernel_stride: int,
-                  k_weight=None, k_pos=None, v_weight=None, v_pos=None) -> torch.Tensor:
+                  k_weight=None, k_pos=None, v_weight=None, v_pos=None, advance: bool = True,
+                  column_tile: int | None = None, kernel_chunk: int | None = None) -> torch.Tensor:
     r"""Append one token per slot: k_new, v_new [B, H, D] into the cache k, v [B, max_seqlen, H, D] at
     row lengths[b], the summary it completes into k_cmp, v_cmp [B, max_cmp, H, D] (mean pooling, or
-    linear with k_weight / v_weight [kernel_size * D, D] and k_pos / v_pos [kernel_size, D]), lengths
-    (int32 [B], in place) += 1. Returns the positions written, int32 [B] (the lengths before)."""
+    linear with k_weight / v_weight [kernel_size * D, D] and k_pos / v_pos [kernel_size, D]). Returns
+    the positions written, int32 [B] (the lengths before). advance=True: lengths (int32 [B], in place)
+    += 1 after the kernel; False: the caller moves them (the decode step's last kernel does).
+    column_tile / kernel_chunk force append_tiles' BN / J (tests)."""
     for name, t in (("k", k), ("v", v), ("k_cmp", k_cmp), ("v_cmp", v_cmp)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_contiguous():
             fail(name, f"must be a contiguous [B, rows, H, D] tensor, got {tuple(getattr(t, 'shape', ()))}")
@@ -115,15 +193,20 @@ def decode_append(k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: 
     linear = k_weight is not None
     if linear != (v_weight is not None):
         fail("v_weight", "must be given exactly when k_weight is (linear compression)")
+    _check_tiles(column_tile, kernel_chunk, d)
     pos = new_output((b,), torch.int32, k.device)
     max_cmp = k_cmp.shape[1]
     if max_cmp == 0:  # no summary fits: keep valid pointers, the summary branch never runs
         k_cmp = v_cmp = k.new_zeros(b, 1, h, d)
     w = (k_weight.to(k.dtype).contiguous(), v_weight.to(k.dtype).contiguous(), k_pos.to(k.dtype).contiguous(),
          v_pos.to(k.dtype).contiguous()) if linear else (k, v, k, v)
-    _append_kernel[(b,)](
+    bn, j = append_tiles(b, h, d, kernel_size, linear, k.device, column_tile, kernel_chunk)
+    block_d = head_pad(d)
+    _append_kernel[(b, block_d // bn, 2)](
         k_new.contiguous(), v_new.contiguous(), k, v, k_cmp, v_cmp, lengths, pos, *w, max_seqlen, max_cmp,
-        H=h, H_PAD=group_pad(h), D=d, BLOCK_D=head_pad(d), KS=kernel_size, STRIDE=kernel_stride, LINEAR=linear,
-        IEEE=k.dtype == torch.float32, num_warps=4,
+        H=h, H_PAD=group_pad(h) if linear else next_pow2(h), D=d, BLOCK_D=block_d, BN=bn, KS=kernel_size, J=j,
+        STRIDE=kernel_stride, LINEAR=linear, IEEE=k.dtype == torch.float32, num_warps=4,
     )
+    if advance:
+        lengths.add_(1)
     return pos

@@ -6,7 +6,10 @@ Grid (B, H): one program per (slot, KV head); the tile's rows are the G query he
 blocks of block_indices (-1 skipped), keys <= the token's position; window: keys
 max(0, t - W + 1) .. t in a fixed number of tiles (no data-dependent trip count); each branch has its
 own softmax. out = g0 * o_cmp + g1 * o_slc + g2 * o_win, written in the output dtype. Reads the cache
-in place: k, v [B, max_seqlen, H, D].
+in place: k, v [B, max_seqlen, H, D]. With advance (the cache's lengths) program (b, 0) also sets
+lengths[b] = pos + 1: the decode step's last kernel moves the lengths (decode_append cannot).
+When slots x KV heads leave SMs idle, the keys of a (slot, KV head) are split over S programs and
+merged by a combine kernel instead (decode_attend_split.py, FlashDecoding style; S from attend_splits).
 """
 from __future__ import annotations
 
@@ -16,31 +19,39 @@ import triton.language as tl
 
 from nsa_baseline.checks import fail
 from nsa_baseline.contract import BLOCK_SIZES
-from nsa_baseline.ops.decode_tiles import _finish, _online_update, group_pad, head_pad
+from nsa_baseline.ops.decode_attend_split import split_items, split_selected_window
+from nsa_baseline.ops.decode_tiles import _advance, _finish, _keys_tile, gpu_programs, group_pad, head_pad
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
 WINDOW_TILE = 64  # keys per window tile
 
 
-@triton.jit
-def _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, HD: tl.constexpr,
-               IEEE: tl.constexpr):
-    """Online-softmax step over the cache rows `rows` [BN] of one (slot, head) (m_rows: visible)."""
-    off = rows.to(tl.int64)[:, None] * HD
-    b_k = tl.load(p_k + off, mask=m_rows[:, None] & m_d[None, :], other=0.)  # [BN, BLOCK_D]
-    b_v = tl.load(p_v + off, mask=m_rows[:, None] & m_d[None, :], other=0.)
-    return _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_rows, qk_scale, IEEE)
+def window_tile(window_size: int) -> int:
+    """Keys per window tile: WINDOW_TILE, or the window rounded up to a power of two if shorter."""
+    return min(WINDOW_TILE, triton.next_power_of_2(window_size))
+
+
+def attend_splits(batch: int, heads: int, topk: int, window_size: int, device: torch.device) -> int:
+    """Programs per (slot, KV head) for decode_selected_window: enough for about PROGRAMS_PER_SM per
+    SM, at most one per item (a selected block or a window tile; decode_attend_split.py); 1 off CUDA
+    (the interpreter) and when batch x heads fills the GPU already. Static for a cache (CUDA graphs)."""
+    programs = gpu_programs(device)
+    if not programs:
+        return 1
+    want = -(-programs // max(1, batch * heads))
+    return split_items(topk, -(-window_size // window_tile(window_size)), want)[0]
 
 
 @triton.jit
 def _decode_attend_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, idx_ptr, o_cmp_ptr, gates_ptr, out_ptr, MAX_SEQLEN, qk_scale,
+    q_ptr, k_ptr, v_ptr, pos_ptr, idx_ptr, o_cmp_ptr, gates_ptr, out_ptr, len_ptr, MAX_SEQLEN, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, WINDOW: tl.constexpr,
-    BN: tl.constexpr, IEEE: tl.constexpr,
+    BN: tl.constexpr, ADVANCE: tl.constexpr, IEEE: tl.constexpr,
 ):
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     pos = tl.load(pos_ptr + i_b)
+    _advance(len_ptr, i_b, i_h, pos, ADVANCE)
     o_g = tl.arange(0, G_PAD)
     o_d = tl.arange(0, BLOCK_D)
     m_g = o_g < G
@@ -89,7 +100,7 @@ def _decode_attend_kernel(
     tl.store(out_ptr + rows_q[:, None] * D + o_d[None, :], b_o.to(out_ptr.dtype.element_ty), mask=m_gd)
 
 
-def _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size):
+def _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, advance):
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         fail("q", f"must be [B, HQ, D], got {tuple(getattr(q, 'shape', ()))}")
     b, hq, d = q.shape
@@ -116,29 +127,49 @@ def _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size):
         fail("block_size", f"must be one of {BLOCK_SIZES}, got {block_size!r}")
     if not isinstance(window_size, int) or window_size < 1:
         fail("window_size", f"must be an int >= 1, got {window_size!r}")
+    if advance is not None and (not isinstance(advance, torch.Tensor) or advance.dtype != torch.int32
+                                or tuple(advance.shape) != (b,) or advance.device != q.device
+                                or not advance.is_contiguous()):
+        fail("advance", f"must be None or contiguous int32 [B={b}] on {q.device} (the cache's lengths)")
 
 
 def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                            block_indices: torch.Tensor, o_cmp: torch.Tensor, gates: torch.Tensor,
-                           block_size: int, window_size: int, scale: float) -> torch.Tensor:
+                           block_size: int, window_size: int, scale: float,
+                           advance: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
     r"""Selected + window attention of one new token per slot, gated with the compressed branch.
 
     Args:
         q: [B, HQ, D] (after RoPE); k, v: [B, max_seqlen, H, D] the cache (holding the new tokens);
         pos: int32 [B] each new token's position; block_indices: int32 [B, H, T] (-1 = empty);
-        o_cmp: float32 [B, HQ, D] the compressed branch; gates: [B, HQ, 3] in q.dtype.
+        o_cmp: float32 [B, HQ, D] the compressed branch; gates: [B, HQ, 3] in q.dtype;
+        advance: the cache's lengths, int32 [B]: set to pos + 1 by the kernel (the decode step's
+            last write; decode_append(advance=False) leaves them), or None;
+        splits: programs per (slot, KV head) (None: attend_splits' rule; tests force > 1 anywhere).
     Returns:
         [B, HQ, D] in q.dtype: g0 * o_cmp + g1 * o_slc + g2 * o_win.
     """
-    _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size)
+    _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, advance)
+    if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1):
+        fail("splits", f"must be None or an int >= 1, got {splits!r}")
     b, hq, d = q.shape
     max_seqlen, h = k.shape[1], k.shape[2]
     g = hq // h
     out = new_output((b, hq, d), q.dtype, q.device)
+    if splits is None:
+        splits = attend_splits(b, h, block_indices.shape[2], window_size, q.device)
+    if splits > 1:
+        split_selected_window(q.contiguous(), k, v, pos, block_indices, o_cmp, gates, out, advance, splits=splits,
+                              g=g, g_pad=group_pad(g), block_d=head_pad(d), block_size=block_size,
+                              window_size=window_size, window_tile=window_tile(window_size),
+                              qk_scale=scale * LOG2E, ieee=q.dtype == torch.float32)
+        return out
     _decode_attend_kernel[(b, h)](
-        q.contiguous(), k, v, pos, block_indices, o_cmp, gates, out, max_seqlen, scale * LOG2E,
+        q.contiguous(), k, v, pos, block_indices, o_cmp, gates, out, pos if advance is None else advance, max_seqlen,
+        scale * LOG2E,
         HQ=hq, H=h, G=g, G_PAD=group_pad(g), D=d, BLOCK_D=head_pad(d), BS=block_size, TOPK=block_indices.shape[2],
-        WINDOW=window_size, BN=min(WINDOW_TILE, triton.next_power_of_2(window_size)), IEEE=q.dtype == torch.float32,
+        WINDOW=window_size, BN=window_tile(window_size), ADVANCE=advance is not None,
+        IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2,
     )
     return out

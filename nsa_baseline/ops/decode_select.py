@@ -12,36 +12,28 @@ i * stride + kernel_size - 1 <= t.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from nsa_baseline.checks import fail
 from nsa_baseline.ops.decode_split import split_compressed_select
-from nsa_baseline.ops.decode_tiles import _attend_summaries, _finish, _load_q, group_pad, head_pad
+from nsa_baseline.ops.decode_tiles import _attend_summaries, _finish, _load_q, gpu_programs, group_pad, head_pad
 from nsa_baseline.ops.selection_kernel import _merge_bitonic, _pack_desc, _scores_tile, _store_sorted
 from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, next_pow2
 
 SUMMARIES_PER_TILE = 64  # BJ * R summaries per tile (at least T_PAD blocks: the bitonic merge needs a full tile)
-PROGRAMS_PER_SM = 2  # the split rule fills the GPU with about this many programs per SM
 MAX_SPLITS = 64
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def decode_splits(batch: int, heads: int, max_cmp: int, device: torch.device) -> int:
     """Programs per (slot, KV head) for decode_compressed_select: enough for about PROGRAMS_PER_SM per
     SM, at most one per SUMMARIES_PER_TILE summaries of a full cache (and MAX_SPLITS); 1 off CUDA (the
     interpreter) and when batch x heads fills the GPU already. Static for a cache (CUDA graphs)."""
-    if device.type != "cuda" or is_interpreter():
+    programs = gpu_programs(device)
+    if not programs:
         return 1
-    want = -(-PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-             // max(1, batch * heads))
+    want = -(-programs // max(1, batch * heads))
     return max(1, min(want, -(-max_cmp // SUMMARIES_PER_TILE), MAX_SPLITS))
 
 

@@ -5,14 +5,20 @@ Split s of a slot whose token is at position t owns the selection blocks [j_lo, 
 of blocks 0 .. t // BS into S chunks of ceil((t // BS + 1) / S) blocks (empty splits at the end), and
 the summaries [j_lo * R, min(j_hi * R, nvis)) that start in them (R = BS / stride): split boundaries
 sit on block boundaries, so every block's score is made in exactly one split.
-  pass 1 (_split_attend_kernel, grid (B, H, S)): compressed attention over the split's summaries ->
-      normalised partial o [G, D] and base-2 lse [G_PAD] (-inf where the split saw nothing);
-  pass 2 (_split_select_kernel, grid (B, H, S)): the final lse from the S partial lse, then the block
-      scores of the split's blocks and its own top-T (packed keys, _pack_desc). The first block of a
-      split also receives the spill of the previous block's summaries (a summary overlaps its own
-      block and the next one): _spill_into recomputes those R summaries' share;
-  merge (_split_merge_kernel, grid (B, H)): o_cmp combined by lse, the S sorted candidate sets merged
-      by bitonic merges into the final top-T (same order and -1 rule as the fused kernel).
+  pass 1 (_split_attend_kernel, grid (B, H, S)): compressed attention over the split's blocks in
+      tiles of BJ blocks -> normalised partial o [G, D] and base-2 lse [G_PAD] (-inf where the split
+      saw nothing); per tile it also maps p = exp2(s - m) (m: the running max after the tile) to the
+      blocks (a summary gives min(C, R - u) to its own block and max(0, u + C - R) to the next one,
+      u = its slot in the block, C = kernel_size / stride) and stores each block's mass per query
+      head as a base-2 log, m + log2(mass): `lmass` [B * H, NB, G_PAD]; the mass its last block
+      spills into the next split's first block goes to `lspill` [B * H * S, G_PAD] the same way;
+  pass 2 (_split_select_kernel, grid (B, H, S)): the final lse from the S partial lse; a block's
+      score is sum_g exp2(lmass[g] - lse_g) (+ the previous split's spill for its first block), the
+      softmax mass of the fused kernel without reading k_cmp again; its own top-T (packed keys,
+      _pack_desc);
+  merge (_split_merge_kernel, grid (B, H, G)): program (b, h, g) combines query head g's o_cmp by
+      lse (the S partials in one load); program g = 0 also takes the top-T of the S sorted candidate
+      sets in one tl.topk over all S * T_PAD keys (same order and -1 rule as the fused kernel).
 """
 from __future__ import annotations
 
@@ -20,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.decode_tiles import _attend_summaries, _finish, _load_q
-from nsa_baseline.ops.selection_kernel import _merge_packed, _pack_desc, _rank_packed, _scores_tile, _store_sorted
+from nsa_baseline.ops.decode_tiles import _finish, _load_q, _online_step
+from nsa_baseline.ops.selection_kernel import _merge_packed, _pack_desc, _rank_packed, _store_sorted
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
 
@@ -39,35 +45,97 @@ def _split_range(pos, i_s, S: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constex
 
 
 @triton.jit
+def _log2_mass(mass, m_ref):
+    """m_ref + log2(mass) (rows [G_PAD] or [G_PAD, BJ]); -inf where the mass is 0."""
+    return tl.where(mass > 0, m_ref + tl.log2(tl.where(mass > 0, mass, 1.)), float("-inf"))
+
+
+@triton.jit
+def _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi, qk_scale, H: tl.constexpr, D: tl.constexpr,
+                BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                IEEE: tl.constexpr):
+    """Online-softmax step over the summaries of blocks [j0, j0 + BJ) below i_hi, and the blocks' mass
+    relative to the new running max: (m, l, acc, mass [G_PAD, BJ], m_ref [G_PAD], carry [G_PAD]);
+    block j0 also gets `carry` (the previous tile's spill, relative to the previous m), the returned
+    carry is the last block's spill into block j0 + BJ."""
+    BC: tl.constexpr = BJ * R
+    i0 = j0 * R
+    m_c = (i0 + tl.arange(0, BC)) < i_hi
+    m_kd = m_c[:, None] & (tl.arange(0, BLOCK_D) < D)[None, :]
+    b_k = tl.load(p_k + i0 * (H * D), mask=m_kd, other=0.)  # [BC, BLOCK_D]
+    b_v = tl.load(p_v + i0 * (H * D), mask=m_kd, other=0.)
+    m_old = b_m
+    b_m, b_l, b_acc, b_p, m_ref = _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_c, qk_scale, IEEE)
+    o_u = tl.arange(0, R)
+    b_pg = tl.reshape(b_p, (G_PAD, BJ, R))
+    b_same = tl.sum(b_pg * tl.minimum(C, R - o_u).to(tl.float32)[None, None, :], axis=2)  # [G_PAD, BJ]
+    b_next = tl.sum(b_pg * tl.maximum(o_u + C - R, 0).to(tl.float32)[None, None, :], axis=2)  # to block j + 1
+    o_j = tl.arange(0, BJ)
+    prev_j = tl.broadcast_to(tl.maximum(o_j - 1, 0)[None, :], (G_PAD, BJ))
+    b_shift = tl.gather(b_next, prev_j, axis=1)  # b_next[:, j - 1]
+    carry = carry * tl.exp2(m_old - m_ref)  # 0 where nothing was seen before (m_old = -inf)
+    b_mass = b_same + tl.where(o_j[None, :] == 0, carry[:, None], b_shift)
+    carry = tl.sum(tl.where(o_j[None, :] == BJ - 1, b_next, 0.), axis=1)
+    return b_m, b_l, b_acc, b_mass, m_ref, carry
+
+
+@triton.jit
 def _split_attend_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, o_part_ptr, lse_part_ptr, MAX_CMP, qk_scale,
+    q_ptr, k_ptr, v_ptr, pos_ptr, o_part_ptr, lse_part_ptr, lmass_ptr, lspill_ptr, MAX_CMP, NB, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_D: tl.constexpr, BC: tl.constexpr, R: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
-    BS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr,
+    STRIDE: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
+    BC: tl.constexpr = BJ * R
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
     nvis, j_lo, j_hi, i_hi = _split_range(pos, i_s, S, KS, STRIDE, BS, R)
     b_q = _load_q(q_ptr, i_b, i_h, HQ, G, G_PAD, D, BLOCK_D)
     o_g = tl.arange(0, G_PAD)
     o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
     base = (i_b.to(tl.int64) * MAX_CMP * H + i_h) * D
     p_k = k_ptr + base + tl.arange(0, BC).to(tl.int64)[:, None] * (H * D) + o_d[None, :]  # [BC, BLOCK_D]
     p_v = v_ptr + base + tl.arange(0, BC).to(tl.int64)[:, None] * (H * D) + o_d[None, :]
-    b_m, b_l, b_acc = _attend_summaries(b_q, p_k, p_v, j_lo * R, i_hi, qk_scale, H, D, G_PAD, BLOCK_D, BC, IEEE,
-                                        WHILE_LOOP)
+    p_mass = lmass_ptr + (i_b * H + i_h).to(tl.int64) * NB * G_PAD + o_g[:, None]
+    b_m = tl.full([G_PAD], float("-inf"), tl.float32)
+    b_l = tl.zeros([G_PAD], tl.float32)
+    b_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    carry = tl.zeros([G_PAD], tl.float32)
+    l_spill = tl.full([G_PAD], float("-inf"), tl.float32)
+    if WHILE_LOOP:  # the interpreter cannot range() over loaded bounds
+        j0 = j_lo
+        while j0 < j_hi:
+            b_m, b_l, b_acc, b_mass, m_ref, carry = _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi,
+                                                                qk_scale, H, D, BLOCK_D, G_PAD, BJ, R, C, IEEE)
+            l_spill = _store_mass(p_mass, b_mass, m_ref, carry, j0, j_hi, NB, G_PAD, BJ)
+            j0 += BJ
+    else:
+        for j0 in range(j_lo, j_hi, BJ):
+            b_m, b_l, b_acc, b_mass, m_ref, carry = _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi,
+                                                                qk_scale, H, D, BLOCK_D, G_PAD, BJ, R, C, IEEE)
+            l_spill = _store_mass(p_mass, b_mass, m_ref, carry, j0, j_hi, NB, G_PAD, BJ)
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64)
     p_o = o_part_ptr + (part * G + o_g)[:, None] * D + o_d[None, :]
-    tl.store(p_o, _finish(b_l, b_acc), mask=(o_g < G)[:, None] & m_d[None, :])
-    b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.)), float("-inf"))
-    tl.store(lse_part_ptr + part * G_PAD + o_g, b_lse)
+    tl.store(p_o, _finish(b_l, b_acc), mask=(o_g < G)[:, None] & (o_d < D)[None, :])
+    tl.store(lse_part_ptr + part * G_PAD + o_g, _log2_mass(b_l, b_m))
+    tl.store(lspill_ptr + part * G_PAD + o_g, l_spill)
+
+
+@triton.jit
+def _store_mass(p_mass, b_mass, m_ref, carry, j0, j_hi, NB, G_PAD: tl.constexpr, BJ: tl.constexpr):
+    """Store the log2 mass of the tile's blocks below j_hi; return the log2 spill into block j_hi
+    (the next split's first: inside this tile, or the tile's carry)."""
+    o_b = j0 + tl.arange(0, BJ)
+    b_lm = _log2_mass(b_mass, m_ref[:, None])
+    tl.store(p_mass + o_b[None, :] * G_PAD, b_lm, mask=((o_b < j_hi) & (o_b < NB))[None, :])
+    spill = tl.where(j_hi - j0 < BJ, tl.sum(tl.where(o_b[None, :] == j_hi, b_mass, 0.), axis=1), carry)
+    return _log2_mass(spill, m_ref)
 
 
 @triton.jit
 def _lse_weights(lse_part_ptr, part0, S: tl.constexpr, S_PAD: tl.constexpr, G_PAD: tl.constexpr):
     """(m_ref [G_PAD], lse [G_PAD]): the largest partial lse (0 where none) and the combined base-2
-    lse of the S splits (0 for rows that saw no summary: their p is masked anyway)."""
+    lse of the S splits (0 for rows that saw no summary: their mass is 0 anyway)."""
     o_p = tl.arange(0, S_PAD)
     o_g = tl.arange(0, G_PAD)
     b_ls = tl.load(lse_part_ptr + (part0 + o_p)[:, None] * G_PAD + o_g[None, :], mask=(o_p < S)[:, None],
@@ -79,69 +147,53 @@ def _lse_weights(lse_part_ptr, part0, S: tl.constexpr, S_PAD: tl.constexpr, G_PA
 
 
 @triton.jit
-def _spill_into(b_q, b_lse, k_base, j, nvis, m_g, qk_scale, H: tl.constexpr, D: tl.constexpr,
-                BLOCK_D: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
-    """[1]: the share of block j - 1's visible summaries that goes to block j (0 for j == 0), summed over
-    the group; elementwise products (R rows are too few for tl.dot)."""
-    if C > 1:
-        o_u = tl.arange(0, R)
-        o_d = tl.arange(0, BLOCK_D)
-        i = (j - 1) * R + o_u
-        m_u = (j > 0) & (i < nvis)
-        b_k = tl.load(k_base + tl.where(m_u, i, 0).to(tl.int64)[:, None] * (H * D) + o_d[None, :],
-                      mask=m_u[:, None] & (o_d < D)[None, :], other=0.).to(tl.float32)  # [R, BLOCK_D]
-        b_s = tl.sum(b_q.to(tl.float32)[:, None, :] * b_k[None, :, :], axis=2) * qk_scale  # [G_PAD, R]
-        b_p = tl.where(m_g[:, None] & m_u[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
-        w_next = tl.maximum(o_u + C - R, 0).to(tl.float32)
-        spill = tl.sum(tl.sum(b_p, axis=0) * w_next, axis=0)
-    else:  # a summary never reaches past its own block
-        spill = 0.
-    return spill + tl.zeros([1], tl.float32)
-
-
-@triton.jit
 def _split_select_kernel(
-    q_ptr, k_ptr, pos_ptr, lse_part_ptr, keys_part_ptr, MAX_CMP, qk_scale,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr,
+    pos_ptr, lse_part_ptr, lmass_ptr, lspill_ptr, keys_part_ptr, NB,
+    H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, KS: tl.constexpr,
     STRIDE: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, T_PAD: tl.constexpr,
-    INIT: tl.constexpr, LOCAL: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    INIT: tl.constexpr, LOCAL: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
-    BC: tl.constexpr = BJ * R
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
     nvis, j_lo, j_hi, i_hi = _split_range(pos, i_s, S, KS, STRIDE, BS, R)
-    b_q = _load_q(q_ptr, i_b, i_h, HQ, G, G_PAD, D, BLOCK_D)
     o_g = tl.arange(0, G_PAD)
     m_g = o_g < G
     part0 = (i_b * H + i_h) * S
     _, b_lse = _lse_weights(lse_part_ptr, part0, S, S_PAD, G_PAD)
-    k_base = k_ptr + (i_b.to(tl.int64) * MAX_CMP * H + i_h) * D
-    p_k = k_base + tl.arange(0, BC).to(tl.int64)[:, None] * (H * D) + tl.arange(0, BLOCK_D)[None, :]
+    # the previous split's last block spills into this split's first block
+    l_in = tl.load(lspill_ptr + (part0 + i_s - 1).to(tl.int64) * G_PAD + o_g, mask=m_g & (i_s > 0),
+                   other=float("-inf"))
+    spill = tl.sum(tl.exp2(l_in - b_lse), axis=0)
+    p_mass = lmass_ptr + (i_b * H + i_h).to(tl.int64) * NB * G_PAD + o_g[:, None]
     cur_t = pos // BS + tl.zeros([1], tl.int32)
     in_t = cur_t >= 0
-    nvis_m = i_hi + tl.zeros([G_PAD], tl.int32)
     keys = _pack_desc(tl.full([1, T_PAD], float("-inf"), tl.float32), tl.zeros([1, T_PAD], tl.int32) - 1)
     empty = _pack_desc(tl.full([1, BJ], float("-inf"), tl.float32), tl.zeros([1, BJ], tl.int32) - 1)
-    carry = _spill_into(b_q, b_lse, k_base, j_lo, nvis, m_g, qk_scale, H, D, BLOCK_D, R, C)
     if WHILE_LOOP:
         j0 = j_lo
         while j0 < j_hi:
-            b_sc, carry = _scores_tile(b_q, b_lse, carry, p_k, j0, i_hi, nvis_m, m_g, qk_scale,
-                                       H, D, BLOCK_D, 1, G_PAD, BJ, R, C, IEEE)
-            o_b = j0 + tl.arange(0, BJ)
-            cand = tl.where((o_b < j_hi)[None, :], _rank_packed(b_sc, o_b, cur_t, in_t, INIT, LOCAL), empty)
-            keys = _merge_packed(keys, cand, BJ, T_PAD)
+            keys = _select_tile(keys, empty, p_mass, b_lse, spill, m_g, j0, j_lo, j_hi, NB, cur_t, in_t, G_PAD, BJ,
+                                T_PAD, INIT, LOCAL)
             j0 += BJ
     else:
         for j0 in range(j_lo, j_hi, BJ):
-            b_sc, carry = _scores_tile(b_q, b_lse, carry, p_k, j0, i_hi, nvis_m, m_g, qk_scale,
-                                       H, D, BLOCK_D, 1, G_PAD, BJ, R, C, IEEE)
-            o_b = j0 + tl.arange(0, BJ)
-            cand = tl.where((o_b < j_hi)[None, :], _rank_packed(b_sc, o_b, cur_t, in_t, INIT, LOCAL), empty)
-            keys = _merge_packed(keys, cand, BJ, T_PAD)
+            keys = _select_tile(keys, empty, p_mass, b_lse, spill, m_g, j0, j_lo, j_hi, NB, cur_t, in_t, G_PAD, BJ,
+                                T_PAD, INIT, LOCAL)
     o_t = tl.arange(0, T_PAD)
     tl.store(keys_part_ptr + (part0 + i_s).to(tl.int64) * T_PAD + o_t[None, :], keys)
+
+
+@triton.jit
+def _select_tile(keys, empty, p_mass, b_lse, spill, m_g, j0, j_lo, j_hi, NB, cur_t, in_t, G_PAD: tl.constexpr,
+                 BJ: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Scores of blocks [j0, j0 + BJ) below j_hi from their log2 masses, merged into the sorted set."""
+    o_b = j0 + tl.arange(0, BJ)
+    m_b = (o_b < j_hi) & (o_b < NB)
+    b_lm = tl.load(p_mass + o_b[None, :] * G_PAD, mask=m_g[:, None] & m_b[None, :],
+                   other=float("-inf"))  # [G_PAD, BJ]
+    b_sc = tl.sum(tl.exp2(b_lm - b_lse[:, None]), axis=0) + tl.where(o_b == j_lo, spill, 0.)  # [BJ]
+    cand = tl.where(m_b[None, :], _rank_packed(b_sc[None, :], o_b, cur_t, in_t, INIT, LOCAL), empty)
+    return _merge_packed(keys, cand, BJ, T_PAD)
 
 
 @triton.jit
@@ -150,30 +202,39 @@ def _split_merge_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, TOPK: tl.constexpr, T_PAD: tl.constexpr,
 ):
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
-    o_g = tl.arange(0, G_PAD)
+    i_b, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_p = tl.arange(0, S_PAD)
     o_d = tl.arange(0, BLOCK_D)
-    m_gd = (o_g < G)[:, None] & (o_d < D)[None, :]
-    part0 = (i_b * H + i_h) * S
-    m_ref, _ = _lse_weights(lse_part_ptr, part0, S, S_PAD, G_PAD)
-    b_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    b_w = tl.zeros([G_PAD], tl.float32)
-    o_t = tl.arange(0, T_PAD)
-    keys = _pack_desc(tl.full([1, T_PAD], float("-inf"), tl.float32), tl.zeros([1, T_PAD], tl.int32) - 1)
-    for s in range(S):
-        part = (part0 + s).to(tl.int64)
-        b_ls = tl.load(lse_part_ptr + part * G_PAD + o_g)
-        w = tl.where(b_ls > float("-inf"), tl.exp2(b_ls - m_ref), 0.)
-        b_o = tl.load(o_part_ptr + (part * G + o_g)[:, None] * D + o_d[None, :], mask=m_gd, other=0.)
-        b_acc += w[:, None] * b_o
-        b_w += w
-        cand = tl.load(keys_part_ptr + part * T_PAD + o_t[None, :])  # [1, T_PAD] sorted descending
-        if T_PAD == 1:
-            keys = tl.maximum(keys, cand)
-        else:
-            keys = tl.bitonic_merge(tl.maximum(keys, tl.flip(cand, 1)), 1, True)
-    p_o = o_ptr + (i_b * HQ + i_h * G + o_g).to(tl.int64)[:, None] * D + o_d[None, :]
-    tl.store(p_o, _finish(b_w, b_acc), mask=m_gd)
+    m_p = o_p < S
+    parts = ((i_b * H + i_h) * S + o_p).to(tl.int64)
+    b_ls = tl.load(lse_part_ptr + parts * G_PAD + i_g, mask=m_p, other=float("-inf"))  # [S_PAD]
+    b_mx = tl.max(b_ls, axis=0)
+    b_w = tl.where(b_ls > float("-inf"), tl.exp2(b_ls - tl.where(b_mx == float("-inf"), 0., b_mx)), 0.)
+    b_o = tl.load(o_part_ptr + (parts * G + i_g)[:, None] * D + o_d[None, :], mask=m_p[:, None] & (o_d < D)[None, :],
+                  other=0.)  # [S_PAD, BLOCK_D]
+    w_sum = tl.sum(b_w, axis=0)
+    b_out = tl.sum(b_w[:, None] * b_o, axis=0) / tl.where(w_sum > 0, w_sum, 1.)
+    tl.store(o_ptr + (i_b * HQ + i_h * G + i_g).to(tl.int64) * D + o_d, b_out, mask=o_d < D)
+    if i_g == 0:
+        _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H, S, S_PAD, TOPK, T_PAD)
+
+
+@triton.jit
+def _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
+                TOPK: tl.constexpr, T_PAD: tl.constexpr):
+    """The top T_PAD of the S sorted candidate sets of (slot, KV head), in one load and one tl.topk
+    (the splits own disjoint blocks: no duplicates), written as the fused kernel writes its set."""
+    o_k = tl.arange(0, S_PAD * T_PAD)
+    m_k = o_k < S * T_PAD
+    p_keys = keys_part_ptr + ((i_b * H + i_h) * S).to(tl.int64) * T_PAD + o_k[None, :]
+    cand = tl.load(p_keys, mask=m_k[None, :], other=0)  # [1, S_PAD * T_PAD]
+    none = _pack_desc(tl.full([1, S_PAD * T_PAD], float("-inf"), tl.float32),
+                      tl.zeros([1, S_PAD * T_PAD], tl.int32) - 1)
+    cand = tl.where(m_k[None, :], cand, none)
+    if T_PAD == 1:
+        keys = tl.max(cand, axis=1, keep_dims=True)
+    else:
+        keys = tl.topk(cand, T_PAD, dim=1)  # [1, T_PAD], descending
     p_idx = idx_ptr + (i_b * H + i_h).to(tl.int64) * TOPK + tl.zeros([1], tl.int64)
     _store_sorted(keys, p_idx, tl.full([1], 1, tl.int1), TOPK, T_PAD)
 
@@ -187,16 +248,20 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
     b, hq, d = q.shape
     h = k_cmp.shape[2]
     s, s_pad, t_pad = splits, max(2, next_pow2(splits)), next_pow2(topk)
+    # blocks a token of a cache holding max_cmp summaries can reach (its length < (max_cmp + 1) * stride + KS)
+    nb = (max_cmp * kernel_stride + kernel_size - 2) // block_size + 1
     o_part = new_output((b * h * s, g, d), torch.float32, q.device)
     lse_part = new_output((b * h * s, g_pad), torch.float32, q.device)
+    lspill = new_output((b * h * s, g_pad), torch.float32, q.device)
+    lmass = new_output((b * h, nb, g_pad), torch.float32, q.device)
     keys_part = new_output((b * h * s, t_pad), torch.int64, q.device)
-    common = dict(HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d)
+    common = dict(H=h, G=g, G_PAD=g_pad)
+    steps = dict(R=r, KS=kernel_size, STRIDE=kernel_stride, BS=block_size, S=s, WHILE_LOOP=while_loop)
     _split_attend_kernel[(b, h, s)](
-        q, k_cmp, v_cmp, pos, o_part, lse_part, max_cmp, qk_scale, **common, BC=bj * r, R=r, KS=kernel_size,
-        STRIDE=kernel_stride, BS=block_size, S=s, IEEE=ieee, WHILE_LOOP=while_loop, num_warps=4, num_stages=2)
+        q, k_cmp, v_cmp, pos, o_part, lse_part, lmass, lspill, max_cmp, nb, qk_scale, HQ=hq, **common, D=d,
+        BLOCK_D=block_d, BJ=bj, C=c, **steps, IEEE=ieee, num_warps=4, num_stages=2)
     _split_select_kernel[(b, h, s)](
-        q, k_cmp, pos, lse_part, keys_part, max_cmp, qk_scale, **common, BJ=bj, R=r, C=c, KS=kernel_size,
-        STRIDE=kernel_stride, BS=block_size, S=s, S_PAD=s_pad, T_PAD=t_pad, INIT=init_blocks,
-        LOCAL=local_blocks, IEEE=ieee, WHILE_LOOP=while_loop, num_warps=4, num_stages=2)
-    _split_merge_kernel[(b, h)](o_part, lse_part, keys_part, o_cmp, idx, **common, S=s, S_PAD=s_pad, TOPK=topk,
-                                T_PAD=t_pad, num_warps=4)
+        pos, lse_part, lmass, lspill, keys_part, nb, **common, BJ=bj, **steps, S_PAD=s_pad, T_PAD=t_pad,
+        INIT=init_blocks, LOCAL=local_blocks, num_warps=4)
+    _split_merge_kernel[(b, h, g)](o_part, lse_part, keys_part, o_cmp, idx, HQ=hq, **common, D=d, BLOCK_D=block_d,
+                                   S=s, S_PAD=s_pad, TOPK=topk, T_PAD=t_pad, num_warps=4)

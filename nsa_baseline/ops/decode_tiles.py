@@ -1,12 +1,18 @@
-"""Tile helpers shared by the decode kernels (decode_select.py, decode_attend.py): the rows of a tile
-are the G query heads of one KV head, padded to G_PAD >= 16 (tl.dot's smallest M); every key tile
-loaded serves the whole group. Softmax statistics in base 2 (scale * log2e folded into qk_scale)."""
+"""Tile helpers shared by the decode kernels (decode_select.py, decode_attend.py and their splits):
+the rows of a tile are the G query heads of one KV head, padded to G_PAD >= 16 (tl.dot's smallest M);
+every key tile loaded serves the whole group. Softmax statistics in base 2 (scale * log2e folded into
+qk_scale). Also the split rules' SM count (gpu_programs)."""
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.utils.triton_utils import next_pow2
+from nsa_baseline.utils.triton_utils import is_interpreter, next_pow2
+
+PROGRAMS_PER_SM = 2  # the decode kernels' split rules fill the GPU with about this many programs per SM
 
 
 @triton.jit
@@ -20,9 +26,11 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE: tl.constexpr):
+def _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE: tl.constexpr):
     """One online-softmax step of the rows b_q [G_PAD, BLOCK_D] over keys b_k, b_v [BN, BLOCK_D]
-    (m_cols [BN]: which keys the rows see). Rows that saw nothing keep m = -inf, l = 0, acc = 0."""
+    (m_cols [BN]: which keys the rows see). Returns (m, l, acc, p, m_ref): p = exp2(s - m_ref)
+    [G_PAD, BN], the keys' mass relative to m_ref (the new max, 0 where still -inf). Rows that saw
+    nothing keep m = -inf, l = 0, acc = 0."""
     b_s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale  # [G_PAD, BN]
     b_s = tl.where(m_cols[None, :], b_s, float("-inf"))
     m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
@@ -31,7 +39,33 @@ def _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE: tl.co
     b_p = tl.exp2(b_s - m_ref[:, None])  # [G_PAD, BN]
     b_l = b_l * alpha + tl.sum(b_p, axis=1)
     b_acc = b_acc * alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, IEEE)  # [G_PAD, BLOCK_D]
+    return m_new, b_l, b_acc, b_p, m_ref
+
+
+@triton.jit
+def _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE: tl.constexpr):
+    """_online_step without p: (m, l, acc)."""
+    m_new, b_l, b_acc, _, _ = _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE)
     return m_new, b_l, b_acc
+
+
+@triton.jit
+def _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, HD: tl.constexpr,
+               IEEE: tl.constexpr):
+    """Online-softmax step over the cache rows `rows` [BN] of one (slot, head) (m_rows: visible)."""
+    off = rows.to(tl.int64)[:, None] * HD
+    b_k = tl.load(p_k + off, mask=m_rows[:, None] & m_d[None, :], other=0.)  # [BN, BLOCK_D]
+    b_v = tl.load(p_v + off, mask=m_rows[:, None] & m_d[None, :], other=0.)
+    return _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_rows, qk_scale, IEEE)
+
+
+@triton.jit
+def _advance(len_ptr, i_b, i_first, pos, ADVANCE: tl.constexpr):
+    """lengths[b] = pos + 1 from one program of the slot: the step's last write (decode_append leaves
+    the lengths to the step's last kernel; nothing in this grid reads them)."""
+    if ADVANCE:
+        if i_first == 0:
+            tl.store(len_ptr + i_b, pos + 1)
 
 
 @triton.jit
@@ -83,3 +117,16 @@ def group_pad(g: int) -> int:
 
 def head_pad(d: int) -> int:
     return next_pow2(max(d, 16))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def gpu_programs(device: torch.device) -> int:
+    """About PROGRAMS_PER_SM programs per SM of `device`; 0 off CUDA and in the interpreter (where the
+    split rules keep one program per unit of work)."""
+    if device.type != "cuda" or is_interpreter():
+        return 0
+    return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())

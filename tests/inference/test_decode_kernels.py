@@ -3,7 +3,10 @@ every step of a multi-step decode equals the PyTorch cached path and the module'
 slots of different lengths (0 history -> the first token; summary, block and window boundaries
 crossed one token at a time), g = 1, 3, 5, 16, both compressions. The selection kernel alone against
 the reference mapping + top-T (sets equal up to exact ties, forced blocks present, -1 past the causal
-blocks), its FlashDecoding split forced to S = 2, 3, 5, bad calls, and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
+blocks), its FlashDecoding split forced to S = 2, 3, 5; the attend kernel's split (forced) against
+S = 1 and a float64 reference, and one step test with both splits forced; the append kernel's column
+tiles and kernel chunks against compress_spans (lengths moved once per step, by the attend kernel in
+a step); bad calls, and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
 import copy
 
 import pytest
@@ -13,6 +16,7 @@ from nsa_baseline.inference.cached_attention import gathered_attention
 from nsa_baseline.inference.decode import decode_step
 from nsa_baseline.inference.step import forward_with_cache
 from nsa_baseline.module import NativeSparseAttention
+from nsa_baseline.ops.compression import compress_spans
 from nsa_baseline.ops.decode_append import decode_append
 from nsa_baseline.ops.decode_attend import decode_selected_window
 from nsa_baseline.ops.decode_select import decode_compressed_select
@@ -75,7 +79,7 @@ def decode_and_compare(m, prefill, steps, max_seqlen, tol=None):
     return fast
 
 
-# Both compressions at g = 1 and 5, one each at 3 and 16 (the interpreter costs ~13 s per case; the
+# Both compressions at g = 1 and 5, one each at 3 and 16 (the interpreter costs ~8 s per case; the
 # compression path does not depend on g).
 @pytest.mark.parametrize("g,compression", [(1, "linear"), (1, "mean"), (3, "mean"), (5, "linear"), (5, "mean"),
                                            (16, "linear")])
@@ -85,13 +89,23 @@ def test_decode_steps_equal_pytorch_path_and_full_forward(g, compression):
     decode_and_compare(small_module(g, compression=compression), [0, 37, 90], 12, max_seqlen=112)
 
 
+def force_attend_splits(monkeypatch, splits):
+    """The step's attend kernel splits over `splits` programs per (slot, KV head) (the rule gives 1 in
+    the interpreter): the split and combine kernels, the combine kernel moving the lengths."""
+    import nsa_baseline.ops.decode_attend as attend
+
+    monkeypatch.setattr(attend, "attend_splits", lambda *a: splits)
+
+
 def test_decode_from_an_empty_cache_and_shorter_than_a_summary():
     """Every slot starts empty: the first tokens see no summary (o_cmp = 0) until token 8."""
     decode_and_compare(small_module(5, h=1, init_blocks=0, local_blocks=2, window_size=20), [0, 0], 11, max_seqlen=16)
 
 
-def test_decode_forced_blocks_and_long_window():
-    """init 2 + local 2 of T = 5 (forced blocks fill most of the set), window longer than the history."""
+def test_decode_forced_blocks_and_long_window_split(monkeypatch):
+    """init 2 + local 2 of T = 5 (forced blocks fill most of the set), window longer than the history;
+    the attend kernel split forced to S = 3 (5 blocks + 2 window tiles: items 0-2 / 3-5 / 6)."""
+    force_attend_splits(monkeypatch, 3)
     decode_and_compare(small_module(3, topk=5, init_blocks=2, local_blocks=2, window_size=128), [5, 70], 8,
                        max_seqlen=80)
 
@@ -181,12 +195,12 @@ def _split_inputs(g, ks, st, seed=0):
     return pos, torch.randn(b, g * h, d), torch.randn(b, max_cmp, h, d), torch.randn(b, max_cmp, h, d)
 
 
-@pytest.mark.parametrize("splits", [2, 3, 5])
-def test_select_kernel_split_equals_one_program_and_reference(splits):
+@pytest.mark.parametrize("splits,topk", [(2, 2), (3, 5), (5, 5)])
+def test_select_kernel_split_equals_one_program_and_reference(splits, topk):
     """FlashDecoding split of the summaries over S programs (forced; the interpreter's rule is S = 1):
     the same o_cmp and the same blocks as S = 1 and the reference, from slots with no summary or fewer
-    blocks than splits (empty splits) to 16 blocks."""
-    ks, st, bs, topk, init, local = 8, 4, 16, 5, 1, 1
+    blocks than splits (empty splits) to 16 blocks; T = 2 (the two forced blocks only) and 5."""
+    ks, st, bs, init, local = 8, 4, 16, 1, 1
     pos, q, k_cmp, v_cmp = _split_inputs(3, ks, st)
     args = (q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, 0.25)
     o1, idx1 = decode_compressed_select(*args, splits=1)
@@ -220,6 +234,54 @@ def test_select_kernel_split_boundary_block_wins_by_its_spill(splits):
     assert first in idx_s[-1, 0].tolist(), idx_s[-1]
 
 
+def _reference_selected_window(q, k, v, pos, idx, o_cmp, gates, bs, window, scale):
+    """g0 * o_cmp + g1 * softmax over the chosen blocks' keys <= t + g2 * softmax over the window, in
+    float64 per (slot, KV head)."""
+    b, hq, d = q.shape
+    h = k.shape[2]
+    g = hq // h
+    out = torch.empty(b, hq, d, dtype=torch.float64)
+    for s in range(b):
+        t = int(pos[s])
+        for hh in range(h):
+            qq = q[s, hh * g:(hh + 1) * g].double()
+            slc = [r for blk in idx[s, hh].tolist() if blk >= 0 for r in range(blk * bs, blk * bs + bs) if r <= t]
+            branches = []
+            for rows in (torch.tensor(slc, dtype=torch.long), torch.arange(max(0, t - window + 1), t + 1)):
+                kk, vv = k[s, rows, hh].double(), v[s, rows, hh].double()
+                att = torch.softmax(qq @ kk.T * scale, dim=-1) @ vv if rows.numel() else torch.zeros_like(qq)
+                branches.append(att)
+            gg = gates[s, hh * g:(hh + 1) * g].double()
+            out[s, hh * g:(hh + 1) * g] = (gg[:, :1] * o_cmp[s, hh * g:(hh + 1) * g].double()
+                                           + gg[:, 1:2] * branches[0] + gg[:, 2:] * branches[1])
+    return out
+
+
+@pytest.mark.parametrize("splits", [3, 7])
+def test_attend_kernel_split_equals_one_program_and_reference(splits):
+    """FlashDecoding split of selected blocks + window tiles (T = 5 blocks, window 100 = 2 tiles: 7
+    items) over S programs (forced): 3 -> 3 items each (split 1 holds both branches), 7 -> 1 (splits
+    holding one branch only, or only -1 blocks). Slots at positions 0 (one key), 7, 50, 141, 255, -1 entries, g = 3. The
+    combine kernel sets the lengths to pos + 1."""
+    bs, window, topk, h, g, d = 16, 100, 5, 2, 3, 16
+    pos = torch.tensor(SPLIT_POS, dtype=torch.int32)
+    b = pos.numel()
+    q, k, v = torch.randn(b, g * h, d), torch.randn(b, 256, h, d), torch.randn(b, 256, h, d)
+    o_cmp, gates = torch.randn(b, g * h, d), torch.rand(b, g * h, 3)
+    idx = torch.full((b, h, topk), -1, dtype=torch.int32)
+    for s, t in enumerate(SPLIT_POS):
+        for hh in range(h):
+            n = min(topk - hh, t // bs + 1)  # head 1 keeps its last entry -1
+            idx[s, hh, :n] = torch.randperm(t // bs + 1)[:n].int()
+    args = (q, k, v, pos, idx, o_cmp, gates, bs, window, 0.25)
+    lengths = pos.clone()
+    o1 = decode_selected_window(*args, splits=1)
+    o_s = decode_selected_window(*args, splits=splits, advance=lengths)
+    assert lengths.tolist() == [t + 1 for t in SPLIT_POS]
+    assert_close(o_s, o1, torch.float32, f"{splits} splits vs 1")
+    assert_close(o_s, _reference_selected_window(*args), torch.float32, f"{splits} splits vs reference")
+
+
 def test_kernels_name_bad_arguments():
     q, kc = torch.randn(2, 4, 16), torch.randn(2, 5, 2, 16)
     pos = torch.tensor([3, 9], dtype=torch.int32)
@@ -247,7 +309,71 @@ def test_kernels_name_bad_arguments():
         decode_append(kn[:, :1], kn, k, k, kc, kc, pos, 8, 4)
     with pytest.raises(ValueError, match="`v_weight`"):
         decode_append(kn, kn, k, k, kc, kc, pos, 8, 4, k_weight=torch.zeros(128, 16), k_pos=torch.zeros(8, 16))
+    with pytest.raises(ValueError, match="`column_tile`"):
+        decode_append(kn, kn, k, k, kc, kc, pos, 8, 4, column_tile=8)
+    with pytest.raises(ValueError, match="`splits`"):
+        decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 12, 0.25, splits=0)
+    with pytest.raises(ValueError, match="`advance`"):
+        decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 12, 0.25, advance=pos.long())
     assert torch.equal(k, before) and pos.tolist() == [3, 9]  # nothing written
+
+
+def _append_reference(k_new, v_new, cache, lengths, ks, st, weights):
+    """decode_append's effect on copies of cache = (k, v, k_cmp, v_cmp): row lengths[b] of every slot
+    that has room, the summary it completes through compress_spans (the module's maths)."""
+    k, v, k_cmp, v_cmp = (t.clone() for t in cache)
+    for b, n in enumerate(lengths.tolist()):
+        if n >= k.shape[1]:
+            continue
+        k[b, n], v[b, n] = k_new[b], v_new[b]
+        start = n + 1 - ks
+        if start >= 0 and start % st == 0 and start // st < k_cmp.shape[1]:
+            for x, dst, w in ((k, k_cmp, weights[:2]), (v, v_cmp, weights[2:])):
+                dst[b, start // st] = compress_spans(x[b, start:n + 1][None], *w)[0]
+    return k, v, k_cmp, v_cmp
+
+
+@pytest.mark.parametrize("tiles", [(None, None), (16, 4)])
+@pytest.mark.parametrize("compression", ["linear", "mean"])
+def test_append_columns_and_kernel_chunks_equal_reference(compression, tiles):
+    """decode_append over (slot, column tile, k / v) programs: slots of lengths 0, 5, 8 and 16 (room for
+    3 of the 4 steps: the last step of that slot writes nothing), kernel 6 / stride 2, so summaries
+    are completed at different steps per slot. (16, 4): two column tiles of D = 32, kernel positions in
+    chunks of 4 (the second one half masked); (None, None): the interpreter's one tile. Positions,
+    rows, summaries and lengths (+1 per step) equal the reference after every step."""
+    ks, st, h, d, max_seqlen = 6, 2, 3, 32, 18
+    lengths = torch.tensor([0, 5, 8, 16], dtype=torch.int32)
+    b = lengths.numel()
+    max_cmp = (max_seqlen - ks) // st + 1
+    cache = (torch.randn(b, max_seqlen, h, d), torch.randn(b, max_seqlen, h, d), torch.randn(b, max_cmp, h, d),
+             torch.randn(b, max_cmp, h, d))
+    weights = (None,) * 4
+    if compression == "linear":
+        weights = (torch.randn(ks * d, d) / d, torch.randn(ks, d), torch.randn(ks * d, d) / d, torch.randn(ks, d))
+    w = dict(zip(("k_weight", "k_pos", "v_weight", "v_pos"), weights)) if compression == "linear" else {}
+    for step in range(4):
+        k_new, v_new = torch.randn(b, h, d), torch.randn(b, h, d)
+        want = _append_reference(k_new, v_new, cache, lengths, ks, st, weights)
+        before = lengths.clone()
+        pos = decode_append(k_new, v_new, *cache, lengths, ks, st, column_tile=tiles[0], kernel_chunk=tiles[1], **w)
+        assert torch.equal(pos, before) and torch.equal(lengths, before + 1), (step, pos, lengths)
+        for name, got, ref in zip(("k", "v", "k_cmp", "v_cmp"), cache, want):
+            assert_close(got, ref, torch.float32, f"step {step}: {name}")
+
+
+def test_append_without_advance_leaves_lengths_to_the_attend_kernel():
+    """advance=False: decode_append writes the rows and positions but not the lengths; the attend
+    kernel with advance=lengths sets them to pos + 1 (what the decode step does)."""
+    h, d = 2, 16
+    k, kc = torch.zeros(2, 32, h, d), torch.zeros(2, 7, h, d)
+    lengths = torch.tensor([3, 9], dtype=torch.int32)
+    kn = torch.randn(2, h, d)
+    pos = decode_append(kn, kn, k, k.clone(), kc, kc.clone(), lengths, 8, 4, advance=False)
+    assert pos.tolist() == [3, 9] and lengths.tolist() == [3, 9] and torch.equal(k[1, 9], kn[1])
+    q, o_cmp, gates = torch.randn(2, 4, d), torch.zeros(2, 4, d), torch.rand(2, 4, 3)
+    idx = torch.tensor([[[0, -1, -1]] * h] * 2, dtype=torch.int32)
+    decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 12, 0.25, advance=lengths)
+    assert lengths.tolist() == [4, 10]
 
 
 # ---- GPU: bf16 at realistic sizes, CUDA-graph replay ----
@@ -316,3 +442,57 @@ def test_gpu_select_split_equals_one_program(splits):
                                     else a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
     _assert_selection(idx_s.cpu(), key, pos.cpu(), bs, topk, rtol=1e-4)
     assert (idx_s == idx1).float().mean() > 0.95  # same sets up to near-ties of bf16 rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 5])
+def test_gpu_attend_split_equals_one_program(splits):
+    """bf16, Llama-like heads over an 8K cache, T = 16 blocks + window 512 (24 items): the split attend
+    (the SM rule's S, or 5) gives the S = 1 output and the float64 reference's."""
+    bs, window, topk, h, g, d = 64, 512, 16, 8, 4, 128
+    torch.manual_seed(0)
+    pos = torch.tensor([0, 700, 4133, 8191], dtype=torch.int32, device="cuda")
+    b = pos.numel()
+    q = torch.randn(b, g * h, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, 8192, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    o_cmp = torch.randn(b, g * h, d, device="cuda")
+    gates = torch.rand(b, g * h, 3, device="cuda", dtype=torch.bfloat16)
+    idx = torch.full((b, h, topk), -1, dtype=torch.int32)
+    for s, t in enumerate(pos.tolist()):
+        for hh in range(h):
+            n = min(topk, t // bs + 1)
+            idx[s, hh, :n] = torch.randperm(t // bs + 1)[:n].int()
+    args = (q, k, v, pos, idx.cuda(), o_cmp, gates, bs, window, d ** -0.5)
+    o1 = decode_selected_window(*args, splits=1)
+    o_s = decode_selected_window(*args, splits=splits)
+    assert_close(o_s, o1, torch.bfloat16, "split vs 1", tol=4e-3)
+    ref = _reference_selected_window(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    assert_close(o_s, ref.to(o_s.device), torch.bfloat16, "split vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compression", ["linear", "mean"])
+@pytest.mark.parametrize("column_tile", [None, 64])
+def test_gpu_append_equals_reference(compression, column_tile):
+    """bf16, 8 KV heads, d = 128, kernel 32 / stride 16: 20 steps from lengths 0, 15, 31, 4095 (each
+    slot completes summaries at different steps), the SM rule's column tiles or 64; rows, summaries,
+    positions and lengths equal the reference."""
+    ks, st, h, d, max_seqlen = 32, 16, 8, 128, 4200
+    lengths = torch.tensor([0, 15, 31, 4095], dtype=torch.int32, device="cuda")
+    b = lengths.numel()
+    max_cmp = (max_seqlen - ks) // st + 1
+    cache = tuple(torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
+                  for n in (max_seqlen, max_seqlen, max_cmp, max_cmp))
+    weights = (None,) * 4
+    if compression == "linear":
+        weights = tuple((torch.randn(*shape, device="cuda") * s).to(torch.bfloat16)
+                        for shape, s in (((ks * d, d), d ** -0.5 / ks ** 0.5), ((ks, d), 1.0)) * 2)
+    w = dict(zip(("k_weight", "k_pos", "v_weight", "v_pos"), weights)) if compression == "linear" else {}
+    for step in range(20):
+        k_new, v_new = (torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        want = _append_reference(k_new, v_new, cache, lengths, ks, st, weights)
+        before = lengths.clone()
+        pos = decode_append(k_new, v_new, *cache, lengths, ks, st, column_tile=column_tile, **w)
+        assert torch.equal(pos, before) and torch.equal(lengths, before + 1), (step, pos, lengths)
+        for name, got, ref in zip(("k", "v", "k_cmp", "v_cmp"), cache, want):
+            assert_close(got, ref, torch.bfloat16, f"step {step}: {name}")
