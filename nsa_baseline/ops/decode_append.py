@@ -30,6 +30,7 @@ MIN_COLUMN_TILE = 16  # tl.dot's smallest N
 # K of one summary tl.dot: J = DOT_K / D kernel positions whose loads are in flight together (D = 128,
 # BN = 16: 64 KB of shared memory, no register spills on sm_90)
 DOT_K = 1024
+DOT_TILE = 16384  # elements of the larger tl.dot operand (x [H_PAD, K] or W [K, BN]): 32 KiB in 16-bit
 MEAN_TILE = 4096  # elements of one mean-pooling load [J, H_PAD, BN]
 
 
@@ -138,7 +139,9 @@ def append_tiles(batch: int, heads: int, head_dim: int, kernel_size: int, linear
         tiles = next_pow2(-(-gpu_programs(device) // (2 * batch)))  # 1 off CUDA
         column_tile = max(MIN_COLUMN_TILE, block_d // tiles)
     if kernel_chunk is None:
-        kernel_chunk = DOT_K // block_d if linear else MEAN_TILE // (h_pad * column_tile)
+        # one stage holds x, the new row and W for J positions: bounded so the program fits shared memory
+        kernel_chunk = (min(DOT_K, DOT_TILE // max(column_tile, h_pad)) // block_d if linear
+                        else MEAN_TILE // (h_pad * column_tile))
     return column_tile, max(1, min(kernel_chunk, next_pow2(kernel_size)))
 
 
@@ -206,6 +209,7 @@ def decode_append(k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: 
         k_new.contiguous(), v_new.contiguous(), k, v, k_cmp, v_cmp, lengths, pos, *w, max_seqlen, max_cmp,
         H=h, H_PAD=group_pad(h) if linear else next_pow2(h), D=d, BLOCK_D=block_d, BN=bn, KS=kernel_size, J=j,
         STRIDE=kernel_stride, LINEAR=linear, IEEE=k.dtype == torch.float32, num_warps=4,
+        num_stages=1,  # a summary is <= KS / J dependent steps: pipelining them only multiplied shared memory (3 x 130 KiB)
     )
     if advance:
         lengths.add_(1)
