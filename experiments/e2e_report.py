@@ -165,7 +165,10 @@ def plot(sp: pd.DataFrame, path: Path) -> Path:
             ax.set_xticks(list(x), names, fontsize=7)
             ax.set_ylabel(f"{kind}: FSA over {what}")
             ax.set_title(_title(kind, part[paper].notna().any()), fontsize=7)
-            ax.legend(fontsize=7)
+            top = max([1.0, *part[ours].dropna(), *part[paper].dropna()]
+                      + ([numbers.FIG10_ATTENTION["nsa" if what == "NSA" else "fa"][0]] if kind == "attention" else []))
+            ax.set_ylim(0, 1.5 * top)  # headroom: the legend sits above the bars and their labels
+            ax.legend(fontsize=7, loc="upper left")
             ax.grid(axis="y", alpha=0.3)
     gpus = ", ".join(sorted(set(sp["gpu"])))
     commits = ", ".join(sorted(set(map(str, sp["git_commit"]))))
