@@ -8,19 +8,11 @@ import pytest
 import torch
 
 from tests.helpers import assert_close
-from tests.models.tiny_models import KERNEL, SMALL, tiny_model
+from tests.models.tiny_models import KERNEL, SMALL, one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 from experiments import e2e_generate  # noqa: E402  (after tiny_models' importorskip)
 from nsa_baseline.backends import resolve_backend  # noqa: E402
 from nsa_baseline.models import use_nsa_attention  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # tiny ops: one intra-op thread avoids oversubscription on a shared CPU
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def inputs(model, n: int, new_tokens: int, dtype):

@@ -72,3 +72,13 @@ def reference_logits(model, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, n
         x = x + a.o_proj(o.reshape(n, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.lm_head(base.norm(x))[None]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Import into a test module to apply there: tiny ops on one intra-op thread avoid
+    oversubscribing a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
