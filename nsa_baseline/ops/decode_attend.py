@@ -20,22 +20,20 @@ import triton.language as tl
 from nsa_baseline.checks import fail
 from nsa_baseline.contract import BLOCK_SIZES
 from nsa_baseline.ops.decode_attend_split import split_items, split_selected_window
-from nsa_baseline.ops.decode_tiles import _advance, _finish, _keys_tile, gpu_programs, group_pad, head_pad
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _advance, _finish, _keys_tile, gpu_programs, group_pad, head_pad
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
-WINDOW_TILE = 64  # keys per window tile
-
-
 def window_tile(window_size: int) -> int:
-    """Keys per window tile: WINDOW_TILE, or the window rounded up to a power of two if shorter."""
-    return min(WINDOW_TILE, triton.next_power_of_2(window_size))
+    """Keys per window tile: DECODE_LAUNCH.window_tile, or the window rounded up to a power of two if
+    shorter."""
+    return min(triton.next_power_of_2(DECODE_LAUNCH.window_tile), triton.next_power_of_2(window_size))
 
 
 def attend_splits(batch: int, heads: int, topk: int, window_size: int, device: torch.device) -> int:
-    """Programs per (slot, KV head) for decode_selected_window: enough for about PROGRAMS_PER_SM per
-    SM, at most one per item (a selected block or a window tile; decode_attend_split.py); 1 off CUDA
+    """Programs per (slot, KV head) for decode_selected_window: enough for about
+    DECODE_LAUNCH.attend_programs_per_sm per SM, at most one per item (a selected block or a window tile; decode_attend_split.py); 1 off CUDA
     (the interpreter) and when batch x heads fills the GPU already. Static for a cache (CUDA graphs)."""
-    programs = gpu_programs(device)
+    programs = gpu_programs(device, DECODE_LAUNCH.attend_programs_per_sm)
     if not programs:
         return 1
     want = -(-programs // max(1, batch * heads))
@@ -69,12 +67,11 @@ def _decode_attend_kernel(
     b_l = tl.zeros([G_PAD], tl.float32)
     b_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     p_idx = idx_ptr + (i_b * H + i_h).to(tl.int64) * TOPK
-    for t in range(TOPK):
+    for t in range(TOPK):  # no branch on the loaded index (a -1 slot is a masked tile): loads pipeline
         blk = tl.load(p_idx + t)
-        if blk >= 0:
-            rows = blk * BS + o_s
-            b_m, b_l, b_acc = _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, rows <= pos, m_d, qk_scale,
-                                         H * D, IEEE)
+        rows = blk * BS + o_s
+        b_m, b_l, b_acc = _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, (rows <= pos) & (blk >= 0), m_d, qk_scale,
+                                     H * D, IEEE)
     o_slc = _finish(b_l, b_acc)
 
     # window: keys max(0, pos - WINDOW + 1) .. pos
@@ -170,6 +167,6 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         HQ=hq, H=h, G=g, G_PAD=group_pad(g), D=d, BLOCK_D=head_pad(d), BS=block_size, TOPK=block_indices.shape[2],
         WINDOW=window_size, BN=window_tile(window_size), ADVANCE=advance is not None,
         IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages,
     )
     return out

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.decode_tiles import _advance, _finish, _keys_tile, _load_q
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _advance, _finish, _keys_tile, _load_q
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
 
@@ -40,7 +40,8 @@ def _split_attend_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, idx_ptr, o_part_ptr, lse_part_ptr, MAX_SEQLEN, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr,
-    S: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
+    S: tl.constexpr, C: tl.constexpr, SHARES: tl.constexpr, CS: tl.constexpr, CW: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     NW: tl.constexpr = (WINDOW + BN - 1) // BN
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -60,18 +61,31 @@ def _split_attend_kernel(
     w_m = tl.full([G_PAD], float("-inf"), tl.float32)
     w_l = tl.zeros([G_PAD], tl.float32)
     w_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    for i in range(C):
-        item = i_s * C + i
-        if item < TOPK:  # a selected block (skipped when -1), keys <= pos
-            blk = tl.load(p_idx + item)
-            if blk >= 0:
-                rows = blk * BS + o_s
-                s_m, s_l, s_acc = _keys_tile(b_q, s_m, s_l, s_acc, p_k, p_v, rows, rows <= pos, m_d, qk_scale,
+    if SHARES:  # split s: selected entries [s * CS, (s + 1) * CS) and window tiles [s * CW, (s + 1) * CW)
+        for i in range(CS):  # no branch on loaded values: the loads pipeline
+            item = i_s * CS + i
+            blk = tl.load(p_idx + item, mask=item < TOPK, other=-1)
+            rows = blk * BS + o_s
+            s_m, s_l, s_acc = _keys_tile(b_q, s_m, s_l, s_acc, p_k, p_v, rows, (rows <= pos) & (blk >= 0), m_d,
+                                         qk_scale, H * D, IEEE)
+        for i in range(CW):
+            tile = i_s * CW + i
+            rows = lo + tile * BN + o_n
+            w_m, w_l, w_acc = _keys_tile(b_q, w_m, w_l, w_acc, p_k, p_v, rows, (rows <= pos) & (tile < NW), m_d,
+                                         qk_scale, H * D, IEEE)
+    else:
+        for i in range(C):
+            item = i_s * C + i
+            if item < TOPK:  # a selected block (skipped when -1), keys <= pos
+                blk = tl.load(p_idx + item)
+                if blk >= 0:
+                    rows = blk * BS + o_s
+                    s_m, s_l, s_acc = _keys_tile(b_q, s_m, s_l, s_acc, p_k, p_v, rows, rows <= pos, m_d, qk_scale,
+                                                 H * D, IEEE)
+            elif item < TOPK + NW:  # window tile item - T
+                rows = lo + (item - TOPK) * BN + o_n
+                w_m, w_l, w_acc = _keys_tile(b_q, w_m, w_l, w_acc, p_k, p_v, rows, rows <= pos, m_d, qk_scale,
                                              H * D, IEEE)
-        elif item < TOPK + NW:  # window tile item - T
-            rows = lo + (item - TOPK) * BN + o_n
-            w_m, w_l, w_acc = _keys_tile(b_q, w_m, w_l, w_acc, p_k, p_v, rows, rows <= pos, m_d, qk_scale,
-                                         H * D, IEEE)
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64) * 2
     _store_partial(o_part_ptr, lse_part_ptr, part, s_m, s_l, s_acc, G, G_PAD, D, BLOCK_D)
     _store_partial(o_part_ptr, lse_part_ptr, part + 1, w_m, w_l, w_acc, G, G_PAD, D, BLOCK_D)
@@ -135,13 +149,19 @@ def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, spli
     b, hq, d = q.shape
     max_seqlen, h = k.shape[1], k.shape[2]
     topk = idx.shape[2]
-    s, c = split_items(topk, -(-window_size // window_tile), splits)
+    nw = -(-window_size // window_tile)
+    shares = bool(DECODE_LAUNCH.attend_shares)
+    s, c = split_items(topk, nw, splits)
+    if shares:  # every split takes ceil(T / S) selected entries and ceil(NW / S) window tiles
+        s = max(1, min(splits, max(topk, nw)))
+    cs, cw = -(-topk // s), -(-nw // s)
     o_part = new_output((b * h * s * 2, g, d), torch.float32, q.device)
     lse_part = new_output((b * h * s * 2, g_pad), torch.float32, q.device)
     common = dict(HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d)
     _split_attend_kernel[(b, h, s)](
         q, k, v, pos, idx, o_part, lse_part, max_seqlen, qk_scale, **common, BS=block_size, TOPK=topk,
-        WINDOW=window_size, BN=window_tile, S=s, C=c, IEEE=ieee, num_warps=4, num_stages=2)
+        WINDOW=window_size, BN=window_tile, S=s, C=c, SHARES=shares, CS=cs, CW=cw, IEEE=ieee, num_warps=DECODE_LAUNCH.attend_warps,
+        num_stages=DECODE_LAUNCH.attend_stages)
     _split_combine_kernel[(b, hq)](
         o_part, lse_part, pos, o_cmp, gates, out, pos if advance is None else advance, **common, S=s,
         S_PAD=next_pow2(s), ADVANCE=advance is not None, num_warps=4)

@@ -18,23 +18,22 @@ import triton.language as tl
 
 from nsa_baseline.checks import fail
 from nsa_baseline.ops.decode_split import split_compressed_select
-from nsa_baseline.ops.decode_tiles import _attend_summaries, _finish, _load_q, gpu_programs, group_pad, head_pad
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _attend_summaries, _finish, _load_q, gpu_programs, group_pad, head_pad
 from nsa_baseline.ops.selection_kernel import _merge_bitonic, _pack_desc, _scores_tile, _store_sorted
 from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, next_pow2
 
-SUMMARIES_PER_TILE = 64  # BJ * R summaries per tile (at least T_PAD blocks: the bitonic merge needs a full tile)
 MAX_SPLITS = 64
 
 
 def decode_splits(batch: int, heads: int, max_cmp: int, device: torch.device) -> int:
-    """Programs per (slot, KV head) for decode_compressed_select: enough for about PROGRAMS_PER_SM per
-    SM, at most one per SUMMARIES_PER_TILE summaries of a full cache (and MAX_SPLITS); 1 off CUDA (the
+    """Programs per (slot, KV head) for decode_compressed_select: enough for about
+    DECODE_LAUNCH.select_programs_per_sm per SM, at most one per tile of summaries of a full cache (and MAX_SPLITS); 1 off CUDA (the
     interpreter) and when batch x heads fills the GPU already. Static for a cache (CUDA graphs)."""
-    programs = gpu_programs(device)
+    programs = gpu_programs(device, DECODE_LAUNCH.select_programs_per_sm)
     if not programs:
         return 1
     want = -(-programs // max(1, batch * heads))
-    return max(1, min(want, -(-max_cmp // SUMMARIES_PER_TILE), MAX_SPLITS))
+    return max(1, min(want, -(-max_cmp // DECODE_LAUNCH.summaries_per_tile), MAX_SPLITS))
 
 
 @triton.jit
@@ -135,7 +134,7 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
     g = hq // h
     r, c = block_size // kernel_stride, kernel_size // kernel_stride
     t_pad = next_pow2(topk)
-    bj = max(t_pad, SUMMARIES_PER_TILE // r, 1)
+    bj = max(t_pad, next_pow2(DECODE_LAUNCH.summaries_per_tile) // r, 1)  # the bitonic merge needs a full tile
     o_cmp = new_output((b, hq, d), torch.float32, q.device)
     idx = new_output((b, h, topk), torch.int32, q.device)
     if max_cmp == 0:  # a cache too short for any summary: keep valid pointers, nothing is visible
@@ -154,6 +153,7 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
         q.contiguous(), k_cmp, v_cmp, pos, o_cmp, idx, max_cmp, scale * LOG2E,
         HQ=hq, H=h, G=g, G_PAD=group_pad(g), D=d, BLOCK_D=head_pad(d), BJ=bj, R=r, C=c, KS=kernel_size,
         STRIDE=kernel_stride, BS=block_size, TOPK=topk, T_PAD=t_pad, INIT=init_blocks, LOCAL=local_blocks,
-        IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(), num_warps=4, num_stages=2,
+        IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(), num_warps=DECODE_LAUNCH.select_warps,
+        num_stages=DECODE_LAUNCH.select_stages,
     )
     return o_cmp, idx

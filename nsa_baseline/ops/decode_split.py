@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.decode_tiles import _finish, _load_q, _online_step
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _finish, _load_q, _online_step
 from nsa_baseline.ops.selection_kernel import _merge_packed, _pack_desc, _rank_packed, _store_sorted
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
@@ -259,7 +259,8 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
     steps = dict(R=r, KS=kernel_size, STRIDE=kernel_stride, BS=block_size, S=s, WHILE_LOOP=while_loop)
     _split_attend_kernel[(b, h, s)](
         q, k_cmp, v_cmp, pos, o_part, lse_part, lmass, lspill, max_cmp, nb, qk_scale, HQ=hq, **common, D=d,
-        BLOCK_D=block_d, BJ=bj, C=c, **steps, IEEE=ieee, num_warps=4, num_stages=2)
+        BLOCK_D=block_d, BJ=bj, C=c, **steps, IEEE=ieee, num_warps=DECODE_LAUNCH.select_warps,
+        num_stages=DECODE_LAUNCH.select_stages)
     _split_select_kernel[(b, h, s)](
         pos, lse_part, lmass, lspill, keys_part, nb, **common, BJ=bj, **steps, S_PAD=s_pad, T_PAD=t_pad,
         INIT=init_blocks, LOCAL=local_blocks, num_warps=4)

@@ -1,9 +1,11 @@
 """Tile helpers shared by the decode kernels (decode_select.py, decode_attend.py and their splits):
 the rows of a tile are the G query heads of one KV head, padded to G_PAD >= 16 (tl.dot's smallest M);
 every key tile loaded serves the whole group. Softmax statistics in base 2 (scale * log2e folded into
-qk_scale). Also the split rules' SM count (gpu_programs)."""
+qk_scale). Also the split rules' SM count (gpu_programs) and the launch settings (DECODE_LAUNCH)."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 
 import torch
@@ -12,7 +14,46 @@ import triton.language as tl
 
 from nsa_baseline.utils.triton_utils import is_interpreter, next_pow2
 
-PROGRAMS_PER_SM = 2  # the decode kernels' split rules fill the GPU with about this many programs per SM
+
+
+@dataclasses.dataclass
+class DecodeLaunch:
+    """Launch settings of the decode kernels: programs per SM that each split rule aims for, warps and
+    pipeline stages, and tile sizes. Read at every launch; the defaults come from
+    experiments/gpu/decode_tune.py (results/decode_tune/). Change them only through decode_launch()."""
+    select_programs_per_sm: int = 2  # decode_compressed_select's splits (decode_splits)
+    select_warps: int = 4
+    select_stages: int = 2
+    summaries_per_tile: int = 64  # BJ * R summaries per tile of the compressed pass
+    attend_programs_per_sm: int = 2  # decode_selected_window's splits (attend_splits)
+    attend_warps: int = 4
+    attend_stages: int = 2
+    window_tile: int = 64  # keys per window tile
+    attend_shares: int = 1  # split attend: 1 = each split a share of both branches, 0 = a run of items
+    append_programs_per_sm: int = 2  # decode_append's column tiles (append_tiles)
+
+
+DECODE_LAUNCH = DecodeLaunch()
+
+
+@contextlib.contextmanager
+def decode_launch(**settings):
+    """Temporarily override DECODE_LAUNCH fields (tuning, tests); a CUDA graph captured inside keeps
+    the splits it was captured with."""
+    unknown = set(settings) - {f.name for f in dataclasses.fields(DecodeLaunch)}
+    if unknown:
+        raise ValueError(f"decode_launch: unknown settings {sorted(unknown)}")
+    old = dataclasses.asdict(DECODE_LAUNCH)
+    for name, value in settings.items():
+        low = 0 if name == "attend_shares" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"decode_launch: `{name}` must be an int >= {low}, got {value!r}")
+        setattr(DECODE_LAUNCH, name, value)
+    try:
+        yield DECODE_LAUNCH
+    finally:
+        for name, value in old.items():
+            setattr(DECODE_LAUNCH, name, value)
 
 
 @triton.jit
@@ -124,9 +165,9 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def gpu_programs(device: torch.device) -> int:
-    """About PROGRAMS_PER_SM programs per SM of `device`; 0 off CUDA and in the interpreter (where the
-    split rules keep one program per unit of work)."""
+def gpu_programs(device: torch.device, per_sm: int) -> int:
+    """About per_sm programs per SM of `device`; 0 off CUDA and in the interpreter (where the split
+    rules keep one program per unit of work)."""
     if device.type != "cuda" or is_interpreter():
         return 0
-    return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())

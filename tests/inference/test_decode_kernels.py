@@ -20,6 +20,7 @@ from nsa_baseline.ops.compression import compress_spans
 from nsa_baseline.ops.decode_append import decode_append
 from nsa_baseline.ops.decode_attend import decode_selected_window
 from nsa_baseline.ops.decode_select import decode_compressed_select
+from nsa_baseline.ops.decode_tiles import decode_launch
 from nsa_baseline.reference.compressed import summaries_to_blocks
 from nsa_baseline.utils.compressed_varlen import visible_compressed
 from tests.helpers import assert_close
@@ -257,11 +258,14 @@ def _reference_selected_window(q, k, v, pos, idx, o_cmp, gates, bs, window, scal
     return out
 
 
+@pytest.mark.parametrize("shares", [0, 1])
 @pytest.mark.parametrize("splits", [3, 7])
-def test_attend_kernel_split_equals_one_program_and_reference(splits):
+def test_attend_kernel_split_equals_one_program_and_reference(splits, shares):
     """FlashDecoding split of selected blocks + window tiles (T = 5 blocks, window 100 = 2 tiles: 7
-    items) over S programs (forced): 3 -> 3 items each (split 1 holds both branches), 7 -> 1 (splits
-    holding one branch only, or only -1 blocks). Slots at positions 0 (one key), 7, 50, 141, 255, -1 entries, g = 3. The
+    items) over S programs (forced). Runs of items (shares=0): 3 -> 3 items each (split 1 holds both
+    branches), 7 -> 1 (splits holding one branch only, or only -1 blocks); shares of both branches
+    (shares=1): 3 -> 2 blocks + 1 tile each (split 2 no window tile), 7 -> 5 splits, the last ones
+    with no window tile. Slots at positions 0 (one key), 7, 50, 141, 255, -1 entries, g = 3. The
     combine kernel sets the lengths to pos + 1."""
     bs, window, topk, h, g, d = 16, 100, 5, 2, 3, 16
     pos = torch.tensor(SPLIT_POS, dtype=torch.int32)
@@ -276,7 +280,8 @@ def test_attend_kernel_split_equals_one_program_and_reference(splits):
     args = (q, k, v, pos, idx, o_cmp, gates, bs, window, 0.25)
     lengths = pos.clone()
     o1 = decode_selected_window(*args, splits=1)
-    o_s = decode_selected_window(*args, splits=splits, advance=lengths)
+    with decode_launch(attend_shares=shares):
+        o_s = decode_selected_window(*args, splits=splits, advance=lengths)
     assert lengths.tolist() == [t + 1 for t in SPLIT_POS]
     assert_close(o_s, o1, torch.float32, f"{splits} splits vs 1")
     assert_close(o_s, _reference_selected_window(*args), torch.float32, f"{splits} splits vs reference")

@@ -1,0 +1,192 @@
+"""The decode kernels' launch settings (nsa_baseline.ops.decode_tiles.DecodeLaunch), measured.
+
+    OUT=./out python -m experiments.gpu.decode_tune [--points 1:65536,8:65536,32:65536,8:131072]
+
+Llama3-8B heads (32 q / 8 kv, d = 128), (64, 16), bf16, a cache of random keys (decode_bench's).
+Per (B, L) point and per stage, every setting of that stage's grid is timed on its own (do_bench
+median) and checked against the default setting's output: the compressed select (o_cmp relative error
+and the share of (slot, KV head) whose chosen set is unchanged: a different split order may flip a
+near tie), the selected + window attend (relative error of the gated output), the append (the summary
+it writes). Then the whole attention step (graph replay) with the defaults and with the setting that
+is best over all points (lowest geometric mean per stage), beside dense SDPA decode (best backend,
+graph replay). Writes decode_tune.csv and decode_tune_step.csv (GPU/torch/Triton/commit on every
+row) under $OUT; stops starting new stages near --budget-s and keeps what it has.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import time
+
+import torch
+
+from experiments import decode_timing as timing
+from experiments.decode_timing import attention_step, fill_cache, graphed
+from experiments.gpu.decode_bench import BF16, D, H, HIDDEN, HQ, PRESET
+from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_meta, write_rows
+
+GRIDS = {
+    "select": dict(select_programs_per_sm=[2, 4, 8], select_warps=[4, 8], select_stages=[2, 3],
+                   summaries_per_tile=[64, 128]),
+    "attend": dict(attend_programs_per_sm=[2, 4, 8], attend_warps=[4, 8], attend_stages=[2, 3],
+                   attend_shares=[0, 1]),
+    "append": dict(append_programs_per_sm=[1, 2, 4, 8]),
+}
+START = time.time()
+DEV, DTYPE = "cuda", BF16  # a CPU smoke test (the interpreter) swaps these
+
+
+def settings(grid: dict) -> list[dict]:
+    names = list(grid)
+    return [dict(zip(names, values)) for values in itertools.product(*grid.values())]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def same_sets(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.sort(-1).values == b.sort(-1).values).all(-1).float().mean())
+
+
+class Point:
+    """One (B, L): the cache, the new tokens and the three stages as closures."""
+
+    def __init__(self, module, b: int, length: int):
+        from nsa_baseline.ops.decode_append import decode_append
+        from nsa_baseline.ops.decode_attend import decode_selected_window
+        from nsa_baseline.ops.decode_select import decode_compressed_select
+
+        self.module, self.b, self.length = module, b, length
+        self.cache = c = fill_cache(module, b, length)
+        self.q = torch.randn(b, HQ, D, device=DEV, dtype=DTYPE)
+        self.k, self.v = (torch.randn(b, H, D, device=DEV, dtype=DTYPE) for _ in range(2))
+        self.gates = torch.rand(b, HQ, 3, device=DEV, dtype=DTYPE)
+        self.pos = c.lengths.clone()
+        m, scale = module, D ** -0.5
+        w = dict(k_weight=m.k_cmp_weight, k_pos=m.k_cmp_pos, v_weight=m.v_cmp_weight,
+                 v_pos=m.v_cmp_pos) if m.compression == "linear" else {}
+        self.select = lambda: decode_compressed_select(self.q, c.k_cmp, c.v_cmp, self.pos, m.kernel_size,
+                                                       m.kernel_stride, m.block_size, m.topk, m.init_blocks,
+                                                       m.local_blocks, scale)
+        self.o_cmp, self.idx = self.select()
+        self.attend = lambda: decode_selected_window(self.q, c.k, c.v, self.pos, self.idx, self.o_cmp, self.gates,
+                                                     m.block_size, m.window_size, scale)
+        self.append = lambda: decode_append(self.k, self.v, c.k, c.v, c.k_cmp, c.v_cmp, c.lengths, m.kernel_size,
+                                            m.kernel_stride, advance=False, **w)
+        self.row = (length - m.kernel_size) // m.kernel_stride  # the summary the new token completes
+
+    def check(self, stage: str) -> dict:
+        """Output of `stage` under the current settings (compared with the default's by the caller)."""
+        if stage == "select":
+            o, idx = self.select()
+            return dict(o=o, idx=idx)
+        if stage == "attend":
+            return dict(o=self.attend())
+        self.append()
+        return dict(o=self.cache.k_cmp[:, self.row].clone())
+
+
+def tune_stage(point: Point, stage: str, rows: list[dict]) -> None:
+    from nsa_baseline.ops.decode_tiles import decode_launch
+
+    ref = point.check(stage)
+    fn = getattr(point, stage)
+    for s in settings(GRIDS[stage]):
+        with decode_launch(**s):
+            got = point.check(stage)
+            ms = timing.bench(fn)[1]
+        row = dict(B=point.b, L=point.length, stage=stage, settings=" ".join(f"{k}={v}" for k, v in s.items()),
+                   ms=f"{ms:.5f}", rel_err=f"{rel(got['o'], ref['o']):.2e}")
+        if stage == "select":
+            row["same_sets"] = f"{same_sets(got['idx'], ref['idx']):.4f}"
+        rows.append(row)
+
+
+def best_settings(rows: list[dict], stage: str) -> dict:
+    """The stage's setting with the lowest geometric mean time over the points (any failed check
+    excludes a setting)."""
+    by = {}
+    for r in rows:
+        if r["stage"] == stage:
+            by.setdefault(r["settings"], []).append(r)
+    ok = {k: v for k, v in by.items()
+          if all(float(r["rel_err"]) < 2e-2 and float(r.get("same_sets", 1)) > 0.98 for r in v)}
+    key = min(ok, key=lambda k: sum(math.log(float(r["ms"])) for r in ok[k]))
+    return {kv.split("=")[0]: int(kv.split("=")[1]) for kv in key.split()}
+
+
+def step_ms(point: Point) -> float:
+    step, out = attention_step(point.module, point.cache)
+    assert torch.isfinite(out).all()
+    return timing.bench(graphed(step))[1]
+
+
+def dense_ms(point: Point) -> float:
+    c = point.cache
+    kd, vd = c.k.transpose(1, 2).contiguous(), c.v.transpose(1, 2).contiguous()
+    qd = point.q.view(point.b, HQ, 1, D)
+    best = min(t[1] for _, mode, t, _ in timing.time_sdpa_backends(qd, kd, vd, modes=("graph",)) if t)
+    del kd, vd
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--points", default="1:65536,8:65536,32:65536,8:131072", help="B:L pairs")
+    ap.add_argument("--budget-s", type=float, default=420.0)
+    args = ap.parse_args()
+    require_cuda()
+    from nsa_baseline.module import NativeSparseAttention
+    from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, decode_launch
+
+    out, meta = out_dir(), run_meta()
+    print(f"decode_tune on {meta['gpu']}, commit {meta['git_commit']}; defaults {DECODE_LAUNCH}", flush=True)
+    torch.manual_seed(0)
+    module = NativeSparseAttention(HIDDEN, HQ, H, D, backend="fsa", **PRESET).to("cuda", BF16)
+    pts = [tuple(int(x) for x in p.split(":")) for p in args.points.split(",")]
+    rows = []
+    for stage in GRIDS:
+        for b, length in pts:
+            if time.time() - START > args.budget_s:
+                print(f"budget reached: {stage} B={b} L={length} not tuned", flush=True)
+                continue
+            point = Point(module, b, length)
+            tune_stage(point, stage, rows)
+            print(f"  {stage} B={b} L={length} done ({time.time() - START:.0f} s)", flush=True)
+            del point
+            torch.cuda.empty_cache()
+        write_rows(out / "decode_tune.csv", rows, meta)
+    best = {}
+    for stage in GRIDS:
+        if any(r["stage"] == stage for r in rows):
+            best.update(best_settings(rows, stage))
+    print(f"best over the points: {best}", flush=True)
+    defaults = dataclasses.asdict(DECODE_LAUNCH)
+    steps = []
+    for b, length in pts:
+        point = Point(module, b, length)
+        base = step_ms(point)
+        with decode_launch(**best):
+            tuned = step_ms(point)
+        dense = dense_ms(point)
+        steps.append(dict(B=b, L=length, default_ms=f"{base:.4f}", tuned_ms=f"{tuned:.4f}", dense_ms=f"{dense:.4f}",
+                          dense_over_default=f"{dense / base:.2f}", dense_over_tuned=f"{dense / tuned:.2f}",
+                          tuned=" ".join(f"{k}={v}" for k, v in best.items() if defaults[k] != v)))
+        del point
+        torch.cuda.empty_cache()
+    write_rows(out / "decode_tune_step.csv", steps, meta)
+    print_table(steps)
+    for stage in GRIDS:  # the five fastest settings of each stage per point
+        for b, length in pts:
+            top = sorted((r for r in rows if r["stage"] == stage and r["B"] == b and r["L"] == length),
+                         key=lambda r: float(r["ms"]))[:5]
+            print_table(top)
+    print(f"done in {time.time() - START:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
