@@ -29,7 +29,7 @@ from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_m
 
 GRIDS = {
     "select": dict(select_programs_per_sm=[2, 4, 8, 16], select_warps=[4, 8], select_stages=[2, 3],
-                   summaries_per_tile=[64, 128]),
+                   summaries_per_tile=[64, 128], select_mass_dot=[0, 1]),
     "attend": dict(attend_programs_per_sm=[2, 4, 8, 16], attend_warps=[4, 8], attend_stages=[2, 3],
                    attend_shares=[0, 1]),
     "append": dict(append_programs_per_sm=[1, 2, 4, 8]),

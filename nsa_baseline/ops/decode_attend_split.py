@@ -5,7 +5,7 @@ The work of a (slot, KV head) is a list of ITEMS = T + NW items of about the sam
 of block_indices (a selected block of BS keys, or nothing for -1), then the NW window tiles of BN keys
 (keys max(0, t - W + 1) .. t). Split s owns items [s * C, (s + 1) * C) (C = ceil(ITEMS / S), a fixed
 trip count), so it may hold keys of both branches:
-  split (_split_attend_kernel, grid (B, H, S)): per branch (0 selected, 1 window) the normalised
+  split (_split_keys_kernel, grid (B, H, S)): per branch (0 selected, 1 window) the normalised
       partial o [G, D] and its base-2 lse [G_PAD] (-inf where the split saw no key of the branch);
   combine (_split_combine_kernel, grid (B, HQ)): per query head the LSE merge of each branch's S
       partials, then NSA's gated sum g0 * o_cmp + g1 * o_slc + g2 * o_win in the output dtype, and
@@ -36,7 +36,7 @@ def _store_partial(o_part_ptr, lse_part_ptr, part, b_m, b_l, b_acc, G: tl.conste
 
 
 @triton.jit
-def _split_attend_kernel(
+def _split_keys_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, idx_ptr, o_part_ptr, lse_part_ptr, MAX_SEQLEN, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr,
@@ -158,7 +158,7 @@ def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, spli
     o_part = new_output((b * h * s * 2, g, d), torch.float32, q.device)
     lse_part = new_output((b * h * s * 2, g_pad), torch.float32, q.device)
     common = dict(HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d)
-    _split_attend_kernel[(b, h, s)](
+    _split_keys_kernel[(b, h, s)](
         q, k, v, pos, idx, o_part, lse_part, max_seqlen, qk_scale, **common, BS=block_size, TOPK=topk,
         WINDOW=window_size, BN=window_tile, S=s, C=c, SHARES=shares, CS=cs, CW=cw, IEEE=ieee, num_warps=DECODE_LAUNCH.attend_warps,
         num_stages=DECODE_LAUNCH.attend_stages)

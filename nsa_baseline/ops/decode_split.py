@@ -5,7 +5,7 @@ Split s of a slot whose token is at position t owns the selection blocks [j_lo, 
 of blocks 0 .. t // BS into S chunks of ceil((t // BS + 1) / S) blocks (empty splits at the end), and
 the summaries [j_lo * R, min(j_hi * R, nvis)) that start in them (R = BS / stride): split boundaries
 sit on block boundaries, so every block's score is made in exactly one split.
-  pass 1 (_split_attend_kernel, grid (B, H, S)): compressed attention over the split's blocks in
+  pass 1 (_split_summaries_kernel, grid (B, H, S)): compressed attention over the split's blocks in
       tiles of BJ blocks -> normalised partial o [G, D] and base-2 lse [G_PAD] (-inf where the split
       saw nothing); per tile it also maps p = exp2(s - m) (m: the running max after the tile) to the
       blocks (a summary gives min(C, R - u) to its own block and max(0, u + C - R) to the next one,
@@ -53,7 +53,7 @@ def _log2_mass(mass, m_ref):
 @triton.jit
 def _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi, qk_scale, H: tl.constexpr, D: tl.constexpr,
                 BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-                IEEE: tl.constexpr):
+                IEEE: tl.constexpr, MASS_DOT: tl.constexpr):
     """Online-softmax step over the summaries of blocks [j0, j0 + BJ) below i_hi, and the blocks' mass
     relative to the new running max: (m, l, acc, mass [G_PAD, BJ], m_ref [G_PAD], carry [G_PAD]);
     block j0 also gets `carry` (the previous tile's spill, relative to the previous m), the returned
@@ -66,25 +66,36 @@ def _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi, qk_scale, H: tl
     b_v = tl.load(p_v + i0 * (H * D), mask=m_kd, other=0.)
     m_old = b_m
     b_m, b_l, b_acc, b_p, m_ref = _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_c, qk_scale, IEEE)
-    o_u = tl.arange(0, R)
-    b_pg = tl.reshape(b_p, (G_PAD, BJ, R))
-    b_same = tl.sum(b_pg * tl.minimum(C, R - o_u).to(tl.float32)[None, None, :], axis=2)  # [G_PAD, BJ]
-    b_next = tl.sum(b_pg * tl.maximum(o_u + C - R, 0).to(tl.float32)[None, None, :], axis=2)  # to block j + 1
     o_j = tl.arange(0, BJ)
-    prev_j = tl.broadcast_to(tl.maximum(o_j - 1, 0)[None, :], (G_PAD, BJ))
-    b_shift = tl.gather(b_next, prev_j, axis=1)  # b_next[:, j - 1]
     carry = carry * tl.exp2(m_old - m_ref)  # 0 where nothing was seen before (m_old = -inf)
-    b_mass = b_same + tl.where(o_j[None, :] == 0, carry[:, None], b_shift)
-    carry = tl.sum(tl.where(o_j[None, :] == BJ - 1, b_next, 0.), axis=1)
+    if MASS_DOT:  # summaries -> blocks as one fp32 product with the [BC, BJ] spread (no gather, no reshape)
+        o_i = tl.arange(0, BC)
+        u, blk = o_i % R, o_i // R
+        own = tl.minimum(C, R - u).to(tl.float32)
+        spill = tl.maximum(u + C - R, 0).to(tl.float32)
+        b_w = tl.where(blk[:, None] == o_j[None, :], own[:, None],
+                       tl.where(blk[:, None] + 1 == o_j[None, :], spill[:, None], 0.))  # [BC, BJ]
+        b_mass = tl.dot(b_p, b_w, input_precision="ieee") + tl.where(o_j[None, :] == 0, carry[:, None], 0.)
+        carry = tl.sum(b_p * tl.where(blk == BJ - 1, spill, 0.)[None, :], axis=1)
+    else:
+        o_u = tl.arange(0, R)
+        b_pg = tl.reshape(b_p, (G_PAD, BJ, R))
+        b_same = tl.sum(b_pg * tl.minimum(C, R - o_u).to(tl.float32)[None, None, :], axis=2)  # [G_PAD, BJ]
+        b_next = tl.sum(b_pg * tl.maximum(o_u + C - R, 0).to(tl.float32)[None, None, :], axis=2)  # to block j + 1
+        prev_j = tl.broadcast_to(tl.maximum(o_j - 1, 0)[None, :], (G_PAD, BJ))
+        b_shift = tl.gather(b_next, prev_j, axis=1)  # b_next[:, j - 1]
+        b_mass = b_same + tl.where(o_j[None, :] == 0, carry[:, None], b_shift)
+        carry = tl.sum(tl.where(o_j[None, :] == BJ - 1, b_next, 0.), axis=1)
     return b_m, b_l, b_acc, b_mass, m_ref, carry
 
 
 @triton.jit
-def _split_attend_kernel(
+def _split_summaries_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, o_part_ptr, lse_part_ptr, lmass_ptr, lspill_ptr, MAX_CMP, NB, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr,
     STRIDE: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    MASS_DOT: tl.constexpr,
 ):
     BC: tl.constexpr = BJ * R
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -106,13 +117,13 @@ def _split_attend_kernel(
         j0 = j_lo
         while j0 < j_hi:
             b_m, b_l, b_acc, b_mass, m_ref, carry = _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi,
-                                                                qk_scale, H, D, BLOCK_D, G_PAD, BJ, R, C, IEEE)
+                                                                qk_scale, H, D, BLOCK_D, G_PAD, BJ, R, C, IEEE, MASS_DOT)
             l_spill = _store_mass(p_mass, b_mass, m_ref, carry, j0, j_hi, NB, G_PAD, BJ)
             j0 += BJ
     else:
         for j0 in range(j_lo, j_hi, BJ):
             b_m, b_l, b_acc, b_mass, m_ref, carry = _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi,
-                                                                qk_scale, H, D, BLOCK_D, G_PAD, BJ, R, C, IEEE)
+                                                                qk_scale, H, D, BLOCK_D, G_PAD, BJ, R, C, IEEE, MASS_DOT)
             l_spill = _store_mass(p_mass, b_mass, m_ref, carry, j0, j_hi, NB, G_PAD, BJ)
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64)
     p_o = o_part_ptr + (part * G + o_g)[:, None] * D + o_d[None, :]
@@ -257,9 +268,9 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
     keys_part = new_output((b * h * s, t_pad), torch.int64, q.device)
     common = dict(H=h, G=g, G_PAD=g_pad)
     steps = dict(R=r, KS=kernel_size, STRIDE=kernel_stride, BS=block_size, S=s, WHILE_LOOP=while_loop)
-    _split_attend_kernel[(b, h, s)](
+    _split_summaries_kernel[(b, h, s)](
         q, k_cmp, v_cmp, pos, o_part, lse_part, lmass, lspill, max_cmp, nb, qk_scale, HQ=hq, **common, D=d,
-        BLOCK_D=block_d, BJ=bj, C=c, **steps, IEEE=ieee, num_warps=DECODE_LAUNCH.select_warps,
+        BLOCK_D=block_d, BJ=bj, C=c, **steps, IEEE=ieee, MASS_DOT=bool(DECODE_LAUNCH.select_mass_dot), num_warps=DECODE_LAUNCH.select_warps,
         num_stages=DECODE_LAUNCH.select_stages)
     _split_select_kernel[(b, h, s)](
         pos, lse_part, lmass, lspill, keys_part, nb, **common, BJ=bj, **steps, S_PAD=s_pad, T_PAD=t_pad,

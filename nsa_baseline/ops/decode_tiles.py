@@ -21,16 +21,17 @@ class DecodeLaunch:
     """Launch settings of the decode kernels: programs per SM that each split rule aims for, warps and
     pipeline stages, and tile sizes. Read at every launch; the defaults come from
     experiments/gpu/decode_tune.py (results/decode_tune/). Change them only through decode_launch()."""
-    select_programs_per_sm: int = 2  # decode_compressed_select's splits (decode_splits)
+    select_programs_per_sm: int = 8  # decode_compressed_select's splits (decode_splits)
     select_warps: int = 4
     select_stages: int = 2
-    summaries_per_tile: int = 64  # BJ * R summaries per tile of the compressed pass
+    summaries_per_tile: int = 128  # BJ * R summaries per tile of the compressed pass
+    select_mass_dot: int = 1  # split select: summaries' mass to blocks by one product (0: reshape + gather)
     attend_programs_per_sm: int = 2  # decode_selected_window's splits (attend_splits)
     attend_warps: int = 4
     attend_stages: int = 2
     window_tile: int = 64  # keys per window tile
     attend_shares: int = 1  # split attend: 1 = each split a share of both branches, 0 = a run of items
-    append_programs_per_sm: int = 2  # decode_append's column tiles (append_tiles)
+    append_programs_per_sm: int = 1  # decode_append's column tiles (append_tiles)
 
 
 DECODE_LAUNCH = DecodeLaunch()
@@ -45,7 +46,7 @@ def decode_launch(**settings):
         raise ValueError(f"decode_launch: unknown settings {sorted(unknown)}")
     old = dataclasses.asdict(DECODE_LAUNCH)
     for name, value in settings.items():
-        low = 0 if name == "attend_shares" else 1
+        low = 0 if name in ("attend_shares", "select_mass_dot") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"decode_launch: `{name}` must be an int >= {low}, got {value!r}")
         setattr(DECODE_LAUNCH, name, value)
