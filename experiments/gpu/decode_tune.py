@@ -9,7 +9,8 @@ and the share of (slot, KV head) whose chosen set is unchanged: a different spli
 near tie), the selected + window attend (relative error of the gated output), the append (the summary
 it writes). Then the whole attention step (graph replay) with the defaults and with the setting that
 is best over all points (lowest geometric mean per stage), beside dense SDPA decode (best backend,
-graph replay). Writes decode_tune.csv and decode_tune_step.csv (GPU/torch/Triton/commit on every
+graph replay). Those steps complete a summary (the worst case, 1 step in kernel_stride); the tuned
+step is also timed one position earlier (no summary) and the mean over 16 consecutive steps given. Writes decode_tune.csv and decode_tune_step.csv (GPU/torch/Triton/commit on every
 row) under $OUT; stops starting new stages near --budget-s and keeps what it has.
 """
 from __future__ import annotations
@@ -171,9 +172,14 @@ def main() -> int:
         base = step_ms(point)
         with decode_launch(**best):
             tuned = step_ms(point)
+            point.cache.set_lengths([length - 2] * b)  # a step that completes no summary (15 in 16 do not)
+            plain = step_ms(point)
         dense = dense_ms(point)
+        mean16 = (15 * plain + tuned) / 16
         steps.append(dict(B=b, L=length, default_ms=f"{base:.4f}", tuned_ms=f"{tuned:.4f}", dense_ms=f"{dense:.4f}",
                           dense_over_default=f"{dense / base:.2f}", dense_over_tuned=f"{dense / tuned:.2f}",
+                          tuned_no_summary_ms=f"{plain:.4f}", tuned_mean16_ms=f"{mean16:.4f}",
+                          dense_over_mean16=f"{dense / mean16:.2f}",
                           tuned=" ".join(f"{k}={v}" for k, v in best.items() if defaults[k] != v)))
         del point
         torch.cuda.empty_cache()
