@@ -30,11 +30,15 @@ from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_m
 
 GRIDS = {
     "select": dict(select_programs_per_sm=[2, 4, 8, 16], select_warps=[4, 8], select_stages=[2, 3],
-                   summaries_per_tile=[64, 128], select_mass_dot=[0, 1]),
+                   summaries_per_tile=[64, 128], select_mass=[1, 2]),
     "attend": dict(attend_programs_per_sm=[2, 4, 8, 16], attend_warps=[4, 8], attend_stages=[2, 3],
                    attend_shares=[0, 1]),
     "append": dict(append_programs_per_sm=[1, 2, 4, 8]),
 }
+# --ablation: the compressed pass's own kernel time (profiler) with no block scores (select_mass=0:
+# the attention part alone, a wrong selection) beside both ways of scoring
+ABLATION = dict(select_programs_per_sm=[2, 8], select_stages=[2, 3, 4], summaries_per_tile=[64, 128],
+                select_mass=[0, 1, 2])
 START = time.time()
 DEV, DTYPE = "cuda", BF16  # a CPU smoke test (the interpreter) swaps these
 
@@ -106,6 +110,42 @@ def tune_stage(point: Point, stage: str, rows: list[dict]) -> None:
         rows.append(row)
 
 
+def kernel_us(fn, replays: int = 20) -> dict[str, float]:
+    """Device time per call of each CUDA kernel fn launches (torch.profiler over graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    replay = graphed(fn)
+    replay()
+    torch.cuda.synchronize()
+    total: dict[str, float] = {}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            replay()
+        torch.cuda.synchronize()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            total[e.name[:40]] = total.get(e.name[:40], 0.) + e.device_time / replays
+    return total
+
+
+def ablation(module, pts, rows: list[dict]) -> None:
+    from nsa_baseline.ops.decode_tiles import decode_launch
+
+    for b, length in pts:
+        point = Point(module, b, length)
+        summaries = 2 * b * H * (length // PRESET["kernel_stride"]) * D * 2  # k_cmp + v_cmp bytes read
+        for s in settings(ABLATION):
+            with decode_launch(**s):
+                us = kernel_us(point.select)
+            k_us = us.get("_split_summaries_kernel", float("nan"))
+            rows.append(dict(B=b, L=length, settings=" ".join(f"{k}={v}" for k, v in s.items()),
+                             summaries_us=f"{k_us:.2f}", summaries_GBps=f"{summaries / k_us * 1e-3:.0f}",
+                             stage_us=f"{sum(us.values()):.2f}"))
+        print(f"  ablation B={b} L={length} done ({time.time() - START:.0f} s)", flush=True)
+        del point
+        torch.cuda.empty_cache()
+
+
 def best_settings(rows: list[dict], stage: str) -> dict:
     """The stage's setting with the lowest geometric mean time over the points (any failed check
     excludes a setting)."""
@@ -138,6 +178,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default="1:65536,8:65536,32:65536,8:131072", help="B:L pairs")
     ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--ablation", action="store_true", help="only the compressed pass's kernel, by profiler")
     args = ap.parse_args()
     require_cuda()
     from nsa_baseline.module import NativeSparseAttention
@@ -149,6 +190,11 @@ def main() -> int:
     module = NativeSparseAttention(HIDDEN, HQ, H, D, backend="fsa", **PRESET).to("cuda", BF16)
     pts = [tuple(int(x) for x in p.split(":")) for p in args.points.split(",")]
     rows = []
+    if args.ablation:
+        ablation(module, pts, rows)
+        write_rows(out / "decode_ablation.csv", rows, meta)
+        print_table(sorted(rows, key=lambda r: (r["B"], r["L"], float(r["summaries_us"]))))
+        return 0
     for stage in GRIDS:
         for b, length in pts:
             if time.time() - START > args.budget_s:

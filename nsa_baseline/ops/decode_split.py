@@ -53,7 +53,7 @@ def _log2_mass(mass, m_ref):
 @triton.jit
 def _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi, qk_scale, H: tl.constexpr, D: tl.constexpr,
                 BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-                IEEE: tl.constexpr, MASS_DOT: tl.constexpr):
+                IEEE: tl.constexpr, MASS: tl.constexpr):
     """Online-softmax step over the summaries of blocks [j0, j0 + BJ) below i_hi, and the blocks' mass
     relative to the new running max: (m, l, acc, mass [G_PAD, BJ], m_ref [G_PAD], carry [G_PAD]);
     block j0 also gets `carry` (the previous tile's spill, relative to the previous m), the returned
@@ -68,7 +68,9 @@ def _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi, qk_scale, H: tl
     b_m, b_l, b_acc, b_p, m_ref = _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_c, qk_scale, IEEE)
     o_j = tl.arange(0, BJ)
     carry = carry * tl.exp2(m_old - m_ref)  # 0 where nothing was seen before (m_old = -inf)
-    if MASS_DOT:  # summaries -> blocks as one fp32 product with the [BC, BJ] spread (no gather, no reshape)
+    if MASS == 0:  # timing ablation only (experiments/gpu/decode_tune.py --ablation): no block scores
+        b_mass = tl.zeros([G_PAD, BJ], tl.float32)
+    elif MASS == 2:  # summaries -> blocks as one fp32 product with the [BC, BJ] spread (no gather, no reshape)
         o_i = tl.arange(0, BC)
         u, blk = o_i % R, o_i // R
         own = tl.minimum(C, R - u).to(tl.float32)
@@ -95,7 +97,7 @@ def _split_summaries_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr,
     STRIDE: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    MASS_DOT: tl.constexpr,
+    MASS: tl.constexpr,
 ):
     BC: tl.constexpr = BJ * R
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -117,14 +119,16 @@ def _split_summaries_kernel(
         j0 = j_lo
         while j0 < j_hi:
             b_m, b_l, b_acc, b_mass, m_ref, carry = _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi,
-                                                                qk_scale, H, D, BLOCK_D, G_PAD, BJ, R, C, IEEE, MASS_DOT)
-            l_spill = _store_mass(p_mass, b_mass, m_ref, carry, j0, j_hi, NB, G_PAD, BJ)
+                                                                qk_scale, H, D, BLOCK_D, G_PAD, BJ, R, C, IEEE, MASS)
+            if MASS != 0:
+                l_spill = _store_mass(p_mass, b_mass, m_ref, carry, j0, j_hi, NB, G_PAD, BJ)
             j0 += BJ
     else:
         for j0 in range(j_lo, j_hi, BJ):
             b_m, b_l, b_acc, b_mass, m_ref, carry = _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi,
-                                                                qk_scale, H, D, BLOCK_D, G_PAD, BJ, R, C, IEEE, MASS_DOT)
-            l_spill = _store_mass(p_mass, b_mass, m_ref, carry, j0, j_hi, NB, G_PAD, BJ)
+                                                                qk_scale, H, D, BLOCK_D, G_PAD, BJ, R, C, IEEE, MASS)
+            if MASS != 0:
+                l_spill = _store_mass(p_mass, b_mass, m_ref, carry, j0, j_hi, NB, G_PAD, BJ)
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64)
     p_o = o_part_ptr + (part * G + o_g)[:, None] * D + o_d[None, :]
     tl.store(p_o, _finish(b_l, b_acc), mask=(o_g < G)[:, None] & (o_d < D)[None, :])
@@ -270,7 +274,7 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
     steps = dict(R=r, KS=kernel_size, STRIDE=kernel_stride, BS=block_size, S=s, WHILE_LOOP=while_loop)
     _split_summaries_kernel[(b, h, s)](
         q, k_cmp, v_cmp, pos, o_part, lse_part, lmass, lspill, max_cmp, nb, qk_scale, HQ=hq, **common, D=d,
-        BLOCK_D=block_d, BJ=bj, C=c, **steps, IEEE=ieee, MASS_DOT=bool(DECODE_LAUNCH.select_mass_dot), num_warps=DECODE_LAUNCH.select_warps,
+        BLOCK_D=block_d, BJ=bj, C=c, **steps, IEEE=ieee, MASS=DECODE_LAUNCH.select_mass, num_warps=DECODE_LAUNCH.select_warps,
         num_stages=DECODE_LAUNCH.select_stages)
     _split_select_kernel[(b, h, s)](
         pos, lse_part, lmass, lspill, keys_part, nb, **common, BJ=bj, **steps, S_PAD=s_pad, T_PAD=t_pad,

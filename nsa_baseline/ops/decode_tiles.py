@@ -25,7 +25,8 @@ class DecodeLaunch:
     select_warps: int = 4
     select_stages: int = 2
     summaries_per_tile: int = 128  # BJ * R summaries per tile of the compressed pass
-    select_mass_dot: int = 1  # split select: summaries' mass to blocks by one product (0: reshape + gather)
+    select_mass: int = 1  # split select, summaries' mass to blocks: 1 reshape + gather, 2 one product, 0 none
+    # (0 only times the attention part: the selection is then wrong)
     attend_programs_per_sm: int = 2  # decode_selected_window's splits (attend_splits)
     attend_warps: int = 4
     attend_stages: int = 2
@@ -46,7 +47,7 @@ def decode_launch(**settings):
         raise ValueError(f"decode_launch: unknown settings {sorted(unknown)}")
     old = dataclasses.asdict(DECODE_LAUNCH)
     for name, value in settings.items():
-        low = 0 if name in ("attend_shares", "select_mass_dot") else 1
+        low = 0 if name in ("attend_shares", "select_mass") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"decode_launch: `{name}` must be an int >= {low}, got {value!r}")
         setattr(DECODE_LAUNCH, name, value)
