@@ -37,8 +37,8 @@ GRIDS = {
 }
 # --ablation: the compressed pass's own kernel time (profiler) with no block scores (select_mass=0:
 # the attention part alone, a wrong selection) beside both ways of scoring
-ABLATION = dict(select_programs_per_sm=[2, 8], select_stages=[2, 3, 4], summaries_per_tile=[64, 128],
-                select_mass=[0, 1, 2])
+ABLATION = dict(select_programs_per_sm=[4, 8], select_stages=[2, 3], summaries_per_tile=[64, 128],
+                select_mass=[0, 1, 3, 4])
 START = time.time()
 DEV, DTYPE = "cuda", BF16  # a CPU smoke test (the interpreter) swaps these
 

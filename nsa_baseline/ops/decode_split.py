@@ -70,14 +70,21 @@ def _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi, qk_scale, H: tl
     carry = carry * tl.exp2(m_old - m_ref)  # 0 where nothing was seen before (m_old = -inf)
     if MASS == 0:  # timing ablation only (experiments/gpu/decode_tune.py --ablation): no block scores
         b_mass = tl.zeros([G_PAD, BJ], tl.float32)
-    elif MASS == 2:  # summaries -> blocks as one fp32 product with the [BC, BJ] spread (no gather, no reshape)
+    elif MASS >= 2:  # summaries -> blocks as one product with the [BC, BJ] spread (no gather, no reshape):
+        # 2 exact fp32 (FMA), 3 tf32x3 (tensor cores, ~fp32 accuracy), 4 tf32 (timing only: ~1e-3)
         o_i = tl.arange(0, BC)
         u, blk = o_i % R, o_i // R
         own = tl.minimum(C, R - u).to(tl.float32)
         spill = tl.maximum(u + C - R, 0).to(tl.float32)
         b_w = tl.where(blk[:, None] == o_j[None, :], own[:, None],
                        tl.where(blk[:, None] + 1 == o_j[None, :], spill[:, None], 0.))  # [BC, BJ]
-        b_mass = tl.dot(b_p, b_w, input_precision="ieee") + tl.where(o_j[None, :] == 0, carry[:, None], 0.)
+        if MASS == 2:
+            b_spread = tl.dot(b_p, b_w, input_precision="ieee")
+        elif MASS == 3:
+            b_spread = tl.dot(b_p, b_w, input_precision="tf32x3")
+        else:
+            b_spread = tl.dot(b_p, b_w, input_precision="tf32")
+        b_mass = b_spread + tl.where(o_j[None, :] == 0, carry[:, None], 0.)
         carry = tl.sum(b_p * tl.where(blk == BJ - 1, spill, 0.)[None, :], axis=1)
     else:
         o_u = tl.arange(0, R)

@@ -25,8 +25,8 @@ class DecodeLaunch:
     select_warps: int = 4
     select_stages: int = 2
     summaries_per_tile: int = 128  # BJ * R summaries per tile of the compressed pass
-    select_mass: int = 1  # split select, summaries' mass to blocks: 1 reshape + gather, 2 one product, 0 none
-    # (0 only times the attention part: the selection is then wrong)
+    select_mass: int = 1  # split select, summaries' mass to blocks: 1 reshape + gather, 2 / 3 one fp32 / tf32x3
+    # product; 0 (none: a wrong selection) and 4 (tf32) only time the attention part / a lossy product
     attend_programs_per_sm: int = 2  # decode_selected_window's splits (attend_splits)
     attend_warps: int = 4
     attend_stages: int = 2

@@ -196,13 +196,13 @@ def _split_inputs(g, ks, st, seed=0):
     return pos, torch.randn(b, g * h, d), torch.randn(b, max_cmp, h, d), torch.randn(b, max_cmp, h, d)
 
 
-@pytest.mark.parametrize("mass", [1, 2])
+@pytest.mark.parametrize("mass", [1, 2, 3])
 @pytest.mark.parametrize("splits,topk", [(2, 2), (3, 5), (5, 5)])
 def test_select_kernel_split_equals_one_program_and_reference(splits, topk, mass):
     """FlashDecoding split of the summaries over S programs (forced; the interpreter's rule is S = 1):
     the same o_cmp and the same blocks as S = 1 and the reference, from slots with no summary or fewer
     blocks than splits (empty splits) to 16 blocks; T = 2 (the two forced blocks only) and 5; block
-    masses by reshape + gather (mass=1) or by one product (2)."""
+    masses by reshape + gather (mass=1) or by one fp32 / tf32x3 product (2 / 3)."""
     ks, st, bs, init, local = 8, 4, 16, 1, 1
     pos, q, k_cmp, v_cmp = _split_inputs(3, ks, st)
     args = (q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, 0.25)
@@ -216,7 +216,7 @@ def test_select_kernel_split_equals_one_program_and_reference(splits, topk, mass
     _assert_selection(idx_s, key, pos, bs, topk)
 
 
-@pytest.mark.parametrize("mass", [1, 2])
+@pytest.mark.parametrize("mass", [1, 2, 3])
 @pytest.mark.parametrize("splits", [5])
 def test_select_kernel_split_boundary_block_wins_by_its_spill(splits, mass):
     """kernel_size 4 x stride: the last summary of a block gives 3/4 of its mass to the next block. A
