@@ -30,15 +30,13 @@ from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_m
 
 GRIDS = {
     "select": dict(select_programs_per_sm=[2, 4, 8, 16], select_warps=[4, 8], select_stages=[2, 3],
-                   summaries_per_tile=[64, 128], select_mass=[1, 2]),
+                   summaries_per_tile=[64, 128]),
     "attend": dict(attend_programs_per_sm=[2, 4, 8, 16], attend_warps=[4, 8], attend_stages=[2, 3],
                    attend_shares=[0, 1]),
     "append": dict(append_programs_per_sm=[1, 2, 4, 8]),
 }
-# --ablation: the compressed pass's own kernel time (profiler) with no block scores (select_mass=0:
-# the attention part alone, a wrong selection) beside both ways of scoring
-ABLATION = dict(select_programs_per_sm=[4, 8], select_stages=[2, 3], summaries_per_tile=[64, 128],
-                select_mass=[0, 1, 3, 4])
+# --ablation: the compressed pass's own kernel time (profiler) and GB/s over the select settings
+ABLATION = dict(select_programs_per_sm=[4, 8, 16], select_stages=[2, 3], summaries_per_tile=[64, 128])
 START = time.time()
 DEV, DTYPE = "cuda", BF16  # a CPU smoke test (the interpreter) swaps these
 

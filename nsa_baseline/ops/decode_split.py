@@ -5,16 +5,16 @@ Split s of a slot whose token is at position t owns the selection blocks [j_lo, 
 of blocks 0 .. t // BS into S chunks of ceil((t // BS + 1) / S) blocks (empty splits at the end), and
 the summaries [j_lo * R, min(j_hi * R, nvis)) that start in them (R = BS / stride): split boundaries
 sit on block boundaries, so every block's score is made in exactly one split.
-  pass 1 (_split_summaries_kernel, grid (B, H, S)): compressed attention over the split's blocks in
-      tiles of BJ blocks -> normalised partial o [G, D] and base-2 lse [G_PAD] (-inf where the split
-      saw nothing); per tile it also maps p = exp2(s - m) (m: the running max after the tile) to the
-      blocks (a summary gives min(C, R - u) to its own block and max(0, u + C - R) to the next one,
-      u = its slot in the block, C = kernel_size / stride) and stores each block's mass per query
-      head as a base-2 log, m + log2(mass): `lmass` [B * H, NB, G_PAD]; the mass its last block
-      spills into the next split's first block goes to `lspill` [B * H * S, G_PAD] the same way;
-  pass 2 (_split_select_kernel, grid (B, H, S)): the final lse from the S partial lse; a block's
-      score is sum_g exp2(lmass[g] - lse_g) (+ the previous split's spill for its first block), the
-      softmax mass of the fused kernel without reading k_cmp again; its own top-T (packed keys,
+  pass 1 (_split_summaries_kernel, grid (B, H, S)): compressed attention over the split's summaries
+      in tiles of BJ blocks -> normalised partial o [G, D] and base-2 lse [G_PAD] (-inf where the
+      split saw nothing); it also stores every visible summary's base-2 logit per query head,
+      `logits` [B * H, G, MAX_CMP] (4 bytes per head against the 4 * D bytes of k, v read): the
+      bandwidth-bound pass does no block arithmetic (mapping masses to blocks there cost ~30%);
+  pass 2 (_split_select_kernel, grid (B, H, S)): the final lse from the S partial lse; a summary's
+      weight is sum_g exp2(logit_g - lse_g) (its softmax mass summed over the group); block j's score
+      is sum_u min(C, R - u) * w[j R + u] + sum_u max(0, u + C - R) * w[(j - 1) R + u] (u: a summary's
+      slot in its block, C = kernel_size / stride; the second sum is what block j - 1's summaries spill
+      into j, read from the logits again, also across a split boundary); its own top-T (packed keys,
       _pack_desc);
   merge (_split_merge_kernel, grid (B, H, G)): program (b, h, g) combines query head g's o_cmp by
       lse (the S partials in one load); program g = 0 also takes the top-T of the S sorted candidate
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _finish, _load_q, _online_step
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _finish, _load_q, _online_apply, _scores
 from nsa_baseline.ops.selection_kernel import _merge_packed, _pack_desc, _rank_packed, _store_sorted
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
@@ -45,66 +45,11 @@ def _split_range(pos, i_s, S: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constex
 
 
 @triton.jit
-def _log2_mass(mass, m_ref):
-    """m_ref + log2(mass) (rows [G_PAD] or [G_PAD, BJ]); -inf where the mass is 0."""
-    return tl.where(mass > 0, m_ref + tl.log2(tl.where(mass > 0, mass, 1.)), float("-inf"))
-
-
-@triton.jit
-def _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi, qk_scale, H: tl.constexpr, D: tl.constexpr,
-                BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-                IEEE: tl.constexpr, MASS: tl.constexpr):
-    """Online-softmax step over the summaries of blocks [j0, j0 + BJ) below i_hi, and the blocks' mass
-    relative to the new running max: (m, l, acc, mass [G_PAD, BJ], m_ref [G_PAD], carry [G_PAD]);
-    block j0 also gets `carry` (the previous tile's spill, relative to the previous m), the returned
-    carry is the last block's spill into block j0 + BJ."""
-    BC: tl.constexpr = BJ * R
-    i0 = j0 * R
-    m_c = (i0 + tl.arange(0, BC)) < i_hi
-    m_kd = m_c[:, None] & (tl.arange(0, BLOCK_D) < D)[None, :]
-    b_k = tl.load(p_k + i0 * (H * D), mask=m_kd, other=0.)  # [BC, BLOCK_D]
-    b_v = tl.load(p_v + i0 * (H * D), mask=m_kd, other=0.)
-    m_old = b_m
-    b_m, b_l, b_acc, b_p, m_ref = _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_c, qk_scale, IEEE)
-    o_j = tl.arange(0, BJ)
-    carry = carry * tl.exp2(m_old - m_ref)  # 0 where nothing was seen before (m_old = -inf)
-    if MASS == 0:  # timing ablation only (experiments/gpu/decode_tune.py --ablation): no block scores
-        b_mass = tl.zeros([G_PAD, BJ], tl.float32)
-    elif MASS >= 2:  # summaries -> blocks as one product with the [BC, BJ] spread (no gather, no reshape):
-        # 2 exact fp32 (FMA), 3 tf32x3 (tensor cores, ~fp32 accuracy), 4 tf32 (timing only: ~1e-3)
-        o_i = tl.arange(0, BC)
-        u, blk = o_i % R, o_i // R
-        own = tl.minimum(C, R - u).to(tl.float32)
-        spill = tl.maximum(u + C - R, 0).to(tl.float32)
-        b_w = tl.where(blk[:, None] == o_j[None, :], own[:, None],
-                       tl.where(blk[:, None] + 1 == o_j[None, :], spill[:, None], 0.))  # [BC, BJ]
-        if MASS == 2:
-            b_spread = tl.dot(b_p, b_w, input_precision="ieee")
-        elif MASS == 3:
-            b_spread = tl.dot(b_p, b_w, input_precision="tf32x3")
-        else:
-            b_spread = tl.dot(b_p, b_w, input_precision="tf32")
-        b_mass = b_spread + tl.where(o_j[None, :] == 0, carry[:, None], 0.)
-        carry = tl.sum(b_p * tl.where(blk == BJ - 1, spill, 0.)[None, :], axis=1)
-    else:
-        o_u = tl.arange(0, R)
-        b_pg = tl.reshape(b_p, (G_PAD, BJ, R))
-        b_same = tl.sum(b_pg * tl.minimum(C, R - o_u).to(tl.float32)[None, None, :], axis=2)  # [G_PAD, BJ]
-        b_next = tl.sum(b_pg * tl.maximum(o_u + C - R, 0).to(tl.float32)[None, None, :], axis=2)  # to block j + 1
-        prev_j = tl.broadcast_to(tl.maximum(o_j - 1, 0)[None, :], (G_PAD, BJ))
-        b_shift = tl.gather(b_next, prev_j, axis=1)  # b_next[:, j - 1]
-        b_mass = b_same + tl.where(o_j[None, :] == 0, carry[:, None], b_shift)
-        carry = tl.sum(tl.where(o_j[None, :] == BJ - 1, b_next, 0.), axis=1)
-    return b_m, b_l, b_acc, b_mass, m_ref, carry
-
-
-@triton.jit
 def _split_summaries_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, o_part_ptr, lse_part_ptr, lmass_ptr, lspill_ptr, MAX_CMP, NB, qk_scale,
+    q_ptr, k_ptr, v_ptr, pos_ptr, o_part_ptr, lse_part_ptr, logit_ptr, MAX_CMP, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr,
-    STRIDE: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    MASS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
+    BS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     BC: tl.constexpr = BJ * R
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -113,45 +58,39 @@ def _split_summaries_kernel(
     b_q = _load_q(q_ptr, i_b, i_h, HQ, G, G_PAD, D, BLOCK_D)
     o_g = tl.arange(0, G_PAD)
     o_d = tl.arange(0, BLOCK_D)
+    o_c = tl.arange(0, BC)
+    m_g = o_g < G
     base = (i_b.to(tl.int64) * MAX_CMP * H + i_h) * D
-    p_k = k_ptr + base + tl.arange(0, BC).to(tl.int64)[:, None] * (H * D) + o_d[None, :]  # [BC, BLOCK_D]
-    p_v = v_ptr + base + tl.arange(0, BC).to(tl.int64)[:, None] * (H * D) + o_d[None, :]
-    p_mass = lmass_ptr + (i_b * H + i_h).to(tl.int64) * NB * G_PAD + o_g[:, None]
+    p_k = k_ptr + base + o_c.to(tl.int64)[:, None] * (H * D) + o_d[None, :]  # [BC, BLOCK_D]
+    p_v = v_ptr + base + o_c.to(tl.int64)[:, None] * (H * D) + o_d[None, :]
+    p_logit = logit_ptr + ((i_b * H + i_h) * G + o_g).to(tl.int64)[:, None] * MAX_CMP + o_c[None, :]
+    m_kd = (o_d < D)[None, :]
     b_m = tl.full([G_PAD], float("-inf"), tl.float32)
     b_l = tl.zeros([G_PAD], tl.float32)
     b_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    carry = tl.zeros([G_PAD], tl.float32)
-    l_spill = tl.full([G_PAD], float("-inf"), tl.float32)
     if WHILE_LOOP:  # the interpreter cannot range() over loaded bounds
-        j0 = j_lo
-        while j0 < j_hi:
-            b_m, b_l, b_acc, b_mass, m_ref, carry = _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi,
-                                                                qk_scale, H, D, BLOCK_D, G_PAD, BJ, R, C, IEEE, MASS)
-            if MASS != 0:
-                l_spill = _store_mass(p_mass, b_mass, m_ref, carry, j0, j_hi, NB, G_PAD, BJ)
-            j0 += BJ
+        i0 = j_lo * R
+        while i0 < i_hi:
+            m_c = (i0 + o_c) < i_hi
+            b_k = tl.load(p_k + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
+            b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
+            b_s = _scores(b_q, b_k, m_c, qk_scale, IEEE)
+            tl.store(p_logit + i0, b_s, mask=m_g[:, None] & m_c[None, :])
+            b_m, b_l, b_acc, _, _ = _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE)
+            i0 += BC
     else:
-        for j0 in range(j_lo, j_hi, BJ):
-            b_m, b_l, b_acc, b_mass, m_ref, carry = _block_tile(b_q, b_m, b_l, b_acc, carry, p_k, p_v, j0, i_hi,
-                                                                qk_scale, H, D, BLOCK_D, G_PAD, BJ, R, C, IEEE, MASS)
-            if MASS != 0:
-                l_spill = _store_mass(p_mass, b_mass, m_ref, carry, j0, j_hi, NB, G_PAD, BJ)
+        for i0 in range(j_lo * R, i_hi, BC):
+            m_c = (i0 + o_c) < i_hi
+            b_k = tl.load(p_k + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
+            b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
+            b_s = _scores(b_q, b_k, m_c, qk_scale, IEEE)
+            tl.store(p_logit + i0, b_s, mask=m_g[:, None] & m_c[None, :])
+            b_m, b_l, b_acc, _, _ = _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE)
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64)
     p_o = o_part_ptr + (part * G + o_g)[:, None] * D + o_d[None, :]
-    tl.store(p_o, _finish(b_l, b_acc), mask=(o_g < G)[:, None] & (o_d < D)[None, :])
-    tl.store(lse_part_ptr + part * G_PAD + o_g, _log2_mass(b_l, b_m))
-    tl.store(lspill_ptr + part * G_PAD + o_g, l_spill)
-
-
-@triton.jit
-def _store_mass(p_mass, b_mass, m_ref, carry, j0, j_hi, NB, G_PAD: tl.constexpr, BJ: tl.constexpr):
-    """Store the log2 mass of the tile's blocks below j_hi; return the log2 spill into block j_hi
-    (the next split's first: inside this tile, or the tile's carry)."""
-    o_b = j0 + tl.arange(0, BJ)
-    b_lm = _log2_mass(b_mass, m_ref[:, None])
-    tl.store(p_mass + o_b[None, :] * G_PAD, b_lm, mask=((o_b < j_hi) & (o_b < NB))[None, :])
-    spill = tl.where(j_hi - j0 < BJ, tl.sum(tl.where(o_b[None, :] == j_hi, b_mass, 0.), axis=1), carry)
-    return _log2_mass(spill, m_ref)
+    tl.store(p_o, _finish(b_l, b_acc), mask=m_g[:, None] & m_kd)
+    b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.)), float("-inf"))
+    tl.store(lse_part_ptr + part * G_PAD + o_g, b_lse)
 
 
 @triton.jit
@@ -169,11 +108,20 @@ def _lse_weights(lse_part_ptr, part0, S: tl.constexpr, S_PAD: tl.constexpr, G_PA
 
 
 @triton.jit
+def _summary_weights(p_logit, i0, nvis, b_lse, m_g, BC: tl.constexpr):
+    """[BC]: sum_g exp2(logit_g - lse_g) of summaries i0 .. i0 + BC - 1 (0 outside [0, nvis))."""
+    o_i = i0 + tl.arange(0, BC)
+    m_i = (o_i >= 0) & (o_i < nvis)
+    b_s = tl.load(p_logit + o_i[None, :], mask=m_g[:, None] & m_i[None, :], other=float("-inf"))  # [G_PAD, BC]
+    return tl.sum(tl.exp2(b_s - b_lse[:, None]), axis=0)
+
+
+@triton.jit
 def _split_select_kernel(
-    pos_ptr, lse_part_ptr, lmass_ptr, lspill_ptr, keys_part_ptr, NB,
-    H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, KS: tl.constexpr,
-    STRIDE: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, T_PAD: tl.constexpr,
-    INIT: tl.constexpr, LOCAL: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    pos_ptr, lse_part_ptr, logit_ptr, keys_part_ptr, MAX_CMP,
+    H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+    KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
+    T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
@@ -182,11 +130,7 @@ def _split_select_kernel(
     m_g = o_g < G
     part0 = (i_b * H + i_h) * S
     _, b_lse = _lse_weights(lse_part_ptr, part0, S, S_PAD, G_PAD)
-    # the previous split's last block spills into this split's first block
-    l_in = tl.load(lspill_ptr + (part0 + i_s - 1).to(tl.int64) * G_PAD + o_g, mask=m_g & (i_s > 0),
-                   other=float("-inf"))
-    spill = tl.sum(tl.exp2(l_in - b_lse), axis=0)
-    p_mass = lmass_ptr + (i_b * H + i_h).to(tl.int64) * NB * G_PAD + o_g[:, None]
+    p_logit = logit_ptr + ((i_b * H + i_h) * G + o_g).to(tl.int64)[:, None] * MAX_CMP
     cur_t = pos // BS + tl.zeros([1], tl.int32)
     in_t = cur_t >= 0
     keys = _pack_desc(tl.full([1, T_PAD], float("-inf"), tl.float32), tl.zeros([1, T_PAD], tl.int32) - 1)
@@ -194,27 +138,30 @@ def _split_select_kernel(
     if WHILE_LOOP:
         j0 = j_lo
         while j0 < j_hi:
-            keys = _select_tile(keys, empty, p_mass, b_lse, spill, m_g, j0, j_lo, j_hi, NB, cur_t, in_t, G_PAD, BJ,
-                                T_PAD, INIT, LOCAL)
+            keys = _select_tile(keys, empty, p_logit, b_lse, m_g, j0, j_hi, nvis, cur_t, in_t, BJ, R, C, T_PAD,
+                                INIT, LOCAL)
             j0 += BJ
     else:
         for j0 in range(j_lo, j_hi, BJ):
-            keys = _select_tile(keys, empty, p_mass, b_lse, spill, m_g, j0, j_lo, j_hi, NB, cur_t, in_t, G_PAD, BJ,
-                                T_PAD, INIT, LOCAL)
+            keys = _select_tile(keys, empty, p_logit, b_lse, m_g, j0, j_hi, nvis, cur_t, in_t, BJ, R, C, T_PAD,
+                                INIT, LOCAL)
     o_t = tl.arange(0, T_PAD)
     tl.store(keys_part_ptr + (part0 + i_s).to(tl.int64) * T_PAD + o_t[None, :], keys)
 
 
 @triton.jit
-def _select_tile(keys, empty, p_mass, b_lse, spill, m_g, j0, j_lo, j_hi, NB, cur_t, in_t, G_PAD: tl.constexpr,
-                 BJ: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
-    """Scores of blocks [j0, j0 + BJ) below j_hi from their log2 masses, merged into the sorted set."""
+def _select_tile(keys, empty, p_logit, b_lse, m_g, j0, j_hi, nvis, cur_t, in_t, BJ: tl.constexpr, R: tl.constexpr,
+                 C: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Scores of blocks [j0, j0 + BJ) below j_hi from the summaries' logits, merged into the sorted set."""
+    BC: tl.constexpr = BJ * R
+    u = tl.arange(0, BC) % R
+    own = tl.minimum(C, R - u).to(tl.float32)
+    spill = tl.maximum(u + C - R, 0).to(tl.float32)
+    w_own = _summary_weights(p_logit, j0 * R, nvis, b_lse, m_g, BC)
+    w_prev = _summary_weights(p_logit, j0 * R - R, nvis, b_lse, m_g, BC)  # blocks j0 - 1 .. j0 + BJ - 2
+    b_sc = tl.sum(tl.reshape(w_own * own + w_prev * spill, (BJ, R)), axis=1)  # [BJ]
     o_b = j0 + tl.arange(0, BJ)
-    m_b = (o_b < j_hi) & (o_b < NB)
-    b_lm = tl.load(p_mass + o_b[None, :] * G_PAD, mask=m_g[:, None] & m_b[None, :],
-                   other=float("-inf"))  # [G_PAD, BJ]
-    b_sc = tl.sum(tl.exp2(b_lm - b_lse[:, None]), axis=0) + tl.where(o_b == j_lo, spill, 0.)  # [BJ]
-    cand = tl.where(m_b[None, :], _rank_packed(b_sc[None, :], o_b, cur_t, in_t, INIT, LOCAL), empty)
+    cand = tl.where((o_b < j_hi)[None, :], _rank_packed(b_sc[None, :], o_b, cur_t, in_t, INIT, LOCAL), empty)
     return _merge_packed(keys, cand, BJ, T_PAD)
 
 
@@ -270,21 +217,17 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
     b, hq, d = q.shape
     h = k_cmp.shape[2]
     s, s_pad, t_pad = splits, max(2, next_pow2(splits)), next_pow2(topk)
-    # blocks a token of a cache holding max_cmp summaries can reach (its length < (max_cmp + 1) * stride + KS)
-    nb = (max_cmp * kernel_stride + kernel_size - 2) // block_size + 1
     o_part = new_output((b * h * s, g, d), torch.float32, q.device)
     lse_part = new_output((b * h * s, g_pad), torch.float32, q.device)
-    lspill = new_output((b * h * s, g_pad), torch.float32, q.device)
-    lmass = new_output((b * h, nb, g_pad), torch.float32, q.device)
+    logits = new_output((b * h, g, max_cmp), torch.float32, q.device)
     keys_part = new_output((b * h * s, t_pad), torch.int64, q.device)
     common = dict(H=h, G=g, G_PAD=g_pad)
     steps = dict(R=r, KS=kernel_size, STRIDE=kernel_stride, BS=block_size, S=s, WHILE_LOOP=while_loop)
     _split_summaries_kernel[(b, h, s)](
-        q, k_cmp, v_cmp, pos, o_part, lse_part, lmass, lspill, max_cmp, nb, qk_scale, HQ=hq, **common, D=d,
-        BLOCK_D=block_d, BJ=bj, C=c, **steps, IEEE=ieee, MASS=DECODE_LAUNCH.select_mass, num_warps=DECODE_LAUNCH.select_warps,
-        num_stages=DECODE_LAUNCH.select_stages)
+        q, k_cmp, v_cmp, pos, o_part, lse_part, logits, max_cmp, qk_scale, HQ=hq, **common, D=d, BLOCK_D=block_d,
+        BJ=bj, **steps, IEEE=ieee, num_warps=DECODE_LAUNCH.select_warps, num_stages=DECODE_LAUNCH.select_stages)
     _split_select_kernel[(b, h, s)](
-        pos, lse_part, lmass, lspill, keys_part, nb, **common, BJ=bj, **steps, S_PAD=s_pad, T_PAD=t_pad,
+        pos, lse_part, logits, keys_part, max_cmp, **common, BJ=bj, C=c, **steps, S_PAD=s_pad, T_PAD=t_pad,
         INIT=init_blocks, LOCAL=local_blocks, num_warps=4)
     _split_merge_kernel[(b, h, g)](o_part, lse_part, keys_part, o_cmp, idx, HQ=hq, **common, D=d, BLOCK_D=block_d,
                                    S=s, S_PAD=s_pad, TOPK=topk, T_PAD=t_pad, num_warps=4)

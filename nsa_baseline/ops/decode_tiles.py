@@ -25,8 +25,6 @@ class DecodeLaunch:
     select_warps: int = 4
     select_stages: int = 2
     summaries_per_tile: int = 128  # BJ * R summaries per tile of the compressed pass
-    select_mass: int = 1  # split select, summaries' mass to blocks: 1 reshape + gather, 2 / 3 one fp32 / tf32x3
-    # product; 0 (none: a wrong selection) and 4 (tf32) only time the attention part / a lossy product
     attend_programs_per_sm: int = 2  # decode_selected_window's splits (attend_splits)
     attend_warps: int = 4
     attend_stages: int = 2
@@ -47,7 +45,7 @@ def decode_launch(**settings):
         raise ValueError(f"decode_launch: unknown settings {sorted(unknown)}")
     old = dataclasses.asdict(DECODE_LAUNCH)
     for name, value in settings.items():
-        low = 0 if name in ("attend_shares", "select_mass") else 1
+        low = 0 if name == "attend_shares" else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"decode_launch: `{name}` must be an int >= {low}, got {value!r}")
         setattr(DECODE_LAUNCH, name, value)
@@ -74,8 +72,21 @@ def _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE: tl.cons
     (m_cols [BN]: which keys the rows see). Returns (m, l, acc, p, m_ref): p = exp2(s - m_ref)
     [G_PAD, BN], the keys' mass relative to m_ref (the new max, 0 where still -inf). Rows that saw
     nothing keep m = -inf, l = 0, acc = 0."""
+    b_s = _scores(b_q, b_k, m_cols, qk_scale, IEEE)
+    return _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE)
+
+
+@triton.jit
+def _scores(b_q, b_k, m_cols, qk_scale, IEEE: tl.constexpr):
+    """Base-2 logits of the rows b_q [G_PAD, BLOCK_D] over keys b_k [BN, BLOCK_D]; -inf where m_cols
+    [BN] is False."""
     b_s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale  # [G_PAD, BN]
-    b_s = tl.where(m_cols[None, :], b_s, float("-inf"))
+    return tl.where(m_cols[None, :], b_s, float("-inf"))
+
+
+@triton.jit
+def _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE: tl.constexpr):
+    """_online_step from the logits b_s [G_PAD, BN] (_scores)."""
     m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
     m_ref = tl.where(m_new == float("-inf"), 0., m_new)
     alpha = tl.exp2(b_m - m_ref)  # [G_PAD]

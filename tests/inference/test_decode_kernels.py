@@ -196,19 +196,16 @@ def _split_inputs(g, ks, st, seed=0):
     return pos, torch.randn(b, g * h, d), torch.randn(b, max_cmp, h, d), torch.randn(b, max_cmp, h, d)
 
 
-@pytest.mark.parametrize("mass", [1, 2, 3])
 @pytest.mark.parametrize("splits,topk", [(2, 2), (3, 5), (5, 5)])
-def test_select_kernel_split_equals_one_program_and_reference(splits, topk, mass):
+def test_select_kernel_split_equals_one_program_and_reference(splits, topk):
     """FlashDecoding split of the summaries over S programs (forced; the interpreter's rule is S = 1):
     the same o_cmp and the same blocks as S = 1 and the reference, from slots with no summary or fewer
-    blocks than splits (empty splits) to 16 blocks; T = 2 (the two forced blocks only) and 5; block
-    masses by reshape + gather (mass=1) or by one fp32 / tf32x3 product (2 / 3)."""
+    blocks than splits (empty splits) to 16 blocks; T = 2 (the two forced blocks only) and 5."""
     ks, st, bs, init, local = 8, 4, 16, 1, 1
     pos, q, k_cmp, v_cmp = _split_inputs(3, ks, st)
     args = (q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, 0.25)
     o1, idx1 = decode_compressed_select(*args, splits=1)
-    with decode_launch(select_mass=mass):
-        o_s, idx_s = decode_compressed_select(*args, splits=splits)
+    o_s, idx_s = decode_compressed_select(*args, splits=splits)
     assert_close(o_s, o1, torch.float32, f"o_cmp, {splits} splits vs 1")
     assert torch.equal(idx_s, idx1), (idx_s, idx1)
     o_ref, key = _reference_selection(*args)
@@ -216,9 +213,8 @@ def test_select_kernel_split_equals_one_program_and_reference(splits, topk, mass
     _assert_selection(idx_s, key, pos, bs, topk)
 
 
-@pytest.mark.parametrize("mass", [1, 2, 3])
 @pytest.mark.parametrize("splits", [5])
-def test_select_kernel_split_boundary_block_wins_by_its_spill(splits, mass):
+def test_select_kernel_split_boundary_block_wins_by_its_spill(splits):
     """kernel_size 4 x stride: the last summary of a block gives 3/4 of its mass to the next block. A
     peaked key there makes every split's FIRST block the top non-forced block, scored only by the
     previous split's summaries: the spill must cross the split boundary."""
@@ -230,8 +226,7 @@ def test_select_kernel_split_boundary_block_wins_by_its_spill(splits, mass):
         for j in range(chunk, nblk, chunk):  # each split's first block j: peak at summary j * R - 1
             k_cmp[b, j * (bs // st) - 1] = 4.0 * q[b].mean(dim=0)
     args = (q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, 0.25)
-    with decode_launch(select_mass=mass):
-        o_s, idx_s = decode_compressed_select(*args, splits=splits)
+    o_s, idx_s = decode_compressed_select(*args, splits=splits)
     o_ref, key = _reference_selection(*args)
     assert_close(o_s, o_ref, torch.float32, "o_cmp vs reference")
     _assert_selection(idx_s, key, pos, bs, topk)
