@@ -62,6 +62,40 @@ def attention_step(module, cache, seed: int = 0):
     return step, out
 
 
+STEPS_PER_GRAPH = 16  # consecutive decode steps in one graph (the graph16 pass)
+
+
+def repeated(fn: Callable[[], object], n: int) -> Callable[[], None]:
+    """fn called n times in a row."""
+    def run():
+        for _ in range(n):
+            fn()
+
+    return run
+
+
+def consecutive_steps(module, cache, n: int = STEPS_PER_GRAPH, seed: int = 0):
+    """(steps, out): steps() runs n decode-attention steps in a row (each appends a token, so the cache
+    grows from length - n through length - 1 as in real decoding), then gives the n lengths back with
+    one add; out is the first step's output. The caller times steps / n (a CUDA graph of steps)."""
+    from nsa_baseline.inference.decode import decode_attention
+
+    b, hq, h, d = cache.batch_size, module.num_q_heads, module.num_kv_heads, module.head_dim
+    gen = torch.Generator(device=cache.device).manual_seed(seed)
+    q, k, v = (torch.randn(b, m, d, device=cache.device, dtype=cache.dtype, generator=gen) for m in (hq, h, h))
+    gates = torch.rand(b, hq, 3, device=cache.device, dtype=cache.dtype, generator=gen)
+    cache.lengths.sub_(n - 1)  # fill_cache left length - 1 tokens: start n - 1 earlier
+
+    def steps():
+        for _ in range(n):
+            decode_attention(module, q, k, v, gates, cache)
+        cache.lengths.sub_(n)
+
+    out = decode_attention(module, q, k, v, gates, cache)
+    cache.lengths.sub_(1)
+    return steps, out
+
+
 def sdpa_choice(q, k, v) -> str:
     """The fused backend torch would pick for these inputs ('' when torch does not say)."""
     try:
@@ -91,13 +125,18 @@ def sdpa_decode(qd, kd, vd, backend: str) -> Callable[[], torch.Tensor]:
 
 def time_sdpa_backends(qd, kd, vd, modes=("eager", "graph"), warmup_ms: int = 10,
                        rep_ms: int = 50) -> list[tuple[str, str, Optional[tuple], str]]:
-    """(backend, mode, (p20, median, p80) or None, error) for every SDPA backend and mode; a backend
-    that refuses the inputs gets None and its error, once, and is not tried in the other mode."""
+    """(backend, mode, (p20, median, p80) or None, error) for every SDPA backend and mode (graph16: one
+    graph of STEPS_PER_GRAPH calls, time per call); a backend that refuses the inputs gets None and its
+    error, once, and is not tried in the other modes."""
     out = []
     for name in SDPA_BACKENDS:
         fn = sdpa_decode(qd, kd, vd, name)
         for mode in modes:
             try:
+                if mode == "graph16":
+                    t = bench(graphed(repeated(fn, STEPS_PER_GRAPH)), warmup_ms, rep_ms)
+                    out.append((name, mode, tuple(x / STEPS_PER_GRAPH for x in t), ""))
+                    continue
                 out.append((name, mode, bench(fn if mode == "eager" else graphed(fn), warmup_ms, rep_ms), ""))
             except Exception as err:  # a backend that does not take these inputs
                 out.append((name, mode, None, f"{type(err).__name__}: {str(err)[:80]}"))

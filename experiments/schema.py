@@ -24,7 +24,11 @@ SCOPES = ("selected", "module", "decode", "generate")
 # scope=decode: one decode step over a cache of `seqlen` tokens for `batch` sequences; scope=generate:
 # prefill `seqlen` tokens then `decode_steps` steps. Their "passes" say how our steps (and dense's) run.
 DECODE_SCOPES = ("decode", "generate")
-DECODE_PASSES = ("eager", "graph")
+DECODE_PASSES = ("eager", "graph", "graph16")
+# graph16 (scope=decode only): STEPS_PER_GRAPH consecutive steps replayed from one CUDA graph, time per
+# step: the cache grows as in real decoding (1 step in kernel_stride completes a summary) and dense
+# gets the same amortised launches; graph times one step that completes a summary (the worst case).
+GENERATE_PASSES = ("eager", "graph")
 INDEX_SOURCES = ("nsa", "random")
 MEASURE_MODES = ("auto", "time", "predict")
 
@@ -250,7 +254,8 @@ def validate(cfg: DictConfig | SweepConfig) -> SweepConfig:
     _positive("sparsity.topk", cfg.sparsity.topk)
     cfg.kernels = _names("kernels", cfg.kernels, KERNELS, KERNEL_PRESETS)
     if cfg.scope in DECODE_SCOPES:
-        cfg.passes = _names("pass", cfg.passes, DECODE_PASSES, {"all": DECODE_PASSES})
+        allowed = DECODE_PASSES if cfg.scope == "decode" else GENERATE_PASSES
+        cfg.passes = _names("pass", cfg.passes, allowed, {"all": allowed})
         _positive("decode_steps", cfg.decode_steps)
     else:
         cfg.passes = _names("pass", cfg.passes, PASSES, PASS_PRESETS)

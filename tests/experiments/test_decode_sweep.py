@@ -18,10 +18,13 @@ from tests.experiments.test_schema import load
 def test_decode_and_generate_presets_compose():
     cfg = validate(load("sweep=decode"))
     assert (cfg.scope, cfg.q_heads, cfg.kv_heads, cfg.head_dim) == ("decode", 32, 8, 128)
-    assert cfg.kernels == ["fsa", "sdpa"] and cfg.passes == ["eager", "graph"]
+    assert cfg.kernels == ["fsa", "sdpa"] and cfg.passes == ["eager", "graph", "graph16"]
     cfg = validate(load("sweep=generate", "gqa=8"))
     assert (cfg.scope, cfg.kv_heads, cfg.decode_steps, cfg.passes) == ("generate", 8, 512, ["eager", "graph"])
-    assert validate(load("scope=decode", "pass=all")).passes == ["eager", "graph"]
+    assert validate(load("scope=decode", "pass=all")).passes == ["eager", "graph", "graph16"]
+    assert validate(load("scope=generate", "pass=all")).passes == ["eager", "graph"]
+    with pytest.raises(ConfigError, match="pass"):
+        validate(load("scope=generate", "pass=graph16"))  # consecutive steps in one graph: scope=decode only
     with pytest.raises(ConfigError, match="pass"):
         validate(load("scope=decode", "pass=fwd"))  # a prefill pass has no meaning for a decode step
     with pytest.raises(ConfigError, match="pass"):
@@ -124,3 +127,23 @@ def test_without_cuda_decode_rows_are_predicted_and_resume(tmp_path):
     from experiments.report import markdown_table
 
     assert "dense / ours" in decode_report.summary_markdown(merged, markdown_table)
+
+
+def test_consecutive_steps_grow_the_cache_and_give_the_lengths_back():
+    """graph16's step function (interpreter, fp32, tiny module): n steps append at lengths L - n .. L - 1
+    (the last completes a summary), then the lengths go back to L - n; the caller adds n - 1."""
+    from experiments import decode_timing as dt
+    from nsa_baseline.module import NativeSparseAttention
+
+    torch.manual_seed(0)
+    module = NativeSparseAttention(32, 4, 2, 16, kernel_size=8, kernel_stride=4, block_size=16, topk=3,
+                                   window_size=16, backend="fsa")
+    length, n = 72, 4
+    cache = dt.fill_cache(module, 2, length)
+    steps, out = dt.consecutive_steps(module, cache, n)
+    assert cache.lengths.tolist() == [length - n] * 2 and torch.isfinite(out).all()
+    cmp_before = cache.k_cmp.clone()
+    steps()
+    assert cache.lengths.tolist() == [length - n] * 2
+    due = (length - module.kernel_size) // module.kernel_stride  # the summary position length - 1 completes
+    assert not torch.equal(cache.k_cmp[:, due], cmp_before[:, due])
