@@ -1,11 +1,15 @@
 """summary.md of a scope=decode / scope=generate folder: per (pass, heads, preset, B, L) ours beside
 dense SDPA (ms, dense / ours, GB/s of the analytic bytes); generate adds time to first token and
-per-token time. The sweep's plots draw prefill kernels and are not drawn here."""
+per-token time; scope=decode also gets one plot per (pass, heads, preset): dense / ours against the
+cache length, a line per batch (the sweep's own plots draw prefill kernels and are not drawn here)."""
 from __future__ import annotations
 
 import pandas as pd
 
 from experiments.schema import DECODE_SCOPES
+
+PASS_TITLES = {"eager": "eager steps", "graph": "one step per CUDA-graph replay, completing a summary",
+               "graph16": "mean of 16 consecutive steps in one CUDA graph"}
 
 KEYS = ["scope", "pass", "q_heads", "kv_heads", "block_size", "topk", "batch", "seqlen"]
 
@@ -48,3 +52,33 @@ def summary_markdown(df: pd.DataFrame, markdown_table) -> str:
         lines += ["", "## Not measured", "",
                   markdown_table(failed.groupby(["kernel", "status", "message"]).size().reset_index(name="rows"))]
     return "\n".join(lines) + "\n"
+
+
+def decode_plots(df: pd.DataFrame, folder) -> list:
+    """decode_<pass>_<HQ>q<H>kv_bs<BS>t<T>.png for every measured (pass, heads, preset) of scope=decode."""
+    from pathlib import Path
+
+    from experiments import plots
+
+    table = decode_table(df[df["scope"] == "decode"]) if (df["scope"] == "decode").any() else pd.DataFrame()
+    if table.empty or "dense / ours" not in table:
+        return []
+    predicted = (df["status"] == "predicted").any()
+    written = []
+    for (p, hq, h, bs, t), sub in table.groupby(["pass", "q_heads", "kv_heads", "block_size", "topk"]):
+        fig, axes = plots._grid(1, 1, 6.0, 4.2)
+        ax = axes[0][0]
+        for b, line in sub.groupby("batch"):
+            line = line.sort_values("seqlen")
+            ax.plot(line["seqlen"], line["dense / ours"], marker="o", label=f"B = {b}")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cache length L (tokens)")
+        ax.set_ylabel("dense SDPA time / NSA time (x)")
+        gpu = ", ".join(sorted(set(df["gpu"].astype(str))))
+        ax.set_title(f"One decode step, {'predicted (byte floor)' if predicted else gpu}: {PASS_TITLES.get(p, p)}\n"
+                     f"{hq} query / {h} KV heads, (BS, T) = ({bs}, {t}), bf16", fontsize=9)
+        ax.legend(title="batch", loc="upper left", fontsize=8)
+        ax.grid(alpha=0.3)
+        written.append(plots._save(fig, Path(folder) / f"decode_{p}_{hq}q{h}kv_bs{bs}t{t}.png"))
+    return written

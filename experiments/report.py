@@ -110,7 +110,7 @@ def write_report(df: pd.DataFrame, folder: Path) -> list[Path]:
 
     if decode_report.is_decode_folder(df):  # scope=decode / generate: a table, no prefill plots
         (folder / "summary.md").write_text(decode_report.summary_markdown(df, markdown_table))
-        return [folder / "results.csv", folder / "summary.md"]
+        return [folder / "results.csv", folder / "summary.md"] + decode_report.decode_plots(df, folder)
     rows, predicted = plots.plotted_rows(df)
     written = [folder / "results.csv"]
     configs = plots.configurations(rows) if len(rows) else []

@@ -83,6 +83,10 @@ def test_decode_tables_from_a_small_fake_csv(tmp_path):
                     median_ms=0.2),
            make_row(Point("decode", 4, 16, 128, 65536, 1, 64, 16, "bfloat16", "nsa"), "sdpa", "eager", "ok", META,
                     median_ms=0.8)]
+    long = Point("decode", 4, 16, 128, 131072, 1, 64, 16, "bfloat16", "nsa")  # graph16 for both: taken over graph
+    dec += [make_row(long, k, p, "ok", META, median_ms=ms)
+            for k, p, ms in (("fsa", "graph", 0.3), ("fsa", "graph16", 0.1), ("sdpa", "graph", 1.0),
+                             ("sdpa", "graph16", 0.9))]
     _write(tmp_path, "decode", dec)
     from experiments.paper.measured import load_measured
 
@@ -96,6 +100,8 @@ def test_decode_tables_from_a_small_fake_csv(tmp_path):
     t10 = decode_tables.table10(df, tmp_path)
     line = next(x for x in t10.splitlines() if x.startswith("| 65536 |"))
     assert "| 0.2 |" in line and "| 0.8 |" in line and "| 4 |" in line  # ours, dense, dense / ours
+    line = next(x for x in t10.splitlines() if x.startswith("| 131072 |"))
+    assert "| 0.1 | graph16 | 0.3 | 0.9 |" in line and "| 9 |" in line  # dense / ours in graph16 mode
     assert "Fake GPU" in t10
 
 
@@ -127,6 +133,8 @@ def test_without_cuda_decode_rows_are_predicted_and_resume(tmp_path):
     from experiments.report import markdown_table
 
     assert "dense / ours" in decode_report.summary_markdown(merged, markdown_table)
+    pngs = {p.name for p in decode_report.decode_plots(merged, tmp_path / "dec_predicted")}
+    assert pngs == {f"decode_{p}_32q8kv_bs64t16.png" for p in ("eager", "graph", "graph16")}
 
 
 def test_consecutive_steps_grow_the_cache_and_give_the_lengths_back():
