@@ -2,11 +2,10 @@
 
     q, k, v, gates of the B new tokens, RoPE at positions = cache.lengths (device) ->
     decode_append (one kernel: k, v at row lengths[b] of every slot, the summary a slot completes,
-    the positions) -> decode_compressed_select (o_cmp, block indices; one kernel, or two when
+    the positions) -> decode_compressed_select (o_cmp, block indices; one kernel, or three when
     split over several programs per (slot, KV head) because the GPU would idle) ->
-    decode_selected_window (gated output; one kernel, split or not; it sets lengths = positions + 1)
-    -> output projection. 3 launches, 4 when the compressed select splits (small B); the split
-    kernels' final merges run in their last-arriving programs.
+    decode_selected_window (gated output; one kernel, or split + combine; its last kernel sets
+    lengths = positions + 1) -> output projection. 3 launches, up to 6 with both splits (small B).
 The lengths move in the step's last kernel, not in decode_append: all of decode_append's programs of a
 slot read its length, in any order, so none of them may change it.
 Checks use the host mirror of the lengths, which the caller advances arithmetically (+1 per step),

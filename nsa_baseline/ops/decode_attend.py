@@ -9,7 +9,7 @@ own softmax. out = g0 * o_cmp + g1 * o_slc + g2 * o_win, written in the output d
 in place: k, v [B, max_seqlen, H, D]. With advance (the cache's lengths) program (b, 0) also sets
 lengths[b] = pos + 1: the decode step's last kernel moves the lengths (decode_append cannot).
 When slots x KV heads leave SMs idle, the keys of a (slot, KV head) are split over S programs and
-merged by the last-arriving program instead (decode_attend_split.py, FlashDecoding style; S from attend_splits).
+merged by a combine kernel instead (decode_attend_split.py, FlashDecoding style; S from attend_splits).
 """
 from __future__ import annotations
 
@@ -128,8 +128,6 @@ def _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, a
                                 or tuple(advance.shape) != (b,) or advance.device != q.device
                                 or not advance.is_contiguous()):
         fail("advance", f"must be None or contiguous int32 [B={b}] on {q.device} (the cache's lengths)")
-    if advance is not None and advance.data_ptr() == pos.data_ptr():
-        fail("advance", "must not be `pos` itself: the kernels read pos while they move the lengths")
 
 
 def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,

@@ -7,10 +7,9 @@ of block_indices (a selected block of BS keys, or nothing for -1), then the NW w
 trip count), so it may hold keys of both branches:
   split (_split_keys_kernel, grid (B, H, S)): per branch (0 selected, 1 window) the normalised
       partial o [G, D] and its base-2 lse [G_PAD] (-inf where the split saw no key of the branch);
-  combine, by the last of the S programs of (slot, KV head) to arrive (an atomic counter it resets;
-      decode_tiles.arrival_counters): per query head of the group the LSE merge of each branch's S
+  combine (_split_combine_kernel, grid (B, HQ)): per query head the LSE merge of each branch's S
       partials, then NSA's gated sum g0 * o_cmp + g1 * o_slc + g2 * o_win in the output dtype, and
-      (advance, KV head 0) lengths[b] = pos + 1, the decode step's last write. One launch.
+      (advance) lengths[b] = pos + 1, the decode step's last write.
 Partials: o_part float32 [B * H * S * 2, G, D], lse_part float32 [B * H * S * 2, G_PAD], row
 ((b * H + h) * S + s) * 2 + branch.
 """
@@ -20,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _advance, _finish, _keys_tile, _load_q, arrival_counters
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _advance, _finish, _keys_tile, _load_q
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
 
@@ -38,12 +37,11 @@ def _store_partial(o_part_ptr, lse_part_ptr, part, b_m, b_l, b_acc, G: tl.conste
 
 @triton.jit
 def _split_keys_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, idx_ptr, o_part_ptr, lse_part_ptr, o_cmp_ptr, gates_ptr, out_ptr, len_ptr,
-    count_ptr, MAX_SEQLEN, qk_scale,
+    q_ptr, k_ptr, v_ptr, pos_ptr, idx_ptr, o_part_ptr, lse_part_ptr, MAX_SEQLEN, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr,
-    S: tl.constexpr, S_PAD: tl.constexpr, C: tl.constexpr, SHARES: tl.constexpr, CS: tl.constexpr,
-    CW: tl.constexpr, ADVANCE: tl.constexpr, IEEE: tl.constexpr,
+    S: tl.constexpr, C: tl.constexpr, SHARES: tl.constexpr, CS: tl.constexpr, CW: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     NW: tl.constexpr = (WINDOW + BN - 1) // BN
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -91,15 +89,6 @@ def _split_keys_kernel(
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64) * 2
     _store_partial(o_part_ptr, lse_part_ptr, part, s_m, s_l, s_acc, G, G_PAD, D, BLOCK_D)
     _store_partial(o_part_ptr, lse_part_ptr, part + 1, w_m, w_l, w_acc, G, G_PAD, D, BLOCK_D)
-    # the last split of (slot, KV head) to arrive combines the group's heads (release / acquire through
-    # the counter, which it resets for the next call); for KV head 0 it also moves the slot's length
-    arrived = tl.atomic_add(count_ptr + i_b * H + i_h, 1, sem="acq_rel")
-    if arrived == S - 1:
-        tl.store(count_ptr + i_b * H + i_h, 0)
-        _advance(len_ptr, i_b, i_h, pos, ADVANCE)
-        for g in tl.static_range(G):
-            _combine_head(o_part_ptr, lse_part_ptr, o_cmp_ptr, gates_ptr, out_ptr, i_b, i_h * G + g, HQ, H, G,
-                          G_PAD, D, BLOCK_D, S, S_PAD)
 
 
 @triton.jit
@@ -121,10 +110,14 @@ def _merge_branch(o_part_ptr, lse_part_ptr, part0, branch, g, S: tl.constexpr, S
 
 
 @triton.jit
-def _combine_head(o_part_ptr, lse_part_ptr, o_cmp_ptr, gates_ptr, out_ptr, i_b, i_q, HQ: tl.constexpr,
-                  H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  S: tl.constexpr, S_PAD: tl.constexpr):
-    """Query head i_q of slot i_b: each branch from its S partials, then the gated sum, in out's dtype."""
+def _split_combine_kernel(
+    o_part_ptr, lse_part_ptr, pos_ptr, o_cmp_ptr, gates_ptr, out_ptr, len_ptr,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, ADVANCE: tl.constexpr,
+):
+    i_b, i_q = tl.program_id(0), tl.program_id(1)
+    pos = tl.load(pos_ptr + i_b)
+    _advance(len_ptr, i_b, i_q, pos, ADVANCE)
     i_h, g = i_q // G, i_q % G
     part0 = (i_b * H + i_h) * S
     o_slc = _merge_branch(o_part_ptr, lse_part_ptr, part0, 0, g, S, S_PAD, G, G_PAD, D, BLOCK_D)
@@ -151,7 +144,7 @@ def split_items(topk: int, window_tiles: int, splits: int) -> tuple[int, int]:
 def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, splits: int, g: int, g_pad: int,
                           block_d: int, block_size: int, window_size: int, window_tile: int, qk_scale: float,
                           ieee: bool):
-    """Run the split kernel (its last-arriving programs combine); fills out [B, HQ, D] (decode_selected_window's output,
+    """Run the split and combine kernels; fills out [B, HQ, D] (decode_selected_window's output,
     already allocated) from arguments it has checked. splits > 1 (normalised by split_items)."""
     b, hq, d = q.shape
     max_seqlen, h = k.shape[1], k.shape[2]
@@ -166,8 +159,9 @@ def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, spli
     lse_part = new_output((b * h * s * 2, g_pad), torch.float32, q.device)
     common = dict(HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d)
     _split_keys_kernel[(b, h, s)](
-        q, k, v, pos, idx, o_part, lse_part, o_cmp, gates, out, pos if advance is None else advance,
-        arrival_counters(b * h, q.device), max_seqlen, qk_scale, **common, BS=block_size, TOPK=topk,
-        WINDOW=window_size, BN=window_tile, S=s, S_PAD=next_pow2(s), C=c, SHARES=shares, CS=cs, CW=cw,
-        ADVANCE=advance is not None, IEEE=ieee, num_warps=DECODE_LAUNCH.attend_warps,
+        q, k, v, pos, idx, o_part, lse_part, max_seqlen, qk_scale, **common, BS=block_size, TOPK=topk,
+        WINDOW=window_size, BN=window_tile, S=s, C=c, SHARES=shares, CS=cs, CW=cw, IEEE=ieee, num_warps=DECODE_LAUNCH.attend_warps,
         num_stages=DECODE_LAUNCH.attend_stages)
+    _split_combine_kernel[(b, hq)](
+        o_part, lse_part, pos, o_cmp, gates, out, pos if advance is None else advance, **common, S=s,
+        S_PAD=next_pow2(s), ADVANCE=advance is not None, num_warps=4)
