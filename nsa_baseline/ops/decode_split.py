@@ -15,10 +15,10 @@ sit on block boundaries, so every block's score is made in exactly one split.
       is sum_u min(C, R - u) * w[j R + u] + sum_u max(0, u + C - R) * w[(j - 1) R + u] (u: a summary's
       slot in its block, C = kernel_size / stride; the second sum is what block j - 1's summaries spill
       into j, read from the logits again, also across a split boundary); its own top-T (packed keys,
-      _pack_desc); then the merge, by the last of the S programs of (slot, KV head) to arrive (an
-      atomic counter, reset by that program; decode_tiles.arrival_counters): every query head's o_cmp
-      from the S partials by lse, and the top-T of the S sorted candidate sets in one tl.topk over all
-      S * T_PAD keys (same order and -1 rule as the fused kernel). No third launch.
+      _pack_desc);
+  merge (_split_merge_kernel, grid (B, H, G)): program (b, h, g) combines query head g's o_cmp by
+      lse (the S partials in one load); program g = 0 also takes the top-T of the S sorted candidate
+      sets in one tl.topk over all S * T_PAD keys (same order and -1 rule as the fused kernel).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _finish, _load_q, _online_apply, _scores, arrival_counters
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _finish, _load_q, _online_apply, _scores
 from nsa_baseline.ops.selection_kernel import _merge_packed, _pack_desc, _rank_packed, _store_sorted
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
@@ -118,10 +118,9 @@ def _summary_weights(p_logit, i0, nvis, b_lse, m_g, BC: tl.constexpr):
 
 @triton.jit
 def _split_select_kernel(
-    pos_ptr, lse_part_ptr, logit_ptr, keys_part_ptr, o_part_ptr, o_ptr, idx_ptr, count_ptr, MAX_CMP,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr,
-    STRIDE: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, TOPK: tl.constexpr,
+    pos_ptr, lse_part_ptr, logit_ptr, keys_part_ptr, MAX_CMP,
+    H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+    KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
     T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -148,14 +147,6 @@ def _split_select_kernel(
                                 INIT, LOCAL)
     o_t = tl.arange(0, T_PAD)
     tl.store(keys_part_ptr + (part0 + i_s).to(tl.int64) * T_PAD + o_t[None, :], keys)
-    # the last split of (slot, KV head) to arrive merges: the S top-T sets and every query head's o_cmp
-    # (release / acquire through the counter, which it resets for the next call)
-    arrived = tl.atomic_add(count_ptr + i_b * H + i_h, 1, sem="acq_rel")
-    if arrived == S - 1:
-        tl.store(count_ptr + i_b * H + i_h, 0)
-        _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H, S, S_PAD, TOPK, T_PAD)
-        for i_g in tl.static_range(G):
-            _merge_head(o_part_ptr, lse_part_ptr, o_ptr, i_b, i_h, i_g, HQ, H, G, G_PAD, D, BLOCK_D, S, S_PAD)
 
 
 @triton.jit
@@ -175,9 +166,12 @@ def _select_tile(keys, empty, p_logit, b_lse, m_g, j0, j_hi, nvis, cur_t, in_t, 
 
 
 @triton.jit
-def _merge_head(o_part_ptr, lse_part_ptr, o_ptr, i_b, i_h, i_g, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
-                G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr):
-    """o_cmp of query head i_g of (slot, KV head): its S partials combined by lse (one load)."""
+def _split_merge_kernel(
+    o_part_ptr, lse_part_ptr, keys_part_ptr, o_ptr, idx_ptr,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, TOPK: tl.constexpr, T_PAD: tl.constexpr,
+):
+    i_b, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_p = tl.arange(0, S_PAD)
     o_d = tl.arange(0, BLOCK_D)
     m_p = o_p < S
@@ -190,6 +184,8 @@ def _merge_head(o_part_ptr, lse_part_ptr, o_ptr, i_b, i_h, i_g, HQ: tl.constexpr
     w_sum = tl.sum(b_w, axis=0)
     b_out = tl.sum(b_w[:, None] * b_o, axis=0) / tl.where(w_sum > 0, w_sum, 1.)
     tl.store(o_ptr + (i_b * HQ + i_h * G + i_g).to(tl.int64) * D + o_d, b_out, mask=o_d < D)
+    if i_g == 0:
+        _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H, S, S_PAD, TOPK, T_PAD)
 
 
 @triton.jit
@@ -216,7 +212,7 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
                             g: int, g_pad: int, block_d: int, bj: int, r: int, c: int, kernel_size: int,
                             kernel_stride: int, block_size: int, topk: int, init_blocks: int,
                             local_blocks: int, ieee: bool, while_loop: bool):
-    """Run the two split kernels; fills o_cmp [B, HQ, D] and idx [B, H, topk] (decode_select's
+    """Run the three split kernels; fills o_cmp [B, HQ, D] and idx [B, H, topk] (decode_select's
     outputs, already allocated) from arguments it has checked."""
     b, hq, d = q.shape
     h = k_cmp.shape[2]
@@ -231,6 +227,7 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
         q, k_cmp, v_cmp, pos, o_part, lse_part, logits, max_cmp, qk_scale, HQ=hq, **common, D=d, BLOCK_D=block_d,
         BJ=bj, **steps, IEEE=ieee, num_warps=DECODE_LAUNCH.select_warps, num_stages=DECODE_LAUNCH.select_stages)
     _split_select_kernel[(b, h, s)](
-        pos, lse_part, logits, keys_part, o_part, o_cmp, idx, arrival_counters(b * h, q.device), max_cmp, HQ=hq,
-        **common, D=d, BLOCK_D=block_d, BJ=bj, C=c, **steps, S_PAD=s_pad, TOPK=topk, T_PAD=t_pad,
+        pos, lse_part, logits, keys_part, max_cmp, **common, BJ=bj, C=c, **steps, S_PAD=s_pad, T_PAD=t_pad,
         INIT=init_blocks, LOCAL=local_blocks, num_warps=4)
+    _split_merge_kernel[(b, h, g)](o_part, lse_part, keys_part, o_cmp, idx, HQ=hq, **common, D=d, BLOCK_D=block_d,
+                                   S=s, S_PAD=s_pad, TOPK=topk, T_PAD=t_pad, num_warps=4)

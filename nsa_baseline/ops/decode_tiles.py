@@ -184,20 +184,3 @@ def gpu_programs(device: torch.device, per_sm: int) -> int:
     if device.type != "cuda" or is_interpreter():
         return 0
     return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-_counters: dict = {}  # device -> int32 arrival counters, all 0 between calls
-
-
-def arrival_counters(n: int, device: torch.device) -> torch.Tensor:
-    """n int32 zeros for a kernel whose last-arriving program of a group does the group's final step
-    and sets the group's counter back to 0 (so no memset per call, and a CUDA graph may replay it).
-    One buffer per device, grown outside capture; a capture that needs more gets its own zeros (a
-    memset in the graph). Calls must not overlap on two streams of one device."""
-    buf = _counters.get(device)
-    if buf is None or buf.numel() < n:
-        zeros = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return zeros
-        _counters[device] = buf = zeros
-    return buf

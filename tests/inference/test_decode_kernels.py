@@ -20,7 +20,7 @@ from nsa_baseline.ops.compression import compress_spans
 from nsa_baseline.ops.decode_append import decode_append
 from nsa_baseline.ops.decode_attend import decode_selected_window
 from nsa_baseline.ops.decode_select import decode_compressed_select
-from nsa_baseline.ops.decode_tiles import arrival_counters, decode_launch
+from nsa_baseline.ops.decode_tiles import decode_launch
 from nsa_baseline.reference.compressed import summaries_to_blocks
 from nsa_baseline.utils.compressed_varlen import visible_compressed
 from tests.helpers import assert_close
@@ -208,9 +208,6 @@ def test_select_kernel_split_equals_one_program_and_reference(splits, topk):
     o_s, idx_s = decode_compressed_select(*args, splits=splits)
     assert_close(o_s, o1, torch.float32, f"o_cmp, {splits} splits vs 1")
     assert torch.equal(idx_s, idx1), (idx_s, idx1)
-    assert not arrival_counters(1, q.device).any()  # the merging program reset its counter: a rerun merges
-    o_again, idx_again = decode_compressed_select(*args, splits=splits)
-    assert torch.equal(o_again, o_s) and torch.equal(idx_again, idx_s)
     o_ref, key = _reference_selection(*args)
     assert_close(o_s, o_ref, torch.float32, "o_cmp vs reference")
     _assert_selection(idx_s, key, pos, bs, topk)
