@@ -128,6 +128,8 @@ def _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, a
                                 or tuple(advance.shape) != (b,) or advance.device != q.device
                                 or not advance.is_contiguous()):
         fail("advance", f"must be None or contiguous int32 [B={b}] on {q.device} (the cache's lengths)")
+    if advance is not None and advance.data_ptr() == pos.data_ptr():
+        fail("advance", "must not be `pos` itself: the kernels read pos while they move the lengths")
 
 
 def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,

@@ -318,6 +318,8 @@ def test_kernels_name_bad_arguments():
         decode_append(kn, kn, k, k, kc, kc, pos, 8, 4, column_tile=8)
     with pytest.raises(ValueError, match="`splits`"):
         decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 12, 0.25, splits=0)
+    with pytest.raises(ValueError, match="`advance`"):  # the kernels read pos while they move the lengths
+        decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 12, 0.25, advance=pos)
     with pytest.raises(ValueError, match="`advance`"):
         decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 12, 0.25, advance=pos.long())
     assert torch.equal(k, before) and pos.tolist() == [3, 9]  # nothing written
