@@ -45,6 +45,19 @@ def _split_range(pos, i_s, S: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constex
 
 
 @triton.jit
+def _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g, m_kd, qk_scale, H: tl.constexpr,
+                    D: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax step over summaries [i0, i0 + BC) below i_hi; their logits go to p_logit."""
+    m_c = (i0 + o_c) < i_hi
+    b_k = tl.load(p_k + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
+    b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
+    b_s = _scores(b_q, b_k, m_c, qk_scale, IEEE)
+    tl.store(p_logit + i0, b_s, mask=m_g[:, None] & m_c[None, :])
+    b_m, b_l, b_acc, _, _ = _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE)
+    return b_m, b_l, b_acc
+
+
+@triton.jit
 def _split_summaries_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, o_part_ptr, lse_part_ptr, logit_ptr, MAX_CMP, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
@@ -71,21 +84,13 @@ def _split_summaries_kernel(
     if WHILE_LOOP:  # the interpreter cannot range() over loaded bounds
         i0 = j_lo * R
         while i0 < i_hi:
-            m_c = (i0 + o_c) < i_hi
-            b_k = tl.load(p_k + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
-            b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
-            b_s = _scores(b_q, b_k, m_c, qk_scale, IEEE)
-            tl.store(p_logit + i0, b_s, mask=m_g[:, None] & m_c[None, :])
-            b_m, b_l, b_acc, _, _ = _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE)
+            b_m, b_l, b_acc = _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g, m_kd,
+                                              qk_scale, H, D, IEEE)
             i0 += BC
     else:
         for i0 in range(j_lo * R, i_hi, BC):
-            m_c = (i0 + o_c) < i_hi
-            b_k = tl.load(p_k + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
-            b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
-            b_s = _scores(b_q, b_k, m_c, qk_scale, IEEE)
-            tl.store(p_logit + i0, b_s, mask=m_g[:, None] & m_c[None, :])
-            b_m, b_l, b_acc, _, _ = _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE)
+            b_m, b_l, b_acc = _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g, m_kd,
+                                              qk_scale, H, D, IEEE)
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64)
     p_o = o_part_ptr + (part * G + o_g)[:, None] * D + o_d[None, :]
     tl.store(p_o, _finish(b_l, b_acc), mask=m_g[:, None] & m_kd)
