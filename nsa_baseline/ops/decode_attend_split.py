@@ -41,7 +41,7 @@ def _split_keys_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr,
     S: tl.constexpr, C: tl.constexpr, SHARES: tl.constexpr, CS: tl.constexpr, CW: tl.constexpr,
-    PAIR: tl.constexpr, IEEE: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     NW: tl.constexpr = (WINDOW + BN - 1) // BN
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -62,23 +62,12 @@ def _split_keys_kernel(
     w_l = tl.zeros([G_PAD], tl.float32)
     w_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     if SHARES:  # split s: selected entries [s * CS, (s + 1) * CS) and window tiles [s * CW, (s + 1) * CW)
-        if PAIR:  # two selected blocks per tile (2 * BS rows): half the trips, twice the loads in flight
-            o_2 = tl.arange(0, 2 * BS)
-            for i in range((CS + 1) // 2):
-                item = i_s * CS + 2 * i
-                blk_a = tl.load(p_idx + item, mask=item < TOPK, other=-1)
-                blk_b = tl.load(p_idx + item + 1, mask=(item + 1 < TOPK) & (2 * i + 1 < CS), other=-1)
-                blk = tl.where(o_2 < BS, blk_a, blk_b)
-                rows = blk * BS + o_2 % BS
-                s_m, s_l, s_acc = _keys_tile(b_q, s_m, s_l, s_acc, p_k, p_v, rows, (rows <= pos) & (blk >= 0), m_d,
-                                             qk_scale, H * D, IEEE)
-        else:
-            for i in range(CS):  # no branch on loaded values: the loads pipeline
-                item = i_s * CS + i
-                blk = tl.load(p_idx + item, mask=item < TOPK, other=-1)
-                rows = blk * BS + o_s
-                s_m, s_l, s_acc = _keys_tile(b_q, s_m, s_l, s_acc, p_k, p_v, rows, (rows <= pos) & (blk >= 0),
-                                             m_d, qk_scale, H * D, IEEE)
+        for i in range(CS):  # no branch on loaded values: the loads pipeline
+            item = i_s * CS + i
+            blk = tl.load(p_idx + item, mask=item < TOPK, other=-1)
+            rows = blk * BS + o_s
+            s_m, s_l, s_acc = _keys_tile(b_q, s_m, s_l, s_acc, p_k, p_v, rows, (rows <= pos) & (blk >= 0), m_d,
+                                         qk_scale, H * D, IEEE)
         for i in range(CW):
             tile = i_s * CW + i
             rows = lo + tile * BN + o_n
@@ -171,8 +160,7 @@ def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, spli
     common = dict(HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d)
     _split_keys_kernel[(b, h, s)](
         q, k, v, pos, idx, o_part, lse_part, max_seqlen, qk_scale, **common, BS=block_size, TOPK=topk,
-        WINDOW=window_size, BN=window_tile, S=s, C=c, SHARES=shares, CS=cs, CW=cw,
-        PAIR=bool(DECODE_LAUNCH.attend_pair), IEEE=ieee, num_warps=DECODE_LAUNCH.attend_warps,
+        WINDOW=window_size, BN=window_tile, S=s, C=c, SHARES=shares, CS=cs, CW=cw, IEEE=ieee, num_warps=DECODE_LAUNCH.attend_warps,
         num_stages=DECODE_LAUNCH.attend_stages)
     _split_combine_kernel[(b, hq)](
         o_part, lse_part, pos, o_cmp, gates, out, pos if advance is None else advance, **common, S=s,

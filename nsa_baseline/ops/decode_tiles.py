@@ -30,7 +30,6 @@ class DecodeLaunch:
     attend_stages: int = 2
     window_tile: int = 64  # keys per window tile
     attend_shares: int = 1  # split attend: 1 = each split a share of both branches, 0 = a run of items
-    attend_pair: int = 0  # split attend with shares: 1 = two selected blocks per tile
     append_programs_per_sm: int = 1  # decode_append's column tiles (append_tiles)
 
 
@@ -46,7 +45,7 @@ def decode_launch(**settings):
         raise ValueError(f"decode_launch: unknown settings {sorted(unknown)}")
     old = dataclasses.asdict(DECODE_LAUNCH)
     for name, value in settings.items():
-        low = 0 if name in ("attend_shares", "attend_pair") else 1
+        low = 0 if name == "attend_shares" else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"decode_launch: `{name}` must be an int >= {low}, got {value!r}")
         setattr(DECODE_LAUNCH, name, value)

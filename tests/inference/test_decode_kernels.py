@@ -258,9 +258,9 @@ def _reference_selected_window(q, k, v, pos, idx, o_cmp, gates, bs, window, scal
     return out
 
 
-@pytest.mark.parametrize("shares,pair", [(0, 0), (1, 0), (1, 1)])
+@pytest.mark.parametrize("shares", [0, 1])
 @pytest.mark.parametrize("splits", [3, 7])
-def test_attend_kernel_split_equals_one_program_and_reference(splits, shares, pair):
+def test_attend_kernel_split_equals_one_program_and_reference(splits, shares):
     """FlashDecoding split of selected blocks + window tiles (T = 5 blocks, window 100 = 2 tiles: 7
     items) over S programs (forced). Runs of items (shares=0): 3 -> 3 items each (split 1 holds both
     branches), 7 -> 1 (splits holding one branch only, or only -1 blocks); shares of both branches
@@ -280,7 +280,7 @@ def test_attend_kernel_split_equals_one_program_and_reference(splits, shares, pa
     args = (q, k, v, pos, idx, o_cmp, gates, bs, window, 0.25)
     lengths = pos.clone()
     o1 = decode_selected_window(*args, splits=1)
-    with decode_launch(attend_shares=shares, attend_pair=pair):  # pair: two blocks per tile (odd shares too)
+    with decode_launch(attend_shares=shares):
         o_s = decode_selected_window(*args, splits=splits, advance=lengths)
     assert lengths.tolist() == [t + 1 for t in SPLIT_POS]
     assert_close(o_s, o1, torch.float32, f"{splits} splits vs 1")
