@@ -177,6 +177,7 @@ def main() -> int:
     ap.add_argument("--points", default="1:65536,8:65536,32:65536,8:131072", help="B:L pairs")
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--ablation", action="store_true", help="only the compressed pass's kernel, by profiler")
+    ap.add_argument("--stages", default=",".join(GRIDS), help="the stages to tune (select, attend, append)")
     args = ap.parse_args()
     require_cuda()
     from nsa_baseline.module import NativeSparseAttention
@@ -193,7 +194,7 @@ def main() -> int:
         write_rows(out / "decode_ablation.csv", rows, meta)
         print_table(sorted(rows, key=lambda r: (r["B"], r["L"], float(r["summaries_us"]))))
         return 0
-    for stage in GRIDS:
+    for stage in args.stages.split(","):
         for b, length in pts:
             if time.time() - START > args.budget_s:
                 print(f"budget reached: {stage} B={b} L={length} not tuned", flush=True)
