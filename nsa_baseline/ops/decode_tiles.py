@@ -43,11 +43,12 @@ def decode_launch(**settings):
     unknown = set(settings) - {f.name for f in dataclasses.fields(DecodeLaunch)}
     if unknown:
         raise ValueError(f"decode_launch: unknown settings {sorted(unknown)}")
-    old = dataclasses.asdict(DECODE_LAUNCH)
-    for name, value in settings.items():
+    for name, value in settings.items():  # all checked before any is set
         low = 0 if name == "attend_shares" else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"decode_launch: `{name}` must be an int >= {low}, got {value!r}")
+    old = dataclasses.asdict(DECODE_LAUNCH)
+    for name, value in settings.items():
         setattr(DECODE_LAUNCH, name, value)
     try:
         yield DECODE_LAUNCH

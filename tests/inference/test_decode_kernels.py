@@ -8,6 +8,7 @@ S = 1 and a float64 reference, and one step test with both splits forced; the ap
 tiles and kernel chunks against compress_spans (lengths moved once per step, by the attend kernel in
 a step); bad calls, and on CUDA bf16 at realistic sizes and CUDA-graph replay == eager."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from nsa_baseline.ops.compression import compress_spans
 from nsa_baseline.ops.decode_append import decode_append
 from nsa_baseline.ops.decode_attend import decode_selected_window
 from nsa_baseline.ops.decode_select import decode_compressed_select
-from nsa_baseline.ops.decode_tiles import decode_launch
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, decode_launch
 from nsa_baseline.reference.compressed import summaries_to_blocks
 from nsa_baseline.utils.compressed_varlen import visible_compressed
 from tests.helpers import assert_close
@@ -285,6 +286,27 @@ def test_attend_kernel_split_equals_one_program_and_reference(splits, shares):
     assert lengths.tolist() == [t + 1 for t in SPLIT_POS]
     assert_close(o_s, o1, torch.float32, f"{splits} splits vs 1")
     assert_close(o_s, _reference_selected_window(*args), torch.float32, f"{splits} splits vs reference")
+
+
+def test_decode_launch_overrides_are_checked_and_restored():
+    """decode_launch() refuses unknown names and non-positive counts (leaving the settings as they
+    were), and restores every setting on exit, also when the body raises."""
+    before = dataclasses.asdict(DECODE_LAUNCH)
+    with pytest.raises(ValueError, match="unknown settings"):
+        with decode_launch(select_warp=8):
+            pass
+    with pytest.raises(ValueError, match="`attend_warps`"):
+        with decode_launch(select_warps=8, attend_warps=0):  # the valid one is not applied either
+            pass
+    assert dataclasses.asdict(DECODE_LAUNCH) == before
+    with pytest.raises(ValueError, match="`select_stages`"):
+        with decode_launch(select_stages=True):
+            pass
+    with pytest.raises(RuntimeError):
+        with decode_launch(select_programs_per_sm=16, attend_shares=0) as launch:
+            assert (launch.select_programs_per_sm, launch.attend_shares) == (16, 0)
+            raise RuntimeError
+    assert dataclasses.asdict(DECODE_LAUNCH) == before
 
 
 def test_kernels_name_bad_arguments():
