@@ -202,7 +202,7 @@ def train(backend: str, args, size: dict, device, dtype, meta: dict) -> list[dic
             log(dict(phase="train", step=done, context="mixed", depth="mixed", examples=examples,
                      loss=f"{loss_sum / n_logged:.4f}", acc=f"{exact / examples:.4f}",
                      token_acc=f"{right / (examples * args.value_len):.4f}",
-                     lr=f"{lr_at(step, args.steps, args.lr):.2e}", train_s=f"{train_s:.1f}"))
+                     lr=f"{lr_at(step, args.steps, args.lr):.2e}", train_s=f"{train_s:.4f}"))
             loss_sum = exact = right = examples = n_logged = 0
         if done % args.eval_every == 0 or done == args.steps:
             run_eval(done)
