@@ -131,12 +131,13 @@ def _append_kernel(
 def append_tiles(batch: int, heads: int, head_dim: int, kernel_size: int, linear: bool, device: torch.device,
                  column_tile: int | None = None, kernel_chunk: int | None = None) -> tuple[int, int]:
     """(BN, J): columns per program and kernel positions per load / tl.dot. On CUDA the narrowest
-    tiles (BN >= 16) up to about DECODE_LAUNCH.append_programs_per_sm programs per SM over the 2 * B * D / BN programs;
-    off CUDA (the interpreter) one tile of all D columns. J: DOT_K / D positions per dot (linear), a
-    load of MEAN_TILE elements (mean). Either can be forced (tests)."""
+    tiles (BN >= 16) up to about DECODE_LAUNCH.append_programs_per_sm programs per SM over the
+    2 * B * D / BN programs; off CUDA (the interpreter) one tile of all D columns. J: DOT_K / D
+    positions per dot (linear), a load of MEAN_TILE elements (mean). Either can be forced (tests)."""
     block_d, h_pad = head_pad(head_dim), next_pow2(heads)
     if column_tile is None:
-        tiles = next_pow2(-(-gpu_programs(device, DECODE_LAUNCH.append_programs_per_sm) // (2 * batch)))  # 1 off CUDA
+        programs = gpu_programs(device, DECODE_LAUNCH.append_programs_per_sm)  # 0 off CUDA -> one tile
+        tiles = next_pow2(-(-programs // (2 * batch)))
         column_tile = max(MIN_COLUMN_TILE, block_d // tiles)
     if kernel_chunk is None:
         # one stage holds x, the new row and W for J positions: bounded so the program fits shared memory

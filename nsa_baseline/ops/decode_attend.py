@@ -20,7 +20,8 @@ import triton.language as tl
 from nsa_baseline.checks import fail
 from nsa_baseline.contract import BLOCK_SIZES
 from nsa_baseline.ops.decode_attend_split import split_items, split_selected_window
-from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _advance, _finish, _keys_tile, gpu_programs, group_pad, head_pad
+from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _finish, _keys_tile, gpu_programs, group_pad,
+                                           head_pad)
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
 def window_tile(window_size: int) -> int:
@@ -31,8 +32,9 @@ def window_tile(window_size: int) -> int:
 
 def attend_splits(batch: int, heads: int, topk: int, window_size: int, device: torch.device) -> int:
     """Programs per (slot, KV head) for decode_selected_window: enough for about
-    DECODE_LAUNCH.attend_programs_per_sm per SM, at most one per item (a selected block or a window tile; decode_attend_split.py); 1 off CUDA
-    (the interpreter) and when batch x heads fills the GPU already. Static for a cache (CUDA graphs)."""
+    DECODE_LAUNCH.attend_programs_per_sm per SM, at most one per item (a selected block or a window
+    tile; decode_attend_split.py); 1 off CUDA (the interpreter) and when batch x heads fills the GPU
+    already. Static for a cache (CUDA graphs)."""
     programs = gpu_programs(device, DECODE_LAUNCH.attend_programs_per_sm)
     if not programs:
         return 1
@@ -70,8 +72,8 @@ def _decode_attend_kernel(
     for t in range(TOPK):  # no branch on the loaded index (a -1 slot is a masked tile): loads pipeline
         blk = tl.load(p_idx + t)
         rows = blk * BS + o_s
-        b_m, b_l, b_acc = _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, (rows <= pos) & (blk >= 0), m_d, qk_scale,
-                                     H * D, IEEE)
+        b_m, b_l, b_acc = _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, (rows <= pos) & (blk >= 0), m_d,
+                                     qk_scale, H * D, IEEE)
     o_slc = _finish(b_l, b_acc)
 
     # window: keys max(0, pos - WINDOW + 1) .. pos

@@ -1,10 +1,13 @@
 """Decode, kernel 2 split FlashDecoding style: when slots x KV heads leave SMs idle, the keys of each
 (slot, KV head) are split over S programs (decode_attend.py picks S; S = 1 runs its fused kernel).
 
-The work of a (slot, KV head) is a list of ITEMS = T + NW items of about the same size: the T entries
-of block_indices (a selected block of BS keys, or nothing for -1), then the NW window tiles of BN keys
-(keys max(0, t - W + 1) .. t). Split s owns items [s * C, (s + 1) * C) (C = ceil(ITEMS / S), a fixed
-trip count), so it may hold keys of both branches:
+The work of a (slot, KV head) is the T entries of block_indices (a selected block of BS keys, or
+nothing for -1) and the NW window tiles of BN keys (keys max(0, t - W + 1) .. t). By default
+(DECODE_LAUNCH.attend_shares = 1) split s takes entries [s * CS, (s + 1) * CS) and tiles
+[s * CW, (s + 1) * CW) (CS = ceil(T / S), CW = ceil(NW / S): constexpr trip counts, no branch on a
+loaded index, so the loads pipeline); with attend_shares = 0 the T + NW items form one list and split
+s owns items [s * C, (s + 1) * C) (C = ceil((T + NW) / S)). Either way a split may hold keys of both
+branches:
   split (_split_keys_kernel, grid (B, H, S)): per branch (0 selected, 1 window) the normalised
       partial o [G, D] and its base-2 lse [G_PAD] (-inf where the split saw no key of the branch);
   combine (_split_combine_kernel, grid (B, HQ)): per query head the LSE merge of each branch's S
@@ -160,8 +163,8 @@ def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, spli
     common = dict(HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d)
     _split_keys_kernel[(b, h, s)](
         q, k, v, pos, idx, o_part, lse_part, max_seqlen, qk_scale, **common, BS=block_size, TOPK=topk,
-        WINDOW=window_size, BN=window_tile, S=s, C=c, SHARES=shares, CS=cs, CW=cw, IEEE=ieee, num_warps=DECODE_LAUNCH.attend_warps,
-        num_stages=DECODE_LAUNCH.attend_stages)
+        WINDOW=window_size, BN=window_tile, S=s, C=c, SHARES=shares, CS=cs, CW=cw, IEEE=ieee,
+        num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages)
     _split_combine_kernel[(b, hq)](
         o_part, lse_part, pos, o_cmp, gates, out, pos if advance is None else advance, **common, S=s,
         S_PAD=next_pow2(s), ADVANCE=advance is not None, num_warps=4)

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from nsa_baseline.checks import fail
 from nsa_baseline.ops.decode_split import split_compressed_select
-from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _attend_summaries, _finish, _load_q, gpu_programs, group_pad, head_pad
+from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _attend_summaries, _finish, _load_q, gpu_programs, group_pad,
+                                           head_pad)
 from nsa_baseline.ops.selection_kernel import _merge_bitonic, _pack_desc, _scores_tile, _store_sorted
 from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, next_pow2
 
@@ -27,8 +28,9 @@ MAX_SPLITS = 64
 
 def decode_splits(batch: int, heads: int, max_cmp: int, device: torch.device) -> int:
     """Programs per (slot, KV head) for decode_compressed_select: enough for about
-    DECODE_LAUNCH.select_programs_per_sm per SM, at most one per tile of summaries of a full cache (and MAX_SPLITS); 1 off CUDA (the
-    interpreter) and when batch x heads fills the GPU already. Static for a cache (CUDA graphs)."""
+    DECODE_LAUNCH.select_programs_per_sm per SM, at most one per tile of summaries of a full cache (and
+    MAX_SPLITS); 1 off CUDA (the interpreter) and when batch x heads fills the GPU already. Static for a
+    cache (CUDA graphs)."""
     programs = gpu_programs(device, DECODE_LAUNCH.select_programs_per_sm)
     if not programs:
         return 1

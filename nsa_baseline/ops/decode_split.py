@@ -53,8 +53,7 @@ def _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g,
     b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
     b_s = _scores(b_q, b_k, m_c, qk_scale, IEEE)
     tl.store(p_logit + i0, b_s, mask=m_g[:, None] & m_c[None, :])
-    b_m, b_l, b_acc, _, _ = _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE)
-    return b_m, b_l, b_acc
+    return _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE)
 
 
 @triton.jit

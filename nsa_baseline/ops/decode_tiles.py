@@ -15,7 +15,6 @@ import triton.language as tl
 from nsa_baseline.utils.triton_utils import is_interpreter, next_pow2
 
 
-
 @dataclasses.dataclass
 class DecodeLaunch:
     """Launch settings of the decode kernels: programs per SM that each split rule aims for, warps and
@@ -68,16 +67,6 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE: tl.constexpr):
-    """One online-softmax step of the rows b_q [G_PAD, BLOCK_D] over keys b_k, b_v [BN, BLOCK_D]
-    (m_cols [BN]: which keys the rows see). Returns (m, l, acc, p, m_ref): p = exp2(s - m_ref)
-    [G_PAD, BN], the keys' mass relative to m_ref (the new max, 0 where still -inf). Rows that saw
-    nothing keep m = -inf, l = 0, acc = 0."""
-    b_s = _scores(b_q, b_k, m_cols, qk_scale, IEEE)
-    return _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE)
-
-
-@triton.jit
 def _scores(b_q, b_k, m_cols, qk_scale, IEEE: tl.constexpr):
     """Base-2 logits of the rows b_q [G_PAD, BLOCK_D] over keys b_k [BN, BLOCK_D]; -inf where m_cols
     [BN] is False."""
@@ -87,21 +76,22 @@ def _scores(b_q, b_k, m_cols, qk_scale, IEEE: tl.constexpr):
 
 @triton.jit
 def _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE: tl.constexpr):
-    """_online_step from the logits b_s [G_PAD, BN] (_scores)."""
+    """One online-softmax step from the logits b_s [G_PAD, BN] (_scores) over values b_v [BN, BLOCK_D]:
+    (m, l, acc). Rows that saw nothing keep m = -inf, l = 0, acc = 0."""
     m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
     m_ref = tl.where(m_new == float("-inf"), 0., m_new)
     alpha = tl.exp2(b_m - m_ref)  # [G_PAD]
     b_p = tl.exp2(b_s - m_ref[:, None])  # [G_PAD, BN]
     b_l = b_l * alpha + tl.sum(b_p, axis=1)
     b_acc = b_acc * alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, IEEE)  # [G_PAD, BLOCK_D]
-    return m_new, b_l, b_acc, b_p, m_ref
+    return m_new, b_l, b_acc
 
 
 @triton.jit
 def _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE: tl.constexpr):
-    """_online_step without p: (m, l, acc)."""
-    m_new, b_l, b_acc, _, _ = _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_cols, qk_scale, IEEE)
-    return m_new, b_l, b_acc
+    """One online-softmax step of the rows b_q [G_PAD, BLOCK_D] over keys b_k, b_v [BN, BLOCK_D]
+    (m_cols [BN]: which keys the rows see): (m, l, acc)."""
+    return _online_apply(_scores(b_q, b_k, m_cols, qk_scale, IEEE), b_m, b_l, b_acc, b_v, IEEE)
 
 
 @triton.jit
