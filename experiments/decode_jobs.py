@@ -127,9 +127,7 @@ def _decode_kernel_rows(cfg, point, kernel, passes, meta, device) -> list[dict]:
     for p in passes:
         try:
             if p == "graph16":
-                steps, _ = dt.consecutive_steps(module, cache, dt.STEPS_PER_GRAPH, cfg.seed)
-                t = tuple(x / dt.STEPS_PER_GRAPH for x in dt.bench(dt.graphed(steps), tm.warmup_ms, tm.rep_ms))
-                cache.lengths.add_(dt.STEPS_PER_GRAPH - 1)  # back to length - 1
+                t = dt.time_consecutive(module, cache, tm.warmup_ms, tm.rep_ms, cfg.seed)
                 note = (f"attention between the projections (decode kernels), per step of {dt.STEPS_PER_GRAPH} "
                         "consecutive steps in one graph (1 in kernel_stride completes a summary)")
             else:

@@ -42,27 +42,14 @@ def fill_cache(module, b: int, length: int):
     return cache
 
 
+STEPS_PER_GRAPH = 16  # consecutive decode steps in one graph (the graph16 pass)
+
+
 def attention_step(module, cache, seed: int = 0):
     """(step, out): step() runs NSA's decode attention between the projections (append, compressed
     select, selected + window + gated sum) for one new token per slot and gives the length back;
     out is one eager step's output (to check it is finite)."""
-    from nsa_baseline.inference.decode import decode_attention
-
-    b, hq, h, d = cache.batch_size, module.num_q_heads, module.num_kv_heads, module.head_dim
-    gen = torch.Generator(device=cache.device).manual_seed(seed)
-    q, k, v = (torch.randn(b, n, d, device=cache.device, dtype=cache.dtype, generator=gen) for n in (hq, h, h))
-    gates = torch.rand(b, hq, 3, device=cache.device, dtype=cache.dtype, generator=gen)
-
-    def step():
-        decode_attention(module, q, k, v, gates, cache)
-        cache.lengths.sub_(1)
-
-    out = decode_attention(module, q, k, v, gates, cache)
-    cache.lengths.sub_(1)
-    return step, out
-
-
-STEPS_PER_GRAPH = 16  # consecutive decode steps in one graph (the graph16 pass)
+    return consecutive_steps(module, cache, 1, seed)
 
 
 def repeated(fn: Callable[[], object], n: int) -> Callable[[], None]:
@@ -94,6 +81,16 @@ def consecutive_steps(module, cache, n: int = STEPS_PER_GRAPH, seed: int = 0):
     out = decode_attention(module, q, k, v, gates, cache)
     cache.lengths.sub_(1)
     return steps, out
+
+
+def time_consecutive(module, cache, warmup_ms: int = 10, rep_ms: int = 50, seed: int = 0,
+                     n: int = STEPS_PER_GRAPH) -> tuple[float, float, float]:
+    """The graph16 timing: (p20, median, p80) ms per step of n consecutive steps replayed from one CUDA
+    graph (consecutive_steps); the cache's lengths end where they started."""
+    steps, _ = consecutive_steps(module, cache, n, seed)
+    t = bench(graphed(steps), warmup_ms, rep_ms)
+    cache.lengths.add_(n - 1)  # consecutive_steps started n - 1 earlier
+    return tuple(x / n for x in t)
 
 
 def sdpa_choice(q, k, v) -> str:
