@@ -10,8 +10,11 @@ attention / cache cost of generation (plus the projections and MLPs), not sampli
   for N + NEW_TOKENS tokens) passed as nsa_cache=; the prefill runs the module's forward, every step
   the decode kernels (inference.step.attend_with_cache picks them on CUDA for the kernel backends;
   on CPU the torch backend takes the PyTorch branches at an offset).
-Both eager: DecodeGraph (inference/graph.py) captures one NativeSparseAttention with its own
-projections, not a swapped HF decoder, whose step builds its plan (positions) on the host.
+Two modes (experiments.e2e's steps `generate` and `generate_graph`):
+- eager: one Python call of the model per step, as above (HF DynamicCache / GenerationCache).
+- graph: every step replays one CUDA graph of the whole decoder's step, captured after the first
+  (untimed) call's prefill, as a server captures once: dense through HF's StaticCache (its lengths on
+  the device, the rows past them masked), nsa / fsa through nsa_baseline.models.GenerationGraph.
 
 `generate_fn` returns the body, fn(mark) -> the last step's hidden state [hidden]; mark() is called
 between the prefill and the first step, so the timing wrapper (e2e_timing.cuda_median, split=True)
@@ -24,7 +27,8 @@ from typing import Callable, Optional
 import torch
 
 NEW_TOKENS = 512
-MODE = "eager"  # no CUDA graph on either side (see the docstring); recorded in every ok row's message
+MODES = ("eager", "graph")
+STEP_MODES = {"generate": "eager", "generate_graph": "graph"}  # experiments.e2e's step -> mode
 
 
 def decode_inputs(hidden: int, new_tokens: int, device, dtype, seed: int = 2) -> torch.Tensor:
@@ -65,9 +69,92 @@ def nsa_generate(model, x: torch.Tensor, steps: torch.Tensor, mark: Optional[Cal
     return out[0, -1]
 
 
-def generate_fn(base, model, backend: str, x: torch.Tensor, steps: torch.Tensor) -> Callable:
+class _DenseStatic:
+    """mode graph, dense: the unswapped decoder's HF attention over a StaticCache of N + T rows (HF's
+    own path for CUDA graphs: the lengths live on the device, SDPA masks the rows past them), its decode
+    step captured after the first call's prefill and replayed per token (capture=False: run eagerly)."""
+
+    def __init__(self, model, capture: bool):
+        self.model, self.capture, self.cache, self.graph = model, capture, None, None
+
+    def _step(self):
+        return self.model(inputs_embeds=self.inp, past_key_values=self.cache, use_cache=True).last_hidden_state
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up steps, taken back (rows past a length are masked, then overwritten)
+                self._step()
+                for layer in self.cache.layers:
+                    layer.cumulative_length.sub_(1)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._step()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, steps: torch.Tensor, mark: Optional[Callable]) -> torch.Tensor:
+        from transformers import StaticCache
+
+        if self.cache is None:
+            self.cache = StaticCache(config=self.model.config, max_cache_len=x.shape[1] + steps.shape[0])
+            self.inp = steps[:1, None].clone()  # [1, 1, hidden]: the static input of the captured step
+        self.cache.reset()  # in place: the graph keeps its addresses
+        out = self.model(inputs_embeds=x, past_key_values=self.cache, use_cache=True).last_hidden_state
+        if self.capture and self.graph is None:
+            self._capture()
+        if mark:
+            mark()
+        for t in steps:
+            self.inp.copy_(t.view(1, 1, -1))
+            if self.graph is None:
+                out = self._step()
+            else:
+                self.graph.replay()
+                out = self.out
+        return out[0, -1]
+
+
+class _NSAGraph:
+    """mode graph, nsa / fsa: the swapped decoder with one GenerationCache (N + T rows per layer) made at
+    the first call and cleared by the next ones, its decode step a GenerationGraph captured after the
+    first prefill and replayed per token (capture=False: the graph's body run eagerly)."""
+
+    def __init__(self, model, capture: bool):
+        self.model, self.capture, self.cache, self.graph = model, capture, None, None
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, steps: torch.Tensor, mark: Optional[Callable]) -> torch.Tensor:
+        from nsa_baseline.models import GenerationCache, GenerationGraph
+
+        if self.cache is None:
+            self.cache = GenerationCache(self.model, 1, x.shape[1] + steps.shape[0])
+        else:
+            self.cache.clear()
+        plan = self.cache.begin([x.shape[1]], x.device)
+        out = self.model(inputs_embeds=x, position_ids=plan.pos[None], nsa_cache=self.cache).last_hidden_state[0]
+        if self.graph is None:
+            self.graph = GenerationGraph(self.model, self.cache, inputs_embeds=True, capture=self.capture)
+        if mark:
+            mark()
+        for t in steps:
+            out = self.graph.step(t.view(1, -1))
+        return out[-1]
+
+
+def generate_fn(base, model, backend: str, x: torch.Tensor, steps: torch.Tensor, mode: str = "eager",
+                capture: Optional[bool] = None) -> Callable:
     """fn(mark=None) -> last hidden state: dense runs the unswapped decoder `base` (its HF attention
-    takes a DynamicCache; our dense swap keeps no cache), nsa / fsa the swapped copy `model`."""
+    takes HF's caches; our dense swap keeps none), nsa / fsa the swapped copy `model`. mode eager: one
+    Python call per step (DynamicCache / GenerationCache); graph: CUDA-graph replays (a StaticCache /
+    GenerationGraph; capture defaults to x being on CUDA, else the captured body runs eagerly)."""
+    if mode not in MODES:
+        raise ValueError(f"argument `mode` must be one of {list(MODES)}, got {mode!r}")
+    if mode == "graph":
+        run = (_DenseStatic if backend == "dense" else _NSAGraph)(base if backend == "dense" else model,
+                                                                 x.is_cuda if capture is None else capture)
+        return lambda mark=None: run(x, steps, mark)
     if backend == "dense":
         return lambda mark=None: dense_generate(base, x, steps, mark)
     return lambda mark=None: nsa_generate(model, x, steps, mark)
@@ -84,10 +171,11 @@ def decode_kernels(model) -> bool:
     return decode_serves(attn.nsa, NSACache(CacheConfig.of(attn.nsa), 1, 1, w.device, w.dtype))
 
 
-def message(backend: str, model) -> str:
+def message(backend: str, model, mode: str = "eager") -> str:
     """What an ok generate row ran (its `message`)."""
     if backend == "dense":
-        cache = "HF DynamicCache, SDPA"
+        cache = "HF StaticCache, SDPA with a mask" if mode == "graph" else "HF DynamicCache, SDPA"
     else:
         cache = "NSA GenerationCache, " + ("decode kernels" if decode_kernels(model) else "PyTorch branches")
-    return f"{MODE}, {NEW_TOKENS} steps, {cache}; ttft_ms timed within the call"
+    what = "CUDA graph of the whole decode step, captured once before the timed call" if mode == "graph" else mode
+    return f"{what}, {NEW_TOKENS} steps, {cache}; ttft_ms timed within the call"

@@ -2,8 +2,9 @@
 and over dense per model, N, preset and step, beside the FSA paper's H200 numbers) and speedup.png.
 
 Kinds: train, prefill and generate (the whole call: prefill + 512 decode steps) compare the steps'
-ms; decode compares the generate rows' ms_per_token (the 512 steps alone); attention compares layer
-0's self_attn alone in the training step (attn_ms).
+ms; decode compares the generate rows' ms_per_token (the 512 steps alone); generate_graph and
+decode_graph the same for the generate_graph step (decode steps replayed from CUDA graphs); attention
+compares layer 0's self_attn alone in the training step (attn_ms).
 
 Paper columns (experiments/paper/numbers.py): train = Figure 5, prefill = Figure 6 (labels printed as
 % speed-up, here as ratios 1 + p / 100; its dense is Triton FlashAttention-2, ours SDPA), attention =
@@ -25,10 +26,13 @@ from experiments.paper import numbers
 
 SPEEDUPS_CSV = "speedups.csv"
 PLOT = "speedup.png"
-KINDS = ("train", "prefill", "generate", "decode", "attention")
+KINDS = ("train", "prefill", "generate", "decode", "generate_graph", "decode_graph", "attention")
 # what each fsa row of a step is compared on: (kind, column)
 STEP_KINDS = {"train": (("train", "ms"), ("attention", "attn_ms")), "prefill": (("prefill", "ms"),),
-              "generate": (("generate", "ms"), ("decode", "ms_per_token"))}
+              "generate": (("generate", "ms"), ("decode", "ms_per_token")),
+              "generate_graph": (("generate_graph", "ms"), ("decode_graph", "ms_per_token"))}
+# the graph kinds compare with the paper's numbers of their eager kinds
+PAPER_KIND = {"generate_graph": "generate", "decode_graph": "decode"}
 # the paper's source per kind, for the plot's legend
 PAPER_LABEL = {"train": "Fig. 5", "prefill": "Fig. 6", "generate": "Tab. 9, attn alone",
                "decode": "Tab. 10, attn alone"}
@@ -41,6 +45,7 @@ def _paper(kind: str, model: str, bs: int, topk: int, n: int) -> dict:
         if (bs, topk) == (128, 8):
             out.update(paper_note="Figure 10 text: over NSA max 1.4 / mean 1.23, over FA max 3.87 / mean 2.91")
         return out
+    kind = PAPER_KIND.get(kind, kind)
     if kind in ("generate", "decode"):
         return {**out, **(_paper_generate(model, bs, topk, n) if kind == "generate" else _paper_decode(bs, topk, n))}
     fig, table = ("fig5", numbers.FIG5_H200) if kind == "train" else ("fig6", numbers.FIG6_H200)
@@ -117,6 +122,7 @@ def speedups(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _paper_label(kind: str, what: str) -> str:
+    kind = PAPER_KIND.get(kind, kind)
     label = f"paper, H200, {PAPER_LABEL.get(kind, '')}".rstrip(", ")
     if what == "dense":
         label += " (FlashDec.)" if kind == "decode" else " (FA2)"
@@ -125,7 +131,9 @@ def _paper_label(kind: str, what: str) -> str:
 
 def _title(kind: str, has_paper: bool) -> str:
     """What a generate / decode panel times, and that the paper's bars are another measurement."""
-    what = {"generate": "prefill + 512 decode steps (eager)", "decode": "per token, the 512 decode steps alone"}
+    what = {"generate": "prefill + 512 decode steps (eager)", "decode": "per token, the 512 eager decode steps",
+            "generate_graph": "prefill + 512 decode steps (CUDA graph)",
+            "decode_graph": "per token, the 512 decode steps (CUDA graph)"}
     if kind not in what:
         return ""
     return what[kind] + ("\npaper: attention alone, not the same measurement" if has_paper

@@ -30,9 +30,11 @@ from typing import Optional
 
 import torch
 
+from experiments.e2e_generate import STEP_MODES
+
 REPO = Path(__file__).resolve().parents[1]
 BF16 = torch.bfloat16
-STEPS = ("train", "prefill", "generate")
+STEPS = ("train", "prefill", "generate", "generate_graph")
 # config.json of meta-llama/Meta-Llama-3-8B, Qwen/Qwen3-14B and Qwen/Qwen2.5-32B: what configs/model/
 # does not hold.
 SHAPES = {
@@ -124,14 +126,15 @@ def failure(err: BaseException) -> tuple[str, str]:
     return "error", f"{type(err).__name__}: {text}"
 
 
-def time_generate(base, model, backend: str, x: torch.Tensor, reps: int) -> dict:
-    """The generate step's measures (median call of `reps` after one warmup)."""
+def time_generate(base, model, backend: str, x: torch.Tensor, reps: int, mode: str = "eager") -> dict:
+    """A generate step's measures (median call of `reps` after one warmup, which also captures the
+    graphs of mode graph)."""
     from experiments import e2e_generate as gen
 
     steps = gen.decode_inputs(x.shape[-1], gen.NEW_TOKENS, x.device, x.dtype)
-    ms, ttft = cuda_median(gen.generate_fn(base, model, backend, x, steps), reps, split=True)
+    ms, ttft = cuda_median(gen.generate_fn(base, model, backend, x, steps, mode), reps, split=True)
     return dict(ms=ms, ttft_ms=ttft, ms_per_token=(ms - ttft) / gen.NEW_TOKENS,
-                message=gen.message(backend, model))
+                message=gen.message(backend, model, mode))
 
 
 def measure(base, n: int, backend: str, preset: Optional[tuple[int, int]], reps: int,
@@ -173,8 +176,8 @@ def measure(base, n: int, backend: str, preset: Optional[tuple[int, int]], reps:
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            if name == "generate":
-                res = time_generate(base, model, backend, x, generate_reps)
+            if name in STEP_MODES:
+                res = time_generate(base, model, backend, x, generate_reps, STEP_MODES[name])
                 out.append(dict(step=name, status="ok", ms_per_layer=res["ms"] / layers,
                                 peak_gb=torch.cuda.max_memory_allocated() / 2**30, **res))
                 continue

@@ -114,7 +114,7 @@ class PaperConfig:
 
 
 E2E_BACKENDS = ("dense", "nsa", "fsa", "auto")
-E2E_STEPS = ("train", "prefill", "generate")
+E2E_STEPS = ("train", "prefill", "generate", "generate_graph")
 E2E_PRESETS = {"all": ("dense", "nsa", "fsa")}
 
 
@@ -129,8 +129,8 @@ class E2EConfig:
     sparsity: str = "bs128_t8"  # (BS, T): a preset of configs/sparsity/
     layers: int = 2  # decoder layers L (as many as fit; per-layer time = step / L)
     backends: Any = "all"  # dense | nsa | fsa | auto, a list, or all (= dense, nsa, fsa)
-    # train (fwd + bwd + AdamW) | prefill (forward, no_grad) | generate (prefill + 512 decode steps with
-    # a KV cache), a list, or all (= the three)
+    # train (fwd + bwd + AdamW) | prefill (forward, no_grad) | generate (prefill + 512 eager decode steps
+    # with a KV cache) | generate_graph (the same, each step replayed from a CUDA graph), a list, or all
     steps: Any = "all"
     reps: int = 3  # timed calls per step after one warmup (median); train and prefill
     generate_reps: int = 1  # the same for generate (one call is prefill + 512 eager steps: seconds)

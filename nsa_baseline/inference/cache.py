@@ -109,10 +109,11 @@ class NSACache:
         self._host_lengths = list(lengths)
         self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32), non_blocking=False)
 
-    def advance_host(self) -> None:
-        """A decode step appended one token to every slot: the host mirror moves by one (the device
-        lengths were moved by the step itself; nothing is read back)."""
-        self._host_lengths = [n + 1 for n in self._host_lengths]
+    def advance_host(self, steps: int = 1) -> None:
+        """`steps` decode steps appended one token each to every slot: the host mirror moves by `steps`
+        (the device lengths were moved by the steps themselves; nothing is read back). -1 takes back a
+        step whose device part was undone or never ran (graph capture records the kernels, runs none)."""
+        self._host_lengths = [n + steps for n in self._host_lengths]
 
     def __repr__(self) -> str:
         return (f"NSACache(batch_size={self.batch_size}, max_seqlen={self.max_seqlen}, max_cmp={self.max_cmp}, "

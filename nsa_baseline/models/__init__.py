@@ -5,5 +5,6 @@ objects handed to them."""
 from nsa_baseline.models.attention import NSAAttention
 from nsa_baseline.models.swap import use_nsa_attention
 from nsa_baseline.models.generate import GenerationCache, generate
+from nsa_baseline.models.graph import GenerationGraph
 
-__all__ = ["GenerationCache", "NSAAttention", "generate", "use_nsa_attention"]
+__all__ = ["GenerationCache", "GenerationGraph", "NSAAttention", "generate", "use_nsa_attention"]

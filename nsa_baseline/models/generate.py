@@ -37,8 +37,10 @@ from torch import nn
 
 from nsa_baseline.checks import check_int, fail
 from nsa_baseline.inference.cache import CacheConfig, NSACache
+from nsa_baseline.inference.decode import decode_serves
 from nsa_baseline.inference.plan import CallPlan, plan_counts
 from nsa_baseline.models.attention import NSAAttention
+from nsa_baseline.models.graph import GenerationGraph
 from nsa_baseline.models.swap import _decoder
 
 
@@ -53,6 +55,7 @@ class GenerationCache:
         check_int("max_seqlen", max_seqlen)
         layers = _decoder(model).layers
         self._caches: dict[int, NSACache] = {}
+        self._attns: list[NSAAttention] = []
         for i, layer in enumerate(layers):
             attn = getattr(layer, "self_attn", None)
             if not isinstance(attn, NSAAttention):
@@ -61,6 +64,7 @@ class GenerationCache:
                 fail("model", "has backend 'dense': generation with a cache needs NSA attention (the NSA cache)")
             w = attn.q_proj.weight
             self._caches[id(attn)] = NSACache(CacheConfig.of(attn.nsa), batch_size, max_seqlen, w.device, w.dtype)
+            self._attns.append(attn)
         self.first = next(iter(self._caches.values()))
         self.plan: Optional[CallPlan] = None
 
@@ -74,6 +78,17 @@ class GenerationCache:
 
     def caches(self) -> list[NSACache]:
         return list(self._caches.values())
+
+    def decode_kernels(self) -> bool:
+        """Whether every layer's decode steps run the decode kernels (inference.decode.decode_serves)."""
+        return all(decode_serves(a.nsa, self._caches[id(a)]) for a in self._attns)
+
+    def clear(self) -> None:
+        """Every slot empty (lengths 0; rows past a length are never read), the tensors kept in place:
+        a CUDA graph captured over this cache (GenerationGraph) keeps working for new sequences."""
+        for c in self._caches.values():
+            c.set_lengths([0] * c.batch_size)
+        self.plan = None
 
     def for_layer(self, attn: NSAAttention) -> NSACache:
         cache = self._caches.get(id(attn))
@@ -101,7 +116,7 @@ def _pick(logits: torch.Tensor, greedy: bool, temperature: float, generator) -> 
 @torch.no_grad()
 def generate(model: nn.Module, input_ids_list: Sequence, max_new_tokens: int, *, greedy: bool = True,
              eos_token_id: Optional[int] = None, temperature: float = 1.0,
-             generator: Optional[torch.Generator] = None, return_logits: bool = False):
+             generator: Optional[torch.Generator] = None, return_logits: bool = False, cuda_graph: bool = False):
     r"""Generate up to `max_new_tokens` tokens after each prompt with the swapped `model`'s NSA cache.
 
     Args:
@@ -111,6 +126,9 @@ def generate(model: nn.Module, input_ids_list: Sequence, max_new_tokens: int, *,
         greedy: argmax; False samples from softmax(logits / temperature) (with `generator`).
         eos_token_id: a sequence stops after this token (kept in its output); None: never.
         return_logits: also return the logits each token was picked from.
+        cuda_graph: run the decode steps as replays of one CUDA graph of the whole model's step
+            (GenerationGraph, captured after the prefill; needs CUDA and the decode kernels): the same
+            tokens without the per-layer host work of eager steps.
     Returns:
         B 1-D LongTensors of generated ids (on the model's device), each of length <= max_new_tokens;
         with return_logits also B tensors [length, vocab].
@@ -124,13 +142,18 @@ def generate(model: nn.Module, input_ids_list: Sequence, max_new_tokens: int, *,
     prompts = [torch.as_tensor(p, dtype=torch.long, device=device).flatten() for p in input_ids_list]
     if not prompts or any(p.numel() == 0 for p in prompts):
         fail("input_ids_list", f"must hold >= 1 prompts of >= 1 token each, got lengths {[p.numel() for p in prompts]}")
+    if cuda_graph and device.type != "cuda":
+        fail("cuda_graph", f"needs the model on a CUDA device, got {device}")
     lengths = [p.numel() for p in prompts]
     b = len(prompts)
     cache = GenerationCache(model, b, max(lengths) + max_new_tokens)
+    if cuda_graph and not cache.decode_kernels():
+        fail("cuda_graph", "needs decode steps on the decode kernels (an nsa / fsa / auto backend; bf16 / fp16 / fp32)")
     plan = cache.begin(lengths, device)
     last = torch.tensor(lengths, device=device).cumsum(0) - 1  # each prompt's last token in the packed row
     logits = model(torch.cat(prompts)[None], position_ids=plan.pos[None], nsa_cache=cache,
                    logits_to_keep=last).logits[0]  # [B, vocab]
+    graph = GenerationGraph(model, cache) if cuda_graph and max_new_tokens > 1 else None
     done = torch.zeros(b, dtype=torch.bool, device=device)
     out, scores = [], []
     for step in range(max_new_tokens):
@@ -144,6 +167,9 @@ def generate(model: nn.Module, input_ids_list: Sequence, max_new_tokens: int, *,
                 break
         if step + 1 == max_new_tokens:
             break
+        if graph is not None:
+            logits = graph.step(token)
+            continue
         plan = cache.begin([1] * b, device)
         logits = model(token[None], position_ids=plan.pos[None], nsa_cache=cache).logits[0]
     ids = torch.stack(out, dim=1)  # [B, steps]

@@ -27,7 +27,7 @@ def load(*overrides):
 def test_config_parses_and_bad_values_are_named():
     cfg = load("model=qwen3_14b", "seqlen=32768", "sparsity=bs64_t16")
     assert (cfg.model, cfg.seqlen, cfg.sparsity, cfg.layers) == ("qwen3_14b", 32768, "bs64_t16", 2)
-    assert cfg.backends == ["dense", "nsa", "fsa"] and cfg.steps == ["train", "prefill", "generate"]
+    assert cfg.backends == ["dense", "nsa", "fsa"] and cfg.steps == ["train", "prefill", "generate", "generate_graph"]
     assert (cfg.reps, cfg.generate_reps) == (3, 1)
     assert load("backends=[fsa,dense]", "steps=prefill").backends == ["fsa", "dense"]
     assert load("steps=[generate]", "generate_reps=2").steps == ["generate"]
@@ -41,7 +41,7 @@ def test_config_parses_and_bad_values_are_named():
 def _fake_row(backend, step):
     if (backend, step) == ("nsa", "prefill"):
         return dict(step=step, status="error", message="RuntimeError: boom")
-    if step == "generate":
+    if step in ("generate", "generate_graph"):
         return dict(step=step, status="ok", message="eager", ms=600.0, ms_per_layer=300.0, peak_gb=1.0,
                     ttft_ms=88.0, ms_per_token=1.0)
     return dict(step=step, status="ok", message="", ms=10.0, ms_per_layer=5.0, peak_gb=1.0, attn_ms=3.0,
@@ -68,12 +68,13 @@ def test_rows_are_resumable_and_dense_is_shared_by_presets(tmp_path, monkeypatch
     _fake_timing(monkeypatch, calls, built)
     cfg = load(f"results_dir={tmp_path}", "sparsity=bs64_t16", "seqlen=4096")
     rows = e2e.run_job(cfg)
-    assert len(rows) == 9 and calls == [(b, (64, 16), ("train", "prefill", "generate")) for b in ("dense", "nsa", "fsa")]
+    assert len(rows) == 12 and calls == [(b, (64, 16), ("train", "prefill", "generate", "generate_graph"))
+                                         for b in ("dense", "nsa", "fsa")]
     assert built == [4096 + 512]  # positions for the generated tokens too
     assert {r["status"] for r in rows if r["backend"] == "nsa" and r["step"] == "prefill"} == {"error"}
-    gen = [r for r in rows if r["step"] == "generate"]
-    assert {(r["ttft_ms"], r["ms_per_token"]) for r in gen} == {(88.0, 1.0)}
-    assert all(math.isnan(r["ttft_ms"]) for r in rows if r["step"] != "generate")
+    gen = [r for r in rows if r["step"].startswith("generate")]
+    assert len(gen) == 6 and {(r["ttft_ms"], r["ms_per_token"]) for r in gen} == {(88.0, 1.0)}
+    assert all(math.isnan(r["ttft_ms"]) for r in rows if not r["step"].startswith("generate"))
     assert all(r["git_commit"] == "abc1234" and r["timestamp"] for r in rows)
     calls.clear()
     assert e2e.run_job(cfg) == [] and calls == []  # everything recorded, the failure too
@@ -83,7 +84,7 @@ def test_rows_are_resumable_and_dense_is_shared_by_presets(tmp_path, monkeypatch
     e2e.run_job(load(f"results_dir={tmp_path}", "sparsity=bs128_t8", "seqlen=4096"))
     assert [c[0] for c in calls] == ["nsa", "fsa"]  # dense (block_size = topk = 0) already recorded
     df = store.merge(tmp_path / "e2e", e2e.COLUMNS, e2e.KEY_COLUMNS, e2e.SORT)
-    assert len(df) == 15 and set(df[df.backend == "dense"].block_size) == {0}
+    assert len(df) == 20 and set(df[df.backend == "dense"].block_size) == {0}
 
 
 def test_rows_recorded_before_generate_stay_valid(tmp_path, monkeypatch):
@@ -97,13 +98,15 @@ def test_rows_recorded_before_generate_stay_valid(tmp_path, monkeypatch):
            for b in cfg.backends for s in ("train", "prefill")]
     folder = tmp_path / "e2e"
     store.append_rows(folder, f"{e2e.label(cfg)}|{META['gpu']}", old, tuple(old_columns))
-    assert len(e2e.run_job(cfg)) == 3 and calls == [(b, (64, 16), ("generate",)) for b in ("dense", "nsa", "fsa")]
+    assert len(e2e.run_job(cfg)) == 6 and calls == [(b, (64, 16), ("generate", "generate_graph"))
+                                                    for b in ("dense", "nsa", "fsa")]
     (rows_file,) = (folder / "rows").glob("*.csv")
     assert list(pd.read_csv(rows_file, nrows=0).columns) == list(e2e.COLUMNS)
     df = store.merge(folder, e2e.COLUMNS, e2e.KEY_COLUMNS, e2e.SORT)
-    assert len(df) == 9 and list(df.columns) == list(e2e.COLUMNS)
-    assert set(df[df.step != "generate"].ms) == {42.0} and df[df.step != "generate"].ms_per_token.isna().all()
-    assert set(df[df.step == "generate"].ms_per_token) == {1.0}
+    assert len(df) == 12 and list(df.columns) == list(e2e.COLUMNS)
+    gen = df.step.str.startswith("generate")
+    assert set(df[~gen].ms) == {42.0} and df[~gen].ms_per_token.isna().all()
+    assert set(df[gen].ms_per_token) == {1.0}
 
 
 def test_speedups_and_plot_from_a_small_csv(tmp_path):

@@ -70,6 +70,39 @@ def test_fsa_generate_runs_the_decode_kernels():
                  "FSA generate, last hidden")
 
 
+def test_graph_mode_bodies_equal_the_full_forward():
+    """mode graph with capture=False (what the graphs record, run eagerly on CPU): dense over HF's
+    StaticCache, FSA through GenerationGraph's body; each fn called twice, as timing does (the second
+    call clears and reuses the first one's caches)."""
+    base = tiny_model("llama").model.double()
+    x, steps = inputs(base, 19, 7, torch.float64)
+    fn = e2e_generate.generate_fn(base, None, "dense", x, steps, mode="graph", capture=False)
+    for _ in range(2):
+        marks = []
+        out = fn(lambda: marks.append(1))
+        assert marks == [1]
+        assert_close(out, full_forward_last(base, x, steps), torch.float64, "dense StaticCache generate, last hidden")
+    try:
+        resolve_backend("fsa")
+    except ImportError as err:
+        pytest.skip(str(err))
+    base = tiny_model("llama").model
+    base.layers = base.layers[:1]
+    base.config.num_hidden_layers = 1
+    model = use_nsa_attention(copy.deepcopy(base), backend="fsa", **KERNEL)
+    oracle = copy.deepcopy(model).double()
+    for layer in oracle.layers:
+        layer.self_attn.nsa.backend, layer.self_attn.nsa._backend = "torch", None
+    x, steps = inputs(base, 14, 5, torch.float32)
+    fn = e2e_generate.generate_fn(base, model, "fsa", x, steps, mode="graph", capture=False)
+    ref = full_forward_last(oracle, x.double(), steps.double())
+    for _ in range(2):
+        assert_close(fn().double(), ref, torch.float32, "FSA GenerationGraph body generate, last hidden")
+    assert e2e_generate.message("fsa", model, "graph").startswith("CUDA graph of the whole decode step")
+    with pytest.raises(ValueError, match="`mode`"):
+        e2e_generate.generate_fn(base, model, "fsa", x, steps, mode="compiled")
+
+
 def test_measure_records_the_generate_row(monkeypatch):
     """e2e_timing.measure's generate row on CPU (bf16, 4 new tokens), the CUDA timing and memory calls
     faked: dense runs the unswapped decoder, NSA the swapped copy; ms_per_token leaves the prefill out."""
