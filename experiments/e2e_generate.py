@@ -14,7 +14,8 @@ Two modes (experiments.e2e's steps `generate` and `generate_graph`):
 - eager: one Python call of the model per step, as above (HF DynamicCache / GenerationCache).
 - graph: every step replays one CUDA graph of the whole decoder's step, captured after the first
   (untimed) call's prefill, as a server captures once: dense through HF's StaticCache (its lengths on
-  the device, the rows past them masked), nsa / fsa through nsa_baseline.models.GenerationGraph.
+  the device, the rows past them masked; SDPA with enable_gqa, see _sdpa_gqa), nsa / fsa through
+  nsa_baseline.models.GenerationGraph.
 
 `generate_fn` returns the body, fn(mark) -> the last step's hidden state [hidden]; mark() is called
 between the prefill and the first step, so the timing wrapper (e2e_timing.cuda_median, split=True)
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 NEW_TOKENS = 512
 MODES = ("eager", "graph")
@@ -69,13 +71,37 @@ def nsa_generate(model, x: torch.Tensor, steps: torch.Tensor, mark: Optional[Cal
     return out[0, -1]
 
 
+SDPA_GQA = "sdpa_gqa"  # the HF attention function _DenseStatic runs the unswapped decoder with
+
+
+def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+              **kwargs):
+    """HF attention function: SDPA with HF's mask and enable_gqa. HF's own "sdpa" repeats the KV heads
+    (a copy of the whole cache per layer and step) whenever a mask is given, which a StaticCache always
+    gives at decode: that would time HF's copy, not dense attention."""
+    causal = attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True)
+    o = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                       is_causal=causal, enable_gqa=True)
+    return o.transpose(1, 2).contiguous(), None
+
+
+def _register_sdpa_gqa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SDPA_GQA, _sdpa_gqa)
+    AttentionMaskInterface.register(SDPA_GQA, sdpa_mask)
+
+
 class _DenseStatic:
-    """mode graph, dense: the unswapped decoder's HF attention over a StaticCache of N + T rows (HF's
-    own path for CUDA graphs: the lengths live on the device, SDPA masks the rows past them), its decode
-    step captured after the first call's prefill and replayed per token (capture=False: run eagerly)."""
+    """mode graph, dense: the unswapped decoder over HF's StaticCache of N + T rows (HF's path for CUDA
+    graphs: the lengths live on the device, a mask hides the rows past them), attention by _sdpa_gqa,
+    its decode step captured after the first call's prefill and replayed per token (capture=False: run
+    eagerly)."""
 
     def __init__(self, model, capture: bool):
         self.model, self.capture, self.cache, self.graph = model, capture, None, None
+        _register_sdpa_gqa()
 
     def _step(self):
         return self.model(inputs_embeds=self.inp, past_key_values=self.cache, use_cache=True).last_hidden_state
@@ -97,22 +123,27 @@ class _DenseStatic:
     def __call__(self, x: torch.Tensor, steps: torch.Tensor, mark: Optional[Callable]) -> torch.Tensor:
         from transformers import StaticCache
 
-        if self.cache is None:
-            self.cache = StaticCache(config=self.model.config, max_cache_len=x.shape[1] + steps.shape[0])
-            self.inp = steps[:1, None].clone()  # [1, 1, hidden]: the static input of the captured step
-        self.cache.reset()  # in place: the graph keeps its addresses
-        out = self.model(inputs_embeds=x, past_key_values=self.cache, use_cache=True).last_hidden_state
-        if self.capture and self.graph is None:
-            self._capture()
-        if mark:
-            mark()
-        for t in steps:
-            self.inp.copy_(t.view(1, 1, -1))
-            if self.graph is None:
-                out = self._step()
-            else:
-                self.graph.replay()
-                out = self.out
+        config = self.model.config
+        kept, config._attn_implementation = config._attn_implementation, SDPA_GQA
+        try:
+            if self.cache is None:
+                self.cache = StaticCache(config=config, max_cache_len=x.shape[1] + steps.shape[0])
+                self.inp = steps[:1, None].clone()  # [1, 1, hidden]: the static input of the captured step
+            self.cache.reset()  # in place: the graph keeps its addresses
+            out = self.model(inputs_embeds=x, past_key_values=self.cache, use_cache=True).last_hidden_state
+            if self.capture and self.graph is None:
+                self._capture()
+            if mark:
+                mark()
+            for t in steps:
+                self.inp.copy_(t.view(1, 1, -1))
+                if self.graph is None:
+                    out = self._step()
+                else:
+                    self.graph.replay()
+                    out = self.out
+        finally:
+            config._attn_implementation = kept
         return out[0, -1]
 
 
@@ -174,7 +205,7 @@ def decode_kernels(model) -> bool:
 def message(backend: str, model, mode: str = "eager") -> str:
     """What an ok generate row ran (its `message`)."""
     if backend == "dense":
-        cache = "HF StaticCache, SDPA with a mask" if mode == "graph" else "HF DynamicCache, SDPA"
+        cache = "HF StaticCache, SDPA (mask, enable_gqa)" if mode == "graph" else "HF DynamicCache, SDPA"
     else:
         cache = "NSA GenerationCache, " + ("decode kernels" if decode_kernels(model) else "PyTorch branches")
     what = "CUDA graph of the whole decode step, captured once before the timed call" if mode == "graph" else mode

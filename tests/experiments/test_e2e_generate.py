@@ -70,10 +70,13 @@ def test_fsa_generate_runs_the_decode_kernels():
                  "FSA generate, last hidden")
 
 
-def test_graph_mode_bodies_equal_the_full_forward():
+def test_graph_mode_bodies_equal_the_full_forward(monkeypatch):
     """mode graph with capture=False (what the graphs record, run eagerly on CPU): dense over HF's
-    StaticCache, FSA through GenerationGraph's body; each fn called twice, as timing does (the second
-    call clears and reuses the first one's caches)."""
+    StaticCache through _sdpa_gqa, FSA through GenerationGraph's body; each fn called twice, as timing
+    does (the second call clears and reuses the first one's caches)."""
+    seen = []
+    sdpa_gqa = e2e_generate._sdpa_gqa
+    monkeypatch.setattr(e2e_generate, "_sdpa_gqa", lambda *a, **k: seen.append(a[1].shape[2]) or sdpa_gqa(*a, **k))
     base = tiny_model("llama").model.double()
     x, steps = inputs(base, 19, 7, torch.float64)
     fn = e2e_generate.generate_fn(base, None, "dense", x, steps, mode="graph", capture=False)
@@ -82,6 +85,8 @@ def test_graph_mode_bodies_equal_the_full_forward():
         out = fn(lambda: marks.append(1))
         assert marks == [1]
         assert_close(out, full_forward_last(base, x, steps), torch.float64, "dense StaticCache generate, last hidden")
+    assert seen == ([19] * 2 + [1] * 14) * 2  # 2 layers: the prefill, then 7 steps; twice
+    assert base.config._attn_implementation == "sdpa"  # given back
     try:
         resolve_backend("fsa")
     except ImportError as err:
