@@ -27,6 +27,23 @@ def full_forward_last(model, x, steps):
         return model(inputs_embeds=torch.cat([x, steps[None]], dim=1)).last_hidden_state[0, -1]
 
 
+def one_layer_fsa():
+    """(bare one-layer decoder, its FSA swap, the swap in float64 on the torch backend: the oracle);
+    skips where the FSA kernels cannot run."""
+    try:
+        resolve_backend("fsa")
+    except ImportError as err:
+        pytest.skip(str(err))
+    base = tiny_model("llama").model
+    base.layers = base.layers[:1]
+    base.config.num_hidden_layers = 1
+    model = use_nsa_attention(copy.deepcopy(base), backend="fsa", **KERNEL)
+    oracle = copy.deepcopy(model).double()
+    for layer in oracle.layers:
+        layer.self_attn.nsa.backend, layer.self_attn.nsa._backend = "torch", None
+    return base, model, oracle
+
+
 def test_dense_generate_equals_the_full_forward():
     base = tiny_model("llama").model.double()  # the bare decoder, HF attention (SDPA)
     x, steps = inputs(base, 19, 7, torch.float64)
@@ -51,19 +68,9 @@ def test_nsa_generate_equals_the_teacher_forced_forward(family):
 def test_fsa_generate_runs_the_decode_kernels():
     """fp32, one layer (the interpreter costs ~1 s per step); KERNEL: summary every 4 tokens from 8,
     block 16, window 12: 14 + 5 tokens complete summaries, cross block 16 and slide the window."""
-    try:
-        resolve_backend("fsa")
-    except ImportError as err:
-        pytest.skip(str(err))
-    base = tiny_model("llama").model
-    base.layers = base.layers[:1]
-    base.config.num_hidden_layers = 1
-    model = use_nsa_attention(copy.deepcopy(base), backend="fsa", **KERNEL)
+    base, model, oracle = one_layer_fsa()
     assert e2e_generate.decode_kernels(model)
     assert e2e_generate.message("fsa", model).startswith("eager, 512 steps, NSA GenerationCache, decode kernels")
-    oracle = copy.deepcopy(model).double()
-    for layer in oracle.layers:
-        layer.self_attn.nsa.backend, layer.self_attn.nsa._backend = "torch", None
     x, steps = inputs(base, 14, 5, torch.float32)
     out = e2e_generate.generate_fn(base, model, "fsa", x, steps)()
     assert_close(out.double(), full_forward_last(oracle, x.double(), steps.double()), torch.float32,
@@ -87,17 +94,7 @@ def test_graph_mode_bodies_equal_the_full_forward(monkeypatch):
         assert_close(out, full_forward_last(base, x, steps), torch.float64, "dense StaticCache generate, last hidden")
     assert seen == ([19] * 2 + [1] * 14) * 2  # 2 layers: the prefill, then 7 steps; twice
     assert base.config._attn_implementation == "sdpa"  # given back
-    try:
-        resolve_backend("fsa")
-    except ImportError as err:
-        pytest.skip(str(err))
-    base = tiny_model("llama").model
-    base.layers = base.layers[:1]
-    base.config.num_hidden_layers = 1
-    model = use_nsa_attention(copy.deepcopy(base), backend="fsa", **KERNEL)
-    oracle = copy.deepcopy(model).double()
-    for layer in oracle.layers:
-        layer.self_attn.nsa.backend, layer.self_attn.nsa._backend = "torch", None
+    base, model, oracle = one_layer_fsa()
     x, steps = inputs(base, 14, 5, torch.float32)
     fn = e2e_generate.generate_fn(base, model, "fsa", x, steps, mode="graph", capture=False)
     ref = full_forward_last(oracle, x.double(), steps.double())
