@@ -34,7 +34,6 @@ from experiments import decode_timing as timing
 from experiments.decode_costs import decode_bytes, nsa_tokens
 from experiments.decode_timing import fill_cache, graphed, sdpa_choice
 from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_meta, write_rows
-from nsa_baseline.ops.decode_tiles import decode_launch
 
 HQ, H, D, HIDDEN = 32, 8, 128, 4096
 PRESET = dict(kernel_size=32, kernel_stride=16, block_size=64, topk=16, window_size=512)
@@ -126,9 +125,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--lengths", default="8192,32768,65536,131072")
-    ap.add_argument("--pdl", type=int, choices=(0, 1), default=None,
-                    help="programmatic dependent launch of the decode kernels off / on (default: DECODE_LAUNCH's); "
-                         "the CSV is then decode_bench_pdl<0|1>.csv")
     args = ap.parse_args()
     require_cuda()
     from nsa_baseline.module import NativeSparseAttention
@@ -139,18 +135,15 @@ def main() -> int:
     torch.manual_seed(0)
     module = NativeSparseAttention(HIDDEN, HQ, H, D, backend="fsa", **PRESET).to("cuda", BF16)
     rows = []
-    name = "decode_bench.csv" if args.pdl is None else f"decode_bench_pdl{args.pdl}.csv"
-    with decode_launch(**({} if args.pdl is None else dict(pdl=args.pdl))) as launch:
-        print(f"programmatic dependent launch: {'on' if launch.pdl else 'off'}", flush=True)
-        for length in (int(s) for s in args.lengths.split(",")):
-            for b in (int(s) for s in args.batches.split(",")):
-                time_point(rows, b, length, module)
-    write_rows(out / name, rows, meta)
+    for length in (int(s) for s in args.lengths.split(",")):
+        for b in (int(s) for s in args.batches.split(",")):
+            time_point(rows, b, length, module)
+    write_rows(out / "decode_bench.csv", rows, meta)
     print(f"\n== one decode step, bf16, HQ={HQ}, H={H}, D={D}, (64, 16), window 512 (do_bench medians; "
           "GB/s = bytes read / time)")
     print_table(rows)
     bad = [r for r in rows if r["impl"].startswith("ours") and r["status"] != "ok"]
-    print(f"wrote {out}/{name} in {time.time() - START:.0f} s" + (" -- ours FAILED above" if bad else ""))
+    print(f"wrote {out}/decode_bench.csv in {time.time() - START:.0f} s" + (" -- ours FAILED above" if bad else ""))
     return 1 if bad else 0
 
 

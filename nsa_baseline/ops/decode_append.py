@@ -23,8 +23,7 @@ import triton
 import triton.language as tl
 
 from nsa_baseline.checks import fail
-from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _dot, _pdl_enter, gpu_programs, group_pad, head_pad,
-                                           pdl_options)
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _dot, gpu_programs, group_pad, head_pad
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
 MIN_COLUMN_TILE = 16  # tl.dot's smallest N
@@ -115,9 +114,8 @@ def _append_kernel(
     k_new_ptr, v_new_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, pos_ptr, wk_ptr, wv_ptr, pek_ptr, pev_ptr,
     MAX_SEQLEN, MAX_CMP, H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BN: tl.constexpr, KS: tl.constexpr, J: tl.constexpr, STRIDE: tl.constexpr, LINEAR: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    _pdl_enter(PDL)
     i_b, i_c, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(len_ptr + i_b)  # read by every program: nothing in this grid writes lengths
     if (i_c == 0) & (i_kv == 0):
@@ -211,8 +209,7 @@ def decode_append(k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: 
     _append_kernel[(b, block_d // bn, 2)](
         k_new.contiguous(), v_new.contiguous(), k, v, k_cmp, v_cmp, lengths, pos, *w, max_seqlen, max_cmp,
         H=h, H_PAD=group_pad(h) if linear else next_pow2(h), D=d, BLOCK_D=block_d, BN=bn, KS=kernel_size, J=j,
-        STRIDE=kernel_stride, LINEAR=linear, IEEE=k.dtype == torch.float32, **pdl_options(k.device),
-        num_warps=4,
+        STRIDE=kernel_stride, LINEAR=linear, IEEE=k.dtype == torch.float32, num_warps=4,
         num_stages=1,  # a summary is <= KS / J dependent steps: pipelining them only multiplied shared memory (3 x 130 KiB)
     )
     if advance:

@@ -20,8 +20,8 @@ import triton.language as tl
 from nsa_baseline.checks import fail
 from nsa_baseline.contract import BLOCK_SIZES
 from nsa_baseline.ops.decode_attend_split import split_items, split_selected_window
-from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _finish, _keys_tile, _pdl_enter, gpu_programs,
-                                           group_pad, head_pad, pdl_options)
+from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _finish, _keys_tile, gpu_programs, group_pad,
+                                           head_pad)
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
 def window_tile(window_size: int) -> int:
@@ -47,9 +47,8 @@ def _decode_attend_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, idx_ptr, o_cmp_ptr, gates_ptr, out_ptr, len_ptr, MAX_SEQLEN, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, WINDOW: tl.constexpr,
-    BN: tl.constexpr, ADVANCE: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    BN: tl.constexpr, ADVANCE: tl.constexpr, IEEE: tl.constexpr,
 ):
-    _pdl_enter(PDL)
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     pos = tl.load(pos_ptr + i_b)
     _advance(len_ptr, i_b, i_h, pos, ADVANCE)
@@ -172,6 +171,6 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         HQ=hq, H=h, G=g, G_PAD=group_pad(g), D=d, BLOCK_D=head_pad(d), BS=block_size, TOPK=block_indices.shape[2],
         WINDOW=window_size, BN=window_tile(window_size), ADVANCE=advance is not None,
         IEEE=q.dtype == torch.float32,
-        **pdl_options(q.device), num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages,
+        num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages,
     )
     return out

@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _finish, _keys_tile, _load_q, _pdl_enter,
-                                           pdl_options)
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _advance, _finish, _keys_tile, _load_q
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
 
@@ -45,9 +44,8 @@ def _split_keys_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr,
     S: tl.constexpr, C: tl.constexpr, SHARES: tl.constexpr, CS: tl.constexpr, CW: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    _pdl_enter(PDL)
     NW: tl.constexpr = (WINDOW + BN - 1) // BN
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
@@ -118,9 +116,8 @@ def _merge_branch(o_part_ptr, lse_part_ptr, part0, branch, g, S: tl.constexpr, S
 def _split_combine_kernel(
     o_part_ptr, lse_part_ptr, pos_ptr, o_cmp_ptr, gates_ptr, out_ptr, len_ptr,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, ADVANCE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, ADVANCE: tl.constexpr,
 ):
-    _pdl_enter(PDL)
     i_b, i_q = tl.program_id(0), tl.program_id(1)
     pos = tl.load(pos_ptr + i_b)
     _advance(len_ptr, i_b, i_q, pos, ADVANCE)
@@ -167,7 +164,7 @@ def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, spli
     _split_keys_kernel[(b, h, s)](
         q, k, v, pos, idx, o_part, lse_part, max_seqlen, qk_scale, **common, BS=block_size, TOPK=topk,
         WINDOW=window_size, BN=window_tile, S=s, C=c, SHARES=shares, CS=cs, CW=cw, IEEE=ieee,
-        **pdl_options(q.device), num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages)
+        num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages)
     _split_combine_kernel[(b, hq)](
         o_part, lse_part, pos, o_cmp, gates, out, pos if advance is None else advance, **common, S=s,
-        S_PAD=next_pow2(s), ADVANCE=advance is not None, **pdl_options(q.device), num_warps=4)
+        S_PAD=next_pow2(s), ADVANCE=advance is not None, num_warps=4)

@@ -18,8 +18,8 @@ import triton.language as tl
 
 from nsa_baseline.checks import fail
 from nsa_baseline.ops.decode_split import split_compressed_select
-from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _attend_summaries, _finish, _load_q, _pdl_enter,
-                                           gpu_programs, group_pad, head_pad, pdl_options)
+from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _attend_summaries, _finish, _load_q, gpu_programs, group_pad,
+                                           head_pad)
 from nsa_baseline.ops.selection_kernel import _merge_bitonic, _pack_desc, _scores_tile, _store_sorted
 from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, next_pow2
 
@@ -44,9 +44,8 @@ def _decode_select_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr,
     STRIDE: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, T_PAD: tl.constexpr,
-    INIT: tl.constexpr, LOCAL: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr, PDL: tl.constexpr,
+    INIT: tl.constexpr, LOCAL: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
-    _pdl_enter(PDL)
     BC: tl.constexpr = BJ * R
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     pos = tl.load(pos_ptr + i_b)  # the new token's position (= tokens held before it)
@@ -156,8 +155,7 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
         q.contiguous(), k_cmp, v_cmp, pos, o_cmp, idx, max_cmp, scale * LOG2E,
         HQ=hq, H=h, G=g, G_PAD=group_pad(g), D=d, BLOCK_D=head_pad(d), BJ=bj, R=r, C=c, KS=kernel_size,
         STRIDE=kernel_stride, BS=block_size, TOPK=topk, T_PAD=t_pad, INIT=init_blocks, LOCAL=local_blocks,
-        IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(), **pdl_options(q.device),
-        num_warps=DECODE_LAUNCH.select_warps,
+        IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(), num_warps=DECODE_LAUNCH.select_warps,
         num_stages=DECODE_LAUNCH.select_stages,
     )
     return o_cmp, idx

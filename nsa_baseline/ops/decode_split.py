@@ -26,8 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _finish, _load_q, _online_apply, _pdl_enter, _scores,
-                                           pdl_options)
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _finish, _load_q, _online_apply, _scores
 from nsa_baseline.ops.selection_kernel import _merge_packed, _pack_desc, _rank_packed, _store_sorted
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
@@ -62,9 +61,8 @@ def _split_summaries_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, o_part_ptr, lse_part_ptr, logit_ptr, MAX_CMP, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
-    BS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr, PDL: tl.constexpr,
+    BS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
-    _pdl_enter(PDL)
     BC: tl.constexpr = BJ * R
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
@@ -127,9 +125,8 @@ def _split_select_kernel(
     pos_ptr, lse_part_ptr, logit_ptr, keys_part_ptr, MAX_CMP,
     H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
-    T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, WHILE_LOOP: tl.constexpr, PDL: tl.constexpr,
+    T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
-    _pdl_enter(PDL)
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
     nvis, j_lo, j_hi, i_hi = _split_range(pos, i_s, S, KS, STRIDE, BS, R)
@@ -177,9 +174,7 @@ def _split_merge_kernel(
     o_part_ptr, lse_part_ptr, keys_part_ptr, o_ptr, idx_ptr,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, TOPK: tl.constexpr, T_PAD: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    _pdl_enter(PDL)
     i_b, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_p = tl.arange(0, S_PAD)
     o_d = tl.arange(0, BLOCK_D)
@@ -234,10 +229,9 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
     steps = dict(R=r, KS=kernel_size, STRIDE=kernel_stride, BS=block_size, S=s, WHILE_LOOP=while_loop)
     _split_summaries_kernel[(b, h, s)](
         q, k_cmp, v_cmp, pos, o_part, lse_part, logits, max_cmp, qk_scale, HQ=hq, **common, D=d, BLOCK_D=block_d,
-        BJ=bj, **steps, IEEE=ieee, **pdl_options(q.device), num_warps=DECODE_LAUNCH.select_warps,
-        num_stages=DECODE_LAUNCH.select_stages)
+        BJ=bj, **steps, IEEE=ieee, num_warps=DECODE_LAUNCH.select_warps, num_stages=DECODE_LAUNCH.select_stages)
     _split_select_kernel[(b, h, s)](
         pos, lse_part, logits, keys_part, max_cmp, **common, BJ=bj, C=c, **steps, S_PAD=s_pad, T_PAD=t_pad,
-        INIT=init_blocks, LOCAL=local_blocks, **pdl_options(q.device), num_warps=4)
+        INIT=init_blocks, LOCAL=local_blocks, num_warps=4)
     _split_merge_kernel[(b, h, g)](o_part, lse_part, keys_part, o_cmp, idx, HQ=hq, **common, D=d, BLOCK_D=block_d,
-                                   S=s, S_PAD=s_pad, TOPK=topk, T_PAD=t_pad, **pdl_options(q.device), num_warps=4)
+                                   S=s, S_PAD=s_pad, TOPK=topk, T_PAD=t_pad, num_warps=4)

@@ -30,9 +30,6 @@ class DecodeLaunch:
     window_tile: int = 64  # keys per window tile
     attend_shares: int = 1  # split attend: 1 = each split a share of both branches, 0 = a run of items
     append_programs_per_sm: int = 1  # decode_append's column tiles (append_tiles)
-    # 1: programmatic dependent launch (sm_90+): each kernel of a step launches while the one before
-    # it runs, its programs waiting in _pdl_enter for that kernel's writes (hides the launch gaps)
-    pdl: int = 1
 
 
 DECODE_LAUNCH = DecodeLaunch()
@@ -46,7 +43,7 @@ def decode_launch(**settings):
     if unknown:
         raise ValueError(f"decode_launch: unknown settings {sorted(unknown)}")
     for name, value in settings.items():  # all checked before any is set
-        low = 0 if name in ("attend_shares", "pdl") else 1
+        low = 0 if name == "attend_shares" else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"decode_launch: `{name}` must be an int >= {low}, got {value!r}")
     old = dataclasses.asdict(DECODE_LAUNCH)
@@ -57,30 +54,6 @@ def decode_launch(**settings):
     finally:
         for name, value in old.items():
             setattr(DECODE_LAUNCH, name, value)
-
-
-def pdl_options(device: torch.device) -> dict:
-    """Launch options of a decode kernel: PDL (the kernel's constexpr) and launch_pdl, on where the
-    GPU has programmatic dependent launch (sm_90+) and DECODE_LAUNCH.pdl is set; off in the
-    interpreter (no griddepcontrol there)."""
-    device = torch.device(device)
-    on = bool(DECODE_LAUNCH.pdl) and not is_interpreter() and device.type == "cuda" and _sm90(device.index)
-    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm90(index) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-@triton.jit
-def _pdl_enter(PDL: tl.constexpr):
-    """First statement of every decode kernel. Under programmatic dependent launch the kernel may start
-    before the previous kernel of the stream ends: wait for its writes (griddepcontrol.wait), then let
-    the next kernel launch (it waits the same way), so its launch overlaps this kernel's work."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
