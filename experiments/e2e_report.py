@@ -171,6 +171,7 @@ def plot(sp: pd.DataFrame, path: Path) -> Path:
                 ax.axhline(mean, ls="--", color="gray", lw=1, label=f"paper Fig. 10 mean {mean} (max {mx})")
             ax.axhline(1.0, color="black", lw=0.8)
             ax.set_xticks(list(x), names, fontsize=7)
+            ax.set_xlim(-0.8, max(len(part), 2) - 0.2)  # a lone bar keeps a bar's width
             ax.set_ylabel(f"{kind}: FSA over {what}")
             ax.set_title(_title(kind, part[paper].notna().any()), fontsize=7)
             top = max([1.0, *part[ours].dropna(), *part[paper].dropna()]
@@ -180,9 +181,9 @@ def plot(sp: pd.DataFrame, path: Path) -> Path:
             ax.grid(axis="y", alpha=0.3)
     gpus = ", ".join(sorted(set(sp["gpu"])))
     commits = ", ".join(sorted(set(map(str, sp["git_commit"]))))
-    fig.suptitle(f"NSA in model layers, FSA speedup (above 1: FSA faster); ours on {gpus}, commit {commits}",
+    fig.suptitle(f"NSA in model layers, FSA speedup (above 1: FSA faster)\nours on {gpus}, commit {commits}",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the two-line title
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
