@@ -114,12 +114,16 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"argument `x` must be on the parameters' device {self.q_proj.weight.device}, got {x.device}")
         check_cu_seqlens(cu_seqlens)
 
-    def new_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None) -> NSACache:
+    def new_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None, page_size: Optional[int] = None,
+                  num_pages: Optional[int] = None) -> NSACache:
         """A KV cache of `batch_size` sequence slots of up to `max_seqlen` tokens (zeroed; device and
-        dtype default to the parameters'). See nsa_baseline.inference.cache."""
+        dtype default to the parameters'). page_size (a multiple of block_size): a paged cache, keys
+        and values in a pool of num_pages pages (default: enough for every slot to reach max_seqlen)
+        claimed as slots grow. See nsa_baseline.inference.cache."""
         w = self.q_proj.weight
         device = w.device if device is None else torch.device(device)
-        return NSACache(CacheConfig.of(self), batch_size, max_seqlen, device, w.dtype if dtype is None else dtype)
+        return NSACache(CacheConfig.of(self), batch_size, max_seqlen, device, w.dtype if dtype is None else dtype,
+                        page_size=page_size, num_pages=num_pages, block_size=self.block_size)
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, return_branches: bool = False,
                 cache: Optional[NSACache] = None):

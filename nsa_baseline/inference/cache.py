@@ -8,10 +8,19 @@ Layout (contiguous, so that a decode kernel can read it directly):
 Everything a slot holds is derived from its length: rows at or past it are never read as history, so
 a call that fails half-way leaves the slot consistent (the length moves last). The lengths are also
 mirrored on the host (`host_lengths`) because the PyTorch path validates and sizes each call there.
+
+Paged (page_size P, the layout serving engines use): k, v are a pool [num_pages, P, H, D] shared by the
+slots, and `block_table` int32 [B, ceil(max_seqlen / P)] (device) names the page of each slot's P-row
+span (-1: none yet). Row r of slot b is row r % P of page block_table[b, r // P]. Pages are claimed
+from a host free list as slots grow (claim_pages, before a call's first write; the checks before it
+refuse a call the free pages cannot hold) and given back by reset(slot). P is a multiple of the
+block size, so a selected block never straddles pages. The summaries stay per slot (1 / stride of
+the keys).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 
@@ -50,7 +59,8 @@ class NSACache:
     module and read by another of the same shape gives that other module's outputs over stale keys).
     """
 
-    def __init__(self, config: CacheConfig, batch_size: int, max_seqlen: int, device, dtype: torch.dtype):
+    def __init__(self, config: CacheConfig, batch_size: int, max_seqlen: int, device, dtype: torch.dtype,
+                 page_size: Optional[int] = None, num_pages: Optional[int] = None, block_size: int = 1):
         check_int("batch_size", batch_size)
         check_int("max_seqlen", max_seqlen)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -59,9 +69,24 @@ class NSACache:
         self.batch_size, self.max_seqlen = batch_size, max_seqlen
         self.max_cmp = self.num_summaries(max_seqlen)
         h, d = config.num_kv_heads, config.head_dim
+        self.page_size, self.block_table = page_size, None
+        rows = (batch_size, max_seqlen)
+        if page_size is not None:
+            check_int("page_size", page_size)
+            if page_size % block_size:
+                raise ValueError(f"argument `page_size` must be a multiple of the block size {block_size}, got {page_size}")
+            pages_per_slot = -(-max_seqlen // page_size)
+            num_pages = batch_size * pages_per_slot if num_pages is None else num_pages
+            check_int("num_pages", num_pages)
+            rows = (num_pages, page_size)
+            self.block_table = torch.full((batch_size, pages_per_slot), -1, dtype=torch.int32, device=device)
+            self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out the lowest page first
+            self._pages: list[list[int]] = [[] for _ in range(batch_size)]
+        elif num_pages is not None:
+            raise ValueError("argument `num_pages` needs `page_size` (a paged cache)")
         # Zeros, not empty: rows past a slot's length are gathered (then masked) by the PyTorch path,
         # and 0 * NaN garbage would poison the masked softmax.
-        self.k = torch.zeros(batch_size, max_seqlen, h, d, device=device, dtype=dtype)
+        self.k = torch.zeros(*rows, h, d, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.k_cmp = torch.zeros(batch_size, self.max_cmp, h, d, device=device, dtype=dtype)
         self.v_cmp = torch.zeros_like(self.k_cmp)
@@ -83,7 +108,58 @@ class NSACache:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the cache holds, by name."""
-        return {"k": self.k, "v": self.v, "k_cmp": self.k_cmp, "v_cmp": self.v_cmp, "lengths": self.lengths}
+        out = {"k": self.k, "v": self.v, "k_cmp": self.k_cmp, "v_cmp": self.v_cmp, "lengths": self.lengths}
+        if self.block_table is not None:
+            out["block_table"] = self.block_table
+        return out
+
+    # -- pages (paged caches; every method is a no-op or the identity for a contiguous one) --
+
+    def pages_short(self, lengths: list[int]) -> int:
+        """Pages missing from the free list for slot b to hold lengths[b] tokens (0: they fit)."""
+        if self.page_size is None:
+            return 0
+        need = sum(max(0, -(-n // self.page_size) - len(p)) for n, p in zip(lengths, self._pages))
+        return max(0, need - len(self._free))
+
+    def claim_pages(self, lengths: list[int]) -> None:
+        """Give every slot b the pages for lengths[b] tokens (before a call's first write). Moves the
+        block table to the device only when a page was added, so a call whose pages are all there
+        (a replayed CUDA graph step, claimed before) does no copy."""
+        if self.page_size is None:
+            return
+        short = self.pages_short(lengths)
+        if short:
+            raise ValueError(f"argument `cache` is out of pages: {short} more of {self.page_size} rows needed "
+                             f"({len(self._free)} free)")
+        added = False
+        for n, pages in zip(lengths, self._pages):
+            while len(pages) < -(-n // self.page_size):
+                pages.append(self._free.pop())
+                added = True
+        if added:
+            table = [p + [-1] * (self.block_table.shape[1] - len(p)) for p in self._pages]
+            self.block_table.copy_(torch.tensor(table, dtype=torch.int32))
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free) if self.page_size is not None else 0
+
+    def rows(self, slot: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index of slot's row pos (int64 tensors of one shape) in k / v: (slot, pos) itself, or for a
+        paged cache (page, row in page) from the block table (positions clamped into the slot;
+        a span without a page reads page 0: callers mask rows past the lengths)."""
+        if self.page_size is None:
+            return slot, pos
+        pos = pos.clamp(0, self.max_seqlen - 1)
+        page = self.block_table.long()[slot, pos // self.page_size].clamp_min(0)
+        return page, pos % self.page_size
+
+    def flat_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) as [1, rows, H, D] for a paged cache (index them with (0, page * P + row)), else as held."""
+        if self.page_size is None:
+            return self.k, self.v
+        return self.k.flatten(0, 1)[None], self.v.flatten(0, 1)[None]
 
     @property
     def nbytes(self) -> int:
@@ -99,8 +175,15 @@ class NSACache:
         """Empty slot `slot` for a new sequence (zeroes its rows; other slots are untouched)."""
         if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.batch_size:
             raise ValueError(f"argument `slot` must be an int in [0, {self.batch_size}), got {slot!r}")
-        for t in (self.k, self.v, self.k_cmp, self.v_cmp):
-            t[slot].zero_()
+        if self.page_size is None:
+            self.k[slot].zero_()
+            self.v[slot].zero_()
+        else:  # its pages go back to the free list (their rows are rewritten before any read)
+            self._free.extend(reversed(self._pages[slot]))
+            self._pages[slot] = []
+            self.block_table[slot] = -1
+        self.k_cmp[slot].zero_()
+        self.v_cmp[slot].zero_()
         self.lengths[slot] = 0
         self._host_lengths[slot] = 0
 
@@ -116,6 +199,7 @@ class NSACache:
         self._host_lengths = [n + steps for n in self._host_lengths]
 
     def __repr__(self) -> str:
-        return (f"NSACache(batch_size={self.batch_size}, max_seqlen={self.max_seqlen}, max_cmp={self.max_cmp}, "
+        paged = "" if self.page_size is None else f"page_size={self.page_size}, num_pages={self.k.shape[0]}, "
+        return (f"NSACache(batch_size={self.batch_size}, max_seqlen={self.max_seqlen}, max_cmp={self.max_cmp}, {paged}"
                 f"H={self.config.num_kv_heads}, D={self.config.head_dim}, dtype={self.dtype}, device={self.device}, "
                 f"nbytes={self.nbytes})")

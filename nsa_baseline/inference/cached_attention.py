@@ -56,6 +56,16 @@ def gathered_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tens
     return o, (m + torch.log(l)).squeeze(-1), p
 
 
+def _keys(cache: NSACache, slot: torch.Tensor, key_pos: torch.Tensor):
+    """gathered_attention's (k_rows, v_rows, slot, key_pos) over the cache's keys: as given for a
+    contiguous cache, the pool's rows (one "slot") for a paged one."""
+    if cache.page_size is None:
+        return cache.k, cache.v, slot, key_pos
+    page, row = cache.rows(slot[:, None, None].expand_as(key_pos), key_pos)
+    k, v = cache.flat_rows()
+    return k, v, torch.zeros_like(slot), page * cache.page_size + row
+
+
 def _chunk_size(num_q_heads: int, h: int, d: int, reach: int) -> int:
     per_query = max(1, reach) * (h * d + num_q_heads)
     return max(1, _GATHER_BUDGET // per_query)
@@ -96,10 +106,10 @@ def cached_attention(module, cache: NSACache, q: torch.Tensor, gates: torch.Tens
         scores = summaries_to_blocks(p.sum(dim=2), ks, st, bs, num_blocks).float()  # [c, H, NB]
         idx = select_chunk(scores, t, bs, module.topk, module.init_blocks, module.local_blocks)
         slc_pos, slc_vis = selected_key_positions(idx, bs, t)  # [c, H, T * BS]
-        o_slc, _, _ = gathered_attention(qq, cache.k, cache.v, b, slc_pos, slc_vis, scale)
+        o_slc, _, _ = gathered_attention(qq, *_keys(cache, b, slc_pos), slc_vis, scale)
         # Window: keys max(0, t - W + 1) .. t.
         w = min(module.window_size, t_max + 1)
         win_pos = (t[:, None] - w + 1 + torch.arange(w, device=q.device)).unsqueeze(1).expand(c, h, w)
-        o_win, _, _ = gathered_attention(qq, cache.k, cache.v, b, win_pos, win_pos >= 0, scale)
+        o_win, _, _ = gathered_attention(qq, *_keys(cache, b, win_pos), win_pos >= 0, scale)
         outs.append(gated_sum(gates[c0:c0 + chunk], o_cmp.to(q.dtype), o_slc.to(q.dtype), o_win.to(q.dtype)))
     return torch.cat(outs)

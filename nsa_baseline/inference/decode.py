@@ -41,6 +41,7 @@ def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """NSA's attention of one new token per slot between the projections (what replaces dense decode):
     q [B, HQ, D], k, v [B, H, D] after RoPE at positions cache.lengths, gates [B, HQ, 3]. Appends k, v
     and any completed summary, moves the device lengths by one, returns o [B, HQ, D] in q.dtype."""
+    cache.claim_pages([n + 1 for n in cache.host_lengths])  # a paged cache's page for row lengths[b]; no-op when there
     w = {}
     if module.compression == "linear":
         w = dict(k_weight=module.k_cmp_weight, k_pos=module.k_cmp_pos, v_weight=module.v_cmp_weight,
@@ -48,13 +49,14 @@ def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     # one launch: k, v at row lengths[b], the summary each slot completes (pos: the lengths); the
     # lengths move in the step's last kernel (decode_append's programs all read them)
     pos32 = decode_append(k, v, cache.k, cache.v, cache.k_cmp, cache.v_cmp, cache.lengths, module.kernel_size,
-                          module.kernel_stride, advance=False, **w)
+                          module.kernel_stride, advance=False, block_table=cache.block_table,
+                          max_seqlen=cache.max_seqlen, **w)
     scale = module.head_dim ** -0.5
     o_cmp, idx = decode_compressed_select(q, cache.k_cmp, cache.v_cmp, pos32, module.kernel_size,
                                           module.kernel_stride, module.block_size, module.topk,
                                           module.init_blocks, module.local_blocks, scale)
     o = decode_selected_window(q, cache.k, cache.v, pos32, idx, o_cmp, gates.contiguous(), module.block_size,
-                               module.window_size, scale, advance=cache.lengths)
+                               module.window_size, scale, advance=cache.lengths, block_table=cache.block_table)
     return o
 
 

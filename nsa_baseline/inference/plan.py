@@ -98,6 +98,7 @@ def plan_counts(counts: list[int], cache: NSACache, device, cu_seqlens: Optional
         b, total = over[0]
         raise ValueError(f"argument `{arg}`: slot {b} would hold {total} tokens, past the cache's max_seqlen "
                          f"{cache.max_seqlen} ({old[b]} cached + {counts[b]} new)")
+    _check_pages(cache, [a + c for a, c in zip(old, counts)], arg)
     n_new = torch.tensor(counts, dtype=torch.long)  # host: no device read
     seq = torch.repeat_interleave(torch.arange(len(counts)), n_new)
     starts = n_new.cumsum(0) - n_new
@@ -126,3 +127,12 @@ def check_decode_call(module, x: torch.Tensor, cache: NSACache) -> None:
     full = [b for b, n in enumerate(cache.host_lengths) if n >= cache.max_seqlen]
     if full:
         raise ValueError(f"argument `x`: slot {full[0]} already holds max_seqlen = {cache.max_seqlen} tokens")
+    _check_pages(cache, [n + 1 for n in cache.host_lengths], "x")
+
+
+def _check_pages(cache: NSACache, lengths: list[int], arg: str) -> None:
+    """A paged cache must have the free pages the call's new lengths need (before any write)."""
+    short = cache.pages_short(lengths)
+    if short:
+        raise ValueError(f"argument `{arg}`: the paged cache is out of pages, {short} more of {cache.page_size} "
+                         f"rows needed for lengths {lengths} ({cache.free_pages} free; reset finished slots)")

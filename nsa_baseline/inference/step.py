@@ -50,8 +50,9 @@ def _update_summaries(module, cache: NSACache, plan: CallPlan) -> None:
     m, h, d = len(slots), module.num_kv_heads, module.head_dim
     cu = torch.arange(0, (m + 1) * ks, ks, dtype=torch.int32, device=dev)
     compress = module.branches().compress_kv
+    at = cache.rows(b[:, None].expand_as(rows), rows)  # where the spans' rows are (paged: pages)
     for src, dst, name in ((cache.k, cache.k_cmp, "k"), (cache.v, cache.v_cmp, "v")):
-        spans = src[b[:, None], rows].reshape(m * ks, h, d)
+        spans = src[at].reshape(m * ks, h, d)
         if module.compression == "linear":
             w, pe = getattr(module, f"{name}_cmp_weight"), getattr(module, f"{name}_cmp_pos")
             summary, _ = compress(spans, cu, ks, st, w, pe)
@@ -79,8 +80,10 @@ def attend_with_cache(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         o = decode_attention(module, q, k, v, gates, cache)  # appends, moves the device lengths
         cache.advance_host()
         return o
-    cache.k[plan.seq, plan.pos] = k
-    cache.v[plan.seq, plan.pos] = v
+    cache.claim_pages(plan.new)  # a paged cache's pages for the new rows (the plan checked they are free)
+    at = cache.rows(plan.seq, plan.pos)
+    cache.k[at] = k
+    cache.v[at] = v
     _update_summaries(module, cache, plan)
     if plan.has_history:
         o = cached_attention(module, cache, q, gates, plan.seq, plan.pos, module.branches().gated_sum)

@@ -57,6 +57,8 @@ class GenerationGraph:
         if not capture:
             return
         self._check_room()
+        for c in cache.caches():  # paged caches: before capture (a copy cannot be captured)
+            c.claim_pages([n + 1 for n in c.host_lengths])
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side), torch.no_grad():
@@ -105,6 +107,8 @@ class GenerationGraph:
                            f"{getattr(tokens, 'dtype', type(tokens).__name__)} {list(getattr(tokens, 'shape', []))} "
                            f"on {getattr(tokens, 'device', '-')}")
         self._check_room()
+        for c in self.cache.caches():  # paged caches: the step's rows, outside the graph
+            c.claim_pages([n + 1 for n in c.host_lengths])
         self.inputs.copy_(tokens[None])
         if self.graph is None:
             with torch.no_grad():

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from nsa_baseline.checks import fail
-from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _dot, gpu_programs, group_pad, head_pad
+from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _dot, _slot_rows, cache_layout, gpu_programs, group_pad,
+                                           head_pad)
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
 MIN_COLUMN_TILE = 16  # tl.dot's smallest N
@@ -35,9 +36,9 @@ MEAN_TILE = 4096  # elements of one mean-pooling load [J, H_PAD, BN]
 
 
 @triton.jit
-def _linear_part(src_ptr, new_ptr, w_ptr, pe_ptr, i_b, pos, start, o_n, MAX_SEQLEN, H: tl.constexpr,
-                 H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BN: tl.constexpr,
-                 KS: tl.constexpr, J: tl.constexpr, IEEE: tl.constexpr):
+def _linear_part(src_ptr, new_ptr, w_ptr, pe_ptr, tbl_ptr, i_b, pos, start, o_n, MAX_SEQLEN, MAX_PAGES,
+                 H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BN: tl.constexpr,
+                 KS: tl.constexpr, J: tl.constexpr, IEEE: tl.constexpr, PAGE: tl.constexpr):
     """Columns o_n [BN] of sum_j (x_j + pe_j) @ W[j * D:(j + 1) * D] over rows start + j, j < KS (row
     pos from new_ptr): fp32 [H_PAD, BN]. Row h of x holds J positions side by side (K = J * BLOCK_D)."""
     o_h = tl.arange(0, H_PAD)
@@ -52,7 +53,8 @@ def _linear_part(src_ptr, new_ptr, w_ptr, pe_ptr, i_b, pos, start, o_n, MAX_SEQL
         m_k = (jj < KS) & (dd < D)
         row = start + jj
         m_x = m_h[:, None] & m_k[None, :]
-        off = ((i_b.to(tl.int64) * MAX_SEQLEN + row)[None, :] * H + o_h[:, None]) * D + dd[None, :]
+        r = _slot_rows(tbl_ptr, i_b, row, m_k & (row < pos), MAX_SEQLEN, MAX_PAGES, PAGE)
+        off = (r[None, :] * H + o_h[:, None]) * D + dd[None, :]
         x = tl.load(src_ptr + off, mask=m_x & (row < pos)[None, :], other=0.)
         x_new = tl.load(p_new, mask=m_x & (row == pos)[None, :], other=0.)
         x = tl.where((row == pos)[None, :], x_new, x)  # the new token: not read back from the store
@@ -65,8 +67,9 @@ def _linear_part(src_ptr, new_ptr, w_ptr, pe_ptr, i_b, pos, start, o_n, MAX_SEQL
 
 
 @triton.jit
-def _mean_part(src_ptr, b_new, i_b, pos, start, o_n, MAX_SEQLEN, H: tl.constexpr, H_PAD: tl.constexpr,
-               D: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr, J: tl.constexpr):
+def _mean_part(src_ptr, b_new, tbl_ptr, i_b, pos, start, o_n, MAX_SEQLEN, MAX_PAGES, H: tl.constexpr,
+               H_PAD: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr, J: tl.constexpr,
+               PAGE: tl.constexpr):
     """Columns o_n [BN] of the mean of rows start + j, j < KS (row pos is b_new [H_PAD, BN]), J rows
     per load: fp32 [H_PAD, BN]."""
     o_h = tl.arange(0, H_PAD)
@@ -76,8 +79,8 @@ def _mean_part(src_ptr, b_new, i_b, pos, start, o_n, MAX_SEQLEN, H: tl.constexpr
     for j0 in range(0, KS, J):
         row = start + j0 + o_j  # [J]
         m_r = ((j0 + o_j) < KS) & (row < pos)
-        off = ((i_b.to(tl.int64) * MAX_SEQLEN + row)[:, None, None] * H + o_h[None, :, None]) * D \
-            + o_n[None, None, :]
+        r = _slot_rows(tbl_ptr, i_b, row, m_r, MAX_SEQLEN, MAX_PAGES, PAGE)
+        off = (r[:, None, None] * H + o_h[None, :, None]) * D + o_n[None, None, :]
         x = tl.load(src_ptr + off, mask=m_r[:, None, None] & m_hn[None, :, :], other=0.)  # [J, H_PAD, BN]
         x = tl.where((row == pos)[:, None, None], b_new[None, :, :], x)
         acc += tl.sum(x.to(tl.float32), axis=0)
@@ -85,47 +88,48 @@ def _mean_part(src_ptr, b_new, i_b, pos, start, o_n, MAX_SEQLEN, H: tl.constexpr
 
 
 @triton.jit
-def _append_columns(new_ptr, src_ptr, dst_ptr, w_ptr, pe_ptr, i_b, i_c, pos, MAX_SEQLEN, MAX_CMP,
+def _append_columns(new_ptr, src_ptr, dst_ptr, w_ptr, pe_ptr, tbl_ptr, i_b, i_c, pos, MAX_SEQLEN, MAX_CMP, MAX_PAGES,
                     H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     BN: tl.constexpr, KS: tl.constexpr, J: tl.constexpr, STRIDE: tl.constexpr,
-                    LINEAR: tl.constexpr, IEEE: tl.constexpr):
+                    LINEAR: tl.constexpr, IEEE: tl.constexpr, PAGE: tl.constexpr):
     """Column tile i_c of one of k / v: the new row at pos, and of the summary it completes (if any)."""
     o_h = tl.arange(0, H_PAD)
     o_n = i_c * BN + tl.arange(0, BN)
     m_hn = (o_h < H)[:, None] & (o_n < D)[None, :]
     b_new = tl.load(new_ptr + (i_b * H + o_h).to(tl.int64)[:, None] * D + o_n[None, :], mask=m_hn, other=0.)
     ok = (pos >= 0) & (pos < MAX_SEQLEN)  # a full slot writes nothing (the host checks refuse it first)
-    off = ((i_b.to(tl.int64) * MAX_SEQLEN + pos) * H + o_h)[:, None] * D + o_n[None, :]
+    off = (_slot_rows(tbl_ptr, i_b, pos, ok, MAX_SEQLEN, MAX_PAGES, PAGE) * H + o_h)[:, None] * D + o_n[None, :]
     tl.store(src_ptr + off, b_new, mask=m_hn & ok)
     start = pos + 1 - KS
     idx = start // STRIDE
     if ok & (start >= 0) & (start % STRIDE == 0) & (idx < MAX_CMP):
         if LINEAR:
-            acc = _linear_part(src_ptr, new_ptr, w_ptr, pe_ptr, i_b, pos, start, o_n, MAX_SEQLEN, H, H_PAD, D,
-                               BLOCK_D, BN, KS, J, IEEE)
+            acc = _linear_part(src_ptr, new_ptr, w_ptr, pe_ptr, tbl_ptr, i_b, pos, start, o_n, MAX_SEQLEN, MAX_PAGES,
+                               H, H_PAD, D, BLOCK_D, BN, KS, J, IEEE, PAGE)
         else:
-            acc = _mean_part(src_ptr, b_new, i_b, pos, start, o_n, MAX_SEQLEN, H, H_PAD, D, BN, KS, J)
+            acc = _mean_part(src_ptr, b_new, tbl_ptr, i_b, pos, start, o_n, MAX_SEQLEN, MAX_PAGES, H, H_PAD, D, BN,
+                             KS, J, PAGE)
         off = ((i_b.to(tl.int64) * MAX_CMP + idx) * H + o_h)[:, None] * D + o_n[None, :]
         tl.store(dst_ptr + off, acc.to(dst_ptr.dtype.element_ty), mask=m_hn)
 
 
 @triton.jit
 def _append_kernel(
-    k_new_ptr, v_new_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, pos_ptr, wk_ptr, wv_ptr, pek_ptr, pev_ptr,
-    MAX_SEQLEN, MAX_CMP, H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    k_new_ptr, v_new_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, pos_ptr, wk_ptr, wv_ptr, pek_ptr, pev_ptr, tbl_ptr,
+    MAX_SEQLEN, MAX_CMP, MAX_PAGES, H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BN: tl.constexpr, KS: tl.constexpr, J: tl.constexpr, STRIDE: tl.constexpr, LINEAR: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, PAGE: tl.constexpr,
 ):
     i_b, i_c, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(len_ptr + i_b)  # read by every program: nothing in this grid writes lengths
     if (i_c == 0) & (i_kv == 0):
         tl.store(pos_ptr + i_b, pos)
     if i_kv == 0:
-        _append_columns(k_new_ptr, k_ptr, kc_ptr, wk_ptr, pek_ptr, i_b, i_c, pos, MAX_SEQLEN, MAX_CMP,
-                        H, H_PAD, D, BLOCK_D, BN, KS, J, STRIDE, LINEAR, IEEE)
+        _append_columns(k_new_ptr, k_ptr, kc_ptr, wk_ptr, pek_ptr, tbl_ptr, i_b, i_c, pos, MAX_SEQLEN, MAX_CMP,
+                        MAX_PAGES, H, H_PAD, D, BLOCK_D, BN, KS, J, STRIDE, LINEAR, IEEE, PAGE)
     else:
-        _append_columns(v_new_ptr, v_ptr, vc_ptr, wv_ptr, pev_ptr, i_b, i_c, pos, MAX_SEQLEN, MAX_CMP,
-                        H, H_PAD, D, BLOCK_D, BN, KS, J, STRIDE, LINEAR, IEEE)
+        _append_columns(v_new_ptr, v_ptr, vc_ptr, wv_ptr, pev_ptr, tbl_ptr, i_b, i_c, pos, MAX_SEQLEN, MAX_CMP,
+                        MAX_PAGES, H, H_PAD, D, BLOCK_D, BN, KS, J, STRIDE, LINEAR, IEEE, PAGE)
 
 
 def append_tiles(batch: int, heads: int, head_dim: int, kernel_size: int, linear: bool, device: torch.device,
@@ -169,19 +173,29 @@ def _check_tiles(column_tile, kernel_chunk, d):
 def decode_append(k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor,
                   v_cmp: torch.Tensor, lengths: torch.Tensor, kernel_size: int, kernel_stride: int,
                   k_weight=None, k_pos=None, v_weight=None, v_pos=None, advance: bool = True,
-                  column_tile: int | None = None, kernel_chunk: int | None = None) -> torch.Tensor:
+                  column_tile: int | None = None, kernel_chunk: int | None = None,
+                  block_table: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
     r"""Append one token per slot: k_new, v_new [B, H, D] into the cache k, v [B, max_seqlen, H, D] at
     row lengths[b], the summary it completes into k_cmp, v_cmp [B, max_cmp, H, D] (mean pooling, or
     linear with k_weight / v_weight [kernel_size * D, D] and k_pos / v_pos [kernel_size, D]). Returns
     the positions written, int32 [B] (the lengths before). advance=True: lengths (int32 [B], in place)
     += 1 after the kernel; False: the caller moves them (the decode step's last kernel does).
-    column_tile / kernel_chunk force append_tiles' BN / J (tests)."""
+    column_tile / kernel_chunk force append_tiles' BN / J (tests). A paged cache: k, v are its pools
+    [num_pages, page_size, H, D], block_table its int32 [B, pages per slot] (the pages of every row
+    written or read claimed), max_seqlen the slots' capacity."""
     for name, t in (("k", k), ("v", v), ("k_cmp", k_cmp), ("v_cmp", v_cmp)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_contiguous():
             fail(name, f"must be a contiguous [B, rows, H, D] tensor, got {tuple(getattr(t, 'shape', ()))}")
-    b, max_seqlen, h, d = k.shape
+    b, h, d = k_cmp.shape[0], k.shape[2], k.shape[3]
+    if block_table is None:
+        if k.shape[0] != b:
+            fail("k", f"must be [B={b}, max_seqlen, H, D] (k_cmp's B), got {tuple(k.shape)}")
+        max_seqlen = k.shape[1]
+    elif not isinstance(max_seqlen, int) or max_seqlen < 1:
+        fail("max_seqlen", f"must be the slots' capacity (an int >= 1) with a block_table, got {max_seqlen!r}")
+    table, max_pages, page = cache_layout(block_table, k, b)
     for name, t in (("v", v), ("k_cmp", k_cmp), ("v_cmp", v_cmp), ("k_new", k_new), ("v_new", v_new)):
-        want = (b, t.shape[1] if name in ("k_cmp", "v_cmp") else max_seqlen, h, d) if t.dim() == 4 else (b, h, d)
+        want = (tuple(k.shape) if name == "v" else (b, t.shape[1], h, d)) if t.dim() == 4 else (b, h, d)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != want or t.dtype != k.dtype or t.device != k.device:
             fail(name, f"must be {k.dtype} {list(want)} on {k.device}, got {getattr(t, 'dtype', type(t).__name__)} "
                  f"{tuple(getattr(t, 'shape', ()))}")
@@ -207,8 +221,8 @@ def decode_append(k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: 
     bn, j = append_tiles(b, h, d, kernel_size, linear, k.device, column_tile, kernel_chunk)
     block_d = head_pad(d)
     _append_kernel[(b, block_d // bn, 2)](
-        k_new.contiguous(), v_new.contiguous(), k, v, k_cmp, v_cmp, lengths, pos, *w, max_seqlen, max_cmp,
-        H=h, H_PAD=group_pad(h) if linear else next_pow2(h), D=d, BLOCK_D=block_d, BN=bn, KS=kernel_size, J=j,
+        k_new.contiguous(), v_new.contiguous(), k, v, k_cmp, v_cmp, lengths, pos, *w, table, max_seqlen, max_cmp,
+        max_pages, PAGE=page, H=h, H_PAD=group_pad(h) if linear else next_pow2(h), D=d, BLOCK_D=block_d, BN=bn, KS=kernel_size, J=j,
         STRIDE=kernel_stride, LINEAR=linear, IEEE=k.dtype == torch.float32, num_warps=4,
         num_stages=1,  # a summary is <= KS / J dependent steps: pipelining them only multiplied shared memory (3 x 130 KiB)
     )

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_baseline.checks import fail
 from nsa_baseline.utils.triton_utils import is_interpreter, next_pow2
 
 
@@ -54,6 +55,31 @@ def decode_launch(**settings):
     finally:
         for name, value in old.items():
             setattr(DECODE_LAUNCH, name, value)
+
+
+def cache_layout(block_table, k: torch.Tensor, batch: int) -> tuple[torch.Tensor, int, int]:
+    """(table pointer, MAX_PAGES, PAGE) of the decode kernels: a contiguous cache (block_table None, k
+    [B, max_seqlen, H, D]; PAGE = 0, the pointer unused) or a paged one (k the pool [num_pages, P, H, D],
+    block_table int32 [B, pages per slot] on k's device; PAGE = P)."""
+    if block_table is None:
+        return k, 0, 0
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
+            or block_table.shape[0] != batch or block_table.device != k.device or not block_table.is_contiguous():
+        fail("block_table", f"must be None or contiguous int32 [B={batch}, pages per slot] on {k.device}, got "
+                            f"{getattr(block_table, 'dtype', type(block_table).__name__)} "
+                            f"{tuple(getattr(block_table, 'shape', ()))}")
+    return block_table, block_table.shape[1], k.shape[1]
+
+
+@triton.jit
+def _slot_rows(tbl_ptr, i_b, rows, mask, SLOT_ROWS, MAX_PAGES, PAGE: tl.constexpr):
+    """Rows `rows` of slot i_b's keys as rows of the k / v tensor (int64): i_b * SLOT_ROWS + rows in a
+    contiguous cache (PAGE = 0), page * PAGE + rows % PAGE from the block table in a paged one (rows
+    outside `mask` read no table entry; their result is not used)."""
+    if PAGE == 0:
+        return i_b.to(tl.int64) * SLOT_ROWS + rows
+    page = tl.load(tbl_ptr + i_b.to(tl.int64) * MAX_PAGES + rows // PAGE, mask=mask, other=0)
+    return page.to(tl.int64) * PAGE + rows % PAGE
 
 
 @triton.jit

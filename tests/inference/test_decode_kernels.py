@@ -50,10 +50,11 @@ def torch_twin(m, dtype=None):
     return twin if dtype is None else twin.to(dtype)
 
 
-def decode_and_compare(m, prefill, steps, max_seqlen, tol=None):
+def decode_and_compare(m, prefill, steps, max_seqlen, tol=None, **cache_kw):
     """Prefill slots to `prefill` tokens, then `steps` decode calls; each call's outputs through the
     decode kernels must equal the PyTorch path (a copy of the cache) and the full forward's rows (of
-    the PyTorch backend in float64 on CPU, else in m's dtype), and the two caches must end equal."""
+    the PyTorch backend in float64 on CPU, else in m's dtype), and the two caches must end equal.
+    cache_kw: new_cache's (page_size, num_pages: a paged cache)."""
     dtype, dev = m.q_proj.weight.dtype, m.q_proj.weight.device
     seqs = [torch.randn(n + steps, m.hidden_size, dtype=dtype, device=dev) for n in prefill]
     lens = [s.shape[0] for s in seqs]
@@ -61,7 +62,7 @@ def decode_and_compare(m, prefill, steps, max_seqlen, tol=None):
     with torch.no_grad():
         full = oracle(torch.cat(seqs).to(oracle.q_proj.weight.dtype), packed(lens).to(dev))
     start = packed(lens).tolist()
-    fast = m.new_cache(len(seqs), max_seqlen)
+    fast = m.new_cache(len(seqs), max_seqlen, **cache_kw)
     if any(prefill):
         filler = torch_twin(m) if dev.type == "cpu" else m
         forward_with_cache(filler, torch.cat([s[:n] for s, n in zip(seqs, prefill)]), packed(prefill).to(dev), fast)
@@ -449,6 +450,26 @@ def test_gpu_graph_replay_equals_eager():
     for name, t in eager.tensors().items():
         assert_close(graphed.tensors()[name].double(), t.double(), torch.bfloat16, name, tol=1e-3)
     assert graphed.host_lengths == tuple(n + 20 for n in lens)
+
+
+@pytest.mark.gpu
+def test_gpu_paged_cache_replay_equals_contiguous_eager():
+    """bf16, Llama-like heads: a paged cache (pages of 128 rows, a pool of 96 against 128 for every
+    slot at max_seqlen) replayed from a CUDA graph decodes like the contiguous cache eagerly; slot 1
+    crosses into a new page mid-way (its block table entry copied before that replay)."""
+    from nsa_baseline.inference.graph import DecodeGraph
+
+    m = _llama_like("fsa")
+    lens = [3000, 120, 1025, 0]
+    flat, paged = m.new_cache(4, 4096), m.new_cache(4, 4096, page_size=128, num_pages=96)
+    x = torch.randn(sum(lens), 1024, device="cuda", dtype=torch.bfloat16)
+    for cache in (flat, paged):
+        m(x, packed(lens).cuda(), cache=cache)
+    graph = DecodeGraph(m, paged)
+    for step in range(24):
+        xs = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+        assert_close(graph.step(xs), decode_step(m, xs, flat), torch.bfloat16, f"step {step}", tol=1e-3)
+    assert paged.block_table[1, 1].item() >= 0 and paged.host_lengths == flat.host_lengths
 
 
 @pytest.mark.gpu
