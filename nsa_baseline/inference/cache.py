@@ -74,7 +74,8 @@ class NSACache:
         if page_size is not None:
             check_int("page_size", page_size)
             if page_size % block_size:
-                raise ValueError(f"argument `page_size` must be a multiple of the block size {block_size}, got {page_size}")
+                raise ValueError(f"argument `page_size` must be a multiple of the block size {block_size}, got "
+                                 f"{page_size}")
             pages_per_slot = -(-max_seqlen // page_size)
             num_pages = batch_size * pages_per_slot if num_pages is None else num_pages
             check_int("num_pages", num_pages)

@@ -61,6 +61,23 @@ def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 @torch.no_grad()
+def cached_kernel_attention(module, q: torch.Tensor, gates: torch.Tensor, cache: NSACache, slot: torch.Tensor,
+                            pos: torch.Tensor) -> torch.Tensor:
+    """New queries at any offset against the cache through the decode kernels (chunked prefill: many
+    new tokens of a slot). Each query is a row of the kernels' batch mapped to its cache slot (slots=)
+    at its own position, so it sees the slot's rows and summaries up to that position only: the
+    call's keys, values and summaries must already be in the cache. q [N, HQ, D] after RoPE, gates
+    [N, HQ, 3], slot / pos int64 [N]; returns o [N, HQ, D]. Moves no lengths."""
+    scale = module.head_dim ** -0.5
+    pos32, slots = pos.to(torch.int32).contiguous(), slot.to(torch.int32).contiguous()
+    o_cmp, idx = decode_compressed_select(q.contiguous(), cache.k_cmp, cache.v_cmp, pos32, module.kernel_size,
+                                          module.kernel_stride, module.block_size, module.topk,
+                                          module.init_blocks, module.local_blocks, scale, slots=slots)
+    return decode_selected_window(q, cache.k, cache.v, pos32, idx, o_cmp, gates.contiguous(), module.block_size,
+                                  module.window_size, scale, block_table=cache.block_table, slots=slots)
+
+
+@torch.no_grad()
 def decode_device(module, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
     """The device part of a decode step (no checks, no host state): appends x's B tokens, moves the
     device lengths by one and returns the outputs [B, hidden_size]. What DecodeGraph captures."""

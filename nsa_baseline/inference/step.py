@@ -4,7 +4,8 @@
     q, k, v, gates of the new tokens, RoPE at their absolute positions ->
     write k, v into their slots -> new summaries whose kernel_size span the call completed ->
     attention: the module's own forward when no slot has history (prefill: the fast kernels),
-               else cached_attention (PyTorch, any offset) ->
+               else the decode kernels with one query per row at its own offset where they serve
+               (decode.cached_kernel_attention: chunked prefill), else cached_attention (PyTorch) ->
     (one new token in every slot with a kernel backend: the decode step of decode.py instead) ->
     lengths move last -> output projection.
 `attend_with_cache` is the part between the projections (q, k, v after RoPE and gates in, o out), shared
@@ -19,7 +20,7 @@ import torch
 
 from nsa_baseline.inference.cache import NSACache
 from nsa_baseline.inference.cached_attention import cached_attention
-from nsa_baseline.inference.decode import decode_attention, decode_device, decode_serves
+from nsa_baseline.inference.decode import cached_kernel_attention, decode_attention, decode_device, decode_serves
 from nsa_baseline.inference.plan import CallPlan, plan_call
 from nsa_baseline.reference.rope import apply_rope
 
@@ -85,7 +86,9 @@ def attend_with_cache(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cache.k[at] = k
     cache.v[at] = v
     _update_summaries(module, cache, plan)
-    if plan.has_history:
+    if plan.has_history and decode_kernels and decode_serves(module, cache):  # chunked prefill, kernels
+        o = cached_kernel_attention(module, q, gates, cache, plan.seq, plan.pos)
+    elif plan.has_history:
         o = cached_attention(module, cache, q, gates, plan.seq, plan.pos, module.branches().gated_sum)
     else:  # prefill: the new tokens are the whole sequences, the module's forward (fast kernels) serves them
         o = module.attention(q, k, v, gates, plan.cu_seqlens)

@@ -222,7 +222,8 @@ def decode_append(k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: 
     block_d = head_pad(d)
     _append_kernel[(b, block_d // bn, 2)](
         k_new.contiguous(), v_new.contiguous(), k, v, k_cmp, v_cmp, lengths, pos, *w, table, max_seqlen, max_cmp,
-        max_pages, PAGE=page, H=h, H_PAD=group_pad(h) if linear else next_pow2(h), D=d, BLOCK_D=block_d, BN=bn, KS=kernel_size, J=j,
+        max_pages, PAGE=page, H=h, H_PAD=group_pad(h) if linear else next_pow2(h), D=d, BLOCK_D=block_d, BN=bn,
+        KS=kernel_size, J=j,
         STRIDE=kernel_stride, LINEAR=linear, IEEE=k.dtype == torch.float32, num_warps=4,
         num_stages=1,  # a summary is <= KS / J dependent steps: pipelining them only multiplied shared memory (3 x 130 KiB)
     )

@@ -7,8 +7,9 @@ blocks of block_indices (-1 skipped), keys <= the token's position; window: keys
 max(0, t - W + 1) .. t in a fixed number of tiles (no data-dependent trip count); each branch has its
 own softmax. out = g0 * o_cmp + g1 * o_slc + g2 * o_win, written in the output dtype. Reads the cache
 in place: k, v [B, max_seqlen, H, D], or a paged cache's pools [num_pages, P, H, D] through its block
-table (decode_tiles._slot_rows: one table read per key tile). With advance (the cache's lengths) program (b, 0) also sets
-lengths[b] = pos + 1: the decode step's last kernel moves the lengths (decode_append cannot).
+table (decode_tiles._slot_rows: one table read per key tile); with slots= query row b reads cache slot
+slots[b] (chunked prefill: many queries of one slot). With advance (the cache's lengths) program (b, 0)
+also sets lengths[b] = pos + 1: the decode step's last kernel moves the lengths (decode_append cannot).
 When slots x KV heads leave SMs idle, the keys of a (slot, KV head) are split over S programs and
 merged by a combine kernel instead (decode_attend_split.py, FlashDecoding style; S from attend_splits).
 """
@@ -21,8 +22,8 @@ import triton.language as tl
 from nsa_baseline.checks import fail
 from nsa_baseline.contract import BLOCK_SIZES
 from nsa_baseline.ops.decode_attend_split import split_items, split_selected_window
-from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _finish, _keys_tile, _slot_rows, cache_layout,
-                                           gpu_programs, group_pad, head_pad)
+from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _cache_slot, _finish, _keys_tile, _slot_rows,
+                                           cache_layout, check_slots, gpu_programs, group_pad, head_pad)
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
 def window_tile(window_size: int) -> int:
@@ -45,10 +46,10 @@ def attend_splits(batch: int, heads: int, topk: int, window_size: int, device: t
 
 @triton.jit
 def _decode_attend_kernel(
-    q_ptr, k_ptr, v_ptr, tbl_ptr, pos_ptr, idx_ptr, o_cmp_ptr, gates_ptr, out_ptr, len_ptr, MAX_SEQLEN, MAX_PAGES,
-    qk_scale, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, tbl_ptr, slot_ptr, pos_ptr, idx_ptr, o_cmp_ptr, gates_ptr, out_ptr, len_ptr, MAX_SEQLEN,
+    MAX_PAGES, qk_scale, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, WINDOW: tl.constexpr,
-    BN: tl.constexpr, ADVANCE: tl.constexpr, IEEE: tl.constexpr, PAGE: tl.constexpr,
+    BN: tl.constexpr, ADVANCE: tl.constexpr, IEEE: tl.constexpr, PAGE: tl.constexpr, SLOTS: tl.constexpr,
 ):
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     pos = tl.load(pos_ptr + i_b)
@@ -60,6 +61,7 @@ def _decode_attend_kernel(
     m_gd = m_g[:, None] & m_d[None, :]
     rows_q = (i_b * HQ + i_h * G + o_g).to(tl.int64)  # [G_PAD] query rows
     b_q = tl.load(q_ptr + rows_q[:, None] * D + o_d[None, :], mask=m_gd, other=0.)  # [G_PAD, BLOCK_D]
+    i_r = _cache_slot(slot_ptr, i_b, SLOTS)  # the cache slot this token reads
     p_k = k_ptr + i_h * D + o_d[None, :]  # + a row's index in k / v (_slot_rows) * H * D
     p_v = v_ptr + i_h * D + o_d[None, :]
 
@@ -73,7 +75,7 @@ def _decode_attend_kernel(
         blk = tl.load(p_idx + t)
         rows = blk * BS + o_s
         m_rows = (rows <= pos) & (blk >= 0)
-        rows = _slot_rows(tbl_ptr, i_b, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
+        rows = _slot_rows(tbl_ptr, i_r, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
         b_m, b_l, b_acc = _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, H * D, IEEE)
     o_slc = _finish(b_l, b_acc)
 
@@ -87,7 +89,7 @@ def _decode_attend_kernel(
     for i in range(NW):
         rows = lo + i * BN + o_n
         m_rows = rows <= pos
-        rows = _slot_rows(tbl_ptr, i_b, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
+        rows = _slot_rows(tbl_ptr, i_r, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
         b_m, b_l, b_acc = _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, H * D, IEEE)
     o_win = _finish(b_l, b_acc)
 
@@ -101,13 +103,14 @@ def _decode_attend_kernel(
     tl.store(out_ptr + rows_q[:, None] * D + o_d[None, :], b_o.to(out_ptr.dtype.element_ty), mask=m_gd)
 
 
-def _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, advance, paged):
+def _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, advance, paged, slots):
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         fail("q", f"must be [B, HQ, D], got {tuple(getattr(q, 'shape', ()))}")
     b, hq, d = q.shape
+    check_slots(slots, b, q.device)
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[3] != d or not t.is_contiguous() \
-                or (not paged and t.shape[0] != b) or (paged and t.shape[1] % block_size):
+                or (not paged and slots is None and t.shape[0] != b) or (paged and t.shape[1] % block_size):
             want = f"[num_pages, page_size (a multiple of {block_size}), H, D={d}]" if paged else \
                 f"[B={b}, max_seqlen, H, D={d}]"
             fail(name, f"must be contiguous {want}, got {tuple(getattr(t, 'shape', ()))}")
@@ -142,7 +145,7 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                            block_indices: torch.Tensor, o_cmp: torch.Tensor, gates: torch.Tensor,
                            block_size: int, window_size: int, scale: float,
                            advance: torch.Tensor | None = None, splits: int | None = None,
-                           block_table: torch.Tensor | None = None) -> torch.Tensor:
+                           block_table: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
     r"""Selected + window attention of one new token per slot, gated with the compressed branch.
 
     Args:
@@ -153,12 +156,16 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
             last write; decode_append(advance=False) leaves them), or None;
         splits: programs per (slot, KV head) (None: attend_splits' rule; tests force > 1 anywhere);
         block_table: a paged cache's int32 [B, pages per slot] (k, v are then its pools
-            [num_pages, page_size, H, D]), or None (contiguous).
+            [num_pages, page_size, H, D]), or None (contiguous);
+        slots: int32 [B], the cache slot each query reads, or None (slot b): several queries may read
+            one slot at different positions (chunked prefill through these kernels).
     Returns:
         [B, HQ, D] in q.dtype: g0 * o_cmp + g1 * o_slc + g2 * o_win.
     """
-    _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, advance, block_table is not None)
-    layout = cache_layout(block_table, k, q.shape[0])
+    _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, advance, block_table is not None,
+           slots)
+    layout = cache_layout(block_table, k, q.shape[0] if slots is None else None)
+    slot_map = pos if slots is None else slots  # pos: a valid pointer the kernels never read as slots
     if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1):
         fail("splits", f"must be None or an int >= 1, got {splits!r}")
     b, hq, d = q.shape
@@ -171,14 +178,15 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         split_selected_window(q.contiguous(), k, v, pos, block_indices, o_cmp, gates, out, advance, splits=splits,
                               g=g, g_pad=group_pad(g), block_d=head_pad(d), block_size=block_size,
                               window_size=window_size, window_tile=window_tile(window_size),
-                              qk_scale=scale * LOG2E, ieee=q.dtype == torch.float32, layout=layout)
+                              qk_scale=scale * LOG2E, ieee=q.dtype == torch.float32, layout=layout, slots=slots)
         return out
     _decode_attend_kernel[(b, h)](
-        q.contiguous(), k, v, layout[0], pos, block_indices, o_cmp, gates, out, pos if advance is None else advance,
+        q.contiguous(), k, v, layout[0], slot_map, pos, block_indices, o_cmp, gates, out,
+        pos if advance is None else advance,
         max_seqlen, layout[1], scale * LOG2E,
         HQ=hq, H=h, G=g, G_PAD=group_pad(g), D=d, BLOCK_D=head_pad(d), BS=block_size, TOPK=block_indices.shape[2],
         WINDOW=window_size, BN=window_tile(window_size), ADVANCE=advance is not None,
-        IEEE=q.dtype == torch.float32, PAGE=layout[2],
+        IEEE=q.dtype == torch.float32, PAGE=layout[2], SLOTS=slots is not None,
         num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages,
     )
     return out

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _advance, _finish, _keys_tile, _load_q, _slot_rows
+from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _cache_slot, _finish, _keys_tile, _load_q,
+                                           _slot_rows)
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
 
@@ -40,17 +41,18 @@ def _store_partial(o_part_ptr, lse_part_ptr, part, b_m, b_l, b_acc, G: tl.conste
 
 @triton.jit
 def _split_keys_kernel(
-    q_ptr, k_ptr, v_ptr, tbl_ptr, pos_ptr, idx_ptr, o_part_ptr, lse_part_ptr, MAX_SEQLEN, MAX_PAGES, qk_scale,
+    q_ptr, k_ptr, v_ptr, tbl_ptr, slot_ptr, pos_ptr, idx_ptr, o_part_ptr, lse_part_ptr, MAX_SEQLEN, MAX_PAGES, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr,
     S: tl.constexpr, C: tl.constexpr, SHARES: tl.constexpr, CS: tl.constexpr, CW: tl.constexpr,
-    IEEE: tl.constexpr, PAGE: tl.constexpr,
+    IEEE: tl.constexpr, PAGE: tl.constexpr, SLOTS: tl.constexpr,
 ):
     NW: tl.constexpr = (WINDOW + BN - 1) // BN
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
     b_q = _load_q(q_ptr, i_b, i_h, HQ, G, G_PAD, D, BLOCK_D)
     m_d = tl.arange(0, BLOCK_D) < D
+    i_r = _cache_slot(slot_ptr, i_b, SLOTS)  # the cache slot this token reads
     p_k = k_ptr + i_h * D + tl.arange(0, BLOCK_D)[None, :]  # + a row's index in k / v (_slot_rows) * H * D
     p_v = v_ptr + i_h * D + tl.arange(0, BLOCK_D)[None, :]
     p_idx = idx_ptr + (i_b * H + i_h).to(tl.int64) * TOPK
@@ -69,13 +71,13 @@ def _split_keys_kernel(
             blk = tl.load(p_idx + item, mask=item < TOPK, other=-1)
             rows = blk * BS + o_s
             m_rows = (rows <= pos) & (blk >= 0)
-            rows = _slot_rows(tbl_ptr, i_b, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
+            rows = _slot_rows(tbl_ptr, i_r, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
             s_m, s_l, s_acc = _keys_tile(b_q, s_m, s_l, s_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, H * D, IEEE)
         for i in range(CW):
             tile = i_s * CW + i
             rows = lo + tile * BN + o_n
             m_rows = (rows <= pos) & (tile < NW)
-            rows = _slot_rows(tbl_ptr, i_b, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
+            rows = _slot_rows(tbl_ptr, i_r, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
             w_m, w_l, w_acc = _keys_tile(b_q, w_m, w_l, w_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, H * D, IEEE)
     else:
         for i in range(C):
@@ -85,13 +87,13 @@ def _split_keys_kernel(
                 if blk >= 0:
                     rows = blk * BS + o_s
                     m_rows = rows <= pos
-                    rows = _slot_rows(tbl_ptr, i_b, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
+                    rows = _slot_rows(tbl_ptr, i_r, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
                     s_m, s_l, s_acc = _keys_tile(b_q, s_m, s_l, s_acc, p_k, p_v, rows, m_rows, m_d, qk_scale,
                                                  H * D, IEEE)
             elif item < TOPK + NW:  # window tile item - T
                 rows = lo + (item - TOPK) * BN + o_n
                 m_rows = rows <= pos
-                rows = _slot_rows(tbl_ptr, i_b, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
+                rows = _slot_rows(tbl_ptr, i_r, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
                 w_m, w_l, w_acc = _keys_tile(b_q, w_m, w_l, w_acc, p_k, p_v, rows, m_rows, m_d, qk_scale,
                                              H * D, IEEE)
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64) * 2
@@ -151,7 +153,7 @@ def split_items(topk: int, window_tiles: int, splits: int) -> tuple[int, int]:
 
 def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, splits: int, g: int, g_pad: int,
                           block_d: int, block_size: int, window_size: int, window_tile: int, qk_scale: float,
-                          ieee: bool, layout: tuple):
+                          ieee: bool, layout: tuple, slots=None):
     """Run the split and combine kernels; fills out [B, HQ, D] (decode_selected_window's output,
     already allocated) from arguments it has checked. splits > 1 (normalised by split_items); layout:
     decode_tiles.cache_layout's (table, MAX_PAGES, PAGE)."""
@@ -168,9 +170,10 @@ def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, spli
     lse_part = new_output((b * h * s * 2, g_pad), torch.float32, q.device)
     common = dict(HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d)
     _split_keys_kernel[(b, h, s)](
-        q, k, v, layout[0], pos, idx, o_part, lse_part, max_seqlen, layout[1], qk_scale, **common, BS=block_size,
+        q, k, v, layout[0], pos if slots is None else slots, pos, idx, o_part, lse_part, max_seqlen, layout[1], qk_scale,
+        **common, BS=block_size,
         TOPK=topk, WINDOW=window_size, BN=window_tile, S=s, C=c, SHARES=shares, CS=cs, CW=cw, IEEE=ieee,
-        PAGE=layout[2],
+        PAGE=layout[2], SLOTS=slots is not None,
         num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages)
     _split_combine_kernel[(b, hq)](
         o_part, lse_part, pos, o_cmp, gates, out, pos if advance is None else advance, **common, S=s,

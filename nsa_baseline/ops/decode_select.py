@@ -18,8 +18,8 @@ import triton.language as tl
 
 from nsa_baseline.checks import fail
 from nsa_baseline.ops.decode_split import split_compressed_select
-from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _attend_summaries, _finish, _load_q, gpu_programs, group_pad,
-                                           head_pad)
+from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _attend_summaries, _cache_slot, _finish, _load_q, check_slots,
+                                           gpu_programs, group_pad, head_pad)
 from nsa_baseline.ops.selection_kernel import _merge_bitonic, _pack_desc, _scores_tile, _store_sorted
 from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, next_pow2
 
@@ -40,11 +40,11 @@ def decode_splits(batch: int, heads: int, max_cmp: int, device: torch.device) ->
 
 @triton.jit
 def _decode_select_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, idx_ptr, MAX_CMP, qk_scale,
+    q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, o_ptr, idx_ptr, MAX_CMP, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr,
     STRIDE: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, T_PAD: tl.constexpr,
-    INIT: tl.constexpr, LOCAL: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    INIT: tl.constexpr, LOCAL: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr, SLOTS: tl.constexpr,
 ):
     BC: tl.constexpr = BJ * R
     i_b, i_h = tl.program_id(0), tl.program_id(1)
@@ -55,7 +55,7 @@ def _decode_select_kernel(
     m_g = o_g < G
     m_d = o_d < D
     b_q = _load_q(q_ptr, i_b, i_h, HQ, G, G_PAD, D, BLOCK_D)  # [G_PAD, BLOCK_D]
-    base = (i_b.to(tl.int64) * MAX_CMP * H + i_h) * D
+    base = (_cache_slot(slot_ptr, i_b, SLOTS).to(tl.int64) * MAX_CMP * H + i_h) * D
     p_k = k_ptr + base + tl.arange(0, BC).to(tl.int64)[:, None] * (H * D) + o_d[None, :]  # [BC, BLOCK_D]
     p_v = v_ptr + base + tl.arange(0, BC).to(tl.int64)[:, None] * (H * D) + o_d[None, :]
 
@@ -89,13 +89,14 @@ def _decode_select_kernel(
     _store_sorted(keys, p_idx, in_t, TOPK, T_PAD)
 
 
-def _check(q, k_cmp, v_cmp, pos, kernel_size, kernel_stride, block_size, topk):
+def _check(q, k_cmp, v_cmp, pos, kernel_size, kernel_stride, block_size, topk, slots):
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         fail("q", f"must be [B, HQ, D], got {tuple(getattr(q, 'shape', ()))}")
     b, hq, d = q.shape
+    check_slots(slots, b, q.device)
     for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != b or t.shape[3] != d \
-                or not t.is_contiguous():
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or (slots is None and t.shape[0] != b) \
+                or t.shape[3] != d or not t.is_contiguous():
             fail(name, f"must be contiguous [B={b}, max_cmp, H, D={d}], got {tuple(getattr(t, 'shape', ()))}")
         if t.dtype != q.dtype or t.device != q.device:
             fail(name, f"must match q ({q.dtype} on {q.device}), got {t.dtype} on {t.device}")
@@ -115,20 +116,23 @@ def _check(q, k_cmp, v_cmp, pos, kernel_size, kernel_stride, block_size, topk):
 
 def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, pos: torch.Tensor,
                              kernel_size: int, kernel_stride: int, block_size: int, topk: int,
-                             init_blocks: int, local_blocks: int, scale: float, splits: int | None = None):
+                             init_blocks: int, local_blocks: int, scale: float, splits: int | None = None,
+                             slots: torch.Tensor | None = None):
     r"""Compressed attention and top-T block selection of one new token per slot.
 
     Args:
         q: [B, HQ, D] the new tokens' queries (after RoPE); k_cmp, v_cmp: [B, max_cmp, H, D] the
             cache's summaries (already holding any summary the new token completes);
         pos: int32 [B] each new token's position (the slot's length before it);
-        splits: programs per (slot, KV head) (None: decode_splits' rule; tests force > 1 anywhere).
+        splits: programs per (slot, KV head) (None: decode_splits' rule; tests force > 1 anywhere);
+        slots: int32 [B], the cache slot (row of k_cmp, v_cmp) each query reads, or None (its own row
+            b); several queries may read one slot at different positions (chunked prefill).
     Returns:
         o_cmp float32 [B, HQ, D] (0 for a token that sees no summary) and block_indices int32 [B, H, T]:
         forced blocks (the first init_blocks, the local_blocks ending at the token's block) first,
         then by decreasing score, -1 for empty slots.
     """
-    _check(q, k_cmp, v_cmp, pos, kernel_size, kernel_stride, block_size, topk)
+    _check(q, k_cmp, v_cmp, pos, kernel_size, kernel_stride, block_size, topk, slots)
     if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1):
         fail("splits", f"must be None or an int >= 1, got {splits!r}")
     b, hq, d = q.shape
@@ -140,8 +144,9 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
     o_cmp = new_output((b, hq, d), torch.float32, q.device)
     idx = new_output((b, h, topk), torch.int32, q.device)
     if max_cmp == 0:  # a cache too short for any summary: keep valid pointers, nothing is visible
-        k_cmp = v_cmp = q.new_zeros(b, 1, h, d)
+        k_cmp = v_cmp = q.new_zeros(k_cmp.shape[0], 1, h, d)
         max_cmp = 1
+    slot_map = pos if slots is None else slots  # pos: a valid pointer the kernels never read as slots
     if splits is None:
         splits = decode_splits(b, h, k_cmp.shape[1], q.device)
     if splits > 1:
@@ -149,13 +154,14 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
                                 qk_scale=scale * LOG2E, g=g, g_pad=group_pad(g), block_d=head_pad(d), bj=bj, r=r,
                                 c=c, kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size,
                                 topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
-                                ieee=q.dtype == torch.float32, while_loop=is_interpreter())
+                                ieee=q.dtype == torch.float32, while_loop=is_interpreter(), slots=slots)
         return o_cmp, idx
     _decode_select_kernel[(b, h)](
-        q.contiguous(), k_cmp, v_cmp, pos, o_cmp, idx, max_cmp, scale * LOG2E,
+        q.contiguous(), k_cmp, v_cmp, slot_map, pos, o_cmp, idx, max_cmp, scale * LOG2E,
         HQ=hq, H=h, G=g, G_PAD=group_pad(g), D=d, BLOCK_D=head_pad(d), BJ=bj, R=r, C=c, KS=kernel_size,
         STRIDE=kernel_stride, BS=block_size, TOPK=topk, T_PAD=t_pad, INIT=init_blocks, LOCAL=local_blocks,
-        IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(), num_warps=DECODE_LAUNCH.select_warps,
+        IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(), SLOTS=slots is not None,
+        num_warps=DECODE_LAUNCH.select_warps,
         num_stages=DECODE_LAUNCH.select_stages,
     )
     return o_cmp, idx

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _finish, _load_q, _online_apply, _scores
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _cache_slot, _finish, _load_q, _online_apply, _scores
 from nsa_baseline.ops.selection_kernel import _merge_packed, _pack_desc, _rank_packed, _store_sorted
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
@@ -58,10 +58,10 @@ def _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g,
 
 @triton.jit
 def _split_summaries_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, o_part_ptr, lse_part_ptr, logit_ptr, MAX_CMP, qk_scale,
+    q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, o_part_ptr, lse_part_ptr, logit_ptr, MAX_CMP, qk_scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
-    BS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    BS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr, SLOTS: tl.constexpr,
 ):
     BC: tl.constexpr = BJ * R
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -72,7 +72,7 @@ def _split_summaries_kernel(
     o_d = tl.arange(0, BLOCK_D)
     o_c = tl.arange(0, BC)
     m_g = o_g < G
-    base = (i_b.to(tl.int64) * MAX_CMP * H + i_h) * D
+    base = (_cache_slot(slot_ptr, i_b, SLOTS).to(tl.int64) * MAX_CMP * H + i_h) * D
     p_k = k_ptr + base + o_c.to(tl.int64)[:, None] * (H * D) + o_d[None, :]  # [BC, BLOCK_D]
     p_v = v_ptr + base + o_c.to(tl.int64)[:, None] * (H * D) + o_d[None, :]
     p_logit = logit_ptr + ((i_b * H + i_h) * G + o_g).to(tl.int64)[:, None] * MAX_CMP + o_c[None, :]
@@ -215,7 +215,7 @@ def _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H: tl.constexpr, S: tl.constex
 def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, max_cmp: int, qk_scale: float,
                             g: int, g_pad: int, block_d: int, bj: int, r: int, c: int, kernel_size: int,
                             kernel_stride: int, block_size: int, topk: int, init_blocks: int,
-                            local_blocks: int, ieee: bool, while_loop: bool):
+                            local_blocks: int, ieee: bool, while_loop: bool, slots=None):
     """Run the three split kernels; fills o_cmp [B, HQ, D] and idx [B, H, topk] (decode_select's
     outputs, already allocated) from arguments it has checked."""
     b, hq, d = q.shape
@@ -228,8 +228,9 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
     common = dict(H=h, G=g, G_PAD=g_pad)
     steps = dict(R=r, KS=kernel_size, STRIDE=kernel_stride, BS=block_size, S=s, WHILE_LOOP=while_loop)
     _split_summaries_kernel[(b, h, s)](
-        q, k_cmp, v_cmp, pos, o_part, lse_part, logits, max_cmp, qk_scale, HQ=hq, **common, D=d, BLOCK_D=block_d,
-        BJ=bj, **steps, IEEE=ieee, num_warps=DECODE_LAUNCH.select_warps, num_stages=DECODE_LAUNCH.select_stages)
+        q, k_cmp, v_cmp, pos if slots is None else slots, pos, o_part, lse_part, logits, max_cmp, qk_scale, HQ=hq,
+        **common, D=d, BLOCK_D=block_d, BJ=bj, **steps, IEEE=ieee, SLOTS=slots is not None,
+        num_warps=DECODE_LAUNCH.select_warps, num_stages=DECODE_LAUNCH.select_stages)
     _split_select_kernel[(b, h, s)](
         pos, lse_part, logits, keys_part, max_cmp, **common, BJ=bj, C=c, **steps, S_PAD=s_pad, T_PAD=t_pad,
         INIT=init_blocks, LOCAL=local_blocks, num_warps=4)

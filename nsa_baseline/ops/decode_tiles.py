@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -57,18 +58,37 @@ def decode_launch(**settings):
             setattr(DECODE_LAUNCH, name, value)
 
 
-def cache_layout(block_table, k: torch.Tensor, batch: int) -> tuple[torch.Tensor, int, int]:
+def cache_layout(block_table, k: torch.Tensor, batch: Optional[int]) -> tuple[torch.Tensor, int, int]:
     """(table pointer, MAX_PAGES, PAGE) of the decode kernels: a contiguous cache (block_table None, k
     [B, max_seqlen, H, D]; PAGE = 0, the pointer unused) or a paged one (k the pool [num_pages, P, H, D],
-    block_table int32 [B, pages per slot] on k's device; PAGE = P)."""
+    block_table int32 [B, pages per slot] on k's device; PAGE = P). batch None: any B (with slots=)."""
     if block_table is None:
         return k, 0, 0
     if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
-            or block_table.shape[0] != batch or block_table.device != k.device or not block_table.is_contiguous():
+            or batch not in (None, block_table.shape[0]) or block_table.device != k.device \
+            or not block_table.is_contiguous():
         fail("block_table", f"must be None or contiguous int32 [B={batch}, pages per slot] on {k.device}, got "
                             f"{getattr(block_table, 'dtype', type(block_table).__name__)} "
                             f"{tuple(getattr(block_table, 'shape', ()))}")
     return block_table, block_table.shape[1], k.shape[1]
+
+
+def check_slots(slots, n: int, device) -> None:
+    """slots= of the decode kernels: None (query row b reads cache slot b) or int32 [n] on `device`,
+    the cache slot each query row reads (rows of one slot may repeat: chunked prefill)."""
+    if slots is not None and (not isinstance(slots, torch.Tensor) or slots.dtype != torch.int32
+                              or tuple(slots.shape) != (n,) or slots.device != torch.device(device)
+                              or not slots.is_contiguous()):
+        fail("slots", f"must be None or contiguous int32 [{n}] on {device}, got "
+                      f"{getattr(slots, 'dtype', type(slots).__name__)} {tuple(getattr(slots, 'shape', ()))}")
+
+
+@triton.jit
+def _cache_slot(slot_ptr, i_b, SLOTS: tl.constexpr):
+    """The cache slot query row i_b reads: slots[i_b] with a slot map (SLOTS), else i_b itself."""
+    if SLOTS:
+        return tl.load(slot_ptr + i_b)
+    return i_b
 
 
 @triton.jit

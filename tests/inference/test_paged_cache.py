@@ -2,11 +2,13 @@
 grow, a block table per slot. Every call equals the module's full forward as with the contiguous
 cache (the PyTorch path in float64; the decode kernels in fp32 under the interpreter, the split
 attend kernel too), pages interleave between slots, a call the free pages cannot hold is refused
-before any write (naming the argument), and reset(slot) gives its pages back."""
+before any write (naming the argument), and reset(slot) gives its pages back. Chunked prefill
+through the decode kernels (slots=: one query per kernel row at its own offset) on both layouts."""
 import pytest
 import torch
 
 from nsa_baseline.inference.step import forward_with_cache
+from tests.helpers import assert_close
 from tests.inference.schedules import packed, run_schedule
 from tests.inference.test_cache import tiny
 from tests.inference.test_cache_calls import assert_unchanged, snapshot
@@ -82,3 +84,23 @@ def test_decode_step_out_of_pages_names_x():
     with pytest.raises(ValueError, match="`x`.*out of pages"):  # slot 0 needs its second page
         decode_step(m, torch.randn(2, 32), cache)
     assert_unchanged(cache, snap)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_chunked_prefill_through_the_decode_kernels_equals_the_pytorch_path(monkeypatch, paged):
+    """Calls of many new tokens against a history (chunks of 1 to 40 tokens, a slot with none) run the
+    decode kernels with one query per kernel row mapped to its cache slot (slots=); they equal the
+    PyTorch path, on a contiguous and a paged cache, with both kernels' splits forced (S = 3 / 2)."""
+    import nsa_baseline.ops.decode_select as select
+
+    force_attend_splits(monkeypatch, 2)
+    monkeypatch.setattr(select, "decode_splits", lambda *a: 3)
+    m = small_module(3)
+    kw = dict(page_size=16) if paged else {}
+    fast, slow = m.new_cache(2, 112, **kw), m.new_cache(2, 112, **kw)
+    for counts in ([20, 7], [33, 0], [1, 40], [5, 5]):
+        x = torch.randn(sum(counts), 32)
+        y = forward_with_cache(m, x, packed(counts), fast)
+        y_torch = forward_with_cache(m, x, packed(counts), slow, decode_kernels=False)
+        assert_close(y, y_torch, torch.float32, f"counts {counts}: decode kernels vs PyTorch path")
+    assert fast.host_lengths == slow.host_lengths == (59, 52)
