@@ -33,9 +33,14 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     return g.replay
 
 
-def fill_cache(module, b: int, length: int):
-    """A cache of b slots holding length - 1 random tokens each (the new token attends `length` keys)."""
-    cache = module.new_cache(b, length)
+def fill_cache(module, b: int, length: int, page_size: Optional[int] = None):
+    """A cache of b slots holding length - 1 random tokens each (the new token attends `length` keys).
+    page_size: a paged cache whose slots claimed their pages in turns (interleaved in the pool, as
+    slots growing together would)."""
+    cache = module.new_cache(b, length, page_size=page_size)
+    if page_size is not None:
+        for n in range(page_size, length + page_size, page_size):
+            cache.claim_pages([min(n, length)] * b)
     for t in (cache.k, cache.v, cache.k_cmp, cache.v_cmp):
         t.normal_()
     cache.set_lengths([length - 1] * b)

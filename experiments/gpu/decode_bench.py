@@ -54,18 +54,18 @@ def bytes_dense(b: int, length: int) -> int:
     return decode_bytes(length, b, HQ, H, D, 2, length)
 
 
-def time_point(rows, b: int, length: int, module):
+def time_point(rows, b: int, length: int, module, page_size=None):
     from nsa_baseline.inference.decode import decode_attention, decode_device
     from nsa_baseline.inference.graph import DecodeGraph
 
-    base = dict(B=b, L=length, HQ=HQ, H=H, D=D, dtype="bfloat16")
+    base = dict(B=b, L=length, HQ=HQ, H=H, D=D, dtype="bfloat16", page_size=page_size or 0)
     need = 2 * 2 * b * length * H * D * 2  # cache k, v + the dense copy
     free, _ = torch.cuda.mem_get_info()
     if need > 0.85 * free:
         rows.append(dict(base, impl="all", status=f"skipped: needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"))
         print(f"  B={b} L={length}: skipped (memory)", flush=True)
         return
-    cache = fill_cache(module, b, length)
+    cache = fill_cache(module, b, length, page_size)
     q = torch.randn(b, HQ, D, device="cuda", dtype=BF16)
     k, v = torch.randn(b, H, D, device="cuda", dtype=BF16), torch.randn(b, H, D, device="cuda", dtype=BF16)
     gates = torch.rand(b, HQ, 3, device="cuda", dtype=BF16)
@@ -97,8 +97,11 @@ def time_point(rows, b: int, length: int, module):
     rows.append(dict(base, impl="ours_attention", mode="graph16", ms=f"{ms:.4f}", GBps=f"{ours / ms * 1e-6:.0f}",
                      bytes=ours, status="ok" if ok else "non-finite output"))
     assert cache.lengths.tolist() == [length - 1] * b, "a timed step did not give its length back"
-    # dense decode over a contiguous [B, H, L, D] copy of the same keys
-    kd, vd = cache.k.transpose(1, 2).contiguous(), cache.v.transpose(1, 2).contiguous()
+    # dense decode over a contiguous [B, H, L, D] copy of the same keys (random ones beside a paged cache)
+    if page_size is None:
+        kd, vd = cache.k.transpose(1, 2).contiguous(), cache.v.transpose(1, 2).contiguous()
+    else:
+        kd, vd = (torch.randn(b, H, length, D, device="cuda", dtype=BF16) for _ in range(2))
     del cache
     qd = q.view(b, HQ, 1, D)
     dense = bytes_dense(b, length)
@@ -125,6 +128,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--lengths", default="8192,32768,65536,131072")
+    ap.add_argument("--page-size", type=int, default=None,
+                    help="a paged cache with pages of this many rows (a multiple of 64); default contiguous")
     args = ap.parse_args()
     require_cuda()
     from nsa_baseline.module import NativeSparseAttention
@@ -137,7 +142,7 @@ def main() -> int:
     rows = []
     for length in (int(s) for s in args.lengths.split(",")):
         for b in (int(s) for s in args.batches.split(",")):
-            time_point(rows, b, length, module)
+            time_point(rows, b, length, module, args.page_size)
     write_rows(out / "decode_bench.csv", rows, meta)
     print(f"\n== one decode step, bf16, HQ={HQ}, H={H}, D={D}, (64, 16), window 512 (do_bench medians; "
           "GB/s = bytes read / time)")

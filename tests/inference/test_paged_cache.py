@@ -104,3 +104,11 @@ def test_chunked_prefill_through_the_decode_kernels_equals_the_pytorch_path(monk
         y_torch = forward_with_cache(m, x, packed(counts), slow, decode_kernels=False)
         assert_close(y, y_torch, torch.float32, f"counts {counts}: decode kernels vs PyTorch path")
     assert fast.host_lengths == slow.host_lengths == (59, 52)
+
+
+def test_benchmark_cache_interleaves_the_slots_pages():
+    """experiments.decode_timing.fill_cache(page_size=): slots claim their pages in turns."""
+    from experiments.decode_timing import fill_cache
+
+    cache = fill_cache(small_module(1), 2, 64, page_size=16)
+    assert cache.block_table.tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]] and cache.host_lengths == (63, 63)
