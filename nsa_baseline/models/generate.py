@@ -48,9 +48,11 @@ class GenerationCache:
     r"""The NSA caches of a swapped model: one NSACache per layer, `batch_size` slots of up to
     `max_seqlen` tokens each (device and dtype: each layer's q_proj weight), and the plan of the call
     in flight (every layer appends the same new tokens). Passed to the model as `nsa_cache=`.
+    page_size / num_pages: paged caches (a pool of pages per layer, inference/cache.py).
     """
 
-    def __init__(self, model: nn.Module, batch_size: int, max_seqlen: int):
+    def __init__(self, model: nn.Module, batch_size: int, max_seqlen: int, *, page_size: Optional[int] = None,
+                 num_pages: Optional[int] = None):
         check_int("batch_size", batch_size)
         check_int("max_seqlen", max_seqlen)
         layers = _decoder(model).layers
@@ -63,7 +65,8 @@ class GenerationCache:
             if attn.nsa is None:
                 fail("model", "has backend 'dense': generation with a cache needs NSA attention (the NSA cache)")
             w = attn.q_proj.weight
-            self._caches[id(attn)] = NSACache(CacheConfig.of(attn.nsa), batch_size, max_seqlen, w.device, w.dtype)
+            self._caches[id(attn)] = NSACache(CacheConfig.of(attn.nsa), batch_size, max_seqlen, w.device, w.dtype,
+                                              page_size=page_size, num_pages=num_pages, block_size=attn.nsa.block_size)
             self._attns.append(attn)
         self.first = next(iter(self._caches.values()))
         self.plan: Optional[CallPlan] = None
@@ -89,6 +92,11 @@ class GenerationCache:
         for c in self._caches.values():
             c.set_lengths([0] * c.batch_size)
         self.plan = None
+
+    def reset(self, slot: int) -> None:
+        """Empty slot `slot` of every layer for a new sequence (a paged cache's pages go back)."""
+        for c in self._caches.values():
+            c.reset(slot)
 
     def for_layer(self, attn: NSAAttention) -> NSACache:
         cache = self._caches.get(id(attn))
