@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from nsa_baseline.checks import fail
-from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _dot, _slot_rows, cache_layout, gpu_programs, group_pad,
-                                           head_pad)
+from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _dot, _page_rows, _slot_row0, cache_layout, gpu_programs,
+                                           group_pad, head_pad)
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
 MIN_COLUMN_TILE = 16  # tl.dot's smallest N
@@ -53,7 +53,7 @@ def _linear_part(src_ptr, new_ptr, w_ptr, pe_ptr, tbl_ptr, i_b, pos, start, o_n,
         m_k = (jj < KS) & (dd < D)
         row = start + jj
         m_x = m_h[:, None] & m_k[None, :]
-        r = _slot_rows(tbl_ptr, i_b, row, m_k & (row < pos), MAX_SEQLEN, MAX_PAGES, PAGE)
+        r = _slot_row0(i_b, MAX_SEQLEN, PAGE) + _page_rows(tbl_ptr, i_b, row, m_k & (row < pos), MAX_PAGES, PAGE)
         off = (r[None, :] * H + o_h[:, None]) * D + dd[None, :]
         x = tl.load(src_ptr + off, mask=m_x & (row < pos)[None, :], other=0.)
         x_new = tl.load(p_new, mask=m_x & (row == pos)[None, :], other=0.)
@@ -79,7 +79,7 @@ def _mean_part(src_ptr, b_new, tbl_ptr, i_b, pos, start, o_n, MAX_SEQLEN, MAX_PA
     for j0 in range(0, KS, J):
         row = start + j0 + o_j  # [J]
         m_r = ((j0 + o_j) < KS) & (row < pos)
-        r = _slot_rows(tbl_ptr, i_b, row, m_r, MAX_SEQLEN, MAX_PAGES, PAGE)
+        r = _slot_row0(i_b, MAX_SEQLEN, PAGE) + _page_rows(tbl_ptr, i_b, row, m_r, MAX_PAGES, PAGE)
         off = (r[:, None, None] * H + o_h[None, :, None]) * D + o_n[None, None, :]
         x = tl.load(src_ptr + off, mask=m_r[:, None, None] & m_hn[None, :, :], other=0.)  # [J, H_PAD, BN]
         x = tl.where((row == pos)[:, None, None], b_new[None, :, :], x)
@@ -98,7 +98,8 @@ def _append_columns(new_ptr, src_ptr, dst_ptr, w_ptr, pe_ptr, tbl_ptr, i_b, i_c,
     m_hn = (o_h < H)[:, None] & (o_n < D)[None, :]
     b_new = tl.load(new_ptr + (i_b * H + o_h).to(tl.int64)[:, None] * D + o_n[None, :], mask=m_hn, other=0.)
     ok = (pos >= 0) & (pos < MAX_SEQLEN)  # a full slot writes nothing (the host checks refuse it first)
-    off = (_slot_rows(tbl_ptr, i_b, pos, ok, MAX_SEQLEN, MAX_PAGES, PAGE) * H + o_h)[:, None] * D + o_n[None, :]
+    row = _slot_row0(i_b, MAX_SEQLEN, PAGE) + _page_rows(tbl_ptr, i_b, pos, ok, MAX_PAGES, PAGE)
+    off = (row * H + o_h)[:, None] * D + o_n[None, :]
     tl.store(src_ptr + off, b_new, mask=m_hn & ok)
     start = pos + 1 - KS
     idx = start // STRIDE

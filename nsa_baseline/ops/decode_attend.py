@@ -7,7 +7,7 @@ blocks of block_indices (-1 skipped), keys <= the token's position; window: keys
 max(0, t - W + 1) .. t in a fixed number of tiles (no data-dependent trip count); each branch has its
 own softmax. out = g0 * o_cmp + g1 * o_slc + g2 * o_win, written in the output dtype. Reads the cache
 in place: k, v [B, max_seqlen, H, D], or a paged cache's pools [num_pages, P, H, D] through its block
-table (decode_tiles._slot_rows: one table read per key tile); with slots= query row b reads cache slot
+table (decode_tiles._page_rows: one table read per key tile); with slots= query row b reads cache slot
 slots[b] (chunked prefill: many queries of one slot). With advance (the cache's lengths) program (b, 0)
 also sets lengths[b] = pos + 1: the decode step's last kernel moves the lengths (decode_append cannot).
 When slots x KV heads leave SMs idle, the keys of a (slot, KV head) are split over S programs and
@@ -22,8 +22,8 @@ import triton.language as tl
 from nsa_baseline.checks import fail
 from nsa_baseline.contract import BLOCK_SIZES
 from nsa_baseline.ops.decode_attend_split import split_items, split_selected_window
-from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _cache_slot, _finish, _keys_tile, _slot_rows,
-                                           cache_layout, check_slots, gpu_programs, group_pad, head_pad)
+from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _cache_slot, _finish, _keys_tile, _page_rows,
+                                           _slot_row0, cache_layout, check_slots, gpu_programs, group_pad, head_pad)
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
 def window_tile(window_size: int) -> int:
@@ -62,8 +62,9 @@ def _decode_attend_kernel(
     rows_q = (i_b * HQ + i_h * G + o_g).to(tl.int64)  # [G_PAD] query rows
     b_q = tl.load(q_ptr + rows_q[:, None] * D + o_d[None, :], mask=m_gd, other=0.)  # [G_PAD, BLOCK_D]
     i_r = _cache_slot(slot_ptr, i_b, SLOTS)  # the cache slot this token reads
-    p_k = k_ptr + i_h * D + o_d[None, :]  # + a row's index in k / v (_slot_rows) * H * D
-    p_v = v_ptr + i_h * D + o_d[None, :]
+    base = (_slot_row0(i_r, MAX_SEQLEN, PAGE) * H + i_h) * D
+    p_k = k_ptr + base + o_d[None, :]
+    p_v = v_ptr + base + o_d[None, :]
 
     # selected: the T chosen blocks, keys <= pos
     o_s = tl.arange(0, BS)
@@ -75,7 +76,7 @@ def _decode_attend_kernel(
         blk = tl.load(p_idx + t)
         rows = blk * BS + o_s
         m_rows = (rows <= pos) & (blk >= 0)
-        rows = _slot_rows(tbl_ptr, i_r, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
+        rows = _page_rows(tbl_ptr, i_r, rows, m_rows, MAX_PAGES, PAGE)
         b_m, b_l, b_acc = _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, H * D, IEEE)
     o_slc = _finish(b_l, b_acc)
 
@@ -89,7 +90,7 @@ def _decode_attend_kernel(
     for i in range(NW):
         rows = lo + i * BN + o_n
         m_rows = rows <= pos
-        rows = _slot_rows(tbl_ptr, i_r, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
+        rows = _page_rows(tbl_ptr, i_r, rows, m_rows, MAX_PAGES, PAGE)
         b_m, b_l, b_acc = _keys_tile(b_q, b_m, b_l, b_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, H * D, IEEE)
     o_win = _finish(b_l, b_acc)
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _cache_slot, _finish, _keys_tile, _load_q,
-                                           _slot_rows)
+                                           _page_rows, _slot_row0)
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
 
@@ -53,8 +53,9 @@ def _split_keys_kernel(
     b_q = _load_q(q_ptr, i_b, i_h, HQ, G, G_PAD, D, BLOCK_D)
     m_d = tl.arange(0, BLOCK_D) < D
     i_r = _cache_slot(slot_ptr, i_b, SLOTS)  # the cache slot this token reads
-    p_k = k_ptr + i_h * D + tl.arange(0, BLOCK_D)[None, :]  # + a row's index in k / v (_slot_rows) * H * D
-    p_v = v_ptr + i_h * D + tl.arange(0, BLOCK_D)[None, :]
+    base = (_slot_row0(i_r, MAX_SEQLEN, PAGE) * H + i_h) * D
+    p_k = k_ptr + base + tl.arange(0, BLOCK_D)[None, :]
+    p_v = v_ptr + base + tl.arange(0, BLOCK_D)[None, :]
     p_idx = idx_ptr + (i_b * H + i_h).to(tl.int64) * TOPK
     lo = tl.maximum(pos - WINDOW + 1, 0)
     o_s = tl.arange(0, BS)
@@ -71,13 +72,13 @@ def _split_keys_kernel(
             blk = tl.load(p_idx + item, mask=item < TOPK, other=-1)
             rows = blk * BS + o_s
             m_rows = (rows <= pos) & (blk >= 0)
-            rows = _slot_rows(tbl_ptr, i_r, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
+            rows = _page_rows(tbl_ptr, i_r, rows, m_rows, MAX_PAGES, PAGE)
             s_m, s_l, s_acc = _keys_tile(b_q, s_m, s_l, s_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, H * D, IEEE)
         for i in range(CW):
             tile = i_s * CW + i
             rows = lo + tile * BN + o_n
             m_rows = (rows <= pos) & (tile < NW)
-            rows = _slot_rows(tbl_ptr, i_r, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
+            rows = _page_rows(tbl_ptr, i_r, rows, m_rows, MAX_PAGES, PAGE)
             w_m, w_l, w_acc = _keys_tile(b_q, w_m, w_l, w_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, H * D, IEEE)
     else:
         for i in range(C):
@@ -87,13 +88,13 @@ def _split_keys_kernel(
                 if blk >= 0:
                     rows = blk * BS + o_s
                     m_rows = rows <= pos
-                    rows = _slot_rows(tbl_ptr, i_r, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
+                    rows = _page_rows(tbl_ptr, i_r, rows, m_rows, MAX_PAGES, PAGE)
                     s_m, s_l, s_acc = _keys_tile(b_q, s_m, s_l, s_acc, p_k, p_v, rows, m_rows, m_d, qk_scale,
                                                  H * D, IEEE)
             elif item < TOPK + NW:  # window tile item - T
                 rows = lo + (item - TOPK) * BN + o_n
                 m_rows = rows <= pos
-                rows = _slot_rows(tbl_ptr, i_r, rows, m_rows, MAX_SEQLEN, MAX_PAGES, PAGE)
+                rows = _page_rows(tbl_ptr, i_r, rows, m_rows, MAX_PAGES, PAGE)
                 w_m, w_l, w_acc = _keys_tile(b_q, w_m, w_l, w_acc, p_k, p_v, rows, m_rows, m_d, qk_scale,
                                              H * D, IEEE)
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64) * 2
@@ -170,8 +171,8 @@ def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, spli
     lse_part = new_output((b * h * s * 2, g_pad), torch.float32, q.device)
     common = dict(HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d)
     _split_keys_kernel[(b, h, s)](
-        q, k, v, layout[0], pos if slots is None else slots, pos, idx, o_part, lse_part, max_seqlen, layout[1], qk_scale,
-        **common, BS=block_size,
+        q, k, v, layout[0], pos if slots is None else slots, pos, idx, o_part, lse_part, max_seqlen, layout[1],
+        qk_scale, **common, BS=block_size,
         TOPK=topk, WINDOW=window_size, BN=window_tile, S=s, C=c, SHARES=shares, CS=cs, CW=cw, IEEE=ieee,
         PAGE=layout[2], SLOTS=slots is not None,
         num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages)

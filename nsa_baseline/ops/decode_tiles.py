@@ -86,20 +86,34 @@ def check_slots(slots, n: int, device) -> None:
 @triton.jit
 def _cache_slot(slot_ptr, i_b, SLOTS: tl.constexpr):
     """The cache slot query row i_b reads: slots[i_b] with a slot map (SLOTS), else i_b itself."""
-    if SLOTS:
-        return tl.load(slot_ptr + i_b)
-    return i_b
+    i_r = i_b
+    if SLOTS:  # no early return: one exit for the compiler whichever branch the constexpr keeps
+        i_r = tl.load(slot_ptr + i_b)
+    return i_r
 
 
 @triton.jit
-def _slot_rows(tbl_ptr, i_b, rows, mask, SLOT_ROWS, MAX_PAGES, PAGE: tl.constexpr):
-    """Rows `rows` of slot i_b's keys as rows of the k / v tensor (int64): i_b * SLOT_ROWS + rows in a
-    contiguous cache (PAGE = 0), page * PAGE + rows % PAGE from the block table in a paged one (rows
-    outside `mask` read no table entry; their result is not used)."""
+def _slot_row0(i_r, MAX_SEQLEN, PAGE: tl.constexpr):
+    """Row of k / v (int64) where slot i_r's rows start: i_r * MAX_SEQLEN in a contiguous cache (PAGE =
+    0), 0 in a paged one, whose _page_rows place every row. Kernels fold it into their base pointer."""
     if PAGE == 0:
-        return i_b.to(tl.int64) * SLOT_ROWS + rows
-    page = tl.load(tbl_ptr + i_b.to(tl.int64) * MAX_PAGES + rows // PAGE, mask=mask, other=0)
-    return page.to(tl.int64) * PAGE + rows % PAGE
+        r0 = i_r.to(tl.int64) * MAX_SEQLEN
+    else:
+        r0 = i_r.to(tl.int64) * 0
+    return r0
+
+
+@triton.jit
+def _page_rows(tbl_ptr, i_r, rows, mask, MAX_PAGES, PAGE: tl.constexpr):
+    """Rows `rows` of slot i_r counted from _slot_row0: themselves in a contiguous cache, page * PAGE +
+    rows % PAGE from the block table in a paged one (rows outside `mask` read no table entry; their
+    result is not used)."""
+    if PAGE == 0:
+        out = rows
+    else:
+        page = tl.load(tbl_ptr + i_r.to(tl.int64) * MAX_PAGES + rows // PAGE, mask=mask, other=0)
+        out = page.to(tl.int64) * PAGE + rows % PAGE
+    return out
 
 
 @triton.jit
