@@ -16,9 +16,9 @@ def test_chunk_point_runs_every_way_on_cpu(monkeypatch):
                               window_size=12)
     rows = []
     chunk_bench.time_point(rows, m, 40, 5, None, torch_max=1000)
-    chunk_bench.time_point(rows, m, 40, 30, 16, torch_max=1000)  # 1200 > 1000: no PyTorch path
+    chunk_bench.time_point(rows, m, 40, 12, 16, torch_max=400)  # 480 > 400: no PyTorch path
     assert [(r["chunk"], r["impl"], r["status"][:7]) for r in rows] == [
         (5, "nsa_kernels", "ok"), (5, "nsa_pytorch", "ok"), (5, "sdpa", "ok"),
-        (30, "nsa_pytorch", "skipped"), (30, "nsa_kernels", "ok"), (30, "sdpa", "ok")]
+        (12, "nsa_pytorch", "skipped"), (12, "nsa_kernels", "ok"), (12, "sdpa", "ok")]
     assert rows[0]["ms"] == "2.0000" and rows[0]["us_per_token"] == "400.00" and rows[3]["page_size"] == 16
     assert len(calls) == 5
