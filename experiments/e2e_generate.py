@@ -100,24 +100,21 @@ class _DenseStatic:
     eagerly)."""
 
     def __init__(self, model, capture: bool):
-        self.model, self.capture, self.cache, self.graph = model, capture, None, None
+        self.model, self.capture, self.cache, self.replay = model, capture, None, None
         _register_sdpa_gqa()
 
     def _step(self):
         return self.model(inputs_embeds=self.inp, past_key_values=self.cache, use_cache=True).last_hidden_state
 
     def _capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up steps, taken back (rows past a length are masked, then overwritten)
-                self._step()
-                for layer in self.cache.layers:
-                    layer.cumulative_length.sub_(1)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        from experiments.decode_timing import graphed
+
+        def step():
             self.out = self._step()
+
+        self.replay = graphed(step)
+        for layer in self.cache.layers:  # graphed's two warm-up steps, taken back (rows past a length are masked)
+            layer.cumulative_length.sub_(2)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, steps: torch.Tensor, mark: Optional[Callable]) -> torch.Tensor:
@@ -131,16 +128,16 @@ class _DenseStatic:
                 self.inp = steps[:1, None].clone()  # [1, 1, hidden]: the static input of the captured step
             self.cache.reset()  # in place: the graph keeps its addresses
             out = self.model(inputs_embeds=x, past_key_values=self.cache, use_cache=True).last_hidden_state
-            if self.capture and self.graph is None:
+            if self.capture and self.replay is None:
                 self._capture()
             if mark:
                 mark()
             for t in steps:
                 self.inp.copy_(t.view(1, 1, -1))
-                if self.graph is None:
+                if self.replay is None:
                     out = self._step()
                 else:
-                    self.graph.replay()
+                    self.replay()
                     out = self.out
         finally:
             config._attn_implementation = kept

@@ -142,6 +142,11 @@ class NSACache:
             table = [p + [-1] * (self.block_table.shape[1] - len(p)) for p in self._pages]
             self.block_table.copy_(torch.tensor(table, dtype=torch.int32))
 
+    def claim_step(self) -> None:
+        """claim_pages for a decode step: every slot's next row (before the step's writes; outside a
+        CUDA graph, which cannot capture the table's copy)."""
+        self.claim_pages([n + 1 for n in self._host_lengths])
+
     @property
     def free_pages(self) -> int:
         return len(self._free) if self.page_size is not None else 0
@@ -155,12 +160,6 @@ class NSACache:
         pos = pos.clamp(0, self.max_seqlen - 1)
         page = self.block_table.long()[slot, pos // self.page_size].clamp_min(0)
         return page, pos % self.page_size
-
-    def flat_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) as [1, rows, H, D] for a paged cache (index them with (0, page * P + row)), else as held."""
-        if self.page_size is None:
-            return self.k, self.v
-        return self.k.flatten(0, 1)[None], self.v.flatten(0, 1)[None]
 
     @property
     def nbytes(self) -> int:

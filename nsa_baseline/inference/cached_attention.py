@@ -62,8 +62,8 @@ def _keys(cache: NSACache, slot: torch.Tensor, key_pos: torch.Tensor):
     if cache.page_size is None:
         return cache.k, cache.v, slot, key_pos
     page, row = cache.rows(slot[:, None, None].expand_as(key_pos), key_pos)
-    k, v = cache.flat_rows()
-    return k, v, torch.zeros_like(slot), page * cache.page_size + row
+    pool_rows = (cache.k.flatten(0, 1)[None], cache.v.flatten(0, 1)[None])  # [1, num_pages * P, H, D]
+    return *pool_rows, torch.zeros_like(slot), page * cache.page_size + row
 
 
 def _chunk_size(num_q_heads: int, h: int, d: int, reach: int) -> int:

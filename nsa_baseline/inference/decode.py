@@ -41,7 +41,7 @@ def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """NSA's attention of one new token per slot between the projections (what replaces dense decode):
     q [B, HQ, D], k, v [B, H, D] after RoPE at positions cache.lengths, gates [B, HQ, 3]. Appends k, v
     and any completed summary, moves the device lengths by one, returns o [B, HQ, D] in q.dtype."""
-    cache.claim_pages([n + 1 for n in cache.host_lengths])  # a paged cache's page for row lengths[b]; no-op when there
+    cache.claim_step()  # a paged cache's page for row lengths[b]; no-op when it is there (graph capture)
     w = {}
     if module.compression == "linear":
         w = dict(k_weight=module.k_cmp_weight, k_pos=module.k_cmp_pos, v_weight=module.v_cmp_weight,

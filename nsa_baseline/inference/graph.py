@@ -34,7 +34,7 @@ class DecodeGraph:
         check_decode_call(module, self.x, cache)
         if not decode_serves(module, cache):
             raise ValueError(f"argument `module` (backend {module.backend!r}) is not served by the decode kernels")
-        cache.claim_pages([n + 1 for n in cache.host_lengths])  # paged: before capture (a copy cannot be captured)
+        cache.claim_step()  # paged: before capture
         side = torch.cuda.Stream(cache.device)
         side.wait_stream(torch.cuda.current_stream(cache.device))
         with torch.cuda.stream(side):
@@ -53,7 +53,7 @@ class DecodeGraph:
         if self.rewind:
             raise ValueError("argument `rewind` was True at capture: this graph never appends; use replay()")
         check_decode_call(self.module, x, self.cache)
-        self.cache.claim_pages([n + 1 for n in self.cache.host_lengths])  # paged: the step's rows, outside the graph
+        self.cache.claim_step()  # paged: the step's rows, outside the graph
         self.x.copy_(x)
         self.graph.replay()
         self.cache.advance_host()

@@ -39,7 +39,8 @@ class GenerationGraph:
                  warmup: int = 2):
         first = cache.first
         if capture and first.device.type != "cuda":
-            fail("cache", f"must be on a CUDA device for graph capture, got {first.device} (capture=False runs eagerly)")
+            fail("cache", f"must be on a CUDA device for graph capture, got {first.device} "
+                          "(capture=False runs eagerly)")
         if not cache.decode_kernels():
             fail("model", "must run its decode steps on the decode kernels (an nsa / fsa / auto backend on "
                           "tensors the kernels serve) to be captured")
@@ -57,8 +58,8 @@ class GenerationGraph:
         if not capture:
             return
         self._check_room()
-        for c in cache.caches():  # paged caches: before capture (a copy cannot be captured)
-            c.claim_pages([n + 1 for n in c.host_lengths])
+        for c in cache.caches():  # paged caches: before capture
+            c.claim_step()
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side), torch.no_grad():
@@ -108,7 +109,7 @@ class GenerationGraph:
                            f"on {getattr(tokens, 'device', '-')}")
         self._check_room()
         for c in self.cache.caches():  # paged caches: the step's rows, outside the graph
-            c.claim_pages([n + 1 for n in c.host_lengths])
+            c.claim_step()
         self.inputs.copy_(tokens[None])
         if self.graph is None:
             with torch.no_grad():
