@@ -1,9 +1,14 @@
-"""Small helpers of every sweep job (the runner's and the decode jobs'): timestamps, failure messages,
-out-of-memory detection, freeing device memory after a failure."""
+"""Small helpers of every sweep job (the runner's and the decode jobs') and of the one-call GPU scripts:
+timestamps, the commit, failure messages, out-of-memory detection, freeing device memory after a
+failure. No Hydra here: the GPU scripts run where it is not installed."""
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
+import os
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -27,3 +32,20 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """NSA_GIT_COMMIT when set (a tree copied to a lent GPU box, whose .git may be stale or absent),
+    else HEAD of the checkout, with " (dirty)" when tracked files outside results/ differ from it."""
+    if os.environ.get("NSA_GIT_COMMIT"):
+        return os.environ["NSA_GIT_COMMIT"]
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              cwd=here, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+                               capture_output=True, text=True, cwd=here, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + " (dirty)" if dirty else head) or "unknown"

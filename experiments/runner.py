@@ -3,11 +3,8 @@ the cost model, each failure recorded as a row (error / oom / unsupported) so th
 from __future__ import annotations
 
 import functools
-import os
 import math
-import subprocess
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -16,7 +13,7 @@ from experiments import accuracy, calibration, costs, progress, store, timed_cal
 from experiments import cost_model as cm
 from experiments.inputs import make_inputs
 from experiments.points import Point, make_row, row_key
-from experiments.rowtools import MESSAGE_CHARS, describe, free_memory, is_oom, now  # noqa: F401 (re-exported)
+from experiments.rowtools import MESSAGE_CHARS, describe, free_memory, git_commit, is_oom, now  # noqa: F401 (re-exported)
 from experiments.schema import DECODE_SCOPES, SweepConfig
 
 CPU_MESSAGE = "timings need CUDA; writing the analytic cost model only"
@@ -24,23 +21,6 @@ CPU_MESSAGE = "timings need CUDA; writing the analytic cost model only"
 
 def measuring(cfg: SweepConfig) -> bool:
     return cfg.measure == "time" or (cfg.measure == "auto" and torch.cuda.is_available())
-
-
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str:
-    """NSA_GIT_COMMIT when set (a tree copied to a lent GPU box, whose .git may be stale or absent),
-    else HEAD of the checkout, with " (dirty)" when tracked files outside results/ differ from it."""
-    if os.environ.get("NSA_GIT_COMMIT"):
-        return os.environ["NSA_GIT_COMMIT"]
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                              cwd=here, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
-                               capture_output=True, text=True, cwd=here, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head + " (dirty)" if dirty else head) or "unknown"
 
 
 def environment(cfg: SweepConfig, device: torch.device) -> dict:

@@ -147,7 +147,7 @@ def train(args) -> list[dict]:
 def meta(args, world: int) -> dict:
     import triton
 
-    from experiments.runner import git_commit
+    from experiments.rowtools import git_commit
 
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "none (CPU)"
     return dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, git_commit=git_commit(),

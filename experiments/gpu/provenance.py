@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import triton
 
+from experiments.rowtools import git_commit
+
 
 def require_cuda() -> None:
     """Exit with status 1 and a one-line message when there is no CUDA device (these scripts time
@@ -23,10 +25,6 @@ def require_cuda() -> None:
 
 def run_meta() -> dict:
     """GPU, torch, Triton and commit (NSA_GIT_COMMIT first: a lent box's .git may be stale)."""
-    # imported here, not at the top: the sweep's runner pulls in Hydra, which a GPU box may lack and
-    # which scripts that only call require_cuda() do not need
-    from experiments.runner import git_commit
-
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 git_commit=git_commit())
 

@@ -110,7 +110,7 @@ def adamw_step(model, master: list[torch.Tensor], opt, lr: float) -> None:
 
 def cpu_meta() -> dict:
     """The provenance columns of a CPU smoke run (run_meta needs CUDA)."""
-    from experiments.runner import git_commit
+    from experiments.rowtools import git_commit
     import triton
 
     return dict(gpu="none (CPU)", torch=torch.__version__, triton=triton.__version__, git_commit=git_commit())

@@ -54,3 +54,18 @@ def test_rows_are_written_with_provenance_and_printed_aligned(tmp_path, capsys):
     assert len(lines) == 3 and lines[0].split() == ["impl", "ms", "note"]
     assert lines[1].index("1.5") == lines[2].index("12.25") == lines[0].index("ms")  # aligned columns
     assert lines[2].split() == ["flex", "12.25", "compiled"]
+
+
+def test_provenance_and_the_decode_benches_need_no_hydra():
+    """The lent GPU machine has no Hydra: run_meta() (which every script calls before timing) and the
+    decode / chunk benches must import without it."""
+    code = ("import sys; sys.modules['hydra'] = None; import torch; "
+            "torch.cuda.get_device_name = lambda *a: 'Fake GPU'; "
+            "import experiments.gpu.decode_bench, experiments.gpu.chunk_bench; "
+            "from experiments.gpu.provenance import run_meta; m = run_meta(); "
+            "assert m['gpu'] == 'Fake GPU' and m['git_commit'] == 'abc1234', m; "
+            "assert 'hydra' not in {k.split('.')[0] for k, v in sys.modules.items() if v is not None}")
+    env = dict(os.environ, NSA_GIT_COMMIT="abc1234", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, text=True, capture_output=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
