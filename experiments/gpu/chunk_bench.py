@@ -2,7 +2,7 @@
 decode kernels (every new token a row of their batch at its own position) against the PyTorch path
 the kernels replaced and dense SDPA.
 
-    python -m experiments.gpu.chunk_bench [--lengths 16384,65536] [--chunks 16,256,2048] [--page-size 64]
+    python -m experiments.gpu.chunk_bench [--lengths 16384,65536] [--chunks 16,256,2048] [--page-size 64] [--profile]
 
 Llama3-8B heads (32 query / 8 KV, d = 128), the (64, 16) preset, bf16, FSA backend; the cache holds
 L random tokens and summaries (timing only: tests/inference checks the maths). Timed (do_bench
@@ -29,7 +29,22 @@ START = time.time()
 DEV, DTYPE = "cuda", BF16  # the CPU smoke test (tests/experiments/test_chunk_bench.py) swaps these
 
 
-def time_point(rows, module, length: int, chunk: int, page_size, torch_max: int) -> None:
+def print_profile(label: str, fn, calls: int = 5) -> None:
+    """torch.profiler's table of `calls` calls of fn (CUDA time per kernel, host time per op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    print(f"== profile {label}, {calls} calls")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+def time_point(rows, module, length: int, chunk: int, page_size, torch_max: int, profile: bool = False) -> None:
     from torch.nn.attention.bias import causal_lower_right
 
     from nsa_baseline.inference.plan import plan_counts
@@ -61,6 +76,8 @@ def time_point(rows, module, length: int, chunk: int, page_size, torch_max: int)
     mask = causal_lower_right(chunk, length + chunk)
     ways.append(("sdpa", lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)))
     for impl, fn in ways:
+        if profile and impl == "nsa_kernels":
+            print_profile(f"L={length} chunk={chunk} {impl}", fn)
         ms = timing.bench(fn)[1]
         rows.append(dict(base, impl=impl, ms=f"{ms:.4f}", us_per_token=f"{1e3 * ms / chunk:.2f}", status="ok"))
         print(f"  L={length:6d} chunk={chunk:5d} {impl:<12} {ms:9.4f} ms  ({time.time() - START:.0f} s)", flush=True)
@@ -76,6 +93,7 @@ def main() -> int:
     ap.add_argument("--page-size", type=int, default=None, help="a paged cache (pages of this many rows)")
     ap.add_argument("--torch-max-tokens", type=int, default=1 << 24,
                     help="skip the PyTorch path where chunk * L is larger (its gathers grow with both)")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of the kernel path")
     args = ap.parse_args()
     require_cuda()
     from nsa_baseline.module import NativeSparseAttention
@@ -88,7 +106,7 @@ def main() -> int:
     rows = []
     for length in (int(s) for s in args.lengths.split(",")):
         for chunk in (int(s) for s in args.chunks.split(",")):
-            time_point(rows, module, length, chunk, args.page_size, args.torch_max_tokens)
+            time_point(rows, module, length, chunk, args.page_size, args.torch_max_tokens, args.profile)
     write_rows(out / "chunk_bench.csv", rows, meta)
     print_table(rows)
     print(f"wrote {out}/chunk_bench.csv in {time.time() - START:.0f} s")

@@ -106,7 +106,8 @@ def forward_with_cache(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tenso
         cu_seqlens: int32 [batch_size + 1] on x's device (0 new tokens for a slot allowed), or None
             when the cache has one slot.
         decode_kernels: a call with one new token in every slot runs the decode kernels (decode.py)
-            where they serve; False keeps the PyTorch path (tests compare the two).
+            where they serve, and so does a chunk against history (one kernel row per new token);
+            False keeps the PyTorch path (tests compare the two).
     Returns:
         [N, hidden_size]: each token's output as the module's forward over its whole sequence gives it.
     """
@@ -123,5 +124,5 @@ def forward_with_cache(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tenso
     k = apply_rope(module.k_proj(x).view(n, h, d), plan.pos, theta)
     v = module.v_proj(x).view(n, h, d)
     gates = torch.sigmoid(module.gate_proj(x)).view(n, hq, 3)
-    o = attend_with_cache(module, q, k, v, gates, plan, cache, decode_kernels=False)
+    o = attend_with_cache(module, q, k, v, gates, plan, cache, decode_kernels=decode_kernels)
     return module.o_proj(o.reshape(n, hq * d))

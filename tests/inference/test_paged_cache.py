@@ -91,10 +91,15 @@ def test_chunked_prefill_through_the_decode_kernels_equals_the_pytorch_path(monk
     """Calls of many new tokens against a history (chunks of 1 to 40 tokens, a slot with none) run the
     decode kernels with one query per kernel row mapped to its cache slot (slots=); they equal the
     PyTorch path, on a contiguous and a paged cache, with both kernels' splits forced (S = 3 / 2)."""
+    import nsa_baseline.inference.step as step
     import nsa_baseline.ops.decode_select as select
 
     force_attend_splits(monkeypatch, 2)
     monkeypatch.setattr(select, "decode_splits", lambda *a: 3)
+    kernel_rows = []  # the fast cache's calls must reach the kernels (not the PyTorch path twice)
+    real = step.cached_kernel_attention
+    monkeypatch.setattr(step, "cached_kernel_attention",
+                        lambda module, q, *a: (kernel_rows.append(q.shape[0]), real(module, q, *a))[1])
     m = small_module(3)
     kw = dict(page_size=16) if paged else {}
     fast, slow = m.new_cache(2, 112, **kw), m.new_cache(2, 112, **kw)
@@ -104,6 +109,7 @@ def test_chunked_prefill_through_the_decode_kernels_equals_the_pytorch_path(monk
         y_torch = forward_with_cache(m, x, packed(counts), slow, decode_kernels=False)
         assert_close(y, y_torch, torch.float32, f"counts {counts}: decode kernels vs PyTorch path")
     assert fast.host_lengths == slow.host_lengths == (59, 52)
+    assert kernel_rows == [33, 41, 10]  # the first call is a prefill (no history): the module's forward
 
 
 def test_benchmark_cache_interleaves_the_slots_pages():
