@@ -24,6 +24,11 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
     return basic_sweeper_jobs(parser.parse_overrides(params + list(config.hydra.overrides.task)))
 
 
+def launcher_target(config: DictConfig) -> str:
+    """The launcher's class path (hydra.launcher._target_), the basic one when none is set."""
+    return str(config.hydra.get("launcher", {}).get("_target_", "BasicLauncher"))
+
+
 def basic_sweeper_jobs(overrides: list[Override]) -> list[list[str]]:
     """The jobs Hydra's basic sweeper launches for `overrides`, in its order.
 
@@ -87,7 +92,7 @@ class SweepCallback(Callback):
             how = (f"roofline calibrated on measured kernels ({fit})" if fit
                    else "plain roofline, no calibration for this hardware")
             print(f"{CPU_MESSAGE}: {how}, labelled 'predicted'", flush=True)
-        progress.start(len(jobs))
+        progress.start(len(jobs), launcher_target(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         progress.close()
@@ -119,7 +124,7 @@ class E2ECallback(Callback):
         if not all(c.plot_only for c in checked) and not torch.cuda.is_available():
             raise SystemExit(CPU_MESSAGE)
         self.folders = {store.sweep_dir(c.results_dir, c.name) for c in checked}
-        progress.start(len(job_overrides(config)))
+        progress.start(len(job_overrides(config)), launcher_target(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from experiments import e2e_report

@@ -79,3 +79,16 @@ def test_sweep_job_runs_on_the_gpu_it_holds(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "run_job", job)
     sweep.run(SweepConfig(), num=2)  # job 2 of 2 GPUs tries GPU 0 first
     assert devices == [0] and held == [True]
+
+
+def test_progress_bar_only_for_jobs_of_this_process(capsys):
+    """The basic launcher runs the jobs here, so the bar can follow them; joblib's or SLURM's jobs run
+    in other processes: no bar (it would stay at 0), one line saying each job reports itself."""
+    from experiments import progress
+
+    progress.start(3, "hydra._internal.core_plugins.basic_launcher.BasicLauncher")
+    assert progress.in_multirun()
+    progress.close()
+    progress.start(8, "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
+    assert not progress.in_multirun()
+    assert "8 jobs through JoblibLauncher" in capsys.readouterr().out
