@@ -19,7 +19,8 @@ import torch
 
 from nsa_baseline.contract import BLOCK_SIZES, kernels_serve
 from nsa_baseline.inference.cache import NSACache
-from nsa_baseline.inference.plan import check_decode_call
+from nsa_baseline.inference.chunk import chunk_compressed_select, chunk_kernels_serve
+from nsa_baseline.inference.plan import CallPlan, check_decode_call
 from nsa_baseline.ops.decode_append import decode_append
 from nsa_baseline.ops.decode_attend import decode_selected_window
 from nsa_baseline.ops.decode_select import decode_compressed_select
@@ -61,18 +62,21 @@ def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 @torch.no_grad()
-def cached_kernel_attention(module, q: torch.Tensor, gates: torch.Tensor, cache: NSACache, slot: torch.Tensor,
-                            pos: torch.Tensor) -> torch.Tensor:
-    """New queries at any offset against the cache through the decode kernels (chunked prefill: many
-    new tokens of a slot). Each query is a row of the kernels' batch mapped to its cache slot (slots=)
-    at its own position, so it sees the slot's rows and summaries up to that position only: the
-    call's keys, values and summaries must already be in the cache. q [N, HQ, D] after RoPE, gates
-    [N, HQ, 3], slot / pos int64 [N]; returns o [N, HQ, D]. Moves no lengths."""
+def cached_kernel_attention(module, q: torch.Tensor, gates: torch.Tensor, cache: NSACache, plan: CallPlan) -> torch.Tensor:
+    """New queries at any offset against the cache (chunked prefill: many new tokens of a slot), the
+    call's keys, values and summaries already in the cache. The compressed branch and the selection:
+    the prefill kernels for chunks of CHUNK_KERNEL_MIN_TOKENS or more (inference/chunk.py), else the
+    decode kernels with each query a row of their batch mapped to its cache slot (slots=) at its own
+    position; then the selected + window decode kernel the same way. q [N, HQ, D] after RoPE, gates
+    [N, HQ, 3]; returns o [N, HQ, D]. Moves no lengths."""
     scale = module.head_dim ** -0.5
-    pos32, slots = pos.to(torch.int32).contiguous(), slot.to(torch.int32).contiguous()
-    o_cmp, idx = decode_compressed_select(q.contiguous(), cache.k_cmp, cache.v_cmp, pos32, module.kernel_size,
-                                          module.kernel_stride, module.block_size, module.topk,
-                                          module.init_blocks, module.local_blocks, scale, slots=slots)
+    pos32, slots = plan.pos.to(torch.int32).contiguous(), plan.seq.to(torch.int32).contiguous()
+    if chunk_kernels_serve(module, q):
+        o_cmp, idx = chunk_compressed_select(module, q, cache, plan)
+    else:
+        o_cmp, idx = decode_compressed_select(q.contiguous(), cache.k_cmp, cache.v_cmp, pos32, module.kernel_size,
+                                              module.kernel_stride, module.block_size, module.topk,
+                                              module.init_blocks, module.local_blocks, scale, slots=slots)
     return decode_selected_window(q, cache.k, cache.v, pos32, idx, o_cmp, gates.contiguous(), module.block_size,
                                   module.window_size, scale, block_table=cache.block_table, slots=slots)
 

@@ -87,7 +87,7 @@ def attend_with_cache(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cache.v[at] = v
     _update_summaries(module, cache, plan)
     if plan.has_history and decode_kernels and decode_serves(module, cache):  # chunked prefill, kernels
-        o = cached_kernel_attention(module, q, gates, cache, plan.seq, plan.pos)
+        o = cached_kernel_attention(module, q, gates, cache, plan)
     elif plan.has_history:
         o = cached_attention(module, cache, q, gates, plan.seq, plan.pos, module.branches().gated_sum)
     else:  # prefill: the new tokens are the whole sequences, the module's forward (fast kernels) serves them
