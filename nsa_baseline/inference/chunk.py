@@ -20,6 +20,7 @@ from nsa_baseline.inference.plan import CallPlan
 from nsa_baseline.ops.compressed_triton import VarlenMeta, compressed_fwd, compressed_triton_supported
 from nsa_baseline.ops.selection import selection_kernel_supported
 from nsa_baseline.ops.selection_kernel import selection_scores_fwd
+from nsa_baseline.utils.varlen import host_to_device
 
 # New tokens in one call from which the prefill kernels serve the compressed branch and the selection
 # (below it the decode kernels' rows are cheap and the prefill tiles would run mostly empty).
@@ -42,7 +43,7 @@ def chunk_compressed_select(module, q: torch.Tensor, cache: NSACache, plan: Call
         starts.append(starts[-1] + c)
     shift = [s - a for s, a in zip(starts, plan.old + [0])]  # tok - shift[b] = absolute position
     dev = q.device
-    cu = torch.tensor(shift, dtype=torch.int32, device=dev)
+    cu = host_to_device(torch.tensor(shift, dtype=torch.int32), dev)
     cu_cmp = torch.arange(0, (b + 1) * cache.max_cmp, cache.max_cmp, dtype=torch.int32, device=dev)[:b + 1]
     tok_seq = plan.seq.to(device=dev, dtype=torch.int32)
     h, d = cache.k_cmp.shape[2], cache.k_cmp.shape[3]

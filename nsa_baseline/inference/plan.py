@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from nsa_baseline.inference.cache import CacheConfig, NSACache
+from nsa_baseline.utils.varlen import host_to_device
 
 
 @dataclass
@@ -104,8 +105,8 @@ def plan_counts(counts: list[int], cache: NSACache, device, cu_seqlens: Optional
     starts = n_new.cumsum(0) - n_new
     pos = torch.arange(int(n_new.sum())) - starts[seq] + torch.tensor(old, dtype=torch.long)[seq]
     if cu_seqlens is None and cache.batch_size > 1:
-        cu_seqlens = torch.cat([starts, n_new.sum().view(1)]).to(device=device, dtype=torch.int32)
-    return CallPlan(old, list(counts), seq.to(device), pos.to(device), cu_seqlens)
+        cu_seqlens = host_to_device(torch.cat([starts, n_new.sum().view(1)]).int(), device)
+    return CallPlan(old, list(counts), host_to_device(seq, device), host_to_device(pos, device), cu_seqlens)
 
 
 def plan_call(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], cache: NSACache) -> CallPlan:

@@ -22,7 +22,9 @@ from nsa_baseline.inference.cache import NSACache
 from nsa_baseline.inference.cached_attention import cached_attention
 from nsa_baseline.inference.decode import cached_kernel_attention, decode_attention, decode_device, decode_serves
 from nsa_baseline.inference.plan import CallPlan, plan_call
+from nsa_baseline.reference.compression import summarize_blocks
 from nsa_baseline.reference.rope import apply_rope
+from nsa_baseline.utils.varlen import host_to_device
 
 
 def _new_summary_slots(cache: NSACache, plan: CallPlan) -> tuple[list[int], list[int]]:
@@ -37,29 +39,28 @@ def _new_summary_slots(cache: NSACache, plan: CallPlan) -> tuple[list[int], list
 
 
 def _update_summaries(module, cache: NSACache, plan: CallPlan) -> None:
-    """Compress every newly completed span with the backend's own compress_kv (the module's weights and
-    pos_emb, or mean pooling), one summary per span: the spans are packed as sequences of kernel_size
-    keys, which compress_kv turns into exactly one summary each."""
+    """Compress every newly completed span, one summary per span of kernel_size keys, as compress_kv
+    does (mean pooling, or the module's weights and pos_emb; in float32, float64 for float64 caches),
+    here straight from the gathered spans: compress_kv would build a varlen layout and check its
+    cu_seqlens on the host on every call (host reads that stall the queue)."""
     slots, index = _new_summary_slots(cache, plan)
     if not slots:
         return
     ks, st = module.kernel_size, module.kernel_stride
     dev = cache.device
-    b = torch.tensor(slots, dtype=torch.long, device=dev)
-    i = torch.tensor(index, dtype=torch.long, device=dev)
+    b = host_to_device(torch.tensor(slots, dtype=torch.long), dev)
+    i = host_to_device(torch.tensor(index, dtype=torch.long), dev)
     rows = i[:, None] * st + torch.arange(ks, device=dev)  # [m, ks] keys of each span
-    m, h, d = len(slots), module.num_kv_heads, module.head_dim
-    cu = torch.arange(0, (m + 1) * ks, ks, dtype=torch.int32, device=dev)
-    compress = module.branches().compress_kv
     at = cache.rows(b[:, None].expand_as(rows), rows)  # where the spans' rows are (paged: pages)
+    compute = torch.float64 if cache.dtype == torch.float64 else torch.float32
     for src, dst, name in ((cache.k, cache.k_cmp, "k"), (cache.v, cache.v_cmp, "v")):
-        spans = src[at].reshape(m * ks, h, d)
+        spans = src[at].to(compute)  # [m, ks, H, D]
         if module.compression == "linear":
             w, pe = getattr(module, f"{name}_cmp_weight"), getattr(module, f"{name}_cmp_pos")
-            summary, _ = compress(spans, cu, ks, st, w, pe)
+            summary = summarize_blocks(spans, w.to(compute), pe.to(compute))
         else:
-            summary, _ = compress(spans, cu, ks, st)
-        dst[b, i] = summary
+            summary = summarize_blocks(spans)
+        dst[b, i] = summary.to(dst.dtype)
 
 
 @torch.no_grad()

@@ -19,6 +19,17 @@ from nsa_baseline.utils.varlen import single_sequence_cu_seqlens, token_sequence
 _GATHER_BUDGET = 1 << 26
 
 
+def summarize_blocks(blocks: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                     pos_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One summary per block: blocks [M, kernel_size, H, D] (compute dtype) -> [M, H, D], the mean over the
+    block's keys, or flatten(block + pos_emb) @ weight (weight, pos_emb in the blocks' dtype)."""
+    if weight is None:
+        return blocks.mean(dim=1)
+    m, ks, h, d = blocks.shape
+    blocks = (blocks + pos_emb[None, :, None, :]).transpose(1, 2)  # [M, H, kernel_size, D]
+    return blocks.reshape(m, h, ks * d) @ weight
+
+
 def compress_kv(
     x: torch.Tensor,
     cu_seqlens: Optional[torch.Tensor] = None,
@@ -62,9 +73,5 @@ def compress_kv(
     for c0 in range(0, n_cmp, chunk):
         c1 = min(n_cmp, c0 + chunk)
         blocks = xc[first[c0:c1, None] + offs]  # [c, kernel_size, H, D]
-        if weight is None:
-            outs.append(blocks.mean(dim=1))
-        else:
-            blocks = (blocks + pe[None, :, None, :]).transpose(1, 2)  # [c, H, kernel_size, D]
-            outs.append(blocks.reshape(c1 - c0, h, kernel_size * d) @ w)
+        outs.append(summarize_blocks(blocks, w, pe) if weight is not None else summarize_blocks(blocks))
     return torch.cat(outs).to(x.dtype), cu_cmp

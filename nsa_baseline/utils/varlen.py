@@ -36,3 +36,12 @@ def token_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> tuple[torch.Te
 
 def sequence_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+
+
+def host_to_device(values: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device's queue: a copy from pageable memory is
+    ordered behind every queued kernel (and the host waits for it); from pinned memory it is not."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
