@@ -43,7 +43,7 @@ def chunk_compressed_select(module, q: torch.Tensor, cache: NSACache, plan: Call
         starts.append(starts[-1] + c)
     shift = [s - a for s, a in zip(starts, plan.old + [0])]  # tok - shift[b] = absolute position
     dev = q.device
-    cu = host_to_device(torch.tensor(shift, dtype=torch.int32), dev)
+    cu = host_to_device(torch.tensor(shift, dtype=torch.int32, device="cpu"), dev)
     cu_cmp = torch.arange(0, (b + 1) * cache.max_cmp, cache.max_cmp, dtype=torch.int32, device=dev)[:b + 1]
     tok_seq = plan.seq.to(device=dev, dtype=torch.int32)
     h, d = cache.k_cmp.shape[2], cache.k_cmp.shape[3]

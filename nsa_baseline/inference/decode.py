@@ -62,7 +62,8 @@ def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 @torch.no_grad()
-def cached_kernel_attention(module, q: torch.Tensor, gates: torch.Tensor, cache: NSACache, plan: CallPlan) -> torch.Tensor:
+def cached_kernel_attention(module, q: torch.Tensor, gates: torch.Tensor, cache: NSACache,
+                            plan: CallPlan) -> torch.Tensor:
     """New queries at any offset against the cache (chunked prefill: many new tokens of a slot), the
     call's keys, values and summaries already in the cache. The compressed branch and the selection:
     the prefill kernels for chunks of CHUNK_KERNEL_MIN_TOKENS or more (inference/chunk.py), else the

@@ -100,10 +100,12 @@ def plan_counts(counts: list[int], cache: NSACache, device, cu_seqlens: Optional
         raise ValueError(f"argument `{arg}`: slot {b} would hold {total} tokens, past the cache's max_seqlen "
                          f"{cache.max_seqlen} ({old[b]} cached + {counts[b]} new)")
     _check_pages(cache, [a + c for a, c in zip(old, counts)], arg)
-    n_new = torch.tensor(counts, dtype=torch.long)  # host: no device read
-    seq = torch.repeat_interleave(torch.arange(len(counts)), n_new)
+    host = torch.device("cpu")  # explicit: a `with torch.device("cuda")` block would move these
+    n_new = torch.tensor(counts, dtype=torch.long, device=host)  # host: no device read
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=host), n_new)
     starts = n_new.cumsum(0) - n_new
-    pos = torch.arange(int(n_new.sum())) - starts[seq] + torch.tensor(old, dtype=torch.long)[seq]
+    old_t = torch.tensor(old, dtype=torch.long, device=host)
+    pos = torch.arange(int(n_new.sum()), device=host) - starts[seq] + old_t[seq]
     if cu_seqlens is None and cache.batch_size > 1:
         cu_seqlens = host_to_device(torch.cat([starts, n_new.sum().view(1)]).int(), device)
     return CallPlan(old, list(counts), host_to_device(seq, device), host_to_device(pos, device), cu_seqlens)

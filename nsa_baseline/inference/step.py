@@ -48,8 +48,8 @@ def _update_summaries(module, cache: NSACache, plan: CallPlan) -> None:
         return
     ks, st = module.kernel_size, module.kernel_stride
     dev = cache.device
-    b = host_to_device(torch.tensor(slots, dtype=torch.long), dev)
-    i = host_to_device(torch.tensor(index, dtype=torch.long), dev)
+    b = host_to_device(torch.tensor(slots, dtype=torch.long, device="cpu"), dev)
+    i = host_to_device(torch.tensor(index, dtype=torch.long, device="cpu"), dev)
     rows = i[:, None] * st + torch.arange(ks, device=dev)  # [m, ks] keys of each span
     at = cache.rows(b[:, None].expand_as(rows), rows)  # where the spans' rows are (paged: pages)
     compute = torch.float64 if cache.dtype == torch.float64 else torch.float32

@@ -42,6 +42,6 @@ def host_to_device(values: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on `device` without waiting for the device's queue: a copy from pageable memory is
     ordered behind every queued kernel (and the host waits for it); from pinned memory it is not."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or values.device.type != "cpu":
         return values.to(device)
     return values.pin_memory().to(device, non_blocking=True)
