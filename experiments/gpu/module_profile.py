@@ -124,7 +124,7 @@ def profile(f, leaves, name: str) -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fwd_bwd(f)()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=200)
     with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         f.write(table)
 
