@@ -182,15 +182,17 @@ def _dkdv_buffers(out, k, whole_groups: bool, accumulate: bool):
 
 
 def fsa_selected_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, scale: float, dlse=None,
-                     out=None, accumulate: bool = False):
+                     out=None, accumulate: bool = False, delta=None):
     """Host wrapper: returns dq, dk, dv (input dtype). dlse [HQ, N] is the gradient of the returned
     lse, if any: d lse / d s = p, so it folds into delta (ds = p * (dp - delta + dlse)). `out`: the
     (dq, dk, dv) buffers to write (contiguous, q's / k's shape and dtype; None allocates); accumulate:
-    add this branch's gradients to what they hold (each element once, in a fixed order: deterministic)."""
+    add this branch's gradients to what they hold (each element once, in a fixed order: deterministic);
+    delta: rowsum(o * do) - dlse float32 [HQ, N] when the caller has it (else one pass computes it)."""
     plan = launch_plan(q, k, block_size, topk, backward=True)
     n, hq, h, g, d, d_pad, cfg = plan.n, plan.hq, plan.h, plan.g, plan.d, plan.d_pad, plan.cfg
     do = do.contiguous()
-    delta = softmax_bwd_delta(o, do, dlse)  # [HQ, N] fp32, one pass
+    if delta is None:
+        delta = softmax_bwd_delta(o, do, dlse)  # [HQ, N] fp32, one pass
     dq = out[0] if out is not None else new_output((n, hq, d), q.dtype, q.device)
     whole_groups = plan.heads_per_pass == g
     dk_acc, dv_acc = _dkdv_buffers(None if out is None else out[1:], k, whole_groups, accumulate)

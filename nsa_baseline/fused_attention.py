@@ -7,7 +7,7 @@ two adds of [N, H, D] each), each add one more pass over memory. Here the backwa
 dv once and the kernels that write the final gradients add into them (their ACCUMULATE mode: load,
 add in fp32, store), in a fixed order:
 
-    gated sum bwd   -> d gates, do_cmp, do_slc, do_win
+    gated sum bwd   -> d gates, do_cmp, do_slc, do_win and each branch's delta = rowsum(o_b * do_b)
     window bwd      -> dq, dk, dv  (first writer: overwrites, no zero-fill)
     selected bwd    -> dq, dk, dv  += (nsa or fsa family; deterministic for fsa)
     compressed bwd  -> dq += ; dk_cmp, dv_cmp (own buffers)
@@ -20,7 +20,7 @@ branch runs a kernel (fused_supported); the per-branch functions keep their own 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -100,13 +100,15 @@ def _selected_fwd(family: str, q, k, v, block_indices, block_size: int, cu_seqle
     return o, lse, pos
 
 
-def _selected_bwd(family: str, state, q, k, v, o, lse, do, block_indices, block_size, cu_seqlens, scale, out):
-    """Adds the selected branch's dq, dk, dv into `out`."""
+def _selected_bwd(family: str, state, q, k, v, o, lse, do, block_indices, block_size, cu_seqlens, scale, out,
+                  delta=None):
+    """Adds the selected branch's dq, dk, dv into `out` (delta: rowsum(o * do) if known; the NSA family
+    computes its own inside its dQ kernel)."""
     if family == "fsa":
         from fsa.backward import fsa_selected_bwd
 
         fsa_selected_bwd(q, k, v, o, lse, do, state, block_size, block_indices.shape[2], scale, out=out,
-                         accumulate=True)
+                         accumulate=True, delta=delta)
     else:
         from nsa_baseline.ops.selected_bwd import nsa_selected_bwd
 
@@ -152,15 +154,16 @@ class NSAAttentionFunction(torch.autograd.Function):
         cu_seqlens, cfg, scale, meta, k_state, v_state, slc, tables, window, win_cfgs = ctx.state
         family, slc_state, slc_cu = slc
         outs = (o_cmp, o_slc, o_win)
-        dgates, do_cmp, do_slc, do_win = _gated_sum_grads(do, gates, outs, (d_cmp, d_slc, d_win),
-                                                           ctx.needs_input_grad[3])
+        dgates, do_cmp, do_slc, do_win, deltas = _gated_sum_grads(do, gates, outs, (d_cmp, d_slc, d_win),
+                                                                   ctx.needs_input_grad[3])
         dq = new_output(q.shape, q.dtype, q.device)
         dk, dv = new_output(k.shape, k.dtype, k.device), new_output(v.shape, v.dtype, v.device)
-        window_bwd(q, k, v, o_win, lse_win, do_win, None, tables, window, scale, win_cfgs, out=(dq, dk, dv))
+        window_bwd(q, k, v, o_win, lse_win, do_win, None, tables, window, scale, win_cfgs, out=(dq, dk, dv),
+                   delta=deltas[2])
         _selected_bwd(family, slc_state, q, k, v, o_slc, lse_slc, do_slc, block_indices, cfg.block_size,
-                      slc_cu, scale, (dq, dk, dv))
+                      slc_cu, scale, (dq, dk, dv), deltas[1])
         _, dk_cmp, dv_cmp = compressed_bwd(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, None, meta, cfg.kernel_size,
-                                           cfg.kernel_stride, scale, dq=dq, accumulate=True)
+                                           cfg.kernel_stride, scale, dq=dq, accumulate=True, delta=deltas[0])
         need = ctx.needs_input_grad
         dkw, dkp = compress_into_backward(dk_cmp, dk, k, cu_seqlens, cfg.kernel_size, cfg.kernel_stride, k_state,
                                           k_weight, k_pos, need[4] or need[5])
@@ -183,15 +186,21 @@ def _selected(ctx, cfg: Config, q, k, v, block_indices, cu_seqlens):
 
 
 def _gated_sum_grads(do, gates, outs, extra, need_dgates: bool):
-    """(d gates, do_cmp, do_slc, do_win): the gated sum's backward, plus any gradient that reached a
-    branch output directly (return_branches; rare, an add)."""
+    """(d gates, do_cmp, do_slc, do_win, deltas): the gated sum's backward, plus any gradient that reached
+    a branch output directly (return_branches; rare, an add). deltas[b]: branch b's rowsum(o_b * do_b),
+    float32 [HQ, N], from the gated sum's own pass over o_b; None where a direct gradient changed do_b
+    (that branch's backward computes its own)."""
     if do is None:
         grads = [None] + [torch.zeros_like(o) for o in outs]
+        deltas = [None] * 3
     else:
         need = (need_dgates, True, True, True)
-        grads = list(gated_sum_bwd(do, gates, outs, need, (gates.dtype,) + tuple(o.dtype for o in outs)))
+        *grads, delta = gated_sum_bwd(do, gates, outs, need, (gates.dtype,) + tuple(o.dtype for o in outs),
+                                      deltas=True)
+        deltas = list(delta)
     for i, g in enumerate(extra, 1):
         if g is not None:
             grads[i] = grads[i] + g
+            deltas[i - 1] = None
     grads[1:] = [g.contiguous() for g in grads[1:]]
-    return tuple(grads)
+    return tuple(grads) + (deltas,)

@@ -21,7 +21,7 @@ from nsa_baseline.contract import KERNEL_DTYPES, kernels_serve
 from nsa_baseline.ops.compressed import checked_compressed_args
 from nsa_baseline.ops.compressed_kernels import (compressed_bwd_dkdv_kernel, compressed_bwd_dq_kernel,
                                                  compressed_fwd_kernel)
-from nsa_baseline.utils.attention_bwd import softmax_bwd_preprocess
+from nsa_baseline.utils.attention_bwd import lse_base2, softmax_bwd_preprocess
 from nsa_baseline.ops.flex import tensor_key
 from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, next_pow2
 from nsa_baseline.utils.varlen import token_sequence_ids
@@ -217,9 +217,11 @@ def bwd_dq(q, k_cmp, v_cmp, do, lse2, delta, meta: VarlenMeta, kernel_size: int,
 
 
 def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, meta: VarlenMeta, kernel_size: int, kernel_stride: int,
-                   scale: float, cfgs: Optional[LaunchConfigs] = None, dq=None, accumulate: bool = False):
+                   scale: float, cfgs: Optional[LaunchConfigs] = None, dq=None, accumulate: bool = False,
+                   delta=None):
     """(dq, dk_cmp, dv_cmp) for the upstream gradients do [N, HQ, D] and dlse [HQ, N] (or None).
-    `dq`: the buffer to write (None allocates); accumulate: add the branch's dq to what it holds."""
+    `dq`: the buffer to write (None allocates); accumulate: add the branch's dq to what it holds;
+    delta: rowsum(o * do) - dlse float32 [HQ, N] when the caller has it (else one pass computes it)."""
     if k_cmp.shape[0] == 0:  # no summary: the branch adds nothing to dq
         empty = (new_output(k_cmp.shape, k_cmp.dtype, k_cmp.device), new_output(v_cmp.shape, v_cmp.dtype, v_cmp.device))
         if dq is None:
@@ -232,7 +234,7 @@ def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, meta: VarlenMeta, kernel_s
         cfgs = cfgs._replace(dkdv=dkdv_config(cfgs.dkdv, k_cmp.shape[0], k_cmp.shape[1], q.device,
                                               config_key(q.shape[2], q.dtype)))
     splits = cfgs.dkdv_splits or dkdv_splits(cfgs.dkdv, k_cmp.shape[0], k_cmp.shape[1], q.device)
-    lse2, delta = bwd_preprocess(o, do, lse, dlse)
+    lse2, delta = bwd_preprocess(o, do, lse, dlse) if delta is None else (lse_base2(lse), delta)
     dk, dv = bwd_dkdv(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dkdv, splits)
     dq = bwd_dq(q, k_cmp, v_cmp, do, lse2, delta, meta, kernel_size, kernel_stride, scale, cfgs.dq, dq, accumulate)
     return dq, dk, dv

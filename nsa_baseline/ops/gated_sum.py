@@ -56,42 +56,52 @@ def gated_sum_fwd_kernel(g_ptr, o0_ptr, o1_ptr, o2_ptr, out_ptr,
 
 
 @triton.jit
-def _branch_bwd(b_do, p_g, o_ptr, do_ptr, dg_ptr, o_r, o_d, m_r, m, HQ, D: tl.constexpr,
+def _branch_bwd(b_do, p_g, o_ptr, do_ptr, dg_ptr, delta_ptr, o_r, o_d, m_r, m, HQ, N, D: tl.constexpr,
                 stride_n, stride_h, stride_d,
-                NEED_DO: tl.constexpr, NEED_DG: tl.constexpr):
-    """One branch: d o_b = g_b * do (contiguous) and d g_b = sum_D do * o_b (fp32, contiguous [R, 3])."""
-    if NEED_DO:
+                NEED_DO: tl.constexpr, NEED_DG: tl.constexpr, NEED_DELTA: tl.constexpr):
+    """One branch: d o_b = g_b * do (contiguous), d g_b = sum_D do * o_b (fp32, contiguous [R, 3]) and
+    the branch backward's delta = sum_D o_b * d o_b = g_b * d g_b (fp32 [HQ, N], head-major)."""
+    if NEED_DO or NEED_DELTA:
         b_g = tl.load(p_g, mask=m_r, other=0.).to(tl.float32)  # [BLOCK_R]
+    if NEED_DO:
         p_do = do_ptr + o_r.to(tl.int64)[:, None] * D + o_d[None, :]
         tl.store(p_do, (b_g[:, None] * b_do).to(do_ptr.dtype.element_ty), mask=m)
-    if NEED_DG:
+    if NEED_DG or NEED_DELTA:
         p_o = o_ptr + _row_offsets(o_r, HQ, stride_n, stride_h)[:, None] + o_d[None, :] * stride_d
         b_o = tl.load(p_o, mask=m, other=0.).to(tl.float32)  # [BLOCK_R, BLOCK_D]
-        tl.store(dg_ptr + o_r.to(tl.int64) * 3, tl.sum(b_do * b_o, axis=1).to(dg_ptr.dtype.element_ty), mask=m_r)
+        b_dg = tl.sum(b_do * b_o, axis=1)  # [BLOCK_R]
+        if NEED_DG:
+            tl.store(dg_ptr + o_r.to(tl.int64) * 3, b_dg.to(dg_ptr.dtype.element_ty), mask=m_r)
+        if NEED_DELTA:  # row r = token * HQ + head -> delta[head, token]
+            o_r64 = o_r.to(tl.int64)
+            tl.store(delta_ptr + (o_r64 % HQ) * N + o_r64 // HQ, b_g * b_dg, mask=m_r)
 
 
 @triton.jit
-def gated_sum_bwd_kernel(do_ptr, g_ptr, o0_ptr, o1_ptr, o2_ptr, dg_ptr, do0_ptr, do1_ptr, do2_ptr,
+def gated_sum_bwd_kernel(do_ptr, g_ptr, o0_ptr, o1_ptr, o2_ptr, dg_ptr, do0_ptr, do1_ptr, do2_ptr, delta_ptr,
                          stride_don, stride_doh, stride_dod, stride_gn, stride_gh, stride_gb,
                          stride_0n, stride_0h, stride_0d, stride_1n, stride_1h, stride_1d,
                          stride_2n, stride_2h, stride_2d,
                          R, HQ, D: tl.constexpr,
                          NEED_DO0: tl.constexpr, NEED_DO1: tl.constexpr, NEED_DO2: tl.constexpr,
-                         NEED_DG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                         NEED_DG: tl.constexpr, NEED_DELTA: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
     i_r = tl.program_id(0)
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
     o_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     m_r = o_r < R
     m = m_r[:, None] & (o_d < D)[None, :]  # [BLOCK_R, BLOCK_D]
+    N = R // HQ
     p_do = do_ptr + _row_offsets(o_r, HQ, stride_don, stride_doh)[:, None] + o_d[None, :] * stride_dod
     b_do = tl.load(p_do, mask=m, other=0.).to(tl.float32)  # [BLOCK_R, BLOCK_D]
     p_g = g_ptr + _row_offsets(o_r, HQ, stride_gn, stride_gh)  # [BLOCK_R]
-    _branch_bwd(b_do, p_g, o0_ptr, do0_ptr, dg_ptr, o_r, o_d, m_r, m, HQ, D, stride_0n, stride_0h, stride_0d,
-                NEED_DO0, NEED_DG)
-    _branch_bwd(b_do, p_g + stride_gb, o1_ptr, do1_ptr, dg_ptr + 1, o_r, o_d, m_r, m, HQ, D,
-                stride_1n, stride_1h, stride_1d, NEED_DO1, NEED_DG)
-    _branch_bwd(b_do, p_g + 2 * stride_gb, o2_ptr, do2_ptr, dg_ptr + 2, o_r, o_d, m_r, m, HQ, D,
-                stride_2n, stride_2h, stride_2d, NEED_DO2, NEED_DG)
+    # deltas: [3, HQ, N] (a branch's delta where its d o is written too)
+    _branch_bwd(b_do, p_g, o0_ptr, do0_ptr, dg_ptr, delta_ptr, o_r, o_d, m_r, m, HQ, N, D,
+                stride_0n, stride_0h, stride_0d, NEED_DO0, NEED_DG, NEED_DELTA and NEED_DO0)
+    _branch_bwd(b_do, p_g + stride_gb, o1_ptr, do1_ptr, dg_ptr + 1, delta_ptr + R, o_r, o_d, m_r, m, HQ, N, D,
+                stride_1n, stride_1h, stride_1d, NEED_DO1, NEED_DG, NEED_DELTA and NEED_DO1)
+    _branch_bwd(b_do, p_g + 2 * stride_gb, o2_ptr, do2_ptr, dg_ptr + 2, delta_ptr + 2 * R, o_r, o_d, m_r, m, HQ,
+                N, D, stride_2n, stride_2h, stride_2d, NEED_DO2, NEED_DG, NEED_DELTA and NEED_DO2)
 
 
 class LaunchConfig(NamedTuple):
@@ -134,25 +144,29 @@ def gated_sum_fwd(gates: torch.Tensor, outs: tuple[torch.Tensor, ...], cfg: Opti
 
 
 def gated_sum_bwd(do: torch.Tensor, gates, outs: tuple, need: tuple[bool, bool, bool, bool],
-                  dtypes: tuple[torch.dtype, ...], cfg: Optional[LaunchConfig] = None):
+                  dtypes: tuple[torch.dtype, ...], cfg: Optional[LaunchConfig] = None, deltas: bool = False):
     """(d gates, d o_cmp, d o_slc, d o_win) in `dtypes` (those of the inputs), contiguous, None where
-    `need` is False. `gates` may be None when no branch gradient is needed, `outs[b]` when d gates is not."""
+    `need` is False. `gates` may be None when no branch gradient is needed, `outs[b]` when d gates is not.
+    deltas: also return float32 [3, HQ, N], branch b's softmax-backward delta = rowsum(o_b * d o_b) =
+    g_b * d g_b, from the same pass (the branch backwards then skip their own pass over o_b and d o_b);
+    rows of a branch whose d o is not needed are left unwritten."""
     cfg = cfg or (INTERPRETER_CONFIG if is_interpreter() else BWD_CONFIG)
     n, hq, d = do.shape
     shapes = ((n, hq, 3),) + ((n, hq, d),) * 3
     grads = [new_output(shape, dtype, do.device) if nd else None for nd, shape, dtype in zip(need, shapes, dtypes)]
+    delta = new_output((3, hq, n), torch.float32, do.device) if deltas else None
     rows = n * hq
     if rows == 0 or d == 0 or not any(need):
-        return tuple(grads)
+        return tuple(grads) + ((delta,) if deltas else ())
     block_r, block_d = _blocks(d, cfg)
     g_arg = gates if gates is not None else do  # do stands in for what a constexpr flag leaves unused
     o_args = [o if o is not None else do for o in outs]
     gated_sum_bwd_kernel[(triton.cdiv(rows, block_r),)](
-        do, g_arg, *o_args, *(g if g is not None else do for g in grads),
+        do, g_arg, *o_args, *(g if g is not None else do for g in grads), delta if deltas else do,
         *_strides(do), *_strides(g_arg), *(s for o in o_args for s in _strides(o)), rows, hq, d,
-        NEED_DO0=need[1], NEED_DO1=need[2], NEED_DO2=need[3], NEED_DG=need[0],
+        NEED_DO0=need[1], NEED_DO1=need[2], NEED_DO2=need[3], NEED_DG=need[0], NEED_DELTA=deltas,
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=cfg.num_warps)
-    return tuple(grads)
+    return tuple(grads) + ((delta,) if deltas else ())
 
 
 class GatedSumFunction(torch.autograd.Function):

@@ -19,6 +19,7 @@ from nsa_baseline.contract import KERNEL_DTYPES, kernels_serve
 from nsa_baseline.ops.compressed_triton import LaunchConfigs, TileConfig, bwd_preprocess, dot_precision
 from nsa_baseline.ops.flex import tensor_key
 from nsa_baseline.ops.window_kernels import window_bwd_dkdv_kernel, window_bwd_dq_kernel, window_fwd_kernel
+from nsa_baseline.utils.attention_bwd import lse_base2
 from nsa_baseline.utils.triton_utils import LOG2E, is_interpreter, new_output, next_pow2
 from nsa_baseline.utils.varlen import token_sequence_ids
 
@@ -110,10 +111,11 @@ def window_fwd(q, k, v, tables: TokenTables, window: int, scale: float, cfg: Til
 
 
 def window_bwd(q, k, v, o, lse, do, dlse, tables: TokenTables, window: int, scale: float, cfgs: LaunchConfigs,
-               out=None, accumulate: bool = False):
+               out=None, accumulate: bool = False, delta=None):
     """(dq, dk, dv) for the upstream gradients do [N, HQ, D] and dlse [HQ, N] (or None). `out`: the
     (dq, dk, dv) buffers to write (contiguous, q's / k's / v's shape and dtype; None allocates);
-    accumulate: add to what they hold instead of overwriting it."""
+    accumulate: add to what they hold instead of overwriting it; delta: rowsum(o * do) - dlse float32
+    [HQ, N] when the caller has it (else one pass computes it)."""
     n, hq, _ = q.shape
     h = k.shape[1]
     if out is None:
@@ -122,7 +124,7 @@ def window_bwd(q, k, v, o, lse, do, dlse, tables: TokenTables, window: int, scal
     dq, dk, dv = out
     if n == 0:
         return dq, dk, dv
-    lse2, delta = bwd_preprocess(o, do, lse, dlse)
+    lse2, delta = bwd_preprocess(o, do, lse, dlse) if delta is None else (lse_base2(lse), delta)
     c = cfgs.dkdv
     window_bwd_dkdv_kernel[(triton.cdiv(n, c.block_n), h)](
         q, k, v, do, lse2, delta, dk, dv, tables.start, tables.end, n, window, scale * LOG2E, scale,

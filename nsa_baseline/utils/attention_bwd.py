@@ -67,3 +67,9 @@ def softmax_bwd_preprocess(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
     that see no key: exp2(s - lse2) = 0), and softmax_bwd_delta(o, do, dlse)."""
     delta, lse2 = _row_terms(o, do, dlse, lse)
     return lse2, delta
+
+
+def lse_base2(lse: torch.Tensor) -> torch.Tensor:
+    """lse2 of softmax_bwd_preprocess alone, for a backward whose delta came from elsewhere (the
+    module's gated-sum backward): lse * log2(e), +inf where lse = -inf."""
+    return torch.where(lse == float("-inf"), float("inf"), lse * LOG2E)

@@ -202,3 +202,22 @@ def test_gpu_bf16_64k(gates_dtype):
 def test_gpu_odd_sizes_and_strides(dtype, layout):
     _check(_inputs(4099, 5, 48, dtype, layout=layout, device="cuda"))
     _check(_inputs(4099, 5, 48, dtype, layout=layout, device="cuda"), (True, False, True, False))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transpose"])
+def test_backward_deltas_are_each_branchs_rowsum(layout):
+    """gated_sum_bwd(deltas=True): float32 [3, HQ, N] with delta_b[h, t] = sum_D o_b[t, h] * do_b[t, h]
+    (what each branch's softmax backward needs), in the same pass as the gradients, which stay as
+    without it. N = 37 x HQ = 3 (a partial row tile), D = 48 (padded), strided branch outputs."""
+    from nsa_baseline.ops.gated_sum import gated_sum_bwd
+
+    gates, *outs = _inputs(37, 3, 48, torch.float32, layout=layout)
+    do = torch.randn(37, 3, 48)
+    need, dtypes = (True, True, True, True), (torch.float32,) * 4
+    *grads, deltas = gated_sum_bwd(do, gates, tuple(outs), need, dtypes, deltas=True)
+    assert deltas.shape == (3, 3, 37) and deltas.dtype == torch.float32
+    for b in range(3):
+        want = (outs[b].double() * grads[b + 1].double()).sum(-1).T  # [HQ, N]
+        assert_close(deltas[b], want, torch.float32, f"delta of branch {b}")
+    for g, g0 in zip(grads, gated_sum_bwd(do, gates, tuple(outs), need, dtypes)):
+        assert torch.equal(g, g0)
