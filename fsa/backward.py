@@ -22,7 +22,7 @@ from nsa_baseline.utils.attention_bwd import softmax_bwd_delta
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("NUM_ROWS", "H_OFF", "G_OFF", "SUB_STRIDE"))  # see fsa/forward.py
 def fsa_selected_bwd_kernel(
     q, k, v, do, lse, delta, dq_part, dk_acc, dv_acc, dkv_part,
     row_offsets, tokens, block_start, block_end, item_offsets,
@@ -99,7 +99,7 @@ def fsa_selected_bwd_kernel(
         tl.store(part + BS * D_PAD + o_bd, b_dv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("H_OFF",))  # see fsa/forward.py
 def fsa_selected_bwd_dkdv_reduce_kernel(
     dk_acc, dv_acc, dkv_part, item_offsets, block_start, block_end, NB_BOUND, H_OFF,
     H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, KEY_ROWS: tl.constexpr,
@@ -141,7 +141,7 @@ def fsa_selected_bwd_dkdv_reduce_kernel(
     tl.store(dv_acc + acc_off, b_dv.to(dv_acc.dtype.element_ty), mask=m_kd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("H_OFF", "G_OFF", "SUB_STRIDE"))  # see fsa/forward.py
 def fsa_selected_bwd_dq_reduce_kernel(
     dq_part, pair_pos, row_offsets, dq, N, H_OFF,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr, T: tl.constexpr,

@@ -28,7 +28,7 @@ class WorkSchedule:
     search_steps: int  # binary-search iterations that locate an item's row
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("NUM_ROWS",))  # pass-dependent (fsa/forward.py)
 def _items_per_row_kernel(row_offsets, items, NUM_ROWS, GC: tl.constexpr, ROWS_PER_ITEM: tl.constexpr,
                           BLOCK: tl.constexpr):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
