@@ -2,7 +2,7 @@
 what compress_kv runs for kernel 32 stride 16) against the row-gather path it replaced
 (`compress_gather`: a [N_cmp, kernel_size, H, D] gather whose backward is an atomic index_add).
 
-    python -m experiments.gpu.compression_bench [--sizes 16384,65536]
+    python -m experiments.gpu.compression_bench [--sizes 16384,65536] [--fused-grad]
 
 bf16, HQ = 64 query heads, D = 128, kernel 32 stride 16, G = 1 (64 KV heads) and G = 16 (4 KV heads),
 linear (weight + pos_emb, bf16 like a bf16 model's parameters) and mean compression, one sequence and
@@ -14,6 +14,10 @@ linear (weight + pos_emb, bf16 like a bf16 model's parameters) and mean compress
    medians) of old and new, and the memory fwd+bwd allocates beyond its inputs (peak - before).
 Writes compression_bench_{checks,timings}.csv with GPU, torch, Triton and commit under $OUT (else ./out)
 and prints the tables; exit status 1 when a check fails. About a minute on an H100.
+--fused-grad instead times the module backward's share of the linear compression
+(compression_grad.compress_into_backward, one call for k, one sequence) with FUSED_BLOCK_GRAD off (a GEMM
+and a strided add) and on (ops/compression_grad_kernel.py), after checking that they agree:
+compression_bench_fused_grad.csv.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_m
 
 HQ, D, KS, STRIDE = 64, 128, 32, 16
 BF16 = torch.bfloat16
+DEV, DTYPE = "cuda", BF16  # the CPU smoke test (tests/experiments/test_compression_bench.py) swaps these
 TOL = 2e-2  # tests/helpers.py, bf16
 START = time.time()
 
@@ -47,16 +52,16 @@ def layouts(n: int) -> dict:
 
 def make_inputs(n: int, h: int, linear: bool, seed: int = 0):
     """(k, v, params of k, params of v, upstream gradients of k_cmp and v_cmp) in bf16."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=DEV).manual_seed(seed)
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(BF16).requires_grad_()
+        return (torch.randn(*shape, device=DEV, generator=gen) * scale).to(DTYPE).requires_grad_()
 
     k, v = rand(n, h, D), rand(n, h, D)
     params = [(rand(KS * D, D, scale=1 / KS), rand(KS, D, scale=0.125)) if linear else (None, None)
               for _ in range(2)]
     n_cmp = (n - KS) // STRIDE + 1  # an upper bound for the packed layout; sliced per call
-    douts = [torch.randn(n_cmp, h, D, device="cuda", generator=gen).to(BF16) for _ in range(2)]
+    douts = [torch.randn(n_cmp, h, D, device=DEV, generator=gen).to(DTYPE) for _ in range(2)]
     return k, v, params, douts
 
 
@@ -96,6 +101,10 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def fused_grad_bench(fn) -> float:
+    return bench(fn)
+
+
 def time_point(rows, n: int, h: int, linear: bool, layout: str, cu):
     from nsa_baseline.ops.compression import compress_gather, compress_kv
 
@@ -116,6 +125,34 @@ def time_point(rows, n: int, h: int, linear: bool, layout: str, cu):
               f"extra {extra:.2f} GiB", flush=True)
 
 
+def fused_grad_point(rows, n: int, h: int) -> None:
+    """compress_into_backward of k (linear, one sequence) with the Triton add-into-dx kernel off and on."""
+    from nsa_baseline.ops import compression_grad as cg
+
+    k, _, params, douts = make_inputs(n, h, True)
+    k, (w, pe) = k.detach(), params[0]
+    k_cmp, _, state = cg.compress_kv_forward(k, None, KS, STRIDE, w.detach(), pe.detach(), False)
+    dout = douts[0][: k_cmp.shape[0]].contiguous()
+    base = torch.randn_like(k)  # dx already holds the other branches' share
+
+    def run(fused: bool):
+        cg.FUSED_BLOCK_GRAD = fused
+        dx = base.clone()
+        cg.compress_into_backward(dout, dx, k, None, KS, STRIDE, state, w, pe, need_weights=False)
+        return dx
+
+    try:
+        err = rel_err(run(True), run(False))
+        times = {flag: fused_grad_bench(lambda: run(flag)) for flag in (False, True)}
+        clone = fused_grad_bench(lambda: base.clone())  # in both timings: subtracted for the ratio
+    finally:
+        cg.FUSED_BLOCK_GRAD = False
+    off, on = times[False] - clone, times[True] - clone
+    rows.append(dict(N=n, G=HQ // h, H=h, gemm_add_ms=f"{off:.3f}", fused_ms=f"{on:.3f}",
+                     speedup=f"{off / max(on, 1e-6):.2f}", rel_err=f"{err:.2e}", ok=err <= TOL))
+    print(rows[-1], flush=True)
+
+
 def points(sizes):
     for n in sizes:
         for h in (HQ // 1, HQ // 16):
@@ -127,12 +164,23 @@ def points(sizes):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="16384,65536", help="token counts N, comma-separated")
+    ap.add_argument("--fused-grad", action="store_true",
+                    help="time the module backward's compression share with the add-into-dx kernel off / on")
     args = ap.parse_args()
     require_cuda()
     sizes = [int(s) for s in args.sizes.split(",")]
     out, meta = out_dir(), run_meta()
     print(f"compression_bench on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, "
           f"commit {meta['git_commit']}", flush=True)
+    if args.fused_grad:
+        rows = []
+        for n in sizes:
+            for h in (HQ, HQ // 4, HQ // 16):
+                fused_grad_point(rows, n, h)
+                torch.cuda.empty_cache()
+        write_rows(out / "compression_bench_fused_grad.csv", rows, meta)
+        print_table(rows)
+        return 0 if all(r["ok"] for r in rows) else 1
     checks, times = [], []
     print(f"== checks ({time.time() - START:.0f} s)", flush=True)
     for point in points(sizes):

@@ -15,11 +15,19 @@ from typing import NamedTuple, Optional
 import torch
 
 from nsa_baseline.checks import check_compress_inputs
+from nsa_baseline.contract import kernels_serve
 from nsa_baseline.ops.compression import BLOCK_PATH_MIN_CUDA_ROWS, compress_gather, uses_block_path
+from nsa_baseline.ops.compression_grad_kernel import add_linear_block_grad
 from nsa_baseline.ops.compression_blocks import (accumulation_dtype, key_blocks, linear_windows, mean_windows,
                                                  pick_summaries, stacked_weight)
 from nsa_baseline.ops.compression_layout import BlockLayout, block_layout, gather_layout
 from nsa_baseline.ops.compression import _GATHER_BUDGET
+
+
+# The keys' share of the linear compression's gradient through one Triton pass that adds into dx
+# (ops/compression_grad_kernel.py) instead of a GEMM output as large as dx and a strided add. Off until
+# measured on the GPU: `python -m experiments.gpu.compression_bench --fused-grad` times both.
+FUSED_BLOCK_GRAD = False
 
 
 class CompressState(NamedTuple):
@@ -115,7 +123,10 @@ def _blocks_backward(dx_cmp, dx, state: CompressState, kernel_size, stride, weig
         dz[:, c + m:, c] = 0
     dz = dz.view(h, nb, c_blocks * d)
     w_cat = stacked_weight(weight, stride, dx.dtype)  # [stride * D, C * D]
-    _add_block_grad(dx, (dz @ w_cat.t()).view(h, nb, stride, d), layout, stride)
+    if FUSED_BLOCK_GRAD and layout.rows is None and kernels_serve(dx):
+        add_linear_block_grad(dx, dz, w_cat, stride)
+    else:
+        _add_block_grad(dx, (dz @ w_cat.t()).view(h, nb, stride, d), layout, stride)
     if not weight_grads:
         return None, None
     dw_cat = state.blocks.reshape(h * nb, stride * d).t() @ dz.reshape(h * nb, c_blocks * d)
