@@ -18,11 +18,11 @@ def start(total_jobs: int, launcher: str = "BasicLauncher") -> None:
     """The bar over `total_jobs`, when `launcher` (hydra.launcher._target_) runs the jobs in this
     process; other launchers' jobs cannot advance it, so each prints its own line when it ends."""
     global _bar
-    if launcher.rsplit(".", 1)[-1] == "BasicLauncher":
+    name = launcher.rsplit(".", 1)[-1]
+    if name == "BasicLauncher":
         _bar = tqdm(total=total_jobs, unit="job", desc="sweep", dynamic_ncols=True)
     else:
-        print(f"sweep: {total_jobs} jobs through {launcher.rsplit('.', 1)[-1]}; each job prints a line "
-              "when it ends", flush=True)
+        print(f"sweep: {total_jobs} jobs through {name}; each job prints a line when it ends", flush=True)
 
 
 def close() -> None:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from nsa_baseline.checks import check_int
-from nsa_baseline.utils.varlen import host_to_device
+from nsa_baseline.utils.varlen import copy_from_host
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class NSACache:
                 added = True
         if added:
             table = [p + [-1] * (self.block_table.shape[1] - len(p)) for p in self._pages]
-            self.block_table.copy_(host_to_device(torch.tensor(table, dtype=torch.int32, device="cpu"), self.device))
+            copy_from_host(self.block_table, torch.tensor(table, dtype=torch.int32, device="cpu"))
 
     def claim_step(self) -> None:
         """claim_pages for a decode step: every slot's next row (before the step's writes; outside a
@@ -191,7 +191,7 @@ class NSACache:
     def set_lengths(self, lengths: list[int]) -> None:
         """Commit new lengths (host mirror and device tensor): the last write of a call."""
         self._host_lengths = list(lengths)
-        self.lengths.copy_(host_to_device(torch.tensor(lengths, dtype=torch.int32, device="cpu"), self.device))
+        copy_from_host(self.lengths, torch.tensor(lengths, dtype=torch.int32, device="cpu"))
 
     def advance_host(self, steps: int = 1) -> None:
         """`steps` decode steps appended one token each to every slot: the host mirror moves by `steps`

@@ -33,10 +33,11 @@ def chunk_kernels_serve(module, q: torch.Tensor) -> bool:
             and selection_kernel_supported(q, module.kernel_size, module.kernel_stride, module.block_size))
 
 
-def chunk_compressed_select(module, q: torch.Tensor, cache: NSACache, plan: CallPlan):
+def chunk_compressed_select(module, q: torch.Tensor, cache: NSACache, plan: CallPlan, slots: torch.Tensor):
     """o_cmp float32 [N, HQ, D] and block_indices int32 [N, H, T] of the call's new tokens (q [N, HQ, D]
-    after RoPE, packed in slot order as plan says), each at its absolute position against its slot's
-    summaries (the call's own summaries already written), as decode_compressed_select returns them."""
+    after RoPE, packed in slot order as plan says; slots: int32 [N], each token's slot on the device),
+    each at its absolute position against its slot's summaries (the call's own summaries already
+    written), as decode_compressed_select returns them."""
     b, n = cache.batch_size, q.shape[0]
     starts = [0]
     for c in plan.counts:
@@ -45,16 +46,15 @@ def chunk_compressed_select(module, q: torch.Tensor, cache: NSACache, plan: Call
     dev = q.device
     cu = host_to_device(torch.tensor(shift, dtype=torch.int32, device="cpu"), dev)
     cu_cmp = torch.arange(0, (b + 1) * cache.max_cmp, cache.max_cmp, dtype=torch.int32, device=dev)[:b + 1]
-    tok_seq = plan.seq.to(device=dev, dtype=torch.int32)
     h, d = cache.k_cmp.shape[2], cache.k_cmp.shape[3]
     k_cmp = cache.k_cmp.view(b * cache.max_cmp, h, d)
     v_cmp = cache.v_cmp.view(b * cache.max_cmp, h, d)
     scale = module.head_dim ** -0.5
     q = q.contiguous()
-    o_cmp, lse = compressed_fwd(q, k_cmp, v_cmp, VarlenMeta(cu, cu_cmp, tok_seq, cu, True), module.kernel_size,
+    o_cmp, lse = compressed_fwd(q, k_cmp, v_cmp, VarlenMeta(cu, cu_cmp, slots, cu, True), module.kernel_size,
                                 module.kernel_stride, scale)
     num_blocks = triton.cdiv(max(plan.new), module.block_size)
-    idx = selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, 0, n, num_blocks, scale, module.kernel_size,
+    idx = selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, slots, 0, n, num_blocks, scale, module.kernel_size,
                                module.kernel_stride, module.block_size, topk=module.topk,
                                init_blocks=module.init_blocks, local_blocks=module.local_blocks)
     return o_cmp.float(), idx

@@ -73,7 +73,7 @@ def cached_kernel_attention(module, q: torch.Tensor, gates: torch.Tensor, cache:
     scale = module.head_dim ** -0.5
     pos32, slots = plan.pos.to(torch.int32).contiguous(), plan.seq.to(torch.int32).contiguous()
     if chunk_kernels_serve(module, q):
-        o_cmp, idx = chunk_compressed_select(module, q, cache, plan)
+        o_cmp, idx = chunk_compressed_select(module, q, cache, plan, slots)
     else:
         o_cmp, idx = decode_compressed_select(q.contiguous(), cache.k_cmp, cache.v_cmp, pos32, module.kernel_size,
                                               module.kernel_stride, module.block_size, module.topk,

@@ -108,7 +108,8 @@ def plan_counts(counts: list[int], cache: NSACache, device, cu_seqlens: Optional
     pos = torch.arange(int(n_new.sum()), device=host) - starts[seq] + old_t[seq]
     if cu_seqlens is None and cache.batch_size > 1:
         cu_seqlens = host_to_device(torch.cat([starts, n_new.sum().view(1)]).int(), device)
-    return CallPlan(old, list(counts), host_to_device(seq, device), host_to_device(pos, device), cu_seqlens)
+    seq_pos = host_to_device(torch.stack([seq, pos]), device)  # one copy for both
+    return CallPlan(old, list(counts), seq_pos[0], seq_pos[1], cu_seqlens)
 
 
 def plan_call(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], cache: NSACache) -> CallPlan:

@@ -48,8 +48,7 @@ def _update_summaries(module, cache: NSACache, plan: CallPlan) -> None:
         return
     ks, st = module.kernel_size, module.kernel_stride
     dev = cache.device
-    b = host_to_device(torch.tensor(slots, dtype=torch.long, device="cpu"), dev)
-    i = host_to_device(torch.tensor(index, dtype=torch.long, device="cpu"), dev)
+    b, i = host_to_device(torch.tensor([slots, index], dtype=torch.long, device="cpu"), dev)
     rows = i[:, None] * st + torch.arange(ks, device=dev)  # [m, ks] keys of each span
     at = cache.rows(b[:, None].expand_as(rows), rows)  # where the spans' rows are (paged: pages)
     compute = torch.float64 if cache.dtype == torch.float64 else torch.float32
@@ -107,7 +106,7 @@ def forward_with_cache(module, x: torch.Tensor, cu_seqlens: Optional[torch.Tenso
         cu_seqlens: int32 [batch_size + 1] on x's device (0 new tokens for a slot allowed), or None
             when the cache has one slot.
         decode_kernels: a call with one new token in every slot runs the decode kernels (decode.py)
-            where they serve, and so does a chunk against history (one kernel row per new token);
+            where they serve, and so does a chunk against history (decode.cached_kernel_attention);
             False keeps the PyTorch path (tests compare the two).
     Returns:
         [N, hidden_size]: each token's output as the module's forward over its whole sequence gives it.

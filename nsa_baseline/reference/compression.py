@@ -65,13 +65,12 @@ def compress_kv(
     first = cu_seqlens.long()[seq] + local * kernel_stride  # [N_cmp]
     offs = torch.arange(kernel_size, device=x.device)
     xc = x.to(compute)
-    if weight is not None:
-        w, pe = weight.to(compute), pos_emb.to(compute)
+    w, pe = (weight.to(compute), pos_emb.to(compute)) if weight is not None else (None, None)
 
     chunk = max(1, _GATHER_BUDGET // (kernel_size * h * d))
     outs = []
     for c0 in range(0, n_cmp, chunk):
         c1 = min(n_cmp, c0 + chunk)
         blocks = xc[first[c0:c1, None] + offs]  # [c, kernel_size, H, D]
-        outs.append(summarize_blocks(blocks, w, pe) if weight is not None else summarize_blocks(blocks))
+        outs.append(summarize_blocks(blocks, w, pe))
     return torch.cat(outs).to(x.dtype), cu_cmp

@@ -45,3 +45,11 @@ def host_to_device(values: torch.Tensor, device) -> torch.Tensor:
     if device.type != "cuda" or values.device.type != "cpu":
         return values.to(device)
     return values.pin_memory().to(device, non_blocking=True)
+
+
+def copy_from_host(dst: torch.Tensor, values: torch.Tensor) -> None:
+    """dst.copy_(values) for a host tensor, as host_to_device does it (pinned, not waiting for the
+    queue), without a temporary on the device."""
+    if dst.is_cuda and values.device.type == "cpu":
+        values = values.pin_memory()
+    dst.copy_(values, non_blocking=dst.is_cuda)
