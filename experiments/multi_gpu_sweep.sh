@@ -17,7 +17,9 @@ if [ "$GPUS" -lt 2 ]; then
     exit 2
 fi
 mkdir -p "$OUT_DIR"
-echo "launcher,gpus,jobs,seconds,status" > "$OUT_DIR/wall_times.csv"
+META=$(python -c "import torch, triton; from experiments.rowtools import git_commit; \
+print(f'{torch.cuda.get_device_name() if torch.cuda.is_available() else \"none\"},{torch.__version__},{triton.__version__},{git_commit()}')")
+echo "launcher,gpus,jobs,seconds,status,gpu,torch,triton,git_commit,overrides" > "$OUT_DIR/wall_times.csv"
 
 one_run() {  # name gpus visible-devices [overrides...]: one sweep, its wall time appended to the CSV
     local name=$1 gpus=$2 visible=$3; shift 3
@@ -30,7 +32,7 @@ one_run() {  # name gpus visible-devices [overrides...]: one sweep, its wall tim
     secs=$(python -c "print(f'{$(date +%s.%N) - $start:.1f}')")
     rm -rf "$OUT_DIR/.triton_$name"
     jobs=$(grep -cE "\[HYDRA\][[:space:]]+#[0-9]+ :" "$OUT_DIR/$name.log")  # Hydra's launch lines
-    echo "$name,$gpus,$jobs,$secs,$status" >> "$OUT_DIR/wall_times.csv"
+    echo "$name,$gpus,$jobs,$secs,$status,$META,\"$*\"" >> "$OUT_DIR/wall_times.csv"
 }
 
 one_run joblib "$GPUS" "$(seq -s, 0 $((GPUS - 1)))" "$@" hydra/launcher=joblib hydra.launcher.n_jobs="$GPUS"
