@@ -1,5 +1,5 @@
 """experiments.gpu.compression_bench --fused-grad's point on CPU (fp32, the kernel under the
-interpreter, do_bench replaced): both settings run, agree, and the switch is left off."""
+interpreter, do_bench replaced): both settings run, agree, and the switch is left as it was."""
 import torch
 
 from experiments.gpu import compression_bench
@@ -15,8 +15,10 @@ def test_fused_grad_point_checks_and_times_both_paths(monkeypatch):
     calls = []
     real = compression_grad.add_linear_block_grad
     monkeypatch.setattr(compression_grad, "add_linear_block_grad", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(compression_grad, "FUSED_BLOCK_GRAD", "as before")
     rows = []
     compression_bench.fused_grad_point(rows, 96, 2)
     assert rows[0]["ok"] and float(rows[0]["rel_err"]) < 1e-5 and calls
     assert (rows[0]["gemm_add_ms"], rows[0]["fused_ms"], rows[0]["speedup"]) == ("2.500", "1.500", "1.67")
-    assert compression_grad.FUSED_BLOCK_GRAD is False
+    assert rows[0]["path"] == "block"
+    assert compression_grad.FUSED_BLOCK_GRAD == "as before"
