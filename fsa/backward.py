@@ -22,7 +22,8 @@ from nsa_baseline.utils.attention_bwd import softmax_bwd_delta
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
 
-@triton.jit(do_not_specialize=("NUM_ROWS", "H_OFF", "G_OFF", "SUB_STRIDE"))  # see fsa/forward.py
+@triton.jit(do_not_specialize=("NUM_ROWS", "H_OFF", "G_OFF", "SUB_STRIDE"),  # see fsa/forward.py
+            do_not_specialize_on_alignment=("row_offsets",))
 def fsa_selected_bwd_kernel(
     q, k, v, do, lse, delta, dq_part, dk_acc, dv_acc, dkv_part,
     row_offsets, tokens, block_start, block_end, item_offsets,
@@ -141,7 +142,8 @@ def fsa_selected_bwd_dkdv_reduce_kernel(
     tl.store(dv_acc + acc_off, b_dv.to(dv_acc.dtype.element_ty), mask=m_kd)
 
 
-@triton.jit(do_not_specialize=("H_OFF", "G_OFF", "SUB_STRIDE"))  # see fsa/forward.py
+@triton.jit(do_not_specialize=("H_OFF", "G_OFF", "SUB_STRIDE"),  # see fsa/forward.py
+            do_not_specialize_on_alignment=("row_offsets",))
 def fsa_selected_bwd_dq_reduce_kernel(
     dq_part, pair_pos, row_offsets, dq, N, H_OFF,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr, T: tl.constexpr,

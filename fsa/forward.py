@@ -7,8 +7,11 @@ output and its log2-sum-exp go to a compact buffer at the pair's CSR position; t
 a query's T partials by log-sum-exp in slot order (deterministic). KV heads, and the query heads of a
 group, may be split over several passes so the partial buffer fits a memory budget (fsa/tuning.py).
 The budget follows the free device memory, so the split can change from one call to the next: the
-arguments that depend on it (pass offsets, row counts) are not specialized by Triton, which would
-otherwise compile new variants in the middle of a run.
+arguments that depend on it (pass offsets, row counts, and the alignment of `row_offsets`, a view that
+starts at the pass's first CSR row) are not specialized by Triton, and the item search's constexpr
+steps follow all KV heads' rows, which would otherwise compile new
+variants in the middle of a run: on the H100 each one cost the timed 128K prefill of `sweep=generate`'s
+eager pass about 2 s (experiments/gpu/eager_prefill_probe.py found the pointer alignment).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from fsa.tuning import launch_plan
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
 
 
-@triton.jit(do_not_specialize=("NUM_ROWS", "H_OFF", "G_OFF"))  # pass-dependent: see above
+@triton.jit(do_not_specialize=("NUM_ROWS", "H_OFF", "G_OFF"), do_not_specialize_on_alignment=("row_offsets",))
 def fsa_selected_fwd_kernel(
     q, k, v, o_part, lse_part,
     row_offsets, tokens, block_start, block_end, item_offsets,
@@ -76,7 +79,7 @@ def fsa_selected_fwd_kernel(
         tl.store(lse_part + out_row, b_m + tl.log2(b_l_safe), mask=m_f)
 
 
-@triton.jit(do_not_specialize=("H_OFF", "G_OFF"))  # pass-dependent: see above
+@triton.jit(do_not_specialize=("H_OFF", "G_OFF"), do_not_specialize_on_alignment=("row_offsets",))
 def fsa_selected_fwd_reduce_kernel(
     o_part, lse_part, pair_pos, row_offsets, o, lse, N, H_OFF,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr, T: tl.constexpr,

@@ -28,7 +28,7 @@ class WorkSchedule:
     search_steps: int  # binary-search iterations that locate an item's row
 
 
-@triton.jit(do_not_specialize=("NUM_ROWS",))  # pass-dependent (fsa/forward.py)
+@triton.jit(do_not_specialize=("NUM_ROWS",), do_not_specialize_on_alignment=("row_offsets",))  # fsa/forward.py
 def _items_per_row_kernel(row_offsets, items, NUM_ROWS, GC: tl.constexpr, ROWS_PER_ITEM: tl.constexpr,
                           BLOCK: tl.constexpr):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -49,7 +49,9 @@ def build_schedule(index: BlockIndex, h0: int, kv_heads: int, heads_per_pass: in
         row_offsets, item_offsets, num_rows, GC=heads_per_pass, ROWS_PER_ITEM=rows_per_item, BLOCK=1024)
     item_offsets.cumsum_(0)
     grid_bound = triton.cdiv(pass_pairs * heads_per_pass, rows_per_item) + num_rows
-    return WorkSchedule(row_offsets, num_rows, item_offsets, grid_bound, max(1, num_rows.bit_length()))
+    # Search steps for all KV heads' rows, not this pass's: a constexpr that changed with the pass split
+    # would compile a new kernel variant when free memory moves the split (the extra steps are no-ops).
+    return WorkSchedule(row_offsets, num_rows, item_offsets, grid_bound, max(1, index.num_rows.bit_length()))
 
 
 @triton.jit

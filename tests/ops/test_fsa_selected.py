@@ -204,3 +204,25 @@ def test_gpu_bf16_varlen():
     o = selected_attention_ref(x.q.float(), x.k.float(), x.v.float(), x.block_indices, 64, cu_seqlens=x.cu_seqlens)
     assert_close(selected_attention(x.q, x.k, x.v, x.block_indices, 64, cu_seqlens=x.cu_seqlens), o,
                  torch.bfloat16, "o")
+
+
+@pytest.mark.gpu
+def test_gpu_a_new_pass_split_compiles_nothing(monkeypatch):
+    """The pass split follows free memory, so it changes between calls of one run. Forward and backward
+    under one pass over all 4 KV heads, then passes of 1 and of 3 heads: the later passes start
+    `row_offsets` 130 or 390 int32 rows in (not 16-byte aligned) and have other row counts and offsets, none
+    of which may compile a new kernel variant (sweep=generate's eager prefill paid ~2 s a variant)."""
+    from triton import knobs
+
+    x = realistic_case(8192, 4, 2, 128, 16, 64)  # 8192 / 64 + 2 = 130 CSR rows per KV head
+    do = torch.randn_like(x.q)
+    compiled = []
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
+                        lambda *a, **k: compiled.append(k["fn"].name))
+    for split in [(4, 2), (1, 2), (3, 2)]:  # the query heads per pass (a constexpr) stay 2
+        monkeypatch.setattr(tuning, "pass_split", lambda h, g, bytes_of, budget, s=split: s)
+        before = len(compiled)
+        out = run_selected(selected_attention, x, do)
+        if split != (4, 2):  # the first split compiles the kernels
+            assert compiled[before:] == [], f"split {split} compiled {compiled[before:]}"
+    check_all(out, reference(x, do, ref_dtype=torch.float32), torch.bfloat16)
