@@ -29,7 +29,8 @@ from experiments.gpu.decode_bench import BF16, D, H, HIDDEN, HQ, PRESET
 from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_meta, write_rows
 
 GRIDS = {
-    "select": dict(select_programs_per_sm=[2, 4, 8, 16], select_warps=[4, 8], select_stages=[2, 3],
+    "select": dict(select_programs_per_sm=[2, 4, 8, 16], select_programs_per_sm_full=[2, 8],
+                   select_warps=[4, 8], select_stages=[2, 3],
                    summaries_per_tile=[64, 128]),
     "attend": dict(attend_programs_per_sm=[2, 4, 8, 16], attend_warps=[4, 8], attend_stages=[2, 3],
                    attend_shares=[0, 1]),

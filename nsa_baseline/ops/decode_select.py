@@ -28,12 +28,14 @@ MAX_SPLITS = 64
 
 def decode_splits(batch: int, heads: int, max_cmp: int, device: torch.device) -> int:
     """Programs per (slot, KV head) for decode_compressed_select: enough for about
-    DECODE_LAUNCH.select_programs_per_sm per SM, at most one per tile of summaries of a full cache (and
-    MAX_SPLITS); 1 off CUDA (the interpreter) and when batch x heads fills the GPU already. Static for a
-    cache (CUDA graphs)."""
-    programs = gpu_programs(device, DECODE_LAUNCH.select_programs_per_sm)
-    if not programs:
+    DECODE_LAUNCH.select_programs_per_sm per SM (select_programs_per_sm_full once batch x heads alone
+    cover the SMs), at most one per tile of summaries of a full cache (and MAX_SPLITS); 1 off CUDA
+    (the interpreter). Static for a cache (CUDA graphs)."""
+    sms = gpu_programs(device, 1)
+    if not sms:
         return 1
+    full = batch * heads >= sms
+    programs = sms * (DECODE_LAUNCH.select_programs_per_sm_full if full else DECODE_LAUNCH.select_programs_per_sm)
     want = -(-programs // max(1, batch * heads))
     return max(1, min(want, -(-max_cmp // DECODE_LAUNCH.summaries_per_tile), MAX_SPLITS))
 

@@ -23,6 +23,9 @@ class DecodeLaunch:
     pipeline stages, and tile sizes. Read at every launch; the defaults come from
     experiments/gpu/decode_tune.py (results/decode_tune/). Change them only through decode_launch()."""
     select_programs_per_sm: int = 8  # decode_compressed_select's splits (decode_splits)
+    # ... once batch x KV heads alone cover the SMs: more splits only add partials to merge (H100,
+    # results/decode_tune/h100_7849e1f.csv: B=32 64K select 0.2415 ms with 8, 0.2359 with 2)
+    select_programs_per_sm_full: int = 2
     select_warps: int = 4
     select_stages: int = 2
     summaries_per_tile: int = 128  # BJ * R summaries per tile of the compressed pass

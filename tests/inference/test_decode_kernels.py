@@ -310,6 +310,25 @@ def test_decode_launch_overrides_are_checked_and_restored():
     assert dataclasses.asdict(DECODE_LAUNCH) == before
 
 
+def test_select_splits_drop_once_slots_times_heads_cover_the_sms(monkeypatch):
+    """decode_splits on a 132-SM GPU (H100 SXM): 8 programs per SM while slots x KV heads leave SMs
+    idle, 2 once they cover them (the H100 tuning's B=32 point), never more than the summary tiles
+    or MAX_SPLITS; 1 where there is no GPU."""
+    from nsa_baseline.ops import decode_select as sel
+
+    monkeypatch.setattr(sel, "gpu_programs", lambda device, per_sm: 132 * per_sm)
+    cuda = torch.device("cuda", 0)
+    assert sel.decode_splits(8, 8, 4096, cuda) == 17  # 1056 programs over 64 (slot, head) pairs
+    assert sel.decode_splits(16, 8, 4096, cuda) == 9  # 128 pairs < 132 SMs: still 8 per SM
+    assert sel.decode_splits(32, 8, 4096, cuda) == 2  # 256 pairs >= 132: 264 programs
+    assert sel.decode_splits(1, 8, 4096, cuda) == 32  # capped by 4096 / 128 summary tiles
+    assert sel.decode_splits(1, 1, 65536, cuda) == sel.MAX_SPLITS
+    with decode_launch(select_programs_per_sm_full=8):
+        assert sel.decode_splits(32, 8, 4096, cuda) == 5
+    monkeypatch.setattr(sel, "gpu_programs", lambda device, per_sm: 0)  # CPU / interpreter
+    assert sel.decode_splits(8, 8, 4096, torch.device("cpu")) == 1
+
+
 def test_kernels_name_bad_arguments():
     q, kc = torch.randn(2, 4, 16), torch.randn(2, 5, 2, 16)
     pos = torch.tensor([3, 9], dtype=torch.int32)
