@@ -7,7 +7,8 @@ bf16, d = 128, (BS, T) = (64, 16), kv heads = 64 / g. Stages (do_bench medians, 
 compressed attention, the selection (scores + top-T, and the scores kernel alone), selected attention of
 each family, sliding window, SDPA full attention, and the module with its projections and without
 (module.attention: what the sweep times; also with fused_backward=False, the per-branch autograd path).
-Writes $OUT/module_stages.csv and $OUT/module_profile_<N>_<g>[_per_branch].txt.
+Writes $OUT/module_stages.csv and $OUT/module_profile_<N>_<g>[_per_branch].txt; plot a profile's stage
+breakdown with `python -m experiments.module_stage_plot` (no GPU needed).
 """
 from __future__ import annotations
 
