@@ -13,6 +13,7 @@ import os
 import torch
 from triton import knobs
 
+from experiments.gpu.provenance import require_cuda, run_meta
 from fsa import forward as fsa_forward
 from fsa import tuning
 from nsa_baseline.inference.decode import decode_step
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=512)
     ap.add_argument("--backend", default="fsa")
     args = ap.parse_args()
+    require_cuda()
+    print("eager_prefill_probe", run_meta(), vars(args), flush=True)
     knobs.runtime.jit_post_compile_hook = _hook
     real_plan = fsa_forward.launch_plan
 
