@@ -140,6 +140,9 @@ def train(args) -> list[dict]:
                          lr=f"{lr_at(step, args.steps, args.lr):.3e}", seconds=f"{time.time() - t0:.2f}"))
         if rank == 0:
             print("  " + " ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    # every rank done communicating before teardown: a gloo rank that tore down while its peer was still
+    # in the last collective aborted ("terminate called without an active exception", seen once in CI)
+    dist.barrier()
     dist.destroy_process_group()
     return rows if rank == 0 else []
 
