@@ -6,12 +6,12 @@ BLOCK_M rows (tokens x query heads of the group, never padded). Each pair row's 
 output and its log2-sum-exp go to a compact buffer at the pair's CSR position; the reduction combines
 a query's T partials by log-sum-exp in slot order (deterministic). KV heads, and the query heads of a
 group, may be split over several passes so the partial buffer fits a memory budget (fsa/tuning.py).
-The budget follows the free device memory, so the split can change from one call to the next: the
-arguments that depend on it (pass offsets, row counts, and the alignment of `row_offsets`, a view that
-starts at the pass's first CSR row) are not specialized by Triton, and the item search's constexpr
-steps follow all KV heads' rows, which would otherwise compile new
-variants in the middle of a run: on the H100 each one cost the timed 128K prefill of `sweep=generate`'s
-eager pass about 2 s (experiments/gpu/eager_prefill_probe.py found the pointer alignment).
+The budget follows the free device memory, so the split can change from one call to the next. A
+split must not compile new kernel variants mid-run (on the H100 each cost the timed 128K prefill of
+`sweep=generate`'s eager pass about 2 s; experiments/gpu/eager_prefill_probe.py): Triton does not
+specialize the arguments that depend on it (pass offsets, row counts, and the alignment of
+`row_offsets`, a view that starts at the pass's first CSR row), and the item search's constexpr steps
+follow all KV heads' rows.
 """
 from __future__ import annotations
 

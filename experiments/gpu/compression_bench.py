@@ -151,8 +151,9 @@ def fused_grad_point(rows, n: int, h: int) -> None:
         cg.FUSED_BLOCK_GRAD = keep
     off, on = times[False] - clone, times[True] - clone
     # below BLOCK_PATH_MIN_CUDA_ROWS rows the gather path runs: the kernel is not used, both time the same
-    rows.append(dict(N=n, G=HQ // h, H=h, path="block" if state.layout is not None else "gather", gemm_add_ms=f"{off:.3f}", fused_ms=f"{on:.3f}",
-                     speedup=f"{off / max(on, 1e-6):.2f}", rel_err=f"{err:.2e}", ok=err <= TOL))
+    rows.append(dict(N=n, G=HQ // h, H=h, path="block" if state.layout is not None else "gather",
+                     gemm_add_ms=f"{off:.3f}", fused_ms=f"{on:.3f}", speedup=f"{off / max(on, 1e-6):.2f}",
+                     rel_err=f"{err:.2e}", ok=err <= TOL))
     print(rows[-1], flush=True)
 
 

@@ -19,8 +19,8 @@ from fsa import tuning
 from nsa_baseline.inference.decode import decode_step
 from nsa_baseline.module import NativeSparseAttention
 
-compiles: list[str] = []
-plans: list[tuple] = []
+compiles: list[tuple] = []  # (kernel name, Triton's cache key)
+plans: list[tuple] = []  # (KV heads, query heads, passes) of each FSA forward
 
 
 def _hook(*args, **kwargs):
@@ -58,7 +58,7 @@ def main() -> None:
 
     def plan(*a, **k):
         p = real_plan(*a, **k)
-        plans.append((p.kv_heads_per_pass, p.heads_per_pass, len(list(p.passes())) if hasattr(p, "passes") else "?"))
+        plans.append((p.kv_heads_per_pass, p.heads_per_pass, len(list(p.passes()))))
         return p
 
     fsa_forward.launch_plan = plan
@@ -73,6 +73,7 @@ def main() -> None:
     def prefill(label: str) -> None:
         n_comp, n_plan = len(compiles), len(plans)
         free0 = torch.cuda.mem_get_info()[0]
+        budget = tuning.buffer_budget_bytes(dev)  # what the call's split will see (FSA_BUFFER_BUDGET_GB first)
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
         torch.cuda.synchronize()
         ev[0].record()
@@ -81,7 +82,7 @@ def main() -> None:
         ev[1].record()
         torch.cuda.synchronize()
         print(f"{label:28s} {ev[0].elapsed_time(ev[1]):9.1f} ms  free {free0 / 2**30:6.1f} GiB  reserved "
-              f"{torch.cuda.memory_reserved() / 2**30:6.1f} GiB  budget {tuning._last_budget.get(0, 0) / 2**30:5.1f}"
+              f"{torch.cuda.memory_reserved() / 2**30:6.1f} GiB  budget {budget / 2**30:5.1f}"
               f" GiB  plans {plans[n_plan:]}  compiles {len(compiles) - n_comp}", flush=True)
         for name, _ in compiles[n_comp:]:
             print("    compiled", name, flush=True)
