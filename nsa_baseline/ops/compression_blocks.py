@@ -96,12 +96,46 @@ def stacked_weight(weight: torch.Tensor, kernel_stride: int, dtype: torch.dtype)
         kernel_stride * d, c_blocks * d)
 
 
+class _WideGemm(torch.autograd.Function):
+    """a [M, K] @ b [K, N] of bf16 / fp16 CUDA inputs with the fp32 accumulator written out (cuBLAS,
+    torch.mm's out_dtype): a summary sums C such products, and rounding each to bf16 before that sum
+    made the block path's summaries ~1.5x less accurate than the gather path's one rounding, enough to
+    flip ~2% of the block selections against the fp32 reference (experiments/gpu/module_error_probe.py).
+    The backward is the bf16 GEMM's (the gradient in the inputs' dtype)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return torch.mm(a, b, out_dtype=torch.float32)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        g = g.to(a.dtype)
+        return (g @ b.t() if ctx.needs_input_grad[0] else None), (a.t() @ g if ctx.needs_input_grad[1] else None)
+
+
+def wide_gemm_supported(x: torch.Tensor) -> bool:
+    """Whether _WideGemm serves x: bf16 / fp16 on CUDA (torch.mm's out_dtype has no CPU kernel)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _windows_gemm(blocks: torch.Tensor, w_cat: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """X_blk [H, NB, stride * D] @ w_cat [stride * D, C * D] in `acc`: fp32 accumulators written out on
+    CUDA, else the product of the inputs in `acc` (CPU: the reference's precision)."""
+    h, nb, k = blocks.shape
+    if wide_gemm_supported(blocks):
+        return _WideGemm.apply(blocks.reshape(h * nb, k), w_cat).view(h, nb, -1)
+    return blocks.to(acc) @ w_cat.to(acc)
+
+
 def linear_windows(blocks: torch.Tensor, weight, pos_emb, kernel_size: int, kernel_stride: int,
                    acc: torch.dtype) -> torch.Tensor:
     """y [H, windows, D] in `acc` of the linear map, from X_blk [H, NB, stride * D]."""
     h, nb = blocks.shape[0], blocks.shape[1]
     c_blocks, d = kernel_size // kernel_stride, weight.shape[1]
-    z = (blocks @ stacked_weight(weight, kernel_stride, blocks.dtype)).view(h, nb, c_blocks, d)
+    z = _windows_gemm(blocks, stacked_weight(weight, kernel_stride, blocks.dtype), acc).view(h, nb, c_blocks, d)
     bias = pos_emb.to(acc).flatten() @ weight.to(acc)  # [D]: pos_emb's share of every summary
     return _WindowSum.apply(z, c_blocks, acc) + bias
 
