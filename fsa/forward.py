@@ -81,17 +81,26 @@ def fsa_selected_fwd_kernel(
 
 @triton.jit(do_not_specialize=("H_OFF", "G_OFF"), do_not_specialize_on_alignment=("row_offsets",))
 def fsa_selected_fwd_reduce_kernel(
-    o_part, lse_part, pair_pos, row_offsets, o, lse, N, H_OFF,
+    o_part, lse_part, pair_pos, row_offsets, o, lse, o_extra, lse_extra, N, H_OFF,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr, T: tl.constexpr,
-    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, EXTRA: tl.constexpr = False,
 ):
+    """EXTRA: o_extra [N, HQ, D] (normalised) and lse_extra float32 [HQ, N] (natural log) are one
+    more partial of every row, merged first (the module's local blocks, from another kernel)."""
     i_h, i_j, i_hq, o_n, m_n = reduce_rows(N, H_OFF, G, G_OFF, GC, BLOCK_N)
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
+    p_out = o_n[:, None].to(tl.int64) * (HQ * D) + i_hq * D + o_d[None, :]
 
-    b_m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    b_l = tl.zeros([BLOCK_N], tl.float32)
-    b_acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    if EXTRA:
+        b_m = tl.load(lse_extra + i_hq.to(tl.int64) * N + o_n, mask=m_n, other=float("-inf")) * 1.4426950408889634
+        b_l = tl.where(b_m > float("-inf"), 1.0, 0.0)
+        b_acc = tl.load(o_extra + p_out, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_acc = tl.where((b_l > 0)[:, None], b_acc, 0.0)
+    else:
+        b_m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        b_l = tl.zeros([BLOCK_N], tl.float32)
+        b_acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     p_first = tl.load(row_offsets)  # the pass's first pair position
     for i_t in range(T):
         row, ok = slot_rows(pair_pos, p_first, o_n, m_n, i_h, i_j, i_t, H, T, GC)
@@ -107,13 +116,14 @@ def fsa_selected_fwd_reduce_kernel(
     seen = b_l > 0
     b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
     b_lse = tl.where(seen, (b_m + tl.log2(tl.where(seen, b_l, 1.0))) * 0.6931471805599453, float("-inf"))  # * ln 2
-    tl.store(o + o_n[:, None].to(tl.int64) * (HQ * D) + i_hq * D + o_d[None, :], b_o.to(o.dtype.element_ty),
-             mask=m_n[:, None] & m_d[None, :])
+    tl.store(o + p_out, b_o.to(o.dtype.element_ty), mask=m_n[:, None] & m_d[None, :])
     tl.store(lse + i_hq.to(tl.int64) * N + o_n, b_lse, mask=m_n)
 
 
-def fsa_selected_fwd(q, k, v, index, block_size: int, topk: int, scale: float):
-    """Host wrapper: returns o [N, HQ, D] (q.dtype) and lse float32 [HQ, N] (natural log)."""
+def fsa_selected_fwd(q, k, v, index, block_size: int, topk: int, scale: float, extra=None):
+    """Host wrapper: returns o [N, HQ, D] (q.dtype) and lse float32 [HQ, N] (natural log). extra: (o, lse)
+    of the same rows over keys the index does not hold (normalised [N, HQ, D], natural-log [HQ, N]),
+    merged in as one more partial: o, lse are then the softmax over both key sets."""
     plan = launch_plan(q, k, block_size, topk, backward=False)
     n, hq, h, g, d, d_pad, cfg = plan.n, plan.hq, plan.h, plan.g, plan.d, plan.d_pad, plan.cfg
     o = new_output((n, hq, d), q.dtype, q.device)
@@ -131,8 +141,8 @@ def fsa_selected_fwd(q, k, v, index, block_size: int, topk: int, scale: float):
             DOT_PRECISION=plan.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         fsa_selected_fwd_reduce_kernel[(triton.cdiv(n, cfg.block_n), hcur * gcur)](
-            o_part, lse_part, index.pair_pos, sched.row_offsets, o, lse, n, h0,
-            HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, T=topk, D=d, D_PAD=d_pad, BLOCK_N=cfg.block_n,
-            num_warps=4 if d_pad >= 128 else 2,
+            o_part, lse_part, index.pair_pos, sched.row_offsets, o, lse, *(extra if extra is not None else (o, lse)),
+            n, h0, HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, T=topk, D=d, D_PAD=d_pad, BLOCK_N=cfg.block_n,
+            EXTRA=extra is not None, num_warps=4 if d_pad >= 128 else 2,
         )
     return o, lse

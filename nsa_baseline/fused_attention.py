@@ -36,6 +36,14 @@ from nsa_baseline.utils.triton_utils import new_output
 
 FAMILIES = ("nsa", "fsa", "auto")
 
+# NSA's local blocks (the local_blocks ending at each token's own block, which the selection always
+# keeps) through the window kernels in block-local mode instead of FSA's per-(token, block) pair rows:
+# with the FSA family at small G every pair row gathers its query and writes a partial (the traffic
+# that bounds FSA at g=1), and 2 of 16 slots are always these blocks. The FSA index drops their pairs
+# and its reduction merges the window kernel's (o, lse) as one more partial; the backward adds the
+# window kernels' share. Off until timed on the GPU (experiments/gpu/module_vs_dense.py --local-blocks).
+LOCAL_BLOCKS_KERNEL = False
+
 
 @dataclass(frozen=True)
 class Config:
@@ -83,14 +91,25 @@ def _family(cfg: Config, q, k, v, block_indices, cu_seqlens, scale, batch: int, 
         return auto.choose(q, k, v, block_indices, cfg.block_size, cu_seqlens, scale, batch)
 
 
-def _selected_fwd(family: str, q, k, v, block_indices, block_size: int, cu_seqlens, scale):
-    """(o, lse, state) of the family's selected-attention forward; state is what its backward needs."""
+def _local_blocks(family: str, cfg: Config) -> int:
+    """Local blocks the window kernels serve for the selected branch (LOCAL_BLOCKS_KERNEL), else 0."""
+    return cfg.local_blocks if LOCAL_BLOCKS_KERNEL and family == "fsa" and cfg.topk >= cfg.local_blocks else 0
+
+
+def _selected_fwd(family: str, q, k, v, block_indices, block_size: int, cu_seqlens, scale, local=None):
+    """(o, lse, state) of the family's selected-attention forward; state is what its backward needs.
+    local: (token tables, local blocks, window launch config) when the window kernels serve the local
+    blocks (FSA family; _local_blocks)."""
     if family == "fsa":
         from fsa.forward import fsa_selected_fwd
         from nsa_baseline.utils.block_index import build_block_index
 
-        index = build_block_index(block_indices, block_size, cu_seqlens, k.shape[1])
-        o, lse = fsa_selected_fwd(q, k, v, index, block_size, block_indices.shape[2], scale)
+        extra, skip = None, 0
+        if local is not None:
+            tables, skip, win_cfg = local
+            extra = window_fwd(q, k, v, tables, skip, scale, win_cfg, block_local=block_size)
+        index = build_block_index(block_indices, block_size, cu_seqlens, k.shape[1], skip_local=skip)
+        o, lse = fsa_selected_fwd(q, k, v, index, block_size, block_indices.shape[2], scale, extra=extra)
         return o, lse, index
     from nsa_baseline.ops.selected_fwd import nsa_selected_fwd
     from nsa_baseline.utils.varlen import token_positions
@@ -134,10 +153,10 @@ class NSAAttentionFunction(torch.autograd.Function):
         o_cmp, lse_cmp = compressed_fwd(q, k_cmp, v_cmp, meta, ks, st, scale)
         block_indices = cfg.select_blocks(q, k_cmp, cu_seqlens, cu_cmp, ks, st, cfg.block_size, cfg.topk,
                                           cfg.init_blocks, cfg.local_blocks, lse=lse_cmp)
-        o_slc, lse_slc, slc = _selected(ctx, cfg, q, k, v, block_indices, cu_seqlens)
         tables = token_tables(cu_seqlens, q.shape[0], q.device)
-        window = min(cfg.window_size, max(q.shape[0], 1))  # as sliding_window_attention_triton
         win_cfgs = launch_configs(q.shape[2], q.dtype)
+        o_slc, lse_slc, slc = _selected(ctx, cfg, q, k, v, block_indices, cu_seqlens, tables, win_cfgs)
+        window = min(cfg.window_size, max(q.shape[0], 1))  # as sliding_window_attention_triton
         o_win, lse_win = window_fwd(q, k, v, tables, window, scale, win_cfgs.fwd)
         o = gated_sum_fwd(gates, (o_cmp, o_slc, o_win))
         ctx.save_for_backward(q, k, v, gates, k_weight, k_pos, v_weight, v_pos, k_cmp, v_cmp, o_cmp, lse_cmp,
@@ -152,7 +171,7 @@ class NSAAttentionFunction(torch.autograd.Function):
         (q, k, v, gates, k_weight, k_pos, v_weight, v_pos, k_cmp, v_cmp, o_cmp, lse_cmp, o_slc, lse_slc, o_win,
          lse_win, block_indices) = ctx.saved_tensors
         cu_seqlens, cfg, scale, meta, k_state, v_state, slc, tables, window, win_cfgs = ctx.state
-        family, slc_state, slc_cu = slc
+        family, slc_state, slc_cu, slc_scale, local = slc
         outs = (o_cmp, o_slc, o_win)
         dgates, do_cmp, do_slc, do_win, deltas = _gated_sum_grads(do, gates, outs, (d_cmp, d_slc, d_win),
                                                                    ctx.needs_input_grad[3])
@@ -161,7 +180,10 @@ class NSAAttentionFunction(torch.autograd.Function):
         window_bwd(q, k, v, o_win, lse_win, do_win, None, tables, window, scale, win_cfgs, out=(dq, dk, dv),
                    delta=deltas[2])
         _selected_bwd(family, slc_state, q, k, v, o_slc, lse_slc, do_slc, block_indices, cfg.block_size,
-                      slc_cu, scale, (dq, dk, dv), deltas[1])
+                      slc_cu, slc_scale, (dq, dk, dv), deltas[1])
+        if local:  # the local blocks' share of the selected branch (its o, lse: the whole branch's)
+            window_bwd(q, k, v, o_slc, lse_slc, do_slc, None, tables, local, slc_scale, win_cfgs, out=(dq, dk, dv),
+                       accumulate=True, delta=deltas[1], block_local=cfg.block_size)
         _, dk_cmp, dv_cmp = compressed_bwd(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, None, meta, cfg.kernel_size,
                                            cfg.kernel_stride, scale, dq=dq, accumulate=True, delta=deltas[0])
         need = ctx.needs_input_grad
@@ -172,17 +194,19 @@ class NSAAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, dgates, dkw, dkp, dvw, dvp, None, None
 
 
-def _selected(ctx, cfg: Config, q, k, v, block_indices, cu_seqlens):
-    """The selected branch's forward: (o, lse, (family, its backward state, checked cu_seqlens)), with
-    the public entry points' argument and index checks."""
+def _selected(ctx, cfg: Config, q, k, v, block_indices, cu_seqlens, tables, win_cfgs):
+    """The selected branch's forward: (o, lse, (family, its backward state, checked cu_seqlens, scale,
+    local blocks served by the window kernels)), with the public entry points' argument and index checks."""
     a = check_selected_args(q, k, v, block_indices, cfg.block_size, cu_seqlens, None,
                             supported_block_sizes=BLOCK_SIZES, supported_dtypes=KERNEL_DTYPES)
     needs_grad = any(ctx.needs_input_grad[:3])
     family = _family(cfg, q, k, v, block_indices, a.cu_seqlens, a.scale, a.batch, needs_grad)
     if index_checks_requested(None):
         check_block_indices(block_indices, cfg.block_size, a.cu_seqlens)
-    o, lse, state = _selected_fwd(family, q, k, v, block_indices, cfg.block_size, a.cu_seqlens, a.scale)
-    return o, lse, (family, state, a.cu_seqlens)
+    local = _local_blocks(family, cfg)
+    o, lse, state = _selected_fwd(family, q, k, v, block_indices, cfg.block_size, a.cu_seqlens, a.scale,
+                                  (tables, local, win_cfgs.fwd) if local else None)
+    return o, lse, (family, state, a.cu_seqlens, a.scale, local)
 
 
 def _gated_sum_grads(do, gates, outs, extra, need_dgates: bool):

@@ -2,10 +2,14 @@
 in the same run, without module_profile's per-stage timings (which take minutes at 64K).
 
     python -m experiments.gpu.module_vs_dense [--points 8192:1,16384:1,16384:4,65536:1] [--backend auto]
+                                              [--local-blocks off|on|both]
 
 bf16, 64 query heads, d = 128, (64, 16), kv heads = 64 / g, one sequence; fresh random inputs per
 point; `triton.testing.do_bench` medians after a warm-up call (compiles and `auto`'s choice outside
-the timing). Writes module_vs_dense.csv (GPU, torch, Triton, commit on every row) under $OUT (else ./out).
+the timing). --local-blocks sets nsa_baseline.fused_attention.LOCAL_BLOCKS_KERNEL (NSA's local blocks
+through the window kernels instead of FSA's pair rows); `both` times each point with it off and on, on
+the same inputs (tests/ops/test_local_blocks.py checks that the two agree). Writes module_vs_dense.csv (GPU, torch, Triton, commit on every
+row) under $OUT (else ./out).
 """
 from __future__ import annotations
 
@@ -83,6 +87,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default="8192:1,16384:1,16384:4,65536:1")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--local-blocks", choices=("default", "off", "on", "both"), default="default",
+                    help="fused_attention.LOCAL_BLOCKS_KERNEL for the run (default: as committed)")
     args = ap.parse_args()
     points = parse_points(args.points)
     require_cuda()
@@ -90,10 +96,18 @@ def main() -> int:
     print(f"module_vs_dense on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, "
           f"commit {meta['git_commit']}", flush=True)
     torch.manual_seed(0)
+    from nsa_baseline import fused_attention
+
+    modes = {"default": [fused_attention.LOCAL_BLOCKS_KERNEL], "off": [False], "on": [True],
+             "both": [False, True]}[args.local_blocks]
     rows = []
     for n, g in points:
-        rows.append(time_point(n, g, args.backend))
-        print(rows[-1], f"({time.time() - START:.0f} s)", flush=True)
+        for on in modes:
+            fused_attention.LOCAL_BLOCKS_KERNEL = on
+            if len(modes) > 1:
+                torch.manual_seed(n + g)  # the same inputs for both modes
+            rows.append({**time_point(n, g, args.backend), "local_blocks_kernel": on})
+            print(rows[-1], f"({time.time() - START:.0f} s)", flush=True)
         write_rows(out / "module_vs_dense.csv", rows, meta)  # after every point: a cut run keeps its rows
         torch.cuda.empty_cache()
     print_table(rows)

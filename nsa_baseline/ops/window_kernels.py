@@ -1,5 +1,8 @@
 """Triton kernels of sliding-window attention (nsa_baseline.ops.window_triton): key s is visible to
 query t iff lo(t) <= s <= t, lo(t) = max(start of t's sequence, t - W + 1), all in packed rows.
+BLOCK_LOCAL = BS > 0 makes the window block-aligned instead (NSA's local blocks, served here rather
+than by the selected-attention kernels): lo(t) = start + max(0, (t - start) // BS - W + 1) * BS, W
+blocks ending at t's own block.
 
 Forward and dQ: grid (row tile of BLOCK_M, KV head), rows = (token, query head of the KV group)
 pairs, so the G heads of a KV head share every K/V tile; each program loops over the key tiles of
@@ -18,18 +21,31 @@ _INT_MAX = tl.constexpr(2147483647)
 
 
 @triton.jit
-def _rows(r0, r_end, i_h, tok_start, W, G: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
+def _rows(r0, r_end, i_h, tok_start, W, G: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+          BLOCK_LOCAL: tl.constexpr = 0):
     """Rows [r0, r0 + BLOCK_M) of KV head i_h, valid below r_end: (row mask, token, query head, lo)."""
     o_r = r0 + tl.arange(0, BLOCK_M)
     m_r = o_r < r_end
     tok = o_r // G
     i_hq = i_h * G + o_r % G
-    lo = tok - W + 1
     if VARLEN:
-        lo = tl.maximum(lo, tl.load(tok_start + tok, mask=m_r, other=0))
+        start = tl.load(tok_start + tok, mask=m_r, other=0)
     else:
-        lo = tl.maximum(lo, 0)
+        start = tl.zeros_like(tok)
+    if BLOCK_LOCAL > 0:
+        lo = start + tl.maximum((tok - start) // BLOCK_LOCAL - W + 1, 0) * BLOCK_LOCAL
+    else:
+        lo = tl.maximum(tok - W + 1, start)
     return m_r, tok, i_hq, lo
+
+
+@triton.jit
+def _reach(c, start, W, BLOCK_LOCAL: tl.constexpr):
+    """One past the last token (before its sequence's end) that sees key c of a sequence at `start`."""
+    if BLOCK_LOCAL > 0:
+        return start + ((c - start) // BLOCK_LOCAL + W) * BLOCK_LOCAL
+    else:
+        return c + W
 
 
 @triton.jit
@@ -87,10 +103,10 @@ def window_fwd_kernel(
     q, k, v, o, lse, tok_start, N, W, qk_scale,
     HQ, H, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr, BLOCK_LOCAL: tl.constexpr = 0,
 ):
     i_m, i_h = tl.program_id(0), tl.program_id(1)
-    m_r, tok, i_hq, lo = _rows(i_m * BLOCK_M, N * G, i_h, tok_start, W, G, BLOCK_M, VARLEN)
+    m_r, tok, i_hq, lo = _rows(i_m * BLOCK_M, N * G, i_h, tok_start, W, G, BLOCK_M, VARLEN, BLOCK_LOCAL)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     p_q = (tok.to(tl.int64) * HQ + i_hq)[:, None] * D + o_d[None, :]  # [BLOCK_M, BLOCK_D]
@@ -134,9 +150,9 @@ def window_fwd_kernel(
 @triton.jit
 def _dkdv_step(b_k, b_v, dk, dv, q, do, lse2, delta, r0, r_end, i_h, o_c, tok_start, N, W,
                o_d, m_d, qk_scale, HQ, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-               VARLEN: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+               VARLEN: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr, BLOCK_LOCAL: tl.constexpr):
     """dK/dV of the program's keys from rows [r0, r0 + BLOCK_M), in transposed form."""
-    m_r, tok, i_hq, lo = _rows(r0, r_end, i_h, tok_start, W, G, BLOCK_M, VARLEN)
+    m_r, tok, i_hq, lo = _rows(r0, r_end, i_h, tok_start, W, G, BLOCK_M, VARLEN, BLOCK_LOCAL)
     p_q = (tok.to(tl.int64) * HQ + i_hq)[:, None] * D + o_d[None, :]
     m_q = m_r[:, None] & m_d[None, :]
     b_q = tl.load(q + p_q, mask=m_q, other=0.)  # [BLOCK_M, BLOCK_D]
@@ -161,6 +177,7 @@ def window_bwd_dkdv_kernel(
     HQ, H, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr, ACCUMULATE: tl.constexpr = False,
+    BLOCK_LOCAL: tl.constexpr = 0,
 ):
     """Grid (key tile, KV head); dk, dv [N, H, D]. ACCUMULATE: add to what dk / dv hold (fp32 sum)
     instead of overwriting them (the module's fused backward sums its branches this way)."""
@@ -174,16 +191,18 @@ def window_bwd_dkdv_kernel(
     m_kv = (o_c < N)[:, None] & m_d[None, :]
     b_k = tl.load(k + p_kv, mask=m_kv, other=0.)  # [BLOCK_N, BLOCK_D]
     b_v = tl.load(v + p_kv, mask=m_kv, other=0.)
-    # key s is seen by tokens [s, min(s + W, end of s's sequence)): the tile's keys by [t_lo, t_hi);
-    # tokens [c_last, t_full) see all of them (none when the tile spans two sequences)
+    # key s is seen by tokens [s, min(reach(s), end of s's sequence)) (reach: s + W, or the end of the
+    # W-th block from s's in block-local mode): the tile's keys by [t_lo, t_hi); tokens [c_last, t_full)
+    # see all of them (none when the tile spans two sequences)
     if VARLEN:
         end_first = tl.load(tok_end + c_first)
         end_last = tl.load(tok_end + c_last)
-        t_hi = tl.minimum(c_last + W, end_last)
-        t_full = tl.where(end_first == end_last, tl.minimum(c_first + W, end_first), c_last)
+        t_hi = tl.minimum(_reach(c_last, tl.load(tok_start + c_last), W, BLOCK_LOCAL), end_last)
+        t_full = tl.where(end_first == end_last,
+                          tl.minimum(_reach(c_first, tl.load(tok_start + c_first), W, BLOCK_LOCAL), end_first), c_last)
     else:
-        t_hi = tl.minimum(c_last + W, N)
-        t_full = tl.minimum(c_first + W, N)
+        t_hi = tl.minimum(_reach(c_last, 0, W, BLOCK_LOCAL), N)
+        t_full = tl.minimum(_reach(c_first, 0, W, BLOCK_LOCAL), N)
     # row tiles from r_lo: masked until the first one that starts at a token >= c_last (r_full),
     # then unmasked while they end at or below t_full * G (r_mid), then masked again up to r_hi
     r_lo = c_first * G
@@ -196,26 +215,26 @@ def window_bwd_dkdv_kernel(
         r0 = r_lo
         while r0 < r_full:
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_start, N, W,
-                                    o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, True)
+                                    o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, True, BLOCK_LOCAL)
             r0 += BLOCK_M
         while r0 < r_mid:
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_start, N, W,
-                                    o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, False)
+                                    o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, False, BLOCK_LOCAL)
             r0 += BLOCK_M
         while r0 < r_hi:
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_start, N, W,
-                                    o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, True)
+                                    o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, True, BLOCK_LOCAL)
             r0 += BLOCK_M
     else:
         for r0 in range(r_lo, r_full, BLOCK_M):
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_start, N, W,
-                                    o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, True)
+                                    o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, True, BLOCK_LOCAL)
         for r0 in range(r_full, r_mid, BLOCK_M):
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_start, N, W,
-                                    o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, False)
+                                    o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, False, BLOCK_LOCAL)
         for r0 in range(r_mid, r_hi, BLOCK_M):
             b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, q, do, lse2, delta, r0, r_hi, i_h, o_c, tok_start, N, W,
-                                    o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, True)
+                                    o_d, m_d, qk_scale, HQ, G, D, BLOCK_M, VARLEN, PREC, True, BLOCK_LOCAL)
     b_dk = b_dk * scale
     if ACCUMULATE:
         b_dk += tl.load(dk + p_kv, mask=m_kv, other=0.).to(tl.float32)
@@ -245,10 +264,11 @@ def window_bwd_dq_kernel(
     HQ, H, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr, ACCUMULATE: tl.constexpr = False,
+    BLOCK_LOCAL: tl.constexpr = 0,
 ):
     """Grid (row tile, KV head); dq [N, HQ, D]. ACCUMULATE: add to what dq holds (fp32 sum)."""
     i_m, i_h = tl.program_id(0), tl.program_id(1)
-    m_r, tok, i_hq, lo = _rows(i_m * BLOCK_M, N * G, i_h, tok_start, W, G, BLOCK_M, VARLEN)
+    m_r, tok, i_hq, lo = _rows(i_m * BLOCK_M, N * G, i_h, tok_start, W, G, BLOCK_M, VARLEN, BLOCK_LOCAL)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     p_q = (tok.to(tl.int64) * HQ + i_hq)[:, None] * D + o_d[None, :]

@@ -95,8 +95,10 @@ def _constexprs(q, k) -> dict:
                 WHILE_LOOP=is_interpreter())
 
 
-def window_fwd(q, k, v, tables: TokenTables, window: int, scale: float, cfg: TileConfig):
-    """o [N, HQ, D] (q.dtype) and lse float32 [HQ, N] (natural log); contiguous inputs of one dtype."""
+def window_fwd(q, k, v, tables: TokenTables, window: int, scale: float, cfg: TileConfig, block_local: int = 0):
+    """o [N, HQ, D] (q.dtype) and lse float32 [HQ, N] (natural log); contiguous inputs of one dtype.
+    block_local = BS > 0: the `window` blocks of BS keys ending at each token's block (NSA's local
+    blocks, counted from its sequence's start) instead of the last `window` keys."""
     n, hq, d = q.shape
     h = k.shape[1]
     o = new_output((n, hq, d), q.dtype, q.device)
@@ -105,17 +107,20 @@ def window_fwd(q, k, v, tables: TokenTables, window: int, scale: float, cfg: Til
         return o, lse
     window_fwd_kernel[(triton.cdiv(n * (hq // h), cfg.block_m), h)](
         q, k, v, o, lse, tables.start, n, window, scale * LOG2E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        VARLEN=tables.varlen, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_constexprs(q, k),
+        VARLEN=tables.varlen, BLOCK_LOCAL=block_local, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_constexprs(q, k),
     )
     return o, lse
 
 
 def window_bwd(q, k, v, o, lse, do, dlse, tables: TokenTables, window: int, scale: float, cfgs: LaunchConfigs,
-               out=None, accumulate: bool = False, delta=None):
+               out=None, accumulate: bool = False, delta=None, block_local: int = 0):
     """(dq, dk, dv) for the upstream gradients do [N, HQ, D] and dlse [HQ, N] (or None). `out`: the
     (dq, dk, dv) buffers to write (contiguous, q's / k's / v's shape and dtype; None allocates);
     accumulate: add to what they hold instead of overwriting it; delta: rowsum(o * do) - dlse float32
-    [HQ, N] when the caller has it (else one pass computes it)."""
+    [HQ, N] when the caller has it (else one pass computes it); block_local as in window_fwd. o and lse
+    may be those of a softmax over more keys than the window's (the module's local blocks inside the
+    selected branch): P = exp(s - lse) is then this window's share of it."""
     n, hq, _ = q.shape
     h = k.shape[1]
     if out is None:
@@ -128,14 +133,14 @@ def window_bwd(q, k, v, o, lse, do, dlse, tables: TokenTables, window: int, scal
     c = cfgs.dkdv
     window_bwd_dkdv_kernel[(triton.cdiv(n, c.block_n), h)](
         q, k, v, do, lse2, delta, dk, dv, tables.start, tables.end, n, window, scale * LOG2E, scale,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, VARLEN=tables.varlen, ACCUMULATE=accumulate, num_warps=c.num_warps,
-        num_stages=c.num_stages, **_constexprs(q, k),
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, VARLEN=tables.varlen, ACCUMULATE=accumulate, BLOCK_LOCAL=block_local,
+        num_warps=c.num_warps, num_stages=c.num_stages, **_constexprs(q, k),
     )
     c = cfgs.dq
     window_bwd_dq_kernel[(triton.cdiv(n * (hq // h), c.block_m), h)](
         q, k, v, do, lse2, delta, dq, tables.start, n, window, scale * LOG2E, scale,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, VARLEN=tables.varlen, ACCUMULATE=accumulate, num_warps=c.num_warps,
-        num_stages=c.num_stages, **_constexprs(q, k),
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, VARLEN=tables.varlen, ACCUMULATE=accumulate, BLOCK_LOCAL=block_local,
+        num_warps=c.num_warps, num_stages=c.num_stages, **_constexprs(q, k),
     )
     return dq, dk, dv
 

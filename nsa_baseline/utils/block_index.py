@@ -67,8 +67,10 @@ def _block_layout_kernel(cu_seqlens, block_start, block_end, NB_BOUND, B,
 @triton.jit
 def _pair_keys_kernel(block_indices, cu_seqlens, keys, counts, N, B, NB_BOUND, NUM_ROWS,
                       H: tl.constexpr, T: tl.constexpr, BS: tl.constexpr,
-                      SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    """keys[pair] = CSR row of a valid pair, NUM_ROWS (sentinel) otherwise; counts[row + 1] += 1."""
+                      SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr, SKIP_LOCAL: tl.constexpr = 0):
+    """keys[pair] = CSR row of a valid pair, NUM_ROWS (sentinel) otherwise; counts[row + 1] += 1.
+    SKIP_LOCAL > 0: pairs of the SKIP_LOCAL blocks ending at the token's own block are not valid
+    (another kernel serves them)."""
     f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat pair id = (token * H + h) * T + slot
     m = f < N * H * T
     tok = f // (H * T)
@@ -78,6 +80,8 @@ def _pair_keys_kernel(block_indices, cu_seqlens, keys, counts, N, B, NB_BOUND, N
     c1 = tl.load(cu_seqlens + s + 1, mask=m, other=0)
     idx = tl.load(block_indices + f, mask=m, other=-1)
     valid = m & (idx >= 0) & (c0 + idx * BS <= tok) & (idx < (c1 - c0 + BS - 1) // BS)
+    if SKIP_LOCAL > 0:
+        valid = valid & (idx <= (tok - c0) // BS - SKIP_LOCAL)
     row = i_h * NB_BOUND + c0 // BS + s + idx
     key = tl.where(valid, row, NUM_ROWS)
     tl.store(keys + f, key, mask=m)
@@ -101,13 +105,16 @@ def block_id_bound(num_tokens: int, block_size: int, batch: int) -> int:
 
 
 def build_block_index(
-    block_indices: torch.Tensor, block_size: int, cu_seqlens: torch.Tensor, num_kv_heads: int
+    block_indices: torch.Tensor, block_size: int, cu_seqlens: torch.Tensor, num_kv_heads: int,
+    skip_local: int = 0,
 ) -> BlockIndex:
     r"""Invert block_indices [N, H, T] into a per-(KV head, block) list of query tokens.
 
     A pair (token, h, slot) is valid when its entry is >= 0, names a block of the token's own
     sequence, and that block starts at or before the token (blocks wholly in the future are dropped).
-    Any index values are safe: invalid ones never reach a row.
+    Any index values are safe: invalid ones never reach a row. skip_local > 0 also drops the pairs of
+    the skip_local blocks ending at the token's own block (the module serves NSA's local blocks with
+    the block-local window kernels instead).
     """
     n, h, t_sel = block_indices.shape
     dev = block_indices.device
@@ -127,7 +134,7 @@ def build_block_index(
     row_offsets = torch.zeros(num_rows + 1, dtype=torch.int32, device=dev)
     _pair_keys_kernel[(triton.cdiv(total, 1024),)](
         block_indices, cu_seqlens, keys, row_offsets, n, batch, nb_bound, num_rows,
-        H=h, T=t_sel, BS=block_size, SEARCH_STEPS=steps, BLOCK=1024)
+        H=h, T=t_sel, BS=block_size, SEARCH_STEPS=steps, BLOCK=1024, SKIP_LOCAL=skip_local)
     row_offsets.cumsum_(0)  # counts at r + 1 -> CSR pointers
 
     sorted_keys, perm = torch.sort(keys, stable=True)  # flat order is token-major: tokens stay ascending
