@@ -2,6 +2,7 @@
 dense decode through torch SDPA.
 
     python -m experiments.gpu.decode_bench [--batches 1,8,32] [--lengths 8192,32768,65536,131072]
+                                           [--window-stream 0|1]
 
 Llama3-8B heads (32 query / 8 KV, d = 128), the (64, 16) preset (kernel 32 / stride 16, BS 64, T 16,
 window 512), bf16, FSA backend (the decode kernels are the same for nsa / fsa / auto). The cache is
@@ -19,8 +20,9 @@ Timed (`triton.testing.do_bench` medians; each step gives its length back, so th
 GB/s = bytes read / time: ours (T * BS + window + visible summaries) keys and values per KV head per
 slot + q + out; dense L keys and values per KV head per slot + q + out. Configurations whose cache
 (+ the dense copy) does not fit in 85% of free memory are recorded as skipped.
-Writes decode_bench.csv (GPU, torch, Triton, commit on every row) under $OUT (else ./out).
-About 1-2 minutes on an H100.
+--window-stream 1 runs the step with DECODE_LAUNCH.window_stream (the window branch on a side stream
+beside kernel 1's select and merge); the rows record the setting. Writes decode_bench.csv (GPU, torch,
+Triton, commit on every row) under $OUT (else ./out). About 1-2 minutes on an H100.
 """
 from __future__ import annotations
 
@@ -130,9 +132,15 @@ def main() -> int:
     ap.add_argument("--lengths", default="8192,32768,65536,131072")
     ap.add_argument("--page-size", type=int, default=None,
                     help="a paged cache with pages of this many rows (a multiple of 64); default contiguous")
+    ap.add_argument("--window-stream", type=int, choices=(0, 1), default=None,
+                    help="DECODE_LAUNCH.window_stream for the run (default: as committed)")
     args = ap.parse_args()
     require_cuda()
     from nsa_baseline.module import NativeSparseAttention
+    from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH
+
+    if args.window_stream is not None:
+        DECODE_LAUNCH.window_stream = args.window_stream
 
     out, meta = out_dir(), run_meta()
     print(f"decode_bench on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, "
@@ -143,7 +151,7 @@ def main() -> int:
     for length in (int(s) for s in args.lengths.split(",")):
         for b in (int(s) for s in args.batches.split(",")):
             time_point(rows, b, length, module, args.page_size)
-    write_rows(out / "decode_bench.csv", rows, meta)
+    write_rows(out / "decode_bench.csv", rows, {**meta, "window_stream": DECODE_LAUNCH.window_stream})
     print(f"\n== one decode step, bf16, HQ={HQ}, H={H}, D={D}, (64, 16), window 512 (do_bench medians; "
           "GB/s = bytes read / time)")
     print_table(rows)

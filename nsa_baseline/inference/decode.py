@@ -22,8 +22,9 @@ from nsa_baseline.inference.cache import NSACache
 from nsa_baseline.inference.chunk import chunk_compressed_select, chunk_kernels_serve
 from nsa_baseline.inference.plan import CallPlan, check_decode_call
 from nsa_baseline.ops.decode_append import decode_append
-from nsa_baseline.ops.decode_attend import decode_selected_window
+from nsa_baseline.ops.decode_attend import decode_selected_window, decode_window_partials
 from nsa_baseline.ops.decode_select import decode_compressed_select
+from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH
 from nsa_baseline.reference.rope import apply_rope
 from nsa_baseline.utils.triton_utils import next_pow2
 
@@ -53,12 +54,34 @@ def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                           module.kernel_stride, advance=False, block_table=cache.block_table,
                           max_seqlen=cache.max_seqlen, **w)
     scale = module.head_dim ** -0.5
+    window = {}  # DECODE_LAUNCH.window_stream: the window branch, launched beside kernel 1's select
+
+    def launch_window():  # on the side stream, after the append and the summary pass
+        window["partials"] = decode_window_partials(q, cache.k, cache.v, pos32, module.topk, module.block_size,
+                                                    module.window_size, scale, block_table=cache.block_table,
+                                                    stream=_side_stream(q.device))
+
+    early = bool(DECODE_LAUNCH.window_stream)
     o_cmp, idx = decode_compressed_select(q, cache.k_cmp, cache.v_cmp, pos32, module.kernel_size,
                                           module.kernel_stride, module.block_size, module.topk,
-                                          module.init_blocks, module.local_blocks, scale)
+                                          module.init_blocks, module.local_blocks, scale,
+                                          after_summaries=launch_window if early else None)
     o = decode_selected_window(q, cache.k, cache.v, pos32, idx, o_cmp, gates.contiguous(), module.block_size,
-                               module.window_size, scale, advance=cache.lengths, block_table=cache.block_table)
+                               module.window_size, scale, advance=cache.lengths, block_table=cache.block_table,
+                               window_partials=window.get("partials"))
     return o
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One side stream per CUDA device for the decode step's early window branch; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 @torch.no_grad()

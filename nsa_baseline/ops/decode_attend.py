@@ -15,13 +15,17 @@ merged by a combine kernel instead (decode_attend_split.py, FlashDecoding style;
 """
 from __future__ import annotations
 
+import contextlib
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from nsa_baseline.checks import fail
 from nsa_baseline.contract import BLOCK_SIZES
-from nsa_baseline.ops.decode_attend_split import split_items, split_selected_window
+from nsa_baseline.ops.decode_attend_split import (SplitPlan, split_combine, split_items, split_keys, split_partials,
+                                                   split_plan, split_selected_window)
 from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _cache_slot, _finish, _keys_tile, _page_rows,
                                            _slot_row0, cache_layout, check_slots, gpu_programs, group_pad, head_pad)
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
@@ -142,11 +146,53 @@ def _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, a
         fail("advance", "must not be `pos` itself: the kernels read pos while they move the lengths")
 
 
+class WindowPartials(NamedTuple):
+    """Kernel 2's window branch run ahead (decode_window_partials): the split partial buffers (the
+    selected branch fills the rest), the plan that wrote them, and the stream they were written on
+    (None: the current one), which decode_selected_window waits for before its combine."""
+
+    parts: tuple
+    plan: SplitPlan
+    stream: object
+
+
+def _attend_shapes(q, k, window_size: int) -> dict:
+    b, hq, d = q.shape
+    g = hq // k.shape[2]
+    return dict(g=g, g_pad=group_pad(g), block_d=head_pad(d), window_size=window_size,
+                window_tile=window_tile(window_size), ieee=q.dtype == torch.float32)
+
+
+def decode_window_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, topk: int,
+                           block_size: int, window_size: int, scale: float,
+                           block_table: torch.Tensor | None = None, stream=None) -> WindowPartials:
+    r"""The window branch of decode_selected_window alone, launched ahead of the selection it does not
+    need: its split partials, written on `stream` (a torch.cuda.Stream, made to wait for the current
+    stream's work queued so far, the cache's writes included; None: the current stream). Buffers are
+    allocated on the current stream before the launch. Pass the result as decode_selected_window(..., window_partials=) with the same
+    q, cache, pos and sizes (checked there); one slot per query (no slots=)."""
+    b, hq, d = q.shape
+    h = k.shape[2]
+    shapes = _attend_shapes(q, k, window_size)
+    splits = attend_splits(b, h, topk, window_size, q.device)
+    plan = split_plan(topk, -(-window_size // shapes["window_tile"]), max(splits, 1), True)
+    parts = split_partials(b, h, shapes["g"], shapes["g_pad"], d, plan, q.device)
+    layout = cache_layout(block_table, k, b)
+    idx = pos.view(b, 1, 1).expand(b, h, topk)  # never read (branch 2): a valid pointer of the right rank
+    if stream is not None:  # after the buffers' writes (poisoning) and whatever the caller queued before
+        stream.wait_stream(torch.cuda.current_stream(q.device))
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        split_keys(q.contiguous(), k, v, pos, idx, parts, plan, branch=2, block_size=block_size,
+                   qk_scale=scale * LOG2E, layout=layout, **shapes)
+    return WindowPartials(parts, plan, stream)
+
+
 def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                            block_indices: torch.Tensor, o_cmp: torch.Tensor, gates: torch.Tensor,
                            block_size: int, window_size: int, scale: float,
                            advance: torch.Tensor | None = None, splits: int | None = None,
-                           block_table: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+                           block_table: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                           window_partials: WindowPartials | None = None) -> torch.Tensor:
     r"""Selected + window attention of one new token per slot, gated with the compressed branch.
 
     Args:
@@ -159,7 +205,9 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         block_table: a paged cache's int32 [B, pages per slot] (k, v are then its pools
             [num_pages, page_size, H, D]), or None (contiguous);
         slots: int32 [B], the cache slot each query reads, or None (slot b): several queries may read
-            one slot at different positions (chunked prefill through these kernels).
+            one slot at different positions (chunked prefill through these kernels);
+        window_partials: the window branch already run (decode_window_partials): only the selected
+            branch is launched, then one combine after its stream (splits and slots must be None).
     Returns:
         [B, HQ, D] in q.dtype: g0 * o_cmp + g1 * o_slc + g2 * o_win.
     """
@@ -173,6 +221,20 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     max_seqlen, h = k.shape[1], k.shape[2]
     g = hq // h
     out = new_output((b, hq, d), q.dtype, q.device)
+    if window_partials is not None:
+        plan = window_partials.plan
+        if splits is not None or slots is not None or not plan.shares \
+                or window_partials.parts[1].shape[0] != b * h * plan.s * 2:
+            fail("window_partials", "must come from decode_window_partials with this call's q and cache, "
+                 "without splits= or slots=")
+        shapes = _attend_shapes(q, k, window_size)
+        split_keys(q.contiguous(), k, v, pos, block_indices, window_partials.parts, plan, branch=1,
+                   block_size=block_size, qk_scale=scale * LOG2E, layout=layout, **shapes)
+        if window_partials.stream is not None:
+            torch.cuda.current_stream(q.device).wait_stream(window_partials.stream)
+        split_combine(window_partials.parts, plan, pos, o_cmp, gates, out, advance, h=h, g=shapes["g"],
+                      g_pad=shapes["g_pad"], block_d=shapes["block_d"])
+        return out
     if splits is None:
         splits = attend_splits(b, h, block_indices.shape[2], window_size, q.device)
     if splits > 1:

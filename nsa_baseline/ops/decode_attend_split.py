@@ -14,9 +14,13 @@ branches:
       partials, then NSA's gated sum g0 * o_cmp + g1 * o_slc + g2 * o_win in the output dtype, and
       (advance) lengths[b] = pos + 1, the decode step's last write.
 Partials: o_part float32 [B * H * S * 2, G, D], lse_part float32 [B * H * S * 2, G_PAD], row
-((b * H + h) * S + s) * 2 + branch.
+((b * H + h) * S + s) * 2 + branch. The split kernel can also run one branch (BRANCH 1 selected, 2
+window) into the same buffers: the decode step launches the window branch beside kernel 1 (it needs
+no selection; DECODE_LAUNCH.window_stream) and the selected branch after it, then one combine.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -45,8 +49,10 @@ def _split_keys_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr,
     S: tl.constexpr, C: tl.constexpr, SHARES: tl.constexpr, CS: tl.constexpr, CW: tl.constexpr,
-    IEEE: tl.constexpr, PAGE: tl.constexpr, SLOTS: tl.constexpr,
+    IEEE: tl.constexpr, PAGE: tl.constexpr, SLOTS: tl.constexpr, BRANCH: tl.constexpr = 0,
 ):
+    """BRANCH 0: both branches (SHARES or the item list); 1: the selected entries only; 2: the window
+    tiles only (1 and 2 with SHARES; each stores its own partial rows only)."""
     NW: tl.constexpr = (WINDOW + BN - 1) // BN
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
@@ -67,19 +73,23 @@ def _split_keys_kernel(
     w_l = tl.zeros([G_PAD], tl.float32)
     w_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     if SHARES:  # split s: selected entries [s * CS, (s + 1) * CS) and window tiles [s * CW, (s + 1) * CW)
-        for i in range(CS):  # no branch on loaded values: the loads pipeline
-            item = i_s * CS + i
-            blk = tl.load(p_idx + item, mask=item < TOPK, other=-1)
-            rows = blk * BS + o_s
-            m_rows = (rows <= pos) & (blk >= 0)
-            rows = _page_rows(tbl_ptr, i_r, rows, m_rows, MAX_PAGES, PAGE)
-            s_m, s_l, s_acc = _keys_tile(b_q, s_m, s_l, s_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, H * D, IEEE)
-        for i in range(CW):
-            tile = i_s * CW + i
-            rows = lo + tile * BN + o_n
-            m_rows = (rows <= pos) & (tile < NW)
-            rows = _page_rows(tbl_ptr, i_r, rows, m_rows, MAX_PAGES, PAGE)
-            w_m, w_l, w_acc = _keys_tile(b_q, w_m, w_l, w_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, H * D, IEEE)
+        if BRANCH != 2:
+            for i in range(CS):  # no branch on loaded values: the loads pipeline
+                item = i_s * CS + i
+                blk = tl.load(p_idx + item, mask=item < TOPK, other=-1)
+                rows = blk * BS + o_s
+                m_rows = (rows <= pos) & (blk >= 0)
+                rows = _page_rows(tbl_ptr, i_r, rows, m_rows, MAX_PAGES, PAGE)
+                s_m, s_l, s_acc = _keys_tile(b_q, s_m, s_l, s_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, H * D,
+                                             IEEE)
+        if BRANCH != 1:
+            for i in range(CW):
+                tile = i_s * CW + i
+                rows = lo + tile * BN + o_n
+                m_rows = (rows <= pos) & (tile < NW)
+                rows = _page_rows(tbl_ptr, i_r, rows, m_rows, MAX_PAGES, PAGE)
+                w_m, w_l, w_acc = _keys_tile(b_q, w_m, w_l, w_acc, p_k, p_v, rows, m_rows, m_d, qk_scale, H * D,
+                                             IEEE)
     else:
         for i in range(C):
             item = i_s * C + i
@@ -98,8 +108,10 @@ def _split_keys_kernel(
                 w_m, w_l, w_acc = _keys_tile(b_q, w_m, w_l, w_acc, p_k, p_v, rows, m_rows, m_d, qk_scale,
                                              H * D, IEEE)
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64) * 2
-    _store_partial(o_part_ptr, lse_part_ptr, part, s_m, s_l, s_acc, G, G_PAD, D, BLOCK_D)
-    _store_partial(o_part_ptr, lse_part_ptr, part + 1, w_m, w_l, w_acc, G, G_PAD, D, BLOCK_D)
+    if BRANCH != 2:
+        _store_partial(o_part_ptr, lse_part_ptr, part, s_m, s_l, s_acc, G, G_PAD, D, BLOCK_D)
+    if BRANCH != 1:
+        _store_partial(o_part_ptr, lse_part_ptr, part + 1, w_m, w_l, w_acc, G, G_PAD, D, BLOCK_D)
 
 
 @triton.jit
@@ -152,30 +164,66 @@ def split_items(topk: int, window_tiles: int, splits: int) -> tuple[int, int]:
     return -(-items // c), c
 
 
+class SplitPlan(NamedTuple):
+    """How the split kernel shares a (slot, KV head)'s work: S programs, C items each (item list) or
+    CS selected entries and CW window tiles each (shares)."""
+
+    s: int
+    c: int
+    shares: bool
+    cs: int
+    cw: int
+
+
+def split_plan(topk: int, window_tiles: int, splits: int, shares: bool) -> SplitPlan:
+    s, c = split_items(topk, window_tiles, splits)
+    if shares:  # every split takes ceil(T / S) selected entries and ceil(NW / S) window tiles
+        s = max(1, min(splits, max(topk, window_tiles)))
+    return SplitPlan(s, c, shares, -(-topk // s), -(-window_tiles // s))
+
+
+def split_partials(b: int, h: int, g: int, g_pad: int, d: int, plan: SplitPlan, device):
+    """(o_part, lse_part): the split kernel's partial buffers for both branches."""
+    return (new_output((b * h * plan.s * 2, g, d), torch.float32, device),
+            new_output((b * h * plan.s * 2, g_pad), torch.float32, device))
+
+
+def split_keys(q, k, v, pos, idx, parts, plan: SplitPlan, *, branch: int, g: int, g_pad: int, block_d: int,
+               block_size: int, window_size: int, window_tile: int, qk_scale: float, ieee: bool, layout: tuple,
+               slots=None):
+    """Launch the split kernel for `branch` (0 both, 1 selected, 2 window; 1 and 2 need plan.shares)
+    into `parts` (split_partials)."""
+    b, hq, _ = q.shape
+    max_seqlen, h = k.shape[1], k.shape[2]
+    _split_keys_kernel[(b, h, plan.s)](
+        q, k, v, layout[0], pos if slots is None else slots, pos, idx, parts[0], parts[1], max_seqlen, layout[1],
+        qk_scale, HQ=hq, H=h, G=g, G_PAD=g_pad, D=q.shape[2], BLOCK_D=block_d, BS=block_size,
+        TOPK=idx.shape[2], WINDOW=window_size, BN=window_tile, S=plan.s, C=plan.c, SHARES=plan.shares, CS=plan.cs,
+        CW=plan.cw, IEEE=ieee, PAGE=layout[2], SLOTS=slots is not None, BRANCH=branch,
+        num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages)
+
+
+def split_combine(parts, plan: SplitPlan, pos, o_cmp, gates, out, advance, *, h: int, g: int, g_pad: int,
+                  block_d: int):
+    """The combine kernel: both branches' partials merged, gated with o_cmp into out; advance."""
+    b, hq, d = out.shape
+    _split_combine_kernel[(b, hq)](
+        parts[0], parts[1], pos, o_cmp, gates, out, pos if advance is None else advance, HQ=hq, H=h, G=g,
+        G_PAD=g_pad, D=d, BLOCK_D=block_d, S=plan.s, S_PAD=next_pow2(plan.s), ADVANCE=advance is not None,
+        num_warps=4)
+
+
 def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, splits: int, g: int, g_pad: int,
                           block_d: int, block_size: int, window_size: int, window_tile: int, qk_scale: float,
                           ieee: bool, layout: tuple, slots=None):
     """Run the split and combine kernels; fills out [B, HQ, D] (decode_selected_window's output,
     already allocated) from arguments it has checked. splits > 1 (normalised by split_items); layout:
     decode_tiles.cache_layout's (table, MAX_PAGES, PAGE)."""
-    b, hq, d = q.shape
-    max_seqlen, h = k.shape[1], k.shape[2]
-    topk = idx.shape[2]
+    b, h = q.shape[0], k.shape[2]
     nw = -(-window_size // window_tile)
-    shares = bool(DECODE_LAUNCH.attend_shares)
-    s, c = split_items(topk, nw, splits)
-    if shares:  # every split takes ceil(T / S) selected entries and ceil(NW / S) window tiles
-        s = max(1, min(splits, max(topk, nw)))
-    cs, cw = -(-topk // s), -(-nw // s)
-    o_part = new_output((b * h * s * 2, g, d), torch.float32, q.device)
-    lse_part = new_output((b * h * s * 2, g_pad), torch.float32, q.device)
-    common = dict(HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d)
-    _split_keys_kernel[(b, h, s)](
-        q, k, v, layout[0], pos if slots is None else slots, pos, idx, o_part, lse_part, max_seqlen, layout[1],
-        qk_scale, **common, BS=block_size,
-        TOPK=topk, WINDOW=window_size, BN=window_tile, S=s, C=c, SHARES=shares, CS=cs, CW=cw, IEEE=ieee,
-        PAGE=layout[2], SLOTS=slots is not None,
-        num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages)
-    _split_combine_kernel[(b, hq)](
-        o_part, lse_part, pos, o_cmp, gates, out, pos if advance is None else advance, **common, S=s,
-        S_PAD=next_pow2(s), ADVANCE=advance is not None, num_warps=4)
+    plan = split_plan(idx.shape[2], nw, splits, bool(DECODE_LAUNCH.attend_shares))
+    parts = split_partials(b, h, g, g_pad, q.shape[2], plan, q.device)
+    split_keys(q, k, v, pos, idx, parts, plan, branch=0, g=g, g_pad=g_pad, block_d=block_d, block_size=block_size,
+               window_size=window_size, window_tile=window_tile, qk_scale=qk_scale, ieee=ieee, layout=layout,
+               slots=slots)
+    split_combine(parts, plan, pos, o_cmp, gates, out, advance, h=h, g=g, g_pad=g_pad, block_d=block_d)

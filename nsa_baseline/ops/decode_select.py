@@ -119,7 +119,7 @@ def _check(q, k_cmp, v_cmp, pos, kernel_size, kernel_stride, block_size, topk, s
 def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, pos: torch.Tensor,
                              kernel_size: int, kernel_stride: int, block_size: int, topk: int,
                              init_blocks: int, local_blocks: int, scale: float, splits: int | None = None,
-                             slots: torch.Tensor | None = None):
+                             slots: torch.Tensor | None = None, after_summaries=None):
     r"""Compressed attention and top-T block selection of one new token per slot.
 
     Args:
@@ -128,7 +128,9 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
         pos: int32 [B] each new token's position (the slot's length before it);
         splits: programs per (slot, KV head) (None: decode_splits' rule; tests force > 1 anywhere);
         slots: int32 [B], the cache slot (row of k_cmp, v_cmp) each query reads, or None (its own row
-            b); several queries may read one slot at different positions (chunked prefill).
+            b); several queries may read one slot at different positions (chunked prefill);
+        after_summaries: called (no arguments) once the pass over the summaries is launched, before the
+            selection's own kernels (the decode step starts independent work on a side stream there).
     Returns:
         o_cmp float32 [B, HQ, D] (0 for a token that sees no summary) and block_indices int32 [B, H, T]:
         forced blocks (the first init_blocks, the local_blocks ending at the token's block) first,
@@ -156,7 +158,8 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
                                 qk_scale=scale * LOG2E, g=g, g_pad=group_pad(g), block_d=head_pad(d), bj=bj, r=r,
                                 c=c, kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size,
                                 topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
-                                ieee=q.dtype == torch.float32, while_loop=is_interpreter(), slots=slots)
+                                ieee=q.dtype == torch.float32, while_loop=is_interpreter(), slots=slots,
+                                after_summaries=after_summaries)
         return o_cmp, idx
     _decode_select_kernel[(b, h)](
         q.contiguous(), k_cmp, v_cmp, slot_map, pos, o_cmp, idx, max_cmp, scale * LOG2E,
@@ -166,4 +169,6 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
         num_warps=DECODE_LAUNCH.select_warps,
         num_stages=DECODE_LAUNCH.select_stages,
     )
+    if after_summaries is not None:
+        after_summaries()
     return o_cmp, idx

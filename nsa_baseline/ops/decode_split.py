@@ -215,7 +215,7 @@ def _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H: tl.constexpr, S: tl.constex
 def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, max_cmp: int, qk_scale: float,
                             g: int, g_pad: int, block_d: int, bj: int, r: int, c: int, kernel_size: int,
                             kernel_stride: int, block_size: int, topk: int, init_blocks: int,
-                            local_blocks: int, ieee: bool, while_loop: bool, slots=None):
+                            local_blocks: int, ieee: bool, while_loop: bool, slots=None, after_summaries=None):
     """Run the three split kernels; fills o_cmp [B, HQ, D] and idx [B, H, topk] (decode_select's
     outputs, already allocated) from arguments it has checked."""
     b, hq, d = q.shape
@@ -231,6 +231,8 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
         q, k_cmp, v_cmp, pos if slots is None else slots, pos, o_part, lse_part, logits, max_cmp, qk_scale, HQ=hq,
         **common, D=d, BLOCK_D=block_d, BJ=bj, **steps, IEEE=ieee, SLOTS=slots is not None,
         num_warps=DECODE_LAUNCH.select_warps, num_stages=DECODE_LAUNCH.select_stages)
+    if after_summaries is not None:
+        after_summaries()
     _split_select_kernel[(b, h, s)](
         pos, lse_part, logits, keys_part, max_cmp, **common, BJ=bj, C=c, **steps, S_PAD=s_pad, T_PAD=t_pad,
         INIT=init_blocks, LOCAL=local_blocks, num_warps=4)

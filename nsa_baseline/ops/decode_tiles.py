@@ -35,6 +35,10 @@ class DecodeLaunch:
     window_tile: int = 64  # keys per window tile
     attend_shares: int = 1  # split attend: 1 = each split a share of both branches, 0 = a run of items
     append_programs_per_sm: int = 1  # decode_append's column tiles (append_tiles)
+    # 1: the decode step runs kernel 2's window branch on a side stream once kernel 1's summary pass is
+    # done, beside kernel 1's select and merge (latency-bound), and the selected branch after them
+    # (inference/decode.py); 0: one selected + window launch after kernel 1. Off until timed on a GPU.
+    window_stream: int = 0
 
 
 DECODE_LAUNCH = DecodeLaunch()
@@ -48,7 +52,7 @@ def decode_launch(**settings):
     if unknown:
         raise ValueError(f"decode_launch: unknown settings {sorted(unknown)}")
     for name, value in settings.items():  # all checked before any is set
-        low = 0 if name == "attend_shares" else 1
+        low = 0 if name in ("attend_shares", "window_stream") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"decode_launch: `{name}` must be an int >= {low}, got {value!r}")
     old = dataclasses.asdict(DECODE_LAUNCH)

@@ -289,6 +289,36 @@ def test_attend_kernel_split_equals_one_program_and_reference(splits, shares):
     assert_close(o_s, _reference_selected_window(*args), torch.float32, f"{splits} splits vs reference")
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_with_the_window_branch_launched_early(monkeypatch, splits):
+    """DECODE_LAUNCH.window_stream: the window branch as its own launch after kernel 1's summary pass
+    (a side stream on CUDA, in order here), the selected branch after the selection, one combine:
+    the same steps as the full forward and the PyTorch path, with 1 and 3 splits per (slot, KV head)."""
+    force_attend_splits(monkeypatch, splits)
+    calls = []
+    import nsa_baseline.inference.decode as decode_mod
+
+    real = decode_mod.decode_window_partials
+    monkeypatch.setattr(decode_mod, "decode_window_partials", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with decode_launch(window_stream=1):
+        decode_and_compare(small_module(3, topk=5, init_blocks=1, local_blocks=2, window_size=20), [0, 37, 70], 6,
+                           max_seqlen=80)
+    assert len(calls) == 6  # one early window launch per step
+
+
+def test_window_partials_are_refused_with_slots_or_splits():
+    q = torch.randn(2, 4, 16)
+    k = torch.randn(2, 32, 2, 16)
+    pos = torch.tensor([5, 9], dtype=torch.int32)
+    idx = torch.full((2, 2, 3), -1, dtype=torch.int32)
+    o_cmp, gates = torch.zeros(2, 4, 16), torch.rand(2, 4, 3)
+    from nsa_baseline.ops.decode_attend import decode_window_partials
+
+    wp = decode_window_partials(q, k, k, pos, 3, 16, 8, 0.25)
+    with pytest.raises(ValueError, match="window_partials"):
+        decode_selected_window(q, k, k, pos, idx, o_cmp, gates, 16, 8, 0.25, splits=2, window_partials=wp)
+
+
 def test_decode_launch_overrides_are_checked_and_restored():
     """decode_launch() refuses unknown names and non-positive counts (leaving the settings as they
     were), and restores every setting on exit, also when the body raises."""
@@ -565,3 +595,27 @@ def test_gpu_append_equals_reference(compression, column_tile):
         assert torch.equal(pos, before) and torch.equal(lengths, before + 1), (step, pos, lengths)
         for name, got, ref in zip(("k", "v", "k_cmp", "v_cmp"), cache, want):
             assert_close(got, ref, torch.bfloat16, f"step {step}: {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_window_stream_replay_equals_eager_without_it():
+    """The early window branch on its side stream, eager and replayed from a CUDA graph (fork and join
+    captured), against the step without it."""
+    from nsa_baseline.inference.graph import DecodeGraph
+
+    m = _llama_like("fsa")
+    lens = [3000, 17, 1025, 0]
+    plain, early, graphed = (m.new_cache(4, 4096) for _ in range(3))
+    x = torch.randn(sum(lens), 1024, device="cuda", dtype=torch.bfloat16)
+    for cache in (plain, early, graphed):
+        m(x, packed(lens).cuda(), cache=cache)
+    with decode_launch(window_stream=1):
+        graph = DecodeGraph(m, graphed)
+    for step in range(20):
+        xs = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+        y_plain = decode_step(m, xs, plain)
+        with decode_launch(window_stream=1):
+            y_early = decode_step(m, xs, early)
+        y_graph = graph.step(xs)
+        assert_close(y_early, y_plain, torch.bfloat16, f"step {step} early", tol=1e-3)
+        assert_close(y_graph, y_early, torch.bfloat16, f"step {step} graph", tol=1e-3)
