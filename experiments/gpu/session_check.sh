@@ -8,7 +8,8 @@
 #                                                            carry .whl for pytest-xdist, see run_gpu_tests.sh)
 # Stages: tests (pytest -m gpu), decode (decode_bench, Llama3-8B heads, B 1/8/32 x 64K/128K), chunk
 # (chunk_bench), module (module_vs_dense at 8K-64K), profile (module_profile at 64K g=1), compress
-# (compression_bench --fused-grad: the module backward's compression share, GEMM + add vs one kernel).
+# (compression_bench --fused-grad: the module backward's compression share, GEMM + add vs one kernel),
+# switches (time_switches.sh: the switches that are off until timed, off and on).
 # STAGE_TIMEOUT (s, default 240; tests: TESTS_TIMEOUT, default 570) caps each stage. Set NSA_GIT_COMMIT:
 # the lent machine's .git may be stale. One device call runs 600 s at most.
 set -u
@@ -27,6 +28,7 @@ stage_command() {
         module)  echo "python -m experiments.gpu.module_vs_dense" ;;
         profile) echo "python -m experiments.gpu.module_profile --points 65536:1 --budget $((STAGE_TIMEOUT - 30))" ;;
         compress) echo "python -m experiments.gpu.compression_bench --fused-grad --sizes 16384,65536" ;;
+        switches) echo "bash experiments/gpu/time_switches.sh" ;;
         *)       return 1 ;;
     esac
 }
@@ -35,7 +37,7 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(decode chunk module)
 summary=()
 for s in "${stages[@]}"; do
-    cmd=$(stage_command "$s") || { echo "unknown stage '$s' (tests decode chunk module profile compress)"; exit 2; }
+    cmd=$(stage_command "$s") || { echo "unknown stage '$s' (tests decode chunk module profile compress switches)"; exit 2; }
     mkdir -p "$OUT/$s"
     start=$(date +%s)
     # shellcheck disable=SC2086
