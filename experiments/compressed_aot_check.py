@@ -36,6 +36,9 @@ def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: i
     """`scalars` (name -> type) and `int_ptrs` name the non-float arguments (other kernels' names);
     `constexprs` may name some that `fn` lacks (one dict for a branch's kernels): those are dropped."""
     constexprs = {a: val for a, val in constexprs.items() if a in fn.arg_names}
+    for p in fn.params:  # constexprs left to their defaults, as a launch without them would
+        if p.is_constexpr and p.has_default and p.name not in constexprs:
+            constexprs[p.name] = p.default
     sig = {}
     for a in fn.arg_names:
         if a in constexprs:

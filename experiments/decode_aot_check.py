@@ -35,6 +35,9 @@ SHAPE = dict(HQ=32, H=8, G=4, G_PAD=16, D=128, BLOCK_D=128, BS=64, TOPK=16, T_PA
 
 def compile_sm90(fn, constexprs: dict, num_warps: int = 4, num_stages: int = 2):
     constexprs = {a: v for a, v in constexprs.items() if a in fn.arg_names}
+    for p in fn.params:  # constexprs left to their defaults, as a launch without them would
+        if p.is_constexpr and p.has_default and p.name not in constexprs:
+            constexprs[p.name] = p.default
     sig = {}
     for a in fn.arg_names:
         sig[a] = ("constexpr" if a in constexprs else SCALARS.get(a) or
@@ -55,6 +58,9 @@ def kernels():
             yield f"attend PAGE={page} SLOTS={slots}", decode_attend._decode_attend_kernel, lay
             yield (f"split keys PAGE={page} SLOTS={slots}", decode_attend_split._split_keys_kernel,
                    dict(lay, S=4, C=7, SHARES=True, CS=4, CW=2))
+        for branch in (1, 2):  # the decode step's early window branch, then its selected branch
+            yield (f"split keys PAGE={page} BRANCH={branch}", decode_attend_split._split_keys_kernel,
+                   dict(SHAPE, PAGE=page, SLOTS=False, S=4, C=7, SHARES=True, CS=4, CW=2, BRANCH=branch))
     for slots in (False, True):
         yield f"select SLOTS={slots}", decode_select._decode_select_kernel, dict(SHAPE, SLOTS=slots)
         yield f"split summaries SLOTS={slots}", decode_split._split_summaries_kernel, dict(SHAPE, S=8, SLOTS=slots)

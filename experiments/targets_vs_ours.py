@@ -19,24 +19,24 @@ TARGETS = Path("results/targets/upstream_fsa_vs_nsa_h100.csv")
 
 
 def build(sweep: Path, targets: Path = TARGETS) -> pd.DataFrame:
-    ours = store.read_rows(sweep)
-    ours = ours[(ours["status"] == "ok") & (ours["scope"] == "selected") & ours["pass"].isin(["fwd", "bwd"])]
-    ours = ours.pivot_table(index=["block_size", "topk", "gqa", "seqlen", "pass"], columns="kernel",
-                            values="median_ms", aggfunc="first")
-    commits = store.read_rows(sweep).groupby(["block_size", "topk", "gqa", "seqlen", "pass"])["git_commit"].first()
+    keys = ["block_size", "topk", "gqa", "seqlen", "pass"]
+    rows = store.read_rows(sweep)
+    rows = rows[(rows["status"] == "ok") & (rows["scope"] == "selected") & rows["pass"].isin(["fwd", "bwd"])]
+    ours = rows.pivot_table(index=keys, columns="kernel", values="median_ms", aggfunc="first")
+    commits = rows.groupby(keys)["git_commit"].first()
     pub = pd.read_csv(targets)
-    rows = []
+    table = []
     for _, p in pub.iterrows():
         for pass_ in ("fwd", "bwd"):
             key = (int(p["block"]), int(p["topk"]), int(p["gqa"]), int(p["seqlen"]), pass_)
             got = ours.loc[key] if key in ours.index else {}
             fsa, nsa, sdpa = (got.get(k, float("nan")) for k in ("fsa", "nsa", "sdpa"))
             pub_fsa, pub_nsa = p[f"fsa_{pass_}_ms"], p[f"nsa_{pass_}_ms"]
-            rows.append(dict(BS=key[0], T=key[1], g=key[2], N=key[3], pass_=pass_, fsa=fsa, nsa=nsa,
+            table.append(dict(BS=key[0], T=key[1], g=key[2], N=key[3], pass_=pass_, fsa=fsa, nsa=nsa,
                              pub_fsa=pub_fsa, pub_nsa=pub_nsa, sdpa=sdpa,
                              fsa_vs_best_pub=min(pub_fsa, pub_nsa) / fsa, nsa_vs_pub_nsa=pub_nsa / nsa,
                              commit=commits.get(key, "")))
-    return pd.DataFrame(rows)
+    return pd.DataFrame(table)
 
 
 def main() -> None:

@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--g", default="1,16")
+    ap.add_argument("--block-local", default="0",
+                    help="BLOCK_LOCAL values (0: sliding window; BS: the module's local blocks), comma-separated")
     ap.add_argument("--configs", default="default",
                     help="names of window_triton.CHOICES (D = 128, 16-bit), or 'table' for CONFIGS[D, dtype]")
     args = ap.parse_args()
@@ -40,16 +42,16 @@ def main():
     for g in map(int, args.g.split(",")):
         for cname in names:
             cfgs = CONFIGS[(d_pad, 4 if args.dtype == "fp32" else 2)] if cname == "table" else CHOICES[cname]
-            for varlen in (False, True):
+            for varlen, local in ((v, b) for v in (False, True) for b in map(int, args.block_local.split(","))):
                 common = dict(G=g, D=args.d, BLOCK_D=max(16, triton.next_power_of_2(args.d)), VARLEN=varlen,
-                              PREC=prec, WHILE_LOOP=False, ACCUMULATE=False)
+                              PREC=prec, WHILE_LOOP=False, ACCUMULATE=local > 0, BLOCK_LOCAL=local)
                 for name, fn, c in (("fwd", K.window_fwd_kernel, cfgs.fwd),
                                     ("dkdv", K.window_bwd_dkdv_kernel, cfgs.dkdv),
                                     ("dq", K.window_bwd_dq_kernel, cfgs.dq)):
                     t0 = time.time()
                     ck = compile_sm90(fn, args.dtype, dict(common, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
                                       c.num_warps, c.num_stages, WINDOW_SCALARS, WINDOW_INT_PTRS)
-                    print(f"{name:4s} {args.dtype} D={args.d} G={g:2d} {cname:8s} varlen={varlen!s:5s} "
+                    print(f"{name:4s} {args.dtype} D={args.d} G={g:2d} {cname:8s} varlen={varlen!s:5s} local={local} "
                           f"{c.block_m:3d}x{c.block_n:3d} w{c.num_warps} s{c.num_stages}: {resources(ck)}, "
                           f"shared {ck.metadata.shared} B ({time.time() - t0:.1f} s)", flush=True)
 
