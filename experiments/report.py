@@ -84,6 +84,8 @@ def summary_markdown(df: pd.DataFrame) -> str:
     if not predicted and err.notna().any().any():
         table["max rel_err"] = err.max(axis=1)
     lines.append(markdown_table(table.reset_index()))
+    if not predicted:
+        lines += _accuracy_lines(rows)
     too_big = rows[rows["message"].astype(str).str.startswith(costs.NOT_FIT)] if predicted else rows.iloc[:0]
     if len(too_big):
         lines += ["", "## Predicted not to fit the device's memory", ""]
@@ -97,6 +99,19 @@ def summary_markdown(df: pd.DataFrame) -> str:
         counts = failed.groupby(["kernel", "status", "message"]).size().reset_index(name="rows")
         lines.append(markdown_table(counts))
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_lines(rows: pd.DataFrame) -> list[str]:
+    """summary.md's accuracy section: the rows above accuracy.REL_ERR_LIMIT, or that there are none."""
+    from experiments import accuracy
+
+    over = accuracy.over_limit(rows)
+    limits = ", ".join(f"{k} {v:g}" for k, v in accuracy.REL_ERR_LIMIT.items())
+    if over.empty:
+        return ["", f"Accuracy: every measured rel_err is within its dtype's limit ({limits})."]
+    cols = ["scope", "kernel", "pass", "gqa", "seqlen", "block_size", "dtype", "rel_err", "git_commit"]
+    return ["", f"## Accuracy: {len(over)} rows above their dtype's rel_err limit ({limits})", "",
+            markdown_table(over[[c for c in cols if c in over.columns]], digits=4)]
 
 
 PLOTS = ("ratio_vs_seqlen", "latency", "breakdown", "memory")

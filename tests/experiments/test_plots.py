@@ -191,3 +191,16 @@ def test_configurations_split_every_setting_no_plot_facets_on():
     # several heads layouts that neither fix: split by kv_heads
     mixed = pd.concat([rows, rows.assign(kv_heads=8, q_heads=8 * rows["gqa"])])
     assert [s for s, _ in plots.configurations(mixed)] == ["_kv_heads-4", "_kv_heads-8"]
+
+
+def test_summary_lists_rows_above_the_accuracy_limit():
+    """A measured rel_err above its dtype's limit (accuracy.REL_ERR_LIMIT) is listed in summary.md with
+    its commit; within the limit the summary says so in one line."""
+    rows = synthetic_rows()
+    assert "Accuracy: every measured rel_err is within" in report.summary_markdown(rows)
+    bad = rows.copy()
+    hit = (bad["kernel"] == "fsa") & (bad["scope"] == "module") & (bad["seqlen"] == 65536) & (bad["pass"] == "fwd")
+    bad.loc[hit, "rel_err"] = 0.02
+    text = report.summary_markdown(bad)
+    assert f"## Accuracy: {int(hit.sum())} rows above their dtype's rel_err limit" in text
+    assert "| module | fsa | fwd | 1 | 65536 | 64 | bfloat16 | 0.02 |" in text
