@@ -31,14 +31,21 @@ INT_PTRS = {"tok_seq", "cmp_seq", "cu", "cu_cmp"}
 F32_PTRS = {"lse", "lse2", "delta", "dlse"}
 
 
+def with_default_constexprs(fn, constexprs: dict) -> dict:
+    """`constexprs` restricted to fn's arguments, plus the defaults of the constexprs it leaves out (a
+    launch without them takes those; the AOT signature would otherwise type them as pointers)."""
+    out = {a: val for a, val in constexprs.items() if a in fn.arg_names}
+    for p in fn.params:
+        if p.is_constexpr and p.has_default and p.name not in out:
+            out[p.name] = p.default
+    return out
+
+
 def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int,
                  scalars: dict = SCALARS, int_ptrs: set = INT_PTRS):
     """`scalars` (name -> type) and `int_ptrs` name the non-float arguments (other kernels' names);
     `constexprs` may name some that `fn` lacks (one dict for a branch's kernels): those are dropped."""
-    constexprs = {a: val for a, val in constexprs.items() if a in fn.arg_names}
-    for p in fn.params:  # constexprs left to their defaults, as a launch without them would
-        if p.is_constexpr and p.has_default and p.name not in constexprs:
-            constexprs[p.name] = p.default
+    constexprs = with_default_constexprs(fn, constexprs)
     sig = {}
     for a in fn.arg_names:
         if a in constexprs:

@@ -21,7 +21,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from experiments.compressed_aot_check import resources  # noqa: E402
+from experiments.compressed_aot_check import resources, with_default_constexprs  # noqa: E402
 from nsa_baseline.ops import decode_append, decode_attend, decode_attend_split, decode_select, decode_split  # noqa: E402
 
 SCALARS = {"MAX_SEQLEN": "i32", "MAX_CMP": "i32", "MAX_PAGES": "i32", "qk_scale": "fp32"}
@@ -34,10 +34,7 @@ SHAPE = dict(HQ=32, H=8, G=4, G_PAD=16, D=128, BLOCK_D=128, BS=64, TOPK=16, T_PA
 
 
 def compile_sm90(fn, constexprs: dict, num_warps: int = 4, num_stages: int = 2):
-    constexprs = {a: v for a, v in constexprs.items() if a in fn.arg_names}
-    for p in fn.params:  # constexprs left to their defaults, as a launch without them would
-        if p.is_constexpr and p.has_default and p.name not in constexprs:
-            constexprs[p.name] = p.default
+    constexprs = with_default_constexprs(fn, constexprs)
     sig = {}
     for a in fn.arg_names:
         sig[a] = ("constexpr" if a in constexprs else SCALARS.get(a) or

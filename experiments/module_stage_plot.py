@@ -7,7 +7,8 @@ from the torch.profiler tables that experiments/gpu/module_profile.py writes, be
 Each profiled kernel goes to one stage (STAGES: FSA's pair kernels, its reductions and index build,
 the selection, the window, compressed attention, gates, compression, PyTorch glue); the bars are the
 stages' CUDA self time (ms) of one step, under two bars for the module's total and dense causal SDPA
-fwd+bwd at the same size (module_profile's do_bench median, from the stages CSV). Writes <profile stem>.png beside the profile (or --out). Runs without a GPU.
+fwd+bwd at the same size (module_profile's do_bench median, from the stages CSV). Writes
+<profile stem>.png beside the profile (or --out). Runs without a GPU.
 """
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def _family(cfg: Config, q, k, v, block_indices, cu_seqlens, scale, batch: int, 
 
 def _local_blocks(family: str, cfg: Config) -> int:
     """Local blocks the window kernels serve for the selected branch (LOCAL_BLOCKS_KERNEL), else 0."""
-    return cfg.local_blocks if LOCAL_BLOCKS_KERNEL and family == "fsa" and cfg.topk >= cfg.local_blocks else 0
+    return cfg.local_blocks if LOCAL_BLOCKS_KERNEL and family == "fsa" else 0
 
 
 def _selected_fwd(family: str, q, k, v, block_indices, block_size: int, cu_seqlens, scale, local=None):

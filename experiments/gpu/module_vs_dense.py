@@ -8,8 +8,8 @@ bf16, 64 query heads, d = 128, (64, 16), kv heads = 64 / g, one sequence; fresh 
 point; `triton.testing.do_bench` medians after a warm-up call (compiles and `auto`'s choice outside
 the timing). --local-blocks sets nsa_baseline.fused_attention.LOCAL_BLOCKS_KERNEL (NSA's local blocks
 through the window kernels instead of FSA's pair rows); `both` times each point with it off and on, on
-the same inputs (tests/ops/test_local_blocks.py checks that the two agree). Writes module_vs_dense.csv (GPU, torch, Triton, commit on every
-row) under $OUT (else ./out).
+the same inputs (tests/ops/test_local_blocks.py checks that the two agree). Writes module_vs_dense.csv
+(GPU, torch, Triton, commit on every row) under $OUT (else ./out).
 """
 from __future__ import annotations
 

@@ -5,10 +5,10 @@ block path's grid (blocks of `stride` rows on x's own rows), row s of block b ge
 
 (w_cat = compression_blocks.stacked_weight). The PyTorch path materialises dz @ w_cat^T ([H, NB, stride
 * D], as large as dx) and adds it through a permuted view (most likely the two 1.86 ms elementwise
-kernels of the 64K tokens x 64 KV heads H100 profile, results/module_profile; not yet confirmed). Here a program holds dz's rows of BLOCK_B
-blocks of one head, multiplies them by each W_s in turn and adds the product into dx's rows in its
-epilogue: dz is read once, dx read and written once, nothing else reaches memory. Each dx row has one
-writer (no atomics; deterministic).
+kernels of the 64K tokens x 64 KV heads H100 profile, results/module_profile; not yet confirmed).
+Here a program holds dz's rows of BLOCK_B blocks of one head, multiplies them by each W_s in turn and
+adds the product into dx's rows in its epilogue: dz is read once, dx read and written once, nothing
+else reaches memory. Each dx row has one writer (no atomics; deterministic).
 """
 from __future__ import annotations
 

@@ -169,8 +169,9 @@ def decode_window_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     r"""The window branch of decode_selected_window alone, launched ahead of the selection it does not
     need: its split partials, written on `stream` (a torch.cuda.Stream, made to wait for the current
     stream's work queued so far, the cache's writes included; None: the current stream). Buffers are
-    allocated on the current stream before the launch. Pass the result as decode_selected_window(..., window_partials=) with the same
-    q, cache, pos and sizes (checked there); one slot per query (no slots=)."""
+    allocated on the current stream before the launch. Pass the result as
+    decode_selected_window(..., window_partials=) with the same q, cache, pos and sizes (checked there);
+    one slot per query (no slots=)."""
     b, hq, d = q.shape
     h = k.shape[2]
     shapes = _attend_shapes(q, k, window_size)
@@ -219,7 +220,8 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         fail("splits", f"must be None or an int >= 1, got {splits!r}")
     b, hq, d = q.shape
     max_seqlen, h = k.shape[1], k.shape[2]
-    g = hq // h
+    shapes = _attend_shapes(q, k, window_size)
+    g, g_pad, block_d = shapes["g"], shapes["g_pad"], shapes["block_d"]
     out = new_output((b, hq, d), q.dtype, q.device)
     if window_partials is not None:
         plan = window_partials.plan
@@ -227,29 +229,26 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                 or window_partials.parts[1].shape[0] != b * h * plan.s * 2:
             fail("window_partials", "must come from decode_window_partials with this call's q and cache, "
                  "without splits= or slots=")
-        shapes = _attend_shapes(q, k, window_size)
         split_keys(q.contiguous(), k, v, pos, block_indices, window_partials.parts, plan, branch=1,
                    block_size=block_size, qk_scale=scale * LOG2E, layout=layout, **shapes)
         if window_partials.stream is not None:
             torch.cuda.current_stream(q.device).wait_stream(window_partials.stream)
-        split_combine(window_partials.parts, plan, pos, o_cmp, gates, out, advance, h=h, g=shapes["g"],
-                      g_pad=shapes["g_pad"], block_d=shapes["block_d"])
+        split_combine(window_partials.parts, plan, pos, o_cmp, gates, out, advance, h=h, g=g, g_pad=g_pad,
+                      block_d=block_d)
         return out
     if splits is None:
         splits = attend_splits(b, h, block_indices.shape[2], window_size, q.device)
     if splits > 1:
         split_selected_window(q.contiguous(), k, v, pos, block_indices, o_cmp, gates, out, advance, splits=splits,
-                              g=g, g_pad=group_pad(g), block_d=head_pad(d), block_size=block_size,
-                              window_size=window_size, window_tile=window_tile(window_size),
-                              qk_scale=scale * LOG2E, ieee=q.dtype == torch.float32, layout=layout, slots=slots)
+                              block_size=block_size, qk_scale=scale * LOG2E, layout=layout, slots=slots, **shapes)
         return out
     _decode_attend_kernel[(b, h)](
         q.contiguous(), k, v, layout[0], slot_map, pos, block_indices, o_cmp, gates, out,
         pos if advance is None else advance,
         max_seqlen, layout[1], scale * LOG2E,
-        HQ=hq, H=h, G=g, G_PAD=group_pad(g), D=d, BLOCK_D=head_pad(d), BS=block_size, TOPK=block_indices.shape[2],
-        WINDOW=window_size, BN=window_tile(window_size), ADVANCE=advance is not None,
-        IEEE=q.dtype == torch.float32, PAGE=layout[2], SLOTS=slots is not None,
+        HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, BS=block_size, TOPK=block_indices.shape[2],
+        WINDOW=window_size, BN=shapes["window_tile"], ADVANCE=advance is not None,
+        IEEE=shapes["ieee"], PAGE=layout[2], SLOTS=slots is not None,
         num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages,
     )
     return out
