@@ -41,7 +41,8 @@ FAMILIES = ("nsa", "fsa", "auto")
 # with the FSA family at small G every pair row gathers its query and writes a partial (the traffic
 # that bounds FSA at g=1), and 2 of 16 slots are always these blocks. The FSA index drops their pairs
 # and its reduction merges the window kernel's (o, lse) as one more partial; the backward adds the
-# window kernels' share. Off until timed on the GPU (experiments/gpu/module_vs_dense.py --local-blocks).
+# window kernels' share. Off: measured 4-6% slower on the H100 (16K g=1 fwd+bwd 32.09 -> 33.47 ms, 8K
+# 15.02 -> 15.86; results/module_vs_dense/README.md); kept, tested, for experiments (--local-blocks).
 LOCAL_BLOCKS_KERNEL = False
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The switches that are off until a GPU has timed them, each off and on in one call (same machine):
+# The experimental switches (off: measured no faster on the H100 at 77eac19), each off and on in one call:
 #   fused_attention.LOCAL_BLOCKS_KERNEL   module_vs_dense --local-blocks both (8K-64K, g = 1 / 4)
 #   DECODE_LAUNCH.window_stream           decode_bench --window-stream 0 then 1 (B = 8 / 32, 64K / 128K)
 # CSVs under $OUT/local_blocks and $OUT/window_stream_{0,1}. About 5 minutes on an H100.

@@ -37,7 +37,8 @@ class DecodeLaunch:
     append_programs_per_sm: int = 1  # decode_append's column tiles (append_tiles)
     # 1: the decode step runs kernel 2's window branch on a side stream once kernel 1's summary pass is
     # done, beside kernel 1's select and merge (latency-bound), and the selected branch after them
-    # (inference/decode.py); 0: one selected + window launch after kernel 1. Off until timed on a GPU.
+    # (inference/decode.py); 0: one selected + window launch after kernel 1. Off: no gain on the H100
+    # (B=8 64K graph16 0.0978 -> 0.0984 ms; results/decode_bench/README.md); kept for experiments.
     window_stream: int = 0
 
 
