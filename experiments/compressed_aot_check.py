@@ -42,7 +42,7 @@ def with_default_constexprs(fn, constexprs: dict) -> dict:
 
 
 def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int,
-                 scalars: dict = SCALARS, int_ptrs: set = INT_PTRS):
+                 scalars: dict = SCALARS, int_ptrs: set = INT_PTRS, f32_ptrs: set = F32_PTRS):
     """`scalars` (name -> type) and `int_ptrs` name the non-float arguments (other kernels' names);
     `constexprs` may name some that `fn` lacks (one dict for a branch's kernels): those are dropped."""
     constexprs = with_default_constexprs(fn, constexprs)
@@ -53,7 +53,7 @@ def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: i
         elif a in scalars:
             sig[a] = scalars[a]
         else:
-            sig[a] = "*i32" if a in int_ptrs else "*fp32" if a in F32_PTRS else "*" + dtype
+            sig[a] = "*i32" if a in int_ptrs else "*fp32" if a in f32_ptrs else "*" + dtype
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a].startswith("*") or sig[a] == "i32"}
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),

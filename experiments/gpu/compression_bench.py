@@ -14,6 +14,10 @@ linear (weight + pos_emb, bf16 like a bf16 model's parameters) and mean compress
    medians) of old and new, and the memory fwd+bwd allocates beyond its inputs (peak - before).
 Writes compression_bench_{checks,timings}.csv with GPU, torch, Triton and commit under $OUT (else ./out)
 and prints the tables; exit status 1 when a check fails. About a minute on an H100.
+--in-place instead times the module's linear compression of k (compress_kv_forward + compress_into_backward
+with the weights' gradients; one sequence, and 4 sequences starting on the stride grid) with
+compression_grad.IN_PLACE_LINEAR off and on (ops/compression_inplace.py), after checking that they agree,
+and the memory each forward keeps for the backward: compression_bench_in_place.csv.
 --fused-grad instead times the module backward's share of the linear compression
 (compression_grad.compress_into_backward, one call for k, one sequence) with FUSED_BLOCK_GRAD off (a GEMM
 and a strided add) and on (ops/compression_grad_kernel.py), after checking that they agree:
@@ -157,6 +161,54 @@ def fused_grad_point(rows, n: int, h: int) -> None:
     print(rows[-1], flush=True)
 
 
+def _allocated(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0  # the CPU smoke test
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
+
+
+def in_place_point(rows, n: int, h: int, layout: str, cu) -> None:
+    """The module's compression of k (linear; compress_kv_forward keeping what d weight needs, then
+    compress_into_backward with the weights' gradients) with compression_grad.IN_PLACE_LINEAR off and
+    on: agreement, fwd and fwd+bwd time, and the memory the forward leaves for the backward."""
+    from nsa_baseline.ops import compression_grad as cg
+
+    k, _, params, douts = make_inputs(n, h, True)
+    k, (w, pe) = k.detach(), (t.detach() for t in params[0])
+    base = torch.randn_like(k)  # dx already holds the other branches' share
+    keep = cg.IN_PLACE_LINEAR
+
+    def forward(flag: bool):
+        cg.IN_PLACE_LINEAR = flag
+        return cg.compress_kv_forward(k, cu, KS, STRIDE, w, pe, True)
+
+    def fwd_bwd(flag: bool):
+        k_cmp, _, state = forward(flag)
+        dx = base.clone()
+        grads = cg.compress_into_backward(douts[0][: k_cmp.shape[0]], dx, k, cu, KS, STRIDE, state, w, pe)
+        return k_cmp, dx, *grads
+
+    try:
+        errs = [rel_err(a, b) for a, b in zip(fwd_bwd(True), fwd_bwd(False))]
+        res = {}
+        for flag in (False, True):
+            before = _allocated(k.device)
+            kept = forward(flag)
+            kept_gib = (_allocated(k.device) - before) / 2 ** 30
+            del kept
+            res[flag] = (bench(lambda: forward(flag)), bench(lambda: fwd_bwd(flag)), kept_gib)
+        clone = bench(lambda: base.clone())  # in both fwd+bwd timings
+    finally:
+        cg.IN_PLACE_LINEAR = keep
+    (f0, b0, m0), (f1, b1, m1) = res[False], res[True]
+    rows.append(dict(N=n, G=HQ // h, H=h, layout=layout, fwd_off_ms=f"{f0:.3f}", fwd_on_ms=f"{f1:.3f}",
+                     fwd_bwd_off_ms=f"{b0 - clone:.3f}", fwd_bwd_on_ms=f"{b1 - clone:.3f}",
+                     speedup_fwd_bwd=f"{(b0 - clone) / max(b1 - clone, 1e-6):.2f}", kept_off_GiB=f"{m0:.2f}",
+                     kept_on_GiB=f"{m1:.2f}", max_rel_err=f"{max(errs):.2e}", ok=max(errs) <= TOL))
+    print(rows[-1], flush=True)
+
+
 def points(sizes):
     for n in sizes:
         for h in (HQ // 1, HQ // 16):
@@ -170,6 +222,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="16384,65536", help="token counts N, comma-separated")
     ap.add_argument("--fused-grad", action="store_true",
                     help="time the module backward's compression share with the add-into-dx kernel off / on")
+    ap.add_argument("--in-place", action="store_true",
+                    help="time the module's linear compression (fwd, fwd+bwd) with IN_PLACE_LINEAR off / on")
     args = ap.parse_args()
     require_cuda()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -183,6 +237,16 @@ def main() -> int:
                 fused_grad_point(rows, n, h)
                 torch.cuda.empty_cache()
         write_rows(out / "compression_bench_fused_grad.csv", rows, meta)
+        print_table(rows)
+        return 0 if all(r["ok"] for r in rows) else 1
+    if args.in_place:
+        rows = []
+        for n in sizes:
+            for h in (HQ, HQ // 4, HQ // 16):
+                for layout, cu in (("single", None), ("varlen4_grid", layouts(n)["varlen4"] // STRIDE * STRIDE)):
+                    in_place_point(rows, n, h, layout, cu)
+                    torch.cuda.empty_cache()
+        write_rows(out / "compression_bench_in_place.csv", rows, meta)
         print_table(rows)
         return 0 if all(r["ok"] for r in rows) else 1
     checks, times = [], []

@@ -17,7 +17,8 @@ import torch
 from nsa_baseline.checks import check_compress_inputs
 from nsa_baseline.contract import kernels_serve
 from nsa_baseline.ops.compression import BLOCK_PATH_MIN_CUDA_ROWS, compress_gather, uses_block_path
-from nsa_baseline.ops.compression_grad_kernel import add_linear_block_grad
+from nsa_baseline.ops.compression_grad_kernel import add_linear_block_grad, add_linear_window_grad
+from nsa_baseline.ops.compression_inplace import compress_linear_dweight, compress_linear_fwd
 from nsa_baseline.ops.compression_blocks import (accumulation_dtype, key_blocks, linear_windows, mean_windows,
                                                  pick_summaries, stacked_weight)
 from nsa_baseline.ops.compression_layout import BlockLayout, block_layout, gather_layout
@@ -30,6 +31,14 @@ from nsa_baseline.ops.compression import _GATHER_BUDGET
 # Off runs the PyTorch path (also the one for gathered blocks, varlen or CPU); the bench times both.
 FUSED_BLOCK_GRAD = True
 
+# The linear compression's GEMMs on x where it lies (ops/compression_inplace.py; block path on x's own
+# grid, kernels serving x): the forward skips the transposing copy of x into stride-blocks and the
+# GEMM output's shifted sum and transpose (one kernel writes x_cmp), keeps no copy of x for d weight
+# (saving [N, H, D] per compressed tensor until the backward), and the backward adds the keys' share
+# from the windows' gradient without building dz. Off until timed on a GPU
+# (experiments/gpu/compression_bench.py --in-place).
+IN_PLACE_LINEAR = False
+
 
 class CompressState(NamedTuple):
     """What compress_into_backward needs of one compress_kv_forward call."""
@@ -37,6 +46,7 @@ class CompressState(NamedTuple):
     layout: Optional[BlockLayout]  # block path; None = gather path
     blocks: Optional[torch.Tensor]  # block path, linear: X_blk [H, NB, stride * D] (the GEMM's input)
     num_cmp: int
+    in_place: bool = False  # block path, linear, through ops/compression_inplace.py (no X_blk kept)
 
 
 def compress_kv_forward(x, cu_seqlens, kernel_size: int, kernel_stride: int, weight=None, pos_emb=None,
@@ -54,6 +64,10 @@ def compress_kv_forward(x, cu_seqlens, kernel_size: int, kernel_stride: int, wei
             if weight is None:
                 return (pick_summaries(mean_windows(x, layout, kernel_size, kernel_stride, acc), layout, x.dtype),
                         layout.cu_cmp, CompressState(layout, None, layout.num_cmp))
+            if IN_PLACE_LINEAR and layout.rows is None and kernels_serve(x):
+                x_cmp = compress_linear_fwd(x.contiguous(), weight, pos_emb, layout.first_block, layout.num_cmp,
+                                            kernel_size, kernel_stride)
+                return x_cmp, layout.cu_cmp, CompressState(layout, None, layout.num_cmp, in_place=True)
             blocks = key_blocks(x, layout, kernel_stride)
             y = linear_windows(blocks, weight, pos_emb, kernel_size, kernel_stride, acc)
             state = CompressState(layout, blocks if keep_blocks else None, layout.num_cmp)
@@ -71,7 +85,7 @@ def compress_into_backward(dx_cmp, dx, x, cu_seqlens, kernel_size: int, kernel_s
     if state.num_cmp == 0:  # no summary: the weights are not used (None, as compress_kv's autograd)
         return None, None
     if state.layout is not None:
-        return _blocks_backward(dx_cmp, dx, state, kernel_size, kernel_stride, weight, pos_emb, weight_grads)
+        return _blocks_backward(dx_cmp, dx, x, state, kernel_size, kernel_stride, weight, pos_emb, weight_grads)
     return _gather_backward(dx_cmp, dx, x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb, weight_grads)
 
 
@@ -100,7 +114,7 @@ def _add_block_grad(dx, dblocks, layout: BlockLayout, stride: int) -> None:
         dx.index_add_(0, layout.rows, src)
 
 
-def _blocks_backward(dx_cmp, dx, state: CompressState, kernel_size, stride, weight, pos_emb, weight_grads):
+def _blocks_backward(dx_cmp, dx, x, state: CompressState, kernel_size, stride, weight, pos_emb, weight_grads):
     layout = state.layout
     h, d = dx.shape[1], dx.shape[2]
     nb, c_blocks = layout.num_blocks, kernel_size // stride
@@ -117,6 +131,8 @@ def _blocks_backward(dx_cmp, dx, state: CompressState, kernel_size, stride, weig
         _add_block_grad(dx, dsums.unsqueeze(2), layout, stride)
         return None, None
     dwin = _window_grad(dx_cmp, layout, m, dx.dtype)  # the GEMM's dtype, as autograd's
+    if state.in_place:
+        return _in_place_backward(dx_cmp, dwin, dx, x, layout, kernel_size, stride, weight, pos_emb, weight_grads)
     dz = dx.new_empty(h, nb, c_blocks, d)  # slot c: d y shifted down by c blocks, zeros around
     for c in range(c_blocks):
         dz[:, c: c + m, c] = dwin
@@ -131,11 +147,28 @@ def _blocks_backward(dx_cmp, dx, state: CompressState, kernel_size, stride, weig
     if not weight_grads:
         return None, None
     dw_cat = state.blocks.reshape(h * nb, stride * d).t() @ dz.reshape(h * nb, c_blocks * d)
-    dbias = dx_cmp.sum((0, 1), dtype=acc)  # [D]: every summary's gradient reaches the bias
     dweight = dw_cat.view(stride * d, c_blocks, d).permute(1, 0, 2).reshape(kernel_size * d, d).to(acc)
+    return _with_bias_grads(dweight, dx_cmp, weight, pos_emb, kernel_size, acc)
+
+
+def _with_bias_grads(dweight, dx_cmp, weight, pos_emb, kernel_size: int, acc):
+    """(d weight, d pos_emb) from the keys' part of d weight (in `acc`): pos_emb's share pos @ W is a
+    bias every summary gets, so both take the summaries' summed gradient."""
+    dbias = dx_cmp.sum((0, 1), dtype=acc)  # [D]: every summary's gradient reaches the bias
     dweight += pos_emb.to(acc).flatten()[:, None] * dbias[None, :]
-    dpos = (weight.to(acc) @ dbias).view(kernel_size, d)
+    dpos = (weight.to(acc) @ dbias).view(kernel_size, weight.shape[1])
     return dweight.to(weight.dtype), dpos.to(pos_emb.dtype)
+
+
+def _in_place_backward(dx_cmp, dwin, dx, x, layout: BlockLayout, kernel_size, stride, weight, pos_emb, weight_grads):
+    """IN_PLACE_LINEAR's backward: the keys' share added from dwin, d weight from x where it lies."""
+    w_cat = stacked_weight(weight, stride, dx.dtype)  # [stride * D, C * D]
+    add_linear_window_grad(dx, dwin, w_cat, stride, layout.num_blocks)
+    if not weight_grads:
+        return None, None
+    acc = accumulation_dtype(dx.dtype)
+    dweight = compress_linear_dweight(x.contiguous(), dx_cmp.to(x.dtype), layout.first_block, kernel_size, stride)
+    return _with_bias_grads(dweight.to(acc), dx_cmp, weight, pos_emb, kernel_size, acc)
 
 
 def _gather_backward(dx_cmp, dx, x, cu_seqlens, kernel_size, stride, weight, pos_emb, weight_grads):

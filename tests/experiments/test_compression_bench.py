@@ -22,3 +22,22 @@ def test_fused_grad_point_checks_and_times_both_paths(monkeypatch):
     assert (rows[0]["gemm_add_ms"], rows[0]["fused_ms"], rows[0]["speedup"]) == ("2.500", "1.500", "1.67")
     assert rows[0]["path"] == "block"
     assert compression_grad.FUSED_BLOCK_GRAD == "as before"
+
+
+def test_in_place_point_checks_and_times_both_paths(monkeypatch):
+    """--in-place's point on CPU (fp32, the kernels under the interpreter, do_bench replaced), one
+    sequence and sequences starting on the stride grid: both settings run and agree, the in-place
+    kernels run, the switch is left as it was."""
+    monkeypatch.setattr(compression_bench, "DEV", "cpu")
+    monkeypatch.setattr(compression_bench, "DTYPE", torch.float32)
+    monkeypatch.setattr(compression_bench, "D", 16)
+    monkeypatch.setattr(compression_bench, "bench", lambda fn: (fn(), 1.0)[1])
+    calls = []
+    real = compression_grad.compress_linear_fwd
+    monkeypatch.setattr(compression_grad, "compress_linear_fwd", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", "as before")
+    rows = []
+    compression_bench.in_place_point(rows, 96, 2, "single", None)
+    compression_bench.in_place_point(rows, 96, 2, "varlen", torch.tensor([0, 32, 48, 96], dtype=torch.int32))
+    assert all(r["ok"] and float(r["max_rel_err"]) < 1e-5 for r in rows) and len(calls) >= 2
+    assert compression_grad.IN_PLACE_LINEAR == "as before"

@@ -73,7 +73,7 @@ def test_kernel_compiles_for_sm90_without_spills():
         "from experiments.compressed_aot_check import compile_sm90, resources",
         "from nsa_baseline.ops.compression_grad_kernel import _add_block_grad_kernel as fn",
         "k = compile_sm90(fn, 'bf16', dict(H=64, D=128, CD=256, STRIDE=16, BLOCK_B=64, BLOCK_D=128, BLOCK_CD=256,"
-        " PREC='tf32'), 8, 1, scalars={'NB': 'i32'}, int_ptrs=set())",
+        " PREC='tf32'), 8, 1, scalars={'NB': 'i32', 'M': 'i32', 'stride_wh': 'i32', 'stride_wm': 'i32'}, int_ptrs=set())",
         "print(resources(k))"])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
