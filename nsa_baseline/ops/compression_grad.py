@@ -35,8 +35,10 @@ FUSED_BLOCK_GRAD = True
 # grid, kernels serving x): the forward skips the transposing copy of x into stride-blocks and the
 # GEMM output's shifted sum and transpose (one kernel writes x_cmp), keeps no copy of x for d weight
 # (saving [N, H, D] per compressed tensor until the backward), and the backward adds the keys' share
-# from the windows' gradient without building dz. Off until timed on a GPU
-# (experiments/gpu/compression_bench.py --in-place).
+# from the windows' gradient without building dz. On the gather path (fewer rows on CUDA, or strides
+# the block path does not serve) the same forward kernel replaces the gathered spans ([N_cmp,
+# kernel_size, H, D]) and their matmul; the gather backward is unchanged (it keeps no state). Off until
+# timed on a GPU (experiments/gpu/compression_bench.py --in-place).
 IN_PLACE_LINEAR = False
 
 
@@ -72,6 +74,11 @@ def compress_kv_forward(x, cu_seqlens, kernel_size: int, kernel_stride: int, wei
             y = linear_windows(blocks, weight, pos_emb, kernel_size, kernel_stride, acc)
             state = CompressState(layout, blocks if keep_blocks else None, layout.num_cmp)
             return pick_summaries(y, layout, x.dtype), layout.cu_cmp, state
+        if IN_PLACE_LINEAR and weight is not None and kernels_serve(x):  # the gather backward keeps no state
+            cu_cmp, first = gather_layout(cu_seqlens, n, kernel_size, kernel_stride, x.device)
+            x_cmp = compress_linear_fwd(x.contiguous(), weight, pos_emb, first, first.numel(), kernel_size,
+                                        kernel_stride, first_rows=True)
+            return x_cmp, cu_cmp, CompressState(None, None, x_cmp.shape[0])
         x_cmp, cu_cmp = compress_gather(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb)
         return x_cmp, cu_cmp, CompressState(None, None, x_cmp.shape[0])
 

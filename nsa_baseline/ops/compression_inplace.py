@@ -27,23 +27,25 @@ from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow
 
 
 @triton.jit
-def _summary_start(first, o_m, m_m, STRIDE: tl.constexpr, HAS_FIRST: tl.constexpr):
-    """int64 first key row of summaries o_m: first[o_m] * STRIDE (packed sequences) or o_m * STRIDE."""
+def _summary_start(first, o_m, m_m, STRIDE: tl.constexpr, HAS_FIRST: tl.constexpr, FIRST_SCALE: tl.constexpr):
+    """int64 first key row of summaries o_m: first[o_m] * FIRST_SCALE (packed sequences: first holds
+    stride-blocks, FIRST_SCALE = STRIDE, or rows, 1) or o_m * STRIDE."""
     if HAS_FIRST:
-        return tl.load(first + o_m, mask=m_m, other=0).to(tl.int64) * STRIDE
+        return tl.load(first + o_m, mask=m_m, other=0).to(tl.int64) * FIRST_SCALE
     return o_m.to(tl.int64) * STRIDE
 
 
 @triton.jit
 def _compress_linear_fwd_kernel(x, w, bias, first, out, N_CMP, H: tl.constexpr, D: tl.constexpr,
                                 KS: tl.constexpr, STRIDE: tl.constexpr, HAS_FIRST: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                                FIRST_SCALE: tl.constexpr = 1):
     i_m, i_h = tl.program_id(0), tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N_CMP
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    row0 = _summary_start(first, o_m, m_m, STRIDE, HAS_FIRST) * H + i_h  # x's row (token, head) of key 0
+    row0 = _summary_start(first, o_m, m_m, STRIDE, HAS_FIRST, FIRST_SCALE) * H + i_h  # x's row (token, head) of key 0
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for r in range(KS):
         b_x = tl.load(x + (row0 + r * H)[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.)
@@ -56,11 +58,11 @@ def _compress_linear_fwd_kernel(x, w, bias, first, out, N_CMP, H: tl.constexpr, 
 
 @triton.jit
 def _dw_tile(acc, x, dy, first, r, tile, M, o_d, m_d, H: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr,
-             HAS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+             HAS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, FIRST_SCALE: tl.constexpr):
     """acc += x[key r of the rows' summaries]^T dy over (summary, head) rows [tile * BLOCK_M, + BLOCK_M)."""
     o_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
-    row = (_summary_start(first, o_m // H, m_m, STRIDE, HAS_FIRST) + r) * H + o_m % H
+    row = (_summary_start(first, o_m // H, m_m, STRIDE, HAS_FIRST, FIRST_SCALE) + r) * H + o_m % H
     m = m_m[:, None] & m_d[None, :]
     b_x = tl.load(x + row[:, None] * D + o_d[None, :], mask=m, other=0.)  # [BLOCK_M, BLOCK_D]
     b_g = tl.load(dy + o_m.to(tl.int64)[:, None] * D + o_d[None, :], mask=m, other=0.)  # dy is contiguous
@@ -71,7 +73,7 @@ def _dw_tile(acc, x, dy, first, r, tile, M, o_d, m_d, H: tl.constexpr, D: tl.con
 def _compress_linear_dw_kernel(x, dy, first, part, M, TILES, H: tl.constexpr, D: tl.constexpr,
                                KS: tl.constexpr, STRIDE: tl.constexpr, HAS_FIRST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                               WHILE_LOOP: tl.constexpr):
+                               WHILE_LOOP: tl.constexpr, FIRST_SCALE: tl.constexpr = 1):
     r, i_p = tl.program_id(0), tl.program_id(1)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
@@ -79,11 +81,13 @@ def _compress_linear_dw_kernel(x, dy, first, part, M, TILES, H: tl.constexpr, D:
     if WHILE_LOOP:  # the interpreter cannot range() over an argument
         t = TILES * 0
         while t < TILES:
-            acc = _dw_tile(acc, x, dy, first, r, i_p * TILES + t, M, o_d, m_d, H, D, STRIDE, HAS_FIRST, BLOCK_M, PREC)
+            acc = _dw_tile(acc, x, dy, first, r, i_p * TILES + t, M, o_d, m_d, H, D, STRIDE, HAS_FIRST, BLOCK_M, PREC,
+                           FIRST_SCALE)
             t += 1
     else:
         for t in range(TILES):  # this split's (summary, head) rows, in order
-            acc = _dw_tile(acc, x, dy, first, r, i_p * TILES + t, M, o_d, m_d, H, D, STRIDE, HAS_FIRST, BLOCK_M, PREC)
+            acc = _dw_tile(acc, x, dy, first, r, i_p * TILES + t, M, o_d, m_d, H, D, STRIDE, HAS_FIRST, BLOCK_M, PREC,
+                           FIRST_SCALE)
     p_part = part + ((i_p * KS + r) * D + o_d).to(tl.int64)[:, None] * D + o_d[None, :]
     tl.store(p_part, acc, mask=m_d[:, None] & m_d[None, :])
 
@@ -104,10 +108,11 @@ def _check(x: torch.Tensor, first: Optional[torch.Tensor], n_cmp: int, kernel_si
 
 
 def compress_linear_fwd(x: torch.Tensor, weight: torch.Tensor, pos_emb: torch.Tensor, first: Optional[torch.Tensor],
-                        n_cmp: int, kernel_size: int, kernel_stride: int) -> torch.Tensor:
+                        n_cmp: int, kernel_size: int, kernel_stride: int, first_rows: bool = False) -> torch.Tensor:
     """x_cmp [n_cmp, H, D] in x.dtype: the linear map of each summary's keys (x read in place; fp32
     accumulation, pos_emb's share added in fp32). first: int64 [n_cmp] first stride-block of every
-    summary (packed sequences), None for summary i at block i."""
+    summary (packed sequences; with first_rows, its first row: any layout), None for summary i at
+    block i."""
     _check(x, first, n_cmp, kernel_size, kernel_stride)
     n, h, d = x.shape
     out = new_output((n_cmp, h, d), x.dtype, x.device)
@@ -119,7 +124,8 @@ def compress_linear_fwd(x: torch.Tensor, weight: torch.Tensor, pos_emb: torch.Te
     _compress_linear_fwd_kernel[(triton.cdiv(n_cmp, block_m), h)](
         x, weight.to(x.dtype).contiguous(), bias, first if first is not None else x, out, n_cmp, H=h, D=d,
         KS=kernel_size, STRIDE=kernel_stride, HAS_FIRST=first is not None, BLOCK_M=block_m,
-        BLOCK_D=max(16, next_pow2(d)), PREC=_prec(x), num_warps=8, num_stages=3)
+        BLOCK_D=max(16, next_pow2(d)), PREC=_prec(x), FIRST_SCALE=1 if first_rows else kernel_stride,
+        num_warps=8, num_stages=3)
     return out
 
 
@@ -149,5 +155,5 @@ def compress_linear_dweight(x: torch.Tensor, dy: torch.Tensor, first: Optional[t
     _compress_linear_dw_kernel[(kernel_size, splits)](
         x, dy.contiguous(), first if first is not None else x, part, rows, tiles, H=h, D=d, KS=kernel_size,
         STRIDE=kernel_stride, HAS_FIRST=first is not None, BLOCK_M=block_m, BLOCK_D=max(16, next_pow2(d)),
-        PREC=_prec(x), WHILE_LOOP=is_interpreter(), num_warps=8, num_stages=3)
+        PREC=_prec(x), WHILE_LOOP=is_interpreter(), FIRST_SCALE=kernel_stride, num_warps=8, num_stages=3)
     return part.sum(0) if splits > 1 else part[0]

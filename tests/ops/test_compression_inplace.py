@@ -140,6 +140,34 @@ def test_module_equal_with_in_place_linear(monkeypatch, cu):
         assert_close(a, b, torch.float32, name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_gather_path_forward_equal_with_in_place_linear(monkeypatch, dtype):
+    """Kernel 8 stride 3 (the gather path: no stride-blocks) over 4 packed sequences off any grid (one
+    shorter than a summary): with IN_PLACE_LINEAR the forward kernel reads each summary's first row
+    from the gather layout; x_cmp and the (unchanged) gather backward's gradients equal the path off."""
+    ks, stride, h, d = 8, 3, 2, 16
+    x, w, pos = _inputs(90, h, d, ks, dtype, seed=5)
+    cu = torch.tensor([0, 31, 36, 61, 90], dtype=torch.int32)
+
+    def run(flag):
+        monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", flag)
+        x_cmp, cu_cmp, state = compression_grad.compress_kv_forward(x, cu, ks, stride, w, pos)
+        dy = torch.randn(x_cmp.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+        dx = torch.zeros_like(x)
+        grads = compression_grad.compress_into_backward(dy, dx, x, cu, ks, stride, state, w, pos)
+        return (x_cmp, cu_cmp, dx) + grads
+
+    calls = []
+    real = compression_grad.compress_linear_fwd
+    monkeypatch.setattr(compression_grad, "compress_linear_fwd", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    on = run(True)
+    assert calls, "the in-place kernel did not run"
+    off = run(False)
+    assert torch.equal(on[1], off[1])
+    for name, a, b in zip(("x_cmp", "dx", "d weight", "d pos_emb"), on[:1] + on[2:], off[:1] + off[2:]):
+        assert_close(a, b, dtype, name)
+
+
 @pytest.mark.parametrize("kernel", ["fwd", "dw", "window_grad"])
 def test_kernels_compile_for_sm90_without_spills(kernel):
     """The interpreter does not type the kernels: compile each for sm_90 (Triton's ahead-of-time path,
