@@ -2,18 +2,22 @@
 in the same run, without module_profile's per-stage timings (which take minutes at 64K).
 
     python -m experiments.gpu.module_vs_dense [--points 8192:1,16384:1,16384:4,65536:1] [--backend auto]
-                                              [--local-blocks off|on|both]
+                                              [--local-blocks off|on|both] [--in-place-linear off|on|both]
 
 bf16, 64 query heads, d = 128, (64, 16), kv heads = 64 / g, one sequence; fresh random inputs per
 point; `triton.testing.do_bench` medians after a warm-up call (compiles and `auto`'s choice outside
 the timing). --local-blocks sets nsa_baseline.fused_attention.LOCAL_BLOCKS_KERNEL (NSA's local blocks
 through the window kernels instead of FSA's pair rows); `both` times each point with it off and on, on
-the same inputs (tests/ops/test_local_blocks.py checks that the two agree). Writes module_vs_dense.csv
+the same inputs (tests/ops/test_local_blocks.py checks that the two agree); --in-place-linear likewise
+sets nsa_baseline.ops.compression_grad.IN_PLACE_LINEAR (tests/ops/test_compression_inplace.py); with
+both flags, every combination. Writes module_vs_dense.csv
 (GPU, torch, Triton, commit on every row) under $OUT (else ./out).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import itertools
 import sys
 import time
 
@@ -26,6 +30,11 @@ from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_m
 HQ, D, HIDDEN = 64, 128, 2048
 BF16 = torch.bfloat16
 START = time.time()
+
+# Module switches a run can set (--local-blocks, --in-place-linear): flag -> (module, attribute). Each
+# row records every switch's setting; `both` times each point off and on, on the same inputs.
+SWITCHES = {"local_blocks": ("nsa_baseline.fused_attention", "LOCAL_BLOCKS_KERNEL"),
+            "in_place_linear": ("nsa_baseline.ops.compression_grad", "IN_PLACE_LINEAR")}
 
 
 def parse_points(text: str) -> list[tuple[int, int]]:
@@ -87,8 +96,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default="8192:1,16384:1,16384:4,65536:1")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--local-blocks", choices=("default", "off", "on", "both"), default="default",
-                    help="fused_attention.LOCAL_BLOCKS_KERNEL for the run (default: as committed)")
+    for flag, (module, name) in SWITCHES.items():
+        ap.add_argument(f"--{flag.replace('_', '-')}", choices=("default", "off", "on", "both"), default="default",
+                        help=f"{module}.{name} for the run (default: as committed)")
     args = ap.parse_args()
     points = parse_points(args.points)
     require_cuda()
@@ -96,17 +106,19 @@ def main() -> int:
     print(f"module_vs_dense on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, "
           f"commit {meta['git_commit']}", flush=True)
     torch.manual_seed(0)
-    from nsa_baseline import fused_attention
-
-    modes = {"default": [fused_attention.LOCAL_BLOCKS_KERNEL], "off": [False], "on": [True],
-             "both": [False, True]}[args.local_blocks]
+    targets = {flag: importlib.import_module(module) for flag, (module, _) in SWITCHES.items()}
+    choices = {flag: {"default": [getattr(targets[flag], name)], "off": [False], "on": [True],
+                      "both": [False, True]}[getattr(args, flag)] for flag, (_, name) in SWITCHES.items()}
+    combos = [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
     rows = []
     for n, g in points:
-        for on in modes:
-            fused_attention.LOCAL_BLOCKS_KERNEL = on
-            if len(modes) > 1:
-                torch.manual_seed(n + g)  # the same inputs for both modes
-            rows.append({**time_point(n, g, args.backend), "local_blocks_kernel": on})
+        for combo in combos:
+            for flag, on in combo.items():
+                setattr(targets[flag], SWITCHES[flag][1], on)
+            if len(combos) > 1:
+                torch.manual_seed(n + g)  # the same inputs for every setting
+            rows.append({**time_point(n, g, args.backend), **{f"{flag}_kernel" if flag == "local_blocks" else flag: on
+                                                               for flag, on in combo.items()}})
             print(rows[-1], f"({time.time() - START:.0f} s)", flush=True)
         write_rows(out / "module_vs_dense.csv", rows, meta)  # after every point: a cut run keeps its rows
         torch.cuda.empty_cache()

@@ -26,3 +26,29 @@ def test_points_are_checked():
     assert module_vs_dense.parse_points("8192:1,16384:4") == [(8192, 1), (16384, 4)]
     with pytest.raises(SystemExit, match="g dividing 64"):
         module_vs_dense.parse_points("8192:3")
+
+
+def test_main_times_every_combination_of_the_switches(monkeypatch, tmp_path):
+    """--in-place-linear both with --local-blocks off: two rows per point, each timed with the switch
+    set as its row says (time_point replaced: it reports what it saw)."""
+    import sys
+
+    from nsa_baseline import fused_attention
+    from nsa_baseline.ops import compression_grad
+
+    monkeypatch.setattr(module_vs_dense, "require_cuda", lambda: None)
+    monkeypatch.setattr(module_vs_dense, "out_dir", lambda: tmp_path)
+    monkeypatch.setattr(module_vs_dense, "run_meta", lambda: dict(gpu="none", torch="t", triton="t", git_commit="c"))
+    monkeypatch.setattr(module_vs_dense, "time_point", lambda n, g, backend: dict(
+        N=n, saw=(fused_attention.LOCAL_BLOCKS_KERNEL, compression_grad.IN_PLACE_LINEAR)))
+    monkeypatch.setattr(fused_attention, "LOCAL_BLOCKS_KERNEL", fused_attention.LOCAL_BLOCKS_KERNEL)
+    monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", compression_grad.IN_PLACE_LINEAR)
+    monkeypatch.setattr(sys, "argv", ["module_vs_dense", "--points", "8192:1", "--in-place-linear", "both",
+                                      "--local-blocks", "off"])
+    assert module_vs_dense.main() == 0
+    import csv
+
+    with open(tmp_path / "module_vs_dense.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["local_blocks_kernel"], r["in_place_linear"], r["saw"]) for r in rows] == \
+        [("False", "False", "(False, False)"), ("False", "True", "(False, True)")]
