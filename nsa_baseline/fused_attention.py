@@ -27,6 +27,7 @@ import torch
 from nsa_baseline.contract import (BLOCK_SIZES, KERNEL_DTYPES, check_block_indices, check_selected_args,
                                    index_checks_requested)
 from nsa_baseline.ops.compressed import checked_compressed_args
+from nsa_baseline.ops.compressed_sdpa import compressed_sdpa_bwd, compressed_sdpa_fwd, sdpa_serves
 from nsa_baseline.ops.compressed_triton import (compressed_bwd, compressed_fwd, compressed_triton_supported,
                                                 varlen_meta)
 from nsa_baseline.ops.compression_grad import compress_into_backward, compress_kv_forward
@@ -44,6 +45,13 @@ FAMILIES = ("nsa", "fsa", "auto")
 # window kernels' share. Off: measured 4-6% slower on the H100 (16K g=1 fwd+bwd 32.09 -> 33.47 ms, 8K
 # 15.02 -> 15.86; results/module_vs_dense/README.md); kept, tested, for experiments (--local-blocks).
 LOCAL_BLOCKS_KERNEL = False
+
+# The compressed branch through PyTorch's fused attention kernels (ops/compressed_sdpa.py: cuDNN on
+# Hopper, which runs dense attention at ~540 TFLOP/s on the H100 against ~380 forward / ~290 backward
+# for our Triton compressed kernels) for one sequence of at least this many tokens; None: always the
+# Triton kernels. The residue layout costs six row gathers of [N, HQ, D] per step, so short
+# sequences lose. Off until timed on a GPU (experiments/gpu/module_vs_dense.py --compressed-sdpa).
+COMPRESSED_SDPA_MIN_TOKENS = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,13 @@ def _selected_bwd(family: str, state, q, k, v, o, lse, do, block_indices, block_
 
 # ---- the Function ---------------------------------------------------------------------------------
 
+def _compressed_via_sdpa(q, k_cmp, varlen: bool, kernel_size: int, kernel_stride: int) -> bool:
+    """Whether COMPRESSED_SDPA_MIN_TOKENS sends this call's compressed branch to ops/compressed_sdpa.py."""
+    limit = COMPRESSED_SDPA_MIN_TOKENS
+    return (limit is not None and q.shape[0] >= limit and k_cmp.shape[0] > 0 and k_cmp.dtype == q.dtype
+            and sdpa_serves(q, varlen, kernel_size, kernel_stride))
+
+
 class NSAAttentionFunction(torch.autograd.Function):
     """Inputs: q [N, HQ, D], k, v [N, H, D] (contiguous), gates [N, HQ, 3], the compression weights
     (None for mean pooling), cu_seqlens, Config. Outputs: o, o_cmp, o_slc, o_win [N, HQ, D] and
@@ -151,7 +166,11 @@ class NSAAttentionFunction(torch.autograd.Function):
         v_cmp, _, v_state = compress_kv_forward(v, cu_seqlens, ks, st, v_weight, v_pos, need[6] or need[7])
         cu, cu_cmp_checked, scale = checked_compressed_args(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, ks, st, None)
         meta = varlen_meta(cu_seqlens, cu_cmp, cu, cu_cmp_checked, q.shape[0], k_cmp.shape[0])
-        o_cmp, lse_cmp = compressed_fwd(q, k_cmp, v_cmp, meta, ks, st, scale)
+        sdpa_aux = None
+        if _compressed_via_sdpa(q, k_cmp, meta.varlen, ks, st):
+            o_cmp, lse_cmp, sdpa_aux = compressed_sdpa_fwd(q, k_cmp, v_cmp, ks, st, scale)
+        else:
+            o_cmp, lse_cmp = compressed_fwd(q, k_cmp, v_cmp, meta, ks, st, scale)
         block_indices = cfg.select_blocks(q, k_cmp, cu_seqlens, cu_cmp, ks, st, cfg.block_size, cfg.topk,
                                           cfg.init_blocks, cfg.local_blocks, lse=lse_cmp)
         tables = token_tables(cu_seqlens, q.shape[0], q.device)
@@ -162,7 +181,7 @@ class NSAAttentionFunction(torch.autograd.Function):
         o = gated_sum_fwd(gates, (o_cmp, o_slc, o_win))
         ctx.save_for_backward(q, k, v, gates, k_weight, k_pos, v_weight, v_pos, k_cmp, v_cmp, o_cmp, lse_cmp,
                               o_slc, lse_slc, o_win, lse_win, block_indices)
-        ctx.state = (cu_seqlens, cfg, scale, meta, k_state, v_state, slc, tables, window, win_cfgs)
+        ctx.state = (cu_seqlens, cfg, scale, meta, k_state, v_state, slc, tables, window, win_cfgs, sdpa_aux)
         ctx.mark_non_differentiable(block_indices)
         ctx.set_materialize_grads(False)
         return o, o_cmp, o_slc, o_win, block_indices
@@ -171,7 +190,7 @@ class NSAAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, d_cmp, d_slc, d_win, _):
         (q, k, v, gates, k_weight, k_pos, v_weight, v_pos, k_cmp, v_cmp, o_cmp, lse_cmp, o_slc, lse_slc, o_win,
          lse_win, block_indices) = ctx.saved_tensors
-        cu_seqlens, cfg, scale, meta, k_state, v_state, slc, tables, window, win_cfgs = ctx.state
+        cu_seqlens, cfg, scale, meta, k_state, v_state, slc, tables, window, win_cfgs, sdpa_aux = ctx.state
         family, slc_state, slc_cu, slc_scale, local = slc
         outs = (o_cmp, o_slc, o_win)
         dgates, do_cmp, do_slc, do_win, deltas = _gated_sum_grads(do, gates, outs, (d_cmp, d_slc, d_win),
@@ -185,8 +204,12 @@ class NSAAttentionFunction(torch.autograd.Function):
         if local:  # the local blocks' share of the selected branch (its o, lse: the whole branch's)
             window_bwd(q, k, v, o_slc, lse_slc, do_slc, None, tables, local, slc_scale, win_cfgs, out=(dq, dk, dv),
                        accumulate=True, delta=deltas[1], block_local=cfg.block_size)
-        _, dk_cmp, dv_cmp = compressed_bwd(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, None, meta, cfg.kernel_size,
-                                           cfg.kernel_stride, scale, dq=dq, accumulate=True, delta=deltas[0])
+        if sdpa_aux is not None:
+            _, dk_cmp, dv_cmp = compressed_sdpa_bwd(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, sdpa_aux, cfg.kernel_size,
+                                                    cfg.kernel_stride, scale, dq=dq, accumulate=True)
+        else:
+            _, dk_cmp, dv_cmp = compressed_bwd(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, None, meta, cfg.kernel_size,
+                                               cfg.kernel_stride, scale, dq=dq, accumulate=True, delta=deltas[0])
         need = ctx.needs_input_grad
         dkw, dkp = compress_into_backward(dk_cmp, dk, k, cu_seqlens, cfg.kernel_size, cfg.kernel_stride, k_state,
                                           k_weight, k_pos, need[4] or need[5])

@@ -15,6 +15,8 @@ once per shape, ~10-30 s); whatever the budget cuts is listed as skipped (--budg
 3. Launch-config sweep at 64K, G = 1 (each kernel alone: default and two alternatives; best printed),
    fp32 checks vs the reference (D = 128 packed G = 3, D = 64 G = 16), the sweep at G = 16.
 4. Our timings at 8K and 16K; bf16 checks G = 16 (also vs Flex) and G = 1; Flex at 8K and 16K.
+--sdpa instead times ours against ops/compressed_sdpa.py (the residue layout through PyTorch's fused
+kernels, cuDNN on Hopper; its checks are tests/ops/test_compressed_sdpa.py) at 64K and 16K, G = 1, 4, 16.
 Writes compressed_bench_{checks,timings,configs}.csv with GPU, torch, Triton and commit under $OUT
 (else ./out) and prints the tables.
 """
@@ -34,6 +36,7 @@ BF16 = torch.bfloat16
 DEVICE = "cuda"
 TOL = {torch.float32: 2e-4, BF16: 2e-2}  # tests/helpers.py
 START = time.time()
+SDPA_FIRST = False  # --sdpa
 
 
 def rel_err(out, ref) -> float:
@@ -142,6 +145,14 @@ POINTS_64K = [(65536, g, None) for g in (1, 4, 16)] + [(65536, 4, VARLEN_64K)]
 POINTS_SMALL = [(n, g, None) for n in (8192, 16384) for g in (1, 4, 16)]
 
 
+def _sdpa(q, k, v, cu, cu_cmp, kernel_size, kernel_stride):
+    """ops/compressed_sdpa.py (one sequence) with time_impl's signature."""
+    from nsa_baseline.ops.compressed_sdpa import compressed_attention_sdpa
+
+    assert cu is None, "the SDPA path takes one sequence"
+    return compressed_attention_sdpa(q, k, v, kernel_size, kernel_stride)
+
+
 def time_point(rows, n, g, cu, impl: str):
     from nsa_baseline.ops.compressed import compressed_attention
     from nsa_baseline.ops.compressed_triton import compressed_attention_triton
@@ -149,7 +160,7 @@ def time_point(rows, n, g, cu, impl: str):
     h = HQ // g
     q, k, v, cu_t, cu_cmp = make_inputs(n, h, g, D, BF16, cu)
     flops_fwd = 4 * D * visible_pairs(n, cu) * HQ
-    fn = {"triton": compressed_attention_triton, "flex": compressed_attention}[impl]
+    fn = {"triton": compressed_attention_triton, "flex": compressed_attention, "sdpa": _sdpa}[impl]
     t0 = time.time()
     fwd, fb = time_impl(fn, q, k, v, cu_t, cu_cmp)
     row = dict(impl=impl, N=n, HQ=HQ, H=h, G=g, D=D, layout="single" if cu is None else f"varlen{len(cu) - 1}",
@@ -221,6 +232,8 @@ def tasks():
     def swp(g):
         return f"sweep G={g}", lambda c, t, s: sweep(s, 65536, g)
 
+    if SDPA_FIRST:  # --sdpa: the fused-SDPA path against ours, first
+        return [tim(n, g, None, impl) for n in (65536, 16384) for g in (1, 4, 16) for impl in ("triton", "sdpa")]
     out = [chk("bf16-g4-varlen")]
     out += [tim(n, g, cu, "triton") for n, g, cu in POINTS_64K]
     out += [tim(n, g, cu, "flex") for n, g, cu in POINTS_64K]
@@ -235,7 +248,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=230.0,
                     help="seconds: no new task starts after this (one task takes up to ~40 s)")
+    ap.add_argument("--sdpa", action="store_true",
+                    help="only time ours against ops/compressed_sdpa.py (64K and 16K, G = 1, 4, 16)")
     args = ap.parse_args()
+    global SDPA_FIRST
+    SDPA_FIRST = args.sdpa
     require_cuda()
     out = out_dir()
     meta = run_meta()

@@ -3,14 +3,16 @@ in the same run, without module_profile's per-stage timings (which take minutes 
 
     python -m experiments.gpu.module_vs_dense [--points 8192:1,16384:1,16384:4,65536:1] [--backend auto]
                                               [--local-blocks off|on|both] [--in-place-linear off|on|both]
+                                              [--compressed-sdpa off|on|both]
 
 bf16, 64 query heads, d = 128, (64, 16), kv heads = 64 / g, one sequence; fresh random inputs per
 point; `triton.testing.do_bench` medians after a warm-up call (compiles and `auto`'s choice outside
 the timing). --local-blocks sets nsa_baseline.fused_attention.LOCAL_BLOCKS_KERNEL (NSA's local blocks
 through the window kernels instead of FSA's pair rows); `both` times each point with it off and on, on
 the same inputs (tests/ops/test_local_blocks.py checks that the two agree); --in-place-linear likewise
-sets nsa_baseline.ops.compression_grad.IN_PLACE_LINEAR (tests/ops/test_compression_inplace.py); with
-both flags, every combination. Writes module_vs_dense.csv
+sets nsa_baseline.ops.compression_grad.IN_PLACE_LINEAR (tests/ops/test_compression_inplace.py) and
+--compressed-sdpa nsa_baseline.fused_attention.COMPRESSED_SDPA_MIN_TOKENS (None off, 0 on:
+tests/ops/test_compressed_sdpa.py); with several, every combination. Writes module_vs_dense.csv
 (GPU, torch, Triton, commit on every row) under $OUT (else ./out).
 """
 from __future__ import annotations
@@ -31,10 +33,12 @@ HQ, D, HIDDEN = 64, 128, 2048
 BF16 = torch.bfloat16
 START = time.time()
 
-# Module switches a run can set (--local-blocks, --in-place-linear): flag -> (module, attribute). Each
-# row records every switch's setting; `both` times each point off and on, on the same inputs.
-SWITCHES = {"local_blocks": ("nsa_baseline.fused_attention", "LOCAL_BLOCKS_KERNEL"),
-            "in_place_linear": ("nsa_baseline.ops.compression_grad", "IN_PLACE_LINEAR")}
+# Module switches a run can set (--local-blocks, --in-place-linear, --compressed-sdpa): flag ->
+# (module, attribute, its value off, its value on). Each row records every switch's value; `both`
+# times each point off and on, on the same inputs.
+SWITCHES = {"local_blocks": ("nsa_baseline.fused_attention", "LOCAL_BLOCKS_KERNEL", False, True),
+            "in_place_linear": ("nsa_baseline.ops.compression_grad", "IN_PLACE_LINEAR", False, True),
+            "compressed_sdpa": ("nsa_baseline.fused_attention", "COMPRESSED_SDPA_MIN_TOKENS", None, 0)}
 
 
 def parse_points(text: str) -> list[tuple[int, int]]:
@@ -96,7 +100,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default="8192:1,16384:1,16384:4,65536:1")
     ap.add_argument("--backend", default="auto")
-    for flag, (module, name) in SWITCHES.items():
+    for flag, (module, name, _, _) in SWITCHES.items():
         ap.add_argument(f"--{flag.replace('_', '-')}", choices=("default", "off", "on", "both"), default="default",
                         help=f"{module}.{name} for the run (default: as committed)")
     args = ap.parse_args()
@@ -106,9 +110,9 @@ def main() -> int:
     print(f"module_vs_dense on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, "
           f"commit {meta['git_commit']}", flush=True)
     torch.manual_seed(0)
-    targets = {flag: importlib.import_module(module) for flag, (module, _) in SWITCHES.items()}
-    choices = {flag: {"default": [getattr(targets[flag], name)], "off": [False], "on": [True],
-                      "both": [False, True]}[getattr(args, flag)] for flag, (_, name) in SWITCHES.items()}
+    targets = {flag: importlib.import_module(spec[0]) for flag, spec in SWITCHES.items()}
+    choices = {flag: {"default": [getattr(targets[flag], name)], "off": [off], "on": [on],
+                      "both": [off, on]}[getattr(args, flag)] for flag, (_, name, off, on) in SWITCHES.items()}
     combos = [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
     rows = []
     for n, g in points:

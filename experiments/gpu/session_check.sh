@@ -9,7 +9,7 @@
 # Stages: tests (pytest -m gpu), decode (decode_bench, Llama3-8B heads, B 1/8/32 x 64K/128K), chunk
 # (chunk_bench), module (module_vs_dense at 8K-64K), profile (module_profile at 64K g=1), compress
 # (compression_bench --fused-grad: the module backward's compression share, GEMM + add vs one kernel),
-# switches (time_switches.sh: the switch not yet timed, IN_PLACE_LINEAR, off and on).
+# switches (time_switches.sh: the switches not yet timed, COMPRESSED_SDPA_MIN_TOKENS and IN_PLACE_LINEAR).
 # STAGE_TIMEOUT (s, default 240; tests: TESTS_TIMEOUT, default 570) caps each stage. Set NSA_GIT_COMMIT:
 # the lent machine's .git may be stale. One device call runs 600 s at most.
 set -u

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The switch that is off until a GPU has timed it, off and on in one call (same machine):
-#   compression_grad.IN_PLACE_LINEAR   compression_bench --in-place (the compression alone: agreement,
-#                                      time, memory kept) and module_vs_dense --in-place-linear both
+# The switches that are off until a GPU has timed them, off and on in one call (same machine):
+#   fused_attention.COMPRESSED_SDPA_MIN_TOKENS  compressed_bench --sdpa (the branch alone: ours vs the
+#                                               residue layout on cuDNN, 64K and 16K, G = 1 / 4 / 16)
+#   compression_grad.IN_PLACE_LINEAR            compression_bench --in-place (agreement, time, memory kept)
+#   both in the module                          module_vs_dense --compressed-sdpa both --in-place-linear both
 # (LOCAL_BLOCKS_KERNEL and DECODE_LAUNCH.window_stream were timed at 77eac19 and stay off:
 # results/module_vs_dense/README.md, results/decode_bench/README.md.)
-# CSVs under $OUT/in_place and $OUT/module. About 4 minutes on an H100.
+# CSVs under $OUT/{compressed,in_place,module}. About 8 minutes on an H100; run the GPU tests of both
+# first (tests/ops/test_compressed_sdpa.py, tests/ops/test_compression_inplace.py, -m gpu).
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out}
+OUT="$OUT/compressed" python -m experiments.gpu.compressed_bench --sdpa --budget 150 | tail -n 16
 OUT="$OUT/in_place" python -m experiments.gpu.compression_bench --in-place --sizes 16384,65536 | tail -n 16
-OUT="$OUT/module" python -m experiments.gpu.module_vs_dense --in-place-linear both \
-    --points 8192:1,16384:1,16384:16,65536:1 | tail -n 10
+OUT="$OUT/module" python -m experiments.gpu.module_vs_dense --compressed-sdpa both --in-place-linear both \
+    --points 65536:1,65536:4,16384:1 | tail -n 16

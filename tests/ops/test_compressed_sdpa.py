@@ -1,0 +1,152 @@
+"""ops/compressed_sdpa.py: compressed attention of one sequence as causal attention over residues
+(stride query heads per KV head) through PyTorch's fused kernels (CPU: its flash kernel), against the
+float64 reference, forward (o, lse) and backward; the module with fused_attention.COMPRESSED_SDPA_MIN_TOKENS
+on against off; on the GPU (bf16) against the Triton kernels, cuDNN or flash."""
+import pytest
+import torch
+
+from nsa_baseline import fused_attention
+from nsa_baseline.ops.compressed_sdpa import compressed_sdpa_bwd, compressed_sdpa_fwd, residue_layout
+from nsa_baseline.reference.compressed import compressed_attention_ref
+from tests.helpers import assert_close, rel_err
+
+# (N, HQ, H, D, kernel_size, stride): NSA's 32/16 with a partial last residue row; G = 3; a stride
+# that does not divide kernel_size (5 / 2) with G = 1; N = kernel_size (one summary); 8 / 4
+SHAPES = [(203, 6, 2, 16, 32, 16), (96, 6, 2, 16, 8, 4), (50, 3, 3, 8, 5, 2), (32, 4, 2, 16, 32, 16),
+          (77, 4, 1, 16, 8, 4)]
+
+
+def _case(n, hq, h, d, ks, st, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n_cmp = (n - ks) // st + 1
+    q = torch.randn(n, hq, d, generator=gen).to(dtype)
+    k, v = (torch.randn(n_cmp, h, d, generator=gen).to(dtype) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}_hq{}_h{}_ks{}_st{}".format(s[0], s[1], s[2], s[4], s[5]))
+def test_forward_and_backward_equal_the_reference(shape, dtype):
+    n, hq, h, d, ks, st = shape
+    q, k, v = _case(*shape, dtype)
+    scale = d ** -0.5
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    o_ref, lse_ref = compressed_attention_ref(qr, kr, vr, None, None, ks, st, scale)
+    o, lse, aux = compressed_sdpa_fwd(q, k, v, ks, st, scale)
+    assert o.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (hq, n)
+    assert_close(o, o_ref.detach(), dtype, "o")
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))  # -inf exactly where no summary is visible
+    assert torch.isinf(lse[:, : ks - 1]).all() and torch.equal(o[: ks - 1], torch.zeros_like(o[: ks - 1]))
+    assert_close(lse, lse_ref.detach(), torch.float32, "lse")
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    o_ref.backward(do.double())
+    dq, dk, dv = compressed_sdpa_bwd(q, k, v, o, lse, do, aux, ks, st, scale)
+    tol = 1e-6 if dtype == torch.float64 else None  # fp64: the lse is float32 (the module's contract)
+    for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert_close(got, want, dtype, name, tol)
+    base = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    acc, _, _ = compressed_sdpa_bwd(q, k, v, o, lse, do, aux, ks, st, scale, dq=base.clone(), accumulate=True)
+    assert_close(acc, base.double() + qr.grad, dtype, "dq accumulated", tol)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_every_query_has_one_row(shape):
+    """The residue layout maps every query that sees a summary to exactly one call row, and the call
+    rows that are no query are the rest."""
+    n, hq, h, d, ks, st = shape
+    lay = residue_layout(n, hq, hq // h, ks, st, torch.device("cpu"))
+    assert lay.heads == h * st * (hq // h)
+    rows = lay.scatter
+    assert rows.numel() == (n - ks + 1) * hq and rows.unique().numel() == rows.numel()
+    used = torch.zeros(lay.heads * lay.length, dtype=torch.bool)
+    used[rows] = True
+    assert torch.equal((~used).nonzero().squeeze(1), lay.empty)
+    q_rows = torch.arange((ks - 1) * hq, n * hq)  # row t * HQ + hq of each query that sees a summary
+    assert torch.equal(lay.gather[rows], q_rows)
+
+
+@pytest.mark.parametrize("g", [1, 3])
+def test_module_equal_with_the_sdpa_branch(monkeypatch, g):
+    """NativeSparseAttention (FSA, one sequence of 150 tokens) gives the same output and gradients with
+    the compressed branch on the fused SDPA kernels (COMPRESSED_SDPA_MIN_TOKENS = 0) as on the Triton
+    kernels; varlen calls keep the Triton kernels."""
+    from nsa_baseline.ops import compressed_sdpa
+    from nsa_baseline.module import NativeSparseAttention
+
+    torch.manual_seed(0)
+    m = NativeSparseAttention(48, 2 * g, 2, 16, backend="fsa", kernel_size=8, kernel_stride=4, block_size=16,
+                              topk=3, window_size=16)
+    x = torch.randn(150, 48)
+
+    def run(cu=None):
+        m.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = m(xx, cu)
+        y.square().sum().backward()
+        return [y.detach(), xx.grad] + [p.grad.clone() for p in (m.q_proj.weight, m.k_proj.weight, m.k_cmp_weight)]
+
+    base = run()
+    monkeypatch.setattr(fused_attention, "COMPRESSED_SDPA_MIN_TOKENS", 0)
+    calls = []
+    real = compressed_sdpa.residue_layout
+    monkeypatch.setattr(compressed_sdpa, "residue_layout", lambda *a: (calls.append(1), real(*a))[1])
+    on = run()
+    assert calls, "the SDPA path did not run"
+    for name, a, b in zip(("y", "x", "q_proj", "k_proj", "k_cmp_weight"), on, base):
+        assert_close(a, b, torch.float32, name)
+    calls.clear()
+    run(torch.tensor([0, 70, 150], dtype=torch.int32))
+    assert not calls, "a varlen call took the one-sequence SDPA path"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g", [1, 4])
+def test_gpu_sdpa_branch_equals_triton_bf16(g):
+    """bf16, 16K tokens, 32 query heads, d = 128, 32/16: o, lse, dq, dk, dv against the Triton compressed
+    kernels (both bf16 against each other: 2x the bf16 bound), through cuDNN where this build has it."""
+    from nsa_baseline.ops.compressed_triton import compressed_bwd, compressed_fwd, varlen_meta
+
+    n, hq, d, ks, st = 16384, 32, 128, 32, 16
+    h = hq // g
+    n_cmp = (n - ks) // st + 1
+    bf16 = torch.bfloat16
+    q = torch.randn(n, hq, d, device="cuda", dtype=bf16)
+    k, v = (torch.randn(n_cmp, h, d, device="cuda", dtype=bf16) for _ in range(2))
+    do = torch.randn(n, hq, d, device="cuda", dtype=bf16)
+    scale = d ** -0.5
+    cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    meta = varlen_meta(None, None, cu, torch.tensor([0, n_cmp], dtype=torch.int32, device="cuda"), n, n_cmp)
+    o_t, lse_t = compressed_fwd(q, k, v, meta, ks, st, scale)
+    dq_t, dk_t, dv_t = compressed_bwd(q, k, v, o_t, lse_t, do, None, meta, ks, st, scale)
+    o, lse, aux = compressed_sdpa_fwd(q, k, v, ks, st, scale)
+    dq, dk, dv = compressed_sdpa_bwd(q, k, v, o, lse, do, aux, ks, st, scale)
+    print("backend", aux[0])
+    finite = torch.isfinite(lse_t)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert (lse[finite] - lse_t[finite]).abs().max().item() < 2e-2
+    errs = {name: rel_err(a, b) for name, a, b in (("o", o, o_t), ("dq", dq, dq_t), ("dk", dk, dk_t),
+                                                  ("dv", dv, dv_t))}
+    assert all(e <= 4e-2 for e in errs.values()), errs
+
+
+def test_public_function_is_differentiable_and_checks_its_arguments():
+    """compressed_attention_sdpa: autograd through o equals the reference's; wrong summary counts or
+    head layouts are ValueErrors naming the argument."""
+    from nsa_baseline.ops.compressed_sdpa import compressed_attention_sdpa
+
+    q, k, v = _case(100, 4, 2, 16, 32, 16, torch.float64)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    refs = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, lse = compressed_attention_sdpa(*ins, 32, 16)
+    assert not lse.requires_grad
+    o_ref, _ = compressed_attention_ref(*refs, None, None, 32, 16)
+    do = torch.randn_like(o)
+    o.backward(do)
+    o_ref.backward(do)
+    for name, a, b in zip(("dq", "dk", "dv"), ins, refs):
+        assert_close(a.grad, b.grad, torch.float64, name, 1e-6)
+    with pytest.raises(ValueError, match="`k_cmp`: 100 tokens make 5 summaries"):
+        compressed_attention_sdpa(q, k[:3], v[:3], 32, 16)
+    with pytest.raises(ValueError, match="H dividing HQ"):
+        compressed_attention_sdpa(q[:, :3], k, v, 32, 16)
