@@ -88,7 +88,7 @@ def _attend(q, k, v, scale: float):
         for name in ("cudnn", "flash"):
             try:
                 return _ATTEND[name](q, k, v, scale)
-            except RuntimeError:  # this build or GPU lacks the backend for the shape: try the next
+            except (RuntimeError, TypeError):  # this build or GPU lacks the backend for the shape: the next
                 if name == "flash":
                     raise
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
