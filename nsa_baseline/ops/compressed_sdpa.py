@@ -25,13 +25,13 @@ _LAYOUTS: dict[tuple, "ResidueLayout"] = {}
 
 
 class ResidueLayout(NamedTuple):
+    """Row maps (int32 while they fit, else int64: index_select takes both)."""
+
     heads: int  # H * stride * G query heads of the call
     length: int  # L rows per head (queries = keys)
-    gather: torch.Tensor  # int64 [heads * L]: row t * HQ + hq of q [N, HQ, D] for each call row (0 where none)
-    empty: torch.Tensor  # int64 [k]: call rows that are no query
-    scatter: torch.Tensor  # int64 [(N - kernel_size + 1) * HQ]: call row of q row (t, hq), t >= kernel_size - 1
-    lse_gather: torch.Tensor  # int64 [heads * L]: element hq * N + t of lse [HQ, N] for each call row
-    lse_scatter: torch.Tensor  # int64 [HQ * (N - kernel_size + 1)]: call row of lse element (hq, t)
+    gather: torch.Tensor  # [heads * L]: row t * HQ + hq of q [N, HQ, D] for each call row (0 where none)
+    empty: torch.Tensor  # int64 [k] (index_fill_'s index): call rows that are no query
+    scatter: torch.Tensor  # [(N - kernel_size + 1) * HQ]: call row of q row (t, hq), t >= kernel_size - 1
 
 
 def residue_layout(n: int, hq: int, g: int, kernel_size: int, stride: int, device) -> ResidueLayout:
@@ -50,17 +50,16 @@ def residue_layout(n: int, hq: int, g: int, kernel_size: int, stride: int, devic
     head = (torch.arange(h, device=device)[:, None] * g + torch.arange(g, device=device)[None, :])[:, None, :, None]
     is_query = tok < n
     gather = torch.where(is_query, tok * hq + head, 0).flatten()
-    lse_gather = torch.where(is_query, head * n + tok, 0).flatten()
     rows = torch.arange(gather.numel(), device=device)
     q_to_row = torch.full((n * hq,), -1, dtype=torch.int64, device=device)
     q_to_row[gather[is_query.flatten()]] = rows[is_query.flatten()]
     scatter = q_to_row[(kernel_size - 1) * hq:]
     if bool((scatter < 0).any()):  # every query that sees a summary has its row (once per shape)
         raise AssertionError("compressed_sdpa: residue layout misses a query")
-    lse_scatter = scatter.view(-1, hq).t().flatten()
-    layout = ResidueLayout(h * stride * g, length, gather, (~is_query).flatten().nonzero().squeeze(1), scatter,
-                           lse_gather, lse_scatter)
-    if len(_LAYOUTS) > 4:  # the maps are as long as q has rows: keep few
+    index = torch.int32 if gather.numel() < 2**31 else torch.int64
+    layout = ResidueLayout(h * stride * g, length, gather.to(index),
+                           (~is_query).flatten().nonzero().squeeze(1), scatter.to(index))
+    if len(_LAYOUTS) >= 2:  # the maps are as long as q has rows: keep few
         _LAYOUTS.clear()
     _LAYOUTS[key] = layout
     return layout
@@ -143,7 +142,7 @@ def compressed_sdpa_fwd(q, k_cmp, v_cmp, kernel_size: int, kernel_stride: int, s
     o.view(-1, d)[first * hq:] = o_r.reshape(-1, d).index_select(0, layout.scatter)
     lse = torch.empty(hq, n, dtype=torch.float32, device=q.device)
     lse[:, :first] = float("-inf")
-    lse[:, first:] = lse_r.reshape(-1).float().index_select(0, layout.lse_scatter).view(hq, n - first)
+    lse[:, first:] = lse_r.reshape(-1).float().index_select(0, layout.scatter).view(n - first, hq).t()
     return o, lse, aux
 
 
@@ -153,7 +152,8 @@ def compressed_sdpa_bwd(q, k_cmp, v_cmp, o, lse, do, aux: tuple, kernel_size: in
     them). dq: the buffer to write (None allocates); accumulate: add the branch's dq to what it holds."""
     n, hq, d = q.shape
     layout = residue_layout(n, hq, hq // k_cmp.shape[1], kernel_size, kernel_stride, q.device)
-    lse_r = lse.reshape(-1).index_select(0, layout.lse_gather)
+    rows = layout.gather.long()
+    lse_r = lse.reshape(-1).index_select(0, rows % hq * n + rows // hq)  # element (hq, t) of row t * HQ + hq
     lse_r.index_fill_(0, layout.empty, 0.)  # rows that are no query: finite (q = do = 0 there)
     k_r, v_r = _keys(k_cmp, layout.length), _keys(v_cmp, layout.length)
     dq_r, dk_r, dv_r = _attend_bwd(_rows(do.contiguous(), layout), _rows(q, layout), k_r, v_r, _rows(o, layout),
