@@ -27,7 +27,7 @@ import torch
 from nsa_baseline.contract import (BLOCK_SIZES, KERNEL_DTYPES, check_block_indices, check_selected_args,
                                    index_checks_requested)
 from nsa_baseline.ops.compressed import checked_compressed_args
-from nsa_baseline.ops.compressed_sdpa import compressed_sdpa_bwd, compressed_sdpa_fwd, sdpa_serves
+from nsa_baseline.ops.compressed_sdpa import compressed_sdpa_bwd, compressed_sdpa_fwd, sdpa_sequences, sdpa_serves
 from nsa_baseline.ops.compressed_triton import (compressed_bwd, compressed_fwd, compressed_triton_supported,
                                                 varlen_meta)
 from nsa_baseline.ops.compression_grad import compress_into_backward, compress_kv_forward
@@ -48,9 +48,9 @@ LOCAL_BLOCKS_KERNEL = False
 
 # The compressed branch through PyTorch's fused attention kernels (ops/compressed_sdpa.py: cuDNN on
 # Hopper, which runs dense attention at ~540 TFLOP/s on the H100 against ~380 forward / ~290 backward
-# for our Triton compressed kernels) for one sequence of at least this many tokens; None: always the
-# Triton kernels. The residue layout costs six row gathers of [N, HQ, D] per step, so short
-# sequences lose. Off until timed on a GPU (experiments/gpu/module_vs_dense.py --compressed-sdpa).
+# for our Triton compressed kernels) when the longest sequence has at least this many tokens (packed
+# sequences padded to it, unless that wastes over half the work); None: always the Triton kernels.
+# The residue layout costs six row gathers of [N, HQ, D] per step, so short sequences lose. Off until timed on a GPU (experiments/gpu/module_vs_dense.py --compressed-sdpa).
 COMPRESSED_SDPA_MIN_TOKENS = None
 
 
@@ -146,11 +146,15 @@ def _selected_bwd(family: str, state, q, k, v, o, lse, do, block_indices, block_
 
 # ---- the Function ---------------------------------------------------------------------------------
 
-def _compressed_via_sdpa(q, k_cmp, varlen: bool, kernel_size: int, kernel_stride: int) -> bool:
-    """Whether COMPRESSED_SDPA_MIN_TOKENS sends this call's compressed branch to ops/compressed_sdpa.py."""
+def _sdpa_sequences(q, k_cmp, meta, kernel_size: int, kernel_stride: int):
+    """The sequences for ops/compressed_sdpa.py when COMPRESSED_SDPA_MIN_TOKENS sends this call's
+    compressed branch there (its longest sequence has that many tokens), else None."""
     limit = COMPRESSED_SDPA_MIN_TOKENS
-    return (limit is not None and q.shape[0] >= limit and k_cmp.shape[0] > 0 and k_cmp.dtype == q.dtype
-            and sdpa_serves(q, varlen, kernel_size, kernel_stride))
+    if limit is None or q.shape[0] < limit or not k_cmp.shape[0] or k_cmp.dtype != q.dtype \
+            or not sdpa_serves(q, kernel_size, kernel_stride):
+        return None
+    seqs = sdpa_sequences(q.shape[0], k_cmp.shape[0], meta.cu, meta.cu_cmp, kernel_size, kernel_stride)
+    return seqs if seqs and max(n for _, n, _, _ in seqs) >= limit else None
 
 
 class NSAAttentionFunction(torch.autograd.Function):
@@ -166,9 +170,10 @@ class NSAAttentionFunction(torch.autograd.Function):
         v_cmp, _, v_state = compress_kv_forward(v, cu_seqlens, ks, st, v_weight, v_pos, need[6] or need[7])
         cu, cu_cmp_checked, scale = checked_compressed_args(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, ks, st, None)
         meta = varlen_meta(cu_seqlens, cu_cmp, cu, cu_cmp_checked, q.shape[0], k_cmp.shape[0])
-        sdpa_aux = None
-        if _compressed_via_sdpa(q, k_cmp, meta.varlen, ks, st):
-            o_cmp, lse_cmp, sdpa_aux = compressed_sdpa_fwd(q, k_cmp, v_cmp, ks, st, scale)
+        sdpa_aux, seqs = None, _sdpa_sequences(q, k_cmp, meta, ks, st)
+        if seqs is not None:
+            o_cmp, lse_cmp, sdpa_aux = compressed_sdpa_fwd(q, k_cmp, v_cmp, ks, st, scale, seqs)
+            sdpa_aux = (sdpa_aux, seqs)
         else:
             o_cmp, lse_cmp = compressed_fwd(q, k_cmp, v_cmp, meta, ks, st, scale)
         block_indices = cfg.select_blocks(q, k_cmp, cu_seqlens, cu_cmp, ks, st, cfg.block_size, cfg.topk,
@@ -205,8 +210,9 @@ class NSAAttentionFunction(torch.autograd.Function):
             window_bwd(q, k, v, o_slc, lse_slc, do_slc, None, tables, local, slc_scale, win_cfgs, out=(dq, dk, dv),
                        accumulate=True, delta=deltas[1], block_local=cfg.block_size)
         if sdpa_aux is not None:
-            _, dk_cmp, dv_cmp = compressed_sdpa_bwd(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, sdpa_aux, cfg.kernel_size,
-                                                    cfg.kernel_stride, scale, dq=dq, accumulate=True)
+            _, dk_cmp, dv_cmp = compressed_sdpa_bwd(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, sdpa_aux[0],
+                                                    cfg.kernel_size, cfg.kernel_stride, scale, sdpa_aux[1], dq=dq,
+                                                    accumulate=True)
         else:
             _, dk_cmp, dv_cmp = compressed_bwd(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, None, meta, cfg.kernel_size,
                                                cfg.kernel_stride, scale, dq=dq, accumulate=True, delta=deltas[0])

@@ -16,7 +16,8 @@ once per shape, ~10-30 s); whatever the budget cuts is listed as skipped (--budg
    fp32 checks vs the reference (D = 128 packed G = 3, D = 64 G = 16), the sweep at G = 16.
 4. Our timings at 8K and 16K; bf16 checks G = 16 (also vs Flex) and G = 1; Flex at 8K and 16K.
 --sdpa instead times ours against ops/compressed_sdpa.py (the residue layout through PyTorch's fused
-kernels, cuDNN on Hopper; its checks are tests/ops/test_compressed_sdpa.py) at 64K and 16K, G = 1, 4, 16.
+kernels, cuDNN on Hopper; its checks are tests/ops/test_compressed_sdpa.py) at 64K and 16K, G = 1, 4, 16,
+and 64K G = 4 over 5 packed sequences (padded into one batch).
 Writes compressed_bench_{checks,timings,configs}.csv with GPU, torch, Triton and commit under $OUT
 (else ./out) and prints the tables.
 """
@@ -146,11 +147,10 @@ POINTS_SMALL = [(n, g, None) for n in (8192, 16384) for g in (1, 4, 16)]
 
 
 def _sdpa(q, k, v, cu, cu_cmp, kernel_size, kernel_stride):
-    """ops/compressed_sdpa.py (one sequence) with time_impl's signature."""
+    """ops/compressed_sdpa.py (packed sequences padded into one batch)."""
     from nsa_baseline.ops.compressed_sdpa import compressed_attention_sdpa
 
-    assert cu is None, "the SDPA path takes one sequence"
-    return compressed_attention_sdpa(q, k, v, kernel_size, kernel_stride)
+    return compressed_attention_sdpa(q, k, v, cu, cu_cmp, kernel_size, kernel_stride)
 
 
 def time_point(rows, n, g, cu, impl: str):
@@ -233,7 +233,8 @@ def tasks():
         return f"sweep G={g}", lambda c, t, s: sweep(s, 65536, g)
 
     if SDPA_FIRST:  # --sdpa: the fused-SDPA path against ours, first
-        return [tim(n, g, None, impl) for n in (65536, 16384) for g in (1, 4, 16) for impl in ("triton", "sdpa")]
+        points = [(n, g, None) for n in (65536, 16384) for g in (1, 4, 16)] + [(65536, 4, VARLEN_64K)]
+        return [tim(n, g, cu, impl) for n, g, cu in points for impl in ("triton", "sdpa")]
     out = [chk("bf16-g4-varlen")]
     out += [tim(n, g, cu, "triton") for n, g, cu in POINTS_64K]
     out += [tim(n, g, cu, "flex") for n, g, cu in POINTS_64K]

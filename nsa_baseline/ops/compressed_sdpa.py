@@ -8,9 +8,11 @@ as many queries as keys) over the summaries. The residues share the summaries, s
 more query heads per KV head: one GQA call with query heads ordered (KV head, residue, group head),
 L = ceil(N / stride) - min_b s_b + 1 rows each (the last row of every residue, and the rows past a
 residue's end, are no query: q and do are zero there, so they add nothing to dK / dV and get dQ = 0).
-Queries t < kernel_size - 1 see no summary: o = 0, lse = -inf, dq += 0.
+Queries t < kernel_size - 1 see no summary: o = 0, lse = -inf, dq += 0. Packed sequences run as a
+batch of their own calls, each padded to the longest (padded rows are no query, padded summaries are
+zero and unseen); sdpa_sequences declines batches whose padding wastes too much.
 
-Moving q, o, do and dq between [N, HQ, D] and the residue layout [1, H * stride * G, L, D] is one
+Moving q, o, do and dq between [N, HQ, D] and the residue layout [B, H * stride * G, L, D] is one
 row gather each (index_select with cached row indices). Timed against the Triton kernels by
 experiments/gpu/module_vs_dense.py --compressed-sdpa; the module uses it when
 fused_attention.COMPRESSED_SDPA_MIN_TOKENS says so.
@@ -22,43 +24,92 @@ from typing import NamedTuple, Optional
 import torch
 
 _LAYOUTS: dict[tuple, "ResidueLayout"] = {}
+_SEQUENCES: dict[tuple, tuple] = {}
+
+# A packed batch runs as a batch of its sequences, each padded to the longest one's rows; beyond this
+# share of padded (wasted) attention work the Triton kernels serve the call instead.
+MAX_PADDING_WASTE = 0.5
 
 
 class ResidueLayout(NamedTuple):
-    """Row maps (int32 while they fit, else int64: index_select takes both)."""
+    """Row maps of one call (int32 while they fit, else int64: index_select takes both)."""
 
+    batch: int  # B: sequences with at least one summary
     heads: int  # H * stride * G query heads of the call
-    length: int  # L rows per head (queries = keys)
-    gather: torch.Tensor  # [heads * L]: row t * HQ + hq of q [N, HQ, D] for each call row (0 where none)
+    length: int  # L rows per head (queries = keys), the longest sequence's
+    gather: torch.Tensor  # [B * heads * L]: row t * HQ + hq of q [N, HQ, D] for each call row (0 where none)
     empty: torch.Tensor  # int64 [k] (index_fill_'s index): call rows that are no query
-    scatter: torch.Tensor  # [(N - kernel_size + 1) * HQ]: call row of q row (t, hq), t >= kernel_size - 1
+    scatter: torch.Tensor  # [N * HQ]: call row of q row (t, hq); an empty call row where t sees no summary
+    unseen: torch.Tensor  # int64 [k]: q rows (t, hq) whose token sees no summary
+    key_gather: torch.Tensor  # int64 [B * L]: summary row of each call key row (0 past a sequence's summaries)
+    key_empty: torch.Tensor  # int64 [k]: call key rows past their sequence's summaries
+    key_scatter: torch.Tensor  # int64 [N_cmp]: call key row of each summary
 
 
-def residue_layout(n: int, hq: int, g: int, kernel_size: int, stride: int, device) -> ResidueLayout:
-    """The call's row maps for N tokens (cached: built once per shape, on the device)."""
-    key = (n, hq, g, kernel_size, stride, str(device))
+def host_sequences(cu: torch.Tensor, cu_cmp: torch.Tensor) -> tuple:
+    """((start, length, summary start, summaries), ...) of the sequences with a summary, from the int32
+    tables [B + 1] (one host read per pair of tensors, cached)."""
+    key = (id(cu), cu.data_ptr(), cu._version, id(cu_cmp), cu_cmp.data_ptr(), cu_cmp._version)
+    hit = _SEQUENCES.get(key)
+    if hit is not None:
+        return hit[1]
+    bounds, cmp_bounds = torch.stack([cu.long(), cu_cmp.long()]).tolist()
+    seqs = tuple((s, e - s, cs, ce - cs) for s, e, cs, ce in zip(bounds, bounds[1:], cmp_bounds, cmp_bounds[1:])
+                 if ce > cs)
+    if len(_SEQUENCES) > 64:
+        _SEQUENCES.clear()
+    _SEQUENCES[key] = ((cu, cu_cmp), seqs)  # held: the ids stay theirs while cached
+    return seqs
+
+
+def _shifts(kernel_size: int, stride: int) -> list[int]:
+    """s_b: residue b's queries a see summaries i <= a - s_b."""
+    return [-((b - kernel_size + 1) // stride) for b in range(stride)]
+
+
+def _rows_per_head(length: int, kernel_size: int, stride: int) -> int:
+    return -(-length // stride) - min(_shifts(kernel_size, stride)) + 1
+
+
+def padding_waste(seqs: tuple, kernel_size: int, stride: int) -> float:
+    """Share of the batched call's causal attention work that falls on padding."""
+    rows = [_rows_per_head(n, kernel_size, stride) for _, n, _, _ in seqs]
+    return 1.0 - sum(r * r for r in rows) / (len(rows) * max(rows) ** 2) if rows else 0.0
+
+
+def residue_layout(n: int, hq: int, g: int, kernel_size: int, stride: int, device, seqs: tuple) -> ResidueLayout:
+    """The call's row maps for N packed tokens of sequences `seqs` (host_sequences; cached: built once
+    per shape, on the device)."""
+    key = (n, hq, g, kernel_size, stride, str(device), seqs)
     hit = _LAYOUTS.get(key)
     if hit is not None:
         return hit
-    h = hq // g
-    shifts = [-((b - kernel_size + 1) // stride) for b in range(stride)]
-    length = -(-n // stride) - min(shifts) + 1
-    shift = torch.tensor(shifts, device=device)
+    h, b_count = hq // g, len(seqs)
+    length = max(_rows_per_head(m, kernel_size, stride) for _, m, _, _ in seqs)
+    starts, lengths, cmp_starts, cmp_counts = (torch.tensor(col, device=device) for col in zip(*seqs))
     a = torch.arange(length, device=device)
-    tok = (a[None, :] + shift[:, None]) * stride + torch.arange(stride, device=device)[:, None]  # [stride, L]
-    tok = tok[None, :, None, :].expand(h, stride, g, length)  # call row (h, b, g, a')
-    head = (torch.arange(h, device=device)[:, None] * g + torch.arange(g, device=device)[None, :])[:, None, :, None]
-    is_query = tok < n
-    gather = torch.where(is_query, tok * hq + head, 0).flatten()
+    shift = torch.tensor(_shifts(kernel_size, stride), device=device)
+    local = (a[None, :] + shift[:, None]) * stride + torch.arange(stride, device=device)[:, None]  # [stride, L]
+    local = local[None, None, :, None, :]  # call row (s, h, b, g, a')
+    tok = starts[:, None, None, None, None] + local
+    head = (torch.arange(h, device=device)[:, None] * g + torch.arange(g, device=device)[None, :])[None, :, None, :, None]
+    is_query = (local < lengths[:, None, None, None, None]).expand(b_count, h, stride, g, length).flatten()
+    gather = (tok * hq + head).flatten()
+    gather = torch.where(is_query, gather, 0)
+    empty = (~is_query).nonzero().squeeze(1)
     rows = torch.arange(gather.numel(), device=device)
-    q_to_row = torch.full((n * hq,), -1, dtype=torch.int64, device=device)
-    q_to_row[gather[is_query.flatten()]] = rows[is_query.flatten()]
-    scatter = q_to_row[(kernel_size - 1) * hq:]
-    if bool((scatter < 0).any()):  # every query that sees a summary has its row (once per shape)
-        raise AssertionError("compressed_sdpa: residue layout misses a query")
+    scatter = torch.full((n * hq,), -1, dtype=torch.int64, device=device)
+    scatter[gather[is_query]] = rows[is_query]
+    unseen = (scatter < 0).nonzero().squeeze(1)
+    scatter[unseen] = empty[0]  # an empty call row: its dq is exactly 0, its o is overwritten
+    j = torch.arange(length, device=device)
+    is_key = j[None, :] < cmp_counts[:, None]  # [B, L]
+    key_gather = torch.where(is_key, cmp_starts[:, None] + j[None, :], 0).flatten()
+    key_scatter = torch.empty(int(sum(c for *_, c in seqs)), dtype=torch.int64, device=device)
+    key_scatter[key_gather[is_key.flatten()] - 0] = torch.arange(b_count * length, device=device)[is_key.flatten()]
     index = torch.int32 if gather.numel() < 2**31 else torch.int64
-    layout = ResidueLayout(h * stride * g, length, gather.to(index),
-                           (~is_query).flatten().nonzero().squeeze(1), scatter.to(index))
+    layout = ResidueLayout(b_count, h * stride * g, length, gather.to(index), empty, scatter.to(index), unseen,
+                           key_gather, (~is_key).flatten().nonzero().squeeze(1), key_scatter)
     if len(_LAYOUTS) >= 2:  # the maps are as long as q has rows: keep few
         _LAYOUTS.clear()
     _LAYOUTS[key] = layout
@@ -66,19 +117,25 @@ def residue_layout(n: int, hq: int, g: int, kernel_size: int, stride: int, devic
 
 
 def _rows(x: torch.Tensor, layout: ResidueLayout) -> torch.Tensor:
-    """[N, HQ, D] -> the call's [1, heads, L, D], zero on rows that are no query."""
+    """[N, HQ, D] -> the call's [B, heads, L, D], zero on rows that are no query."""
     d = x.shape[2]
     out = x.reshape(-1, d).index_select(0, layout.gather)
     out.index_fill_(0, layout.empty, 0)
-    return out.view(1, layout.heads, layout.length, d)
+    return out.view(layout.batch, layout.heads, layout.length, d)
 
 
-def _keys(k_cmp: torch.Tensor, length: int) -> torch.Tensor:
-    """[N_cmp, H, D] -> [1, H, L, D], zero keys past N_cmp (no query sees them)."""
-    n_cmp, h, d = k_cmp.shape
-    out = k_cmp.new_zeros(1, h, length, d)
-    out[0, :, :n_cmp] = k_cmp.transpose(0, 1)
-    return out
+def _keys(k_cmp: torch.Tensor, layout: ResidueLayout) -> torch.Tensor:
+    """[N_cmp, H, D] -> [B, H, L, D], zero keys past a sequence's summaries (no query sees them)."""
+    _, h, d = k_cmp.shape
+    out = k_cmp.index_select(0, layout.key_gather)
+    out.index_fill_(0, layout.key_empty, 0)
+    return out.view(layout.batch, layout.length, h, d).transpose(1, 2).contiguous()
+
+
+def _unkeys(dk: torch.Tensor, layout: ResidueLayout, dtype) -> torch.Tensor:
+    """The call's [B, H, L, D] key gradient -> [N_cmp, H, D]."""
+    b, h, length, d = dk.shape
+    return dk.transpose(1, 2).reshape(b * length, h, d).index_select(0, layout.key_scatter).to(dtype)
 
 
 def _attend(q, k, v, scale: float):
@@ -123,86 +180,94 @@ def _attend_bwd(do, q, k, v, o, lse, aux, scale):
         do, q, k, v, o, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
 
 
-def sdpa_serves(q: torch.Tensor, varlen: bool, kernel_size: int, kernel_stride: int) -> bool:
-    """One sequence, a head dim the fused kernels take, and a sequence long enough for a summary."""
-    n, _, d = q.shape
-    return not varlen and d % 8 == 0 and d <= 256 and n >= kernel_size and kernel_stride <= kernel_size
+def sdpa_serves(q: torch.Tensor, kernel_size: int, kernel_stride: int) -> bool:
+    """A head dim the fused kernels take (the caller checks the sequences: sdpa_sequences)."""
+    d = q.shape[2]
+    return d % 8 == 0 and d <= 256 and kernel_stride <= kernel_size
 
 
-def compressed_sdpa_fwd(q, k_cmp, v_cmp, kernel_size: int, kernel_stride: int, scale: float):
-    """(o [N, HQ, D] in q.dtype, lse float32 [HQ, N] natural log, aux) of one sequence (sdpa_serves);
-    k_cmp, v_cmp [N_cmp, H, D] in q.dtype. aux (the backend and what its backward takes) goes to
-    compressed_sdpa_bwd."""
+def sdpa_sequences(n: int, n_cmp: int, cu=None, cu_cmp=None, kernel_size: int = 32, kernel_stride: int = 16,
+                   max_waste: float = MAX_PADDING_WASTE):
+    """The sequences with a summary for compressed_sdpa_fwd (host_sequences; one sequence without
+    tables), or None when padding them into one batch wastes more than max_waste of the work."""
+    if cu is None or cu.numel() == 2:
+        seqs = ((0, n, 0, n_cmp),) if n_cmp else ()
+    else:
+        seqs = host_sequences(cu, cu_cmp)
+    if padding_waste(seqs, kernel_size, kernel_stride) > max_waste:
+        return None
+    return seqs
+
+
+def compressed_sdpa_fwd(q, k_cmp, v_cmp, kernel_size: int, kernel_stride: int, scale: float, seqs: tuple):
+    """(o [N, HQ, D] in q.dtype, lse float32 [HQ, N] natural log, aux) of packed sequences `seqs`
+    (sdpa_sequences); k_cmp, v_cmp [N_cmp, H, D] in q.dtype. aux (the backend and what its backward
+    takes) goes to compressed_sdpa_bwd."""
     n, hq, d = q.shape
-    layout = residue_layout(n, hq, hq // k_cmp.shape[1], kernel_size, kernel_stride, q.device)
-    o_r, lse_r, aux = _attend(_rows(q, layout), _keys(k_cmp, layout.length), _keys(v_cmp, layout.length), scale)
-    first = kernel_size - 1  # queries before it see no summary
-    o = torch.empty_like(q)
-    o[:first] = 0
-    o.view(-1, d)[first * hq:] = o_r.reshape(-1, d).index_select(0, layout.scatter)
-    lse = torch.empty(hq, n, dtype=torch.float32, device=q.device)
-    lse[:, :first] = float("-inf")
-    lse[:, first:] = lse_r.reshape(-1).float().index_select(0, layout.scatter).view(n - first, hq).t()
-    return o, lse, aux
+    if not seqs:  # no summary anywhere
+        return torch.zeros_like(q), torch.full((hq, n), float("-inf"), device=q.device), None
+    layout = residue_layout(n, hq, hq // k_cmp.shape[1], kernel_size, kernel_stride, q.device, seqs)
+    o_r, lse_r, aux = _attend(_rows(q, layout), _keys(k_cmp, layout), _keys(v_cmp, layout), scale)
+    o = o_r.reshape(-1, d).index_select(0, layout.scatter)
+    o.index_fill_(0, layout.unseen, 0)
+    lse = lse_r.reshape(-1).float().index_select(0, layout.scatter)
+    lse.index_fill_(0, layout.unseen, float("-inf"))
+    return o.view(n, hq, d), lse.view(n, hq).t().contiguous(), aux
 
 
 def compressed_sdpa_bwd(q, k_cmp, v_cmp, o, lse, do, aux: tuple, kernel_size: int, kernel_stride: int,
-                        scale: float, dq: Optional[torch.Tensor] = None, accumulate: bool = False):
+                        scale: float, seqs: tuple, dq: Optional[torch.Tensor] = None, accumulate: bool = False):
     """(dq, dk_cmp, dv_cmp) for upstream do [N, HQ, D] (the branch's o and lse as the forward gave
     them). dq: the buffer to write (None allocates); accumulate: add the branch's dq to what it holds."""
     n, hq, d = q.shape
-    layout = residue_layout(n, hq, hq // k_cmp.shape[1], kernel_size, kernel_stride, q.device)
-    rows = layout.gather.long()
-    lse_r = lse.reshape(-1).index_select(0, rows % hq * n + rows // hq)  # element (hq, t) of row t * HQ + hq
+    if not seqs:  # no summary anywhere: the branch adds nothing
+        if dq is None or not accumulate:
+            dq = torch.zeros_like(q) if dq is None else dq.zero_()
+        return dq, torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
+    layout = residue_layout(n, hq, hq // k_cmp.shape[1], kernel_size, kernel_stride, q.device, seqs)
+    lse_r = lse.t().reshape(-1).index_select(0, layout.gather)  # element (t, hq) of row t * HQ + hq
     lse_r.index_fill_(0, layout.empty, 0.)  # rows that are no query: finite (q = do = 0 there)
-    k_r, v_r = _keys(k_cmp, layout.length), _keys(v_cmp, layout.length)
-    dq_r, dk_r, dv_r = _attend_bwd(_rows(do.contiguous(), layout), _rows(q, layout), k_r, v_r, _rows(o, layout),
-                                   lse_r, aux, scale)
-    first = kernel_size - 1
-    part = dq_r.reshape(-1, d).index_select(0, layout.scatter)
+    dq_r, dk_r, dv_r = _attend_bwd(_rows(do.contiguous(), layout), _rows(q, layout), _keys(k_cmp, layout),
+                                   _keys(v_cmp, layout), _rows(o, layout), lse_r, aux, scale)
+    part = dq_r.reshape(-1, d).index_select(0, layout.scatter).view(n, hq, d)  # 0 where t sees no summary
     if dq is None:
-        dq = torch.empty_like(q)
-        accumulate = False
-    if accumulate:
-        dq.view(-1, d)[first * hq:] += part
+        dq, accumulate = part, False
+    elif accumulate:
+        dq += part
     else:
-        dq[:first] = 0
-        dq.view(-1, d)[first * hq:] = part
-    n_cmp = k_cmp.shape[0]
-    dk, dv = (t[0, :, :n_cmp].transpose(0, 1).to(k_cmp.dtype).contiguous() for t in (dk_r, dv_r))
-    return dq, dk, dv
+        dq.copy_(part)
+    return dq, _unkeys(dk_r, layout, k_cmp.dtype), _unkeys(dv_r, layout, v_cmp.dtype)
 
 
 class _CompressedSdpa(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, kernel_size, kernel_stride, scale):
-        o, lse, aux = compressed_sdpa_fwd(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale)
+    def forward(ctx, q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, seqs):
+        o, lse, aux = compressed_sdpa_fwd(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, seqs)
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
-        ctx.args = (aux, kernel_size, kernel_stride, scale)
+        ctx.args = (aux, kernel_size, kernel_stride, scale, seqs)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _):
         q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
-        aux, kernel_size, kernel_stride, scale = ctx.args
-        dq, dk, dv = compressed_sdpa_bwd(q, k_cmp, v_cmp, o, lse, do, aux, kernel_size, kernel_stride, scale)
-        return dq, dk, dv, None, None, None
+        aux, kernel_size, kernel_stride, scale, seqs = ctx.args
+        dq, dk, dv = compressed_sdpa_bwd(q, k_cmp, v_cmp, o, lse, do, aux, kernel_size, kernel_stride, scale, seqs)
+        return dq, dk, dv, None, None, None, None
 
 
-def compressed_attention_sdpa(q, k_cmp, v_cmp, kernel_size: int = 32, kernel_stride: int = 16,
-                              scale: Optional[float] = None):
-    """(o [N, HQ, D], lse float32 [HQ, N]) of one sequence's compressed attention through the fused
-    SDPA kernels; differentiable in q, k_cmp, v_cmp through o (lse is not). Same contract as
-    compressed_attention_triton with cu_seqlens None."""
-    if q.dim() != 3 or k_cmp.dim() != 3 or k_cmp.shape != v_cmp.shape or q.shape[2] != k_cmp.shape[2] \
-            or q.shape[1] % k_cmp.shape[1]:
-        raise ValueError(f"arguments `q` [N, HQ, D] and `k_cmp`, `v_cmp` [N_cmp, H, D] with H dividing HQ: got "
-                         f"{tuple(q.shape)}, {tuple(k_cmp.shape)}, {tuple(v_cmp.shape)}")
-    n_cmp = max(0, (q.shape[0] - kernel_size) // kernel_stride + 1)
-    if k_cmp.shape[0] != n_cmp or not sdpa_serves(q, False, kernel_size, kernel_stride):
-        raise ValueError(f"argument `k_cmp`: {q.shape[0]} tokens make {n_cmp} summaries of {kernel_size} at stride "
-                         f"{kernel_stride} (at least one; D a multiple of 8, <= 256), got {tuple(k_cmp.shape)}")
-    scale = q.shape[2] ** -0.5 if scale is None else scale
+def compressed_attention_sdpa(q, k_cmp, v_cmp, cu_seqlens=None, cu_seqlens_cmp=None, kernel_size: int = 32,
+                              kernel_stride: int = 16, scale: Optional[float] = None):
+    """(o [N, HQ, D], lse float32 [HQ, N]) of compressed attention through the fused SDPA kernels (the
+    packed sequences padded into one batch), differentiable in q, k_cmp, v_cmp through o (lse is not).
+    Same contract as compressed_attention_triton; D a multiple of 8, at most 256."""
+    from nsa_baseline.ops.compressed import checked_compressed_args
+
+    cu, cu_cmp, scale = checked_compressed_args(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
+                                                kernel_stride, scale)
+    if not sdpa_serves(q, kernel_size, kernel_stride):
+        raise ValueError(f"argument `q`: head dim {q.shape[2]} is not a multiple of 8 up to 256 (the fused kernels')")
+    n_cmp = k_cmp.shape[0]
     k_cmp, v_cmp = k_cmp.to(q.dtype).contiguous(), v_cmp.to(q.dtype).contiguous()
-    return _CompressedSdpa.apply(q.contiguous(), k_cmp, v_cmp, kernel_size, kernel_stride, scale)
+    seqs = sdpa_sequences(q.shape[0], n_cmp, cu, cu_cmp, kernel_size, kernel_stride, max_waste=1.0)
+    return _CompressedSdpa.apply(q.contiguous(), k_cmp, v_cmp, kernel_size, kernel_stride, scale, seqs)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nsa_baseline import fused_attention
-from nsa_baseline.ops.compressed_sdpa import compressed_sdpa_bwd, compressed_sdpa_fwd, residue_layout
+from nsa_baseline.ops.compressed_sdpa import (compressed_sdpa_bwd, compressed_sdpa_fwd, padding_waste, residue_layout,
+                                              sdpa_sequences)
 from nsa_baseline.reference.compressed import compressed_attention_ref
 from tests.helpers import assert_close, rel_err
 
@@ -32,7 +33,8 @@ def test_forward_and_backward_equal_the_reference(shape, dtype):
     scale = d ** -0.5
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
     o_ref, lse_ref = compressed_attention_ref(qr, kr, vr, None, None, ks, st, scale)
-    o, lse, aux = compressed_sdpa_fwd(q, k, v, ks, st, scale)
+    seqs = sdpa_sequences(n, k.shape[0])
+    o, lse, aux = compressed_sdpa_fwd(q, k, v, ks, st, scale, seqs)
     assert o.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (hq, n)
     assert_close(o, o_ref.detach(), dtype, "o")
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))  # -inf exactly where no summary is visible
@@ -40,13 +42,13 @@ def test_forward_and_backward_equal_the_reference(shape, dtype):
     assert_close(lse, lse_ref.detach(), torch.float32, "lse")
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     o_ref.backward(do.double())
-    dq, dk, dv = compressed_sdpa_bwd(q, k, v, o, lse, do, aux, ks, st, scale)
+    dq, dk, dv = compressed_sdpa_bwd(q, k, v, o, lse, do, aux, ks, st, scale, seqs)
     tol = 1e-6 if dtype == torch.float64 else None  # fp64: the lse is float32 (the module's contract)
     for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
         assert got.dtype == dtype and got.shape == want.shape
         assert_close(got, want, dtype, name, tol)
     base = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
-    acc, _, _ = compressed_sdpa_bwd(q, k, v, o, lse, do, aux, ks, st, scale, dq=base.clone(), accumulate=True)
+    acc, _, _ = compressed_sdpa_bwd(q, k, v, o, lse, do, aux, ks, st, scale, seqs, dq=base.clone(), accumulate=True)
     assert_close(acc, base.double() + qr.grad, dtype, "dq accumulated", tol)
 
 
@@ -55,22 +57,57 @@ def test_every_query_has_one_row(shape):
     """The residue layout maps every query that sees a summary to exactly one call row, and the call
     rows that are no query are the rest."""
     n, hq, h, d, ks, st = shape
-    lay = residue_layout(n, hq, hq // h, ks, st, torch.device("cpu"))
-    assert lay.heads == h * st * (hq // h)
-    rows = lay.scatter
-    assert rows.numel() == (n - ks + 1) * hq and rows.unique().numel() == rows.numel()
+    n_cmp = (n - ks) // st + 1
+    lay = residue_layout(n, hq, hq // h, ks, st, torch.device("cpu"), sdpa_sequences(n, n_cmp))
+    assert (lay.batch, lay.heads) == (1, h * st * (hq // h))
+    seen = torch.arange((ks - 1) * hq, n * hq)  # row t * HQ + hq of each query that sees a summary
+    assert torch.equal(lay.unseen, torch.arange((ks - 1) * hq))
+    rows = lay.scatter[seen].long()
+    assert rows.unique().numel() == rows.numel()
     used = torch.zeros(lay.heads * lay.length, dtype=torch.bool)
     used[rows] = True
     assert torch.equal((~used).nonzero().squeeze(1), lay.empty)
-    q_rows = torch.arange((ks - 1) * hq, n * hq)  # row t * HQ + hq of each query that sees a summary
-    assert torch.equal(lay.gather[rows], q_rows)
+    assert torch.equal(lay.gather[rows].long(), seen)
+    assert bool(torch.isin(lay.scatter[lay.unseen].long(), lay.empty).all())  # unseen rows read an empty row
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_packed_sequences_equal_the_reference(dtype):
+    """Four packed sequences (61, 20 with no summary of 32, 100, 47 tokens; kernel 32 stride 16, G = 2)
+    through the public function: the batch is padded to the longest; o, lse and gradients as the
+    float64 reference, and the sequence with no summary gets o = 0, lse = -inf, zero gradient."""
+    from nsa_baseline.ops.compressed_sdpa import compressed_attention_sdpa
+    from nsa_baseline.utils.compressed_varlen import compressed_cu_seqlens
+
+    ks, st, hq, h, d = 32, 16, 4, 2, 16
+    cu = torch.tensor([0, 61, 81, 181, 228], dtype=torch.int32)
+    cu_cmp = compressed_cu_seqlens(cu, ks, st)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(228, hq, d, generator=gen).to(dtype)
+    k, v = (torch.randn(int(cu_cmp[-1]), h, d, generator=gen).to(dtype) for _ in range(2))
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    refs = [t.double().requires_grad_() for t in (q, k, v)]
+    o, lse = compressed_attention_sdpa(*ins, cu, cu_cmp, ks, st)
+    o_ref, lse_ref = compressed_attention_ref(*refs, cu, cu_cmp, ks, st)
+    assert_close(o, o_ref.detach(), dtype, "o")
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)) and torch.isinf(lse[:, 61:81]).all()
+    assert_close(lse, lse_ref.detach(), torch.float32, "lse")
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    o.backward(do)
+    o_ref.backward(do.double())
+    tol = 1e-6 if dtype == torch.float64 else None
+    for name, a, b in zip(("dq", "dk", "dv"), ins, refs):
+        assert_close(a.grad, b.grad, dtype, name, tol)
+    assert not ins[0].grad[61:81].any()
+    assert 0.3 < padding_waste(sdpa_sequences(228, k.shape[0], cu, cu_cmp, ks, st, max_waste=1.0), ks, st) < 0.8
 
 
 @pytest.mark.parametrize("g", [1, 3])
 def test_module_equal_with_the_sdpa_branch(monkeypatch, g):
-    """NativeSparseAttention (FSA, one sequence of 150 tokens) gives the same output and gradients with
-    the compressed branch on the fused SDPA kernels (COMPRESSED_SDPA_MIN_TOKENS = 0) as on the Triton
-    kernels; varlen calls keep the Triton kernels."""
+    """NativeSparseAttention (FSA, 150 tokens: one sequence, then two of 70 and 80) gives the same
+    output and gradients with the compressed branch on the fused SDPA kernels
+    (COMPRESSED_SDPA_MIN_TOKENS = 0) as on the Triton kernels; a packed batch of 140 + 10 + 10 tokens
+    (padding would waste two thirds of the work) keeps the Triton kernels."""
     from nsa_baseline.ops import compressed_sdpa
     from nsa_baseline.module import NativeSparseAttention
 
@@ -95,9 +132,19 @@ def test_module_equal_with_the_sdpa_branch(monkeypatch, g):
     assert calls, "the SDPA path did not run"
     for name, a, b in zip(("y", "x", "q_proj", "k_proj", "k_cmp_weight"), on, base):
         assert_close(a, b, torch.float32, name)
+    monkeypatch.setattr(fused_attention, "COMPRESSED_SDPA_MIN_TOKENS", None)
+    cu = torch.tensor([0, 70, 150], dtype=torch.int32)
+    base = run(cu)
+    monkeypatch.setattr(fused_attention, "COMPRESSED_SDPA_MIN_TOKENS", 0)
     calls.clear()
-    run(torch.tensor([0, 70, 150], dtype=torch.int32))
-    assert not calls, "a varlen call took the one-sequence SDPA path"
+    on = run(cu)
+    assert calls, "a packed batch of like lengths did not take the SDPA path"
+    for name, a, b in zip(("y", "x", "q_proj", "k_proj", "k_cmp_weight"), on, base):
+        assert_close(a, b, torch.float32, f"{name} (packed)")
+    calls.clear()
+    x = torch.randn(160, 48)  # 140 + 10 + 10 tokens: the short ones have one summary each
+    run(torch.tensor([0, 140, 150, 160], dtype=torch.int32))
+    assert not calls, "a packed batch whose padding wastes most of the work took the SDPA path"
 
 
 @pytest.mark.gpu
@@ -119,8 +166,9 @@ def test_gpu_sdpa_branch_equals_triton_bf16(g):
     meta = varlen_meta(None, None, cu, torch.tensor([0, n_cmp], dtype=torch.int32, device="cuda"), n, n_cmp)
     o_t, lse_t = compressed_fwd(q, k, v, meta, ks, st, scale)
     dq_t, dk_t, dv_t = compressed_bwd(q, k, v, o_t, lse_t, do, None, meta, ks, st, scale)
-    o, lse, aux = compressed_sdpa_fwd(q, k, v, ks, st, scale)
-    dq, dk, dv = compressed_sdpa_bwd(q, k, v, o, lse, do, aux, ks, st, scale)
+    seqs = sdpa_sequences(n, n_cmp)
+    o, lse, aux = compressed_sdpa_fwd(q, k, v, ks, st, scale, seqs)
+    dq, dk, dv = compressed_sdpa_bwd(q, k, v, o, lse, do, aux, ks, st, scale, seqs)
     print("backend", aux[0])
     finite = torch.isfinite(lse_t)
     assert torch.equal(finite, torch.isfinite(lse))
@@ -138,7 +186,7 @@ def test_public_function_is_differentiable_and_checks_its_arguments():
     q, k, v = _case(100, 4, 2, 16, 32, 16, torch.float64)
     ins = [t.clone().requires_grad_() for t in (q, k, v)]
     refs = [t.clone().requires_grad_() for t in (q, k, v)]
-    o, lse = compressed_attention_sdpa(*ins, 32, 16)
+    o, lse = compressed_attention_sdpa(*ins, None, None, 32, 16)
     assert not lse.requires_grad
     o_ref, _ = compressed_attention_ref(*refs, None, None, 32, 16)
     do = torch.randn_like(o)
@@ -146,7 +194,7 @@ def test_public_function_is_differentiable_and_checks_its_arguments():
     o_ref.backward(do)
     for name, a, b in zip(("dq", "dk", "dv"), ins, refs):
         assert_close(a.grad, b.grad, torch.float64, name, 1e-6)
-    with pytest.raises(ValueError, match="`k_cmp`: 100 tokens make 5 summaries"):
-        compressed_attention_sdpa(q, k[:3], v[:3], 32, 16)
-    with pytest.raises(ValueError, match="H dividing HQ"):
-        compressed_attention_sdpa(q[:, :3], k, v, 32, 16)
+    with pytest.raises(ValueError, match="k_cmp"):
+        compressed_attention_sdpa(q, k[:3], v[:3], None, None, 32, 16)
+    with pytest.raises(ValueError, match="q"):
+        compressed_attention_sdpa(q[:, :3], k, v, None, None, 32, 16)
