@@ -153,6 +153,12 @@ def _sdpa(q, k, v, cu, cu_cmp, kernel_size, kernel_stride):
     return compressed_attention_sdpa(q, k, v, cu, cu_cmp, kernel_size, kernel_stride)
 
 
+def _sdpa_backend() -> str:
+    from nsa_baseline.ops.compressed_sdpa import last_backend
+
+    return last_backend() or "?"
+
+
 def time_point(rows, n, g, cu, impl: str):
     from nsa_baseline.ops.compressed import compressed_attention
     from nsa_baseline.ops.compressed_triton import compressed_attention_triton
@@ -165,7 +171,8 @@ def time_point(rows, n, g, cu, impl: str):
     fwd, fb = time_impl(fn, q, k, v, cu_t, cu_cmp)
     row = dict(impl=impl, N=n, HQ=HQ, H=h, G=g, D=D, layout="single" if cu is None else f"varlen{len(cu) - 1}",
                fwd_ms=f"{fwd:.3f}", fwd_bwd_ms=f"{fb:.3f}", fwd_tflops=f"{flops_fwd / fwd * 1e-9:.1f}",
-               fwd_bwd_tflops=f"{3.5 * flops_fwd / fb * 1e-9:.1f}", wall_s=f"{time.time() - t0:.1f}")
+               fwd_bwd_tflops=f"{3.5 * flops_fwd / fb * 1e-9:.1f}", wall_s=f"{time.time() - t0:.1f}",
+               backend=_sdpa_backend() if impl == "sdpa" else impl)
     rows.append(row)
     print(f"  {impl:6s} N={n:6d} G={g:2d} {row['layout']:8s} fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms  "
           f"({row['fwd_tflops']} / {row['fwd_bwd_tflops']} TFLOP/s)", flush=True)

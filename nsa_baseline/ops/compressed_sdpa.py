@@ -138,16 +138,27 @@ def _unkeys(dk: torch.Tensor, layout: ResidueLayout, dtype) -> torch.Tensor:
     return dk.transpose(1, 2).reshape(b * length, h, d).index_select(0, layout.key_scatter).to(dtype)
 
 
+def last_backend() -> Optional[str]:
+    """The fused kernel the last forward ran ("cudnn", "flash" or "cpu"; benchmarks record it)."""
+    return _LAST_BACKEND[0]
+
+
+_LAST_BACKEND = [None]
+
+
 def _attend(q, k, v, scale: float):
-    """(o, lse [1, heads, L] natural log, what the backward needs) of causal attention, GQA."""
+    """(o, lse [B, heads, L] natural log, what the backward needs) of causal attention, GQA."""
     if q.is_cuda:
         for name in ("cudnn", "flash"):
             try:
-                return _ATTEND[name](q, k, v, scale)
+                out = _ATTEND[name](q, k, v, scale)
+                _LAST_BACKEND[0] = name
+                return out
             except (RuntimeError, TypeError):  # this build or GPU lacks the backend for the shape: the next
                 if name == "flash":
                     raise
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    _LAST_BACKEND[0] = "cpu"
     return o, lse, ("cpu", lse.shape, lse.dtype)
 
 

@@ -169,13 +169,13 @@ def test_gpu_sdpa_branch_equals_triton_bf16(g):
     seqs = sdpa_sequences(n, n_cmp)
     o, lse, aux = compressed_sdpa_fwd(q, k, v, ks, st, scale, seqs)
     dq, dk, dv = compressed_sdpa_bwd(q, k, v, o, lse, do, aux, ks, st, scale, seqs)
-    print("backend", aux[0])
+    assert aux[0] in ("cudnn", "flash")
     finite = torch.isfinite(lse_t)
     assert torch.equal(finite, torch.isfinite(lse))
     assert (lse[finite] - lse_t[finite]).abs().max().item() < 2e-2
     errs = {name: rel_err(a, b) for name, a, b in (("o", o, o_t), ("dq", dq, dq_t), ("dk", dk, dk_t),
                                                   ("dv", dv, dv_t))}
-    assert all(e <= 4e-2 for e in errs.values()), errs
+    assert all(e <= 4e-2 for e in errs.values()), (aux[0], errs)
 
 
 def test_public_function_is_differentiable_and_checks_its_arguments():
