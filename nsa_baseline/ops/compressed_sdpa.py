@@ -1,5 +1,5 @@
-"""Compressed attention of one sequence through PyTorch's fused attention kernels (cuDNN on Hopper,
-FlashAttention-2 otherwise; CPU: its flash kernel), forward and backward, with the lse.
+"""Compressed attention through PyTorch's fused attention kernels (cuDNN on Hopper, with fallbacks:
+CUDA_BACKENDS; CPU: its flash kernel), forward and backward, with the lse.
 
 Query t sees summary i iff i * stride + kernel_size - 1 <= t. Writing t = a * stride + b (b = t mod
 stride), that is i <= a - s_b with s_b = -floor((b - kernel_size + 1) / stride): the queries of one
@@ -138,57 +138,83 @@ def _unkeys(dk: torch.Tensor, layout: ResidueLayout, dtype) -> torch.Tensor:
     return dk.transpose(1, 2).reshape(b * length, h, d).index_select(0, layout.key_scatter).to(dtype)
 
 
+# The fused kernels tried in order on CUDA (the first that takes the call runs it): cuDNN with the
+# summaries shared by the query heads (GQA), cuDNN with them repeated per query head (if this build's
+# cuDNN path rejects unequal head counts: more traffic, dK / dV summed back), FlashAttention-2 (GQA).
+CUDA_BACKENDS = ("cudnn", "cudnn_repeat", "flash")
+CPU_BACKEND = "cpu"  # tests: "cpu_repeat" runs the repeated layout on the CPU flash kernel
+
+
 def last_backend() -> Optional[str]:
-    """The fused kernel the last forward ran ("cudnn", "flash" or "cpu"; benchmarks record it)."""
+    """The fused kernel the last forward ran (a CUDA_BACKENDS name or CPU_BACKEND; benchmarks record it)."""
     return _LAST_BACKEND[0]
 
 
 _LAST_BACKEND = [None]
 
 
+def _repeated(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, H, L, D] -> [B, heads, L, D]: KV head h for query heads h * rep .. (h + 1) * rep - 1."""
+    return k.repeat_interleave(heads // k.shape[1], dim=1)
+
+
 def _attend(q, k, v, scale: float):
     """(o, lse [B, heads, L] natural log, what the backward needs) of causal attention, GQA."""
-    if q.is_cuda:
-        for name in ("cudnn", "flash"):
-            try:
-                out = _ATTEND[name](q, k, v, scale)
-                _LAST_BACKEND[0] = name
-                return out
-            except (RuntimeError, TypeError):  # this build or GPU lacks the backend for the shape: the next
-                if name == "flash":
-                    raise
+    names = CUDA_BACKENDS if q.is_cuda else (CPU_BACKEND,)
+    for i, name in enumerate(names):
+        op, repeat = name.removesuffix("_repeat"), name.endswith("_repeat")
+        kk, vv = (_repeated(k, q.shape[1]), _repeated(v, q.shape[1])) if repeat else (k, v)
+        try:
+            o, lse, saved = _FORWARD[op](q, kk, vv, scale)
+        except (RuntimeError, TypeError):  # this build or GPU lacks the backend for the shape: the next
+            if i == len(names) - 1:
+                raise
+            continue
+        _LAST_BACKEND[0] = name
+        return o, lse, (op, repeat, lse.shape, lse.dtype) + saved
+    raise AssertionError("unreachable")
+
+
+def _forward_cpu(q, k, v, scale):
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-    _LAST_BACKEND[0] = "cpu"
-    return o, lse, ("cpu", lse.shape, lse.dtype)
+    return o, lse, ()
 
 
-def _attend_cudnn(q, k, v, scale):
+def _forward_cudnn(q, k, v, scale):
     out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
-    o, lse, cum_q, cum_k, max_q, max_k, seed, offset = out[:8]
-    return o, lse, ("cudnn", lse.shape, lse.dtype, cum_q, cum_k, max_q, max_k, seed, offset)
+    return out[0], out[1], tuple(out[2:8])  # cum_q, cum_k, max_q, max_k, philox seed, offset
 
 
-def _attend_flash(q, k, v, scale):
+def _forward_flash(q, k, v, scale):
     out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
-    o, lse, cum_q, cum_k, max_q, max_k, seed, offset = out[:8]
-    return o, lse, ("flash", lse.shape, lse.dtype, cum_q, cum_k, max_q, max_k, seed, offset)
+    return out[0], out[1], tuple(out[2:8])  # cum_q, cum_k, max_q, max_k, rng state, unused
 
 
-_ATTEND = {"cudnn": _attend_cudnn, "flash": _attend_flash}
+_FORWARD = {"cpu": _forward_cpu, "cudnn": _forward_cudnn, "flash": _forward_flash}
 
 
 def _attend_bwd(do, q, k, v, o, lse, aux, scale):
-    """(dq, dk, dv) of _attend; lse [1, heads, L] float32 (given back in the backend's shape and dtype)."""
-    lse = lse.view(aux[1]).to(aux[2])
-    if aux[0] == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, o, lse, 0.0, True,
-                                                                                    scale=scale)
-    name, _, _, cum_q, cum_k, max_q, max_k, seed, offset = aux
-    if name == "cudnn":
-        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            do, q, k, v, o, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=scale)
-    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        do, q, k, v, o, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
+    """(dq, dk, dv) of _attend; lse [B, heads, L] float32 (given back in the backend's shape and dtype)."""
+    op, repeat, lse_shape, lse_dtype = aux[:4]
+    lse = lse.view(lse_shape).to(lse_dtype)
+    kk, vv = (_repeated(k, q.shape[1]), _repeated(v, q.shape[1])) if repeat else (k, v)
+    if op == "cpu":
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, kk, vv, o, lse, 0.0, True,
+                                                                                     scale=scale)
+    elif op == "cudnn":
+        cum_q, cum_k, max_q, max_k, seed, offset = aux[4:]
+        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            do, q, kk, vv, o, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=scale)
+    else:
+        cum_q, cum_k, max_q, max_k, seed, offset = aux[4:]
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            do, q, kk, vv, o, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
+    dq, dk, dv = grads
+    if repeat:  # sum each KV head's query heads (in fp32 at least)
+        b, h, length, d = k.shape
+        acc = torch.promote_types(dk.dtype, torch.float32)
+        dk, dv = (t.view(b, h, -1, length, d).sum(2, dtype=acc) for t in (dk, dv))
+    return dq, dk, dv
 
 
 def sdpa_serves(q: torch.Tensor, kernel_size: int, kernel_stride: int) -> bool:
