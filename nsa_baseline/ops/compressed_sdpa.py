@@ -158,9 +158,13 @@ def _repeated(k: torch.Tensor, heads: int) -> torch.Tensor:
     return k.repeat_interleave(heads // k.shape[1], dim=1)
 
 
+_CHOSEN: dict[tuple, str] = {}  # call shape -> the backend that took it (no retries under CUDA-graph capture)
+
+
 def _attend(q, k, v, scale: float):
     """(o, lse [B, heads, L] natural log, what the backward needs) of causal attention, GQA."""
-    names = CUDA_BACKENDS if q.is_cuda else (CPU_BACKEND,)
+    key = (tuple(q.shape), tuple(k.shape), q.dtype, str(q.device))
+    names = (_CHOSEN[key],) if key in _CHOSEN else CUDA_BACKENDS if q.is_cuda else (CPU_BACKEND,)
     for i, name in enumerate(names):
         op, repeat = name.removesuffix("_repeat"), name.endswith("_repeat")
         kk, vv = (_repeated(k, q.shape[1]), _repeated(v, q.shape[1])) if repeat else (k, v)
@@ -170,7 +174,7 @@ def _attend(q, k, v, scale: float):
             if i == len(names) - 1:
                 raise
             continue
-        _LAST_BACKEND[0] = name
+        _LAST_BACKEND[0] = _CHOSEN[key] = name
         return o, lse, (op, repeat, lse.shape, lse.dtype) + saved
     raise AssertionError("unreachable")
 
