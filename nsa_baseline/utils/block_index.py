@@ -18,6 +18,12 @@ import triton
 import triton.language as tl
 
 
+# Rows (H * nb_bound) below which the pair keys are int16 (every row id and the sentinel fit): the
+# radix sort then makes 2 passes over 8-bit digits instead of 4, with the same stable order (the H100
+# profile at 16K x 64 heads spent 0.66 ms in the 4 passes of the int32 sort, 2% of the module's step).
+INT16_KEYS_BELOW = 2**15 - 1
+
+
 @dataclass
 class BlockIndex:
     """Block -> query index of one selected-attention call (all fields on the device)."""
@@ -130,7 +136,7 @@ def build_block_index(
     _block_layout_kernel[(triton.cdiv(nb_bound, 1024),)](
         cu_seqlens, block_start, block_end, nb_bound, batch, BS=block_size, SEARCH_STEPS=steps, BLOCK=1024)
 
-    keys = torch.empty(total, dtype=torch.int32, device=dev)
+    keys = torch.empty(total, dtype=torch.int16 if num_rows < INT16_KEYS_BELOW else torch.int32, device=dev)
     row_offsets = torch.zeros(num_rows + 1, dtype=torch.int32, device=dev)
     _pair_keys_kernel[(triton.cdiv(total, 1024),)](
         block_indices, cu_seqlens, keys, row_offsets, n, batch, nb_bound, num_rows,

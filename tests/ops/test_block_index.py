@@ -20,9 +20,17 @@ def brute_force_rows(block_indices, block_size, cu_seqlens):
     return rows
 
 
+@pytest.mark.parametrize("keys", ["int16", "int32"])
 @pytest.mark.parametrize("seqlens,block_size", [([7, 93, 130], 16), ([0, 64, 1, 65], 32), ([200], 64)],
                          ids=["varlen-bs16", "empty-and-short-bs32", "single-bs64"])
-def test_index_matches_brute_force(seqlens, block_size):
+def test_index_matches_brute_force(seqlens, block_size, keys, monkeypatch):
+    """Both key widths of the sort (int16 while the rows fit, else int32) give the same index."""
+    from nsa_baseline.utils import block_index
+
+    if keys == "int32":
+        monkeypatch.setattr(block_index, "INT16_KEYS_BELOW", 0)
+    sorted_dtypes, real_sort = [], torch.sort
+    monkeypatch.setattr(torch, "sort", lambda x, **kw: (sorted_dtypes.append(x.dtype), real_sort(x, **kw))[1])
     cu = torch.tensor([0] + list(torch.tensor(seqlens).cumsum(0).tolist()), dtype=torch.int32)
     n, h, t_sel = int(cu[-1]), 2, 4
     bi = random_causal_block_indices(n, h, t_sel, block_size, cu_seqlens=cu)
@@ -30,6 +38,8 @@ def test_index_matches_brute_force(seqlens, block_size):
     bi[n // 2, 1, :] = -1
     bi[n - 1, 0, 1] = 1 << 30  # absurd value: must be dropped, not read
     index = build_block_index(bi, block_size, cu, h)
+    monkeypatch.setattr(torch, "sort", real_sort)
+    assert sorted_dtypes == [getattr(torch, keys)]
     expected = brute_force_rows(bi, block_size, cu)
     bounds = cu.tolist()
     seen = 0
