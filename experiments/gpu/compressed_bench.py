@@ -290,17 +290,18 @@ def main() -> int:
     print(f"checks: {len(checks) - len(bad)}/{len(checks)} ok" + (" -- FAILURES above" if bad else ""))
     print("\n== timings (bf16, d=128, 64 query heads, kernel 32 stride 16; do_bench medians)")
     print_table(times)
-    speedups = []
-    for r in times:
-        key = (r["N"], r["G"], r["layout"])
-        flex = [f for f in times if f["impl"] == "flex" and (f["N"], f["G"], f["layout"]) == key]
-        if r["impl"] == "triton" and flex:
-            speedups.append(dict(N=r["N"], G=r["G"], layout=r["layout"],
-                                 fwd_speedup=f"{float(flex[0]['fwd_ms']) / float(r['fwd_ms']):.2f}x",
-                                 fwd_bwd_speedup=f"{float(flex[0]['fwd_bwd_ms']) / float(r['fwd_bwd_ms']):.2f}x"))
-    if speedups:
-        print("\n== Triton vs Flex (Flex time / Triton time)")
-        print_table(speedups)
+    for other in ("flex", "sdpa"):
+        speedups = []
+        for r in times:
+            key = (r["N"], r["G"], r["layout"])
+            peer = [f for f in times if f["impl"] == other and (f["N"], f["G"], f["layout"]) == key]
+            if r["impl"] == "triton" and peer:
+                speedups.append(dict(N=r["N"], G=r["G"], layout=r["layout"],
+                                     fwd_speedup=f"{float(peer[0]['fwd_ms']) / float(r['fwd_ms']):.2f}x",
+                                     fwd_bwd_speedup=f"{float(peer[0]['fwd_bwd_ms']) / float(r['fwd_bwd_ms']):.2f}x"))
+        if speedups:
+            print(f"\n== Triton vs {other} ({other} time / Triton time: above 1, Triton is faster)")
+            print_table(speedups)
     if configs:
         print("\n== launch-config sweep (each kernel alone, N=64K; first of each kernel = default)")
         print_table(configs)
