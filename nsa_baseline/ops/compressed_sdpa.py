@@ -222,9 +222,11 @@ def _attend_bwd(do, q, k, v, o, lse, aux, scale):
 
 
 def sdpa_serves(q: torch.Tensor, kernel_size: int, kernel_stride: int) -> bool:
-    """A head dim the fused kernels take (the caller checks the sequences: sdpa_sequences)."""
+    """A dtype and head dim the fused kernels take: fp16 / bf16 on CUDA (the CPU kernel, for the tests,
+    takes any float), D a multiple of 8 up to 256 (the caller checks the sequences: sdpa_sequences)."""
     d = q.shape[2]
-    return d % 8 == 0 and d <= 256 and kernel_stride <= kernel_size
+    dtype_ok = q.dtype in (torch.float16, torch.bfloat16) or not q.is_cuda
+    return dtype_ok and d % 8 == 0 and d <= 256 and kernel_stride <= kernel_size
 
 
 def sdpa_sequences(n: int, n_cmp: int, cu=None, cu_cmp=None, kernel_size: int = 32, kernel_stride: int = 16,
@@ -307,7 +309,8 @@ def compressed_attention_sdpa(q, k_cmp, v_cmp, cu_seqlens=None, cu_seqlens_cmp=N
     cu, cu_cmp, scale = checked_compressed_args(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
                                                 kernel_stride, scale)
     if not sdpa_serves(q, kernel_size, kernel_stride):
-        raise ValueError(f"argument `q`: head dim {q.shape[2]} is not a multiple of 8 up to 256 (the fused kernels')")
+        raise ValueError(f"argument `q`: {q.dtype} with head dim {q.shape[2]}; the fused kernels take fp16 / bf16 on "
+                         "CUDA and D a multiple of 8 up to 256")
     n_cmp = k_cmp.shape[0]
     k_cmp, v_cmp = k_cmp.to(q.dtype).contiguous(), v_cmp.to(q.dtype).contiguous()
     seqs = sdpa_sequences(q.shape[0], n_cmp, cu, cu_cmp, kernel_size, kernel_stride, max_waste=1.0)

@@ -223,3 +223,40 @@ def test_repeated_summaries_layout_equals_the_shared_one(monkeypatch):
     assert compressed_sdpa.last_backend() == "cpu_repeat"
     for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), repeated, shared):
         assert_close(a, b, torch.float64, name, 1e-12)
+
+
+@pytest.mark.gpu
+def test_gpu_module_with_both_compression_switches_bf16(monkeypatch):
+    """NativeSparseAttention (FSA, bf16, 16K tokens, 32 query / 8 KV heads, d = 128) with the compressed
+    branch on cuDNN (COMPRESSED_SDPA_MIN_TOKENS = 0) and the compression in place (IN_PLACE_LINEAR)
+    against both off: the compressed branch's output, the gradients that reach the projections and
+    compression weights through it (a loss on that branch alone), and the block selections (ranks can
+    flip on near-ties under different roundings: at most 1% of the sets may differ)."""
+    from nsa_baseline.module import NativeSparseAttention
+    from nsa_baseline.ops import compression_grad
+
+    torch.manual_seed(0)
+    m = NativeSparseAttention(2048, 32, 8, 128, backend="fsa").cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        for p in (m.k_cmp_weight, m.v_cmp_weight, m.k_cmp_pos, m.v_cmp_pos):
+            p.add_(0.02 * torch.randn_like(p))
+    x = torch.randn(16384, 2048, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        m.zero_grad()
+        xx = x.clone().requires_grad_()
+        _, br = m(xx, return_branches=True)
+        br["compressed"].float().square().sum().backward()
+        grads = [xx.grad] + [p.grad.clone() for p in (m.q_proj.weight, m.k_cmp_weight, m.v_cmp_weight)]
+        return br["compressed"].detach(), br["block_indices"], grads
+
+    o_off, idx_off, g_off = run()
+    monkeypatch.setattr(fused_attention, "COMPRESSED_SDPA_MIN_TOKENS", 0)
+    monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", True)
+    o_on, idx_on, g_on = run()
+    errs = {"o_cmp": rel_err(o_on, o_off)}
+    errs.update({name: rel_err(a, b) for name, a, b in zip(("x", "q_proj", "k_cmp_weight", "v_cmp_weight"),
+                                                           g_on, g_off)})
+    assert all(e <= 4e-2 for e in errs.values()), errs
+    same = (idx_on.sort(-1).values == idx_off.sort(-1).values).all(-1).float().mean().item()
+    assert same >= 0.99, same
