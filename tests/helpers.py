@@ -27,3 +27,26 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name:
     err = rel_err(out, ref)
     assert err <= tol, f"{name}: relative error {err:.3e} > tolerance {tol:.1e} ({dtype})"
     return err
+
+
+def sm90_resources(*lines: str) -> str:
+    """stdout of `lines` run with `compile_sm90` and `resources` (experiments/compressed_aot_check.py)
+    imported, in a subprocess without TRITON_INTERPRET: the interpreter does not type kernels, Triton's
+    ahead-of-time path for sm_90 does (no GPU needed). Skips when this Triton has no ptxas; fails when
+    the subprocess does."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("Triton's ptxas is not in this install")
+    code = "\n".join(("from experiments.compressed_aot_check import compile_sm90, resources",) + lines)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout

@@ -4,6 +4,7 @@ import torch
 
 from nsa_baseline.utils.block_index import build_block_index
 from nsa_baseline.utils.indices import random_causal_block_indices
+from tests.helpers import sm90_resources
 
 
 def brute_force_rows(block_indices, block_size, cu_seqlens):
@@ -61,25 +62,11 @@ def test_index_matches_brute_force(seqlens, block_size, keys, monkeypatch):
 def test_int16_key_kernels_compile_for_sm90():
     """The interpreter does not type the kernels: compile the key and scatter kernels for sm_90 with
     int16 keys (Triton's ahead-of-time path, no GPU, in a subprocess without TRITON_INTERPRET)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("Triton's ptxas is not in this install")
-    code = "\n".join([
-        "from experiments.compressed_aot_check import compile_sm90, resources",
+    out = sm90_resources(
         "from nsa_baseline.utils.block_index import _pair_keys_kernel as pk, _scatter_pairs_kernel as sp",
         "print(resources(compile_sm90(pk, 'i16', dict(H=64, T=16, BS=64, SEARCH_STEPS=1, BLOCK=1024), 4, 1,"
         " scalars={'N': 'i32', 'B': 'i32', 'NB_BOUND': 'i32', 'NUM_ROWS': 'i32'},"
         " int_ptrs={'block_indices', 'cu_seqlens', 'counts'})))",
         "print(resources(compile_sm90(sp, 'i16', dict(H=64, T=16, BLOCK=1024), 4, 1,"
-        " scalars={'TOTAL': 'i32', 'NUM_ROWS': 'i32'}, int_ptrs={'tokens', 'pair_pos'})))"])
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.count("spill(stack)     0 B") == 2, run.stdout
+        " scalars={'TOTAL': 'i32', 'NUM_ROWS': 'i32'}, int_ptrs={'tokens', 'pair_pos'})))")
+    assert out.count("spill(stack)     0 B") == 2, out

@@ -6,7 +6,7 @@ import torch
 
 from nsa_baseline.ops import compression_grad
 from nsa_baseline.ops.compression_grad_kernel import add_linear_block_grad
-from tests.helpers import assert_close
+from tests.helpers import assert_close, sm90_resources
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -60,23 +60,9 @@ def test_kernel_compiles_for_sm90_without_spills():
     """The interpreter does not type the kernel: compile it for sm_90 (Triton's ahead-of-time path, no
     GPU, in a subprocess without TRITON_INTERPRET) at the module's shape (D = 128, C * D = 256, stride
     16, the 64-block tile with 8 warps) and read ptxas's registers and spills."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("Triton's ptxas is not in this install")
-    code = "\n".join([
-        "from experiments.compressed_aot_check import compile_sm90, resources",
+    out = sm90_resources(
         "from nsa_baseline.ops.compression_grad_kernel import _add_block_grad_kernel as fn",
         "k = compile_sm90(fn, 'bf16', dict(H=64, D=128, CD=256, STRIDE=16, BLOCK_B=64, BLOCK_D=128, BLOCK_CD=256,"
         " PREC='tf32'), 8, 1, scalars={'NB': 'i32', 'M': 'i32', 'stride_wh': 'i32', 'stride_wm': 'i32'}, int_ptrs=set())",
-        "print(resources(k))"])
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "spill(stack)     0 B" in run.stdout, run.stdout
+        "print(resources(k))")
+    assert "spill(stack)     0 B" in out, out

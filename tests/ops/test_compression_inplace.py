@@ -8,7 +8,7 @@ from nsa_baseline.ops import compression_grad
 from nsa_baseline.ops.compression_grad_kernel import add_linear_block_grad, add_linear_window_grad
 from nsa_baseline.ops.compression_inplace import compress_linear_dweight, compress_linear_fwd
 from nsa_baseline.reference.compression import compress_kv as compress_kv_ref
-from tests.helpers import assert_close, rel_err
+from tests.helpers import assert_close, rel_err, sm90_resources
 
 DTYPES = [torch.float32, torch.float16]
 IDS = ["fp32", "fp16"]
@@ -173,15 +173,6 @@ def test_kernels_compile_for_sm90_without_spills(kernel):
     """The interpreter does not type the kernels: compile each for sm_90 (Triton's ahead-of-time path,
     no GPU, in a subprocess without TRITON_INTERPRET) at the module's shape (D = 128, kernel 32,
     stride 16, bf16, the launch's tiles and warps) and read ptxas's spills."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("Triton's ptxas is not in this install")
     call = {
         "fwd": "compile_sm90(I._compress_linear_fwd_kernel, 'bf16', dict(H=64, D=128, KS=32, STRIDE=16, HAS_FIRST=True,"
                " BLOCK_M=128, BLOCK_D=128, PREC='tf32'), 8, 3, scalars={'N_CMP': 'i32'}, int_ptrs={'first'},"
@@ -193,15 +184,9 @@ def test_kernels_compile_for_sm90_without_spills(kernel):
                        " BLOCK_D=128, BLOCK_CD=256, PREC='tf32', WINDOWS=True), 8, 1, scalars={'NB': 'i32',"
                        " 'M': 'i32', 'stride_wh': 'i32', 'stride_wm': 'i32'}, int_ptrs=set())",
     }[kernel]
-    code = "\n".join([
-        "from experiments.compressed_aot_check import compile_sm90, resources",
-        "from nsa_baseline.ops import compression_inplace as I, compression_grad_kernel as G",
-        f"print(resources({call}))"])
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "spill(stack)     0 B" in run.stdout, run.stdout
+    out = sm90_resources("from nsa_baseline.ops import compression_inplace as I, compression_grad_kernel as G",
+                         f"print(resources({call}))")
+    assert "spill(stack)     0 B" in out, out
 
 
 @pytest.mark.gpu
