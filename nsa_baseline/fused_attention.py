@@ -50,7 +50,8 @@ LOCAL_BLOCKS_KERNEL = False
 # Hopper, which runs dense attention at ~540 TFLOP/s on the H100 against ~380 forward / ~290 backward
 # for our Triton compressed kernels) when the longest sequence has at least this many tokens (packed
 # sequences padded to it, unless that wastes over half the work); None: always the Triton kernels.
-# The residue layout costs six row gathers of [N, HQ, D] per step, so short sequences lose. Off until timed on a GPU (experiments/gpu/module_vs_dense.py --compressed-sdpa).
+# The residue layout costs six row gathers of [N, HQ, D] per step, so short sequences lose. Off until
+# timed on a GPU (experiments/gpu/module_vs_dense.py --compressed-sdpa).
 COMPRESSED_SDPA_MIN_TOKENS = None
 
 

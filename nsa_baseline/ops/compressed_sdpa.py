@@ -23,6 +23,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from nsa_baseline.ops.flex import tensor_key
+
 _LAYOUTS: dict[tuple, "ResidueLayout"] = {}
 _SEQUENCES: dict[tuple, tuple] = {}
 
@@ -49,7 +51,7 @@ class ResidueLayout(NamedTuple):
 def host_sequences(cu: torch.Tensor, cu_cmp: torch.Tensor) -> tuple:
     """((start, length, summary start, summaries), ...) of the sequences with a summary, from the int32
     tables [B + 1] (one host read per pair of tensors, cached)."""
-    key = (id(cu), cu.data_ptr(), cu._version, id(cu_cmp), cu_cmp.data_ptr(), cu_cmp._version)
+    key = tensor_key(cu) + tensor_key(cu_cmp)
     hit = _SEQUENCES.get(key)
     if hit is not None:
         return hit[1]
@@ -106,7 +108,7 @@ def residue_layout(n: int, hq: int, g: int, kernel_size: int, stride: int, devic
     is_key = j[None, :] < cmp_counts[:, None]  # [B, L]
     key_gather = torch.where(is_key, cmp_starts[:, None] + j[None, :], 0).flatten()
     key_scatter = torch.empty(int(sum(c for *_, c in seqs)), dtype=torch.int64, device=device)
-    key_scatter[key_gather[is_key.flatten()] - 0] = torch.arange(b_count * length, device=device)[is_key.flatten()]
+    key_scatter[key_gather[is_key.flatten()]] = torch.arange(b_count * length, device=device)[is_key.flatten()]
     index = torch.int32 if gather.numel() < 2**31 else torch.int64
     layout = ResidueLayout(b_count, h * stride * g, length, gather.to(index), empty, scatter.to(index), unseen,
                            key_gather, (~is_key).flatten().nonzero().squeeze(1), key_scatter)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_baseline.ops.compression_blocks import accumulation_dtype
 from nsa_baseline.ops.decode_tiles import gpu_programs
 from nsa_baseline.utils.triton_utils import is_interpreter, new_output, next_pow2
 
@@ -118,7 +119,7 @@ def compress_linear_fwd(x: torch.Tensor, weight: torch.Tensor, pos_emb: torch.Te
     out = new_output((n_cmp, h, d), x.dtype, x.device)
     if n_cmp == 0:
         return out
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     bias = (pos_emb.to(acc).flatten() @ weight.to(acc)).float().contiguous()  # [D]
     block_m = 16 if is_interpreter() else 128
     _compress_linear_fwd_kernel[(triton.cdiv(n_cmp, block_m), h)](
