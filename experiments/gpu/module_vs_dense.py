@@ -34,11 +34,14 @@ BF16 = torch.bfloat16
 START = time.time()
 
 # Module switches a run can set (--local-blocks, --in-place-linear, --compressed-sdpa): flag ->
-# (module, attribute, its value off, its value on). Each row records every switch's value; `both`
-# times each point off and on, on the same inputs.
-SWITCHES = {"local_blocks": ("nsa_baseline.fused_attention", "LOCAL_BLOCKS_KERNEL", False, True),
-            "in_place_linear": ("nsa_baseline.ops.compression_grad", "IN_PLACE_LINEAR", False, True),
-            "compressed_sdpa": ("nsa_baseline.fused_attention", "COMPRESSED_SDPA_MIN_TOKENS", None, 0)}
+# (module, attribute, its value off, its value on, the CSV column that records it). `both` times each
+# point off and on, on the same inputs.
+SWITCHES = {"local_blocks": ("nsa_baseline.fused_attention", "LOCAL_BLOCKS_KERNEL", False, True,
+                             "local_blocks_kernel"),
+            "in_place_linear": ("nsa_baseline.ops.compression_grad", "IN_PLACE_LINEAR", False, True,
+                                "in_place_linear"),
+            "compressed_sdpa": ("nsa_baseline.fused_attention", "COMPRESSED_SDPA_MIN_TOKENS", None, 0,
+                                "compressed_sdpa")}
 
 
 def parse_points(text: str) -> list[tuple[int, int]]:
@@ -100,7 +103,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default="8192:1,16384:1,16384:4,65536:1")
     ap.add_argument("--backend", default="auto")
-    for flag, (module, name, _, _) in SWITCHES.items():
+    for flag, (module, name, *_) in SWITCHES.items():
         ap.add_argument(f"--{flag.replace('_', '-')}", choices=("default", "off", "on", "both"), default="default",
                         help=f"{module}.{name} for the run (default: as committed)")
     args = ap.parse_args()
@@ -112,7 +115,7 @@ def main() -> int:
     torch.manual_seed(0)
     targets = {flag: importlib.import_module(spec[0]) for flag, spec in SWITCHES.items()}
     choices = {flag: {"default": [getattr(targets[flag], name)], "off": [off], "on": [on],
-                      "both": [off, on]}[getattr(args, flag)] for flag, (_, name, off, on) in SWITCHES.items()}
+                      "both": [off, on]}[getattr(args, flag)] for flag, (_, name, off, on, _) in SWITCHES.items()}
     combos = [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
     rows = []
     for n, g in points:
@@ -121,8 +124,7 @@ def main() -> int:
                 setattr(targets[flag], SWITCHES[flag][1], on)
             if len(combos) > 1:
                 torch.manual_seed(n + g)  # the same inputs for every setting
-            rows.append({**time_point(n, g, args.backend), **{f"{flag}_kernel" if flag == "local_blocks" else flag: on
-                                                               for flag, on in combo.items()}})
+            rows.append({**time_point(n, g, args.backend), **{SWITCHES[flag][4]: on for flag, on in combo.items()}})
             print(rows[-1], f"({time.time() - START:.0f} s)", flush=True)
         write_rows(out / "module_vs_dense.csv", rows, meta)  # after every point: a cut run keeps its rows
         torch.cuda.empty_cache()
