@@ -37,7 +37,6 @@ BF16 = torch.bfloat16
 DEVICE = "cuda"
 TOL = {torch.float32: 2e-4, BF16: 2e-2}  # tests/helpers.py
 START = time.time()
-SDPA_FIRST = False  # --sdpa
 
 
 def rel_err(out, ref) -> float:
@@ -228,7 +227,7 @@ def sweep(rows, n, g):
 
 # ---------------------------------------------------------------------------------------- main
 
-def tasks():
+def tasks(sdpa_only: bool = False):
     """(label, run(checks, times, configs)) in priority order: what the budget cuts comes last."""
     def chk(name):
         return f"check {name}", lambda c, t, s: check(c, name, *CHECKS[name])
@@ -239,7 +238,7 @@ def tasks():
     def swp(g):
         return f"sweep G={g}", lambda c, t, s: sweep(s, 65536, g)
 
-    if SDPA_FIRST:  # --sdpa: the fused-SDPA path against ours, first
+    if sdpa_only:  # --sdpa: the fused-SDPA path against ours
         points = [(n, g, None) for n in (65536, 16384) for g in (1, 4, 16)] + [(65536, 4, VARLEN_64K)]
         return [tim(n, g, cu, impl) for n, g, cu in points for impl in ("triton", "sdpa")]
     out = [chk("bf16-g4-varlen")]
@@ -259,15 +258,13 @@ def main() -> int:
     ap.add_argument("--sdpa", action="store_true",
                     help="only time ours against ops/compressed_sdpa.py (64K and 16K, G = 1, 4, 16)")
     args = ap.parse_args()
-    global SDPA_FIRST
-    SDPA_FIRST = args.sdpa
     require_cuda()
     out = out_dir()
     meta = run_meta()
     print(f"compressed_bench on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, "
           f"commit {meta['git_commit']}", flush=True)
     checks, times, configs, skipped = [], [], [], []
-    for label, run in tasks():
+    for label, run in tasks(args.sdpa):
         if time.time() - START > args.budget:
             skipped.append(label)
             continue
