@@ -37,10 +37,17 @@ def check_scale(scale: Optional[float], head_dim: int, where: str = "") -> float
     return float(scale)
 
 
+def device_values_readable() -> bool:
+    """False while torch.compile traces or a CUDA graph is captured: reading a tensor's values (a device
+    sync) is not allowed there. Value checks then rely on the eager calls before (graph warm-up)."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return not (torch.compiler.is_compiling() or capturing)
+
+
 def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], num_tokens: Optional[int] = None,
                      where: str = "", name: str = "cu_seqlens") -> None:
     """None passes. Otherwise an int32 tensor [B + 1] with B >= 1; with `num_tokens` also its values
-    (start at 0, non-decreasing, end at num_tokens), read in eager mode only, once per tensor."""
+    (start at 0, non-decreasing, end at num_tokens), read when device_values_readable(), once per tensor."""
     if cu_seqlens is None:
         return
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -48,7 +55,7 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], num_tokens: Optional[in
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         fail(name, f"must be an int32 tensor [B + 1] with B >= 1 or None, got {cu_seqlens.dtype} of shape "
              f"{tuple(cu_seqlens.shape)}", where)
-    if num_tokens is None or torch.compiler.is_compiling():
+    if num_tokens is None or not device_values_readable():
         return
     key = id(cu_seqlens)
     stamp = (cu_seqlens.data_ptr(), cu_seqlens._version, cu_seqlens.numel(), num_tokens)

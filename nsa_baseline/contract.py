@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from nsa_baseline.checks import check_cu_seqlens, check_scale, fail
+from nsa_baseline.checks import check_cu_seqlens, check_scale, device_values_readable, fail
 from nsa_baseline.utils.triton_utils import is_interpreter
 from nsa_baseline.utils.varlen import single_sequence_cu_seqlens
 
@@ -125,7 +125,10 @@ def check_selected_args(
 
 
 def index_checks_requested(check_indices: Optional[bool]) -> bool:
-    """Explicit argument wins; otherwise the NSA_CHECK_INDICES environment variable decides."""
+    """Explicit argument wins; otherwise the NSA_CHECK_INDICES environment variable decides. Never while a
+    CUDA graph is captured or torch.compile traces (the checks read values: a device sync)."""
+    if not device_values_readable():
+        return False
     if check_indices is not None:
         return bool(check_indices)
     return os.environ.get(CHECK_INDICES_ENV, "0") not in ("", "0", "false", "False")

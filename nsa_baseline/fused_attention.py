@@ -50,9 +50,11 @@ LOCAL_BLOCKS_KERNEL = False
 # Hopper, which runs dense attention at ~540 TFLOP/s on the H100 against ~380 forward / ~290 backward
 # for our Triton compressed kernels) when the longest sequence has at least this many tokens (packed
 # sequences padded to it, unless that wastes over half the work); None: always the Triton kernels.
-# The residue layout costs six row gathers of [N, HQ, D] per step, so short sequences lose. Off until
-# timed on a GPU (experiments/gpu/module_vs_dense.py --compressed-sdpa).
-COMPRESSED_SDPA_MIN_TOKENS = None
+# The residue layout costs six row gathers of [N, HQ, D] per step, and cuDNN is slow on few keys (the
+# branch alone on the H100, 63122c6: 64K x 64 heads fwd+bwd 45.9 ms vs 51.7 Triton, 16K 7.0 vs 3.9),
+# so short sequences lose: the module at 64K g=1 197.9 -> 194.6 ms, g=4 154.4 -> 152.7, at 16K g=1
+# 31.8 -> 35.4 (results/module_vs_dense/README.md). 65536: the smallest length measured to win.
+COMPRESSED_SDPA_MIN_TOKENS = 65536
 
 
 @dataclass(frozen=True)

@@ -130,12 +130,17 @@ def time_point(rows, n: int, h: int, linear: bool, layout: str, cu):
 
 
 def fused_grad_point(rows, n: int, h: int) -> None:
-    """compress_into_backward of k (linear, one sequence) with the Triton add-into-dx kernel off and on."""
+    """compress_into_backward of k (linear, one sequence) with the Triton add-into-dx kernel off and on
+    (the GEMM path's backward: IN_PLACE_LINEAR off for the point, its own kernels replace this one)."""
     from nsa_baseline.ops import compression_grad as cg
 
     k, _, params, douts = make_inputs(n, h, True)
     k, (w, pe) = k.detach(), params[0]
-    k_cmp, _, state = cg.compress_kv_forward(k, None, KS, STRIDE, w.detach(), pe.detach(), False)
+    keep_in_place, cg.IN_PLACE_LINEAR = cg.IN_PLACE_LINEAR, False
+    try:
+        k_cmp, _, state = cg.compress_kv_forward(k, None, KS, STRIDE, w.detach(), pe.detach(), False)
+    finally:
+        cg.IN_PLACE_LINEAR = keep_in_place
     dout = douts[0][: k_cmp.shape[0]].contiguous()
     base = torch.randn_like(k)  # dx already holds the other branches' share
 
@@ -147,12 +152,13 @@ def fused_grad_point(rows, n: int, h: int) -> None:
         cg.compress_into_backward(dout, dx, k, None, KS, STRIDE, state, w, pe, need_weights=False)
         return dx
 
+    cg.IN_PLACE_LINEAR = False
     try:
         err = rel_err(run(True), run(False))
         times = {flag: fused_grad_bench(lambda: run(flag)) for flag in (False, True)}
         clone = fused_grad_bench(lambda: base.clone())  # in both timings: subtracted for the ratio
     finally:
-        cg.FUSED_BLOCK_GRAD = keep
+        cg.FUSED_BLOCK_GRAD, cg.IN_PLACE_LINEAR = keep, keep_in_place
     off, on = times[False] - clone, times[True] - clone
     # below BLOCK_PATH_MIN_CUDA_ROWS rows the gather path runs: the kernel is not used, both time the same
     rows.append(dict(N=n, G=HQ // h, H=h, path="block" if state.layout is not None else "gather",

@@ -123,6 +123,7 @@ def test_module_equal_with_in_place_linear(monkeypatch, cu):
         return [y.detach(), xx.grad] + [p.grad.clone() for p in (m.k_cmp_weight, m.v_cmp_weight, m.k_cmp_pos,
                                                                    m.v_cmp_pos, m.k_proj.weight)]
 
+    monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", False)
     base = run()
     monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", True)
     calls = []

@@ -6,7 +6,7 @@ import torch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("switches", ["default", "sdpa_in_place"])
+@pytest.mark.parametrize("switches", ["default", "sdpa_in_place", "off"])
 def test_gpu_module_replays_from_a_cuda_graph(monkeypatch, switches):
     """bf16, 8K tokens, 32 query / 8 KV heads, d = 128: torch.cuda.make_graphed_callables over the
     module (its eager warm-up builds the cached layouts, then it captures), output and the gradients
@@ -18,6 +18,9 @@ def test_gpu_module_replays_from_a_cuda_graph(monkeypatch, switches):
     if switches == "sdpa_in_place":
         monkeypatch.setattr(fused_attention, "COMPRESSED_SDPA_MIN_TOKENS", 0)
         monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", True)
+    elif switches == "off":
+        monkeypatch.setattr(fused_attention, "COMPRESSED_SDPA_MIN_TOKENS", None)
+        monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", False)
     torch.manual_seed(0)
     m = NativeSparseAttention(1024, 32, 8, 128, backend="fsa").cuda().to(torch.bfloat16)
     with torch.no_grad():
