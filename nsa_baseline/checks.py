@@ -40,8 +40,9 @@ def check_scale(scale: Optional[float], head_dim: int, where: str = "") -> float
 def device_values_readable() -> bool:
     """False while torch.compile traces or a CUDA graph is captured: reading a tensor's values (a device
     sync) is not allowed there. Value checks then rely on the eager calls before (graph warm-up)."""
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return not (torch.compiler.is_compiling() or capturing)
+    if torch.compiler.is_compiling():  # (dynamo cannot trace the capture query: ask it first)
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], num_tokens: Optional[int] = None,

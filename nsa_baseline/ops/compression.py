@@ -47,6 +47,11 @@ def compress_kv(
         covers its keys [i * stride, i * stride + kernel_size).
     """
     check_compress_inputs(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb)
+    from nsa_baseline.ops import compression_grad  # (it builds on this module)
+
+    if compression_grad.in_place_compress_serves(x, weight):  # the module's fused path's kernels
+        return compression_grad.InPlaceLinearCompress.apply(x, weight, pos_emb, cu_seqlens, kernel_size,
+                                                           kernel_stride)
     n, h, d = x.shape
     if uses_block_path(kernel_size, kernel_stride) and (not x.is_cuda or n * h >= BLOCK_PATH_MIN_CUDA_ROWS):
         layout = block_layout(cu_seqlens, n, kernel_size, kernel_stride, x.device)

@@ -214,3 +214,34 @@ def _gather_backward(dx_cmp, dx, x, cu_seqlens, kernel_size, stride, weight, pos
     if not weight_grads:
         return None, None
     return dweight.to(weight.dtype), dpos.to(pos_emb.dtype)
+
+
+class InPlaceLinearCompress(torch.autograd.Function):
+    """compress_kv with weights while IN_PLACE_LINEAR is on and the kernels serve x: the module's fused
+    path's forward (compress_kv_forward) and backward (compress_into_backward into a zero dx), so the
+    per-branch path (fused_backward=False) computes the same summaries, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, weight, pos_emb, cu_seqlens, kernel_size: int, kernel_stride: int):
+        need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        x_cmp, cu_cmp, state = compress_kv_forward(x, cu_seqlens, kernel_size, kernel_stride, weight, pos_emb,
+                                                   keep_blocks=need_w)
+        ctx.mark_non_differentiable(cu_cmp)
+        ctx.save_for_backward(x, weight, pos_emb, cu_seqlens)
+        ctx.args = (kernel_size, kernel_stride, state)
+        return x_cmp, cu_cmp
+
+    @staticmethod
+    def backward(ctx, dx_cmp, _dcu):
+        x, weight, pos_emb, cu_seqlens = ctx.saved_tensors
+        kernel_size, kernel_stride, state = ctx.args
+        dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        dw, dpos = compress_into_backward(dx_cmp.contiguous(), dx, x, cu_seqlens, kernel_size, kernel_stride,
+                                          state, weight, pos_emb, need_weights=need_w)
+        return dx, dw, dpos, None, None, None
+
+
+def in_place_compress_serves(x, weight) -> bool:
+    """Whether compress_kv runs through InPlaceLinearCompress (IN_PLACE_LINEAR, weights, kernels on x)."""
+    return IN_PLACE_LINEAR and weight is not None and kernels_serve(x)

@@ -28,8 +28,11 @@ def test_adds_each_rows_share_into_dx(dtype):
 
 def test_module_backward_equal_with_the_kernel(monkeypatch):
     """NativeSparseAttention's fused backward (linear compression, one sequence: the block path on x's
-    own grid) gives the same gradients with FUSED_BLOCK_GRAD on as off."""
+    own grid) gives the same gradients with FUSED_BLOCK_GRAD on as off (the GEMM path's backward:
+    IN_PLACE_LINEAR off)."""
     from nsa_baseline.module import NativeSparseAttention
+
+    monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", False)
 
     torch.manual_seed(0)
     m = NativeSparseAttention(32, 4, 2, 16, backend="fsa", kernel_size=8, kernel_stride=4, block_size=16, topk=3,
@@ -45,6 +48,7 @@ def test_module_backward_equal_with_the_kernel(monkeypatch):
         m(xx).square().sum().backward()
         return [xx.grad] + [p.grad.clone() for p in (m.k_cmp_weight, m.v_cmp_weight, m.q_proj.weight)]
 
+    monkeypatch.setattr(compression_grad, "FUSED_BLOCK_GRAD", False)
     base = grads()
     monkeypatch.setattr(compression_grad, "FUSED_BLOCK_GRAD", True)
     calls = []

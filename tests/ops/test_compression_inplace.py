@@ -169,6 +169,58 @@ def test_gather_path_forward_equal_with_in_place_linear(monkeypatch, dtype):
         assert_close(a, b, dtype, name)
 
 
+@pytest.mark.parametrize("cu", [None, [0, 40, 44, 100, 147], [0, 31, 36, 61, 90]], ids=["one", "grid", "gather"])
+def test_compress_kv_autograd_through_the_in_place_kernels(monkeypatch, cu):
+    """ops.compress_kv with IN_PLACE_LINEAR on runs InPlaceLinearCompress (the fused path's kernels) and
+    matches the float64 reference in value and in the gradients of x, weight and pos_emb (fp32); the
+    third layout (sequences off the stride grid) takes the gather path."""
+    from nsa_baseline.ops.compression import compress_kv
+
+    monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", True)
+    n = 147 if cu is None or cu[-1] == 147 else cu[-1]
+    ks, st = 8, 4
+    x, w, pos = _inputs(n, 2, 16, ks, torch.float32, seed=3)
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    calls = []
+    real = compression_grad.compress_into_backward
+    monkeypatch.setattr(compression_grad, "compress_into_backward", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    leaves = [t.clone().requires_grad_() for t in (x, w, pos)]
+    y, cu_cmp = compress_kv(leaves[0], cu_t, ks, st, leaves[1], leaves[2])
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    y.backward(dy)
+    assert calls, "compress_kv did not run the in-place path's backward"
+    refs = [t.double().requires_grad_() for t in (x, w, pos)]
+    y_ref, cu_ref = compress_kv_ref(refs[0], cu_t, ks, st, refs[1], refs[2])
+    y_ref.backward(dy.double())
+    assert torch.equal(cu_cmp, cu_ref)
+    assert_close(y, y_ref, torch.float32, "x_cmp")
+    for name, a, b in zip(("dx", "d weight", "d pos_emb"), leaves, refs):
+        assert_close(a.grad, b.grad, torch.float32, name)
+
+
+def test_per_branch_module_path_compresses_as_the_fused_one(monkeypatch):
+    """With IN_PLACE_LINEAR on, the module's per-branch path (fused_backward=False, compress_kv) and its
+    fused path (compress_kv_forward) give the same summaries, so the same block choice and output."""
+    from nsa_baseline.module import NativeSparseAttention
+
+    monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", True)
+    torch.manual_seed(0)
+    m = NativeSparseAttention(32, 4, 2, 16, backend="fsa", kernel_size=8, kernel_stride=4, block_size=16, topk=3,
+                              window_size=16)
+    with torch.no_grad():
+        for p in (m.k_cmp_weight, m.v_cmp_weight, m.k_cmp_pos, m.v_cmp_pos):
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(96, 32)
+    outs = {}
+    for fused in (True, False):
+        m.fused_backward = fused
+        y, br = m(x, return_branches=True)
+        outs[fused] = (y, br["compressed"], br["block_indices"])
+    assert torch.equal(outs[True][2], outs[False][2])
+    assert torch.equal(outs[True][1], outs[False][1]), "the compressed branch differs"
+    assert rel_err(outs[True][0], outs[False][0]) <= 1e-5
+
+
 @pytest.mark.parametrize("kernel", ["fwd", "dw", "window_grad"])
 def test_kernels_compile_for_sm90_without_spills(kernel):
     """The interpreter does not type the kernels: compile each for sm_90 (Triton's ahead-of-time path,
