@@ -128,7 +128,9 @@ def fig4(df: pd.DataFrame, out: Path) -> str:
         ax.set_xlabel("sequence length N (tokens)")
         ax.set_ylabel("NSA / FSA fwd+bwd latency")
         ax.set_title(f"(BS,T)=({bs},{t}); ours on {gpus(ours)}")
-        ax.legend(fontsize=7, ncol=2)
+    # one legend under both panels: inside, it covered the g=1 curves' high points
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+    fig.subplots_adjust(bottom=0.3)
     fig.suptitle(f"Figure 4: module fwd+bwd latency ratio, 64 query heads, d=128; a circled point with {pn.UNCERTAIN} "
                  "is an uncertain paper label", fontsize=9)
     save(fig, out / "fig4.png")

@@ -89,7 +89,7 @@ def header(title: str, rows: pd.DataFrame, cite: str, note: str) -> str:
 
 
 def save(fig, path: Path) -> Path:
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12 if fig.legends else 0, 1, 1))  # room for a figure-level legend below
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
