@@ -9,7 +9,8 @@
 # Stages: tests (pytest -m gpu), decode (decode_bench, Llama3-8B heads, B 1/8/32 x 64K/128K), chunk
 # (chunk_bench), module (module_vs_dense at 8K-64K), profile (module_profile at 64K g=1), compress
 # (compression_bench --fused-grad: the module backward's compression share, GEMM + add vs one kernel),
-# switches (time_switches.sh: the switches not yet timed, COMPRESSED_SDPA_MIN_TOKENS and IN_PLACE_LINEAR).
+# switches (time_switches.sh: module_vs_dense with the compression switches both ways), selection
+# (stage_bench --stages selection: the selection kernel's merge variants, SELECTION_CONFIG insert_after).
 # STAGE_TIMEOUT (s, default 240; tests: TESTS_TIMEOUT, default 570) caps each stage. Set NSA_GIT_COMMIT:
 # the lent machine's .git may be stale. One device call runs 600 s at most.
 set -u
@@ -29,6 +30,7 @@ stage_command() {
         profile) echo "python -m experiments.gpu.module_profile --points 65536:1 --budget $((STAGE_TIMEOUT - 30))" ;;
         compress) echo "python -m experiments.gpu.compression_bench --fused-grad --sizes 16384,65536" ;;
         switches) echo "bash experiments/gpu/time_switches.sh" ;;
+        selection) echo "python -m experiments.gpu.stage_bench --stages selection --budget $((STAGE_TIMEOUT - 60))" ;;
         *)       return 1 ;;
     esac
 }
@@ -37,7 +39,7 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(decode chunk module)
 summary=()
 for s in "${stages[@]}"; do
-    cmd=$(stage_command "$s") || { echo "unknown stage '$s' (tests decode chunk module profile compress switches)"; exit 2; }
+    cmd=$(stage_command "$s") || { echo "unknown stage '$s' (tests decode chunk module profile compress switches selection)"; exit 2; }
     mkdir -p "$OUT/$s"
     start=$(date +%s)
     # shellcheck disable=SC2086

@@ -1,8 +1,8 @@
 """Launch variants of two module stages in one GPU call: the fused selection kernel's top-T merge
-(insertion vs the bitonic network, rows per tile, warps) and the compressed backward's dK/dV with the
-rows of every summary tile shared by several programs (few KV heads).
+(insertion, the bitonic network, the network then insertion after `insert_after` tiles) and the
+compressed backward's dK/dV with the rows of every summary tile shared by several programs (few KV heads).
 
-    python -m experiments.gpu.stage_bench [--budget 300]
+    python -m experiments.gpu.stage_bench [--budget 300] [--stages selection,dkdv]
 
 bf16, 64 query heads, d = 128, kernel 32 / stride 16, one sequence. Selection: every variant's block
 sets are compared with the insertion default's (rows whose sets differ are counted: only exact ties
@@ -42,10 +42,11 @@ def inputs(n: int, g: int, seed: int = 0):
     return q, k_cmp.contiguous(), v_cmp.contiguous(), cu_cmp
 
 
-SELECTION_VARIANTS = [dict(merge="insert"), dict(merge="bitonic"), dict(merge="bitonic", rows=32),
-                      dict(merge="bitonic", rows=64), dict(merge="bitonic", rows=128, num_warps=8),
-                      dict(merge="bitonic", rows=64, num_warps=8), dict(merge="bitonic", rows=64, summaries=128),
-                      dict(merge="insert", rows=64)]
+# The first is the reference for rows_differing (insertion: the rule's exact order). Decided earlier
+# (results/stage_bench/README.md): bitonic, 64 rows, 4 warps, 64 summaries per tile. insert_after:
+# the network for a sequence's first tiles, then one-by-one insertion (few candidates enter late).
+SELECTION_VARIANTS = [dict(merge="insert"), dict(merge="bitonic"),
+                      *(dict(merge="bitonic", insert_after=a) for a in (1, 2, 4, 8, 16))]
 
 
 def selection(rows: list, n: int, g: int, bs: int, topk: int) -> None:
@@ -112,15 +113,20 @@ def dkdv(rows: list, n: int, g: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=300.0, help="seconds: no new task starts after this")
+    ap.add_argument("--stages", default="selection,dkdv", help="comma list of: selection, dkdv")
     args = ap.parse_args()
+    stages = set(args.stages.split(","))
     require_cuda()
     out = out_dir()
     meta = run_meta()
     sel, dk = [], []
-    tasks = [lambda: selection(sel, 65536, 1, 64, 16), lambda: dkdv(dk, 65536, 16),
-             lambda: selection(sel, 65536, 16, 64, 16), lambda: selection(sel, 16384, 1, 64, 16),
-             lambda: dkdv(dk, 65536, 4), lambda: selection(sel, 65536, 1, 128, 8),
-             lambda: selection(sel, 65536, 4, 64, 16), lambda: dkdv(dk, 16384, 16)]
+    tasks = []
+    if "selection" in stages:
+        tasks += [lambda: selection(sel, 65536, 1, 64, 16), lambda: selection(sel, 16384, 1, 64, 16),
+                  lambda: selection(sel, 65536, 4, 64, 16), lambda: selection(sel, 65536, 1, 128, 8),
+                  lambda: selection(sel, 8192, 1, 64, 16), lambda: selection(sel, 65536, 16, 64, 16)]
+    if "dkdv" in stages:
+        tasks += [lambda: dkdv(dk, 65536, 16), lambda: dkdv(dk, 65536, 4), lambda: dkdv(dk, 16384, 16)]
     skipped = 0
     for task in tasks:
         if time.time() - START > args.budget:

@@ -175,6 +175,37 @@ def _merge_bitonic(keys, b_sc, j0, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.co
 
 
 @triton.jit
+def _insert_packed(keys, cand_p, BJ: tl.constexpr, T_PAD: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """Insert candidate keys cand_p [BLOCK_Q, BJ] into each row's set `keys` ([BLOCK_Q, T_PAD], any
+    order) one at a time: a row's best remaining candidate replaces the set's lowest entry if larger.
+    Steps = the most candidates above a row's lowest entry, so late tiles, where few scores enter the
+    top set, cost a few reductions instead of a sorting network; the set is left unsorted."""
+    o_j = tl.arange(0, BJ)
+    o_s = tl.arange(0, T_PAD)
+    low = tl.min(keys, axis=1)
+    steps = tl.max(tl.sum((cand_p > low[:, None]).to(tl.int32), axis=1), axis=0)
+    if WHILE_LOOP:  # the interpreter cannot range() over computed bounds
+        step = steps * 0
+        while step < steps:
+            keys, cand_p = _insert_one_packed(keys, cand_p, o_j, o_s)
+            step += 1
+    else:
+        for _ in range(steps):
+            keys, cand_p = _insert_one_packed(keys, cand_p, o_j, o_s)
+    return keys
+
+
+@triton.jit
+def _insert_one_packed(keys, cand_p, o_j, o_s):
+    best, pick = tl.max(cand_p, axis=1, return_indices=True)
+    low, slot = tl.min(keys, axis=1, return_indices=True)
+    hit = (best > low)[:, None] & (o_s[None, :] == slot[:, None])
+    keys = tl.where(hit, best[:, None], keys)
+    cand_p = tl.where(o_j[None, :] == pick[:, None], -9223372036854775807 - 1, cand_p)  # used: lowest int64
+    return keys, cand_p
+
+
+@triton.jit
 def _store_sorted(keys, p_idx, m_t, T: tl.constexpr, T_PAD: tl.constexpr):
     """Write the first T entries of each row's sorted set `keys` (forced blocks rank +inf, so they
     come first, then decreasing score); -1 for entries that are still -inf (no block)."""
@@ -204,12 +235,17 @@ def _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur
                 in_m, NB, qk_scale, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
                 G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
                 TOPK: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                WHILE_LOOP: tl.constexpr, BITONIC: tl.constexpr):
-    """Scores of blocks [j0, j0 + BJ): merged into the running top sets (TOPK > 0) or stored."""
+                WHILE_LOOP: tl.constexpr, BITONIC: tl.constexpr, INSERT_AFTER: tl.constexpr):
+    """Scores of blocks [j0, j0 + BJ): merged into the running top sets (TOPK > 0) or stored. BITONIC
+    with INSERT_AFTER > 0: the sorting network for the first INSERT_AFTER tiles of a sequence, then
+    one-by-one insertion of packed keys (the set is sorted once at the end)."""
     b_sc, carry = _scores_tile(b_q, b_lse, carry, p_k, j0, nvis_max, nvis_m, in_m, qk_scale,
                                H, D, BLOCK_D, BLOCK_Q, G_PAD, BJ, R, C, IEEE)
-    if TOPK > 0 and BITONIC:
+    if TOPK > 0 and BITONIC and (INSERT_AFTER == 0 or j0 < INSERT_AFTER * BJ):
         vals = _merge_bitonic(vals, b_sc, j0, cur_t, in_t, INIT, LOCAL, BJ, T_PAD)
+    elif TOPK > 0 and BITONIC:  # later tiles: few candidates enter, insert them one by one
+        cand_p = _rank_packed(b_sc, j0 + tl.arange(0, BJ), cur_t, in_t, INIT, LOCAL)
+        vals = _insert_packed(vals, cand_p, BJ, T_PAD, WHILE_LOOP)
     elif TOPK > 0:
         vals, ids = _merge_top(vals, ids, b_sc, j0, cur_t, in_t, INIT, LOCAL, BJ, T_PAD,
                                (TOPK == T_PAD) and (BJ == T_PAD), WHILE_LOOP)
@@ -230,7 +266,7 @@ def _selection_scores_kernel(
     R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr,
     COMPUTE_LSE: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
     TOPK: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    BITONIC: tl.constexpr,
+    BITONIC: tl.constexpr, INSERT_AFTER: tl.constexpr,
 ):
     """TOPK == 0: write the scores float32 [n_rows, H, NB]. TOPK > 0: keep each row's top TOPK blocks
     while the scores are made and write int32 [n_rows, H, TOPK] block indices (no scores in memory)."""
@@ -305,16 +341,18 @@ def _selection_scores_kernel(
                 carry, vals, ids = _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur_t,
                                                nb_t, in_t, nvis_max, nvis_m, in_m, NB, qk_scale, H, D, BLOCK_D,
                                                BLOCK_Q, G_PAD, BJ, R, C, IEEE, TOPK, T_PAD, INIT, LOCAL,
-                                               WHILE_LOOP, BITONIC)
+                                               WHILE_LOOP, BITONIC, INSERT_AFTER)
                 j0 += BJ
         else:
             for j0 in range(0, j_end, BJ):
                 carry, vals, ids = _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur_t,
                                                nb_t, in_t, nvis_max, nvis_m, in_m, NB, qk_scale, H, D, BLOCK_D,
                                                BLOCK_Q, G_PAD, BJ, R, C, IEEE, TOPK, T_PAD, INIT, LOCAL,
-                                               WHILE_LOOP, BITONIC)
+                                               WHILE_LOOP, BITONIC, INSERT_AFTER)
         s += 1
     if TOPK > 0 and BITONIC:
+        if INSERT_AFTER > 0:  # insertion leaves the sets unsorted
+            vals = tl.sort(vals, dim=1, descending=True)
         _store_sorted(vals, out_ptr + ((tok_t - row0).to(tl.int64) * H + i_h) * TOPK, m_t, TOPK, T_PAD)
     elif TOPK > 0:
         _store_top(vals, ids, out_ptr + ((tok_t - row0).to(tl.int64) * H + i_h) * TOPK, m_t, TOPK, T_PAD)
@@ -358,6 +396,7 @@ def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_b
         KS=kernel_size, STRIDE=kernel_stride, BS=block_size, COMPUTE_LSE=lse is None,
         IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(),
         TOPK=topk, T_PAD=t_pad, INIT=init_blocks, LOCAL=local_blocks, BITONIC=bitonic,
+        INSERT_AFTER=cfg["insert_after"] if bitonic else 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

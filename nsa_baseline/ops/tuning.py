@@ -37,7 +37,9 @@ DKDV_SPLIT_SLOTS = 512
 # of a tile sets the steps). NVIDIA H200, 64 query heads, d = 128, (64, 16) (results/stage_bench):
 # bitonic with 64 rows takes 42.0 ms at 64K G = 1 (insert: 58.9 with 32 rows, 79.0 with 64), 2.9 ms
 # at 16K G = 1 (5.5), 21.4 ms at 64K G = 4 (27.1), 13.1 ms at G = 16 (13.8).
-SELECTION_CONFIG = dict(rows=64, summaries=64, num_warps=4, num_stages=2, merge="bitonic")
+# insert_after (with merge="bitonic"): tiles of a sequence merged by the sorting network before the
+# later ones insert their few entering candidates one by one (0: the network throughout). Untimed.
+SELECTION_CONFIG = dict(rows=64, summaries=64, num_warps=4, num_stages=2, merge="bitonic", insert_after=0)
 
 
 def query_outer_config(table, d_pad: int, block_size: int, num_warps=None, num_stages=None,

@@ -178,6 +178,47 @@ def test_select_blocks_from_compressed_interpreter(given_lse):
     assert bool(_same_sets(out, ref).all())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("topk,init,local", [(5, 1, 2), (8, 0, 0)])
+def test_select_blocks_insert_after_the_first_tiles(monkeypatch, layout, topk, init, local):
+    """The selection kernel's hybrid merge (SELECTION_CONFIG insert_after=1: the sorting network for a
+    sequence's first tile of 8 blocks, one-by-one insertion of packed keys after) picks the reference's
+    sets, as the network alone does; 20 blocks of 16 tokens give 3 tiles per row of the longest
+    sequence, and the varlen layout puts several sequences in one tile."""
+    from nsa_baseline.ops import tuning
+
+    h, g, d, ks, stride, bs = 2, 3, 16, 16, 8, 16
+    cu = _cu(layout, "cpu")
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(N_CPU, h * g, d, generator=gen)
+    k_cmp, cu_cmp = compress_kv_ref(torch.randn(N_CPU, h, d, generator=gen), cu, ks, stride)
+    ref = select_blocks_from_compressed_ref(q, k_cmp, cu, cu_cmp, ks, stride, bs, topk, init, local)
+    outs = {}
+    for after in (0, 1):
+        monkeypatch.setattr(tuning, "SELECTION_CONFIG", {**tuning.SELECTION_CONFIG, "summaries": 16,
+                                                         "insert_after": after})
+        outs[after] = select_blocks_from_compressed(q, k_cmp, cu, cu_cmp, ks, stride, bs, topk, init, local)
+        assert bool(_same_sets(outs[after], ref).all()), f"insert_after={after}"
+    assert torch.equal(outs[0], outs[1]), "slot order differs (forced first, then by score)"
+
+
+def test_selection_kernel_compiles_for_sm90_without_spills():
+    """The interpreter does not type the kernels: compile the fused selection kernel for sm_90 at the
+    module's g=1 shape ((64, 16), d = 128, bf16, 64 rows) with the sorting network alone and with
+    insertion after 4 tiles (Triton's ahead-of-time path, no GPU) and read ptxas's spills."""
+    from tests.helpers import sm90_resources
+
+    consts = ("dict(HQ=64, H=64, G=1, G_PAD=1, D=128, BLOCK_D=128, BLOCK_Q=64, BJ=16, R=4, C=2, KS=32, STRIDE=16,"
+              " BS=64, COMPUTE_LSE=False, IEEE=False, WHILE_LOOP=False, TOPK=16, T_PAD=16, INIT=1, LOCAL=2,"
+              " BITONIC=True, INSERT_AFTER={})")
+    types = ("scalars={'row0': 'i32', 'n_rows': 'i32', 'N': 'i32', 'NB': 'i32', 'qk_scale': 'fp32'},"
+             " int_ptrs={'cu_ptr', 'cu_cmp_ptr', 'tok_seq_ptr', 'out_ptr'}, f32_ptrs={'lse_ptr'}")
+    out = sm90_resources("from nsa_baseline.ops.selection_kernel import _selection_scores_kernel as k",
+                         *(f"print(resources(compile_sm90(k, 'bf16', {consts.format(a)}, 4, 2, {types})))"
+                           for a in (0, 4)))
+    assert out.count("spill(stack)     0 B") == 2, out
+
+
 def _check_selection_rule(idx, scores, cu, bs, topk, init, local, tol=1e-5):
     """Every row of idx [N, H, T] obeys the selection rule on `scores` [N, H, NB] (ties allowed):
     distinct causal blocks, all forced blocks, as many blocks as fit, forced slots first, the rest
