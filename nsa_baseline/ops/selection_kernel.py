@@ -179,12 +179,16 @@ def _insert_packed(keys, cand_p, BJ: tl.constexpr, T_PAD: tl.constexpr, WHILE_LO
     """Insert candidate keys cand_p [BLOCK_Q, BJ] into each row's set `keys` ([BLOCK_Q, T_PAD], any
     order) one at a time: a row's best remaining candidate replaces the set's lowest entry if larger.
     Steps = the most candidates above a row's lowest entry, so late tiles, where few scores enter the
-    top set, cost a few reductions instead of a sorting network; the set is left unsorted."""
+    top set, cost a few reductions instead of a sorting network; the set is left unsorted. A tile
+    where more than T_PAD / 2 would enter some row (early tiles, scores rising toward the token) sorts
+    the set and takes the network instead (a guess at the break-even, not measured)."""
     o_j = tl.arange(0, BJ)
     o_s = tl.arange(0, T_PAD)
     low = tl.min(keys, axis=1)
     steps = tl.max(tl.sum((cand_p > low[:, None]).to(tl.int32), axis=1), axis=0)
-    if WHILE_LOOP:  # the interpreter cannot range() over computed bounds
+    if steps > T_PAD // 2:
+        keys = _merge_packed(tl.sort(keys, dim=1, descending=True), cand_p, BJ, T_PAD)
+    elif WHILE_LOOP:  # the interpreter cannot range() over computed bounds
         step = steps * 0
         while step < steps:
             keys, cand_p = _insert_one_packed(keys, cand_p, o_j, o_s)
