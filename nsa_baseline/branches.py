@@ -12,6 +12,8 @@ import torch
 from nsa_baseline import reference
 from nsa_baseline.checks import check_block_mapping
 from nsa_baseline.ops import selection, window
+from nsa_baseline.ops.compressed import checked_compressed_args
+from nsa_baseline.ops.compressed_sdpa import attend_routed, routed_sequences
 from nsa_baseline.ops.compressed_triton import compressed_attention_triton, compressed_triton_supported
 from nsa_baseline.ops.compression import compress_kv
 from nsa_baseline.ops.flex import use_flex
@@ -29,9 +31,22 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     """Our Triton kernels (nsa_baseline.ops.compressed_triton) where they serve the call (CUDA, or the
     interpreter for fp32 / fp16), else the reference. On the H100 they beat the FlexAttention path
     (nsa_baseline.ops.compressed) at 9 of 10 measured points and need no per-shape compile
-    (results/compressed_bench/README.md)."""
-    fn = compressed_attention_triton if compressed_triton_supported(q) else reference.compressed_attention_ref
-    return fn(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride, scale)
+    (results/compressed_bench/README.md). From fused_attention.COMPRESSED_SDPA_MIN_TOKENS tokens on,
+    PyTorch's fused attention (ops/compressed_sdpa.py), as the module's fused path does."""
+    if not compressed_triton_supported(q):
+        return reference.compressed_attention_ref(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
+                                                  kernel_stride, scale)
+    from nsa_baseline import fused_attention  # (it imports the ops this module wraps)
+
+    limit = fused_attention.COMPRESSED_SDPA_MIN_TOKENS
+    if limit is not None and q.shape[0] >= limit:  # (no host read of cu_seqlens below the limit)
+        cu, cu_cmp, scale_ = checked_compressed_args(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
+                                                     kernel_stride, scale)
+        seqs = routed_sequences(q, k_cmp, cu, cu_cmp, kernel_size, kernel_stride, limit)
+        if seqs is not None:
+            return attend_routed(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale_, seqs)
+    return compressed_attention_triton(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size, kernel_stride,
+                                       scale)
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,

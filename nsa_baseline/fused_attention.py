@@ -27,7 +27,7 @@ import torch
 from nsa_baseline.contract import (BLOCK_SIZES, KERNEL_DTYPES, check_block_indices, check_selected_args,
                                    index_checks_requested)
 from nsa_baseline.ops.compressed import checked_compressed_args
-from nsa_baseline.ops.compressed_sdpa import compressed_sdpa_bwd, compressed_sdpa_fwd, sdpa_sequences, sdpa_serves
+from nsa_baseline.ops.compressed_sdpa import compressed_sdpa_bwd, compressed_sdpa_fwd, routed_sequences
 from nsa_baseline.ops.compressed_triton import (compressed_bwd, compressed_fwd, compressed_triton_supported,
                                                 varlen_meta)
 from nsa_baseline.ops.compression_grad import compress_into_backward, compress_kv_forward
@@ -152,12 +152,7 @@ def _selected_bwd(family: str, state, q, k, v, o, lse, do, block_indices, block_
 def _sdpa_sequences(q, k_cmp, meta, kernel_size: int, kernel_stride: int):
     """The sequences for ops/compressed_sdpa.py when COMPRESSED_SDPA_MIN_TOKENS sends this call's
     compressed branch there (its longest sequence has that many tokens), else None."""
-    limit = COMPRESSED_SDPA_MIN_TOKENS
-    if limit is None or q.shape[0] < limit or not k_cmp.shape[0] or k_cmp.dtype != q.dtype \
-            or not sdpa_serves(q, kernel_size, kernel_stride):
-        return None
-    seqs = sdpa_sequences(q.shape[0], k_cmp.shape[0], meta.cu, meta.cu_cmp, kernel_size, kernel_stride)
-    return seqs if seqs and max(n for _, n, _, _ in seqs) >= limit else None
+    return routed_sequences(q, k_cmp, meta.cu, meta.cu_cmp, kernel_size, kernel_stride, COMPRESSED_SDPA_MIN_TOKENS)
 
 
 class NSAAttentionFunction(torch.autograd.Function):

@@ -284,6 +284,23 @@ def compressed_sdpa_bwd(q, k_cmp, v_cmp, o, lse, do, aux: tuple, kernel_size: in
     return dq, _unkeys(dk_r, layout, k_cmp.dtype), _unkeys(dv_r, layout, v_cmp.dtype)
 
 
+def routed_sequences(q, k_cmp, cu, cu_cmp, kernel_size: int, kernel_stride: int, min_tokens):
+    """The sequences for this module's compressed branch on the fused kernels when its longest sequence
+    has at least `min_tokens` tokens (fused_attention.COMPRESSED_SDPA_MIN_TOKENS; None: never) and
+    padding them wastes at most MAX_PADDING_WASTE, else None. cu, cu_cmp: checked (checked_compressed_args)."""
+    if min_tokens is None or q.shape[0] < min_tokens or not k_cmp.shape[0] or k_cmp.dtype != q.dtype \
+            or not sdpa_serves(q, kernel_size, kernel_stride):
+        return None
+    seqs = sdpa_sequences(q.shape[0], k_cmp.shape[0], cu, cu_cmp, kernel_size, kernel_stride)
+    return seqs if seqs and max(n for _, n, _, _ in seqs) >= min_tokens else None
+
+
+def attend_routed(q, k_cmp, v_cmp, kernel_size: int, kernel_stride: int, scale: float, seqs: tuple):
+    """(o, lse) of routed_sequences' call, differentiable in q, k_cmp, v_cmp through o."""
+    return _CompressedSdpa.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), kernel_size,
+                                 kernel_stride, scale, seqs)
+
+
 class _CompressedSdpa(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, seqs):

@@ -226,6 +226,49 @@ def test_repeated_summaries_layout_equals_the_shared_one(monkeypatch):
         assert_close(a, b, torch.float64, name, 1e-12)
 
 
+@pytest.mark.parametrize("cu", [None, [0, 70, 150]], ids=["one", "packed"])
+def test_per_branch_path_routes_the_compressed_branch_as_the_fused_one(monkeypatch, cu):
+    """With COMPRESSED_SDPA_MIN_TOKENS = 0, branches.compressed_attention (the module's per-branch path,
+    fused_backward=False) also runs the fused SDPA kernels: the compressed branch and the block choice
+    equal the fused path's bit for bit, output and gradients to rounding; below the limit it keeps the
+    Triton kernels."""
+    from nsa_baseline import branches
+    from nsa_baseline.ops import compressed_sdpa
+    from nsa_baseline.module import NativeSparseAttention
+
+    torch.manual_seed(0)
+    m = NativeSparseAttention(48, 6, 2, 16, backend="fsa", kernel_size=8, kernel_stride=4, block_size=16,
+                              topk=3, window_size=16)
+    x = torch.randn(150, 48)
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    calls = []
+    real = compressed_sdpa.residue_layout
+    monkeypatch.setattr(compressed_sdpa, "residue_layout", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(fused_attention, "COMPRESSED_SDPA_MIN_TOKENS", 0)
+    outs = {}
+    for fused in (True, False):
+        m.fused_backward = fused
+        m.zero_grad()
+        calls.clear()
+        xx = x.clone().requires_grad_()
+        y, br = m(xx, cu_t, return_branches=True)
+        y.square().sum().backward()
+        assert calls, f"fused_backward={fused}: the SDPA path did not run"
+        outs[fused] = (y.detach(), br["compressed"].detach(), br["block_indices"], xx.grad,
+                       m.k_cmp_weight.grad.clone())
+    assert torch.equal(outs[True][1], outs[False][1]), "compressed branch"
+    assert torch.equal(outs[True][2], outs[False][2]), "block choice"
+    for name, a, b in zip(("y", "x", "k_cmp_weight"), (outs[True][0],) + outs[True][3:],
+                          (outs[False][0],) + outs[False][3:]):
+        assert_close(a, b, torch.float32, name)
+    monkeypatch.setattr(fused_attention, "COMPRESSED_SDPA_MIN_TOKENS", 151)
+    calls.clear()
+    q = torch.randn(150, 6, 16)
+    k_cmp, cu_cmp = branches.compress_kv(torch.randn(150, 2, 16), cu_t, 8, 4)
+    branches.compressed_attention(q, k_cmp, k_cmp, cu_t, cu_cmp, 8, 4)
+    assert not calls, "a call below COMPRESSED_SDPA_MIN_TOKENS took the SDPA path"
+
+
 @pytest.mark.gpu
 def test_gpu_module_with_both_compression_switches_bf16(monkeypatch):
     """NativeSparseAttention (FSA, bf16, 16K tokens, 32 query / 8 KV heads, d = 128) with the compressed
