@@ -10,7 +10,8 @@
 # (chunk_bench), module (module_vs_dense at 8K-64K), profile (module_profile at 64K g=1), compress
 # (compression_bench --fused-grad: the module backward's compression share, GEMM + add vs one kernel),
 # switches (time_switches.sh: module_vs_dense with the compression switches both ways), selection
-# (stage_bench --stages selection: the selection kernel's merge variants, SELECTION_CONFIG insert_after).
+# (time_selection.sh: the selection kernel's merge variants alone, then the module with
+# SELECTION_CONFIG insert_after 0 / 4).
 # STAGE_TIMEOUT (s, default 240; tests: TESTS_TIMEOUT, default 570) caps each stage. Set NSA_GIT_COMMIT:
 # the lent machine's .git may be stale. One device call runs 600 s at most.
 set -u
@@ -30,7 +31,7 @@ stage_command() {
         profile) echo "python -m experiments.gpu.module_profile --points 65536:1 --budget $((STAGE_TIMEOUT - 30))" ;;
         compress) echo "python -m experiments.gpu.compression_bench --fused-grad --sizes 16384,65536" ;;
         switches) echo "bash experiments/gpu/time_switches.sh" ;;
-        selection) echo "python -m experiments.gpu.stage_bench --stages selection --budget $((STAGE_TIMEOUT - 60))" ;;
+        selection) echo "bash experiments/gpu/time_selection.sh" ;;
         *)       return 1 ;;
     esac
 }
