@@ -149,12 +149,6 @@ def _selected_bwd(family: str, state, q, k, v, o, lse, do, block_indices, block_
 
 # ---- the Function ---------------------------------------------------------------------------------
 
-def _sdpa_sequences(q, k_cmp, meta, kernel_size: int, kernel_stride: int):
-    """The sequences for ops/compressed_sdpa.py when COMPRESSED_SDPA_MIN_TOKENS sends this call's
-    compressed branch there (its longest sequence has that many tokens), else None."""
-    return routed_sequences(q, k_cmp, meta.cu, meta.cu_cmp, kernel_size, kernel_stride, COMPRESSED_SDPA_MIN_TOKENS)
-
-
 class NSAAttentionFunction(torch.autograd.Function):
     """Inputs: q [N, HQ, D], k, v [N, H, D] (contiguous), gates [N, HQ, 3], the compression weights
     (None for mean pooling), cu_seqlens, Config. Outputs: o, o_cmp, o_slc, o_win [N, HQ, D] and
@@ -168,7 +162,7 @@ class NSAAttentionFunction(torch.autograd.Function):
         v_cmp, _, v_state = compress_kv_forward(v, cu_seqlens, ks, st, v_weight, v_pos, need[6] or need[7])
         cu, cu_cmp_checked, scale = checked_compressed_args(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, ks, st, None)
         meta = varlen_meta(cu_seqlens, cu_cmp, cu, cu_cmp_checked, q.shape[0], k_cmp.shape[0])
-        sdpa_aux, seqs = None, _sdpa_sequences(q, k_cmp, meta, ks, st)
+        sdpa_aux, seqs = None, routed_sequences(q, k_cmp, meta.cu, meta.cu_cmp, ks, st, COMPRESSED_SDPA_MIN_TOKENS)
         if seqs is not None:
             o_cmp, lse_cmp, sdpa_aux = compressed_sdpa_fwd(q, k_cmp, v_cmp, ks, st, scale, seqs)
             sdpa_aux = (sdpa_aux, seqs)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -136,11 +137,8 @@ def fused_grad_point(rows, n: int, h: int) -> None:
 
     k, _, params, douts = make_inputs(n, h, True)
     k, (w, pe) = k.detach(), params[0]
-    keep_in_place, cg.IN_PLACE_LINEAR = cg.IN_PLACE_LINEAR, False
-    try:
+    with mock.patch.object(cg, "IN_PLACE_LINEAR", False):  # the backward follows the state it makes
         k_cmp, _, state = cg.compress_kv_forward(k, None, KS, STRIDE, w.detach(), pe.detach(), False)
-    finally:
-        cg.IN_PLACE_LINEAR = keep_in_place
     dout = douts[0][: k_cmp.shape[0]].contiguous()
     base = torch.randn_like(k)  # dx already holds the other branches' share
 
@@ -152,13 +150,12 @@ def fused_grad_point(rows, n: int, h: int) -> None:
         cg.compress_into_backward(dout, dx, k, None, KS, STRIDE, state, w, pe, need_weights=False)
         return dx
 
-    cg.IN_PLACE_LINEAR = False
     try:
         err = rel_err(run(True), run(False))
         times = {flag: fused_grad_bench(lambda: run(flag)) for flag in (False, True)}
         clone = fused_grad_bench(lambda: base.clone())  # in both timings: subtracted for the ratio
     finally:
-        cg.FUSED_BLOCK_GRAD, cg.IN_PLACE_LINEAR = keep, keep_in_place
+        cg.FUSED_BLOCK_GRAD = keep
     off, on = times[False] - clone, times[True] - clone
     # below BLOCK_PATH_MIN_CUDA_ROWS rows the gather path runs: the kernel is not used, both time the same
     rows.append(dict(N=n, G=HQ // h, H=h, path="block" if state.layout is not None else "gather",

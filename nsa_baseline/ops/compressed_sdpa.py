@@ -333,4 +333,4 @@ def compressed_attention_sdpa(q, k_cmp, v_cmp, cu_seqlens=None, cu_seqlens_cmp=N
     n_cmp = k_cmp.shape[0]
     k_cmp, v_cmp = k_cmp.to(q.dtype).contiguous(), v_cmp.to(q.dtype).contiguous()
     seqs = sdpa_sequences(q.shape[0], n_cmp, cu, cu_cmp, kernel_size, kernel_stride, max_waste=1.0)
-    return _CompressedSdpa.apply(q.contiguous(), k_cmp, v_cmp, kernel_size, kernel_stride, scale, seqs)
+    return attend_routed(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, seqs)

@@ -68,7 +68,7 @@ def compress_kv_forward(x, cu_seqlens, kernel_size: int, kernel_stride: int, wei
             if weight is None:
                 return (pick_summaries(mean_windows(x, layout, kernel_size, kernel_stride, acc), layout, x.dtype),
                         layout.cu_cmp, CompressState(layout, None, layout.num_cmp))
-            if IN_PLACE_LINEAR and layout.rows is None and kernels_serve(x):
+            if in_place_compress_serves(x, weight) and layout.rows is None:
                 x_cmp = compress_linear_fwd(x.contiguous(), weight, pos_emb, layout.first_block, layout.num_cmp,
                                             kernel_size, kernel_stride)
                 return x_cmp, layout.cu_cmp, CompressState(layout, None, layout.num_cmp, in_place=True)
@@ -76,7 +76,7 @@ def compress_kv_forward(x, cu_seqlens, kernel_size: int, kernel_stride: int, wei
             y = linear_windows(blocks, weight, pos_emb, kernel_size, kernel_stride, acc)
             state = CompressState(layout, blocks if keep_blocks else None, layout.num_cmp)
             return pick_summaries(y, layout, x.dtype), layout.cu_cmp, state
-        if IN_PLACE_LINEAR and weight is not None and kernels_serve(x):  # the gather backward keeps no state
+        if in_place_compress_serves(x, weight):  # the gather backward keeps no state
             cu_cmp, first = gather_layout(cu_seqlens, n, kernel_size, kernel_stride, x.device)
             x_cmp = compress_linear_fwd(x.contiguous(), weight, pos_emb, first, first.numel(), kernel_size,
                                         kernel_stride, first_rows=True)

@@ -99,11 +99,9 @@ def test_bad_arguments_raise():
         compress_linear_dweight(x, torch.randn(4, 2, 8), None, 8, 4)
 
 
-@pytest.mark.parametrize("cu", [None, [0, 48, 52, 96]], ids=["one", "varlen"])
-def test_module_equal_with_in_place_linear(monkeypatch, cu):
-    """NativeSparseAttention (FSA, linear compression on the block path: one sequence, or sequences
-    starting on the stride grid) gives the same output and gradients with IN_PLACE_LINEAR on as off,
-    and the in-place kernels run."""
+def _small_module_and_input():
+    """NativeSparseAttention (FSA, hidden 32, 4 / 2 heads, d = 16, linear compression 8 / 4 with weights
+    moved off their mean-pool start) and x [96, 32], seeded."""
     from nsa_baseline.module import NativeSparseAttention
 
     torch.manual_seed(0)
@@ -112,7 +110,15 @@ def test_module_equal_with_in_place_linear(monkeypatch, cu):
     with torch.no_grad():
         for p in (m.k_cmp_weight, m.v_cmp_weight, m.k_cmp_pos, m.v_cmp_pos):
             p.add_(0.1 * torch.randn_like(p))
-    x = torch.randn(96, 32)
+    return m, torch.randn(96, 32)
+
+
+@pytest.mark.parametrize("cu", [None, [0, 48, 52, 96]], ids=["one", "varlen"])
+def test_module_equal_with_in_place_linear(monkeypatch, cu):
+    """NativeSparseAttention (FSA, linear compression on the block path: one sequence, or sequences
+    starting on the stride grid) gives the same output and gradients with IN_PLACE_LINEAR on as off,
+    and the in-place kernels run."""
+    m, x = _small_module_and_input()
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
 
     def run():
@@ -201,16 +207,8 @@ def test_compress_kv_autograd_through_the_in_place_kernels(monkeypatch, cu):
 def test_per_branch_module_path_compresses_as_the_fused_one(monkeypatch):
     """With IN_PLACE_LINEAR on, the module's per-branch path (fused_backward=False, compress_kv) and its
     fused path (compress_kv_forward) give the same summaries, so the same block choice and output."""
-    from nsa_baseline.module import NativeSparseAttention
-
     monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", True)
-    torch.manual_seed(0)
-    m = NativeSparseAttention(32, 4, 2, 16, backend="fsa", kernel_size=8, kernel_stride=4, block_size=16, topk=3,
-                              window_size=16)
-    with torch.no_grad():
-        for p in (m.k_cmp_weight, m.v_cmp_weight, m.k_cmp_pos, m.v_cmp_pos):
-            p.add_(0.1 * torch.randn_like(p))
-    x = torch.randn(96, 32)
+    m, x = _small_module_and_input()
     outs = {}
     for fused in (True, False):
         m.fused_backward = fused
