@@ -4,7 +4,7 @@ in the same run, without module_profile's per-stage timings (which take minutes 
     python -m experiments.gpu.module_vs_dense [--points 8192:1,16384:1,16384:4,65536:1] [--backend auto]
                                               [--local-blocks off|on|both] [--in-place-linear off|on|both]
                                               [--compressed-sdpa off|on|both]
-                                              [--selection-insert-after off|on|both]
+                                              [--selection-keys32 off|on|both]
 
 bf16, 64 query heads, d = 128, (64, 16), kv heads = 64 / g, one sequence; fresh random inputs per
 point; `triton.testing.do_bench` medians after a warm-up call (compiles and `auto`'s choice outside
@@ -13,8 +13,8 @@ through the window kernels instead of FSA's pair rows); `both` times each point 
 the same inputs (tests/ops/test_local_blocks.py checks that the two agree); --in-place-linear likewise
 sets nsa_baseline.ops.compression_grad.IN_PLACE_LINEAR (tests/ops/test_compression_inplace.py) and
 --compressed-sdpa nsa_baseline.fused_attention.COMPRESSED_SDPA_MIN_TOKENS (None off, 0 on:
-tests/ops/test_compressed_sdpa.py), --selection-insert-after nsa_baseline.ops.tuning.SELECTION_CONFIG's
-insert_after (0 off, 4 on: tests/ops/test_nsa_branches.py); with several, every combination. Writes module_vs_dense.csv
+tests/ops/test_compressed_sdpa.py), --selection-keys32 nsa_baseline.ops.tuning.SELECTION_CONFIG's
+keys (64 off, 32 on: tests/ops/test_nsa_branches.py); with several, every combination. Writes module_vs_dense.csv
 (GPU, torch, Triton, commit on every row) under $OUT (else ./out).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ BF16 = torch.bfloat16
 START = time.time()
 
 # Module switches a run can set (--local-blocks, --in-place-linear, --compressed-sdpa,
-# --selection-insert-after): flag ->
+# --selection-keys32): flag ->
 # (module, attribute, its value off, its value on, the CSV column that records it). `both` times each
 # point off and on, on the same inputs.
 SWITCHES = {"local_blocks": ("nsa_baseline.fused_attention", "LOCAL_BLOCKS_KERNEL", False, True,
@@ -46,11 +46,10 @@ SWITCHES = {"local_blocks": ("nsa_baseline.fused_attention", "LOCAL_BLOCKS_KERNE
                                 "in_place_linear"),
             "compressed_sdpa": ("nsa_baseline.fused_attention", "COMPRESSED_SDPA_MIN_TOKENS", None, 0,
                                 "compressed_sdpa"),
-            # the selection kernel's hybrid merge (network for 4 tiles, then insertion): the column holds
-            # the whole SELECTION_CONFIG
-            "selection_insert_after": ("nsa_baseline.ops.tuning", "SELECTION_CONFIG",
-                                       {**tuning.SELECTION_CONFIG, "insert_after": 0},
-                                       {**tuning.SELECTION_CONFIG, "insert_after": 4}, "selection_config")}
+            # the selection network's sort-key width: the column holds the whole SELECTION_CONFIG
+            "selection_keys32": ("nsa_baseline.ops.tuning", "SELECTION_CONFIG",
+                                 {**tuning.SELECTION_CONFIG, "keys": 64},
+                                 {**tuning.SELECTION_CONFIG, "keys": 32}, "selection_config")}
 
 
 def parse_points(text: str) -> list[tuple[int, int]]:

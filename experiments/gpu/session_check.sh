@@ -11,7 +11,7 @@
 # (compression_bench --fused-grad: the module backward's compression share, GEMM + add vs one kernel),
 # switches (time_switches.sh: module_vs_dense with the compression switches both ways), selection
 # (time_selection.sh: the selection kernel's merge variants alone, then the module with
-# SELECTION_CONFIG insert_after 0 / 4).
+# SELECTION_CONFIG keys 64 / 32).
 # STAGE_TIMEOUT (s, default 240; tests: TESTS_TIMEOUT, default 570) caps each stage. Set NSA_GIT_COMMIT:
 # the lent machine's .git may be stale. One device call runs 600 s at most.
 set -u

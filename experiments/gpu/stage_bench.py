@@ -1,5 +1,5 @@
 """Launch variants of two module stages in one GPU call: the fused selection kernel's top-T merge
-(insertion, the bitonic network, the network then insertion after `insert_after` tiles) and the
+(insertion, the bitonic network on 64-bit or 32-bit sort keys) and the
 compressed backward's dK/dV with the rows of every summary tile shared by several programs (few KV heads).
 
     python -m experiments.gpu.stage_bench [--budget 300] [--stages selection,dkdv]
@@ -43,10 +43,9 @@ def inputs(n: int, g: int, seed: int = 0):
 
 
 # The first is the reference for rows_differing (insertion: the rule's exact order). Decided earlier
-# (results/stage_bench/README.md): bitonic, 64 rows, 4 warps, 64 summaries per tile. insert_after:
-# the network for a sequence's first tiles, then one-by-one insertion (few candidates enter late).
-SELECTION_VARIANTS = [dict(merge="insert"), dict(merge="bitonic"),
-                      *(dict(merge="bitonic", insert_after=a) for a in (1, 2, 4, 8, 16))]
+# (results/stage_bench/README.md): bitonic, 64 rows, 4 warps, 64 summaries per tile. keys: the width of
+# the network's packed (score, block) keys (32: scores ranked to a relative 2^-11, so near-ties may differ).
+SELECTION_VARIANTS = [dict(merge="insert"), dict(merge="bitonic", keys=64), dict(merge="bitonic", keys=32)]
 
 
 def selection(rows: list, n: int, g: int, bs: int, topk: int) -> None:

@@ -127,16 +127,23 @@ def _insert_best(vals, ids, cand, j0, o_j, o_s):
 
 
 @triton.jit
-def _pack_desc(vals, ids):
-    """int64 keys whose descending order is (score descending, block id ascending): the float's bits
-    made integer-ordered in the high word, 0x7FFFFFFF - id in the low word."""
+def _pack_desc(vals, ids, ID_BITS: tl.constexpr = 0):
+    """Keys whose descending order is (score descending, block id ascending). ID_BITS == 0: int64, the
+    float's bits made integer-ordered in the high word, 0x7FFFFFFF - id in the low word (exact).
+    ID_BITS > 0: int32, the ordered bits with their low ID_BITS replaced by (2^ID_BITS - 1 - id), for ids
+    below 2^ID_BITS: half the width through the sorting network, scores ranked to 23 - ID_BITS
+    mantissa bits (equal truncated scores go to the lower block, as exact ties do)."""
     bits = vals.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return (key.to(tl.int64) << 32) | ((0x7FFFFFFF - ids).to(tl.int64) & 0xFFFFFFFF)
+    if ID_BITS > 0:
+        MASK: tl.constexpr = (1 << ID_BITS) - 1
+        return (key & ~MASK) | ((MASK - ids) & MASK)
+    else:
+        return (key.to(tl.int64) << 32) | ((0x7FFFFFFF - ids).to(tl.int64) & 0xFFFFFFFF)
 
 
 @triton.jit
-def _rank_packed(b_sc, o_b, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.constexpr):
+def _rank_packed(b_sc, o_b, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.constexpr, ID_BITS: tl.constexpr = 0):
     """Packed rank keys (_pack_desc) of blocks o_b [BJ] with scores b_sc [BLOCK_Q, BJ]: forced blocks
     (the first INIT, the LOCAL ending at the row's block cur_t) +inf, other causal blocks their score
     (NaN -> lowest finite), later blocks and rows outside in_t -inf. Same rank as _merge_top."""
@@ -145,7 +152,7 @@ def _rank_packed(b_sc, o_b, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.constexpr
     forced = causal & ((o_b[None, :] < INIT) | (o_b[None, :] > cur_t[:, None] - LOCAL))
     cand = tl.where(b_sc != b_sc, -FMAX, tl.minimum(tl.maximum(b_sc, -FMAX), FMAX))
     cand = tl.where(forced, float("inf"), tl.where(causal, cand, float("-inf")))
-    return _pack_desc(cand, o_b[None, :] + tl.zeros_like(cand).to(tl.int32))
+    return _pack_desc(cand, o_b[None, :] + tl.zeros_like(cand).to(tl.int32), ID_BITS)
 
 
 @triton.jit
@@ -167,56 +174,27 @@ def _merge_packed(keys, cand_p, BJ: tl.constexpr, T_PAD: tl.constexpr):
 
 @triton.jit
 def _merge_bitonic(keys, b_sc, j0, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                   BJ: tl.constexpr, T_PAD: tl.constexpr):
+                   BJ: tl.constexpr, T_PAD: tl.constexpr, ID_BITS: tl.constexpr = 0):
     """Merge the candidates of blocks [j0, j0 + BJ) (scores b_sc) into each row's sorted set `keys`
     (_rank_packed then _merge_packed). Same rank as _merge_top."""
-    cand_p = _rank_packed(b_sc, j0 + tl.arange(0, BJ), cur_t, in_t, INIT, LOCAL)
+    cand_p = _rank_packed(b_sc, j0 + tl.arange(0, BJ), cur_t, in_t, INIT, LOCAL, ID_BITS)
     return _merge_packed(keys, cand_p, BJ, T_PAD)
 
 
 @triton.jit
-def _insert_packed(keys, cand_p, BJ: tl.constexpr, T_PAD: tl.constexpr, WHILE_LOOP: tl.constexpr):
-    """Insert candidate keys cand_p [BLOCK_Q, BJ] into each row's set `keys` ([BLOCK_Q, T_PAD], any
-    order) one at a time: a row's best remaining candidate replaces the set's lowest entry if larger.
-    Steps = the most candidates above a row's lowest entry, so late tiles, where few scores enter the
-    top set, cost a few reductions instead of a sorting network; the set is left unsorted. A tile
-    where more than T_PAD / 2 would enter some row (early tiles, scores rising toward the token) sorts
-    the set and takes the network instead (a guess at the break-even, not measured)."""
-    o_j = tl.arange(0, BJ)
+def _store_sorted(keys, p_idx, m_t, T: tl.constexpr, T_PAD: tl.constexpr, ID_BITS: tl.constexpr = 0):
+    """Write the first T entries of each row's sorted set `keys` (_pack_desc with ID_BITS; forced blocks
+    rank +inf, so they come first, then decreasing score); -1 for entries that are still -inf (no block)."""
+    NEG_INF_KEY: tl.constexpr = -2139095041  # the ordered bits of -inf (0xFF800000 ^ 0x7FFFFFFF)
     o_s = tl.arange(0, T_PAD)
-    low = tl.min(keys, axis=1)
-    steps = tl.max(tl.sum((cand_p > low[:, None]).to(tl.int32), axis=1), axis=0)
-    if steps > T_PAD // 2:
-        keys = _merge_packed(tl.sort(keys, dim=1, descending=True), cand_p, BJ, T_PAD)
-    elif WHILE_LOOP:  # the interpreter cannot range() over computed bounds
-        step = steps * 0
-        while step < steps:
-            keys, cand_p = _insert_one_packed(keys, cand_p, o_j, o_s)
-            step += 1
+    if ID_BITS > 0:
+        MASK: tl.constexpr = (1 << ID_BITS) - 1
+        ids = MASK - (keys & MASK)
+        empty = (keys & ~MASK) == (NEG_INF_KEY & ~MASK)
     else:
-        for _ in range(steps):
-            keys, cand_p = _insert_one_packed(keys, cand_p, o_j, o_s)
-    return keys
-
-
-@triton.jit
-def _insert_one_packed(keys, cand_p, o_j, o_s):
-    best, pick = tl.max(cand_p, axis=1, return_indices=True)
-    low, slot = tl.min(keys, axis=1, return_indices=True)
-    hit = (best > low)[:, None] & (o_s[None, :] == slot[:, None])
-    keys = tl.where(hit, best[:, None], keys)
-    cand_p = tl.where(o_j[None, :] == pick[:, None], -9223372036854775807 - 1, cand_p)  # used: lowest int64
-    return keys, cand_p
-
-
-@triton.jit
-def _store_sorted(keys, p_idx, m_t, T: tl.constexpr, T_PAD: tl.constexpr):
-    """Write the first T entries of each row's sorted set `keys` (forced blocks rank +inf, so they
-    come first, then decreasing score); -1 for entries that are still -inf (no block)."""
-    NEG_INF_KEY: tl.constexpr = -2139095041  # _pack_desc's high word of -inf (0xFF800000 ^ 0x7FFFFFFF)
-    o_s = tl.arange(0, T_PAD)
-    ids = (0x7FFFFFFF - (keys & 0xFFFFFFFF)).to(tl.int32)
-    b_idx = tl.where((keys >> 32).to(tl.int32) == NEG_INF_KEY, -1, ids)
+        ids = (0x7FFFFFFF - (keys & 0xFFFFFFFF)).to(tl.int32)
+        empty = (keys >> 32).to(tl.int32) == NEG_INF_KEY
+    b_idx = tl.where(empty, -1, ids)
     tl.store(p_idx[:, None] + o_s[None, :], b_idx, mask=m_t[:, None] & (o_s < T)[None, :])
 
 
@@ -239,17 +217,12 @@ def _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur
                 in_m, NB, qk_scale, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
                 G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
                 TOPK: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                WHILE_LOOP: tl.constexpr, BITONIC: tl.constexpr, INSERT_AFTER: tl.constexpr):
-    """Scores of blocks [j0, j0 + BJ): merged into the running top sets (TOPK > 0) or stored. BITONIC
-    with INSERT_AFTER > 0: the sorting network for the first INSERT_AFTER tiles of a sequence, then
-    one-by-one insertion of packed keys (the set is sorted once at the end)."""
+                WHILE_LOOP: tl.constexpr, BITONIC: tl.constexpr, ID_BITS: tl.constexpr):
+    """Scores of blocks [j0, j0 + BJ): merged into the running top sets (TOPK > 0) or stored."""
     b_sc, carry = _scores_tile(b_q, b_lse, carry, p_k, j0, nvis_max, nvis_m, in_m, qk_scale,
                                H, D, BLOCK_D, BLOCK_Q, G_PAD, BJ, R, C, IEEE)
-    if TOPK > 0 and BITONIC and (INSERT_AFTER == 0 or j0 < INSERT_AFTER * BJ):
-        vals = _merge_bitonic(vals, b_sc, j0, cur_t, in_t, INIT, LOCAL, BJ, T_PAD)
-    elif TOPK > 0 and BITONIC:  # later tiles: few candidates enter, insert them one by one
-        cand_p = _rank_packed(b_sc, j0 + tl.arange(0, BJ), cur_t, in_t, INIT, LOCAL)
-        vals = _insert_packed(vals, cand_p, BJ, T_PAD, WHILE_LOOP)
+    if TOPK > 0 and BITONIC:
+        vals = _merge_bitonic(vals, b_sc, j0, cur_t, in_t, INIT, LOCAL, BJ, T_PAD, ID_BITS)
     elif TOPK > 0:
         vals, ids = _merge_top(vals, ids, b_sc, j0, cur_t, in_t, INIT, LOCAL, BJ, T_PAD,
                                (TOPK == T_PAD) and (BJ == T_PAD), WHILE_LOOP)
@@ -270,7 +243,7 @@ def _selection_scores_kernel(
     R: tl.constexpr, C: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr,
     COMPUTE_LSE: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
     TOPK: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    BITONIC: tl.constexpr, INSERT_AFTER: tl.constexpr,
+    BITONIC: tl.constexpr, ID_BITS: tl.constexpr,
 ):
     """TOPK == 0: write the scores float32 [n_rows, H, NB]. TOPK > 0: keep each row's top TOPK blocks
     while the scores are made and write int32 [n_rows, H, TOPK] block indices (no scores in memory)."""
@@ -308,7 +281,7 @@ def _selection_scores_kernel(
     o_s = tl.arange(0, T_PAD)
     ids = tl.zeros([BLOCK_Q, T_PAD], dtype=tl.int32) - 1
     if BITONIC:  # packed keys, all empty (-inf); the first T of the sorted set are stored
-        vals = _pack_desc(tl.full([BLOCK_Q, T_PAD], float("-inf"), tl.float32), ids)
+        vals = _pack_desc(tl.full([BLOCK_Q, T_PAD], float("-inf"), tl.float32), ids, ID_BITS)
     else:
         vals = tl.where(o_s[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_Q, T_PAD], tl.float32)
 
@@ -345,21 +318,35 @@ def _selection_scores_kernel(
                 carry, vals, ids = _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur_t,
                                                nb_t, in_t, nvis_max, nvis_m, in_m, NB, qk_scale, H, D, BLOCK_D,
                                                BLOCK_Q, G_PAD, BJ, R, C, IEEE, TOPK, T_PAD, INIT, LOCAL,
-                                               WHILE_LOOP, BITONIC, INSERT_AFTER)
+                                               WHILE_LOOP, BITONIC, ID_BITS)
                 j0 += BJ
         else:
             for j0 in range(0, j_end, BJ):
                 carry, vals, ids = _block_tile(b_q, b_lse, carry, vals, ids, p_k, out_ptr, j0, row0, tok_t, cur_t,
                                                nb_t, in_t, nvis_max, nvis_m, in_m, NB, qk_scale, H, D, BLOCK_D,
                                                BLOCK_Q, G_PAD, BJ, R, C, IEEE, TOPK, T_PAD, INIT, LOCAL,
-                                               WHILE_LOOP, BITONIC, INSERT_AFTER)
+                                               WHILE_LOOP, BITONIC, ID_BITS)
         s += 1
     if TOPK > 0 and BITONIC:
-        if INSERT_AFTER > 0:  # insertion leaves the sets unsorted
-            vals = tl.sort(vals, dim=1, descending=True)
-        _store_sorted(vals, out_ptr + ((tok_t - row0).to(tl.int64) * H + i_h) * TOPK, m_t, TOPK, T_PAD)
+        _store_sorted(vals, out_ptr + ((tok_t - row0).to(tl.int64) * H + i_h) * TOPK, m_t, TOPK, T_PAD, ID_BITS)
     elif TOPK > 0:
         _store_top(vals, ids, out_ptr + ((tok_t - row0).to(tl.int64) * H + i_h) * TOPK, m_t, TOPK, T_PAD)
+
+
+KEY32_ID_BITS = 12  # block ids a 32-bit key holds (4096 blocks: 256K tokens of 64-token blocks)
+
+
+def key_id_bits(keys, dtype: torch.dtype, num_blocks: int) -> int:
+    """_pack_desc's ID_BITS for SELECTION_CONFIG["keys"] (64, 32 or "auto"): 0 = exact int64 keys.
+    32-bit keys need every block id below 2^KEY32_ID_BITS; "auto" takes them for 16-bit queries."""
+    if keys not in (64, 32, "auto"):
+        raise ValueError(f"SELECTION_CONFIG['keys'] must be 64, 32 or 'auto', got {keys!r}")
+    fits = num_blocks <= 1 << KEY32_ID_BITS
+    if keys == 32 and not fits:
+        raise ValueError(f"32-bit selection keys hold block ids below {1 << KEY32_ID_BITS}; "
+                         f"num_blocks={num_blocks} needs keys=64")
+    short = keys == 32 or (keys == "auto" and fits and dtype in (torch.bfloat16, torch.float16))
+    return KEY32_ID_BITS if short else 0
 
 
 def _tile_sizes(g: int, r: int, d: int, rows: int = 64, summaries: int = 64):
@@ -392,6 +379,7 @@ def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_b
         k_cmp = q.new_zeros(1, h, d)
     t_pad = next_pow2(max(topk, 1))
     bitonic = bool(topk) and cfg["merge"] == "bitonic" and bj >= t_pad  # the network needs a full tile
+    id_bits = key_id_bits(cfg["keys"], q.dtype, num_blocks) if bitonic else 0
     grid = (triton.cdiv(n_rows, block_q), h)
     _selection_scores_kernel[grid](
         q.contiguous(), k_cmp, lse if lse is not None else out, out, cu, cu_cmp, tok_seq,
@@ -400,7 +388,7 @@ def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_b
         KS=kernel_size, STRIDE=kernel_stride, BS=block_size, COMPUTE_LSE=lse is None,
         IEEE=q.dtype == torch.float32, WHILE_LOOP=is_interpreter(),
         TOPK=topk, T_PAD=t_pad, INIT=init_blocks, LOCAL=local_blocks, BITONIC=bitonic,
-        INSERT_AFTER=cfg["insert_after"] if bitonic else 0,
+        ID_BITS=id_bits,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
