@@ -417,11 +417,14 @@ def test_gpu_selection(n, h, g, cu):
     idx, ref_idx = select_blocks(s, cu, 64, 16), select_blocks_ref(r, cu, 64, 16)
     same = _same_sets(idx, ref_idx)
     assert same.float().mean().item() > 0.99
-    picked = r.gather(-1, idx.long().clamp_min(0)).masked_fill(idx < 0, float("inf"))
     kth = r.gather(-1, ref_idx.long().clamp_min(0)).masked_fill(ref_idx < 0, float("inf")).amin(-1)
-    assert bool((picked.amin(-1) >= kth - 1e-2 * kth.clamp_min(1e-3).abs() - 1e-4).all())
     fused = nsa_block_indices(q, k, cu)
-    assert torch.equal(fused, idx) or _same_sets(fused, idx).float().mean().item() > 0.99
+    for name, got in (("scores path", idx), ("fused kernel", fused)):
+        picked = r.gather(-1, got.long().clamp_min(0)).masked_fill(got < 0, float("inf"))
+        assert bool((picked.amin(-1) >= kth - 1e-2 * kth.clamp_min(1e-3).abs() - 1e-4).all()), name
+    # the fused kernel's 32-bit sort keys rank to a relative 2^-11 (SELECTION_CONFIG keys): flat
+    # random scores hold near-ties in a few percent of the rows (g=16 sums 16 heads: flatter)
+    assert _same_sets(fused, idx).float().mean().item() > 0.9
     from_cmp = select_blocks_from_compressed(q, k_cmp, cu, cu_cmp, lse=lse)
     assert _same_sets(from_cmp, idx).float().mean().item() > 0.999  # same scores up to chunking
 
