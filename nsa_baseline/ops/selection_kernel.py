@@ -336,17 +336,15 @@ def _selection_scores_kernel(
 KEY32_ID_BITS = 12  # block ids a 32-bit key holds (4096 blocks: 256K tokens of 64-token blocks)
 
 
-def key_id_bits(keys, dtype: torch.dtype, num_blocks: int) -> int:
-    """_pack_desc's ID_BITS for SELECTION_CONFIG["keys"] (64, 32 or "auto"): 0 = exact int64 keys.
-    32-bit keys need every block id below 2^KEY32_ID_BITS; "auto" takes them for 16-bit queries."""
-    if keys not in (64, 32, "auto"):
-        raise ValueError(f"SELECTION_CONFIG['keys'] must be 64, 32 or 'auto', got {keys!r}")
-    fits = num_blocks <= 1 << KEY32_ID_BITS
-    if keys == 32 and not fits:
+def key_id_bits(keys, num_blocks: int) -> int:
+    """_pack_desc's ID_BITS for SELECTION_CONFIG["keys"] (64 or 32): 0 = exact int64 keys. 32-bit
+    keys need every block id below 2^KEY32_ID_BITS."""
+    if keys not in (64, 32):
+        raise ValueError(f"SELECTION_CONFIG['keys'] must be 64 or 32, got {keys!r}")
+    if keys == 32 and num_blocks > 1 << KEY32_ID_BITS:
         raise ValueError(f"32-bit selection keys hold block ids below {1 << KEY32_ID_BITS}; "
                          f"num_blocks={num_blocks} needs keys=64")
-    short = keys == 32 or (keys == "auto" and fits and dtype in (torch.bfloat16, torch.float16))
-    return KEY32_ID_BITS if short else 0
+    return KEY32_ID_BITS if keys == 32 else 0
 
 
 def _tile_sizes(g: int, r: int, d: int, rows: int = 64, summaries: int = 64):
@@ -379,7 +377,7 @@ def selection_scores_fwd(q, k_cmp, lse, cu, cu_cmp, tok_seq, row0, n_rows, num_b
         k_cmp = q.new_zeros(1, h, d)
     t_pad = next_pow2(max(topk, 1))
     bitonic = bool(topk) and cfg["merge"] == "bitonic" and bj >= t_pad  # the network needs a full tile
-    id_bits = key_id_bits(cfg["keys"], q.dtype, num_blocks) if bitonic else 0
+    id_bits = key_id_bits(cfg["keys"], num_blocks) if bitonic else 0
     grid = (triton.cdiv(n_rows, block_q), h)
     _selection_scores_kernel[grid](
         q.contiguous(), k_cmp, lse if lse is not None else out, out, cu, cu_cmp, tok_seq,

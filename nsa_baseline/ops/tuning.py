@@ -37,13 +37,14 @@ DKDV_SPLIT_SLOTS = 512
 # of a tile sets the steps). NVIDIA H200, 64 query heads, d = 128, (64, 16) (results/stage_bench):
 # bitonic with 64 rows takes 42.0 ms at 64K G = 1 (insert: 58.9 with 32 rows, 79.0 with 64), 2.9 ms
 # at 16K G = 1 (5.5), 21.4 ms at 64K G = 4 (27.1), 13.1 ms at G = 16 (13.8).
-# keys (merge="bitonic"): width of the packed (score, block id) keys the network sorts: 64 (exact) or 32
-# (the score's low 12 mantissa bits replaced by the block id: ranks to a relative 2^-11, for up to 4096
-# blocks); "auto" takes 32 for bf16 / fp16 queries with <= 4096 blocks per sequence (their scores carry
-# no more precision than that), else 64. Timed in results/stage_bench/README.md. A hybrid that inserted
-# the later tiles' candidates one by one was slower at every shape there (64K G = 1: 51-66 ms against
-# 41 ms for the network alone) and was removed.
-SELECTION_CONFIG = dict(rows=64, summaries=64, num_warps=4, num_stages=2, merge="bitonic", keys="auto")
+# keys (merge="bitonic"): width of the packed (score, block id) keys the network sorts: 64 (exact up to
+# fp32) or 32 (the score's low 12 mantissa bits hold the block id: ranks to a relative 2^-11, for up to
+# 4096 blocks per sequence). 32 is faster (H100, results/stage_bench: 64K G = 1 41.0 -> 29.0 ms, module
+# fwd+bwd 192.9 -> 180.2 ms) but picks another near-tied block in 1-8% of the rows of flat random scores
+# (more with larger G), so the module's choices drift from the reference's and from decoding's: off by
+# default. A hybrid that inserted the later tiles' candidates one by one was slower at every shape
+# (64K G = 1: 51-66 ms against 41 ms for the network alone) and was removed.
+SELECTION_CONFIG = dict(rows=64, summaries=64, num_warps=4, num_stages=2, merge="bitonic", keys=64)
 
 
 def query_outer_config(table, d_pad: int, block_size: int, num_warps=None, num_stages=None,

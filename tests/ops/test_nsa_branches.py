@@ -180,9 +180,9 @@ def test_select_blocks_from_compressed_interpreter(given_lse):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("topk,init,local", [(5, 1, 2), (8, 0, 0)])
-@pytest.mark.parametrize("dtype,keys", [(torch.float32, 32), (torch.float16, "auto")], ids=["fp32-k32", "fp16-auto"])
-def test_select_blocks_with_32bit_keys(monkeypatch, layout, topk, init, local, dtype, keys):
-    """32-bit sort keys (SELECTION_CONFIG keys=32, or "auto" for 16-bit queries) rank the scores to a
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_select_blocks_with_32bit_keys(monkeypatch, layout, topk, init, local, dtype):
+    """32-bit sort keys (SELECTION_CONFIG keys=32) rank the scores to a
     relative 2^-11: the sets obey the rule on the float64 scores up to that tolerance, and rows
     without such a near-tie hold the exact keys' sets; 20 blocks of 16 tokens give 3 tiles of 8
     blocks per row of the longest sequence, and the varlen layout puts several sequences in a tile."""
@@ -200,28 +200,26 @@ def test_select_blocks_with_32bit_keys(monkeypatch, layout, topk, init, local, d
     monkeypatch.setattr(selection_kernel, "key_id_bits",
                         lambda *a, f=selection_kernel.key_id_bits: bits.append(f(*a)) or bits[-1])
     outs = {}
-    for width in (keys, 64):
+    for width in (32, 64):
         monkeypatch.setattr(tuning, "SELECTION_CONFIG", {**tuning.SELECTION_CONFIG, "summaries": 16, "keys": width})
         outs[width] = select_blocks_from_compressed(q, k_cmp, cu, cu_cmp, ks, stride, bs, topk, init, local,
                                                     lse=lse.float())
     assert bits == [selection_kernel.KEY32_ID_BITS, 0], bits
     tol = float(scores[scores.isfinite()].abs().max()) * 2.0 ** -10
-    _check_selection_rule(outs[keys], scores, cu, bs, topk, init, local, tol=tol)
+    _check_selection_rule(outs[32], scores, cu, bs, topk, init, local, tol=tol)
     tie_free = ~_near_tie_rows(scores, cu, bs, topk, init, local, tol=tol)
     assert float(tie_free.float().mean()) > 0.6, "too few tie-free rows for the check to mean much"
-    assert bool(_same_sets(outs[keys], outs[64])[tie_free].all())
+    assert bool(_same_sets(outs[32], outs[64])[tie_free].all())
 
 
 def test_selection_key_width_choice():
     from nsa_baseline.ops.selection_kernel import KEY32_ID_BITS as B, key_id_bits
 
-    assert key_id_bits("auto", torch.bfloat16, 1024) == B and key_id_bits("auto", torch.float16, 1 << B) == B
-    assert key_id_bits("auto", torch.float32, 1024) == 0 and key_id_bits("auto", torch.bfloat16, (1 << B) + 1) == 0
-    assert key_id_bits(32, torch.float32, 8) == B and key_id_bits(64, torch.bfloat16, 8) == 0
+    assert key_id_bits(32, 1 << B) == B and key_id_bits(64, 8) == 0
     with pytest.raises(ValueError, match="keys=64"):
-        key_id_bits(32, torch.bfloat16, (1 << B) + 1)
-    with pytest.raises(ValueError, match="64, 32 or 'auto'"):
-        key_id_bits(16, torch.bfloat16, 8)
+        key_id_bits(32, (1 << B) + 1)
+    with pytest.raises(ValueError, match="64 or 32"):
+        key_id_bits("auto", 8)
 
 
 def test_selection_kernel_compiles_for_sm90_without_spills():
@@ -422,11 +420,18 @@ def test_gpu_selection(n, h, g, cu):
     for name, got in (("scores path", idx), ("fused kernel", fused)):
         picked = r.gather(-1, got.long().clamp_min(0)).masked_fill(got < 0, float("inf"))
         assert bool((picked.amin(-1) >= kth - 1e-2 * kth.clamp_min(1e-3).abs() - 1e-4).all()), name
-    # the fused kernel's 32-bit sort keys rank to a relative 2^-11 (SELECTION_CONFIG keys): flat
-    # random scores hold near-ties in a few percent of the rows (g=16 sums 16 heads: flatter)
-    assert _same_sets(fused, idx).float().mean().item() > 0.9
+    assert torch.equal(fused, idx) or _same_sets(fused, idx).float().mean().item() > 0.99
     from_cmp = select_blocks_from_compressed(q, k_cmp, cu, cu_cmp, lse=lse)
     assert _same_sets(from_cmp, idx).float().mean().item() > 0.999  # same scores up to chunking
+    # SELECTION_CONFIG keys=32 ranks to a relative 2^-11: near-tied picks in a few percent of the
+    # rows of flat random scores (93.8% identical at 16K g=16 on the H100), the same 1% rule
+    from nsa_baseline.ops import tuning
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tuning, "SELECTION_CONFIG", {**tuning.SELECTION_CONFIG, "keys": 32})
+        short = select_blocks_from_compressed(q, k_cmp, cu, cu_cmp, lse=lse)
+    picked = r.gather(-1, short.long().clamp_min(0)).masked_fill(short < 0, float("inf"))
+    assert bool((picked.amin(-1) >= kth - 1e-2 * kth.clamp_min(1e-3).abs() - 1e-4).all()), "keys=32"
+    assert _same_sets(short, idx).float().mean().item() > 0.9
 
 
 @pytest.mark.gpu
