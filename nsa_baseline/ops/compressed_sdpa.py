@@ -31,6 +31,11 @@ _SEQUENCES: dict[tuple, tuple] = {}
 # A packed batch runs as a batch of its sequences, each padded to the longest one's rows; beyond this
 # share of padded (wasted) attention work the Triton kernels serve the call instead.
 MAX_PADDING_WASTE = 0.5
+# The call's row copies (q, o, do, dq: [N, HQ, D] each) and cuDNN's backward buffers grow with the
+# token x query-head rows: at 256K tokens x 64 heads the module's fwd+bwd asked for 16 GiB more and ran
+# out of memory on an 80 GB H100 where the Triton kernels fit (results/tables67, 44f7b49). Above this
+# many rows the Triton kernels serve the call (128K x 64 heads still routes: measured to fit).
+MAX_QUERY_ROWS = 131072 * 64
 
 
 class ResidueLayout(NamedTuple):
@@ -286,10 +291,11 @@ def compressed_sdpa_bwd(q, k_cmp, v_cmp, o, lse, do, aux: tuple, kernel_size: in
 
 def routed_sequences(q, k_cmp, cu, cu_cmp, kernel_size: int, kernel_stride: int, min_tokens):
     """The sequences for this module's compressed branch on the fused kernels when its longest sequence
-    has at least `min_tokens` tokens (fused_attention.COMPRESSED_SDPA_MIN_TOKENS; None: never) and
-    padding them wastes at most MAX_PADDING_WASTE, else None. cu, cu_cmp: checked (checked_compressed_args)."""
-    if min_tokens is None or q.shape[0] < min_tokens or not k_cmp.shape[0] or k_cmp.dtype != q.dtype \
-            or not sdpa_serves(q, kernel_size, kernel_stride):
+    has at least `min_tokens` tokens (fused_attention.COMPRESSED_SDPA_MIN_TOKENS; None: never), q has
+    at most MAX_QUERY_ROWS token x head rows and padding them wastes at most MAX_PADDING_WASTE, else
+    None. cu, cu_cmp: checked (checked_compressed_args)."""
+    if min_tokens is None or q.shape[0] < min_tokens or q.shape[0] * q.shape[1] > MAX_QUERY_ROWS \
+            or not k_cmp.shape[0] or k_cmp.dtype != q.dtype or not sdpa_serves(q, kernel_size, kernel_stride):
         return None
     seqs = sdpa_sequences(q.shape[0], k_cmp.shape[0], cu, cu_cmp, kernel_size, kernel_stride)
     return seqs if seqs and max(n for _, n, _, _ in seqs) >= min_tokens else None

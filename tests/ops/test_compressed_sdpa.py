@@ -309,3 +309,17 @@ def test_gpu_module_with_both_compression_switches_bf16(monkeypatch):
     # (a misplaced lse, a missing summary) moves most of a row's blocks.
     kept = (idx_on[..., :, None] == idx_off[..., None, :]).any(-1).float().mean().item()
     assert kept >= 0.99, f"only {kept:.4f} of the selected blocks are shared"
+
+
+def test_routing_declines_more_query_rows_than_max_query_rows(monkeypatch):
+    """routed_sequences sends a call to the fused kernels only from min_tokens on and up to
+    MAX_QUERY_ROWS token x head rows (256K x 64 heads ran out of memory on an 80 GB H100 there)."""
+    from nsa_baseline.ops import compressed_sdpa
+
+    n, hq, h, d, ks, st = 256, 4, 2, 16, 32, 16
+    q = torch.randn(n, hq, d)
+    k_cmp = torch.randn((n - ks) // st + 1, h, d)
+    assert compressed_sdpa.routed_sequences(q, k_cmp, None, None, ks, st, 128) is not None
+    assert compressed_sdpa.routed_sequences(q, k_cmp, None, None, ks, st, n + 1) is None
+    monkeypatch.setattr(compressed_sdpa, "MAX_QUERY_ROWS", n * hq - 1)
+    assert compressed_sdpa.routed_sequences(q, k_cmp, None, None, ks, st, 128) is None
