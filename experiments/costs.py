@@ -7,6 +7,8 @@ from experiments.points import Point
 from experiments.schema import HardwareConfig, SelectionConfig
 from fsa.auto import rule_choice
 from fsa import tuning
+from nsa_baseline import fused_attention
+from nsa_baseline.ops import compressed_sdpa
 
 ELEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -62,6 +64,19 @@ def input_gb(point: Point) -> float:
     return ELEM_BYTES[point.dtype] * point.num_tokens * (point.q_heads + 2 * point.kv_heads) * point.head_dim / 1e9
 
 
+# q-sized ([N, HQ, D]) tensors the cuDNN compressed route adds to the module's backward: fitted to the
+# H100's 128K NSA rows (44f7b49, results/tables67: 6.0-7.9 more than the Triton route, by g)
+CUDNN_COMPRESSED_Q_COPIES = 7.5
+
+
+def cudnn_compressed(point: Point) -> bool:
+    """Whether the module sends this point's compressed branch to cuDNN (compressed_sdpa.routed_sequences
+    for one sequence of 16-bit inputs)."""
+    low = fused_attention.COMPRESSED_SDPA_MIN_TOKENS
+    return (low is not None and point.dtype in ("bfloat16", "float16") and point.batch == 1
+            and low <= point.seqlen and point.seqlen * point.q_heads <= compressed_sdpa.MAX_QUERY_ROWS)
+
+
 def predicted_extra_mem_gb(kernel: str, point: Point, pass_name: str, hw: HardwareConfig) -> float:
     """Peak device memory of one call beyond its inputs, as the timed rows measure it: fwd (no grad)
     = outputs + the kernel's temporaries; bwd = gradients + backward temporaries (what the forward
@@ -85,15 +100,22 @@ def predicted_extra_mem_gb(kernel: str, point: Point, pass_name: str, hw: Hardwa
         return min(whole, tuning.budget_for_free(hw.memory_gb * 1e9 - inputs - in_use))
 
     family = rule_choice(g) if kernel == "auto" else kernel  # auto: the family its rule picks
+    bwd_buffers = 0.0
     if family == "fsa":
         kept = out + index_kept + branch_out
         fwd = out + branch_out + max(index_build, index_kept + buffers(False, kept))
-        bwd = grads + buffers(True, kept + grads)
+        bwd_buffers = buffers(True, kept + grads)
+        bwd = grads + bwd_buffers
     elif family == "sdpa":  # FlashAttention: fp32 dq accumulator; with G > 1, dK / dV per query head first
         fwd, kept = out, out
         bwd = grads + 4 * n * hq * d + (2 * elem * n * hq * d if g > 1 else 0)
     else:  # nsa, fla: query-outer; the backward builds the block index for its dK / dV
         fwd, kept, bwd = out + branch_out, out + branch_out, grads + index_build
     if module and family != "sdpa":
-        bwd += 2 * grads + 3 * elem * n * hq * d  # the other branches' gradients and their output grads
+        # the other branches' gradients and their output grads (they accumulate into shared dq / dk / dv
+        # buffers and the compression grads go in place: fitted to the H100's 256K rows, results/tables67)
+        bwd += 3 * elem * n * hq * d + elem * n * h * d
+        if cudnn_compressed(point):  # its row copies and cuDNN's fp32 accumulators, in the
+            # compressed branch's backward (after FSA's selected backward freed its buffers)
+            bwd = max(bwd, bwd - bwd_buffers + CUDNN_COMPRESSED_Q_COPIES * elem * n * hq * d)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": kept + bwd}[pass_name] / 1e9

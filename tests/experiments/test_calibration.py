@@ -131,7 +131,9 @@ def test_cli_writes_the_fit_and_its_predicted_vs_measured_plot(tmp_path):
 def test_predicted_memory_tracks_the_h100_and_foresees_its_out_of_memory_points():
     """Predicted peak extra memory (experiments/costs.py): NSA and dense forward within 5% of the
     measured rows, every selected-scope row within 0.15-2.5x; and at 256K x 64 query heads (Tables 6-7)
-    the module's fwd+bwd is predicted not to fit 80 GB exactly where the H100 ran out of memory."""
+    the module's fwd+bwd is predicted not to fit 80 GB exactly where the H100 ran out of memory (at
+    e03c37f nowhere: every 256K point ran), and within 0.8-1.1x of the measured peak where the rows
+    were measured on today's code path."""
     from experiments import costs
 
     hw = HardwareConfig()
@@ -150,6 +152,8 @@ def test_predicted_memory_tracks_the_h100_and_foresees_its_out_of_memory_points(
         point = calibration.point_of(r)
         need = costs.predicted_extra_mem_gb(r["kernel"], point, "fwd+bwd", hw)
         assert (need + costs.input_gb(point) > hw.memory_gb) == (r["status"] == "oom"), (r["kernel"], r["gqa"])
+        if r["status"] == "ok" and r["kernel"] != "sdpa" and r["git_commit"] != "44f7b49":  # 44f7b49: cuDNN route
+            assert 0.8 <= r["peak_extra_mem_gb"] / need <= 1.1, (r["kernel"], r["gqa"], r["peak_extra_mem_gb"], need)
 
 
 def test_predicted_rows_and_summary_say_what_would_not_fit():
@@ -157,7 +161,8 @@ def test_predicted_rows_and_summary_say_what_would_not_fit():
     from experiments.runner import predicted_rows
     from experiments.schema import SweepConfig
 
-    cfg = SweepConfig(gqa=1, q_heads=64, kv_heads=64, seqlen=262144, scope="module")
+    # 384K x 64 heads: the sparse modules' fwd+bwd would not fit 80 GB (256K does since e03c37f: 49-55 GB)
+    cfg = SweepConfig(gqa=1, q_heads=64, kv_heads=64, seqlen=393216, scope="module")
     point = Point.from_config(cfg)
     rows = pd.DataFrame(predicted_rows(cfg, point, [(k, p) for k in ("nsa", "fsa", "sdpa") for p in ("fwd", "fwd+bwd")],
                                        META), columns=list(COLUMNS))
