@@ -54,6 +54,7 @@ LOCAL_BLOCKS_KERNEL = False
 # branch alone on the H100, 63122c6: 64K x 64 heads fwd+bwd 45.9 ms vs 51.7 Triton, 16K 7.0 vs 3.9),
 # so short sequences lose: the module at 64K g=1 197.9 -> 194.6 ms, g=4 154.4 -> 152.7, at 16K g=1
 # 31.8 -> 35.4 (results/module_vs_dense/README.md). 65536: the smallest length measured to win.
+# Calls above compressed_sdpa.MAX_QUERY_ROWS (128K tokens x 64 heads) keep the Triton kernels: memory.
 COMPRESSED_SDPA_MIN_TOKENS = 65536
 
 
