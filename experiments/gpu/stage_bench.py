@@ -1,13 +1,13 @@
 """Launch variants of two module stages in one GPU call: the fused selection kernel's top-T merge
-(insertion, the bitonic network on 64-bit or 32-bit sort keys) and the
-compressed backward's dK/dV with the rows of every summary tile shared by several programs (few KV heads).
+(insertion, the bitonic network on 64-bit or 32-bit sort keys) and the compressed backward's dK/dV
+with the rows of every summary tile shared by several programs (few KV heads).
 
     python -m experiments.gpu.stage_bench [--budget 300] [--stages selection,dkdv]
 
 bf16, 64 query heads, d = 128, kernel 32 / stride 16, one sequence. Selection: every variant's block
 sets are compared with the insertion merge's (rows whose sets differ are counted: exact ties with
-64-bit keys, near-ties within 2^-11 with 32-bit ones), then timed (`triton.testing.do_bench` medians). dK/dV: each row-share count checked
-against one share (max relative error), then timed. Writes stage_bench_{selection,dkdv}.csv with GPU,
+64-bit keys, near-ties within 2^-11 with 32-bit ones), then timed (`triton.testing.do_bench`
+medians). dK/dV: each row-share count checked against one share (max relative error), then timed. Writes stage_bench_{selection,dkdv}.csv with GPU,
 torch, Triton and commit under $OUT (else ./out) and prints the tables.
 """
 from __future__ import annotations
