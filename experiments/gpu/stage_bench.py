@@ -7,8 +7,9 @@ with the rows of every summary tile shared by several programs (few KV heads).
 bf16, 64 query heads, d = 128, kernel 32 / stride 16, one sequence. Selection: every variant's block
 sets are compared with the insertion merge's (rows whose sets differ are counted: exact ties with
 64-bit keys, near-ties within 2^-11 with 32-bit ones), then timed (`triton.testing.do_bench`
-medians). dK/dV: each row-share count checked against one share (max relative error), then timed. Writes stage_bench_{selection,dkdv}.csv with GPU,
-torch, Triton and commit under $OUT (else ./out) and prints the tables.
+medians). dK/dV: each row-share count checked against one share (max relative error), then timed.
+Writes stage_bench_{selection,dkdv}.csv with GPU, torch, Triton and commit under $OUT (else ./out)
+and prints the tables.
 """
 from __future__ import annotations
 
