@@ -72,9 +72,9 @@ CUDNN_COMPRESSED_Q_COPIES = 7.5
 def cudnn_compressed(point: Point) -> bool:
     """Whether the module sends this point's compressed branch to cuDNN (compressed_sdpa.routed_sequences
     for one sequence of 16-bit inputs)."""
-    low = fused_attention.COMPRESSED_SDPA_MIN_TOKENS
-    return (low is not None and point.dtype in ("bfloat16", "float16") and point.batch == 1
-            and low <= point.seqlen and point.seqlen * point.q_heads <= compressed_sdpa.MAX_QUERY_ROWS)
+    return (point.dtype in ("bfloat16", "float16") and point.batch == 1
+            and compressed_sdpa.route_bounds_hold(point.seqlen, point.q_heads,
+                                                  fused_attention.COMPRESSED_SDPA_MIN_TOKENS))
 
 
 def predicted_extra_mem_gb(kernel: str, point: Point, pass_name: str, hw: HardwareConfig) -> float:

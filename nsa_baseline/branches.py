@@ -13,7 +13,7 @@ from nsa_baseline import reference
 from nsa_baseline.checks import check_block_mapping
 from nsa_baseline.ops import selection, window
 from nsa_baseline.ops.compressed import checked_compressed_args
-from nsa_baseline.ops.compressed_sdpa import attend_routed, routed_sequences
+from nsa_baseline.ops.compressed_sdpa import attend_routed, route_bounds_hold, routed_sequences
 from nsa_baseline.ops.compressed_triton import compressed_attention_triton, compressed_triton_supported
 from nsa_baseline.ops.compression import compress_kv
 from nsa_baseline.ops.flex import use_flex
@@ -39,7 +39,7 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     from nsa_baseline import fused_attention  # (it imports the ops this module wraps)
 
     limit = fused_attention.COMPRESSED_SDPA_MIN_TOKENS
-    if limit is not None and q.shape[0] >= limit:  # (no host read of cu_seqlens below the limit)
+    if route_bounds_hold(q.shape[0], q.shape[1], limit):  # (no host read of cu_seqlens outside the bounds)
         cu, cu_cmp, scale_ = checked_compressed_args(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size,
                                                      kernel_stride, scale)
         seqs = routed_sequences(q, k_cmp, cu, cu_cmp, kernel_size, kernel_stride, limit)

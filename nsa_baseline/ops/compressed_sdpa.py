@@ -289,13 +289,19 @@ def compressed_sdpa_bwd(q, k_cmp, v_cmp, o, lse, do, aux: tuple, kernel_size: in
     return dq, _unkeys(dk_r, layout, k_cmp.dtype), _unkeys(dv_r, layout, v_cmp.dtype)
 
 
+def route_bounds_hold(num_tokens: int, q_heads: int, min_tokens) -> bool:
+    """The size rule of routed_sequences: at least `min_tokens` tokens (None: never) and at most
+    MAX_QUERY_ROWS token x query-head rows (the longest sequence must reach min_tokens as well)."""
+    return min_tokens is not None and num_tokens >= min_tokens and num_tokens * q_heads <= MAX_QUERY_ROWS
+
+
 def routed_sequences(q, k_cmp, cu, cu_cmp, kernel_size: int, kernel_stride: int, min_tokens):
     """The sequences for this module's compressed branch on the fused kernels when its longest sequence
     has at least `min_tokens` tokens (fused_attention.COMPRESSED_SDPA_MIN_TOKENS; None: never), q has
     at most MAX_QUERY_ROWS token x head rows and padding them wastes at most MAX_PADDING_WASTE, else
     None. cu, cu_cmp: checked (checked_compressed_args)."""
-    if min_tokens is None or q.shape[0] < min_tokens or q.shape[0] * q.shape[1] > MAX_QUERY_ROWS \
-            or not k_cmp.shape[0] or k_cmp.dtype != q.dtype or not sdpa_serves(q, kernel_size, kernel_stride):
+    if not route_bounds_hold(q.shape[0], q.shape[1], min_tokens) or not k_cmp.shape[0] or k_cmp.dtype != q.dtype \
+            or not sdpa_serves(q, kernel_size, kernel_stride):
         return None
     seqs = sdpa_sequences(q.shape[0], k_cmp.shape[0], cu, cu_cmp, kernel_size, kernel_stride)
     return seqs if seqs and max(n for _, n, _, _ in seqs) >= min_tokens else None
