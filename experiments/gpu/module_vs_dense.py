@@ -14,8 +14,8 @@ the same inputs (tests/ops/test_local_blocks.py checks that the two agree); --in
 sets nsa_baseline.ops.compression_grad.IN_PLACE_LINEAR (tests/ops/test_compression_inplace.py) and
 --compressed-sdpa nsa_baseline.fused_attention.COMPRESSED_SDPA_MIN_TOKENS (None off, 0 on:
 tests/ops/test_compressed_sdpa.py), --selection-keys32 nsa_baseline.ops.tuning.SELECTION_CONFIG's
-keys (64 off, 32 on: tests/ops/test_nsa_branches.py); with several, every combination. Writes module_vs_dense.csv
-(GPU, torch, Triton, commit on every row) under $OUT (else ./out).
+keys (64 off, 32 on: tests/ops/test_nsa_branches.py); with several, every combination. Writes
+module_vs_dense.csv (GPU, torch, Triton, commit on every row) under $OUT (else ./out).
 """
 from __future__ import annotations
 
