@@ -36,6 +36,12 @@ GRIDS = {
                    attend_shares=[0, 1]),
     "append": dict(append_programs_per_sm=[1, 2, 4, 8]),
 }
+# --split-scan: the split count forced (splits=) against the launch settings, per stage
+SPLIT_SCAN = {
+    "select": ([1, 2, 3, 4, 6, 8, 12, 16, 17, 24, 32],
+               dict(select_stages=[2, 3, 4], summaries_per_tile=[64, 128], select_warps=[4])),
+    "attend": ([1, 2, 3, 4, 5, 6, 8, 12], dict(attend_stages=[2, 3], attend_warps=[4, 8])),
+}
 # --ablation: the compressed pass's own kernel time (profiler) and GB/s over the select settings
 ABLATION = dict(select_programs_per_sm=[4, 8, 16], select_stages=[2, 3], summaries_per_tile=[64, 128])
 START = time.time()
@@ -145,6 +151,44 @@ def ablation(module, pts, rows: list[dict]) -> None:
         torch.cuda.empty_cache()
 
 
+def split_scan(module, pts, rows: list[dict], budget_s: float) -> None:
+    """Every forced split count x launch setting of the select and attend stages (graph replay, checked
+    against the default rule's output), to see how the split rules should pick S."""
+    from nsa_baseline.ops.decode_attend import decode_selected_window
+    from nsa_baseline.ops.decode_select import decode_compressed_select
+    from nsa_baseline.ops.decode_tiles import decode_launch
+
+    m, scale = module, D ** -0.5
+    for b, length in pts:
+        point = Point(module, b, length)
+        c = point.cache
+        calls = {
+            "select": lambda s: decode_compressed_select(point.q, c.k_cmp, c.v_cmp, point.pos, m.kernel_size,
+                                                         m.kernel_stride, m.block_size, m.topk, m.init_blocks,
+                                                         m.local_blocks, scale, splits=s),
+            "attend": lambda s: decode_selected_window(point.q, c.k, c.v, point.pos, point.idx, point.o_cmp,
+                                                       point.gates, m.block_size, m.window_size, scale, splits=s),
+        }
+        for stage, (splits, grid) in SPLIT_SCAN.items():
+            ref = point.check(stage)
+            for s, setting in itertools.product(splits, settings(grid)):
+                if time.time() - START > budget_s:
+                    break
+                with decode_launch(**setting):
+                    got = calls[stage](s)
+                    got = dict(o=got[0], idx=got[1]) if stage == "select" else dict(o=got)
+                    ms = timing.bench(graphed(lambda: calls[stage](s)))[1]
+                row = dict(B=b, L=length, stage=stage, splits=s,
+                           settings=" ".join(f"{k}={v}" for k, v in setting.items()), ms=f"{ms:.5f}",
+                           rel_err=f"{rel(got['o'], ref['o']):.2e}")
+                if stage == "select":
+                    row["same_sets"] = f"{same_sets(got['idx'], ref['idx']):.4f}"
+                rows.append(row)
+        print(f"  split scan B={b} L={length} done ({time.time() - START:.0f} s)", flush=True)
+        del point
+        torch.cuda.empty_cache()
+
+
 def best_settings(rows: list[dict], stage: str) -> dict:
     """The stage's setting with the lowest geometric mean time over the points (any failed check
     excludes a setting)."""
@@ -178,6 +222,7 @@ def main() -> int:
     ap.add_argument("--points", default="1:65536,8:65536,32:65536,8:131072", help="B:L pairs")
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--ablation", action="store_true", help="only the compressed pass's kernel, by profiler")
+    ap.add_argument("--split-scan", action="store_true", help="split counts forced x launch settings, per stage")
     ap.add_argument("--stages", default=",".join(GRIDS), help="the stages to tune (select, attend, append)")
     args = ap.parse_args()
     require_cuda()
@@ -190,6 +235,14 @@ def main() -> int:
     module = NativeSparseAttention(HIDDEN, HQ, H, D, backend="fsa", **PRESET).to("cuda", BF16)
     pts = [tuple(int(x) for x in p.split(":")) for p in args.points.split(",")]
     rows = []
+    if args.split_scan:
+        split_scan(module, pts, rows, args.budget_s)
+        write_rows(out / "decode_split_scan.csv", rows, meta)
+        for b, length in pts:
+            for stage in SPLIT_SCAN:
+                print_table(sorted((r for r in rows if (r["B"], r["L"], r["stage"]) == (b, length, stage)),
+                                   key=lambda r: float(r["ms"]))[:6])
+        return 0
     if args.ablation:
         ablation(module, pts, rows)
         write_rows(out / "decode_ablation.csv", rows, meta)
