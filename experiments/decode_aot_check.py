@@ -24,7 +24,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from experiments.compressed_aot_check import resources, with_default_constexprs  # noqa: E402
 from nsa_baseline.ops import decode_append, decode_attend, decode_attend_split, decode_select, decode_split  # noqa: E402
 
-SCALARS = {"MAX_SEQLEN": "i32", "MAX_CMP": "i32", "MAX_PAGES": "i32", "qk_scale": "fp32"}
+SCALARS = {"MAX_SEQLEN": "i32", "MAX_CMP": "i32", "MAX_PAGES": "i32", "qk_scale": "fp32", "stride_slot": "i32",
+           "stride_row": "i32", "stride_head": "i32"}
 I32_PTRS = {"len_ptr", "pos_ptr", "idx_ptr", "tbl_ptr", "slot_ptr"}
 I64_PTRS = {"keys_part_ptr"}
 F32_PTRS = {"o_cmp_ptr", "o_part_ptr", "lse_part_ptr", "logit_ptr", "o_ptr"}

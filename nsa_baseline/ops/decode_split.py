@@ -45,12 +45,12 @@ def _split_range(pos, i_s, S: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constex
 
 
 @triton.jit
-def _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g, m_kd, qk_scale, H: tl.constexpr,
-                    D: tl.constexpr, IEEE: tl.constexpr):
+def _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g, m_kd, qk_scale, stride_row,
+                    IEEE: tl.constexpr):
     """Online-softmax step over summaries [i0, i0 + BC) below i_hi; their logits go to p_logit."""
     m_c = (i0 + o_c) < i_hi
-    b_k = tl.load(p_k + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
-    b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_kd, other=0.)
+    b_k = tl.load(p_k + i0 * stride_row, mask=m_c[:, None] & m_kd, other=0.)
+    b_v = tl.load(p_v + i0 * stride_row, mask=m_c[:, None] & m_kd, other=0.)
     b_s = _scores(b_q, b_k, m_c, qk_scale, IEEE)
     tl.store(p_logit + i0, b_s, mask=m_g[:, None] & m_c[None, :])
     return _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE)
@@ -59,6 +59,7 @@ def _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g,
 @triton.jit
 def _split_summaries_kernel(
     q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, o_part_ptr, lse_part_ptr, logit_ptr, MAX_CMP, qk_scale,
+    stride_slot, stride_row, stride_head,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
     BS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr, SLOTS: tl.constexpr,
@@ -72,9 +73,9 @@ def _split_summaries_kernel(
     o_d = tl.arange(0, BLOCK_D)
     o_c = tl.arange(0, BC)
     m_g = o_g < G
-    base = (_cache_slot(slot_ptr, i_b, SLOTS).to(tl.int64) * MAX_CMP * H + i_h) * D
-    p_k = k_ptr + base + o_c.to(tl.int64)[:, None] * (H * D) + o_d[None, :]  # [BC, BLOCK_D]
-    p_v = v_ptr + base + o_c.to(tl.int64)[:, None] * (H * D) + o_d[None, :]
+    base = _cache_slot(slot_ptr, i_b, SLOTS).to(tl.int64) * stride_slot + i_h * stride_head
+    p_k = k_ptr + base + o_c.to(tl.int64)[:, None] * stride_row + o_d[None, :]  # [BC, BLOCK_D]
+    p_v = v_ptr + base + o_c.to(tl.int64)[:, None] * stride_row + o_d[None, :]
     p_logit = logit_ptr + ((i_b * H + i_h) * G + o_g).to(tl.int64)[:, None] * MAX_CMP + o_c[None, :]
     m_kd = (o_d < D)[None, :]
     b_m = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -84,12 +85,12 @@ def _split_summaries_kernel(
         i0 = j_lo * R
         while i0 < i_hi:
             b_m, b_l, b_acc = _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g, m_kd,
-                                              qk_scale, H, D, IEEE)
+                                              qk_scale, stride_row, IEEE)
             i0 += BC
     else:
         for i0 in range(j_lo * R, i_hi, BC):
             b_m, b_l, b_acc = _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g, m_kd,
-                                              qk_scale, H, D, IEEE)
+                                              qk_scale, stride_row, IEEE)
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64)
     p_o = o_part_ptr + (part * G + o_g)[:, None] * D + o_d[None, :]
     tl.store(p_o, _finish(b_l, b_acc), mask=m_g[:, None] & m_kd)
@@ -217,7 +218,8 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
                             kernel_stride: int, block_size: int, topk: int, init_blocks: int,
                             local_blocks: int, ieee: bool, while_loop: bool, slots=None, after_summaries=None):
     """Run the three split kernels; fills o_cmp [B, HQ, D] and idx [B, H, topk] (decode_select's
-    outputs, already allocated) from arguments it has checked."""
+    outputs, already allocated) from arguments it has checked. k_cmp, v_cmp [B, max_cmp, H, D] may be
+    any view with the same strides and a contiguous last dim (the pass reads them by stride)."""
     b, hq, d = q.shape
     h = k_cmp.shape[2]
     s, s_pad, t_pad = splits, max(2, next_pow2(splits)), next_pow2(topk)
@@ -228,7 +230,8 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
     common = dict(H=h, G=g, G_PAD=g_pad)
     steps = dict(R=r, KS=kernel_size, STRIDE=kernel_stride, BS=block_size, S=s, WHILE_LOOP=while_loop)
     _split_summaries_kernel[(b, h, s)](
-        q, k_cmp, v_cmp, pos if slots is None else slots, pos, o_part, lse_part, logits, max_cmp, qk_scale, HQ=hq,
+        q, k_cmp, v_cmp, pos if slots is None else slots, pos, o_part, lse_part, logits, max_cmp, qk_scale,
+        k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), HQ=hq,
         **common, D=d, BLOCK_D=block_d, BJ=bj, **steps, IEEE=ieee, SLOTS=slots is not None,
         num_warps=DECODE_LAUNCH.select_warps, num_stages=DECODE_LAUNCH.select_stages)
     if after_summaries is not None:
