@@ -24,6 +24,7 @@ from nsa_baseline.ops.decode_select import decode_compressed_select
 from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, decode_launch
 from nsa_baseline.reference.compressed import summaries_to_blocks
 from nsa_baseline.utils.compressed_varlen import visible_compressed
+from nsa_baseline.utils.triton_utils import next_pow2 as triton_next_pow2
 from tests.helpers import assert_close
 from tests.inference.schedules import packed
 
@@ -212,6 +213,28 @@ def test_select_kernel_split_equals_one_program_and_reference(splits, topk):
     assert torch.equal(idx_s, idx1), (idx_s, idx1)
     o_ref, key = _reference_selection(*args)
     assert_close(o_s, o_ref, torch.float32, "o_cmp vs reference")
+    _assert_selection(idx_s, key, pos, bs, topk)
+
+
+@pytest.mark.parametrize("splits,topk,tiles", [(2, 2, 1), (3, 5, 2), (2, 4, 1)])
+def test_select_pass_with_its_own_program_count(splits, topk, tiles):
+    """DECODE_LAUNCH.select_pass_tiles: the select pass partitions the blocks over its own programs
+    (9, 2 and 5 per slot, tiles of 2-8 blocks, against 2-3 summary splits): the same o_cmp and blocks
+    as one program, and the reference's."""
+    from nsa_baseline.ops.decode_split import select_pass_programs
+
+    ks, st, bs, init, local = 8, 4, 16, 1, 1
+    pos, q, k_cmp, v_cmp = _split_inputs(3, ks, st)
+    args = (q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, 0.25)
+    o1, idx1 = decode_compressed_select(*args, splits=1)
+    with decode_launch(summaries_per_tile=8, select_pass_tiles=tiles):
+        bj = max(triton_next_pow2(topk), 8 // (bs // st))
+        sel = select_pass_programs(splits, k_cmp.shape[1], st, ks, bs, bj)
+        assert sel != splits, (sel, splits)  # the select pass really runs another partition (9, 2 and 5)
+        o_s, idx_s = decode_compressed_select(*args, splits=splits)
+    assert_close(o_s, o1, torch.float32, f"o_cmp, {splits} splits vs 1")
+    assert torch.equal(idx_s, idx1), (idx_s, idx1)
+    o_ref, key = _reference_selection(*args)
     _assert_selection(idx_s, key, pos, bs, topk)
 
 
