@@ -182,6 +182,9 @@ def split_scan(module, pts, rows: list[dict], budget_s: float) -> None:
                            rel_err=f"{rel(got['o'], ref['o']):.2e}")
                 if stage == "select":
                     row["same_sets"] = f"{same_sets(got['idx'], ref['idx']):.4f}"
+                with decode_launch(**setting):
+                    us = kernel_us(lambda: calls[stage](s))
+                row["kernels_us"] = " ".join(f"{k.strip('_').split('_kernel')[0]}={v:.1f}" for k, v in us.items())
                 rows.append(row)
         print(f"  split scan B={b} L={length} done ({time.time() - START:.0f} s)", flush=True)
         del point
