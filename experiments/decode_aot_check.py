@@ -62,8 +62,8 @@ def kernels():
     for slots in (False, True):
         yield f"select SLOTS={slots}", decode_select._decode_select_kernel, dict(SHAPE, SLOTS=slots)
         yield f"split summaries SLOTS={slots}", decode_split._split_summaries_kernel, dict(SHAPE, S=8, SLOTS=slots)
-    yield "split select", decode_split._split_select_kernel, dict(SHAPE, S=8, S_PAD=8, SEL=33)
-    yield "split merge", decode_split._split_merge_kernel, dict(SHAPE, S=8, S_PAD=8, SEL=33, SEL_PAD=64)
+    yield "split select", decode_split._split_select_kernel, dict(SHAPE, S=8, S_PAD=8)
+    yield "split merge", decode_split._split_merge_kernel, dict(SHAPE, S=8, S_PAD=8)
     yield "split combine", decode_attend_split._split_combine_kernel, dict(SHAPE, S=4, S_PAD=4)
 
 

@@ -38,8 +38,8 @@ GRIDS = {
 }
 # --split-scan: the split count forced (splits=) against the launch settings, per stage
 SPLIT_SCAN = {
-    "select": ([8, 16, 17, 32], dict(select_pass_tiles=[0, 1, 2, 4], select_stages=[2], summaries_per_tile=[128])),
-    "attend": ([4, 5], dict(window_tile=[64, 128], attend_stages=[2, 3], attend_warps=[4])),
+    "select": ([2, 4, 8, 16, 17, 32], dict(select_stages=[2, 3], summaries_per_tile=[64, 128])),
+    "attend": ([1, 2, 4, 5, 8], dict(window_tile=[64, 128], attend_stages=[2, 3])),
 }
 # --ablation: the compressed pass's own kernel time (profiler) and GB/s over the select settings
 ABLATION = dict(select_programs_per_sm=[4, 8, 16], select_stages=[2, 3], summaries_per_tile=[64, 128])

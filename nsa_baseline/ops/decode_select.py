@@ -29,14 +29,20 @@ MAX_SPLITS = 64
 def decode_splits(batch: int, heads: int, max_cmp: int, device: torch.device) -> int:
     """Programs per (slot, KV head) for decode_compressed_select: enough for about
     DECODE_LAUNCH.select_programs_per_sm per SM (select_programs_per_sm_full once batch x heads alone
-    cover the SMs), at most one per tile of summaries of a full cache (and MAX_SPLITS); 1 off CUDA
-    (the interpreter). Static for a cache (CUDA graphs)."""
+    cover the SMs), rounded down to a power of two, at most one per tile of summaries of a full cache
+    (and MAX_SPLITS); 1 off CUDA (the interpreter). Static for a cache (CUDA graphs).
+
+    Why a power of two: two summary programs fit an SM (255 registers), and on the H100 (132 SMs) 16
+    splits x 64 (slot, KV head) pairs = 1024 programs end just under 4 waves of 264 where 17 (1088)
+    start a fifth: B=8 64K summaries + select + merge 63.1 us with 16, 65.9 with 17; 128K 115.6 vs
+    121.4 (results/decode_tune/split_scan_h100_e7b9c71.csv)."""
     sms = gpu_programs(device, 1)
     if not sms:
         return 1
     full = batch * heads >= sms
     programs = sms * (DECODE_LAUNCH.select_programs_per_sm_full if full else DECODE_LAUNCH.select_programs_per_sm)
     want = -(-programs // max(1, batch * heads))
+    want = 1 << (want.bit_length() - 1)
     return max(1, min(want, -(-max_cmp // DECODE_LAUNCH.summaries_per_tile), MAX_SPLITS))
 
 

@@ -126,13 +126,11 @@ def _split_select_kernel(
     pos_ptr, lse_part_ptr, logit_ptr, keys_part_ptr, MAX_CMP,
     H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
-    SEL: tl.constexpr, T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    T_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
-    """Grid (B, H, SEL): program i_s scores split i_s of SEL (its own partition of the blocks, not the
-    summaries pass's S: fewer blocks per program make its serial chain of merges shorter)."""
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
-    nvis, j_lo, j_hi, i_hi = _split_range(pos, i_s, SEL, KS, STRIDE, BS, R)
+    nvis, j_lo, j_hi, i_hi = _split_range(pos, i_s, S, KS, STRIDE, BS, R)
     o_g = tl.arange(0, G_PAD)
     m_g = o_g < G
     part0 = (i_b * H + i_h) * S
@@ -153,7 +151,7 @@ def _split_select_kernel(
             keys = _select_tile(keys, empty, p_logit, b_lse, m_g, j0, j_hi, nvis, cur_t, in_t, BJ, R, C, T_PAD,
                                 INIT, LOCAL)
     o_t = tl.arange(0, T_PAD)
-    tl.store(keys_part_ptr + ((i_b * H + i_h) * SEL + i_s).to(tl.int64) * T_PAD + o_t[None, :], keys)
+    tl.store(keys_part_ptr + (part0 + i_s).to(tl.int64) * T_PAD + o_t[None, :], keys)
 
 
 @triton.jit
@@ -176,8 +174,7 @@ def _select_tile(keys, empty, p_logit, b_lse, m_g, j0, j_hi, nvis, cur_t, in_t, 
 def _split_merge_kernel(
     o_part_ptr, lse_part_ptr, keys_part_ptr, o_ptr, idx_ptr,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, SEL: tl.constexpr, SEL_PAD: tl.constexpr,
-    TOPK: tl.constexpr, T_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, TOPK: tl.constexpr, T_PAD: tl.constexpr,
 ):
     i_b, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_p = tl.arange(0, S_PAD)
@@ -193,14 +190,13 @@ def _split_merge_kernel(
     b_out = tl.sum(b_w[:, None] * b_o, axis=0) / tl.where(w_sum > 0, w_sum, 1.)
     tl.store(o_ptr + (i_b * HQ + i_h * G + i_g).to(tl.int64) * D + o_d, b_out, mask=o_d < D)
     if i_g == 0:
-        _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H, SEL, SEL_PAD, TOPK, T_PAD)
+        _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H, S, S_PAD, TOPK, T_PAD)
 
 
 @triton.jit
 def _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
                 TOPK: tl.constexpr, T_PAD: tl.constexpr):
-    """The top T_PAD of the S (here: the select pass's SEL) sorted candidate sets of (slot, KV head), in
-    one load and one tl.topk
+    """The top T_PAD of the S sorted candidate sets of (slot, KV head), in one load and one tl.topk
     (the splits own disjoint blocks: no duplicates), written as the fused kernel writes its set."""
     o_k = tl.arange(0, S_PAD * T_PAD)
     m_k = o_k < S * T_PAD
@@ -217,21 +213,6 @@ def _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H: tl.constexpr, S: tl.constex
     _store_sorted(keys, p_idx, tl.full([1], 1, tl.int1), TOPK, T_PAD)
 
 
-MAX_SELECT_PROGRAMS = 64  # the merge takes one top-k over all of them: at most 64 x T_PAD keys
-
-
-def select_pass_programs(splits: int, max_cmp: int, kernel_stride: int, kernel_size: int, block_size: int,
-                         bj: int) -> int:
-    """Programs per (slot, KV head) of the select pass: the summaries pass's split count, or with
-    DECODE_LAUNCH.select_pass_tiles = n > 0 enough that each scores at most about n tiles of bj
-    blocks of a full cache (at most MAX_SELECT_PROGRAMS). Static for a cache (CUDA graphs)."""
-    if DECODE_LAUNCH.select_pass_tiles == 0:
-        return splits
-    blocks = (max(max_cmp, 1) * kernel_stride + kernel_size) // block_size + 1
-    tiles = -(-blocks // bj)
-    return max(1, min(-(-tiles // DECODE_LAUNCH.select_pass_tiles), MAX_SELECT_PROGRAMS))
-
-
 def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, max_cmp: int, qk_scale: float,
                             g: int, g_pad: int, block_d: int, bj: int, r: int, c: int, kernel_size: int,
                             kernel_stride: int, block_size: int, topk: int, init_blocks: int,
@@ -242,11 +223,10 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
     b, hq, d = q.shape
     h = k_cmp.shape[2]
     s, s_pad, t_pad = splits, max(2, next_pow2(splits)), next_pow2(topk)
-    sel = select_pass_programs(splits, max_cmp, kernel_stride, kernel_size, block_size, bj)
     o_part = new_output((b * h * s, g, d), torch.float32, q.device)
     lse_part = new_output((b * h * s, g_pad), torch.float32, q.device)
     logits = new_output((b * h, g, max_cmp), torch.float32, q.device)
-    keys_part = new_output((b * h * sel, t_pad), torch.int64, q.device)
+    keys_part = new_output((b * h * s, t_pad), torch.int64, q.device)
     common = dict(H=h, G=g, G_PAD=g_pad)
     steps = dict(R=r, KS=kernel_size, STRIDE=kernel_stride, BS=block_size, S=s, WHILE_LOOP=while_loop)
     _split_summaries_kernel[(b, h, s)](
@@ -256,9 +236,8 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
         num_warps=DECODE_LAUNCH.select_warps, num_stages=DECODE_LAUNCH.select_stages)
     if after_summaries is not None:
         after_summaries()
-    _split_select_kernel[(b, h, sel)](
-        pos, lse_part, logits, keys_part, max_cmp, **common, BJ=bj, C=c, **steps, S_PAD=s_pad, SEL=sel, T_PAD=t_pad,
+    _split_select_kernel[(b, h, s)](
+        pos, lse_part, logits, keys_part, max_cmp, **common, BJ=bj, C=c, **steps, S_PAD=s_pad, T_PAD=t_pad,
         INIT=init_blocks, LOCAL=local_blocks, num_warps=4)
     _split_merge_kernel[(b, h, g)](o_part, lse_part, keys_part, o_cmp, idx, HQ=hq, **common, D=d, BLOCK_D=block_d,
-                                   S=s, S_PAD=s_pad, SEL=sel, SEL_PAD=max(2, next_pow2(sel)), TOPK=topk, T_PAD=t_pad,
-                                   num_warps=4)
+                                   S=s, S_PAD=s_pad, TOPK=topk, T_PAD=t_pad, num_warps=4)

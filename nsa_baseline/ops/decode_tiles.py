@@ -29,12 +29,11 @@ class DecodeLaunch:
     select_warps: int = 4
     select_stages: int = 2
     summaries_per_tile: int = 128  # BJ * R summaries per tile of the compressed pass
-    # the select pass's programs per (slot, KV head): 0 = the summaries pass's splits; n = enough that
-    # each scores about n tiles of blocks (decode_split.select_pass_programs)
-    select_pass_tiles: int = 0
     attend_programs_per_sm: int = 2  # decode_selected_window's splits (attend_splits)
     attend_warps: int = 4
-    attend_stages: int = 2
+    # 3: the split selected + window kernel 16.7 us vs 18.0 with 2 (B=8 64K, H100 profiler;
+    # results/decode_tune/split_scan_h100_e7b9c71.csv)
+    attend_stages: int = 3
     window_tile: int = 64  # keys per window tile
     attend_shares: int = 1  # split attend: 1 = each split a share of both branches, 0 = a run of items
     append_programs_per_sm: int = 1  # decode_append's column tiles (append_tiles)
@@ -56,7 +55,7 @@ def decode_launch(**settings):
     if unknown:
         raise ValueError(f"decode_launch: unknown settings {sorted(unknown)}")
     for name, value in settings.items():  # all checked before any is set
-        low = 0 if name in ("attend_shares", "window_stream", "select_pass_tiles") else 1
+        low = 0 if name in ("attend_shares", "window_stream") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"decode_launch: `{name}` must be an int >= {low}, got {value!r}")
     old = dataclasses.asdict(DECODE_LAUNCH)

@@ -24,7 +24,6 @@ from nsa_baseline.ops.decode_select import decode_compressed_select
 from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, decode_launch
 from nsa_baseline.reference.compressed import summaries_to_blocks
 from nsa_baseline.utils.compressed_varlen import visible_compressed
-from nsa_baseline.utils.triton_utils import next_pow2 as triton_next_pow2
 from tests.helpers import assert_close
 from tests.inference.schedules import packed
 
@@ -216,28 +215,6 @@ def test_select_kernel_split_equals_one_program_and_reference(splits, topk):
     _assert_selection(idx_s, key, pos, bs, topk)
 
 
-@pytest.mark.parametrize("splits,topk,tiles", [(2, 2, 1), (3, 5, 2), (2, 4, 1)])
-def test_select_pass_with_its_own_program_count(splits, topk, tiles):
-    """DECODE_LAUNCH.select_pass_tiles: the select pass partitions the blocks over its own programs
-    (9, 2 and 5 per slot, tiles of 2-8 blocks, against 2-3 summary splits): the same o_cmp and blocks
-    as one program, and the reference's."""
-    from nsa_baseline.ops.decode_split import select_pass_programs
-
-    ks, st, bs, init, local = 8, 4, 16, 1, 1
-    pos, q, k_cmp, v_cmp = _split_inputs(3, ks, st)
-    args = (q, k_cmp, v_cmp, pos, ks, st, bs, topk, init, local, 0.25)
-    o1, idx1 = decode_compressed_select(*args, splits=1)
-    with decode_launch(summaries_per_tile=8, select_pass_tiles=tiles):
-        bj = max(triton_next_pow2(topk), 8 // (bs // st))
-        sel = select_pass_programs(splits, k_cmp.shape[1], st, ks, bs, bj)
-        assert sel != splits, (sel, splits)  # the select pass really runs another partition (9, 2 and 5)
-        o_s, idx_s = decode_compressed_select(*args, splits=splits)
-    assert_close(o_s, o1, torch.float32, f"o_cmp, {splits} splits vs 1")
-    assert torch.equal(idx_s, idx1), (idx_s, idx1)
-    o_ref, key = _reference_selection(*args)
-    _assert_selection(idx_s, key, pos, bs, topk)
-
-
 @pytest.mark.parametrize("splits", [5])
 def test_select_kernel_split_boundary_block_wins_by_its_spill(splits):
     """kernel_size 4 x stride: the last summary of a block gives 3/4 of its mass to the next block. A
@@ -364,20 +341,21 @@ def test_decode_launch_overrides_are_checked_and_restored():
 
 
 def test_select_splits_drop_once_slots_times_heads_cover_the_sms(monkeypatch):
-    """decode_splits on a 132-SM GPU (H100 SXM): 8 programs per SM while slots x KV heads leave SMs
-    idle, 2 once they cover them (the H100 tuning's B=32 point), never more than the summary tiles
-    or MAX_SPLITS; 1 where there is no GPU."""
+    """decode_splits on a 132-SM GPU (H100 SXM): about 8 programs per SM while slots x KV heads leave
+    SMs idle, 2 once they cover them (the H100 tuning's B=32 point), rounded down to a power of two,
+    never more than the summary tiles or MAX_SPLITS; 1 where there is no GPU."""
     from nsa_baseline.ops import decode_select as sel
 
     monkeypatch.setattr(sel, "gpu_programs", lambda device, per_sm: 132 * per_sm)
     cuda = torch.device("cuda", 0)
-    assert sel.decode_splits(8, 8, 4096, cuda) == 17  # 1056 programs over 64 (slot, head) pairs
-    assert sel.decode_splits(16, 8, 4096, cuda) == 9  # 128 pairs < 132 SMs: still 8 per SM
+    assert sel.decode_splits(8, 8, 4096, cuda) == 16  # 1056 programs over 64 (slot, head) pairs: 17 -> 16
+    assert sel.decode_splits(16, 8, 4096, cuda) == 8  # 128 pairs < 132 SMs: still ~8 per SM (9 -> 8)
+    assert sel.decode_splits(3, 8, 4096, cuda) == 32  # 44 -> 32
     assert sel.decode_splits(32, 8, 4096, cuda) == 2  # 256 pairs >= 132: 264 programs
     assert sel.decode_splits(1, 8, 4096, cuda) == 32  # capped by 4096 / 128 summary tiles
     assert sel.decode_splits(1, 1, 65536, cuda) == sel.MAX_SPLITS
     with decode_launch(select_programs_per_sm_full=8):
-        assert sel.decode_splits(32, 8, 4096, cuda) == 5
+        assert sel.decode_splits(32, 8, 4096, cuda) == 4  # 5 -> 4
     monkeypatch.setattr(sel, "gpu_programs", lambda device, per_sm: 0)  # CPU / interpreter
     assert sel.decode_splits(8, 8, 4096, torch.device("cpu")) == 1
 
