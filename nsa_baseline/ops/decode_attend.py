@@ -39,10 +39,11 @@ def window_tile(window_size: int) -> int:
 def attend_splits(batch: int, heads: int, topk: int, window_size: int, device: torch.device) -> int:
     """Programs per (slot, KV head) for decode_selected_window: enough for about
     DECODE_LAUNCH.attend_programs_per_sm per SM, at most one per item (a selected block or a window
-    tile; decode_attend_split.py); 1 off CUDA (the interpreter) and when batch x heads fills the GPU
-    already. Static for a cache (CUDA graphs)."""
+    tile; decode_attend_split.py); 1 off CUDA (the interpreter) and once batch x heads alone cover
+    the SMs (H100, B=32 x 8 heads: one program 84.3 us, 2 splits 87.3-91.1 with the combine;
+    results/decode_tune/split_scan_h100_136471c.csv). Static for a cache (CUDA graphs)."""
     programs = gpu_programs(device, DECODE_LAUNCH.attend_programs_per_sm)
-    if not programs:
+    if not programs or batch * heads >= gpu_programs(device, 1):
         return 1
     want = -(-programs // max(1, batch * heads))
     return split_items(topk, -(-window_size // window_tile(window_size)), want)[0]

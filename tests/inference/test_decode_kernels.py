@@ -360,6 +360,22 @@ def test_select_splits_drop_once_slots_times_heads_cover_the_sms(monkeypatch):
     assert sel.decode_splits(8, 8, 4096, torch.device("cpu")) == 1
 
 
+def test_attend_splits_stop_once_slots_times_heads_cover_the_sms(monkeypatch):
+    """attend_splits on a 132-SM GPU: about 2 programs per SM split over the items (16 selected
+    blocks + 8 window tiles here) while slots x KV heads leave SMs idle, one program per (slot, KV
+    head) from 132 pairs on."""
+    from nsa_baseline.ops import decode_attend as att
+
+    monkeypatch.setattr(att, "gpu_programs", lambda device, per_sm: 132 * per_sm)
+    cuda = torch.device("cuda", 0)
+    assert att.attend_splits(8, 8, 16, 512, cuda) == 5  # 264 programs over 64 pairs
+    assert att.attend_splits(16, 8, 16, 512, cuda) == 3  # 128 pairs < 132
+    assert att.attend_splits(32, 8, 16, 512, cuda) == 1  # 256 pairs >= 132
+    assert att.attend_splits(1, 1, 16, 512, cuda) == 24  # at most one per item
+    monkeypatch.setattr(att, "gpu_programs", lambda device, per_sm: 0)
+    assert att.attend_splits(1, 8, 16, 512, torch.device("cpu")) == 1
+
+
 def test_kernels_name_bad_arguments():
     q, kc = torch.randn(2, 4, 16), torch.randn(2, 5, 2, 16)
     pos = torch.tensor([3, 9], dtype=torch.int32)
