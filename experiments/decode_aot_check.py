@@ -28,7 +28,7 @@ SCALARS = {"MAX_SEQLEN": "i32", "MAX_CMP": "i32", "MAX_PAGES": "i32", "qk_scale"
            "stride_row": "i32", "stride_head": "i32"}
 I32_PTRS = {"len_ptr", "pos_ptr", "idx_ptr", "tbl_ptr", "slot_ptr"}
 I64_PTRS = {"keys_part_ptr"}
-F32_PTRS = {"o_cmp_ptr", "o_part_ptr", "lse_part_ptr", "logit_ptr", "o_ptr"}
+F32_PTRS = {"o_cmp_ptr", "cmp_lse_ptr", "o_part_ptr", "lse_part_ptr", "logit_ptr", "o_ptr"}
 # The decode step's shape: G = 4 query heads per KV head, H = 8, d = 128, BS 64, T 16, window 512.
 SHAPE = dict(HQ=32, H=8, G=4, G_PAD=16, D=128, BLOCK_D=128, BS=64, TOPK=16, T_PAD=16, WINDOW=512, BN=64,
              KS=32, STRIDE=16, R=4, C=2, BJ=32, INIT=1, LOCAL=2, IEEE=False, WHILE_LOOP=False, ADVANCE=True)
@@ -37,9 +37,10 @@ SHAPE = dict(HQ=32, H=8, G=4, G_PAD=16, D=128, BLOCK_D=128, BS=64, TOPK=16, T_PA
 def compile_sm90(fn, constexprs: dict, num_warps: int = 4, num_stages: int = 2):
     constexprs = with_default_constexprs(fn, constexprs)
     sig = {}
+    i64 = I64_PTRS | ({"idx_ptr"} if constexprs.get("CANDS") else set())  # candidate keys instead of indices
     for a in fn.arg_names:
         sig[a] = ("constexpr" if a in constexprs else SCALARS.get(a) or
-                  ("*i32" if a in I32_PTRS else "*i64" if a in I64_PTRS else "*fp32" if a in F32_PTRS else "*bf16"))
+                  ("*i64" if a in i64 else "*i32" if a in I32_PTRS else "*fp32" if a in F32_PTRS else "*bf16"))
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a].startswith("*") or sig[a] == "i32"}
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
@@ -56,6 +57,8 @@ def kernels():
             yield f"attend PAGE={page} SLOTS={slots}", decode_attend._decode_attend_kernel, lay
             yield (f"split keys PAGE={page} SLOTS={slots}", decode_attend_split._split_keys_kernel,
                    dict(lay, S=4, C=7, SHARES=True, CS=4, CW=2))
+        yield (f"split keys PAGE={page} CANDS=16", decode_attend_split._split_keys_kernel,
+               dict(SHAPE, PAGE=page, SLOTS=False, S=5, C=5, SHARES=True, CS=4, CW=2, CANDS=16, CANDS_PAD=16))
         for branch in (1, 2):  # the decode step's early window branch, then its selected branch
             yield (f"split keys PAGE={page} BRANCH={branch}", decode_attend_split._split_keys_kernel,
                    dict(SHAPE, PAGE=page, SLOTS=False, S=4, C=7, SHARES=True, CS=4, CW=2, BRANCH=branch))
@@ -65,6 +68,8 @@ def kernels():
     yield "split select", decode_split._split_select_kernel, dict(SHAPE, S=8, S_PAD=8)
     yield "split merge", decode_split._split_merge_kernel, dict(SHAPE, S=8, S_PAD=8)
     yield "split combine", decode_attend_split._split_combine_kernel, dict(SHAPE, S=4, S_PAD=4)
+    yield ("split combine CMP_S=16", decode_attend_split._split_combine_kernel,
+           dict(SHAPE, S=4, S_PAD=4, CMP_S=16, CMP_S_PAD=16))
 
 
 def main() -> int:

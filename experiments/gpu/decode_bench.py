@@ -2,7 +2,7 @@
 dense decode through torch SDPA.
 
     python -m experiments.gpu.decode_bench [--batches 1,8,32] [--lengths 8192,32768,65536,131072]
-                                           [--window-stream 0|1]
+                                           [--window-stream 0|1] [--fold-merge 0|1]
 
 Llama3-8B heads (32 query / 8 KV, d = 128), the (64, 16) preset (kernel 32 / stride 16, BS 64, T 16,
 window 512), bf16, FSA backend (the decode kernels are the same for nsa / fsa / auto). The cache is
@@ -21,7 +21,8 @@ GB/s = bytes read / time: ours (T * BS + window + visible summaries) keys and va
 slot + q + out; dense L keys and values per KV head per slot + q + out. Configurations whose cache
 (+ the dense copy) does not fit in 85% of free memory are recorded as skipped.
 --window-stream 1 runs the step with DECODE_LAUNCH.window_stream (the window branch on a side stream
-beside kernel 1's select and merge); the rows record the setting. Writes decode_bench.csv (GPU, torch,
+beside kernel 1's select and merge), --fold-merge 0 with the compressed select's merge kernel even where
+both kernels split (DECODE_LAUNCH.fold_merge); the rows record the settings. Writes decode_bench.csv (GPU, torch,
 Triton, commit on every row) under $OUT (else ./out). About 1-2 minutes on an H100.
 """
 from __future__ import annotations
@@ -134,6 +135,8 @@ def main() -> int:
                     help="a paged cache with pages of this many rows (a multiple of 64); default contiguous")
     ap.add_argument("--window-stream", type=int, choices=(0, 1), default=None,
                     help="DECODE_LAUNCH.window_stream for the run (default: as committed)")
+    ap.add_argument("--fold-merge", type=int, choices=(0, 1), default=None,
+                    help="DECODE_LAUNCH.fold_merge for the run (default: as committed)")
     args = ap.parse_args()
     require_cuda()
     from nsa_baseline.module import NativeSparseAttention
@@ -141,6 +144,8 @@ def main() -> int:
 
     if args.window_stream is not None:
         DECODE_LAUNCH.window_stream = args.window_stream
+    if args.fold_merge is not None:
+        DECODE_LAUNCH.fold_merge = args.fold_merge
 
     out, meta = out_dir(), run_meta()
     print(f"decode_bench on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, "
@@ -151,7 +156,8 @@ def main() -> int:
     for length in (int(s) for s in args.lengths.split(",")):
         for b in (int(s) for s in args.batches.split(",")):
             time_point(rows, b, length, module, args.page_size)
-    write_rows(out / "decode_bench.csv", rows, {**meta, "window_stream": DECODE_LAUNCH.window_stream})
+    write_rows(out / "decode_bench.csv", rows, {**meta, "window_stream": DECODE_LAUNCH.window_stream,
+                                                          "fold_merge": DECODE_LAUNCH.fold_merge})
     print(f"\n== one decode step, bf16, HQ={HQ}, H={H}, D={D}, (64, 16), window 512 (do_bench medians; "
           "GB/s = bytes read / time)")
     print_table(rows)

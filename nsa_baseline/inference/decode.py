@@ -62,10 +62,13 @@ def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                                                     stream=_side_stream(q.device))
 
     early = bool(DECODE_LAUNCH.window_stream)
+    # unmerged: with both kernels split, the selected + window kernel takes the top T and the compressed
+    # output from the select pass's partials itself (no merge launch); otherwise they are merged first
     o_cmp, idx = decode_compressed_select(q, cache.k_cmp, cache.v_cmp, pos32, module.kernel_size,
                                           module.kernel_stride, module.block_size, module.topk,
                                           module.init_blocks, module.local_blocks, scale,
-                                          after_summaries=launch_window if early else None)
+                                          after_summaries=launch_window if early else None,
+                                          unmerged=DECODE_LAUNCH.fold_merge and not early)
     o = decode_selected_window(q, cache.k, cache.v, pos32, idx, o_cmp, gates.contiguous(), module.block_size,
                                module.window_size, scale, advance=cache.lengths, block_table=cache.block_table,
                                window_partials=window.get("partials"))

@@ -26,6 +26,7 @@ from nsa_baseline.checks import fail
 from nsa_baseline.contract import BLOCK_SIZES
 from nsa_baseline.ops.decode_attend_split import (SplitPlan, split_combine, split_items, split_keys, split_partials,
                                                    split_plan, split_selected_window)
+from nsa_baseline.ops.decode_split import SelectPartials, split_merge
 from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _cache_slot, _finish, _keys_tile, _page_rows,
                                            _slot_row0, cache_layout, check_slots, gpu_programs, group_pad, head_pad)
 from nsa_baseline.utils.triton_utils import LOG2E, new_output
@@ -125,14 +126,18 @@ def _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, a
     h = k.shape[2]
     if v.shape != k.shape or hq % h:
         fail("v", f"must be k's shape {tuple(k.shape)} with HQ={hq} a multiple of its H")
-    for name, t, shape, dtype in (("pos", pos, (b,), torch.int32), ("o_cmp", o_cmp, (b, hq, d), torch.float32),
-                                  ("gates", gates, (b, hq, 3), q.dtype)):
+    merged = not isinstance(block_indices, SelectPartials)
+    if not merged:
+        _check_partials(block_indices, o_cmp, b, h, hq // h, d, q.device)
+    for name, t, shape, dtype in (("pos", pos, (b,), torch.int32), ("gates", gates, (b, hq, 3), q.dtype)) \
+            + ((("o_cmp", o_cmp, (b, hq, d), torch.float32),) if merged else ()):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype \
                 or t.device != q.device or not t.is_contiguous():
             fail(name, f"must be contiguous {dtype} {list(shape)} on {q.device}, got "
                  f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype != torch.int32 \
-            or block_indices.dim() != 3 or block_indices.shape[:2] != (b, h) or not block_indices.is_contiguous():
+    if merged and (not isinstance(block_indices, torch.Tensor) or block_indices.dtype != torch.int32
+                   or block_indices.dim() != 3 or block_indices.shape[:2] != (b, h)
+                   or not block_indices.is_contiguous()):
         fail("block_indices", f"must be contiguous int32 [B={b}, H={h}, T], got "
              f"{getattr(block_indices, 'dtype', '')} {tuple(getattr(block_indices, 'shape', ()))}")
     if block_size not in BLOCK_SIZES:
@@ -145,6 +150,16 @@ def _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, a
         fail("advance", f"must be None or contiguous int32 [B={b}] on {q.device} (the cache's lengths)")
     if advance is not None and advance.data_ptr() == pos.data_ptr():
         fail("advance", "must not be `pos` itself: the kernels read pos while they move the lengths")
+
+
+def _check_partials(parts, o_cmp, b: int, h: int, g: int, d: int, device) -> None:
+    """block_indices given as the compressed select's SelectPartials (o_cmp then None): its buffers
+    must be this call's (B, H, G, D) on q's device."""
+    rows = b * h * parts.splits
+    if o_cmp is not None or parts.keys_part.shape[0] != rows or tuple(parts.o_part.shape) != (rows, g, d) \
+            or parts.lse_part.shape[0] != rows or parts.keys_part.device != device:
+        fail("block_indices", f"given as SelectPartials (decode_compressed_select(unmerged=True)), needs o_cmp=None "
+             f"and partials of B={b} x H={h} x splits rows, G={g}, D={d} on {device}")
 
 
 class WindowPartials(NamedTuple):
@@ -199,7 +214,10 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
 
     Args:
         q: [B, HQ, D] (after RoPE); k, v: [B, max_seqlen, H, D] the cache (holding the new tokens);
-        pos: int32 [B] each new token's position; block_indices: int32 [B, H, T] (-1 = empty);
+        pos: int32 [B] each new token's position; block_indices: int32 [B, H, T] (-1 = empty), or the
+            compressed select's SelectPartials (decode_compressed_select(unmerged=True), o_cmp None): the
+            split kernels then take the top T and the compressed output from them themselves (one
+            launch fewer; other paths merge them first);
         o_cmp: float32 [B, HQ, D] the compressed branch; gates: [B, HQ, 3] in q.dtype;
         advance: the cache's lengths, int32 [B]: set to pos + 1 by the kernel (the decode step's
             last write; decode_append(advance=False) leaves them), or None;
@@ -224,6 +242,17 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     shapes = _attend_shapes(q, k, window_size)
     g, g_pad, block_d = shapes["g"], shapes["g_pad"], shapes["block_d"]
     out = new_output((b, hq, d), q.dtype, q.device)
+    if isinstance(block_indices, SelectPartials):
+        topk = block_indices.topk
+        if splits is None and window_partials is None:
+            splits = attend_splits(b, h, topk, window_size, q.device)
+        if window_partials is not None or splits == 1:  # paths that read merged indices
+            o_cmp = new_output((b, hq, d), torch.float32, q.device)
+            idx = new_output((b, h, topk), torch.int32, q.device)
+            split_merge(block_indices, o_cmp, idx)
+            block_indices = idx
+        else:
+            o_cmp = block_indices
     if window_partials is not None:
         plan = window_partials.plan
         if splits is not None or slots is not None or not plan.shares \

@@ -26,8 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_baseline.ops.decode_split import SelectPartials, _top_candidates
 from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _cache_slot, _finish, _keys_tile, _load_q,
-                                           _page_rows, _slot_row0)
+                                           _merge_rows, _page_rows, _slot_row0)
+from nsa_baseline.ops.selection_kernel import _key_ids
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
 
@@ -50,9 +52,13 @@ def _split_keys_kernel(
     BLOCK_D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr,
     S: tl.constexpr, C: tl.constexpr, SHARES: tl.constexpr, CS: tl.constexpr, CW: tl.constexpr,
     IEEE: tl.constexpr, PAGE: tl.constexpr, SLOTS: tl.constexpr, BRANCH: tl.constexpr = 0,
+    CANDS: tl.constexpr = 0, CANDS_PAD: tl.constexpr = 2, T_PAD: tl.constexpr = 1,
 ):
     """BRANCH 0: both branches (SHARES or the item list); 1: the selected entries only; 2: the window
-    tiles only (1 and 2 with SHARES; each stores its own partial rows only)."""
+    tiles only (1 and 2 with SHARES; each stores its own partial rows only). CANDS = 0: idx_ptr holds
+    block_indices int32 [B, H, TOPK]; CANDS = S > 0: it holds the compressed select's S sorted candidate
+    sets per (slot, KV head) (SelectPartials.keys_part, int64 [B * H * S, T_PAD]) and every program
+    takes their top TOPK itself (what the merge kernel would have written)."""
     NW: tl.constexpr = (WINDOW + BN - 1) // BN
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
@@ -63,6 +69,11 @@ def _split_keys_kernel(
     p_k = k_ptr + base + tl.arange(0, BLOCK_D)[None, :]
     p_v = v_ptr + base + tl.arange(0, BLOCK_D)[None, :]
     p_idx = idx_ptr + (i_b * H + i_h).to(tl.int64) * TOPK
+    o_t = tl.arange(0, T_PAD)
+    if CANDS > 0:
+        ids = _key_ids(_top_candidates(idx_ptr, ((i_b * H + i_h) * CANDS).to(tl.int64), CANDS, CANDS_PAD, T_PAD))
+    else:
+        ids = tl.zeros([1, T_PAD], tl.int32)
     lo = tl.maximum(pos - WINDOW + 1, 0)
     o_s = tl.arange(0, BS)
     o_n = tl.arange(0, BN)
@@ -76,7 +87,7 @@ def _split_keys_kernel(
         if BRANCH != 2:
             for i in range(CS):  # no branch on loaded values: the loads pipeline
                 item = i_s * CS + i
-                blk = tl.load(p_idx + item, mask=item < TOPK, other=-1)
+                blk = _entry(p_idx, ids, o_t, item, TOPK, CANDS)
                 rows = blk * BS + o_s
                 m_rows = (rows <= pos) & (blk >= 0)
                 rows = _page_rows(tbl_ptr, i_r, rows, m_rows, MAX_PAGES, PAGE)
@@ -94,7 +105,7 @@ def _split_keys_kernel(
         for i in range(C):
             item = i_s * C + i
             if item < TOPK:  # a selected block (skipped when -1), keys <= pos
-                blk = tl.load(p_idx + item)
+                blk = _entry(p_idx, ids, o_t, item, TOPK, CANDS)
                 if blk >= 0:
                     rows = blk * BS + o_s
                     m_rows = rows <= pos
@@ -115,43 +126,47 @@ def _split_keys_kernel(
 
 
 @triton.jit
-def _merge_branch(o_part_ptr, lse_part_ptr, part0, branch, g, S: tl.constexpr, S_PAD: tl.constexpr,
-                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[BLOCK_D]: query head g's output of one branch from its S partials (0 if no split saw a key)."""
-    o_p = tl.arange(0, S_PAD)
-    o_d = tl.arange(0, BLOCK_D)
-    m_p = o_p < S
-    parts = (part0 + o_p).to(tl.int64) * 2 + branch
-    b_ls = tl.load(lse_part_ptr + parts * G_PAD + g, mask=m_p, other=float("-inf"))  # [S_PAD]
-    b_mx = tl.max(b_ls, axis=0)
-    m_ref = tl.where(b_mx == float("-inf"), 0., b_mx)
-    b_w = tl.where(b_ls > float("-inf"), tl.exp2(b_ls - m_ref), 0.)
-    b_o = tl.load(o_part_ptr + (parts * G + g)[:, None] * D + o_d[None, :], mask=m_p[:, None] & (o_d < D)[None, :],
-                  other=0.)  # [S_PAD, BLOCK_D]
-    w_sum = tl.sum(b_w, axis=0)
-    return tl.sum(b_w[:, None] * b_o, axis=0) / tl.where(w_sum > 0, w_sum, 1.)
+def _entry(p_idx, ids, o_t, item, TOPK: tl.constexpr, CANDS: tl.constexpr):
+    """Entry `item` of the (slot, KV head)'s block indices: loaded (CANDS = 0) or picked from `ids`
+    [1, T_PAD] (the candidates' top, in _store_sorted's order); -1 from TOPK on."""
+    if CANDS > 0:
+        blk = tl.sum(tl.sum(tl.where(o_t[None, :] == item, ids, 0), axis=1), axis=0)
+        blk = tl.where(item < TOPK, blk, -1)
+    else:
+        blk = tl.load(p_idx + item, mask=item < TOPK, other=-1)
+    return blk
 
 
 @triton.jit
 def _split_combine_kernel(
-    o_part_ptr, lse_part_ptr, pos_ptr, o_cmp_ptr, gates_ptr, out_ptr, len_ptr,
+    o_part_ptr, lse_part_ptr, pos_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, len_ptr,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, ADVANCE: tl.constexpr,
+    CMP_S: tl.constexpr = 0, CMP_S_PAD: tl.constexpr = 2,
 ):
+    """CMP_S = 0: o_cmp_ptr is the compressed branch's output float32 [B, HQ, D] (cmp_lse_ptr unused);
+    CMP_S > 0: o_cmp_ptr, cmp_lse_ptr are the compressed select's CMP_S split partials
+    (SelectPartials.o_part, .lse_part), merged here."""
     i_b, i_q = tl.program_id(0), tl.program_id(1)
     pos = tl.load(pos_ptr + i_b)
     _advance(len_ptr, i_b, i_q, pos, ADVANCE)
     i_h, g = i_q // G, i_q % G
-    part0 = (i_b * H + i_h) * S
-    o_slc = _merge_branch(o_part_ptr, lse_part_ptr, part0, 0, g, S, S_PAD, G, G_PAD, D, BLOCK_D)
-    o_win = _merge_branch(o_part_ptr, lse_part_ptr, part0, 1, g, S, S_PAD, G, G_PAD, D, BLOCK_D)
+    o_p = tl.arange(0, S_PAD)
+    parts = ((i_b * H + i_h) * S + o_p).to(tl.int64) * 2  # row of split p's selected partial; + 1: window
+    o_slc = _merge_rows(o_part_ptr, lse_part_ptr, parts, o_p < S, g, G, G_PAD, D, BLOCK_D)
+    o_win = _merge_rows(o_part_ptr, lse_part_ptr, parts + 1, o_p < S, g, G, G_PAD, D, BLOCK_D)
     row = (i_b * HQ + i_q).to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     g0 = tl.load(gates_ptr + row * 3).to(tl.float32)
     g1 = tl.load(gates_ptr + row * 3 + 1).to(tl.float32)
     g2 = tl.load(gates_ptr + row * 3 + 2).to(tl.float32)
-    b_cmp = tl.load(o_cmp_ptr + row * D + o_d, mask=m_d, other=0.)
+    if CMP_S > 0:
+        o_c = tl.arange(0, CMP_S_PAD)
+        b_cmp = _merge_rows(o_cmp_ptr, cmp_lse_ptr, ((i_b * H + i_h) * CMP_S + o_c).to(tl.int64), o_c < CMP_S, g,
+                            G, G_PAD, D, BLOCK_D)
+    else:
+        b_cmp = tl.load(o_cmp_ptr + row * D + o_d, mask=m_d, other=0.)
     b_o = g0 * b_cmp + g1 * o_slc + g2 * o_win
     tl.store(out_ptr + row * D + o_d, b_o.to(out_ptr.dtype.element_ty), mask=m_d)
 
@@ -192,24 +207,37 @@ def split_keys(q, k, v, pos, idx, parts, plan: SplitPlan, *, branch: int, g: int
                block_size: int, window_size: int, window_tile: int, qk_scale: float, ieee: bool, layout: tuple,
                slots=None):
     """Launch the split kernel for `branch` (0 both, 1 selected, 2 window; 1 and 2 need plan.shares)
-    into `parts` (split_partials)."""
+    into `parts` (split_partials). idx: block_indices [B, H, T], or the compressed select's
+    SelectPartials (each program takes the top T of its candidate sets)."""
     b, hq, _ = q.shape
     max_seqlen, h = k.shape[1], k.shape[2]
+    if isinstance(idx, SelectPartials):
+        topk, cands = idx.topk, dict(CANDS=idx.splits, CANDS_PAD=max(2, next_pow2(idx.splits)),
+                                     T_PAD=idx.keys_part.shape[1])
+        idx = idx.keys_part
+    else:
+        topk, cands = idx.shape[2], {}
     _split_keys_kernel[(b, h, plan.s)](
         q, k, v, layout[0], pos if slots is None else slots, pos, idx, parts[0], parts[1], max_seqlen, layout[1],
         qk_scale, HQ=hq, H=h, G=g, G_PAD=g_pad, D=q.shape[2], BLOCK_D=block_d, BS=block_size,
-        TOPK=idx.shape[2], WINDOW=window_size, BN=window_tile, S=plan.s, C=plan.c, SHARES=plan.shares, CS=plan.cs,
-        CW=plan.cw, IEEE=ieee, PAGE=layout[2], SLOTS=slots is not None, BRANCH=branch,
+        TOPK=topk, WINDOW=window_size, BN=window_tile, S=plan.s, C=plan.c, SHARES=plan.shares, CS=plan.cs,
+        CW=plan.cw, IEEE=ieee, PAGE=layout[2], SLOTS=slots is not None, BRANCH=branch, **cands,
         num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages)
 
 
 def split_combine(parts, plan: SplitPlan, pos, o_cmp, gates, out, advance, *, h: int, g: int, g_pad: int,
                   block_d: int):
-    """The combine kernel: both branches' partials merged, gated with o_cmp into out; advance."""
+    """The combine kernel: both branches' partials merged, gated with the compressed branch into out;
+    advance. o_cmp: float32 [B, HQ, D], or the compressed select's SelectPartials (merged here)."""
     b, hq, d = out.shape
+    if isinstance(o_cmp, SelectPartials):
+        cmp = dict(CMP_S=o_cmp.splits, CMP_S_PAD=max(2, next_pow2(o_cmp.splits)))
+        o_cmp, cmp_lse = o_cmp.o_part, o_cmp.lse_part
+    else:
+        cmp, cmp_lse = {}, o_cmp
     _split_combine_kernel[(b, hq)](
-        parts[0], parts[1], pos, o_cmp, gates, out, pos if advance is None else advance, HQ=hq, H=h, G=g,
-        G_PAD=g_pad, D=d, BLOCK_D=block_d, S=plan.s, S_PAD=next_pow2(plan.s), ADVANCE=advance is not None,
+        parts[0], parts[1], pos, o_cmp, cmp_lse, gates, out, pos if advance is None else advance, HQ=hq, H=h, G=g,
+        G_PAD=g_pad, D=d, BLOCK_D=block_d, S=plan.s, S_PAD=next_pow2(plan.s), ADVANCE=advance is not None, **cmp,
         num_warps=4)
 
 
@@ -218,10 +246,12 @@ def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, spli
                           ieee: bool, layout: tuple, slots=None):
     """Run the split and combine kernels; fills out [B, HQ, D] (decode_selected_window's output,
     already allocated) from arguments it has checked. splits > 1 (normalised by split_items); layout:
-    decode_tiles.cache_layout's (table, MAX_PAGES, PAGE)."""
+    decode_tiles.cache_layout's (table, MAX_PAGES, PAGE); idx and o_cmp: block_indices and the
+    compressed output, or both the compressed select's SelectPartials."""
     b, h = q.shape[0], k.shape[2]
     nw = -(-window_size // window_tile)
-    plan = split_plan(idx.shape[2], nw, splits, bool(DECODE_LAUNCH.attend_shares))
+    topk = idx.topk if isinstance(idx, SelectPartials) else idx.shape[2]
+    plan = split_plan(topk, nw, splits, bool(DECODE_LAUNCH.attend_shares))
     parts = split_partials(b, h, g, g_pad, q.shape[2], plan, q.device)
     split_keys(q, k, v, pos, idx, parts, plan, branch=0, g=g, g_pad=g_pad, block_d=block_d, block_size=block_size,
                window_size=window_size, window_tile=window_tile, qk_scale=qk_scale, ieee=ieee, layout=layout,

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from nsa_baseline.checks import fail
-from nsa_baseline.ops.decode_split import split_compressed_select
+from nsa_baseline.ops.decode_split import split_compressed_partials, split_merge
 from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _attend_summaries, _cache_slot, _finish, _load_q, check_slots,
                                            gpu_programs, group_pad, head_pad)
 from nsa_baseline.ops.selection_kernel import _merge_bitonic, _pack_desc, _scores_tile, _store_sorted
@@ -125,7 +125,7 @@ def _check(q, k_cmp, v_cmp, pos, kernel_size, kernel_stride, block_size, topk, s
 def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, pos: torch.Tensor,
                              kernel_size: int, kernel_stride: int, block_size: int, topk: int,
                              init_blocks: int, local_blocks: int, scale: float, splits: int | None = None,
-                             slots: torch.Tensor | None = None, after_summaries=None):
+                             slots: torch.Tensor | None = None, after_summaries=None, unmerged: bool = False):
     r"""Compressed attention and top-T block selection of one new token per slot.
 
     Args:
@@ -136,7 +136,9 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
         slots: int32 [B], the cache slot (row of k_cmp, v_cmp) each query reads, or None (its own row
             b); several queries may read one slot at different positions (chunked prefill);
         after_summaries: called (no arguments) once the pass over the summaries is launched, before the
-            selection's own kernels (the decode step starts independent work on a side stream there).
+            selection's own kernels (the decode step starts independent work on a side stream there);
+        unmerged: when the summaries are split (S > 1), skip the merge kernel and return (None,
+            SelectPartials) for decode_selected_window, which merges them itself.
     Returns:
         o_cmp float32 [B, HQ, D] (0 for a token that sees no summary) and block_indices int32 [B, H, T]:
         forced blocks (the first init_blocks, the local_blocks ending at the token's block) first,
@@ -160,12 +162,15 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
     if splits is None:
         splits = decode_splits(b, h, k_cmp.shape[1], q.device)
     if splits > 1:
-        split_compressed_select(q.contiguous(), k_cmp, v_cmp, pos, o_cmp, idx, splits=splits, max_cmp=max_cmp,
-                                qk_scale=scale * LOG2E, g=g, g_pad=group_pad(g), block_d=head_pad(d), bj=bj, r=r,
-                                c=c, kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size,
-                                topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
-                                ieee=q.dtype == torch.float32, while_loop=is_interpreter(), slots=slots,
-                                after_summaries=after_summaries)
+        parts = split_compressed_partials(
+            q.contiguous(), k_cmp, v_cmp, pos, splits=splits, max_cmp=max_cmp, qk_scale=scale * LOG2E, g=g,
+            g_pad=group_pad(g), block_d=head_pad(d), bj=bj, r=r, c=c, kernel_size=kernel_size,
+            kernel_stride=kernel_stride, block_size=block_size, topk=topk, init_blocks=init_blocks,
+            local_blocks=local_blocks, ieee=q.dtype == torch.float32, while_loop=is_interpreter(), slots=slots,
+            after_summaries=after_summaries)
+        if unmerged:
+            return None, parts
+        split_merge(parts, o_cmp, idx)
         return o_cmp, idx
     _decode_select_kernel[(b, h)](
         q.contiguous(), k_cmp, v_cmp, slot_map, pos, o_cmp, idx, max_cmp, scale * LOG2E,

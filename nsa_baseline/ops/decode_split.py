@@ -22,11 +22,14 @@ sit on block boundaries, so every block's score is made in exactly one split.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, _cache_slot, _finish, _load_q, _online_apply, _scores
+from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _cache_slot, _finish, _load_q, _merge_rows, _online_apply,
+                                           _scores, head_pad)
 from nsa_baseline.ops.selection_kernel import _merge_packed, _pack_desc, _rank_packed, _store_sorted
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
@@ -179,29 +182,23 @@ def _split_merge_kernel(
     i_b, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_p = tl.arange(0, S_PAD)
     o_d = tl.arange(0, BLOCK_D)
-    m_p = o_p < S
-    parts = ((i_b * H + i_h) * S + o_p).to(tl.int64)
-    b_ls = tl.load(lse_part_ptr + parts * G_PAD + i_g, mask=m_p, other=float("-inf"))  # [S_PAD]
-    b_mx = tl.max(b_ls, axis=0)
-    b_w = tl.where(b_ls > float("-inf"), tl.exp2(b_ls - tl.where(b_mx == float("-inf"), 0., b_mx)), 0.)
-    b_o = tl.load(o_part_ptr + (parts * G + i_g)[:, None] * D + o_d[None, :], mask=m_p[:, None] & (o_d < D)[None, :],
-                  other=0.)  # [S_PAD, BLOCK_D]
-    w_sum = tl.sum(b_w, axis=0)
-    b_out = tl.sum(b_w[:, None] * b_o, axis=0) / tl.where(w_sum > 0, w_sum, 1.)
+    b_out = _merge_rows(o_part_ptr, lse_part_ptr, ((i_b * H + i_h) * S + o_p).to(tl.int64), o_p < S, i_g, G, G_PAD,
+                        D, BLOCK_D)
     tl.store(o_ptr + (i_b * HQ + i_h * G + i_g).to(tl.int64) * D + o_d, b_out, mask=o_d < D)
     if i_g == 0:
-        _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H, S, S_PAD, TOPK, T_PAD)
+        keys = _top_candidates(keys_part_ptr, ((i_b * H + i_h) * S).to(tl.int64), S, S_PAD, T_PAD)
+        p_idx = idx_ptr + (i_b * H + i_h).to(tl.int64) * TOPK + tl.zeros([1], tl.int64)
+        _store_sorted(keys, p_idx, tl.full([1], 1, tl.int1), TOPK, T_PAD)
 
 
 @triton.jit
-def _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
-                TOPK: tl.constexpr, T_PAD: tl.constexpr):
-    """The top T_PAD of the S sorted candidate sets of (slot, KV head), in one load and one tl.topk
-    (the splits own disjoint blocks: no duplicates), written as the fused kernel writes its set."""
+def _top_candidates(keys_part_ptr, row0, S: tl.constexpr, S_PAD: tl.constexpr, T_PAD: tl.constexpr):
+    """[1, T_PAD] packed keys, descending: the top T_PAD of the S sorted candidate sets at rows row0 ..
+    row0 + S - 1 of keys_part (one (slot, KV head)), in one load and one tl.topk (the splits own
+    disjoint blocks: no duplicates); the fused kernel's order and -1 rule once written by _store_sorted."""
     o_k = tl.arange(0, S_PAD * T_PAD)
     m_k = o_k < S * T_PAD
-    p_keys = keys_part_ptr + ((i_b * H + i_h) * S).to(tl.int64) * T_PAD + o_k[None, :]
-    cand = tl.load(p_keys, mask=m_k[None, :], other=0)  # [1, S_PAD * T_PAD]
+    cand = tl.load(keys_part_ptr + row0 * T_PAD + o_k[None, :], mask=m_k[None, :], other=0)  # [1, S_PAD * T_PAD]
     none = _pack_desc(tl.full([1, S_PAD * T_PAD], float("-inf"), tl.float32),
                       tl.zeros([1, S_PAD * T_PAD], tl.int32) - 1)
     cand = tl.where(m_k[None, :], cand, none)
@@ -209,17 +206,30 @@ def _merge_keys(keys_part_ptr, idx_ptr, i_b, i_h, H: tl.constexpr, S: tl.constex
         keys = tl.max(cand, axis=1, keep_dims=True)
     else:
         keys = tl.topk(cand, T_PAD, dim=1)  # [1, T_PAD], descending
-    p_idx = idx_ptr + (i_b * H + i_h).to(tl.int64) * TOPK + tl.zeros([1], tl.int64)
-    _store_sorted(keys, p_idx, tl.full([1], 1, tl.int1), TOPK, T_PAD)
+    return keys
 
 
-def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, max_cmp: int, qk_scale: float,
-                            g: int, g_pad: int, block_d: int, bj: int, r: int, c: int, kernel_size: int,
-                            kernel_stride: int, block_size: int, topk: int, init_blocks: int,
-                            local_blocks: int, ieee: bool, while_loop: bool, slots=None, after_summaries=None):
-    """Run the three split kernels; fills o_cmp [B, HQ, D] and idx [B, H, topk] (decode_select's
-    outputs, already allocated) from arguments it has checked. k_cmp, v_cmp [B, max_cmp, H, D] may be
-    any view with the same strides and a contiguous last dim (the pass reads them by stride)."""
+class SelectPartials(NamedTuple):
+    """The compressed select's split passes before their merge: the summaries' partial outputs
+    (o_part [B * H * S, G, D], lse_part [B * H * S, G_PAD]) and each split's sorted top-T candidate keys
+    (keys_part int64 [B * H * S, T_PAD]). The merge kernel turns them into o_cmp and block indices;
+    the decode step can instead hand them to the split selected + window kernels, which merge them
+    where they read them (decode_attend_split.py), one launch fewer."""
+
+    o_part: torch.Tensor
+    lse_part: torch.Tensor
+    keys_part: torch.Tensor
+    splits: int
+    topk: int
+
+
+def split_compressed_partials(q, k_cmp, v_cmp, pos, *, splits: int, max_cmp: int, qk_scale: float, g: int,
+                              g_pad: int, block_d: int, bj: int, r: int, c: int, kernel_size: int,
+                              kernel_stride: int, block_size: int, topk: int, init_blocks: int, local_blocks: int,
+                              ieee: bool, while_loop: bool, slots=None, after_summaries=None) -> SelectPartials:
+    """The summaries and select passes (from arguments decode_compressed_select has checked). k_cmp,
+    v_cmp [B, max_cmp, H, D] may be any view with the same strides and a contiguous last dim (the
+    summaries pass reads them by stride)."""
     b, hq, d = q.shape
     h = k_cmp.shape[2]
     s, s_pad, t_pad = splits, max(2, next_pow2(splits)), next_pow2(topk)
@@ -239,5 +249,20 @@ def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, *, splits: int, ma
     _split_select_kernel[(b, h, s)](
         pos, lse_part, logits, keys_part, max_cmp, **common, BJ=bj, C=c, **steps, S_PAD=s_pad, T_PAD=t_pad,
         INIT=init_blocks, LOCAL=local_blocks, num_warps=4)
-    _split_merge_kernel[(b, h, g)](o_part, lse_part, keys_part, o_cmp, idx, HQ=hq, **common, D=d, BLOCK_D=block_d,
-                                   S=s, S_PAD=s_pad, TOPK=topk, T_PAD=t_pad, num_warps=4)
+    return SelectPartials(o_part, lse_part, keys_part, s, topk)
+
+
+def split_merge(parts: SelectPartials, o_cmp, idx) -> None:
+    """The merge kernel: fills o_cmp [B, HQ, D] and idx [B, H, topk] (allocated) from the partials."""
+    b, hq, d = o_cmp.shape
+    h, g, g_pad = idx.shape[1], parts.o_part.shape[1], parts.lse_part.shape[1]
+    s = parts.splits
+    _split_merge_kernel[(b, h, g)](parts.o_part, parts.lse_part, parts.keys_part, o_cmp, idx, HQ=hq, H=h, G=g,
+                                   G_PAD=g_pad, D=d, BLOCK_D=head_pad(d), S=s, S_PAD=max(2, next_pow2(s)),
+                                   TOPK=parts.topk, T_PAD=parts.keys_part.shape[1], num_warps=4)
+
+
+def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, **kwargs):
+    """Run the three split kernels; fills o_cmp [B, HQ, D] and idx [B, H, topk] (decode_select's
+    outputs, already allocated); kwargs: split_compressed_partials'."""
+    split_merge(split_compressed_partials(q, k_cmp, v_cmp, pos, **kwargs), o_cmp, idx)

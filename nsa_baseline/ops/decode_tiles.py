@@ -42,6 +42,10 @@ class DecodeLaunch:
     # (inference/decode.py); 0: one selected + window launch after kernel 1. Off: no gain on the H100
     # (B=8 64K graph16 0.0978 -> 0.0984 ms; results/decode_bench/README.md); kept for experiments.
     window_stream: int = 0
+    # 1: the decode step skips the compressed select's merge kernel when both kernels split: the split
+    # selected + window kernel takes the top T of the select pass's candidates and the combine merges
+    # the compressed partials (decode_selected_window with SelectPartials); 0: merge kernel first
+    fold_merge: int = 1
 
 
 DECODE_LAUNCH = DecodeLaunch()
@@ -55,7 +59,7 @@ def decode_launch(**settings):
     if unknown:
         raise ValueError(f"decode_launch: unknown settings {sorted(unknown)}")
     for name, value in settings.items():  # all checked before any is set
-        low = 0 if name in ("attend_shares", "window_stream") else 1
+        low = 0 if name in ("attend_shares", "window_stream", "fold_merge") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"decode_launch: `{name}` must be an int >= {low}, got {value!r}")
     old = dataclasses.asdict(DECODE_LAUNCH)
@@ -217,6 +221,21 @@ def _attend_summaries(b_q, p_k, p_v, lo, hi, qk_scale, H: tl.constexpr, D: tl.co
             b_v = tl.load(p_v + i0 * (H * D), mask=m_c[:, None] & m_d[None, :], other=0.)
             b_m, b_l, b_acc = _online_update(b_q, b_m, b_l, b_acc, b_k, b_v, m_c, qk_scale, IEEE)
     return b_m, b_l, b_acc
+
+
+@triton.jit
+def _merge_rows(o_part_ptr, lse_part_ptr, rows, m_p, g, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """[BLOCK_D]: query head g's output from the partial rows `rows` [S_PAD] (int64; m_p: which are
+    real) of o_part [rows, G, D] / lse_part [rows, G_PAD] (base 2), merged by lse; 0 if none saw a key."""
+    o_d = tl.arange(0, BLOCK_D)
+    b_ls = tl.load(lse_part_ptr + rows * G_PAD + g, mask=m_p, other=float("-inf"))  # [S_PAD]
+    b_mx = tl.max(b_ls, axis=0)
+    b_w = tl.where(b_ls > float("-inf"), tl.exp2(b_ls - tl.where(b_mx == float("-inf"), 0., b_mx)), 0.)
+    b_o = tl.load(o_part_ptr + (rows * G + g)[:, None] * D + o_d[None, :], mask=m_p[:, None] & (o_d < D)[None, :],
+                  other=0.)  # [S_PAD, BLOCK_D]
+    w_sum = tl.sum(b_w, axis=0)
+    return tl.sum(b_w[:, None] * b_o, axis=0) / tl.where(w_sum > 0, w_sum, 1.)
 
 
 @triton.jit

@@ -185,8 +185,14 @@ def _merge_bitonic(keys, b_sc, j0, cur_t, in_t, INIT: tl.constexpr, LOCAL: tl.co
 def _store_sorted(keys, p_idx, m_t, T: tl.constexpr, T_PAD: tl.constexpr, ID_BITS: tl.constexpr = 0):
     """Write the first T entries of each row's sorted set `keys` (_pack_desc with ID_BITS; forced blocks
     rank +inf, so they come first, then decreasing score); -1 for entries that are still -inf (no block)."""
-    NEG_INF_KEY: tl.constexpr = -2139095041  # the ordered bits of -inf (0xFF800000 ^ 0x7FFFFFFF)
     o_s = tl.arange(0, T_PAD)
+    tl.store(p_idx[:, None] + o_s[None, :], _key_ids(keys, ID_BITS), mask=m_t[:, None] & (o_s < T)[None, :])
+
+
+@triton.jit
+def _key_ids(keys, ID_BITS: tl.constexpr = 0):
+    """The block ids of packed keys (_pack_desc with ID_BITS), int32; -1 where the key is still -inf."""
+    NEG_INF_KEY: tl.constexpr = -2139095041  # the ordered bits of -inf (0xFF800000 ^ 0x7FFFFFFF)
     if ID_BITS > 0:
         MASK: tl.constexpr = (1 << ID_BITS) - 1
         ids = MASK - (keys & MASK)
@@ -194,8 +200,7 @@ def _store_sorted(keys, p_idx, m_t, T: tl.constexpr, T_PAD: tl.constexpr, ID_BIT
     else:
         ids = (0x7FFFFFFF - (keys & 0xFFFFFFFF)).to(tl.int32)
         empty = (keys >> 32).to(tl.int32) == NEG_INF_KEY
-    b_idx = tl.where(empty, -1, ids)
-    tl.store(p_idx[:, None] + o_s[None, :], b_idx, mask=m_t[:, None] & (o_s < T)[None, :])
+    return tl.where(empty, -1, ids)
 
 
 @triton.jit

@@ -113,6 +113,42 @@ def test_decode_forced_blocks_and_long_window_split(monkeypatch):
                        max_seqlen=80)
 
 
+@pytest.mark.parametrize("attend", [3, 1])
+def test_decode_step_folds_the_select_merge_into_the_attend_kernels(monkeypatch, attend):
+    """Both kernels split (select S = 3 forced, attend S = 3): the step launches no merge kernel, the
+    attend kernel takes the top T of the select pass's candidate sets and the combine merges the
+    compressed partials; with the attend kernel unsplit the partials are merged first. Same steps as
+    the full forward and the PyTorch path (T = 5: not a power of two; -1 entries on short histories)."""
+    import nsa_baseline.ops.decode_attend as attend_mod
+    import nsa_baseline.ops.decode_select as sel
+
+    force_attend_splits(monkeypatch, attend)
+    monkeypatch.setattr(sel, "decode_splits", lambda *a: 3)
+    merges = []
+    for mod in (sel, attend_mod):
+        real = mod.split_merge
+        monkeypatch.setattr(mod, "split_merge", lambda *a, _real=real: merges.append(1) or _real(*a))
+    decode_and_compare(small_module(3, topk=5, init_blocks=1, local_blocks=2, window_size=20), [0, 37, 70], 5,
+                       max_seqlen=80)
+    assert len(merges) == (0 if attend > 1 else 5)  # the PyTorch-path twin runs no kernel
+    with decode_launch(fold_merge=0):
+        decode_and_compare(small_module(3, topk=5, init_blocks=1, local_blocks=2, window_size=20), [37], 2,
+                           max_seqlen=80)
+    assert len(merges) == (2 if attend > 1 else 7)
+
+
+def test_selected_window_refuses_partials_of_another_shape():
+    q, k = torch.randn(2, 4, 16), torch.randn(2, 32, 2, 16)
+    pos = torch.tensor([20, 31], dtype=torch.int32)
+    kc = torch.randn(2, 8, 2, 16)
+    _, parts = decode_compressed_select(q, kc, kc, pos, 8, 4, 16, 3, 1, 1, 0.25, splits=2, unmerged=True)
+    gates = torch.rand(2, 4, 3)
+    with pytest.raises(ValueError, match="`block_indices`"):
+        decode_selected_window(q, k, k, pos, parts, torch.zeros(2, 4, 16), gates, 16, 8, 0.25)
+    with pytest.raises(ValueError, match="`block_indices`"):
+        decode_selected_window(q[:1], k[:1], k[:1], pos[:1], parts, None, gates[:1], 16, 8, 0.25)
+
+
 def test_decode_step_api_checks_on_the_host_mirror():
     m = small_module(3)
     cache = m.new_cache(2, 10)
