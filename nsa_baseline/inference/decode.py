@@ -5,7 +5,9 @@
     the positions) -> decode_compressed_select (o_cmp, block indices; one kernel, or three when
     split over several programs per (slot, KV head) because the GPU would idle) ->
     decode_selected_window (gated output; one kernel, or split + combine; its last kernel sets
-    lengths = positions + 1) -> output projection. 3 launches, up to 6 with both splits (small B).
+    lengths = positions + 1) -> output projection. 3 launches, up to 5 with both splits (small B):
+    then the select's merge kernel is skipped and decode_selected_window merges its partials
+    (DECODE_LAUNCH.fold_merge).
 The lengths move in the step's last kernel, not in decode_append: all of decode_append's programs of a
 slot read its length, in any order, so none of them may change it.
 Checks use the host mirror of the lengths, which the caller advances arithmetically (+1 per step),
