@@ -13,6 +13,9 @@ branches:
   combine (_split_combine_kernel, grid (B, HQ)): per query head the LSE merge of each branch's S
       partials, then NSA's gated sum g0 * o_cmp + g1 * o_slc + g2 * o_win in the output dtype, and
       (advance) lengths[b] = pos + 1, the decode step's last write.
+Given the compressed select's SelectPartials instead of block indices and o_cmp (decode step,
+DECODE_LAUNCH.fold_merge), every split program takes the top T of the select pass's candidate sets
+itself (CANDS) and the combine merges the compressed partials (CMP_S): the merge kernel is not launched.
 Partials: o_part float32 [B * H * S * 2, G, D], lse_part float32 [B * H * S * 2, G_PAD], row
 ((b * H + h) * S + s) * 2 + branch. The split kernel can also run one branch (BRANCH 1 selected, 2
 window) into the same buffers: the decode step launches the window branch beside kernel 1 (it needs

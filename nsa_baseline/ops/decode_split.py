@@ -19,6 +19,9 @@ sit on block boundaries, so every block's score is made in exactly one split.
   merge (_split_merge_kernel, grid (B, H, G)): program (b, h, g) combines query head g's o_cmp by
       lse (the S partials in one load); program g = 0 also takes the top-T of the S sorted candidate
       sets in one tl.topk over all S * T_PAD keys (same order and -1 rule as the fused kernel).
+The decode step can skip the merge: split_compressed_partials returns the two passes' buffers
+(SelectPartials), and the split selected + window kernels take the top-T and merge o_cmp where they
+read them (decode_attend_split.py; DECODE_LAUNCH.fold_merge).
 """
 from __future__ import annotations
 
