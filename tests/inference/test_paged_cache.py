@@ -68,8 +68,14 @@ def test_decode_kernels_read_and_write_through_the_block_table():
     assert cache.free_pages == 14 - (1 + 4 + 7)
 
 
-def test_split_attend_kernel_through_the_block_table(monkeypatch):
+@pytest.mark.parametrize("select_splits", [1, 3])
+def test_split_attend_kernel_through_the_block_table(monkeypatch, select_splits):
+    """The split attend kernel on a paged cache; with the compressed select split too (3), the decode
+    step folds the select's merge into the attend kernels (DECODE_LAUNCH.fold_merge)."""
+    import nsa_baseline.ops.decode_select as select
+
     force_attend_splits(monkeypatch, 3)
+    monkeypatch.setattr(select, "decode_splits", lambda *a: select_splits)
     decode_and_compare(small_module(1, compression="mean", window_size=40), [5, 70], 8, max_seqlen=80,
                        page_size=32)
 
