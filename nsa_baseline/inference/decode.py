@@ -70,7 +70,7 @@ def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                                           module.kernel_stride, module.block_size, module.topk,
                                           module.init_blocks, module.local_blocks, scale,
                                           after_summaries=launch_window if early else None,
-                                          unmerged=DECODE_LAUNCH.fold_merge and not early)
+                                          unmerged=bool(DECODE_LAUNCH.fold_merge) and not early)
     o = decode_selected_window(q, cache.k, cache.v, pos32, idx, o_cmp, gates.contiguous(), module.block_size,
                                module.window_size, scale, advance=cache.lengths, block_table=cache.block_table,
                                window_partials=window.get("partials"))
