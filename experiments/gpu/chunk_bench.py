@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments import decode_timing as timing
-from experiments.gpu.decode_bench import BF16, D, H, HIDDEN, HQ, PRESET
+from experiments.gpu.decode_bench import BF16, D, H, HQ, bench_module
 from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_meta, write_rows
 
 START = time.time()
@@ -96,13 +96,11 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of the kernel path")
     args = ap.parse_args()
     require_cuda()
-    from nsa_baseline.module import NativeSparseAttention
 
     out, meta = out_dir(), run_meta()
     print(f"chunk_bench on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, commit {meta['git_commit']}",
           flush=True)
-    torch.manual_seed(0)
-    module = NativeSparseAttention(HIDDEN, HQ, H, D, backend="fsa", **PRESET).to("cuda", BF16)
+    module = bench_module()
     rows = []
     for length in (int(s) for s in args.lengths.split(",")):
         for chunk in (int(s) for s in args.chunks.split(",")):

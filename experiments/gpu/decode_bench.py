@@ -44,6 +44,19 @@ BF16 = torch.bfloat16
 START = time.time()
 
 
+def bench_module():
+    """The decode benches' module: Llama3-8B heads, PRESET, FSA backend (the decode kernels are the same
+    for every backend), bf16 on CUDA, weights drawn from seed 0."""
+
+    torch.manual_seed(0)
+    return NativeSparseAttention(HIDDEN, HQ, H, D, backend="fsa", **PRESET).to("cuda", BF16)
+
+
+def parse_points(text: str) -> list[tuple[int, int]]:
+    """--points "B:L,B:L" -> [(B, L), ...]."""
+    return [tuple(int(x) for x in p.split(":")) for p in text.split(",")]
+
+
 def bench(fn) -> float:
     return timing.bench(fn)[1]
 
@@ -150,8 +163,7 @@ def main() -> int:
     out, meta = out_dir(), run_meta()
     print(f"decode_bench on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, "
           f"commit {meta['git_commit']}", flush=True)
-    torch.manual_seed(0)
-    module = NativeSparseAttention(HIDDEN, HQ, H, D, backend="fsa", **PRESET).to("cuda", BF16)
+    module = bench_module()
     rows = []
     for length in (int(s) for s in args.lengths.split(",")):
         for b in (int(s) for s in args.batches.split(",")):

@@ -17,7 +17,7 @@ import torch
 
 from experiments import decode_timing as timing
 from experiments.decode_timing import fill_cache, graphed
-from experiments.gpu.decode_bench import BF16, D, H, HIDDEN, HQ, PRESET
+from experiments.gpu.decode_bench import BF16, D, H, HQ, bench_module, parse_points
 from experiments.gpu.decode_tune import kernel_us
 from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_meta, write_rows
 
@@ -35,19 +35,16 @@ def main() -> int:
     ap.add_argument("--points", default="8:65536,8:131072", help="B:L pairs")
     args = ap.parse_args()
     require_cuda()
-    from nsa_baseline.module import NativeSparseAttention
     from nsa_baseline.ops.decode_select import decode_compressed_select
     from nsa_baseline.ops.decode_split import split_compressed_select
     from nsa_baseline.ops.decode_tiles import decode_launch, group_pad, head_pad
     from nsa_baseline.utils.triton_utils import LOG2E, new_output, next_pow2
 
     out, meta = out_dir(), run_meta()
-    torch.manual_seed(0)
-    m = NativeSparseAttention(HIDDEN, HQ, H, D, backend="fsa", **PRESET).to("cuda", BF16)
+    m = bench_module()
     r, c, scale = m.block_size // m.kernel_stride, m.kernel_size // m.kernel_stride, D ** -0.5
     rows = []
-    for point in args.points.split(","):
-        b, length = (int(x) for x in point.split(":"))
+    for b, length in parse_points(args.points):
         cache = fill_cache(m, b, length)
         q = torch.randn(b, HQ, D, device="cuda", dtype=BF16)
         pos = cache.lengths.clone()

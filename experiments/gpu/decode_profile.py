@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 
 from experiments.decode_timing import fill_cache, graphed
-from experiments.gpu.decode_bench import BF16, D, H, HIDDEN, HQ, PRESET
+from experiments.gpu.decode_bench import BF16, D, H, HQ, bench_module, parse_points
 from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_meta, write_rows
 
 REPLAYS = 50
@@ -61,14 +61,11 @@ def main() -> int:
     ap.add_argument("--points", default="1:65536,8:65536", help="B:L pairs")
     args = ap.parse_args()
     require_cuda()
-    from nsa_baseline.module import NativeSparseAttention
 
     out, meta = out_dir(), run_meta()
-    torch.manual_seed(0)
-    module = NativeSparseAttention(HIDDEN, HQ, H, D, backend="fsa", **PRESET).to("cuda", BF16)
+    module = bench_module()
     rows = []
-    for point in args.points.split(","):
-        b, length = (int(s) for s in point.split(":"))
+    for b, length in parse_points(args.points):
         rows += profile_point(module, b, length)
     write_rows(out / "decode_profile.csv", rows, meta)
     print_table(rows)

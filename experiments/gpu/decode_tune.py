@@ -25,7 +25,7 @@ import torch
 
 from experiments import decode_timing as timing
 from experiments.decode_timing import attention_step, fill_cache, graphed
-from experiments.gpu.decode_bench import BF16, D, H, HIDDEN, HQ, PRESET
+from experiments.gpu.decode_bench import BF16, D, H, HQ, PRESET, bench_module, parse_points
 from experiments.gpu.provenance import out_dir, print_table, require_cuda, run_meta, write_rows
 
 GRIDS = {
@@ -228,14 +228,12 @@ def main() -> int:
     ap.add_argument("--stages", default=",".join(GRIDS), help="the stages to tune (select, attend, append)")
     args = ap.parse_args()
     require_cuda()
-    from nsa_baseline.module import NativeSparseAttention
     from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH, decode_launch
 
     out, meta = out_dir(), run_meta()
     print(f"decode_tune on {meta['gpu']}, commit {meta['git_commit']}; defaults {DECODE_LAUNCH}", flush=True)
-    torch.manual_seed(0)
-    module = NativeSparseAttention(HIDDEN, HQ, H, D, backend="fsa", **PRESET).to("cuda", BF16)
-    pts = [tuple(int(x) for x in p.split(":")) for p in args.points.split(",")]
+    module = bench_module()
+    pts = parse_points(args.points)
     rows = []
     if args.split_scan:
         split_scan(module, pts, rows, args.budget_s)

@@ -46,7 +46,7 @@ class DecodeLaunch:
     # selected + window kernel takes the top T of the select pass's candidates and the combine merges
     # the compressed partials (decode_selected_window with SelectPartials); 0: merge kernel first
     fold_merge: int = 1
-    # 1: the split summaries pass loads k_cmp / v_cmp tiles through TMA tensor descriptors (166 registers
+    # 1: the split summaries pass loads k_cmp / v_cmp tiles through TMA tensor descriptors (168 registers
     # for sm_90 instead of 255 with a spill: experiments/decode_aot_check.py); not timed yet, so off
     summaries_tma: int = 0
 
