@@ -38,7 +38,7 @@ def main() -> int:
     from nsa_baseline.ops.decode_select import decode_compressed_select
     from nsa_baseline.ops.decode_split import split_compressed_select
     from nsa_baseline.ops.decode_tiles import decode_launch, group_pad, head_pad
-    from nsa_baseline.utils.triton_utils import LOG2E, new_output, next_pow2
+    from nsa_baseline.utils.triton_utils import LOG2E, next_pow2
 
     out, meta = out_dir(), run_meta()
     m = bench_module()
@@ -57,19 +57,16 @@ def main() -> int:
             bj = max(next_pow2(m.topk), setting["summaries_per_tile"] // r)
             for s in SPLITS:
                 for name, (kc, vc) in layouts.items():
-                    o = new_output((b, HQ, D), torch.float32, q.device)
-                    idx = new_output((b, H, m.topk), torch.int32, q.device)
-
                     def run():
-                        split_compressed_select(q, kc, vc, pos, o, idx, splits=s, max_cmp=kc.shape[1],
-                                                qk_scale=scale * LOG2E, g=HQ // H, g_pad=group_pad(HQ // H),
-                                                block_d=head_pad(D), bj=bj, r=r, c=c, kernel_size=m.kernel_size,
-                                                kernel_stride=m.kernel_stride, block_size=m.block_size,
-                                                topk=m.topk, init_blocks=m.init_blocks,
-                                                local_blocks=m.local_blocks, ieee=False, while_loop=False)
+                        return split_compressed_select(
+                            q, kc, vc, pos, splits=s, max_cmp=kc.shape[1], qk_scale=scale * LOG2E, g=HQ // H,
+                            g_pad=group_pad(HQ // H), block_d=head_pad(D), bj=bj, r=r, c=c,
+                            kernel_size=m.kernel_size, kernel_stride=m.kernel_stride, block_size=m.block_size,
+                            topk=m.topk, init_blocks=m.init_blocks, local_blocks=m.local_blocks, ieee=False,
+                            while_loop=False)
 
                     with decode_launch(**setting):
-                        run()
+                        o, idx = run()
                         err = float((o - ref_o).norm() / ref_o.norm())
                         same = float((idx.sort(-1).values == ref_idx.sort(-1).values).all(-1).float().mean())
                         us = kernel_us(run).get("_split_summaries_kernel", float("nan"))

@@ -177,13 +177,12 @@ def split_scan(module, pts, rows: list[dict], budget_s: float) -> None:
                     got = calls[stage](s)
                     got = dict(o=got[0], idx=got[1]) if stage == "select" else dict(o=got)
                     ms = timing.bench(graphed(lambda: calls[stage](s)))[1]
+                    us = kernel_us(lambda: calls[stage](s))
                 row = dict(B=b, L=length, stage=stage, splits=s,
                            settings=" ".join(f"{k}={v}" for k, v in setting.items()), ms=f"{ms:.5f}",
                            rel_err=f"{rel(got['o'], ref['o']):.2e}")
                 if stage == "select":
                     row["same_sets"] = f"{same_sets(got['idx'], ref['idx']):.4f}"
-                with decode_launch(**setting):
-                    us = kernel_us(lambda: calls[stage](s))
                 row["kernels_us"] = " ".join(f"{k.strip('_').split('_kernel')[0]}={v:.1f}" for k, v in us.items())
                 rows.append(row)
         print(f"  split scan B={b} L={length} done ({time.time() - START:.0f} s)", flush=True)

@@ -243,14 +243,10 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     g, g_pad, block_d = shapes["g"], shapes["g_pad"], shapes["block_d"]
     out = new_output((b, hq, d), q.dtype, q.device)
     if isinstance(block_indices, SelectPartials):
-        topk = block_indices.topk
         if splits is None and window_partials is None:
-            splits = attend_splits(b, h, topk, window_size, q.device)
+            splits = attend_splits(b, h, block_indices.topk, window_size, q.device)
         if window_partials is not None or splits == 1:  # paths that read merged indices
-            o_cmp = new_output((b, hq, d), torch.float32, q.device)
-            idx = new_output((b, h, topk), torch.int32, q.device)
-            split_merge(block_indices, o_cmp, idx)
-            block_indices = idx
+            o_cmp, block_indices = split_merge(block_indices, b, h)
         else:
             o_cmp = block_indices
     if window_partials is not None:

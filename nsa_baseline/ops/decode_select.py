@@ -153,8 +153,6 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
     r, c = block_size // kernel_stride, kernel_size // kernel_stride
     t_pad = next_pow2(topk)
     bj = max(t_pad, next_pow2(DECODE_LAUNCH.summaries_per_tile) // r, 1)  # the bitonic merge needs a full tile
-    o_cmp = new_output((b, hq, d), torch.float32, q.device)
-    idx = new_output((b, h, topk), torch.int32, q.device)
     if max_cmp == 0:  # a cache too short for any summary: keep valid pointers, nothing is visible
         k_cmp = v_cmp = q.new_zeros(k_cmp.shape[0], 1, h, d)
         max_cmp = 1
@@ -168,10 +166,9 @@ def decode_compressed_select(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.
             kernel_stride=kernel_stride, block_size=block_size, topk=topk, init_blocks=init_blocks,
             local_blocks=local_blocks, ieee=q.dtype == torch.float32, while_loop=is_interpreter(), slots=slots,
             after_summaries=after_summaries)
-        if unmerged:
-            return None, parts
-        split_merge(parts, o_cmp, idx)
-        return o_cmp, idx
+        return (None, parts) if unmerged else split_merge(parts, b, h)
+    o_cmp = new_output((b, hq, d), torch.float32, q.device)
+    idx = new_output((b, h, topk), torch.int32, q.device)
     _decode_select_kernel[(b, h)](
         q.contiguous(), k_cmp, v_cmp, slot_map, pos, o_cmp, idx, max_cmp, scale * LOG2E,
         HQ=hq, H=h, G=g, G_PAD=group_pad(g), D=d, BLOCK_D=head_pad(d), BJ=bj, R=r, C=c, KS=kernel_size,

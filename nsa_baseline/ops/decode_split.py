@@ -280,17 +280,21 @@ def _summary_descriptor(t: torch.Tensor, rows: int):
     return TensorDescriptor.from_tensor(t.view(b * n, h * d), [rows, d])
 
 
-def split_merge(parts: SelectPartials, o_cmp, idx) -> None:
-    """The merge kernel: fills o_cmp [B, HQ, D] and idx [B, H, topk] (allocated) from the partials."""
-    b, hq, d = o_cmp.shape
-    h, g, g_pad = idx.shape[1], parts.o_part.shape[1], parts.lse_part.shape[1]
-    s = parts.splits
-    _split_merge_kernel[(b, h, g)](parts.o_part, parts.lse_part, parts.keys_part, o_cmp, idx, HQ=hq, H=h, G=g,
-                                   G_PAD=g_pad, D=d, BLOCK_D=head_pad(d), S=s, S_PAD=max(2, next_pow2(s)),
-                                   TOPK=parts.topk, T_PAD=parts.keys_part.shape[1], num_warps=4)
+def split_merge(parts: SelectPartials, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge kernel: (o_cmp float32 [B, HQ, D], block indices int32 [B, H, topk]) from the partials
+    of B slots x H KV heads."""
+    _, g, d = parts.o_part.shape
+    s, device = parts.splits, parts.o_part.device
+    o_cmp = new_output((b, h * g, d), torch.float32, device)
+    idx = new_output((b, h, parts.topk), torch.int32, device)
+    _split_merge_kernel[(b, h, g)](parts.o_part, parts.lse_part, parts.keys_part, o_cmp, idx, HQ=h * g, H=h, G=g,
+                                   G_PAD=parts.lse_part.shape[1], D=d, BLOCK_D=head_pad(d), S=s,
+                                   S_PAD=max(2, next_pow2(s)), TOPK=parts.topk, T_PAD=parts.keys_part.shape[1],
+                                   num_warps=4)
+    return o_cmp, idx
 
 
-def split_compressed_select(q, k_cmp, v_cmp, pos, o_cmp, idx, **kwargs):
-    """Run the three split kernels; fills o_cmp [B, HQ, D] and idx [B, H, topk] (decode_select's
-    outputs, already allocated); kwargs: split_compressed_partials'."""
-    split_merge(split_compressed_partials(q, k_cmp, v_cmp, pos, **kwargs), o_cmp, idx)
+def split_compressed_select(q, k_cmp, v_cmp, pos, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three split kernels: (o_cmp, block indices) as decode_compressed_select returns them, from
+    arguments it has checked; kwargs: split_compressed_partials'."""
+    return split_merge(split_compressed_partials(q, k_cmp, v_cmp, pos, **kwargs), q.shape[0], k_cmp.shape[2])
