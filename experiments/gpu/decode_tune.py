@@ -150,7 +150,7 @@ def ablation(module, pts, rows: list[dict]) -> None:
         torch.cuda.empty_cache()
 
 
-def split_scan(module, pts, rows: list[dict], budget_s: float) -> None:
+def split_scan(module, pts, rows: list[dict], budget_s: float, stages: list[str]) -> None:
     """Every forced split count x launch setting of the select and attend stages (graph replay, checked
     against the default rule's output), to see how the split rules should pick S."""
     from nsa_baseline.ops.decode_attend import decode_selected_window
@@ -169,6 +169,8 @@ def split_scan(module, pts, rows: list[dict], budget_s: float) -> None:
                                                        point.gates, m.block_size, m.window_size, scale, splits=s),
         }
         for stage, (splits, grid) in SPLIT_SCAN.items():
+            if stage not in stages:
+                continue
             ref = point.check(stage)
             for s, setting in itertools.product(splits, settings(grid)):
                 if time.time() - START > budget_s:
@@ -235,10 +237,10 @@ def main() -> int:
     pts = parse_points(args.points)
     rows = []
     if args.split_scan:
-        split_scan(module, pts, rows, args.budget_s)
+        split_scan(module, pts, rows, args.budget_s, args.stages.split(","))
         write_rows(out / "decode_split_scan.csv", rows, meta)
         for b, length in pts:
-            for stage in SPLIT_SCAN:
+            for stage in set(SPLIT_SCAN) & set(args.stages.split(",")):
                 print_table(sorted((r for r in rows if (r["B"], r["L"], r["stage"]) == (b, length, stage)),
                                    key=lambda r: float(r["ms"]))[:6])
         return 0
