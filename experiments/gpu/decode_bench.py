@@ -47,6 +47,7 @@ START = time.time()
 def bench_module():
     """The decode benches' module: Llama3-8B heads, PRESET, FSA backend (the decode kernels are the same
     for every backend), bf16 on CUDA, weights drawn from seed 0."""
+    from nsa_baseline.module import NativeSparseAttention
 
     torch.manual_seed(0)
     return NativeSparseAttention(HIDDEN, HQ, H, D, backend="fsa", **PRESET).to("cuda", BF16)
@@ -152,7 +153,6 @@ def main() -> int:
                     help="DECODE_LAUNCH.fold_merge for the run (default: as committed)")
     args = ap.parse_args()
     require_cuda()
-    from nsa_baseline.module import NativeSparseAttention
     from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH
 
     if args.window_stream is not None:

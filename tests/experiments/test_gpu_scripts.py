@@ -69,3 +69,27 @@ def test_provenance_and_the_decode_benches_need_no_hydra():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, text=True, capture_output=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _globals(code, ops: tuple[str, ...]) -> set[str]:
+    import dis
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ops}
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            names |= _globals(const, ops)
+    return names
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_gpu_script_names_nothing_undefined(script):
+    """The scripts run only on the GPU machine, so a name lost in a refactor (an import moved away)
+    would show there first, at the cost of device time: every global a function loads is defined."""
+    import builtins
+    import importlib
+    mod = importlib.import_module(f"experiments.gpu.{script}")
+    src = (REPO / "experiments" / "gpu" / f"{script}.py").read_text()
+    code = compile(src, script, "exec")
+    stored = _globals(code, ("STORE_NAME", "STORE_GLOBAL"))  # also those set under `if __name__ == ...`
+    missing = sorted(n for n in _globals(code, ("LOAD_GLOBAL", "LOAD_NAME"))
+                     if n not in vars(mod) and n not in stored and not hasattr(builtins, n))
+    assert not missing, f"experiments/gpu/{script}.py uses undefined names {missing}"
