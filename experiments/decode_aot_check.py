@@ -41,9 +41,6 @@ def compile_sm90(fn, constexprs: dict, num_warps: int = 4, num_stages: int = 2):
     for a in fn.arg_names:
         sig[a] = ("constexpr" if a in constexprs else SCALARS.get(a) or
                   ("*i64" if a in i64 else "*i32" if a in I32_PTRS else "*fp32" if a in F32_PTRS else "*bf16"))
-    if constexprs.get("TMA"):  # the summaries pass's k_cmp / v_cmp tensor descriptors: tiles of BJ * R x D
-        for a in ("k_ptr", "v_ptr"):
-            sig[a] = f"tensordesc<bf16[{constexprs['BJ'] * constexprs['R']},{constexprs['D']}]>"
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a].startswith("*") or sig[a] == "i32"}
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
@@ -68,7 +65,6 @@ def kernels():
     for slots in (False, True):
         yield f"select SLOTS={slots}", decode_select._decode_select_kernel, dict(SHAPE, SLOTS=slots)
         yield f"split summaries SLOTS={slots}", decode_split._split_summaries_kernel, dict(SHAPE, S=8, SLOTS=slots)
-    yield "split summaries TMA", decode_split._split_summaries_kernel, dict(SHAPE, S=8, SLOTS=False, TMA=True)
     yield "split select", decode_split._split_select_kernel, dict(SHAPE, S=8, S_PAD=8)
     yield "split merge", decode_split._split_merge_kernel, dict(SHAPE, S=8, S_PAD=8)
     yield "split combine", decode_attend_split._split_combine_kernel, dict(SHAPE, S=4, S_PAD=4)

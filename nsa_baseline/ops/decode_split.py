@@ -52,18 +52,11 @@ def _split_range(pos, i_s, S: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constex
 
 @triton.jit
 def _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g, m_kd, qk_scale, stride_row,
-                    row0, col0, IEEE: tl.constexpr, TMA: tl.constexpr):
-    """Online-softmax step over summaries [i0, i0 + BC) below i_hi; their logits go to p_logit. TMA:
-    p_k, p_v are tensor descriptors of k_cmp, v_cmp as [B * max_cmp, H * D] and the tile sits at
-    (row0 + i0, col0); rows past i_hi are real summaries (or zero fill past the end), masked out of
-    the softmax (p = 0)."""
+                    IEEE: tl.constexpr):
+    """Online-softmax step over summaries [i0, i0 + BC) below i_hi; their logits go to p_logit."""
     m_c = (i0 + o_c) < i_hi
-    if TMA:
-        b_k = p_k.load([row0 + i0, col0])
-        b_v = p_v.load([row0 + i0, col0])
-    else:
-        b_k = tl.load(p_k + i0 * stride_row, mask=m_c[:, None] & m_kd, other=0.)
-        b_v = tl.load(p_v + i0 * stride_row, mask=m_c[:, None] & m_kd, other=0.)
+    b_k = tl.load(p_k + i0 * stride_row, mask=m_c[:, None] & m_kd, other=0.)
+    b_v = tl.load(p_v + i0 * stride_row, mask=m_c[:, None] & m_kd, other=0.)
     b_s = _scores(b_q, b_k, m_c, qk_scale, IEEE)
     tl.store(p_logit + i0, b_s, mask=m_g[:, None] & m_c[None, :])
     return _online_apply(b_s, b_m, b_l, b_acc, b_v, IEEE)
@@ -76,9 +69,7 @@ def _split_summaries_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
     BS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr, SLOTS: tl.constexpr,
-    TMA: tl.constexpr = False,
 ):
-    """TMA: k_ptr, v_ptr are tensor descriptors (split_compressed_partials, DECODE_LAUNCH.summaries_tma)."""
     BC: tl.constexpr = BJ * R
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
@@ -88,14 +79,9 @@ def _split_summaries_kernel(
     o_d = tl.arange(0, BLOCK_D)
     o_c = tl.arange(0, BC)
     m_g = o_g < G
-    i_r = _cache_slot(slot_ptr, i_b, SLOTS)
-    row0, col0 = i_r * MAX_CMP, i_h * D  # the tile's place in the descriptors' [B * max_cmp, H * D]
-    if TMA:
-        p_k, p_v = k_ptr, v_ptr
-    else:
-        base = i_r.to(tl.int64) * stride_slot + i_h * stride_head
-        p_k = k_ptr + base + o_c.to(tl.int64)[:, None] * stride_row + o_d[None, :]  # [BC, BLOCK_D]
-        p_v = v_ptr + base + o_c.to(tl.int64)[:, None] * stride_row + o_d[None, :]
+    base = _cache_slot(slot_ptr, i_b, SLOTS).to(tl.int64) * stride_slot + i_h * stride_head
+    p_k = k_ptr + base + o_c.to(tl.int64)[:, None] * stride_row + o_d[None, :]  # [BC, BLOCK_D]
+    p_v = v_ptr + base + o_c.to(tl.int64)[:, None] * stride_row + o_d[None, :]
     p_logit = logit_ptr + ((i_b * H + i_h) * G + o_g).to(tl.int64)[:, None] * MAX_CMP + o_c[None, :]
     m_kd = (o_d < D)[None, :]
     b_m = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -105,12 +91,12 @@ def _split_summaries_kernel(
         i0 = j_lo * R
         while i0 < i_hi:
             b_m, b_l, b_acc = _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g, m_kd,
-                                              qk_scale, stride_row, row0, col0, IEEE, TMA)
+                                              qk_scale, stride_row, IEEE)
             i0 += BC
     else:
         for i0 in range(j_lo * R, i_hi, BC):
             b_m, b_l, b_acc = _summaries_tile(b_q, b_m, b_l, b_acc, p_k, p_v, p_logit, i0, i_hi, o_c, m_g, m_kd,
-                                              qk_scale, stride_row, row0, col0, IEEE, TMA)
+                                              qk_scale, stride_row, IEEE)
     part = ((i_b * H + i_h) * S + i_s).to(tl.int64)
     p_o = o_part_ptr + (part * G + o_g)[:, None] * D + o_d[None, :]
     tl.store(p_o, _finish(b_l, b_acc), mask=m_g[:, None] & m_kd)
@@ -256,12 +242,10 @@ def split_compressed_partials(q, k_cmp, v_cmp, pos, *, splits: int, max_cmp: int
     keys_part = new_output((b * h * s, t_pad), torch.int64, q.device)
     common = dict(H=h, G=g, G_PAD=g_pad)
     steps = dict(R=r, KS=kernel_size, STRIDE=kernel_stride, BS=block_size, S=s, WHILE_LOOP=while_loop)
-    tma = bool(DECODE_LAUNCH.summaries_tma) and k_cmp.is_contiguous() and v_cmp.is_contiguous() and d == block_d
-    k_src, v_src = (_summary_descriptor(k_cmp, bj * r), _summary_descriptor(v_cmp, bj * r)) if tma else (k_cmp, v_cmp)
     _split_summaries_kernel[(b, h, s)](
-        q, k_src, v_src, pos if slots is None else slots, pos, o_part, lse_part, logits, max_cmp, qk_scale,
+        q, k_cmp, v_cmp, pos if slots is None else slots, pos, o_part, lse_part, logits, max_cmp, qk_scale,
         k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), HQ=hq,
-        **common, D=d, BLOCK_D=block_d, BJ=bj, **steps, IEEE=ieee, SLOTS=slots is not None, TMA=tma,
+        **common, D=d, BLOCK_D=block_d, BJ=bj, **steps, IEEE=ieee, SLOTS=slots is not None,
         num_warps=DECODE_LAUNCH.select_warps, num_stages=DECODE_LAUNCH.select_stages)
     if after_summaries is not None:
         after_summaries()
@@ -269,15 +253,6 @@ def split_compressed_partials(q, k_cmp, v_cmp, pos, *, splits: int, max_cmp: int
         pos, lse_part, logits, keys_part, max_cmp, **common, BJ=bj, C=c, **steps, S_PAD=s_pad, T_PAD=t_pad,
         INIT=init_blocks, LOCAL=local_blocks, num_warps=4)
     return SelectPartials(o_part, lse_part, keys_part, s, topk)
-
-
-def _summary_descriptor(t: torch.Tensor, rows: int):
-    """A TMA descriptor of a contiguous cache tensor [B, max_cmp, H, D] seen as [B * max_cmp, H * D],
-    tiles of `rows` summaries x D (one KV head)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    b, n, h, d = t.shape
-    return TensorDescriptor.from_tensor(t.view(b * n, h * d), [rows, d])
 
 
 def split_merge(parts: SelectPartials, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,9 +46,6 @@ class DecodeLaunch:
     # selected + window kernel takes the top T of the select pass's candidates and the combine merges
     # the compressed partials (decode_selected_window with SelectPartials); 0: merge kernel first
     fold_merge: int = 1
-    # 1: the split summaries pass loads k_cmp / v_cmp tiles through TMA tensor descriptors (168 registers
-    # for sm_90 instead of 255 with a spill: experiments/decode_aot_check.py); not timed yet, so off
-    summaries_tma: int = 0
 
 
 DECODE_LAUNCH = DecodeLaunch()
@@ -62,7 +59,7 @@ def decode_launch(**settings):
     if unknown:
         raise ValueError(f"decode_launch: unknown settings {sorted(unknown)}")
     for name, value in settings.items():  # all checked before any is set
-        low = 0 if name in ("attend_shares", "window_stream", "fold_merge", "summaries_tma") else 1
+        low = 0 if name in ("attend_shares", "window_stream", "fold_merge") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"decode_launch: `{name}` must be an int >= {low}, got {value!r}")
     old = dataclasses.asdict(DECODE_LAUNCH)

@@ -251,27 +251,6 @@ def test_select_kernel_split_equals_one_program_and_reference(splits, topk):
     _assert_selection(idx_s, key, pos, bs, topk)
 
 
-@pytest.mark.parametrize("slot_map", [False, True])
-def test_summaries_pass_through_tma_descriptors_equals_pointer_loads(slot_map):
-    """DECODE_LAUNCH.summaries_tma: the split summaries pass loads k_cmp / v_cmp tiles through tensor
-    descriptors ([B * max_cmp, H * D], 16-summary tiles: a tile past a slot's visible summaries reads
-    the next slot's rows, masked out); 2 KV heads, 3 slots of 20-199 tokens, with and without a slot
-    map: the same o_cmp and blocks as the pointer loads."""
-    torch.manual_seed(0)
-    b, h, g, d, ks, st, bs, topk = 3, 2, 3, 16, 8, 4, 16, 3
-    max_cmp = (200 - ks) // st + 1
-    pos = torch.tensor([150, 199, 20], dtype=torch.int32)
-    q, k, v = torch.randn(b, g * h, d), torch.randn(b, max_cmp, h, d), torch.randn(b, max_cmp, h, d)
-    kw = dict(splits=3, slots=torch.tensor([2, 0, 1], dtype=torch.int32) if slot_map else None)
-    args = (q, k, v, pos, ks, st, bs, topk, 1, 1, 0.25)
-    with decode_launch(summaries_per_tile=16):
-        o_ptr, idx_ptr = decode_compressed_select(*args, **kw)
-        with decode_launch(summaries_tma=1):
-            o_tma, idx_tma = decode_compressed_select(*args, **kw)
-    assert_close(o_tma, o_ptr, torch.float32, "o_cmp, TMA vs pointer loads")
-    assert torch.equal(idx_tma, idx_ptr)
-
-
 @pytest.mark.parametrize("splits", [5])
 def test_select_kernel_split_boundary_block_wins_by_its_spill(splits):
     """kernel_size 4 x stride: the last summary of a block gives 3/4 of its mass to the next block. A
@@ -615,10 +594,6 @@ def test_gpu_select_split_equals_one_program(splits):
                                     else a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
     _assert_selection(idx_s.cpu(), key, pos.cpu(), bs, topk, rtol=1e-4)
     assert (idx_s == idx1).float().mean() > 0.95  # same sets up to near-ties of bf16 rounding
-    with decode_launch(summaries_tma=1):  # the same pass through TMA descriptors: the same numbers
-        o_t, idx_t = decode_compressed_select(*args, splits=splits)
-    assert_close(o_t, o_s, torch.bfloat16, "o_cmp TMA vs pointer loads", tol=1e-6)
-    assert torch.equal(idx_t, idx_s)
 
 
 @pytest.mark.gpu
