@@ -31,8 +31,7 @@ I64_PTRS = {"keys_part_ptr"}
 F32_PTRS = {"o_cmp_ptr", "cmp_lse_ptr", "o_part_ptr", "lse_part_ptr", "logit_ptr", "o_ptr"}
 # The decode step's shape: G = 4 query heads per KV head, H = 8, d = 128, BS 64, T 16, window 512.
 SHAPE = dict(HQ=32, H=8, G=4, G_PAD=16, D=128, BLOCK_D=128, BS=64, TOPK=16, T_PAD=16, WINDOW=512, BN=64,
-             KS=32, STRIDE=16, R=4, C=2, BJ=32, INIT=1, LOCAL=2, IEEE=False, WHILE_LOOP=False, ADVANCE=True,
-             GP=4)
+             KS=32, STRIDE=16, R=4, C=2, BJ=32, INIT=1, LOCAL=2, IEEE=False, WHILE_LOOP=False, ADVANCE=True)
 
 
 def compile_sm90(fn, constexprs: dict, num_warps: int = 4, num_stages: int = 2):

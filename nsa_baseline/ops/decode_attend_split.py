@@ -10,7 +10,7 @@ s owns items [s * C, (s + 1) * C) (C = ceil((T + NW) / S)). Either way a split m
 branches:
   split (_split_keys_kernel, grid (B, H, S)): per branch (0 selected, 1 window) the normalised
       partial o [G, D] and its base-2 lse [G_PAD] (-inf where the split saw no key of the branch);
-  combine (_split_combine_kernel, grid (B, H)): per query head of the group the LSE merge of each branch's S
+  combine (_split_combine_kernel, grid (B, HQ)): per query head the LSE merge of each branch's S
       partials, then NSA's gated sum g0 * o_cmp + g1 * o_slc + g2 * o_win in the output dtype, and
       (advance) lengths[b] = pos + 1, the decode step's last write. Given arrival counters (the decode
       step: the cache's `arrivals`, DECODE_LAUNCH.fold_combine) no combine kernel runs: each split
@@ -35,7 +35,7 @@ import triton.language as tl
 
 from nsa_baseline.ops.decode_split import SelectPartials, _top_candidates
 from nsa_baseline.ops.decode_tiles import (DECODE_LAUNCH, _advance, _cache_slot, _finish, _keys_tile, _load_q,
-                                           _merge_group, _page_rows, _slot_row0)
+                                           _merge_rows, _page_rows, _slot_row0)
 from nsa_baseline.ops.selection_kernel import _key_ids
 from nsa_baseline.utils.triton_utils import new_output, next_pow2
 
@@ -62,7 +62,7 @@ def _split_keys_kernel(
     CANDS: tl.constexpr = 0, CANDS_PAD: tl.constexpr = 2, T_PAD: tl.constexpr = 1,
     arrive_ptr=None, o_cmp_ptr=None, cmp_lse_ptr=None, gates_ptr=None, out_ptr=None, len_ptr=None,
     COMBINE: tl.constexpr = False, ADVANCE: tl.constexpr = False, S_PAD: tl.constexpr = 2,
-    GP: tl.constexpr = 1, CMP_S: tl.constexpr = 0, CMP_S_PAD: tl.constexpr = 2,
+    CMP_S: tl.constexpr = 0, CMP_S_PAD: tl.constexpr = 2,
 ):
     """BRANCH 0: both branches (SHARES or the item list); 1: the selected entries only; 2: the window
     tiles only (1 and 2 with SHARES; each stores its own partial rows only). CANDS = 0: idx_ptr holds
@@ -70,7 +70,7 @@ def _split_keys_kernel(
     sets per (slot, KV head) (SelectPartials.keys_part, int64 [B * H * S, T_PAD]) and every program
     takes their top TOPK itself (what the merge kernel would have written). COMBINE: the last of the S
     programs of a (slot, KV head) to finish (arrive_ptr int32 [B * H], zero before, reset to zero by
-    it) does the combine kernel's work for the group's G heads (_gated_group) instead of a launch."""
+    it) does the combine kernel's work for the group's G heads (_gated_head) instead of a launch."""
     NW: tl.constexpr = (WINDOW + BN - 1) // BN
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
@@ -143,8 +143,9 @@ def _split_keys_kernel(
         if tl.atomic_add(p_arrive, 1, sem="acq_rel", scope="gpu") == S - 1:
             tl.store(p_arrive, 0)  # no other program of this launch touches it again: zero for the next step
             _advance(len_ptr, i_b, i_h, pos, ADVANCE)
-            _gated_group(o_part_ptr, lse_part_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, i_b, i_h,
-                         HQ, H, G, GP, G_PAD, D, BLOCK_D, S, S_PAD, CMP_S, CMP_S_PAD)
+            for g in tl.static_range(G):
+                _gated_head(o_part_ptr, lse_part_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, i_b, i_h, g,
+                            HQ, H, G, G_PAD, D, BLOCK_D, S, S_PAD, CMP_S, CMP_S_PAD)
 
 
 @triton.jit
@@ -160,49 +161,47 @@ def _entry(p_idx, ids, o_t, item, TOPK: tl.constexpr, CANDS: tl.constexpr):
 
 
 @triton.jit
-def _gated_group(o_part_ptr, lse_part_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, i_b, i_h,
-                 HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G_PAD: tl.constexpr,
-                 D: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
-                 CMP_S: tl.constexpr, CMP_S_PAD: tl.constexpr):
-    """The G query heads of KV head i_h of slot i_b: the LSE merge of each branch's S partials, gated
-    with the compressed branch (CMP_S = 0: o_cmp_ptr is its output float32 [B, HQ, D], cmp_lse_ptr
-    unused; CMP_S > 0: o_cmp_ptr, cmp_lse_ptr are the compressed select's CMP_S split partials, merged
-    here) into out in its dtype."""
+def _gated_head(o_part_ptr, lse_part_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, i_b, i_h, g,
+                HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, CMP_S: tl.constexpr,
+                CMP_S_PAD: tl.constexpr):
+    """Query head g of KV head i_h of slot i_b: the LSE merge of each branch's S partials, gated with
+    the compressed branch (CMP_S = 0: o_cmp_ptr is its output float32 [B, HQ, D], cmp_lse_ptr unused;
+    CMP_S > 0: o_cmp_ptr, cmp_lse_ptr are the compressed select's CMP_S split partials, merged here)
+    into out in its dtype."""
     o_p = tl.arange(0, S_PAD)
     parts = ((i_b * H + i_h) * S + o_p).to(tl.int64) * 2  # row of split p's selected partial; + 1: window
-    o_slc = _merge_group(o_part_ptr, lse_part_ptr, parts, o_p < S, G, GP, G_PAD, D, BLOCK_D)
-    o_win = _merge_group(o_part_ptr, lse_part_ptr, parts + 1, o_p < S, G, GP, G_PAD, D, BLOCK_D)
-    o_g = tl.arange(0, GP)
+    o_slc = _merge_rows(o_part_ptr, lse_part_ptr, parts, o_p < S, g, G, G_PAD, D, BLOCK_D)
+    o_win = _merge_rows(o_part_ptr, lse_part_ptr, parts + 1, o_p < S, g, G, G_PAD, D, BLOCK_D)
+    row = (i_b * HQ + i_h * G + g).to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
-    m_g = o_g < G
-    m_gd = m_g[:, None] & (o_d < D)[None, :]
-    rows = (i_b * HQ + i_h * G + o_g).to(tl.int64)
-    g0 = tl.load(gates_ptr + rows * 3, mask=m_g, other=0.).to(tl.float32)
-    g1 = tl.load(gates_ptr + rows * 3 + 1, mask=m_g, other=0.).to(tl.float32)
-    g2 = tl.load(gates_ptr + rows * 3 + 2, mask=m_g, other=0.).to(tl.float32)
+    m_d = o_d < D
+    g0 = tl.load(gates_ptr + row * 3).to(tl.float32)
+    g1 = tl.load(gates_ptr + row * 3 + 1).to(tl.float32)
+    g2 = tl.load(gates_ptr + row * 3 + 2).to(tl.float32)
     if CMP_S > 0:
         o_c = tl.arange(0, CMP_S_PAD)
-        b_cmp = _merge_group(o_cmp_ptr, cmp_lse_ptr, ((i_b * H + i_h) * CMP_S + o_c).to(tl.int64), o_c < CMP_S, G,
-                             GP, G_PAD, D, BLOCK_D)
+        b_cmp = _merge_rows(o_cmp_ptr, cmp_lse_ptr, ((i_b * H + i_h) * CMP_S + o_c).to(tl.int64), o_c < CMP_S, g,
+                            G, G_PAD, D, BLOCK_D)
     else:
-        b_cmp = tl.load(o_cmp_ptr + rows[:, None] * D + o_d[None, :], mask=m_gd, other=0.)
-    b_o = g0[:, None] * b_cmp + g1[:, None] * o_slc + g2[:, None] * o_win
-    tl.store(out_ptr + rows[:, None] * D + o_d[None, :], b_o.to(out_ptr.dtype.element_ty), mask=m_gd)
+        b_cmp = tl.load(o_cmp_ptr + row * D + o_d, mask=m_d, other=0.)
+    b_o = g0 * b_cmp + g1 * o_slc + g2 * o_win
+    tl.store(out_ptr + row * D + o_d, b_o.to(out_ptr.dtype.element_ty), mask=m_d)
 
 
 @triton.jit
 def _split_combine_kernel(
     o_part_ptr, lse_part_ptr, pos_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, len_ptr,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, ADVANCE: tl.constexpr, GP: tl.constexpr,
+    BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, ADVANCE: tl.constexpr,
     CMP_S: tl.constexpr = 0, CMP_S_PAD: tl.constexpr = 2,
 ):
-    """Program (b, h): the G query heads of KV head h of slot b (_gated_group); program (b, 0) advances."""
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    """Program (b, q): query head q of slot b (_gated_head); program (b, 0) advances."""
+    i_b, i_q = tl.program_id(0), tl.program_id(1)
     pos = tl.load(pos_ptr + i_b)
-    _advance(len_ptr, i_b, i_h, pos, ADVANCE)
-    _gated_group(o_part_ptr, lse_part_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, i_b, i_h,
-                 HQ, H, G, GP, G_PAD, D, BLOCK_D, S, S_PAD, CMP_S, CMP_S_PAD)
+    _advance(len_ptr, i_b, i_q, pos, ADVANCE)
+    _gated_head(o_part_ptr, lse_part_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, i_b, i_q // G, i_q % G,
+                HQ, H, G, G_PAD, D, BLOCK_D, S, S_PAD, CMP_S, CMP_S_PAD)
 
 
 def split_items(topk: int, window_tiles: int, splits: int) -> tuple[int, int]:
@@ -261,7 +260,7 @@ def split_keys(q, k, v, pos, idx, parts, plan: SplitPlan, *, branch: int, g: int
         num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages)
 
 
-def _combine_args(plan: SplitPlan, pos, o_cmp, gates, out, advance, h: int) -> dict:
+def _combine_args(plan: SplitPlan, pos, o_cmp, gates, out, advance) -> dict:
     """The combine's pointers and sizes (o_cmp: float32 [B, HQ, D] or the compressed select's
     SelectPartials), as the combine kernel and the split kernel's COMBINE take them."""
     if isinstance(o_cmp, SelectPartials):
@@ -271,7 +270,7 @@ def _combine_args(plan: SplitPlan, pos, o_cmp, gates, out, advance, h: int) -> d
         cmp, cmp_lse = {}, o_cmp
     return dict(o_cmp_ptr=o_cmp, cmp_lse_ptr=cmp_lse, gates_ptr=gates, out_ptr=out,
                 len_ptr=pos if advance is None else advance, ADVANCE=advance is not None,
-                S_PAD=max(2, next_pow2(plan.s)), GP=next_pow2(gates.shape[1] // h), **cmp)
+                S_PAD=max(2, next_pow2(plan.s)), **cmp)
 
 
 def split_combine(parts, plan: SplitPlan, pos, o_cmp, gates, out, advance, *, h: int, g: int, g_pad: int,
@@ -279,8 +278,8 @@ def split_combine(parts, plan: SplitPlan, pos, o_cmp, gates, out, advance, *, h:
     """The combine kernel: both branches' partials merged, gated with the compressed branch into out;
     advance. o_cmp: float32 [B, HQ, D], or the compressed select's SelectPartials (merged here)."""
     b, hq, d = out.shape
-    a = _combine_args(plan, pos, o_cmp, gates, out, advance, h)
-    _split_combine_kernel[(b, h)](
+    a = _combine_args(plan, pos, o_cmp, gates, out, advance)
+    _split_combine_kernel[(b, hq)](
         parts[0], parts[1], pos, a.pop("o_cmp_ptr"), a.pop("cmp_lse_ptr"), a.pop("gates_ptr"), a.pop("out_ptr"),
         a.pop("len_ptr"), HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, S=plan.s, **a, num_warps=4)
 
@@ -300,7 +299,7 @@ def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, spli
     parts = split_partials(b, h, g, g_pad, q.shape[2], plan, q.device)
     combine = None
     if arrivals is not None:
-        combine = dict(_combine_args(plan, pos, o_cmp, gates, out, advance, h), arrive_ptr=arrivals)
+        combine = dict(_combine_args(plan, pos, o_cmp, gates, out, advance), arrive_ptr=arrivals)
     split_keys(q, k, v, pos, idx, parts, plan, branch=0, g=g, g_pad=g_pad, block_d=block_d, block_size=block_size,
                window_size=window_size, window_tile=window_tile, qk_scale=qk_scale, ieee=ieee, layout=layout,
                slots=slots, combine=combine)

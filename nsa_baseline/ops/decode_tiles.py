@@ -242,23 +242,6 @@ def _merge_rows(o_part_ptr, lse_part_ptr, rows, m_p, g, G: tl.constexpr, G_PAD: 
 
 
 @triton.jit
-def _merge_group(o_part_ptr, lse_part_ptr, rows, m_p, G: tl.constexpr, GP: tl.constexpr, G_PAD: tl.constexpr,
-                 D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[GP, BLOCK_D]: _merge_rows for the group's G heads at once (GP = G padded to a power of two;
-    padding rows 0): every load independent of the others, so one latency instead of G."""
-    o_g = tl.arange(0, GP)
-    o_d = tl.arange(0, BLOCK_D)
-    m_pg = m_p[:, None] & (o_g < G)[None, :]
-    b_ls = tl.load(lse_part_ptr + rows[:, None] * G_PAD + o_g[None, :], mask=m_pg, other=float("-inf"))  # [S, GP]
-    b_mx = tl.max(b_ls, axis=0)
-    b_w = tl.where(b_ls > float("-inf"), tl.exp2(b_ls - tl.where(b_mx == float("-inf"), 0., b_mx)[None, :]), 0.)
-    p_o = o_part_ptr + ((rows[:, None] * G + o_g[None, :]) * D)[:, :, None] + o_d[None, None, :]
-    b_o = tl.load(p_o, mask=m_pg[:, :, None] & (o_d < D)[None, None, :], other=0.)  # [S, GP, BLOCK_D]
-    w_sum = tl.sum(b_w, axis=0)
-    return tl.sum(b_w[:, :, None] * b_o, axis=0) / tl.where(w_sum > 0, w_sum, 1.)[:, None]
-
-
-@triton.jit
 def _finish(b_l, b_acc):
     """o = acc / l; 0 for rows that saw no key."""
     return b_acc / tl.where(b_l > 0, b_l, 1.)[:, None]
