@@ -5,7 +5,7 @@ ptxas gives them.
 
 Triton's ahead-of-time path (experiments/compressed_aot_check.py) on a CPU-only machine: each kernel
 of a decode step (append, compressed select one-program and split, selected + window one-program and
-split + combine, or split combining in its last program) at the Llama3-8B decode shape (32 q / 8 kv heads, d = 128, (64, 16), bf16), for a
+split + combine) at the Llama3-8B decode shape (32 q / 8 kv heads, d = 128, (64, 16), bf16), for a
 contiguous and a paged cache (PAGE) and with and without a slot map (SLOTS: chunked prefill). It
 catches what the interpreter cannot (the compiler's typing, constexpr branches, register spills);
 timings and results still need the GPU (tests -m gpu, experiments/gpu/decode_bench.py). Run as its own
@@ -26,7 +26,7 @@ from nsa_baseline.ops import decode_append, decode_attend, decode_attend_split, 
 
 SCALARS = {"MAX_SEQLEN": "i32", "MAX_CMP": "i32", "MAX_PAGES": "i32", "qk_scale": "fp32", "stride_slot": "i32",
            "stride_row": "i32", "stride_head": "i32"}
-I32_PTRS = {"len_ptr", "pos_ptr", "idx_ptr", "tbl_ptr", "slot_ptr", "arrive_ptr"}
+I32_PTRS = {"len_ptr", "pos_ptr", "idx_ptr", "tbl_ptr", "slot_ptr"}
 I64_PTRS = {"keys_part_ptr"}
 F32_PTRS = {"o_cmp_ptr", "cmp_lse_ptr", "o_part_ptr", "lse_part_ptr", "logit_ptr", "o_ptr"}
 # The decode step's shape: G = 4 query heads per KV head, H = 8, d = 128, BS 64, T 16, window 512.
@@ -59,10 +59,6 @@ def kernels():
                    dict(lay, S=4, C=7, SHARES=True, CS=4, CW=2))
         yield (f"split keys PAGE={page} CANDS=16", decode_attend_split._split_keys_kernel,
                dict(SHAPE, PAGE=page, SLOTS=False, S=5, C=5, SHARES=True, CS=4, CW=2, CANDS=16, CANDS_PAD=16))
-        # the decode step's: candidates in, the combine in the last program per (slot, KV head)
-        yield (f"split keys PAGE={page} COMBINE", decode_attend_split._split_keys_kernel,
-               dict(SHAPE, PAGE=page, SLOTS=False, S=5, C=5, SHARES=True, CS=4, CW=2, CANDS=16, CANDS_PAD=16,
-                    COMBINE=True, S_PAD=8, CMP_S=16, CMP_S_PAD=16))
         for branch in (1, 2):  # the decode step's early window branch, then its selected branch
             yield (f"split keys PAGE={page} BRANCH={branch}", decode_attend_split._split_keys_kernel,
                    dict(SHAPE, PAGE=page, SLOTS=False, S=4, C=7, SHARES=True, CS=4, CW=2, BRANCH=branch))

@@ -2,7 +2,7 @@
 dense decode through torch SDPA.
 
     python -m experiments.gpu.decode_bench [--batches 1,8,32] [--lengths 8192,32768,65536,131072]
-                                           [--window-stream 0|1] [--fold-merge 0|1] [--fold-combine 0|1]
+                                           [--window-stream 0|1] [--fold-merge 0|1]
 
 Llama3-8B heads (32 query / 8 KV, d = 128), the (64, 16) preset (kernel 32 / stride 16, BS 64, T 16,
 window 512), bf16, FSA backend (the decode kernels are the same for nsa / fsa / auto). The cache is
@@ -22,9 +22,7 @@ slot + q + out; dense L keys and values per KV head per slot + q + out. Configur
 (+ the dense copy) does not fit in 85% of free memory are recorded as skipped.
 --window-stream 1 runs the step with DECODE_LAUNCH.window_stream (the window branch on a side stream
 beside kernel 1's select and merge), --fold-merge 0 with the compressed select's merge kernel even where
-both kernels split (DECODE_LAUNCH.fold_merge), --fold-combine 0 with the split attend's combine kernel
-instead of its last program per (slot, KV head) combining (DECODE_LAUNCH.fold_combine); the rows record
-the settings. Writes decode_bench.csv (GPU, torch,
+both kernels split (DECODE_LAUNCH.fold_merge); the rows record the settings. Writes decode_bench.csv (GPU, torch,
 Triton, commit on every row) under $OUT (else ./out). About 1-2 minutes on an H100.
 """
 from __future__ import annotations
@@ -153,8 +151,6 @@ def main() -> int:
                     help="DECODE_LAUNCH.window_stream for the run (default: as committed)")
     ap.add_argument("--fold-merge", type=int, choices=(0, 1), default=None,
                     help="DECODE_LAUNCH.fold_merge for the run (default: as committed)")
-    ap.add_argument("--fold-combine", type=int, choices=(0, 1), default=None,
-                    help="DECODE_LAUNCH.fold_combine for the run (default: as committed)")
     args = ap.parse_args()
     require_cuda()
     from nsa_baseline.ops.decode_tiles import DECODE_LAUNCH
@@ -163,8 +159,6 @@ def main() -> int:
         DECODE_LAUNCH.window_stream = args.window_stream
     if args.fold_merge is not None:
         DECODE_LAUNCH.fold_merge = args.fold_merge
-    if args.fold_combine is not None:
-        DECODE_LAUNCH.fold_combine = args.fold_combine
 
     out, meta = out_dir(), run_meta()
     print(f"decode_bench on {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, "
@@ -175,8 +169,7 @@ def main() -> int:
         for b in (int(s) for s in args.batches.split(",")):
             time_point(rows, b, length, module, args.page_size)
     write_rows(out / "decode_bench.csv", rows, {**meta, "window_stream": DECODE_LAUNCH.window_stream,
-                                                          "fold_merge": DECODE_LAUNCH.fold_merge,
-                                                          "fold_combine": DECODE_LAUNCH.fold_combine})
+                                                          "fold_merge": DECODE_LAUNCH.fold_merge})
     print(f"\n== one decode step, bf16, HQ={HQ}, H={H}, D={D}, (64, 16), window 512 (do_bench medians; "
           "GB/s = bytes read / time)")
     print_table(rows)

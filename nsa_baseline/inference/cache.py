@@ -5,8 +5,6 @@ Layout (contiguous, so that a decode kernel can read it directly):
     k, v          [B, max_seqlen, H, D]   keys after RoPE / values, slot b holds sequence b
     k_cmp, v_cmp  [B, max_cmp, H, D]      summary i of slot b covers keys [i * stride, i * stride + kernel_size)
     lengths       int32 [B] on the cache's device: tokens held per slot
-    arrivals      int32 [B * H], zero between calls: the decode step's split selected + window kernel
-                  counts its finished programs per (slot, KV head) here, and the last one combines
 Everything a slot holds is derived from its length: rows at or past it are never read as history, so
 a call that fails half-way leaves the slot consistent (the length moves last). The lengths are also
 mirrored on the host (`host_lengths`) because the PyTorch path validates and sizes each call there.
@@ -95,7 +93,6 @@ class NSACache:
         self.k_cmp = torch.zeros(batch_size, self.max_cmp, h, d, device=device, dtype=dtype)
         self.v_cmp = torch.zeros_like(self.k_cmp)
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self.arrivals = torch.zeros(batch_size * h, dtype=torch.int32, device=device)
         self._host_lengths = [0] * batch_size
 
     @property
@@ -113,8 +110,7 @@ class NSACache:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the cache holds, by name."""
-        out = {"k": self.k, "v": self.v, "k_cmp": self.k_cmp, "v_cmp": self.v_cmp, "lengths": self.lengths,
-               "arrivals": self.arrivals}
+        out = {"k": self.k, "v": self.v, "k_cmp": self.k_cmp, "v_cmp": self.v_cmp, "lengths": self.lengths}
         if self.block_table is not None:
             out["block_table"] = self.block_table
         return out

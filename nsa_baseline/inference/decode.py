@@ -5,10 +5,9 @@
     the positions) -> decode_compressed_select (o_cmp, block indices; one kernel, or three when
     split over several programs per (slot, KV head) because the GPU would idle) ->
     decode_selected_window (gated output; one kernel, or split + combine; its last kernel sets
-    lengths = positions + 1) -> output projection. 3 launches, 4 with both splits (small B): the
-    select's merge kernel is skipped and decode_selected_window merges its partials
-    (DECODE_LAUNCH.fold_merge), and the split attend kernel's last program per (slot, KV head) does
-    the combine (the cache's arrival counters; DECODE_LAUNCH.fold_combine).
+    lengths = positions + 1) -> output projection. 3 launches, up to 5 with both splits (small B):
+    then the select's merge kernel is skipped and decode_selected_window merges its partials
+    (DECODE_LAUNCH.fold_merge).
 The lengths move in the step's last kernel, not in decode_append: all of decode_append's programs of a
 slot read its length, in any order, so none of them may change it.
 Checks use the host mirror of the lengths, which the caller advances arithmetically (+1 per step),
@@ -74,8 +73,7 @@ def decode_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                                           unmerged=bool(DECODE_LAUNCH.fold_merge) and not early)
     o = decode_selected_window(q, cache.k, cache.v, pos32, idx, o_cmp, gates.contiguous(), module.block_size,
                                module.window_size, scale, advance=cache.lengths, block_table=cache.block_table,
-                               window_partials=window.get("partials"),
-                               arrivals=cache.arrivals if DECODE_LAUNCH.fold_combine else None)
+                               window_partials=window.get("partials"))
     return o
 
 

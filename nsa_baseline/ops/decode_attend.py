@@ -209,8 +209,7 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                            block_size: int, window_size: int, scale: float,
                            advance: torch.Tensor | None = None, splits: int | None = None,
                            block_table: torch.Tensor | None = None, slots: torch.Tensor | None = None,
-                           window_partials: WindowPartials | None = None,
-                           arrivals: torch.Tensor | None = None) -> torch.Tensor:
+                           window_partials: WindowPartials | None = None) -> torch.Tensor:
     r"""Selected + window attention of one new token per slot, gated with the compressed branch.
 
     Args:
@@ -229,20 +228,11 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
             one slot at different positions (chunked prefill through these kernels);
         window_partials: the window branch already run (decode_window_partials): only the selected
             branch is launched, then one combine after its stream (splits and slots must be None).
-        arrivals: int32 [B * H] zeros (the cache's `arrivals`), or None: when the keys are split, the
-            last split program of each (slot, KV head) combines them (no combine launch) and leaves
-            its counter at zero again; the decode step passes it (DECODE_LAUNCH.fold_combine).
     Returns:
         [B, HQ, D] in q.dtype: g0 * o_cmp + g1 * o_slc + g2 * o_win.
     """
     _check(q, k, v, pos, block_indices, o_cmp, gates, block_size, window_size, advance, block_table is not None,
            slots)
-    if arrivals is not None and (not isinstance(arrivals, torch.Tensor) or arrivals.dtype != torch.int32
-                                 or tuple(arrivals.shape) != (q.shape[0] * k.shape[2],)
-                                 or arrivals.device != q.device or not arrivals.is_contiguous()):
-        fail("arrivals", f"must be None or contiguous int32 [B * H = {q.shape[0] * k.shape[2]}] on {q.device} "
-             f"(zeros: the cache's arrivals), got {getattr(arrivals, 'dtype', type(arrivals).__name__)} "
-             f"{tuple(getattr(arrivals, 'shape', ()))}")
     layout = cache_layout(block_table, k, q.shape[0] if slots is None else None)
     slot_map = pos if slots is None else slots  # pos: a valid pointer the kernels never read as slots
     if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1):
@@ -276,8 +266,7 @@ def decode_selected_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         splits = attend_splits(b, h, block_indices.shape[2], window_size, q.device)
     if splits > 1:
         split_selected_window(q.contiguous(), k, v, pos, block_indices, o_cmp, gates, out, advance, splits=splits,
-                              block_size=block_size, qk_scale=scale * LOG2E, layout=layout, slots=slots,
-                              arrivals=arrivals, **shapes)
+                              block_size=block_size, qk_scale=scale * LOG2E, layout=layout, slots=slots, **shapes)
         return out
     _decode_attend_kernel[(b, h)](
         q.contiguous(), k, v, layout[0], slot_map, pos, block_indices, o_cmp, gates, out,

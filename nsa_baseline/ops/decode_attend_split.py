@@ -12,11 +12,7 @@ branches:
       partial o [G, D] and its base-2 lse [G_PAD] (-inf where the split saw no key of the branch);
   combine (_split_combine_kernel, grid (B, HQ)): per query head the LSE merge of each branch's S
       partials, then NSA's gated sum g0 * o_cmp + g1 * o_slc + g2 * o_win in the output dtype, and
-      (advance) lengths[b] = pos + 1, the decode step's last write. Given arrival counters (the decode
-      step: the cache's `arrivals`, DECODE_LAUNCH.fold_combine) no combine kernel runs: each split
-      program counts itself in atomically after storing its partials, and the last of a (slot, KV
-      head) does the combine for the group's G heads (the threadfence-reduction pattern) and resets
-      its counter to zero for the next step.
+      (advance) lengths[b] = pos + 1, the decode step's last write.
 Given the compressed select's SelectPartials instead of block indices and o_cmp (decode step,
 DECODE_LAUNCH.fold_merge), every split program takes the top T of the select pass's candidate sets
 itself (CANDS) and the combine merges the compressed partials (CMP_S): the merge kernel is not launched.
@@ -60,17 +56,12 @@ def _split_keys_kernel(
     S: tl.constexpr, C: tl.constexpr, SHARES: tl.constexpr, CS: tl.constexpr, CW: tl.constexpr,
     IEEE: tl.constexpr, PAGE: tl.constexpr, SLOTS: tl.constexpr, BRANCH: tl.constexpr = 0,
     CANDS: tl.constexpr = 0, CANDS_PAD: tl.constexpr = 2, T_PAD: tl.constexpr = 1,
-    arrive_ptr=None, o_cmp_ptr=None, cmp_lse_ptr=None, gates_ptr=None, out_ptr=None, len_ptr=None,
-    COMBINE: tl.constexpr = False, ADVANCE: tl.constexpr = False, S_PAD: tl.constexpr = 2,
-    CMP_S: tl.constexpr = 0, CMP_S_PAD: tl.constexpr = 2,
 ):
     """BRANCH 0: both branches (SHARES or the item list); 1: the selected entries only; 2: the window
     tiles only (1 and 2 with SHARES; each stores its own partial rows only). CANDS = 0: idx_ptr holds
     block_indices int32 [B, H, TOPK]; CANDS = S > 0: it holds the compressed select's S sorted candidate
     sets per (slot, KV head) (SelectPartials.keys_part, int64 [B * H * S, T_PAD]) and every program
-    takes their top TOPK itself (what the merge kernel would have written). COMBINE: the last of the S
-    programs of a (slot, KV head) to finish (arrive_ptr int32 [B * H], zero before, reset to zero by
-    it) does the combine kernel's work for the group's G heads (_gated_head) instead of a launch."""
+    takes their top TOPK itself (what the merge kernel would have written)."""
     NW: tl.constexpr = (WINDOW + BN - 1) // BN
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + i_b)
@@ -135,17 +126,6 @@ def _split_keys_kernel(
         _store_partial(o_part_ptr, lse_part_ptr, part, s_m, s_l, s_acc, G, G_PAD, D, BLOCK_D)
     if BRANCH != 1:
         _store_partial(o_part_ptr, lse_part_ptr, part + 1, w_m, w_l, w_acc, G, G_PAD, D, BLOCK_D)
-    if COMBINE:
-        # every thread's partial stores before the release of the arrival (threadfence-reduction pattern);
-        # the acq_rel atomic then makes the other programs' partials visible to the last one
-        tl.debug_barrier()
-        p_arrive = arrive_ptr + i_b * H + i_h
-        if tl.atomic_add(p_arrive, 1, sem="acq_rel", scope="gpu") == S - 1:
-            tl.store(p_arrive, 0)  # no other program of this launch touches it again: zero for the next step
-            _advance(len_ptr, i_b, i_h, pos, ADVANCE)
-            for g in tl.static_range(G):
-                _gated_head(o_part_ptr, lse_part_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, i_b, i_h, g,
-                            HQ, H, G, G_PAD, D, BLOCK_D, S, S_PAD, CMP_S, CMP_S_PAD)
 
 
 @triton.jit
@@ -161,19 +141,24 @@ def _entry(p_idx, ids, o_t, item, TOPK: tl.constexpr, CANDS: tl.constexpr):
 
 
 @triton.jit
-def _gated_head(o_part_ptr, lse_part_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, i_b, i_h, g,
-                HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, CMP_S: tl.constexpr,
-                CMP_S_PAD: tl.constexpr):
-    """Query head g of KV head i_h of slot i_b: the LSE merge of each branch's S partials, gated with
-    the compressed branch (CMP_S = 0: o_cmp_ptr is its output float32 [B, HQ, D], cmp_lse_ptr unused;
-    CMP_S > 0: o_cmp_ptr, cmp_lse_ptr are the compressed select's CMP_S split partials, merged here)
-    into out in its dtype."""
+def _split_combine_kernel(
+    o_part_ptr, lse_part_ptr, pos_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, len_ptr,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, ADVANCE: tl.constexpr,
+    CMP_S: tl.constexpr = 0, CMP_S_PAD: tl.constexpr = 2,
+):
+    """CMP_S = 0: o_cmp_ptr is the compressed branch's output float32 [B, HQ, D] (cmp_lse_ptr unused);
+    CMP_S > 0: o_cmp_ptr, cmp_lse_ptr are the compressed select's CMP_S split partials
+    (SelectPartials.o_part, .lse_part), merged here."""
+    i_b, i_q = tl.program_id(0), tl.program_id(1)
+    pos = tl.load(pos_ptr + i_b)
+    _advance(len_ptr, i_b, i_q, pos, ADVANCE)
+    i_h, g = i_q // G, i_q % G
     o_p = tl.arange(0, S_PAD)
     parts = ((i_b * H + i_h) * S + o_p).to(tl.int64) * 2  # row of split p's selected partial; + 1: window
     o_slc = _merge_rows(o_part_ptr, lse_part_ptr, parts, o_p < S, g, G, G_PAD, D, BLOCK_D)
     o_win = _merge_rows(o_part_ptr, lse_part_ptr, parts + 1, o_p < S, g, G, G_PAD, D, BLOCK_D)
-    row = (i_b * HQ + i_h * G + g).to(tl.int64)
+    row = (i_b * HQ + i_q).to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     g0 = tl.load(gates_ptr + row * 3).to(tl.float32)
@@ -187,21 +172,6 @@ def _gated_head(o_part_ptr, lse_part_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out
         b_cmp = tl.load(o_cmp_ptr + row * D + o_d, mask=m_d, other=0.)
     b_o = g0 * b_cmp + g1 * o_slc + g2 * o_win
     tl.store(out_ptr + row * D + o_d, b_o.to(out_ptr.dtype.element_ty), mask=m_d)
-
-
-@triton.jit
-def _split_combine_kernel(
-    o_part_ptr, lse_part_ptr, pos_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, len_ptr,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_D: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, ADVANCE: tl.constexpr,
-    CMP_S: tl.constexpr = 0, CMP_S_PAD: tl.constexpr = 2,
-):
-    """Program (b, q): query head q of slot b (_gated_head); program (b, 0) advances."""
-    i_b, i_q = tl.program_id(0), tl.program_id(1)
-    pos = tl.load(pos_ptr + i_b)
-    _advance(len_ptr, i_b, i_q, pos, ADVANCE)
-    _gated_head(o_part_ptr, lse_part_ptr, o_cmp_ptr, cmp_lse_ptr, gates_ptr, out_ptr, i_b, i_q // G, i_q % G,
-                HQ, H, G, G_PAD, D, BLOCK_D, S, S_PAD, CMP_S, CMP_S_PAD)
 
 
 def split_items(topk: int, window_tiles: int, splits: int) -> tuple[int, int]:
@@ -238,11 +208,10 @@ def split_partials(b: int, h: int, g: int, g_pad: int, d: int, plan: SplitPlan, 
 
 def split_keys(q, k, v, pos, idx, parts, plan: SplitPlan, *, branch: int, g: int, g_pad: int, block_d: int,
                block_size: int, window_size: int, window_tile: int, qk_scale: float, ieee: bool, layout: tuple,
-               slots=None, combine: dict | None = None):
+               slots=None):
     """Launch the split kernel for `branch` (0 both, 1 selected, 2 window; 1 and 2 need plan.shares)
     into `parts` (split_partials). idx: block_indices [B, H, T], or the compressed select's
-    SelectPartials (each program takes the top T of its candidate sets). combine: _combine_args'
-    dict plus arrive_ptr (zeroed int32 [B * H]): the last program of each (slot, KV head) combines."""
+    SelectPartials (each program takes the top T of its candidate sets)."""
     b, hq, _ = q.shape
     max_seqlen, h = k.shape[1], k.shape[2]
     if isinstance(idx, SelectPartials):
@@ -256,21 +225,7 @@ def split_keys(q, k, v, pos, idx, parts, plan: SplitPlan, *, branch: int, g: int
         qk_scale, HQ=hq, H=h, G=g, G_PAD=g_pad, D=q.shape[2], BLOCK_D=block_d, BS=block_size,
         TOPK=topk, WINDOW=window_size, BN=window_tile, S=plan.s, C=plan.c, SHARES=plan.shares, CS=plan.cs,
         CW=plan.cw, IEEE=ieee, PAGE=layout[2], SLOTS=slots is not None, BRANCH=branch, **cands,
-        **(dict(COMBINE=True, **combine) if combine is not None else {}),
         num_warps=DECODE_LAUNCH.attend_warps, num_stages=DECODE_LAUNCH.attend_stages)
-
-
-def _combine_args(plan: SplitPlan, pos, o_cmp, gates, out, advance) -> dict:
-    """The combine's pointers and sizes (o_cmp: float32 [B, HQ, D] or the compressed select's
-    SelectPartials), as the combine kernel and the split kernel's COMBINE take them."""
-    if isinstance(o_cmp, SelectPartials):
-        cmp = dict(CMP_S=o_cmp.splits, CMP_S_PAD=max(2, next_pow2(o_cmp.splits)))
-        o_cmp, cmp_lse = o_cmp.o_part, o_cmp.lse_part
-    else:
-        cmp, cmp_lse = {}, o_cmp
-    return dict(o_cmp_ptr=o_cmp, cmp_lse_ptr=cmp_lse, gates_ptr=gates, out_ptr=out,
-                len_ptr=pos if advance is None else advance, ADVANCE=advance is not None,
-                S_PAD=max(2, next_pow2(plan.s)), **cmp)
 
 
 def split_combine(parts, plan: SplitPlan, pos, o_cmp, gates, out, advance, *, h: int, g: int, g_pad: int,
@@ -278,30 +233,30 @@ def split_combine(parts, plan: SplitPlan, pos, o_cmp, gates, out, advance, *, h:
     """The combine kernel: both branches' partials merged, gated with the compressed branch into out;
     advance. o_cmp: float32 [B, HQ, D], or the compressed select's SelectPartials (merged here)."""
     b, hq, d = out.shape
-    a = _combine_args(plan, pos, o_cmp, gates, out, advance)
+    if isinstance(o_cmp, SelectPartials):
+        cmp = dict(CMP_S=o_cmp.splits, CMP_S_PAD=max(2, next_pow2(o_cmp.splits)))
+        o_cmp, cmp_lse = o_cmp.o_part, o_cmp.lse_part
+    else:
+        cmp, cmp_lse = {}, o_cmp
     _split_combine_kernel[(b, hq)](
-        parts[0], parts[1], pos, a.pop("o_cmp_ptr"), a.pop("cmp_lse_ptr"), a.pop("gates_ptr"), a.pop("out_ptr"),
-        a.pop("len_ptr"), HQ=hq, H=h, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, S=plan.s, **a, num_warps=4)
+        parts[0], parts[1], pos, o_cmp, cmp_lse, gates, out, pos if advance is None else advance, HQ=hq, H=h, G=g,
+        G_PAD=g_pad, D=d, BLOCK_D=block_d, S=plan.s, S_PAD=next_pow2(plan.s), ADVANCE=advance is not None, **cmp,
+        num_warps=4)
 
 
 def split_selected_window(q, k, v, pos, idx, o_cmp, gates, out, advance, *, splits: int, g: int, g_pad: int,
                           block_d: int, block_size: int, window_size: int, window_tile: int, qk_scale: float,
-                          ieee: bool, layout: tuple, slots=None, arrivals=None):
+                          ieee: bool, layout: tuple, slots=None):
     """Run the split and combine kernels; fills out [B, HQ, D] (decode_selected_window's output,
     already allocated) from arguments it has checked. splits > 1 (normalised by split_items); layout:
     decode_tiles.cache_layout's (table, MAX_PAGES, PAGE); idx and o_cmp: block_indices and the
-    compressed output, or both the compressed select's SelectPartials; arrivals: zeroed int32 [B * H]
-    counters, with which the split kernel's last program per (slot, KV head) combines (no launch)."""
+    compressed output, or both the compressed select's SelectPartials."""
     b, h = q.shape[0], k.shape[2]
     nw = -(-window_size // window_tile)
     topk = idx.topk if isinstance(idx, SelectPartials) else idx.shape[2]
     plan = split_plan(topk, nw, splits, bool(DECODE_LAUNCH.attend_shares))
     parts = split_partials(b, h, g, g_pad, q.shape[2], plan, q.device)
-    combine = None
-    if arrivals is not None:
-        combine = dict(_combine_args(plan, pos, o_cmp, gates, out, advance), arrive_ptr=arrivals)
     split_keys(q, k, v, pos, idx, parts, plan, branch=0, g=g, g_pad=g_pad, block_d=block_d, block_size=block_size,
                window_size=window_size, window_tile=window_tile, qk_scale=qk_scale, ieee=ieee, layout=layout,
-               slots=slots, combine=combine)
-    if arrivals is None:
-        split_combine(parts, plan, pos, o_cmp, gates, out, advance, h=h, g=g, g_pad=g_pad, block_d=block_d)
+               slots=slots)
+    split_combine(parts, plan, pos, o_cmp, gates, out, advance, h=h, g=g, g_pad=g_pad, block_d=block_d)

@@ -46,9 +46,6 @@ class DecodeLaunch:
     # selected + window kernel takes the top T of the select pass's candidates and the combine merges
     # the compressed partials (decode_selected_window with SelectPartials); 0: merge kernel first
     fold_merge: int = 1
-    # 1: the decode step's split selected + window kernel combines in its last program per (slot, KV
-    # head) (the cache's arrival counters); 0: a combine kernel after it
-    fold_combine: int = 1
 
 
 DECODE_LAUNCH = DecodeLaunch()
@@ -62,7 +59,7 @@ def decode_launch(**settings):
     if unknown:
         raise ValueError(f"decode_launch: unknown settings {sorted(unknown)}")
     for name, value in settings.items():  # all checked before any is set
-        low = 0 if name in ("attend_shares", "window_stream", "fold_merge", "fold_combine") else 1
+        low = 0 if name in ("attend_shares", "window_stream", "fold_merge") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"decode_launch: `{name}` must be an int >= {low}, got {value!r}")
     old = dataclasses.asdict(DECODE_LAUNCH)

@@ -30,12 +30,11 @@ def test_layout_and_nbytes():
     assert cache.k.shape == cache.v.shape == (3, 21, 2, 4) and cache.k.is_contiguous()
     assert cache.max_cmp == (21 - 4) // 2 + 1 and cache.k_cmp.shape == cache.v_cmp.shape == (3, 9, 2, 4)
     assert cache.lengths.dtype == torch.int32 and cache.lengths.tolist() == [0, 0, 0]
-    assert cache.arrivals.dtype == torch.int32 and cache.arrivals.tolist() == [0] * (3 * 2)  # B x H counters
     assert cache.dtype == torch.float64 and cache.device == m.q_proj.weight.device
-    assert cache.nbytes == 8 * (2 * 3 * 21 * 2 * 4 + 2 * 3 * 9 * 2 * 4) + 4 * 3 + 4 * 3 * 2
+    assert cache.nbytes == 8 * (2 * 3 * 21 * 2 * 4 + 2 * 3 * 9 * 2 * 4) + 4 * 3
     assert cache.nbytes == sum(t.numel() * t.element_size() for t in cache.tensors().values())
     assert m.new_cache(1, 3).k_cmp.shape == (1, 0, 2, 4)  # shorter than a summary: no summary slot
-    assert m.new_cache(2, 8, dtype=torch.float32).nbytes == 4 * (2 * 2 * 8 * 2 * 4 + 2 * 2 * 3 * 2 * 4) + 4 * 2 + 4 * 2 * 2
+    assert m.new_cache(2, 8, dtype=torch.float32).nbytes == 4 * (2 * 2 * 8 * 2 * 4 + 2 * 2 * 3 * 2 * 4) + 4 * 2
 
 
 @pytest.mark.parametrize("kwargs, arg", [(dict(batch_size=0, max_seqlen=4), "batch_size"),

@@ -137,60 +137,6 @@ def test_decode_step_folds_the_select_merge_into_the_attend_kernels(monkeypatch,
     assert len(merges) == (2 if attend > 1 else 7)
 
 
-def test_decode_step_combines_in_the_last_split_program(monkeypatch):
-    """Attend split S = 3 (and select S = 3, folded): with DECODE_LAUNCH.fold_combine the split kernel's
-    last program per (slot, KV head) combines and moves the lengths, no combine kernel runs, and the
-    cache's arrival counters are zero after every step; with it off, one combine launch per step.
-    Same steps as the full forward and the PyTorch path either way (g = 3: not a power of two)."""
-    import nsa_baseline.ops.decode_attend_split as split_mod
-    import nsa_baseline.ops.decode_select as sel
-
-    force_attend_splits(monkeypatch, 3)
-    monkeypatch.setattr(sel, "decode_splits", lambda *a: 3)
-    combines = []
-    real = split_mod.split_combine
-    monkeypatch.setattr(split_mod, "split_combine", lambda *a, **kw: combines.append(1) or real(*a, **kw))
-    m = small_module(3, topk=5, init_blocks=1, local_blocks=2, window_size=20)
-    decode_and_compare(m, [0, 37, 70], 5, max_seqlen=80)
-    assert combines == []
-    with decode_launch(fold_combine=0):
-        decode_and_compare(m, [37], 2, max_seqlen=80)
-    assert len(combines) == 2
-    cache = m.new_cache(2, 80)
-    forward_with_cache(torch_twin(m), torch.randn(70, HIDDEN), packed([33, 37]), cache)
-    for _ in range(3):
-        decode_step(m, torch.randn(2, HIDDEN), cache)
-        assert cache.arrivals.shape == (2 * 2,) and not cache.arrivals.any()
-    assert cache.lengths.tolist() == [36, 40]
-
-
-@pytest.mark.parametrize("unmerged", [False, True])
-def test_selected_window_combining_in_the_split_kernel_equals_the_combine_kernel(unmerged):
-    """decode_selected_window with arrivals (the last split program combines) gives the combine kernel's
-    output bit for bit, merged block indices or the select's partials, moves the lengths the same and
-    leaves the counters at zero."""
-    torch.manual_seed(3)
-    b, h, g, d, n = 3, 2, 3, 16, 96
-    q, k, v = torch.randn(b, h * g, d), torch.randn(b, n, h, d), torch.randn(b, n, h, d)
-    kc, vc = torch.randn(b, n // 4, h, d), torch.randn(b, n // 4, h, d)
-    pos = torch.tensor([5, 60, 95], dtype=torch.int32)
-    gates = torch.rand(b, h * g, 3)
-    o_cmp, idx = decode_compressed_select(q, kc, vc, pos, 8, 4, 16, 3, 1, 1, 0.25, splits=2, unmerged=unmerged)
-    outs, lengths = [], []
-    for arrivals in (None, torch.zeros(b * h, dtype=torch.int32)):
-        lens = torch.zeros(b, dtype=torch.int32)
-        outs.append(decode_selected_window(q, k, v, pos, idx, o_cmp, gates, 16, 24, 0.25, advance=lens, splits=3,
-                                           arrivals=arrivals))
-        lengths.append(lens)
-        if arrivals is not None:
-            assert not arrivals.any()
-    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
-    assert lengths[0].tolist() == lengths[1].tolist() == [6, 61, 96]
-    for bad in (torch.zeros(b * h), torch.zeros(b * h + 1, dtype=torch.int32), torch.zeros(b, h, dtype=torch.int32)):
-        with pytest.raises(ValueError, match="`arrivals`"):
-            decode_selected_window(q, k, v, pos, idx, o_cmp, gates, 16, 24, 0.25, splits=3, arrivals=bad)
-
-
 def test_selected_window_refuses_partials_of_another_shape():
     q, k = torch.randn(2, 4, 16), torch.randn(2, 32, 2, 16)
     pos = torch.tensor([20, 31], dtype=torch.int32)
@@ -674,39 +620,6 @@ def test_gpu_attend_split_equals_one_program(splits):
     assert_close(o_s, o1, torch.bfloat16, "split vs 1", tol=4e-3)
     ref = _reference_selected_window(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
     assert_close(o_s, ref.to(o_s.device), torch.bfloat16, "split vs reference")
-
-
-@pytest.mark.gpu
-def test_gpu_combine_in_the_last_split_program_is_race_free():
-    """bf16, B = 16 slots x 8 KV heads over 8K keys, attend split S = 5: the last-arriving split program's
-    combine (arrival counters) equals the combine kernel bit for bit on 200 launches, eager and
-    replayed from one CUDA graph, and leaves the counters at zero (a program reading partials that
-    another had not yet published would differ somewhere)."""
-    bs, window, topk, h, g, d, b = 64, 512, 16, 8, 4, 128, 16
-    torch.manual_seed(0)
-    pos = torch.randint(0, 8192, (b,), dtype=torch.int32, device="cuda")
-    q = torch.randn(b, g * h, d, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(b, 8192, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    o_cmp = torch.randn(b, g * h, d, device="cuda")
-    gates = torch.rand(b, g * h, 3, device="cuda", dtype=torch.bfloat16)
-    idx = torch.stack([torch.randint(0, int(t) // bs + 1, (h, topk), dtype=torch.int32) for t in pos.tolist()]).cuda()
-    args = (q, k, v, pos, idx, o_cmp, gates, bs, window, d ** -0.5)
-    want = decode_selected_window(*args, splits=5)
-    arrivals = torch.zeros(b * h, dtype=torch.int32, device="cuda")
-    outs = [decode_selected_window(*args, splits=5, arrivals=arrivals) for _ in range(100)]
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        decode_selected_window(*args, splits=5, arrivals=arrivals)  # compile outside the capture
-        with torch.cuda.graph(graph, stream=stream):
-            out = decode_selected_window(*args, splits=5, arrivals=arrivals)
-    torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(100):
-        graph.replay()
-        outs.append(out.clone())
-    torch.cuda.synchronize()
-    assert torch.isfinite(want).all() and not arrivals.any()
-    assert all(torch.equal(o, want) for o in outs)
 
 
 @pytest.mark.gpu
