@@ -38,7 +38,7 @@ GRIDS = {
 }
 # --split-scan: the split count forced (splits=) against the launch settings, per stage
 SPLIT_SCAN = {
-    "select": ([2, 4, 8, 16, 17, 32], dict(select_stages=[2, 3], summaries_per_tile=[64, 128])),
+    "select": ([8, 16, 32], dict(select_warps=[4, 8], select_stages=[2, 3, 4], summaries_per_tile=[64, 128])),
     "attend": ([1, 2, 4, 5, 8], dict(window_tile=[64, 128], attend_stages=[2, 3])),
 }
 # --ablation: the compressed pass's own kernel time (profiler) and GB/s over the select settings
