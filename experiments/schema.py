@@ -103,7 +103,8 @@ class SweepConfig:
     timing: TimingConfig = field(default_factory=TimingConfig)
 
 
-PAPER_FIGURES = ("fig2", "fig3", "fig4", "fig7", "fig8", "table5", "tables67", "tables89", "table10", "nsa_table4")
+PAPER_FIGURES = ("fig2", "fig3", "fig4", "fig7", "fig8", "table5", "tables67", "tables89", "table10", "nsa_table4",
+                 "figs5_6")
 
 
 @dataclass

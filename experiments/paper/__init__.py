@@ -13,5 +13,6 @@ fig4 -> Figure 4, fig7_8 (+ fig8_selected) -> Figures 7 and 8, table5 -> Table 5
     figures.py   Figures 2, 3, 4, 7, 8
     tables.py    Table 5, Tables 6-7
     decode_tables.py  Tables 8-9 (generate), Table 10 (decode), NSA Table 4 (analytic)
+    e2e_figures.py  Figures 5-6 (training step, prefill of real models; the e2e folders' rows)
     __main__.py  the Hydra entry point
 """

@@ -1,4 +1,4 @@
-"""Entry point: `python -m experiments.paper [figure=fig2|fig3|fig4|fig7|fig8|table5|tables67|tables89|table10|nsa_table4|all]
+"""Entry point: `python -m experiments.paper [figure=fig2|fig3|fig4|fig7|fig8|table5|tables67|tables89|table10|nsa_table4|figs5_6|all]
 [results_dir=results] [out_dir=results/paper]` (configs/paper.yaml)."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from experiments.paper.decode_tables import nsa_table4, table10, tables89
+from experiments.paper.e2e_figures import figs5_6
 from experiments.paper.figures import fig2, fig3, fig4, fig7, fig8
 from experiments.paper.measured import load_measured
 from experiments.paper.tables import table5, tables67
@@ -16,7 +17,7 @@ from experiments.schema import PAPER_FIGURES, register_configs, validate_paper
 register_configs()
 
 MAKERS = {"fig2": fig2, "fig3": fig3, "fig4": fig4, "fig7": fig7, "fig8": fig8, "table5": table5,
-          "tables67": tables67, "tables89": tables89, "table10": table10, "nsa_table4": nsa_table4}
+          "tables67": tables67, "tables89": tables89, "table10": table10, "nsa_table4": nsa_table4, "figs5_6": figs5_6}
 assert tuple(MAKERS) == PAPER_FIGURES
 
 

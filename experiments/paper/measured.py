@@ -20,10 +20,14 @@ SKIPPED_FOLDERS = ("paper", "targets")
 
 def load_measured(results_dir: Path) -> pd.DataFrame:
     """Every row of every sweep under results_dir (merged or not yet), with the sweep's folder name
-    (`pick` keeps the ok ones; `failure` reports the others)."""
+    (`pick` keeps the ok ones; `failure` reports the others). Folders of `python -m experiments.e2e`
+    are read with their own columns and keys (model, step, ...)."""
+    from experiments import e2e
+
     frames = []
     for folder in sorted(p for p in results_dir.glob("*") if p.is_dir() and p.name not in SKIPPED_FOLDERS):
-        frames.append(store.read_rows(folder).assign(sweep=folder.name))
+        keys = (e2e.COLUMNS, e2e.KEY_COLUMNS) if _is_e2e(folder) else ()
+        frames.append(store.read_rows(folder, *keys).assign(sweep=folder.name))
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -64,6 +68,13 @@ def median(df: pd.DataFrame, **equal) -> Optional[float]:
 
 def gpus(df: pd.DataFrame) -> str:
     return ", ".join(sorted(set(df["gpu"].astype(str)))) if len(df) else NOT_MEASURED
+
+
+def _is_e2e(folder: Path) -> bool:
+    """Whether a results folder holds `python -m experiments.e2e` rows (a `step` column)."""
+    first = next((f for f in [folder / store.RESULTS_CSV, *sorted((folder / store.ROWS_DIR).glob("*.csv"))]
+                  if f.exists() and f.stat().st_size > 0), None)
+    return first is not None and "step" in first.read_text().split("\n", 1)[0].split(",")
 
 
 def fmt(x: Optional[float], failed: Optional[str] = None) -> object:

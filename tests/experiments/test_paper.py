@@ -76,3 +76,34 @@ def test_paper_command_writes_one_figure(tmp_path):
     assert "fig4: fig4.md, fig4.png" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["fig4.md", "fig4.png"]
     assert "Fake GPU 80GB" in (out / "fig4.md").read_text()
+
+
+def e2e_rows(gpu: str, ms: dict) -> list:
+    """Rows of one `python -m experiments.e2e` job (Llama3-8B, 64K, (128, 8)): backend -> train ms."""
+    from experiments import e2e
+
+    rows = []
+    for backend, value in ms.items():
+        bs, t = (0, 0) if backend == "dense" else (128, 8)
+        rows.append(dict(model="llama3_8b", layers=2, seqlen=65536, backend=backend, block_size=bs, topk=t,
+                         step="train", dtype="bfloat16", ms=value, status="ok", message="", gpu=gpu,
+                         torch="2.11", triton="3.6.0", git_commit="abc1234", timestamp="2026-11-27T00:00:00+00:00"))
+    return [{c: r.get(c) for c in e2e.COLUMNS} for r in rows]
+
+
+def test_figs5_6_put_each_e2e_folder_beside_the_paper(tmp_path):
+    """Figure 5's Llama3-8B (128, 8) 64K row shows FSA over NSA / over dense of every e2e folder (its own
+    keys: the sweep's would fold its rows into one), the paper's 1.25 / 2.47, and 'not measured' for
+    the points no folder has."""
+    from experiments.paper.e2e_figures import figs5_6
+
+    for name, gpu, ms in (("e2e_a", "Fake H100", dict(dense=800.0, nsa=600.0, fsa=500.0)),
+                          ("e2e_b", "Fake H200", dict(dense=700.0, nsa=550.0, fsa=440.0))):
+        (tmp_path / name).mkdir()
+        pd.DataFrame(e2e_rows(gpu, ms)).to_csv(tmp_path / name / "results.csv", index=False)
+    md = figs5_6(measured.load_measured(tmp_path), tmp_path)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| fig5 | llama3_8b | (128,8) | 65536")]
+    assert [r[7:9] for r in rows] == [["1.2", "1.6"], ["1.25", "1.59"]]
+    assert all(r[4:6] == ["1.25", "2.47"] for r in rows) and "e2e_a" in rows[0][9] and "Fake H200" in rows[1][9]
+    assert "| fig6 | llama3_8b | (128,8) | 65536 | 1.27 | 1.69 |  | not measured | not measured |" in md
