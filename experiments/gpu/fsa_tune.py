@@ -2,8 +2,10 @@
 and shared-memory budgets and never swept like NSA's tables; this times the alternatives.
 
     python -m experiments.gpu.fsa_tune [--gqa 1,4] [--seqlen 65536] [--sparsity 64:16,128:8] [--budget-s 420]
+                                       [--kv-heads 4] [--grids full|focus]
 
-Per point (bf16, d=128, 4 KV heads, NSA-path indices): the forward kernels (fsa_selected_fwd) and the backward
+Per point (bf16, d=128, 4 KV heads unless --kv-heads: 64 at g=1 is the module's 64-query-head shape,
+NSA-path indices): the forward kernels (fsa_selected_fwd) and the backward
 kernels (fsa_selected_bwd) under every config of FWD_GRID / BWD_GRID, each result checked against the default
 config's first (a config that computes something else is reported as "mismatch", not timed), then
 timed with do_bench. Stops cleanly when the time budget is spent (compiling a config takes seconds).
@@ -31,6 +33,9 @@ FWD_GRID = [tuning.LaunchConfig(m, c, w, s) for m, c, w, s in
             itertools.product((32, 64, 128), (4, 8, 16), (4, 8), (2, 3))]
 BWD_GRID = [tuning.LaunchConfig(m, c, w, s, key_tile=kt) for m, c, w, s, kt in
             itertools.product((32, 64), (8, 16, 32), (4, 8), (1, 2), (32, 64))]
+# --grids focus: the backward's rows, warps, stages and key tiles at the default's 16 tiles, no forward
+# sweep (the default forward is still timed): what bounds registers and spills, in a short call
+FOCUS_BWD_GRID = [c for c in BWD_GRID if c.chunk_tiles == 16]
 MATCH_TOL = 1e-2  # bf16 results of two tilings differ by rounding only
 
 
@@ -86,7 +91,11 @@ def main() -> None:
     ap.add_argument("--seqlen", default="65536")
     ap.add_argument("--sparsity", default="64:16,128:8")
     ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--kv-heads", type=int, default=KV_HEADS)
+    ap.add_argument("--grids", choices=("full", "focus"), default="full",
+                    help="focus: no forward sweep, the backward at 16 tiles per item (FOCUS_BWD_GRID)")
     args = ap.parse_args()
+    fwd_grid, bwd_grid = (FWD_GRID, BWD_GRID) if args.grids == "full" else ([], FOCUS_BWD_GRID)
     require_cuda()
     deadline = time.monotonic() + args.budget_s
     meta, out = run_meta(), out_dir()
@@ -94,12 +103,12 @@ def main() -> None:
     for sp in args.sparsity.split(","):
         block, topk = map(int, sp.split(":"))
         for g, n in itertools.product(map(int, args.gqa.split(",")), map(int, args.seqlen.split(","))):
-            q = torch.randn(n, g * KV_HEADS, 128, device="cuda", dtype=torch.bfloat16)
-            k, v = (torch.randn(n, KV_HEADS, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            q = torch.randn(n, g * args.kv_heads, 128, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(n, args.kv_heads, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
             idx = make_indices("nsa", q, k, n, block, topk)
             do = torch.randn_like(q)
-            point = dict(gqa=g, seqlen=n, block_size=block, topk=topk, **meta)
-            for r in tune_point(q, k, v, idx, block, topk, do, FWD_GRID, BWD_GRID,
+            point = dict(gqa=g, kv_heads=args.kv_heads, seqlen=n, block_size=block, topk=topk, **meta)
+            for r in tune_point(q, k, v, idx, block, topk, do, fwd_grid, bwd_grid,
                                 lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"),
                                 lambda: deadline - time.monotonic()):
                 rows.append(dict(point, **r))
