@@ -125,6 +125,23 @@ def sdpa_decode(qd, kd, vd, backend: str) -> Callable[[], torch.Tensor]:
     return run
 
 
+def _time_modes(name: str, fn: Callable[[], object], modes, warmup_ms: int, rep_ms: int) -> list[tuple]:
+    """(name, mode, (p20, median, p80) or None, error) of fn in every mode (graph16: one graph of
+    STEPS_PER_GRAPH calls, time per call); after the first failure (inputs refused) no other mode."""
+    out = []
+    for mode in modes:
+        try:
+            if mode == "graph16":
+                t = bench(graphed(repeated(fn, STEPS_PER_GRAPH)), warmup_ms, rep_ms)
+                out.append((name, mode, tuple(x / STEPS_PER_GRAPH for x in t), ""))
+                continue
+            out.append((name, mode, bench(fn if mode == "eager" else graphed(fn), warmup_ms, rep_ms), ""))
+        except Exception as err:  # a backend that does not take these inputs
+            out.append((name, mode, None, f"{type(err).__name__}: {str(err)[:80]}"))
+            break
+    return out
+
+
 def time_sdpa_backends(qd, kd, vd, modes=("eager", "graph"), warmup_ms: int = 10,
                        rep_ms: int = 50) -> list[tuple[str, str, Optional[tuple], str]]:
     """(backend, mode, (p20, median, p80) or None, error) for every SDPA backend and mode (graph16: one
@@ -132,15 +149,46 @@ def time_sdpa_backends(qd, kd, vd, modes=("eager", "graph"), warmup_ms: int = 10
     error, once, and is not tried in the other modes."""
     out = []
     for name in SDPA_BACKENDS:
-        fn = sdpa_decode(qd, kd, vd, name)
-        for mode in modes:
-            try:
-                if mode == "graph16":
-                    t = bench(graphed(repeated(fn, STEPS_PER_GRAPH)), warmup_ms, rep_ms)
-                    out.append((name, mode, tuple(x / STEPS_PER_GRAPH for x in t), ""))
-                    continue
-                out.append((name, mode, bench(fn if mode == "eager" else graphed(fn), warmup_ms, rep_ms), ""))
-            except Exception as err:  # a backend that does not take these inputs
-                out.append((name, mode, None, f"{type(err).__name__}: {str(err)[:80]}"))
-                break
+        out += _time_modes(name, sdpa_decode(qd, kd, vd, name), modes, warmup_ms, rep_ms)
+    return out
+
+
+FLASHINFER_VARIANTS = (("flashinfer", False), ("flashinfer_tc", True))  # (name, use_tensor_cores)
+MATCH_TOL = 2e-2  # bf16 outputs of two decode kernels over the same keys: rounding only
+
+
+def time_flashinfer(qd, kd, vd, modes=("eager", "graph"), warmup_ms: int = 10,
+                    rep_ms: int = 50) -> list[tuple[str, str, Optional[tuple], str]]:
+    """FlashInfer's batch decode (BatchDecodeWithPagedKVCacheWrapper, CUDA-core and tensor-core
+    variants) over the same keys as dense SDPA: kd, vd [B, H, L, D] are its HND paged cache with one
+    page of L rows per slot. Rows as time_sdpa_backends'; a variant whose output differs from SDPA's
+    (relative error > MATCH_TOL) is not timed, and without the package (a JIT wheel: nvcc and
+    apache-tvm-ffi on the GPU machine) one row says why."""
+    try:
+        import flashinfer
+    except Exception as err:  # noqa: BLE001 - not installed, or its import needs what the machine lacks
+        return [("flashinfer", modes[0], None, f"{type(err).__name__}: {str(err)[:80]}")]
+    b, h, length, d = kd.shape
+    hq = qd.shape[1]
+    q = qd.reshape(b, hq, d)
+    dev = q.device
+    want = sdpa_decode(qd, kd, vd, "default")().reshape(b, hq, d).float()
+    pages = torch.arange(b + 1, dtype=torch.int32, device=dev)
+    last_len = torch.full((b,), length, dtype=torch.int32, device=dev)
+    out = []
+    for name, tensor_cores in FLASHINFER_VARIANTS:
+        try:
+            workspace = torch.empty(128 * 2**20, dtype=torch.uint8, device=dev)
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "HND", use_tensor_cores=tensor_cores)
+            wrapper.plan(pages, pages[:-1], last_len, hq, h, d, length, pos_encoding_mode="NONE",
+                         q_data_type=q.dtype, kv_data_type=kd.dtype)
+            fn = (lambda w: lambda: w.run(q, (kd, vd)))(wrapper)
+            err = float((fn().float() - want).norm() / want.norm().clamp_min(1e-30))
+        except Exception as exc:  # noqa: BLE001 - JIT build or plan refused
+            out.append((name, modes[0], None, f"{type(exc).__name__}: {str(exc)[:80]}"))
+            continue
+        if not err < MATCH_TOL:
+            out.append((name, modes[0], None, f"mismatch: rel err {err:.2e} vs SDPA"))
+            continue
+        out += _time_modes(name, fn, modes, warmup_ms, rep_ms)
     return out

@@ -16,7 +16,10 @@ Timed (`triton.testing.do_bench` medians; each step gives its length back, so th
 - graph16 (ours attention and dense): 16 consecutive steps in one CUDA graph, time per step (the cache
   grows; 1 step in 16 completes a summary, where the other rows time a step that completes one);
 - dense: SDPA of q [B, 32, 1, 128] over k, v [B, 8, L, 128] with enable_gqa=True (the backend torch
-  picks, named when torch says so), and each fused backend forced, eager and CUDA graph.
+  picks, named when torch says so), and each fused backend forced, eager and CUDA graph;
+- FlashInfer's batch decode over the same keys (those k, v as its HND paged cache, one page of L rows
+  per slot), CUDA-core and tensor-core variants, checked against SDPA's output first; where the
+  package is missing (carry it as a wheel: experiments/flashinfer_wheel.py) a row says so.
 GB/s = bytes read / time: ours (T * BS + window + visible summaries) keys and values per KV head per
 slot + q + out; dense L keys and values per KV head per slot + q + out. Configurations whose cache
 (+ the dense copy) does not fit in 85% of free memory are recorded as skipped.
@@ -69,6 +72,12 @@ def bytes_ours(b: int, length: int) -> int:
 
 def bytes_dense(b: int, length: int) -> int:
     return decode_bytes(length, b, HQ, H, D, 2, length)
+
+
+def flashinfer_note(best: dict) -> str:
+    """", FlashInfer graph16 <ms>" (its faster variant) when it was timed, else ""."""
+    fi = [ms for (impl, mode), ms in best.items() if impl.startswith("flashinfer") and mode == "graph16"]
+    return f"; FlashInfer graph16 {min(fi):.4f} ms" if fi else ""
 
 
 def time_point(rows, b: int, length: int, module, page_size=None):
@@ -129,6 +138,12 @@ def time_point(rows, b: int, length: int, module, page_size=None):
             continue
         rows.append(dict(base, impl=f"sdpa_{name}", mode=mode, ms=f"{t[1]:.4f}", GBps=f"{dense / t[1] * 1e-6:.0f}",
                          bytes=dense, status="ok", sdpa_picked=picked if name == "default" else ""))
+    for name, mode, t, err in timing.time_flashinfer(qd, kd, vd, ("eager", "graph", "graph16")):
+        if t is None:
+            rows.append(dict(base, impl=name, mode=mode, status=f"unsupported: {err}"))
+            continue
+        rows.append(dict(base, impl=name, mode=mode, ms=f"{t[1]:.4f}", GBps=f"{dense / t[1] * 1e-6:.0f}",
+                         bytes=dense, status="ok"))
     del kd, vd
     torch.cuda.empty_cache()
     best = {(r["impl"], r.get("mode")): float(r["ms"]) for r in rows if r["B"] == b and r["L"] == length and "ms" in r}
@@ -137,7 +152,8 @@ def time_point(rows, b: int, length: int, module, page_size=None):
           f"{best[('ours_attention', 'graph')]:.4f} / {best[('ours_attention', 'graph16')]:.4f} ms (eager / graph / "
           f"graph16), module {best[('ours_module', 'graph')]:.4f} ms graph; best dense {dense_ms['graph']:.4f} / "
           f"{dense_ms['graph16']:.4f} ms (picked {picked or '?'}) -> {dense_ms['graph'] / best[('ours_attention', 'graph')]:.1f}x"
-          f" / {dense_ms['graph16'] / best[('ours_attention', 'graph16')]:.1f}x  ({time.time() - START:.0f} s)",
+          f" / {dense_ms['graph16'] / best[('ours_attention', 'graph16')]:.1f}x{flashinfer_note(best)}"
+          f"  ({time.time() - START:.0f} s)",
           flush=True)
 
 

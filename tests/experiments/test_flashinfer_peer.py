@@ -1,0 +1,40 @@
+"""The FlashInfer peer of the decode bench, on CPU: the slimmed wheel keeps the batch-decode sources
+and a consistent RECORD, and without the package the timing says why in one row instead of failing."""
+import sys
+import zipfile
+
+from experiments import decode_timing
+from experiments.flashinfer_wheel import DROP, main, slim
+
+
+def make_wheel(path):
+    names = ["flashinfer/__init__.py", "flashinfer/data/csrc/batch_decode.cu", "flashinfer/data/include/flashinfer/x.cuh",
+             "flashinfer/data/csrc/cake_sampling/big.cuh", "flashinfer/data/cutlass/examples/e.cu",
+             "flashinfer/data/csrc/alphamoe_nvfp4_sm100.cu"]
+    record = [f"{n},sha256=x,1" for n in names] + ["flashinfer_python-0.1.dist-info/RECORD,,"]
+    with zipfile.ZipFile(path, "w") as z:
+        for n in names:
+            z.writestr(n, "x")
+        z.writestr("flashinfer_python-0.1.dist-info/RECORD", "\n".join(record) + "\n")
+
+
+def test_slim_wheel_drops_only_the_listed_trees_and_rewrites_record(tmp_path):
+    wheel = tmp_path / "flashinfer_python-0.1-py3-none-any.whl"
+    make_wheel(wheel)
+    out = slim(wheel, tmp_path / "out")
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        record = {ln.split(",", 1)[0] for ln in z.read("flashinfer_python-0.1.dist-info/RECORD").decode().splitlines()}
+    assert names == {"flashinfer/__init__.py", "flashinfer/data/csrc/batch_decode.cu",
+                     "flashinfer/data/include/flashinfer/x.cuh", "flashinfer_python-0.1.dist-info/RECORD"}
+    assert record == names and not any(n.startswith(DROP) for n in names)
+    assert main([str(tmp_path / "missing.whl")]) == 2  # a bad argument: status 2, nothing written
+    assert main([str(wheel), "--out", str(tmp_path)]) == 2  # writing over the wheel itself is refused
+    with zipfile.ZipFile(wheel) as z:
+        assert len(z.namelist()) == 7  # the source wheel is untouched
+
+
+def test_flashinfer_rows_say_why_when_the_package_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # import flashinfer -> ImportError
+    rows = decode_timing.time_flashinfer(None, None, None, ("eager", "graph"))
+    assert len(rows) == 1 and rows[0][:3] == ("flashinfer", "eager", None) and "ModuleNotFoundError" in rows[0][3]
