@@ -1,8 +1,10 @@
 """GPU timing of one decode step, shared by `experiments.gpu.decode_bench` (the one-call script) and
 the sweep's scope=decode (experiments/decode_jobs.py): do_bench medians, CUDA-graph capture of a
 step, a cache filled with random keys (timing only; tests/inference checks the maths), our step that
-gives its length back (so the cache stays put while timed), and dense SDPA decode over every fused
-backend. Importable without CUDA; every function here needs it when called."""
+gives its length back (so the cache stays put while timed), dense SDPA decode over every fused
+backend, and FlashInfer's batch decode over the same keys where the package is installed.
+Importable without CUDA; every function here needs it when called (time_flashinfer only returns why
+when flashinfer cannot be imported)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
