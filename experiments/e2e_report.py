@@ -53,12 +53,17 @@ def _paper(kind: str, model: str, bs: int, topk: int, n: int) -> dict:
         return out
     i = 0 if n == 32768 else 1
     nsa_pct, fa_pct = table[(model, bs, topk)][0][i], table[(model, bs, topk)][1][i]
-    notes = [f"{fig} H200"] + [f"{series} label uncertain" for series in ("nsa", "fa")
-                               if (fig, model, bs, topk, series, n) in numbers.E2E_UNCERTAIN]
+    notes = [f"{fig} H200"] + [f"{series} label uncertain" for series in uncertain_labels(fig, model, bs, topk, n)]
     tp1 = _tables14_15(kind, model, bs, topk, n)
     out.update(paper_over_nsa=1 + nsa_pct / 100, paper_over_dense=1 + fa_pct / 100,
                paper_note="; ".join(notes + ([tp1] if tp1 else [])))
     return out
+
+
+def uncertain_labels(fig: str, model: str, bs: int, topk: int, n: int) -> list[str]:
+    """The series ("nsa", "fa") whose label the paper's Figure 5 / 6 (fig "fig5" / "fig6") prints
+    with [?] at this point."""
+    return [s for s in ("nsa", "fa") if (fig, model, bs, topk, s, n) in numbers.E2E_UNCERTAIN]
 
 
 def _tables14_15(kind: str, model: str, bs: int, topk: int, n: int) -> str:

@@ -32,9 +32,9 @@ def slim(wheel: Path, out_dir: Path) -> Path:
         raise ValueError(f"argument `--out` must not be the wheel's own folder ({wheel.parent})")
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
         names = [n for n in src.namelist() if not n.startswith(DROP)]
+        kept = set(names)
         for name in names:
             if name.endswith(".dist-info/RECORD"):
-                kept = set(names)
                 lines = src.read(name).decode().splitlines()
                 dst.writestr(name, "\n".join(ln for ln in lines if ln.split(",", 1)[0] in kept) + "\n")
             else:

@@ -39,8 +39,8 @@ def figs5_6(df: pd.DataFrame, out: Path) -> str:
                 base = {"figure": fig, "model": model, "(BS,T)": f"({bs},{topk})", "N": n,
                         "paper H200 FSA / NSA": round(1 + nsa_pct[i] / 100, 3),
                         "paper H200 FSA / FA2": round(1 + fa_pct[i] / 100, 3),
-                        "paper label": ", ".join(f"{series} uncertain" for series in ("nsa", "fa")
-                                                 if (fig, model, bs, topk, series, n) in pn.E2E_UNCERTAIN)}
+                        "paper label": ", ".join(f"{series} uncertain" for series in
+                                                 e2e_report.uncertain_labels(fig, model, bs, topk, n))}
                 if mine.empty:
                     rows.append({**base, "ours FSA / NSA": NOT_MEASURED, "ours FSA / SDPA": NOT_MEASURED,
                                  "ours GPU, commit": ""})
