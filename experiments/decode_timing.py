@@ -157,34 +157,52 @@ def time_sdpa_backends(qd, kd, vd, modes=("eager", "graph"), warmup_ms: int = 10
 
 FLASHINFER_VARIANTS = (("flashinfer", False), ("flashinfer_tc", True))  # (name, use_tensor_cores)
 MATCH_TOL = 2e-2  # bf16 outputs of two decode kernels over the same keys: rounding only
+FLASHINFER_PAGE = 16  # rows per page, vLLM's and FlashInfer's usual default
+
+
+def to_hnd_pages(x: torch.Tensor, page_size: int) -> torch.Tensor:
+    """[B, H, L, D] -> [B * L / page_size, H, page_size, D]: sequence b's pages are rows
+    b * L / page_size onwards, in order (FlashInfer's HND paged layout)."""
+    b, h, length, d = x.shape
+    return x.reshape(b, h, length // page_size, page_size, d).transpose(1, 2).reshape(-1, h, page_size, d)
 
 
 def time_flashinfer(qd, kd, vd, modes=("eager", "graph"), warmup_ms: int = 10,
-                    rep_ms: int = 50) -> list[tuple[str, str, Optional[tuple], str]]:
+                    rep_ms: int = 50, page_size: int = FLASHINFER_PAGE) -> list[tuple[str, str, Optional[tuple], str]]:
     """FlashInfer's batch decode (BatchDecodeWithPagedKVCacheWrapper, CUDA-core and tensor-core
-    variants) over the same keys as dense SDPA: kd, vd [B, H, L, D] are its HND paged cache with one
-    page of L rows per slot. Rows as time_sdpa_backends'; a variant whose output differs from SDPA's
-    (relative error > MATCH_TOL) is not timed, and without the package (a JIT wheel: nvcc and
-    apache-tvm-ffi on the GPU machine) one row says why."""
+    variants) over the same keys as dense SDPA: kd, vd [B, H, L, D] copied into its HND paged cache
+    of `page_size`-row pages (a serving engine's layout; FlashInfer splits a long sequence across
+    programs at page granularity, so one page per sequence would leave B=1 on a handful of SMs).
+    Rows as time_sdpa_backends'; a variant whose output differs from SDPA's (relative error >
+    MATCH_TOL) is not timed, and without the package (a JIT wheel: nvcc and apache-tvm-ffi on the GPU
+    machine) one row says why."""
     try:
         import flashinfer
     except Exception as err:  # noqa: BLE001 - not installed, or its import needs what the machine lacks
         return [("flashinfer", modes[0], None, f"{type(err).__name__}: {str(err)[:80]}")]
     b, h, length, d = kd.shape
+    if length % page_size:
+        return [("flashinfer", modes[0], None, f"unsupported: length {length} not a multiple of page {page_size}")]
     hq = qd.shape[1]
     q = qd.reshape(b, hq, d)
     dev = q.device
     want = sdpa_decode(qd, kd, vd, "default")().reshape(b, hq, d).float()
-    pages = torch.arange(b + 1, dtype=torch.int32, device=dev)
-    last_len = torch.full((b,), length, dtype=torch.int32, device=dev)
+    per_seq = length // page_size
+    try:
+        paged_k, paged_v = to_hnd_pages(kd, page_size), to_hnd_pages(vd, page_size)
+    except torch.OutOfMemoryError as exc:
+        return [("flashinfer", modes[0], None, f"OutOfMemoryError: paged copy of the cache ({str(exc)[:40]})")]
+    indptr = torch.arange(b + 1, dtype=torch.int32, device=dev) * per_seq
+    indices = torch.arange(b * per_seq, dtype=torch.int32, device=dev)
+    last_len = torch.full((b,), page_size, dtype=torch.int32, device=dev)
     out = []
     for name, tensor_cores in FLASHINFER_VARIANTS:
         try:
             workspace = torch.empty(128 * 2**20, dtype=torch.uint8, device=dev)
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "HND", use_tensor_cores=tensor_cores)
-            wrapper.plan(pages, pages[:-1], last_len, hq, h, d, length, pos_encoding_mode="NONE",
+            wrapper.plan(indptr, indices, last_len, hq, h, d, page_size, pos_encoding_mode="NONE",
                          q_data_type=q.dtype, kv_data_type=kd.dtype)
-            fn = (lambda w: lambda: w.run(q, (kd, vd)))(wrapper)
+            fn = (lambda w: lambda: w.run(q, (paged_k, paged_v)))(wrapper)
             err = float((fn().float() - want).norm() / want.norm().clamp_min(1e-30))
         except Exception as exc:  # noqa: BLE001 - JIT build or plan refused
             out.append((name, modes[0], None, f"{type(exc).__name__}: {str(exc)[:80]}"))

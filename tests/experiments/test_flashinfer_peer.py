@@ -38,3 +38,14 @@ def test_flashinfer_rows_say_why_when_the_package_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "flashinfer", None)  # import flashinfer -> ImportError
     rows = decode_timing.time_flashinfer(None, None, None, ("eager", "graph"))
     assert len(rows) == 1 and rows[0][:3] == ("flashinfer", "eager", None) and "ModuleNotFoundError" in rows[0][3]
+
+
+def test_hnd_pages_hold_each_sequence_in_order():
+    import torch
+    from experiments.decode_timing import to_hnd_pages
+    x = torch.randn(3, 2, 48, 4)
+    pages = to_hnd_pages(x, 16)
+    assert pages.shape == (9, 2, 16, 4)
+    for b in range(3):
+        for j in range(3):
+            assert torch.equal(pages[b * 3 + j], x[b, :, j * 16:(j + 1) * 16])
