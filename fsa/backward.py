@@ -31,8 +31,7 @@ def fsa_selected_bwd_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_OFF, GC: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, CHUNK_TILES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    KEY_TILE: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, KEYS_MAJOR: tl.constexpr = False,
-    PARTS: tl.constexpr = 3,
+    KEY_TILE: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i_sub = tl.program_id(1)
@@ -75,35 +74,16 @@ def fsa_selected_bwd_kernel(
         stat_off = i_hq.to(tl.int64) * N + tok
         b_lse = tl.load(lse + stat_off, mask=m_f, other=0.0) * 1.4426950408889634
         b_delta = tl.load(delta + stat_off, mask=m_f, other=0.0)
-        if KEYS_MAJOR:  # keys as the products' M dimension: P^T and dS^T feed dV and dK untransposed
-            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale_log2  # [KEY_TILE, BLOCK_M]
-            visible_t = (o_k[:, None] <= tok[None, :]) & m_k[:, None] & m_f[None, :]
-            b_pt = tl.where(visible_t, tl.exp2(b_st - b_lse[None, :]), 0.0)
-            if PARTS & 1:
-                b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [KEY_TILE, BLOCK_M]
-            b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)
-            if PARTS & 1:
-                b_dk += tl.dot(b_dst, b_q, input_precision=DOT_PRECISION)
-            if PARTS & 2:
-                b_dq = tl.dot(tl.trans(b_dst), b_k, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, D_PAD]
-        else:
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, KEY_TILE]
-            visible = (o_k[None, :] <= tok[:, None]) & m_k[None, :] & m_f[:, None]
-            b_p = tl.where(visible, tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BLOCK_M, KEY_TILE]
-            if PARTS & 1:
-                b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)  # [KEY_TILE, D_PAD]
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BLOCK_M, KEY_TILE]
-            b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)  # [BLOCK_M, KEY_TILE]
-            if PARTS & 1:
-                b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)  # [KEY_TILE, D_PAD]
-            if PARTS & 2:
-                b_dq = tl.dot(b_ds, b_k, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, D_PAD]
-        if PARTS & 2:
-            out_row = p_buf + o_f
-            tl.store(dq_sub + out_row[:, None] * D + o_d[None, :], b_dq.to(dq_part.dtype.element_ty), mask=m_fd)
-    if (PARTS & 1) == 0:  # the dQ-only launch of a split backward: dK/dV came from the first
-        return
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, KEY_TILE]
+        visible = (o_k[None, :] <= tok[:, None]) & m_k[None, :] & m_f[:, None]
+        b_p = tl.where(visible, tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BLOCK_M, KEY_TILE]
+        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)  # [KEY_TILE, D_PAD]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BLOCK_M, KEY_TILE]
+        b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)  # [BLOCK_M, KEY_TILE]
+        b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)  # [KEY_TILE, D_PAD]
+        b_dq = tl.dot(b_ds, b_k, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, D_PAD]
+        out_row = p_buf + o_f
+        tl.store(dq_sub + out_row[:, None] * D + o_d[None, :], b_dq.to(dq_part.dtype.element_ty), mask=m_fd)
     b_dk = b_dk * scale
 
     if n_items == 1:
@@ -226,20 +206,15 @@ def fsa_selected_bwd(q, k, v, o, lse, do, index, block_size: int, topk: int, sca
     for h0, hcur, g0, gcur in plan.passes():
         sched = build_schedule(index, h0, hcur, gcur, cfg.block_m * cfg.chunk_tiles, plan.pass_pairs)
         dkv_part = torch.empty(sched.grid_bound, 2, block_size, d_pad, dtype=torch.float32, device=q.device)
-        args = (q, k, v, do, lse, delta, dq_part, dk_acc, dv_acc, dkv_part,
-                sched.row_offsets, index.tokens, index.block_start, index.block_end, sched.item_offsets,
-                scale, scale * LOG2E, n, sched.num_rows, index.nb_bound, h0, sub_stride)
-        common = dict(HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, D=d, D_PAD=d_pad, BS=block_size,
-                      SEARCH_STEPS=sched.search_steps, KEY_TILE=key_tile, ACCUMULATE=g0 > 0 or accumulate,
-                      DOT_PRECISION=plan.precision, KEYS_MAJOR=cfg.keys_major, num_stages=cfg.num_stages)
         fsa_selected_bwd_kernel[(sched.grid_bound, num_sub)](
-            *args, BLOCK_M=cfg.block_m, CHUNK_TILES=cfg.chunk_tiles, PARTS=1 if cfg.split_dq else 3,
-            num_warps=cfg.num_warps, **common)
-        if cfg.split_dq:  # same work items, so the same schedule: rows per item unchanged
-            dq_m = cfg.dq_block_m or cfg.block_m
-            fsa_selected_bwd_kernel[(sched.grid_bound, num_sub)](
-                *args, BLOCK_M=dq_m, CHUNK_TILES=cfg.block_m * cfg.chunk_tiles // dq_m, PARTS=2,
-                num_warps=cfg.dq_warps or cfg.num_warps, **common)
+            q, k, v, do, lse, delta, dq_part, dk_acc, dv_acc, dkv_part,
+            sched.row_offsets, index.tokens, index.block_start, index.block_end, sched.item_offsets,
+            scale, scale * LOG2E, n, sched.num_rows, index.nb_bound, h0, sub_stride,
+            HQ=hq, H=h, G=g, G_OFF=g0, GC=gcur, D=d, D_PAD=d_pad, BS=block_size,
+            BLOCK_M=cfg.block_m, CHUNK_TILES=cfg.chunk_tiles, SEARCH_STEPS=sched.search_steps,
+            KEY_TILE=key_tile, ACCUMULATE=g0 > 0 or accumulate, DOT_PRECISION=plan.precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
         fsa_selected_bwd_dkdv_reduce_kernel[(sched.num_rows, block_size // reduce_rows)](
             dk_acc, dv_acc, dkv_part, sched.item_offsets, index.block_start, index.block_end, index.nb_bound, h0,
             H=h, D=d, D_PAD=d_pad, BS=block_size, KEY_ROWS=reduce_rows, ACCUMULATE=g0 > 0 or accumulate,

@@ -40,20 +40,12 @@ class LaunchConfig:
     block_n: int = 32  # tokens per reduction program
     key_tile: int = 64  # backward: keys per program (dK/dV accumulators of KEY_TILE x D stay in registers)
     reduce_key_rows: int = 16  # backward: keys per program of the busy-block dK/dV reduction (<= block size)
-    keys_major: bool = False  # backward: keys as the products' M dimension (P^T, dS^T feed dV, dK untransposed)
-    split_dq: bool = False  # backward: dK/dV in one launch, dQ (recomputing P and dS) in a second
-    dq_block_m: int = 0  # split_dq: pair rows per tile of the dQ launch (0: block_m)
-    dq_warps: int = 0  # split_dq: warps of the dQ launch (0: num_warps)
 
     def __post_init__(self):
         for name, least in (("block_m", 16), ("key_tile", 16), ("block_n", 1), ("reduce_key_rows", 1)):
             val = getattr(self, name)  # tl.dot tiles need >= 16 rows; every tl.arange a power of two
             if val < least or val & (val - 1):
                 raise ValueError(f"LaunchConfig.{name} must be a power of two >= {least}, got {val}")
-        if self.dq_block_m and (self.dq_block_m < 16 or self.dq_block_m & (self.dq_block_m - 1)
-                                or (self.block_m * self.chunk_tiles) % self.dq_block_m):
-            raise ValueError(f"LaunchConfig.dq_block_m must be 0 or a power of two >= 16 dividing block_m * "
-                             f"chunk_tiles, got {self.dq_block_m}")
         for name in ("chunk_tiles", "num_warps", "num_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LaunchConfig.{name} must be >= 1, got {getattr(self, name)}")

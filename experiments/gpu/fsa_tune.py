@@ -2,7 +2,7 @@
 and shared-memory budgets and never swept like NSA's tables; this times the alternatives.
 
     python -m experiments.gpu.fsa_tune [--gqa 1,4] [--seqlen 65536] [--sparsity 64:16,128:8] [--budget-s 420]
-                                       [--kv-heads 4] [--grids full|focus|layout]
+                                       [--kv-heads 4] [--grids full|focus]
 
 Per point (bf16, d=128, 4 KV heads unless --kv-heads: 64 at g=1 is the module's 64-query-head shape,
 NSA-path indices): the forward kernels (fsa_selected_fwd) and the backward
@@ -36,19 +36,6 @@ BWD_GRID = [tuning.LaunchConfig(m, c, w, s, key_tile=kt) for m, c, w, s, kt in
 # --grids focus: the backward's rows, warps, stages and key tiles at the default's 16 tiles, no forward
 # sweep (the default forward is still timed): what bounds registers and spills, in a short call
 FOCUS_BWD_GRID = [c for c in BWD_GRID if c.chunk_tiles == 16]
-_C = tuning.LaunchConfig
-# --grids layout: the backward's structure at the default tiles: keys as the products' M dimension, and
-# dK/dV and dQ in two launches (the dQ one at other rows / warps), the variants the register
-# pressure of the single kernel (255 registers with spills at 64 rows and 4 warps) suggested
-LAYOUT_BWD_GRID = [
-    _C(64, 16, 4, 2, keys_major=True), _C(64, 16, 8, 2, keys_major=True), _C(128, 8, 8, 2),
-    _C(64, 16, 4, 2, split_dq=True), _C(64, 16, 8, 2, split_dq=True), _C(64, 16, 4, 3, split_dq=True),
-    _C(64, 16, 4, 2, split_dq=True, dq_block_m=128, dq_warps=8),
-    _C(64, 16, 8, 2, split_dq=True, dq_block_m=128, dq_warps=8),
-    _C(64, 16, 4, 2, keys_major=True, split_dq=True, dq_block_m=128, dq_warps=8),
-    _C(64, 16, 8, 2, keys_major=True, split_dq=True, dq_block_m=128, dq_warps=8),
-    _C(32, 32, 4, 2, keys_major=True, split_dq=True, dq_block_m=128, dq_warps=8),
-]
 MATCH_TOL = 1e-2  # bf16 results of two tilings differ by rounding only
 
 
@@ -105,12 +92,10 @@ def main() -> None:
     ap.add_argument("--sparsity", default="64:16,128:8")
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--kv-heads", type=int, default=KV_HEADS)
-    ap.add_argument("--grids", choices=("full", "focus", "layout"), default="full",
-                    help="focus: no forward sweep, the backward at 16 tiles per item (FOCUS_BWD_GRID); "
-                         "layout: no forward sweep, the backward's structural variants (LAYOUT_BWD_GRID)")
+    ap.add_argument("--grids", choices=("full", "focus"), default="full",
+                    help="focus: no forward sweep, the backward at 16 tiles per item (FOCUS_BWD_GRID)")
     args = ap.parse_args()
-    fwd_grid, bwd_grid = {"full": (FWD_GRID, BWD_GRID), "focus": ([], FOCUS_BWD_GRID),
-                          "layout": ([], LAYOUT_BWD_GRID)}[args.grids]
+    fwd_grid, bwd_grid = (FWD_GRID, BWD_GRID) if args.grids == "full" else ([], FOCUS_BWD_GRID)
     require_cuda()
     deadline = time.monotonic() + args.budget_s
     meta, out = run_meta(), out_dir()

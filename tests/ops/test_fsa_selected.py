@@ -65,10 +65,6 @@ KNOB_CONFIGS = {  # (forward, backward): tiles, chunking, reduction widths away 
     "m16-chunk3": (tuning.LaunchConfig(16, 3, 1, 1, block_n=64),
                    tuning.LaunchConfig(16, 3, 1, 1, block_n=4, key_tile=64, reduce_key_rows=64)),
     "reduce1": (tuning.LaunchConfig(16, 2, 1, 1, block_n=1), tuning.LaunchConfig(16, 1, 1, 1, reduce_key_rows=1)),
-    # The backward's orientations and split dQ launch (same schedule, other tile rows and warps)
-    "keys-major": (None, tuning.LaunchConfig(16, 2, 1, 1, key_tile=16, keys_major=True)),
-    "split-dq": (None, tuning.LaunchConfig(32, 1, 1, 1, key_tile=32, split_dq=True, dq_block_m=16, dq_warps=2)),
-    "split-dq-keys-major": (None, tuning.LaunchConfig(16, 3, 1, 1, key_tile=16, keys_major=True, split_dq=True)),
     # What a GPU runs at d = 128 (64-row forward tiles, 3 stages), here on the interpreter's small cases
     "gpu-defaults": tuple(tuning.gpu_launch_config(128, 64, backward) for backward in (False, True)),
 }
@@ -91,8 +87,6 @@ def test_launch_config_rejects_tiles_triton_cannot_build():
         tuning.LaunchConfig(24, 1, 4, 2)
     with pytest.raises(ValueError, match="reduce_key_rows must be a power of two >= 1"):
         tuning.LaunchConfig(32, 1, 4, 2, reduce_key_rows=12)
-    with pytest.raises(ValueError, match="dq_block_m must be 0 or a power of two >= 16 dividing"):
-        tuning.LaunchConfig(32, 1, 4, 2, split_dq=True, dq_block_m=64)
     with pytest.raises(ValueError, match="chunk_tiles must be >= 1"):
         tuning.LaunchConfig(32, 0, 4, 2)
 
