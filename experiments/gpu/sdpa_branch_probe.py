@@ -78,7 +78,10 @@ def compressed_paths(q, kc, vc, flops: float) -> list[dict]:
     paths.update({f"compressed_branch_sdpa_{b}": (b, compressed_sdpa.compressed_attention_sdpa)
                   for b in compressed_sdpa.CUDA_BACKENDS})
     saved = compressed_sdpa.CUDA_BACKENDS
+    paths["compressed_branch_sdpa_cudnn_rows128"] = ("cudnn", compressed_sdpa.compressed_attention_sdpa)
     for name, (backend, fn) in paths.items():
+        compressed_sdpa.ROW_MULTIPLE = 128 if name.endswith("rows128") else 1
+        compressed_sdpa._LAYOUTS.clear()
         compressed_sdpa._CHOSEN.clear()
         compressed_sdpa.CUDA_BACKENDS = (backend,) if backend else saved
         try:
@@ -89,16 +92,40 @@ def compressed_paths(q, kc, vc, flops: float) -> list[dict]:
             rows.append(dict(impl=name, status=f"{type(exc).__name__}: {str(exc)[:80]}"))
         finally:
             compressed_sdpa.CUDA_BACKENDS = saved
+            compressed_sdpa.ROW_MULTIPLE = 1
+            compressed_sdpa._LAYOUTS.clear()
             compressed_sdpa._CHOSEN.clear()
     return rows
+
+
+def profile_branch(n: int, h: int) -> None:
+    """torch.profiler's CUDA kernel table of one fwd+bwd of the compressed branch on cuDNN."""
+    q, kc, vc = leaf(n, h, D), leaf((n - KERNEL) // STRIDE + 1, h, D), leaf((n - KERNEL) // STRIDE + 1, h, D)
+    compressed_sdpa.CUDA_BACKENDS, saved = ("cudnn",), compressed_sdpa.CUDA_BACKENDS
+
+    def step():
+        o = compressed_sdpa.compressed_attention_sdpa(q, kc, vc, None, None, KERNEL, STRIDE)[0]
+        torch.autograd.grad(o, (q, kc, vc), torch.ones_like(o))
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    compressed_sdpa.CUDA_BACKENDS = saved
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=90))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", default="8192,16384,65536")
     ap.add_argument("--heads", type=int, default=64)
+    ap.add_argument("--profile", type=int, default=0, help="N: profile the cuDNN compressed branch's fwd+bwd at N")
     args = ap.parse_args()
     require_cuda()
+    if args.profile:
+        profile_branch(args.profile, args.heads)
     meta, rows = run_meta(), []
     h = args.heads
     for n in map(int, args.lengths.split(",")):

@@ -39,6 +39,9 @@ MAX_PADDING_WASTE = 0.5
 # out of memory on an 80 GB H100 where the Triton kernels fit (results/tables67, 44f7b49). Above this
 # many rows the Triton kernels serve the call (128K x 64 heads still routes: measured to fit).
 MAX_QUERY_ROWS = 131072 * 64
+# Rows (and keys) per call head rounded up to this multiple (probe: whether the fused kernels favour
+# tile-aligned lengths).
+ROW_MULTIPLE = 1
 
 
 class ResidueLayout(NamedTuple):
@@ -96,6 +99,7 @@ def residue_layout(n: int, hq: int, g: int, kernel_size: int, stride: int, devic
         return hit
     h, b_count = hq // g, len(seqs)
     length = max(_rows_per_head(m, kernel_size, stride) for _, m, _, _ in seqs)
+    length = -(-length // ROW_MULTIPLE) * ROW_MULTIPLE  # extra rows are no query, extra keys unseen
     starts, lengths, cmp_starts, cmp_counts = (torch.tensor(col, device=device) for col in zip(*seqs))
     a = torch.arange(length, device=device)
     shift = torch.tensor(_shifts(kernel_size, stride), device=device)
