@@ -5,17 +5,14 @@ Query t sees summary i iff i * stride + kernel_size - 1 <= t. Writing t = a * st
 stride), that is i <= a - s_b with s_b = -floor((b - kernel_size + 1) / stride): the queries of one
 residue b, renumbered a' = a - s_b, see summaries i <= a', which is plain causal attention (top-left,
 as many queries as keys) over the summaries. The residues share the summaries, so they become stride
-more batch entries: one GQA call of batch (sequence, residue) and query heads (KV head, group head),
-the summaries repeated per residue (their gradients summed back), L = ceil(N / stride) - min_b s_b + 1
-rows each (the last row of every residue, and the rows past a residue's end, are no query: q and do
-are zero there, so they add nothing to dK / dV and get dQ = 0). The residues as stride x more query
-heads of one GQA call (no repeat) were 2.4x slower in cuDNN at 16K and 1.4x at 64K on the H100
-(results/module_vs_dense/README.md, sdpa_branch_probe).
+more query heads per KV head: one GQA call with query heads ordered (KV head, residue, group head),
+L = ceil(N / stride) - min_b s_b + 1 rows each (the last row of every residue, and the rows past a
+residue's end, are no query: q and do are zero there, so they add nothing to dK / dV and get dQ = 0).
 Queries t < kernel_size - 1 see no summary: o = 0, lse = -inf, dq += 0. Packed sequences run as a
 batch of their own calls, each padded to the longest (padded rows are no query, padded summaries are
 zero and unseen); sdpa_sequences declines batches whose padding wastes too much.
 
-Moving q, o, do and dq between [N, HQ, D] and the residue layout [B * stride, H * G, L, D] is one
+Moving q, o, do and dq between [N, HQ, D] and the residue layout [B, H * stride * G, L, D] is one
 row gather each (index_select with cached row indices). Timed against the Triton kernels by
 experiments/gpu/module_vs_dense.py --compressed-sdpa; the module uses it when
 fused_attention.COMPRESSED_SDPA_MIN_TOKENS says so.
@@ -39,16 +36,13 @@ MAX_PADDING_WASTE = 0.5
 # out of memory on an 80 GB H100 where the Triton kernels fit (results/tables67, 44f7b49). Above this
 # many rows the Triton kernels serve the call (128K x 64 heads still routes: measured to fit).
 MAX_QUERY_ROWS = 131072 * 64
-# Rows (and keys) per call head rounded up to this multiple (probe: whether the fused kernels favour
-# tile-aligned lengths).
-ROW_MULTIPLE = 1
 
 
 class ResidueLayout(NamedTuple):
     """Row maps of one call (int32 while they fit, else int64: index_select takes both)."""
 
-    batch: int  # B * stride: (sequence with at least one summary, residue)
-    heads: int  # H * G query heads of the call
+    batch: int  # B: sequences with at least one summary
+    heads: int  # H * stride * G query heads of the call
     length: int  # L rows per head (queries = keys), the longest sequence's
     gather: torch.Tensor  # [B * heads * L]: row t * HQ + hq of q [N, HQ, D] for each call row (0 where none)
     empty: torch.Tensor  # int64 [k] (index_fill_'s index): call rows that are no query
@@ -99,15 +93,14 @@ def residue_layout(n: int, hq: int, g: int, kernel_size: int, stride: int, devic
         return hit
     h, b_count = hq // g, len(seqs)
     length = max(_rows_per_head(m, kernel_size, stride) for _, m, _, _ in seqs)
-    length = -(-length // ROW_MULTIPLE) * ROW_MULTIPLE  # extra rows are no query, extra keys unseen
     starts, lengths, cmp_starts, cmp_counts = (torch.tensor(col, device=device) for col in zip(*seqs))
     a = torch.arange(length, device=device)
     shift = torch.tensor(_shifts(kernel_size, stride), device=device)
     local = (a[None, :] + shift[:, None]) * stride + torch.arange(stride, device=device)[:, None]  # [stride, L]
-    local = local[None, :, None, None, :]  # call row (sequence, residue, KV head, group head, a')
+    local = local[None, None, :, None, :]  # call row (s, h, b, g, a')
     tok = starts[:, None, None, None, None] + local
-    head = (torch.arange(h, device=device)[:, None] * g + torch.arange(g, device=device)[None, :])[None, None, :, :, None]
-    is_query = (local < lengths[:, None, None, None, None]).expand(b_count, stride, h, g, length).flatten()
+    head = (torch.arange(h, device=device)[:, None] * g + torch.arange(g, device=device)[None, :])[None, :, None, :, None]
+    is_query = (local < lengths[:, None, None, None, None]).expand(b_count, h, stride, g, length).flatten()
     gather = (tok * hq + head).flatten()
     gather = torch.where(is_query, gather, 0)
     empty = (~is_query).nonzero().squeeze(1)
@@ -122,7 +115,7 @@ def residue_layout(n: int, hq: int, g: int, kernel_size: int, stride: int, devic
     key_scatter = torch.empty(int(sum(c for *_, c in seqs)), dtype=torch.int64, device=device)
     key_scatter[key_gather[is_key.flatten()]] = torch.arange(b_count * length, device=device)[is_key.flatten()]
     index = torch.int32 if gather.numel() < 2**31 else torch.int64
-    layout = ResidueLayout(b_count * stride, h * g, length, gather.to(index), empty, scatter.to(index), unseen,
+    layout = ResidueLayout(b_count, h * stride * g, length, gather.to(index), empty, scatter.to(index), unseen,
                            key_gather, (~is_key).flatten().nonzero().squeeze(1), key_scatter)
     if len(_LAYOUTS) >= 2:  # the maps are as long as q has rows: keep few
         _LAYOUTS.clear()
@@ -139,22 +132,17 @@ def _rows(x: torch.Tensor, layout: ResidueLayout) -> torch.Tensor:
 
 
 def _keys(k_cmp: torch.Tensor, layout: ResidueLayout) -> torch.Tensor:
-    """[N_cmp, H, D] -> [B * stride, H, L, D] (every residue of a sequence gets its summaries), zero
-    keys past a sequence's summaries (no query sees them)."""
+    """[N_cmp, H, D] -> [B, H, L, D], zero keys past a sequence's summaries (no query sees them)."""
     _, h, d = k_cmp.shape
     out = k_cmp.index_select(0, layout.key_gather)
     out.index_fill_(0, layout.key_empty, 0)
-    seqs = layout.key_gather.numel() // layout.length
-    out = out.view(seqs, 1, layout.length, h, d).transpose(2, 3)
-    return out.expand(seqs, layout.batch // seqs, h, layout.length, d).reshape(layout.batch, h, layout.length, d)
+    return out.view(layout.batch, layout.length, h, d).transpose(1, 2).contiguous()
 
 
 def _unkeys(dk: torch.Tensor, layout: ResidueLayout, dtype) -> torch.Tensor:
-    """The call's [B * stride, H, L, D] key gradient -> [N_cmp, H, D], the residues summed in fp32."""
-    _, h, length, d = dk.shape
-    seqs = layout.key_gather.numel() // length
-    dk = dk.view(seqs, -1, h, length, d).sum(1, dtype=torch.promote_types(dk.dtype, torch.float32))
-    return dk.transpose(1, 2).reshape(seqs * length, h, d).index_select(0, layout.key_scatter).to(dtype)
+    """The call's [B, H, L, D] key gradient -> [N_cmp, H, D]."""
+    b, h, length, d = dk.shape
+    return dk.transpose(1, 2).reshape(b * length, h, d).index_select(0, layout.key_scatter).to(dtype)
 
 
 # The fused kernels tried in order on CUDA (the first that takes the call runs it): cuDNN with the

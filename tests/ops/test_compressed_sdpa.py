@@ -59,12 +59,12 @@ def test_every_query_has_one_row(shape):
     n, hq, h, d, ks, st = shape
     n_cmp = (n - ks) // st + 1
     lay = residue_layout(n, hq, hq // h, ks, st, torch.device("cpu"), sdpa_sequences(n, n_cmp))
-    assert (lay.batch, lay.heads) == (st, hq)  # batch (sequence, residue), heads (KV head, group head)
+    assert (lay.batch, lay.heads) == (1, h * st * (hq // h))
     seen = torch.arange((ks - 1) * hq, n * hq)  # row t * HQ + hq of each query that sees a summary
     assert torch.equal(lay.unseen, torch.arange((ks - 1) * hq))
     rows = lay.scatter[seen].long()
     assert rows.unique().numel() == rows.numel()
-    used = torch.zeros(lay.batch * lay.heads * lay.length, dtype=torch.bool)
+    used = torch.zeros(lay.heads * lay.length, dtype=torch.bool)
     used[rows] = True
     assert torch.equal((~used).nonzero().squeeze(1), lay.empty)
     assert torch.equal(lay.gather[rows].long(), seen)
