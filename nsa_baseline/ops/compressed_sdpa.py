@@ -24,6 +24,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from nsa_baseline.ops.flex import tensor_key
+from nsa_baseline.ops.residue_rows import gather_rows, scatter_rows
+from nsa_baseline.utils.triton_utils import is_interpreter
 
 _LAYOUTS: dict[tuple, "ResidueLayout"] = {}
 _SEQUENCES: dict[tuple, tuple] = {}
@@ -51,6 +53,8 @@ class ResidueLayout(NamedTuple):
     key_gather: torch.Tensor  # int64 [B * L]: summary row of each call key row (0 past a sequence's summaries)
     key_empty: torch.Tensor  # int64 [k]: call key rows past their sequence's summaries
     key_scatter: torch.Tensor  # int64 [N_cmp]: call key row of each summary
+    rows: torch.Tensor  # [B * heads * L]: gather, -1 on call rows that are no query (residue_rows' map)
+    groups: int  # B * H: (sequence, KV head) blocks of stride * G heads each in the call's row order
 
 
 def host_sequences(cu: torch.Tensor, cu_cmp: torch.Tensor) -> tuple:
@@ -116,19 +120,45 @@ def residue_layout(n: int, hq: int, g: int, kernel_size: int, stride: int, devic
     key_scatter[key_gather[is_key.flatten()]] = torch.arange(b_count * length, device=device)[is_key.flatten()]
     index = torch.int32 if gather.numel() < 2**31 else torch.int64
     layout = ResidueLayout(b_count, h * stride * g, length, gather.to(index), empty, scatter.to(index), unseen,
-                           key_gather, (~is_key).flatten().nonzero().squeeze(1), key_scatter)
+                           key_gather, (~is_key).flatten().nonzero().squeeze(1), key_scatter,
+                           torch.where(is_query, gather, -1).to(index), b_count * h)
     if len(_LAYOUTS) >= 2:  # the maps are as long as q has rows: keep few
         _LAYOUTS.clear()
     _LAYOUTS[key] = layout
     return layout
 
 
+def _tiled(x: torch.Tensor) -> bool:
+    """Rows move through residue_rows' Triton kernel (CUDA, or the interpreter in the tests)."""
+    return x.is_cuda or is_interpreter()
+
+
 def _rows(x: torch.Tensor, layout: ResidueLayout) -> torch.Tensor:
     """[N, HQ, D] -> the call's [B, heads, L, D], zero on rows that are no query."""
     d = x.shape[2]
-    out = x.reshape(-1, d).index_select(0, layout.gather)
-    out.index_fill_(0, layout.empty, 0)
+    if _tiled(x):
+        out = gather_rows(x.reshape(-1, d), layout.rows, layout.groups, layout.heads // (layout.groups // layout.batch),
+                          layout.length)
+    else:
+        out = x.reshape(-1, d).index_select(0, layout.gather)
+        out.index_fill_(0, layout.empty, 0)
     return out.view(layout.batch, layout.heads, layout.length, d)
+
+
+def _unrows(x_r: torch.Tensor, layout: ResidueLayout, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    """The call's [B, heads, L, D] -> out [N, HQ, D] (written, or added to with accumulate); rows of
+    tokens that see no summary get 0 (unchanged with accumulate)."""
+    d = out.shape[2]
+    if _tiled(x_r):
+        scatter_rows(x_r.reshape(-1, d), layout.rows, out.view(-1, d), layout.groups,
+                     layout.heads // (layout.groups // layout.batch), layout.length, accumulate)
+        if not accumulate:
+            out.view(-1, d).index_fill_(0, layout.unseen, 0)
+        return out
+    part = x_r.reshape(-1, d).index_select(0, layout.scatter)
+    part.index_fill_(0, layout.unseen, 0)
+    part = part.view(out.shape)
+    return out.add_(part) if accumulate else out.copy_(part)
 
 
 def _keys(k_cmp: torch.Tensor, layout: ResidueLayout) -> torch.Tensor:
@@ -258,11 +288,10 @@ def compressed_sdpa_fwd(q, k_cmp, v_cmp, kernel_size: int, kernel_stride: int, s
         return torch.zeros_like(q), torch.full((hq, n), float("-inf"), device=q.device), None
     layout = residue_layout(n, hq, hq // k_cmp.shape[1], kernel_size, kernel_stride, q.device, seqs)
     o_r, lse_r, aux = _attend(_rows(q, layout), _keys(k_cmp, layout), _keys(v_cmp, layout), scale)
-    o = o_r.reshape(-1, d).index_select(0, layout.scatter)
-    o.index_fill_(0, layout.unseen, 0)
+    o = _unrows(o_r, layout, torch.empty_like(q))
     lse = lse_r.reshape(-1).float().index_select(0, layout.scatter)
     lse.index_fill_(0, layout.unseen, float("-inf"))
-    return o.view(n, hq, d), lse.view(n, hq).t().contiguous(), aux
+    return o, lse.view(n, hq).t().contiguous(), aux
 
 
 def compressed_sdpa_bwd(q, k_cmp, v_cmp, o, lse, do, aux: tuple, kernel_size: int, kernel_stride: int,
@@ -279,13 +308,9 @@ def compressed_sdpa_bwd(q, k_cmp, v_cmp, o, lse, do, aux: tuple, kernel_size: in
     lse_r.index_fill_(0, layout.empty, 0.)  # rows that are no query: finite (q = do = 0 there)
     dq_r, dk_r, dv_r = _attend_bwd(_rows(do.contiguous(), layout), _rows(q, layout), _keys(k_cmp, layout),
                                    _keys(v_cmp, layout), _rows(o, layout), lse_r, aux, scale)
-    part = dq_r.reshape(-1, d).index_select(0, layout.scatter).view(n, hq, d)  # 0 where t sees no summary
     if dq is None:
-        dq, accumulate = part, False
-    elif accumulate:
-        dq += part
-    else:
-        dq.copy_(part)
+        dq, accumulate = torch.empty_like(q), False
+    _unrows(dq_r, layout, dq, accumulate)
     return dq, _unkeys(dk_r, layout, k_cmp.dtype), _unkeys(dv_r, layout, v_cmp.dtype)
 
 
