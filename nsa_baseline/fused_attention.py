@@ -50,10 +50,10 @@ LOCAL_BLOCKS_KERNEL = False
 # Hopper, which runs dense attention at ~540 TFLOP/s on the H100 against ~380 forward / ~290 backward
 # for our Triton compressed kernels) when the longest sequence has at least this many tokens (packed
 # sequences padded to it, unless that wastes over half the work); None: always the Triton kernels.
-# The residue layout costs six row gathers of [N, HQ, D] per step, and cuDNN is slow on few keys (the
-# branch alone on the H100, 63122c6: 64K x 64 heads fwd+bwd 45.9 ms vs 51.7 Triton, 16K 7.0 vs 3.9),
-# so short sequences lose: the module at 64K g=1 197.9 -> 194.6 ms, g=4 154.4 -> 152.7, at 16K g=1
-# 31.8 -> 35.4 (results/module_vs_dense/README.md). 65536: the smallest length measured to win.
+# The residue layout costs six row moves of [N, HQ, D] per step (ops/residue_rows.py) and cuDNN is
+# slow on few keys: the branch alone on the H100 (a159ed9) 64K x 64 heads fwd+bwd 36.4 ms vs 55.9
+# Triton, 16K 4.38 vs 4.02; the module at 64K g=1 194.7 -> 181.4 ms, g=4 152.8 -> 141.8, at 32K equal,
+# at 16K g=1 31.0 -> 32.2 (results/module_vs_dense/README.md). 65536: the smallest length measured to win.
 # Calls above compressed_sdpa.MAX_QUERY_ROWS (128K tokens x 64 heads) keep the Triton kernels: memory.
 COMPRESSED_SDPA_MIN_TOKENS = 65536
 
