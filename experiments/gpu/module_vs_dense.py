@@ -2,11 +2,12 @@
 in the same run, without module_profile's per-stage timings (which take minutes at 64K).
 
     python -m experiments.gpu.module_vs_dense [--points 8192:1,16384:1,16384:4,65536:1] [--backend auto]
+                                              [--sparsity 64:16|128:8]
                                               [--local-blocks off|on|both] [--in-place-linear off|on|both]
                                               [--compressed-sdpa off|on|both]
                                               [--selection-keys32 off|on|both]
 
-bf16, 64 query heads, d = 128, (64, 16), kv heads = 64 / g, one sequence; fresh random inputs per
+bf16, 64 query heads, d = 128, (64, 16) unless --sparsity, kv heads = 64 / g, one sequence; fresh random inputs per
 point; `triton.testing.do_bench` medians after a warm-up call (compiles and `auto`'s choice outside
 the timing). --local-blocks sets nsa_baseline.fused_attention.LOCAL_BLOCKS_KERNEL (NSA's local blocks
 through the window kernels instead of FSA's pair rows); `both` times each point with it off and on, on
@@ -111,6 +112,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default="8192:1,16384:1,16384:4,65536:1")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--sparsity", default="64:16", help="block_size:topk of the module (the paper's presets: "
+                    "64:16, 128:8)")
     for flag, (module, name, *_) in SWITCHES.items():
         ap.add_argument(f"--{flag.replace('_', '-')}", choices=("default", "off", "on", "both"), default="default",
                         help=f"{module}.{name} for the run (default: as committed)")
@@ -125,6 +128,7 @@ def main() -> int:
     choices = {flag: {"default": [getattr(targets[flag], name)], "off": [off], "on": [on],
                       "both": [off, on]}[getattr(args, flag)] for flag, (_, name, off, on, _) in SWITCHES.items()}
     combos = [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
+    block, topk = (int(v) for v in args.sparsity.split(":"))
     rows = []
     for n, g in points:
         for combo in combos:
@@ -132,7 +136,8 @@ def main() -> int:
                 setattr(targets[flag], SWITCHES[flag][1], on)
             if len(combos) > 1:
                 torch.manual_seed(n + g)  # the same inputs for every setting
-            rows.append({**time_point(n, g, args.backend), **{SWITCHES[flag][4]: on for flag, on in combo.items()}})
+            rows.append({**time_point(n, g, args.backend, block_size=block, topk=topk), "block_size": block,
+                         "topk": topk, **{SWITCHES[flag][4]: on for flag, on in combo.items()}})
             print(rows[-1], f"({time.time() - START:.0f} s)", flush=True)
         write_rows(out / "module_vs_dense.csv", rows, meta)  # after every point: a cut run keeps its rows
         torch.cuda.empty_cache()

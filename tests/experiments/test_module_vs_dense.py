@@ -39,12 +39,12 @@ def test_main_times_every_combination_of_the_switches(monkeypatch, tmp_path):
     monkeypatch.setattr(module_vs_dense, "require_cuda", lambda: None)
     monkeypatch.setattr(module_vs_dense, "out_dir", lambda: tmp_path)
     monkeypatch.setattr(module_vs_dense, "run_meta", lambda: dict(gpu="none", torch="t", triton="t", git_commit="c"))
-    monkeypatch.setattr(module_vs_dense, "time_point", lambda n, g, backend: dict(
-        N=n, saw=(fused_attention.LOCAL_BLOCKS_KERNEL, compression_grad.IN_PLACE_LINEAR)))
+    monkeypatch.setattr(module_vs_dense, "time_point", lambda n, g, backend, **sizes: dict(
+        N=n, saw=(fused_attention.LOCAL_BLOCKS_KERNEL, compression_grad.IN_PLACE_LINEAR), sizes=sizes))
     monkeypatch.setattr(fused_attention, "LOCAL_BLOCKS_KERNEL", fused_attention.LOCAL_BLOCKS_KERNEL)
     monkeypatch.setattr(compression_grad, "IN_PLACE_LINEAR", compression_grad.IN_PLACE_LINEAR)
     monkeypatch.setattr(sys, "argv", ["module_vs_dense", "--points", "8192:1", "--in-place-linear", "both",
-                                      "--local-blocks", "off"])
+                                      "--local-blocks", "off", "--sparsity", "128:8"])
     assert module_vs_dense.main() == 0
     import csv
 
@@ -52,3 +52,5 @@ def test_main_times_every_combination_of_the_switches(monkeypatch, tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["local_blocks_kernel"], r["in_place_linear"], r["saw"]) for r in rows] == \
         [("False", "False", "(False, False)"), ("False", "True", "(False, True)")]
+    assert {r["sizes"] for r in rows} == {"{'block_size': 128, 'topk': 8}"}  # --sparsity reaches the module
+    assert {(r["block_size"], r["topk"]) for r in rows} == {("128", "8")}
