@@ -4,7 +4,9 @@ decode (`seqlen` = cache length L, `batch` = B): one decode step of the whole NS
 the projections (append, compressed attention + selection, selected + window + gated sum; the
 kernels are the same for nsa / fsa / auto) over a cache of L - 1 random tokens, so the new token
 attends L keys; kernel sdpa = dense SDPA decode over [B, H, L, D], the fastest of its backends (the
-row's message names it and torch's own pick). pass = eager | graph (CUDA-graph replay). GB/s = the
+row's message names it and torch's own pick); kernel flashinfer = FlashInfer's batch decode over the
+same keys as a 16-row paged cache, the faster of its CUDA-core and tensor-core variants (measured only:
+without CUDA its rows say so, its floor is sdpa's). pass = eager | graph (CUDA-graph replay). GB/s = the
 analytic bytes of a step (experiments/decode_costs.py) / time.
 generate: prefill L tokens then `decode_steps` steps of one layer, projections included
 (experiments/generate_timing.py); median_ms = total, plus ttft_ms and per_token_ms.
@@ -59,6 +61,8 @@ def predicted_rows(cfg: SweepConfig, point: Point, todo, meta) -> list[dict]:
     calib = calibration.Calibration.load(cfg.hardware.calibration) if point.scope == "generate" else None
     for kernel, pass_name in todo:
         reason = timed_calls.unsupported_reason(kernel, point, check_installed=False)
+        if kernel == "flashinfer" and not reason:
+            reason = "flashinfer: a measured peer only (no prediction: its byte floor is the sdpa rows')"
         if reason:
             rows.append(_row(point, kernel, pass_name, "unsupported", meta, reason))
             continue
@@ -94,8 +98,8 @@ def _decode_kernel_rows(cfg, point, kernel, passes, meta, device) -> list[dict]:
     elem = decode_costs.ELEM_BYTES[point.dtype]
     b, n, h, d = point.batch, point.seqlen, point.kv_heads, point.head_dim
     cache_bytes = 2 * b * n * h * d * elem
-    dense = kernel == "sdpa"
-    too_big = _fits(cache_bytes * (1.0 if dense else 1.1))
+    dense = kernel in ("sdpa", "flashinfer")
+    too_big = _fits(cache_bytes * (2.0 if kernel == "flashinfer" else 1.0 if dense else 1.1))  # + its paged copy
     if too_big:
         return [_row(point, kernel, p, "oom", meta, too_big) for p in passes]
     _, nbytes = floor_ms(point, cfg, dense)
@@ -105,17 +109,21 @@ def _decode_kernel_rows(cfg, point, kernel, passes, meta, device) -> list[dict]:
         dtype = getattr(torch, point.dtype)
         qd = torch.randn(b, point.q_heads, 1, d, device=device, dtype=dtype)
         kd, vd = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(2))
-        picked = dt.sdpa_choice(qd, kd, vd)
-        results = dt.time_sdpa_backends(qd, kd, vd, passes, tm.warmup_ms, tm.rep_ms)
+        if kernel == "flashinfer":
+            picked = f"paged, {dt.FLASHINFER_PAGE}-row pages"
+            results = dt.time_flashinfer(qd, kd, vd, passes, tm.warmup_ms, tm.rep_ms)
+        else:
+            picked = f"torch picks {dt.sdpa_choice(qd, kd, vd) or '?'}"
+            results = dt.time_sdpa_backends(qd, kd, vd, passes, tm.warmup_ms, tm.rep_ms)
         for p in passes:
             ok = sorted((t[1], t, name) for name, mode, t, _ in results if mode == p and t is not None)
             others = "; ".join(f"{name} {t[1]:.4f} ms" if t else f"{name}: {err}"
                                for name, mode, t, err in results if mode == p)
             if not ok:
-                rows.append(_row(point, kernel, p, "error", meta, f"no SDPA backend ran: {others}"[:300]))
+                rows.append(_row(point, kernel, p, "error", meta, f"no {kernel} variant ran: {others}"[:300]))
                 continue
             _, t, name = ok[0]
-            rows.append(_row(point, kernel, p, "ok", meta, f"best SDPA backend {name} (torch picks {picked or '?'}); "
+            rows.append(_row(point, kernel, p, "ok", meta, f"best {kernel} variant {name} ({picked}); "
                              f"all: {others}"[:300], median_ms=t[1], p20_ms=t[0], p80_ms=t[2],
                              gbps=nbytes / t[1] / 1e6, model_gbyte=nbytes / 1e9))
         return rows

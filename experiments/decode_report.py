@@ -27,7 +27,7 @@ def decode_table(df: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(index=wide.index)
     sparse = [k for k in ("fsa", "nsa", "auto") if ("median_ms", k) in wide.columns]
     generate = (rows["scope"] == "generate").any()
-    for k in sparse + (["sdpa"] if ("median_ms", "sdpa") in wide.columns else []):
+    for k in sparse + [k for k in ("sdpa", "flashinfer") if ("median_ms", k) in wide.columns]:
         out[f"{k} ms"] = wide[("median_ms", k)]
         if generate and ("ttft_ms", k) in wide.columns:
             out[f"{k} ttft ms"] = wide[("ttft_ms", k)]

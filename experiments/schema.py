@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nsa_baseline.contract import BLOCK_SIZES
 
-KERNELS = ("nsa", "fsa", "auto", "sdpa", "fla")
+KERNELS = ("nsa", "fsa", "auto", "sdpa", "fla", "flashinfer")
 PASSES = ("fwd", "bwd", "fwd+bwd")
-KERNEL_PRESETS = {"all": KERNELS, "sparse": ("nsa", "fsa", "auto")}
+# "all": every kernel of the prefill scopes (flashinfer is a scope=decode peer only, named explicitly)
+KERNEL_PRESETS = {"all": KERNELS[:-1], "sparse": ("nsa", "fsa", "auto")}
 PASS_PRESETS = {"all": PASSES}
 DTYPES = ("bfloat16", "float16", "float32")
 SCOPES = ("selected", "module", "decode", "generate")

@@ -46,6 +46,14 @@ def unsupported_reason(kernel: str, point: Point, check_installed: bool = True) 
             return f"fla: needs gqa a power of two >= 16 (its backward does not compile on Triton 3.6 below), got {g}"
         if point.dtype == "float32":
             return "fla: float32 inputs are not supported"
+    if kernel == "flashinfer":
+        if point.scope != "decode":
+            return f"flashinfer: only scope=decode (its dense batch decode, a peer of sdpa), not scope={point.scope}"
+        if check_installed and importlib.util.find_spec("flashinfer") is None:
+            return ("flashinfer: the optional flashinfer-python package is not installed (a JIT wheel; "
+                    "experiments/flashinfer_wheel.py slims it for the GPU machine)")
+        if point.dtype == "float32":
+            return "flashinfer: float32 caches are not timed (fp16 / bf16)"
     return None
 
 

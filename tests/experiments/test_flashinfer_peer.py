@@ -49,3 +49,18 @@ def test_hnd_pages_hold_each_sequence_in_order():
     for b in range(3):
         for j in range(3):
             assert torch.equal(pages[b * 3 + j], x[b, :, j * 16:(j + 1) * 16])
+
+
+def test_flashinfer_is_a_decode_peer_only():
+    """Not in the prefill sweep's `all` preset; any other scope, or a float32 cache, is unsupported."""
+    from experiments.points import Point
+    from experiments.schema import KERNEL_PRESETS
+    from experiments.timed_calls import unsupported_reason
+
+    assert "flashinfer" not in KERNEL_PRESETS["all"]
+    module = Point("module", 4, 8, 128, 65536, 1, 64, 16, "bfloat16", "nsa")
+    assert "only scope=decode" in unsupported_reason("flashinfer", module, check_installed=False)
+    decode = Point("decode", 4, 8, 128, 65536, 8, 64, 16, "bfloat16", "nsa")
+    assert unsupported_reason("flashinfer", decode, check_installed=False) is None
+    fp32 = Point("decode", 4, 8, 128, 65536, 8, 64, 16, "float32", "nsa")
+    assert "float32" in unsupported_reason("flashinfer", fp32, check_installed=False)
