@@ -150,7 +150,7 @@ def _unrows(x_r: torch.Tensor, layout: ResidueLayout, out: torch.Tensor, accumul
     """The call's [B, heads, L, D] -> out [N, HQ, D] (written, or added to with accumulate); rows of
     tokens that see no summary get 0 (unchanged with accumulate)."""
     d = out.shape[2]
-    if _tiled(x_r):
+    if _tiled(x_r) and out.is_contiguous():  # (a strided dq from a caller takes the index_select path)
         scatter_rows(x_r.reshape(-1, d), layout.rows, out.view(-1, d), layout.groups,
                      layout.heads // (layout.groups // layout.batch), layout.length, accumulate)
         if not accumulate:
@@ -289,7 +289,7 @@ def compressed_sdpa_fwd(q, k_cmp, v_cmp, kernel_size: int, kernel_stride: int, s
         return torch.zeros_like(q), torch.full((hq, n), float("-inf"), device=q.device), None
     layout = residue_layout(n, hq, hq // k_cmp.shape[1], kernel_size, kernel_stride, q.device, seqs)
     o_r, lse_r, aux = _attend(_rows(q, layout), _keys(k_cmp, layout), _keys(v_cmp, layout), scale)
-    o = _unrows(o_r, layout, torch.empty_like(q))
+    o = _unrows(o_r, layout, torch.empty(q.shape, dtype=q.dtype, device=q.device))
     lse = lse_r.reshape(-1).float().index_select(0, layout.scatter)
     lse.index_fill_(0, layout.unseen, float("-inf"))
     return o, lse.view(n, hq).t().contiguous(), aux
@@ -310,7 +310,7 @@ def compressed_sdpa_bwd(q, k_cmp, v_cmp, o, lse, do, aux: tuple, kernel_size: in
     dq_r, dk_r, dv_r = _attend_bwd(_rows(do.contiguous(), layout), _rows(q, layout), _keys(k_cmp, layout),
                                    _keys(v_cmp, layout), _rows(o, layout), lse_r, aux, scale)
     if dq is None:
-        dq, accumulate = torch.empty_like(q), False
+        dq, accumulate = torch.empty(q.shape, dtype=q.dtype, device=q.device), False
     _unrows(dq_r, layout, dq, accumulate)
     return dq, _unkeys(dk_r, layout, k_cmp.dtype), _unkeys(dv_r, layout, v_cmp.dtype)
 

@@ -34,3 +34,14 @@ def test_tiled_moves_equal_index_select(monkeypatch, case):
         assert not a.isnan().any(), f"{name}: unwritten rows"
         assert torch.equal(a, b), name
     assert not tiled[0].view(-1, d)[lay.empty].any()  # rows that are no query are zero
+
+
+def test_a_strided_output_takes_the_plain_path():
+    """dq given as a strided view (a caller's buffer) is written correctly, not through view()."""
+    n, hq, h, d, ks, st = 96, 4, 2, 16, 8, 4
+    lay = residue_layout(n, hq, hq // h, ks, st, torch.device("cpu"), sdpa_sequences(n, (n - ks) // st + 1))
+    call = torch.randn(lay.batch, lay.heads, lay.length, d)
+    want = _unrows(call, lay, torch.zeros(n, hq, d))
+    big = torch.zeros(n, hq, 2 * d)
+    got = _unrows(call, lay, big[:, :, :d])  # not contiguous
+    assert torch.equal(got, want) and torch.equal(big[:, :, :d], want) and not big[:, :, d:].any()
