@@ -17,8 +17,8 @@ Timed (`triton.testing.do_bench` medians; each step gives its length back, so th
   grows; 1 step in 16 completes a summary, where the other rows time a step that completes one);
 - dense: SDPA of q [B, 32, 1, 128] over k, v [B, 8, L, 128] with enable_gqa=True (the backend torch
   picks, named when torch says so), and each fused backend forced, eager and CUDA graph;
-- FlashInfer's batch decode over the same keys (those k, v as its HND paged cache, one page of L rows
-  per slot), CUDA-core and tensor-core variants, checked against SDPA's output first; where the
+- FlashInfer's batch decode over the same keys (those k, v copied into its HND paged cache of 16-row
+  pages), CUDA-core and tensor-core variants, checked against SDPA's output first; where the
   package is missing (carry it as a wheel: experiments/flashinfer_wheel.py) a row says so.
 GB/s = bytes read / time: ours (T * BS + window + visible summaries) keys and values per KV head per
 slot + q + out; dense L keys and values per KV head per slot + q + out. Configurations whose cache

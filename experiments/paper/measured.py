@@ -74,7 +74,10 @@ def _is_e2e(folder: Path) -> bool:
     """Whether a results folder holds `python -m experiments.e2e` rows (a `step` column)."""
     first = next((f for f in [folder / store.RESULTS_CSV, *sorted((folder / store.ROWS_DIR).glob("*.csv"))]
                   if f.exists() and f.stat().st_size > 0), None)
-    return first is not None and "step" in first.read_text().split("\n", 1)[0].split(",")
+    if first is None:
+        return False
+    with open(first) as f:  # the header only: a merged results CSV can be large
+        return "step" in f.readline().rstrip("\n").split(",")
 
 
 def fmt(x: Optional[float], failed: Optional[str] = None) -> object:

@@ -55,7 +55,12 @@ class ResidueLayout(NamedTuple):
     key_empty: torch.Tensor  # int64 [k]: call key rows past their sequence's summaries
     key_scatter: torch.Tensor  # int64 [N_cmp]: call key row of each summary
     rows: torch.Tensor  # [B * heads * L]: gather, -1 on call rows that are no query (residue_rows' map)
-    groups: int  # B * H: (sequence, KV head) blocks of stride * G heads each in the call's row order
+    heads_per_group: int  # stride * G: the call heads of one (sequence, KV head), consecutive in row order
+
+    @property
+    def groups(self) -> int:
+        """B * H: the (sequence, KV head) blocks of the call's rows (residue_rows' program rows)."""
+        return self.batch * self.heads // self.heads_per_group
 
 
 def host_sequences(cu: torch.Tensor, cu_cmp: torch.Tensor) -> tuple:
@@ -122,7 +127,7 @@ def residue_layout(n: int, hq: int, g: int, kernel_size: int, stride: int, devic
     index = torch.int32 if gather.numel() < 2**31 else torch.int64
     layout = ResidueLayout(b_count, h * stride * g, length, gather.to(index), empty, scatter.to(index), unseen,
                            key_gather, (~is_key).flatten().nonzero().squeeze(1), key_scatter,
-                           torch.where(is_query, gather, -1).to(index), b_count * h)
+                           torch.where(is_query, gather, -1).to(index), stride * g)
     if len(_LAYOUTS) >= 2:  # the maps are as long as q has rows: keep few
         _LAYOUTS.clear()
     _LAYOUTS[key] = layout
@@ -138,8 +143,7 @@ def _rows(x: torch.Tensor, layout: ResidueLayout) -> torch.Tensor:
     """[N, HQ, D] -> the call's [B, heads, L, D], zero on rows that are no query."""
     d = x.shape[2]
     if _tiled(x):
-        out = gather_rows(x.reshape(-1, d), layout.rows, layout.groups, layout.heads // (layout.groups // layout.batch),
-                          layout.length)
+        out = gather_rows(x.reshape(-1, d), layout.rows, layout.groups, layout.heads_per_group, layout.length)
     else:
         out = x.reshape(-1, d).index_select(0, layout.gather)
         out.index_fill_(0, layout.empty, 0)
@@ -151,8 +155,8 @@ def _unrows(x_r: torch.Tensor, layout: ResidueLayout, out: torch.Tensor, accumul
     tokens that see no summary get 0 (unchanged with accumulate)."""
     d = out.shape[2]
     if _tiled(x_r) and out.is_contiguous():  # (a strided dq from a caller takes the index_select path)
-        scatter_rows(x_r.reshape(-1, d), layout.rows, out.view(-1, d), layout.groups,
-                     layout.heads // (layout.groups // layout.batch), layout.length, accumulate)
+        scatter_rows(x_r.reshape(-1, d), layout.rows, out.view(-1, d), layout.groups, layout.heads_per_group,
+                     layout.length, accumulate)
         if not accumulate:
             out.view(-1, d).index_fill_(0, layout.unseen, 0)
         return out
